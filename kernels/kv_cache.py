@@ -1,0 +1,209 @@
+"""Write new tokens' K and V into a paged KV cache: the step every decode and prefill takes before attention.
+
+Layouts (the ones every later kernel reads):
+    key, value          [num_tokens, num_kv_heads, head_dim]   heads and dims packed; any token stride
+    k_cache, v_cache    [num_blocks, block_size, num_kv_heads, head_dim]   contiguous
+    slot_mapping        [num_tokens] int32 or int64; slot = block * block_size + offset
+
+A slot names one cache row of num_kv_heads * head_dim elements, so token t's K is one contiguous copy from
+key[t] to k_cache.view(-1, num_kv_heads * head_dim)[slot]. A slot of -1 (or any slot outside
+[0, num_blocks * block_size)) skips the token: padding tokens cost a slot read and nothing else.
+
+fp8 e4m3 caches store x / scale, saturated to the format's range (+-448), with one fp32 scale per tensor
+passed as a device tensor so that nothing is read back to the host.
+
+Byte story: each live token reads its K and V rows once and writes them once; each program also reads its
+token's slot (and, for fp8, the two scales). Nothing else moves. bench/cases/kv_cache.py holds the model.
+
+The value side is optional (value=None and v_cache=None) for caches that hold one latent per token, as
+DeepSeek's MLA does (one 576-wide head).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import INTERPRETED
+from kernels._checks import check_contiguous, check_shape, check_tensor, dtype_name
+
+#: Cache dtypes write_kv stores, and the input dtypes it takes. A non-fp8 cache has its input's dtype.
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+# Elements one program copies per row; rows longer than this (8 heads of 576) are split across programs.
+_MAX_BLOCK = 4096
+
+
+@triton.jit
+def _round_to_e4m3_grid(x):
+    """Rounds fp32 x (|x| <= 448) to the nearest fp8 e4m3 value, ties to even, staying in fp32.
+
+    Used only in the interpreter, whose fp32 -> fp8 cast rounds half up and drops the carry into the
+    exponent (126.0 becomes 64.0); it converts values already on the grid exactly. On a GPU the cast is
+    one cvt.rn.satfinite instruction and needs no help.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    # Normal range: keep 3 of fp32's 23 mantissa bits, adding just under half an ulp plus the kept lsb.
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    # Subnormals (|x| < 2^-6) lie on a grid of 2^-9; fp32's ulp at 2^14 is 2^-9, so the add rounds there.
+    magnitude = tl.abs(x)
+    subnormal = ((magnitude + 16384.0) - 16384.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    return tl.where(magnitude < 0.015625, subnormal.to(tl.float32, bitcast=True), normal)
+
+
+@triton.jit
+def _quantize_fp8(x, scale_ptr, FP8_MAX: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
+    # Upcast right after the load: bf16 arithmetic is wrong in the interpreter, and fp32 is exact here.
+    x = x.to(tl.float32) / tl.load(scale_ptr)
+    x = tl.clamp(x, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    if ROUND_ON_GRID:
+        x = _round_to_e4m3_grid(x)
+    return x
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_dim_k], token stride key_stride
+    value_ptr,  # [num_tokens, num_kv_heads, head_dim_v], token stride value_stride; unread without HAS_VALUE
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim_k], contiguous
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim_v], contiguous; unwritten without HAS_VALUE
+    slot_mapping_ptr,  # [num_tokens] int32 or int64; outside [0, num_slots) skips the token
+    k_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE
+    v_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE and HAS_VALUE
+    key_stride,  # elements between consecutive tokens of key
+    value_stride,  # elements between consecutive tokens of value
+    num_slots,  # num_blocks * block_size
+    K_ROW: tl.constexpr,  # num_kv_heads * head_dim_k: one token's K, one cache row
+    V_ROW: tl.constexpr,  # num_kv_heads * head_dim_v
+    BLOCK: tl.constexpr,  # elements per program, a power of two
+    HAS_VALUE: tl.constexpr,
+    QUANTIZE: tl.constexpr,  # fp8 cache: store clamp(x / scale, -FP8_MAX, FP8_MAX)
+    FP8_MAX: tl.constexpr,
+    ROUND_ON_GRID: tl.constexpr,  # interpreter only: see _round_to_e4m3_grid
+):
+    token = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    live = (slot >= 0) & (slot < num_slots)
+    # A dead token's lanes are all masked (its row length becomes 0): it moves no K/V bytes and never forms
+    # an out-of-range address.
+    slot = tl.where(live, slot, 0)
+    k_len = tl.where(live, K_ROW, 0)
+
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+
+    k_mask = offs < k_len
+    k = tl.load(key_ptr + token * key_stride + offs, mask=k_mask)
+    if QUANTIZE:
+        k = _quantize_fp8(k, k_scale_ptr, FP8_MAX, ROUND_ON_GRID)
+    tl.store(k_cache_ptr + slot * K_ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+
+    if HAS_VALUE:
+        v_mask = offs < tl.where(live, V_ROW, 0)
+        v = tl.load(value_ptr + token * value_stride + offs, mask=v_mask)
+        if QUANTIZE:
+            v = _quantize_fp8(v, v_scale_ptr, FP8_MAX, ROUND_ON_GRID)
+        tl.store(v_cache_ptr + slot * V_ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+
+
+def write_kv_launch_config(row: int, input_bytes: int, cache_bytes: int) -> dict:
+    """BLOCK and num_warps for rows of ``row`` elements: 16-byte accesses on the narrower side, one pass."""
+    block = min(triton.next_power_of_2(max(row, 1)), _MAX_BLOCK)
+    per_thread = 16 // min(input_bytes, cache_bytes)
+    num_warps = max(1, min(8, block // (per_thread * 32)))
+    return {"BLOCK": block, "num_warps": num_warps}
+
+
+def _scale_tensor(name: str, scale, device: torch.device) -> torch.Tensor:
+    """A one-element fp32 device tensor; a Python float is put on the device without a host sync."""
+    if scale is None:
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if isinstance(scale, torch.Tensor):
+        check_tensor(name, scale, dtypes=(torch.float32,), device=device)
+        if scale.numel() != 1:
+            raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
+        return scale.reshape(1)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if not scale > 0:
+            raise ValueError(f"{name}: expected a positive scale, got {scale}")
+        return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+    raise ValueError(f"{name}: expected None, a float or a one-element fp32 tensor, got {type(scale).__name__}")
+
+
+def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
+    """Checks one of (key, k_cache) or (value, v_cache); num_tokens comes from key when side is 'value'."""
+    x_name, cache_name = side, f"{side[0]}_cache"
+    check_tensor(x_name, x, ndim=3, dtypes=INPUT_DTYPES)
+    check_tensor(cache_name, cache, ndim=4, dtypes=CACHE_DTYPES, device=x.device)
+    if num_tokens is not None:
+        check_shape(x_name, x, (num_tokens, None, None), "[num_tokens, num_kv_heads, head_dim] like key")
+    if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        raise ValueError(
+            f"{x_name}: expected heads and head_dim packed (strides (*, {x.shape[2]}, 1)), got {x.stride()}"
+        )
+    check_shape(
+        cache_name, cache, (None, None, x.shape[1], x.shape[2]),
+        f"[num_blocks, block_size, num_kv_heads, head_dim] to match {x_name}",
+    )
+    check_contiguous(cache_name, cache)
+    if cache.dtype != torch.float8_e4m3fn and cache.dtype != x.dtype:
+        raise ValueError(
+            f"{cache_name}: expected dtype {dtype_name(x.dtype)} (as {x_name}) or float8_e4m3fn, "
+            f"got {dtype_name(cache.dtype)}"
+        )
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
+    """Writes key[t] (and value[t]) into cache slot slot_mapping[t] in place; returns nothing, never syncs.
+
+    key, value: [num_tokens, num_kv_heads, head_dim] fp32, fp16 or bf16 (value and v_cache may both be None
+    for a latent-only cache). Caches: [num_blocks, block_size, num_kv_heads, head_dim] in key's dtype or fp8
+    e4m3. k_scale, v_scale: per-tensor scales for fp8 caches (None means 1.0), as floats or one-element fp32
+    device tensors. Slots outside [0, num_blocks * block_size), -1 among them, are skipped.
+    """
+    _check_side("key", key, k_cache, None)
+    num_tokens = key.shape[0]
+    has_value = value is not None or v_cache is not None
+    if has_value:
+        if value is None or v_cache is None:
+            missing = "value" if value is None else "v_cache"
+            raise ValueError(f"{missing}: expected a tensor, since value and v_cache go together (or both None)")
+        _check_side("value", value, v_cache, num_tokens)
+        check_tensor("value", value, device=key.device)
+        if v_cache.shape[:2] != k_cache.shape[:2] or v_cache.dtype != k_cache.dtype:
+            raise ValueError(
+                f"v_cache: expected k_cache's blocks {tuple(k_cache.shape[:2])} and dtype "
+                f"{dtype_name(k_cache.dtype)}, got {tuple(v_cache.shape[:2])} and {dtype_name(v_cache.dtype)}"
+            )
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int32, torch.int64), device=key.device)
+    check_shape("slot_mapping", slot_mapping, (num_tokens,), "[num_tokens] like key")
+    check_contiguous("slot_mapping", slot_mapping)
+
+    quantize = k_cache.dtype == torch.float8_e4m3fn
+    if quantize:
+        k_scale = _scale_tensor("k_scale", k_scale, key.device)
+        v_scale = _scale_tensor("v_scale", v_scale, key.device) if has_value else k_scale
+    else:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {scale!r}")
+        k_scale = v_scale = slot_mapping  # never read: QUANTIZE is off
+
+    if num_tokens == 0:
+        return
+    if not has_value:
+        value, v_cache = key, k_cache  # never read or written: HAS_VALUE is off
+
+    k_row = key.shape[1] * key.shape[2]
+    v_row = value.shape[1] * value.shape[2] if has_value else 0
+    config = write_kv_launch_config(max(k_row, v_row), key.element_size(), k_cache.element_size())
+    grid = (num_tokens, triton.cdiv(max(k_row, v_row), config["BLOCK"]))
+    _write_kv_kernel[grid](
+        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+        key.stride(0), value.stride(0), k_cache.shape[0] * k_cache.shape[1],
+        K_ROW=k_row, V_ROW=v_row, BLOCK=config["BLOCK"],
+        HAS_VALUE=has_value, QUANTIZE=quantize, FP8_MAX=FP8_E4M3_MAX, ROUND_ON_GRID=INTERPRETED,
+        num_warps=config["num_warps"],
+    )

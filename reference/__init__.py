@@ -1,0 +1,1 @@
+"""Plain-PyTorch twins of kernels/: same module names, same signatures, same semantics. Imports torch only."""
