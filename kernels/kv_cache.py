@@ -31,8 +31,10 @@ CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3f
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
-# Elements one program copies per row; rows longer than this (8 heads of 576) are split across programs.
+# Row elements one program copies; longer rows (8 heads of 576) are split across programs.
 _MAX_BLOCK = 4096
+# Elements one program copies at least, over one or more tokens.
+_TILE = 1024
 
 
 @triton.jit
@@ -71,49 +73,57 @@ def _write_kv_kernel(
     slot_mapping_ptr,  # [num_tokens] int32 or int64; outside [0, num_slots) skips the token
     k_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE
     v_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE and HAS_VALUE
+    num_tokens,
     key_stride,  # elements between consecutive tokens of key
     value_stride,  # elements between consecutive tokens of value
     num_slots,  # num_blocks * block_size
     K_ROW: tl.constexpr,  # num_kv_heads * head_dim_k: one token's K, one cache row
     V_ROW: tl.constexpr,  # num_kv_heads * head_dim_v
-    BLOCK: tl.constexpr,  # elements per program, a power of two
+    TOKENS: tl.constexpr,  # tokens per program, a power of two (several when rows are short)
+    BLOCK: tl.constexpr,  # row elements per program, a power of two
     HAS_VALUE: tl.constexpr,
     QUANTIZE: tl.constexpr,  # fp8 cache: store clamp(x / scale, -FP8_MAX, FP8_MAX)
     FP8_MAX: tl.constexpr,
     ROUND_ON_GRID: tl.constexpr,  # interpreter only: see _round_to_e4m3_grid
 ):
-    token = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    # Each program copies a [TOKENS, BLOCK] tile: TOKENS tokens, BLOCK elements of each one's row.
+    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
 
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
     live = (slot >= 0) & (slot < num_slots)
-    # A dead token's lanes are all masked (its row length becomes 0): it moves no K/V bytes and never forms
-    # an out-of-range address.
+    # A dead token's lanes are all masked: it moves no K/V bytes and never forms an out-of-range address.
+    # (Masks are built as live[:, None] & (offs < ROW)[None, :] so the compiler still sees 16-byte runs.)
     slot = tl.where(live, slot, 0)
-    k_len = tl.where(live, K_ROW, 0)
+    src_row = tokens.to(tl.int64)[:, None]
+    dst_row = slot[:, None]
 
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-
-    k_mask = offs < k_len
-    k = tl.load(key_ptr + token * key_stride + offs, mask=k_mask)
+    k_mask = live[:, None] & (offs < K_ROW)[None, :]
+    k = tl.load(key_ptr + src_row * key_stride + offs[None, :], mask=k_mask)
     if QUANTIZE:
         k = _quantize_fp8(k, k_scale_ptr, FP8_MAX, ROUND_ON_GRID)
-    tl.store(k_cache_ptr + slot * K_ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(k_cache_ptr + dst_row * K_ROW + offs[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
 
     if HAS_VALUE:
-        v_mask = offs < tl.where(live, V_ROW, 0)
-        v = tl.load(value_ptr + token * value_stride + offs, mask=v_mask)
+        v_mask = live[:, None] & (offs < V_ROW)[None, :]
+        v = tl.load(value_ptr + src_row * value_stride + offs[None, :], mask=v_mask)
         if QUANTIZE:
             v = _quantize_fp8(v, v_scale_ptr, FP8_MAX, ROUND_ON_GRID)
-        tl.store(v_cache_ptr + slot * V_ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+        tl.store(v_cache_ptr + dst_row * V_ROW + offs[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def write_kv_launch_config(row: int, input_bytes: int, cache_bytes: int) -> dict:
-    """BLOCK and num_warps for rows of ``row`` elements: 16-byte accesses on the narrower side, one pass."""
-    block = min(triton.next_power_of_2(max(row, 1)), _MAX_BLOCK)
+    """Tile and warps for rows of ``row`` elements.
+
+    Each thread moves 16 bytes on the narrower side (so loads and stores are 16 bytes wide), each program
+    at least _TILE elements: short rows (one head of 128) take several tokens per program, which keeps
+    programs at 4 warps instead of 1 and the SMs' block slots from limiting the bytes in flight.
+    """
     per_thread = 16 // min(input_bytes, cache_bytes)
-    num_warps = max(1, min(8, block // (per_thread * 32)))
-    return {"BLOCK": block, "num_warps": num_warps}
+    block = min(triton.next_power_of_2(max(row, 1)), _MAX_BLOCK)
+    tokens = max(1, _TILE // block)
+    num_warps = max(1, min(8, tokens * block // (per_thread * 32)))
+    return {"TOKENS": tokens, "BLOCK": block, "num_warps": num_warps}
 
 
 def _scale_tensor(name: str, scale, device: torch.device) -> torch.Tensor:
@@ -199,11 +209,11 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     k_row = key.shape[1] * key.shape[2]
     v_row = value.shape[1] * value.shape[2] if has_value else 0
     config = write_kv_launch_config(max(k_row, v_row), key.element_size(), k_cache.element_size())
-    grid = (num_tokens, triton.cdiv(max(k_row, v_row), config["BLOCK"]))
+    grid = (triton.cdiv(num_tokens, config["TOKENS"]), triton.cdiv(max(k_row, v_row), config["BLOCK"]))
     _write_kv_kernel[grid](
         key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
-        key.stride(0), value.stride(0), k_cache.shape[0] * k_cache.shape[1],
-        K_ROW=k_row, V_ROW=v_row, BLOCK=config["BLOCK"],
+        num_tokens, key.stride(0), value.stride(0), k_cache.shape[0] * k_cache.shape[1],
+        K_ROW=k_row, V_ROW=v_row, TOKENS=config["TOKENS"], BLOCK=config["BLOCK"],
         HAS_VALUE=has_value, QUANTIZE=quantize, FP8_MAX=FP8_E4M3_MAX, ROUND_ON_GRID=INTERPRETED,
         num_warps=config["num_warps"],
     )

@@ -1,0 +1,8 @@
+"""The case registry: one Case per kernel launcher, in the order reports list them."""
+
+from bench.cases.base import Case, Inputs
+from bench.cases.kv_cache import WRITE_KV
+
+CASES: dict[str, Case] = {case.name: case for case in (WRITE_KV,)}
+
+__all__ = ["CASES", "Case", "Inputs"]

@@ -1,0 +1,62 @@
+"""What every kernel's case module provides, so that ``decodebench run``, ``gpu-check``, the pytest-benchmark
+files and the traffic and static tests read one recipe per kernel."""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from bench.testing import Guarded
+
+
+@dataclass
+class Inputs:
+    """Keyword arguments for one call of a kernel (or its reference), and which of them the call writes.
+
+    ``outputs`` names the arguments written in place (or "return" for the return value); ``guards`` holds the
+    poisoned, sentinel-fenced buffers behind them when the inputs were built for verification.
+    """
+
+    args: dict[str, Any]
+    outputs: tuple[str, ...]
+    guards: dict[str, Guarded] = field(default_factory=dict)
+
+    def clone(self) -> "Inputs":
+        """Fresh copies of every tensor, for the reference run (no guards: the reference is trusted)."""
+        cloned = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.args.items()}
+        return Inputs(cloned, self.outputs)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel: its launcher, its reference, how to build inputs for a shape, and its cost models.
+
+    ``shape`` objects are the case module's own frozen dataclasses with a ``label`` property.
+    """
+
+    name: str  # the launcher's name, e.g. "write_kv"
+    module: str  # kernels/<module>.py, reference/<module>.py, tests/test_<module>.py, bench/bench_<module>.py
+    kernel: Callable
+    reference: Callable
+    build: Callable[..., Inputs]  # build(shape, device, seed, guarded=False) -> Inputs
+    byte_model: Callable[[Any], int]  # bytes that must move for one call
+    flop_model: Callable[[Any], int]
+    sweep: Callable[[], Sequence[Any]]  # benchmark shapes (pytest bench/, gpu-check)
+    default_shapes: Callable[[], Sequence[Any]]  # `decodebench run` on a GPU
+    small_shapes: Callable[[], Sequence[Any]]  # interpreter: verification and traffic
+    static_shapes: Callable[[], Sequence[Any]]  # launch configurations compiled for the static report
+    compare: Callable[[Inputs, Inputs, Any], float]  # (kernel's, reference's, shape) -> max error; raises if wrong
+
+    @property
+    def kernel_module(self) -> ModuleType:
+        import importlib
+
+        return importlib.import_module(f"kernels.{self.module}")
+
+    def run_kernel(self, inputs: Inputs):
+        return self.kernel(**inputs.args)
+
+    def run_reference(self, inputs: Inputs):
+        return self.reference(**inputs.args)

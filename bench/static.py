@@ -1,0 +1,232 @@
+"""Static report: compile each kernel's real launch configuration for sm_90 and sm_80 with no GPU, and read
+registers, spills, shared memory and the width of every global load and store from the cubin.
+
+The launch is captured, not restated: the case's launcher runs with its @triton.jit kernels swapped for
+recorders, so the compile sees the same grid, constexprs, num_warps and the same specialization a real
+launch gets (16-byte-aligned pointers and integers divisible by 16 marked), without which a masked bf16 copy
+compiles to 2-byte loads instead of 16-byte ones. On a GPU, ``real=True`` launches the kernel instead and
+reads the cubin the launch compiled.
+
+The cubin is read with cuobjdump from the Triton wheel: ``--dump-resource-usage`` gives REG, STACK, SHARED
+and LOCAL (local memory per thread: spills), ``--dump-sass`` the LDG/STG instructions and their widths.
+This compile is also the only proof, on a machine with no GPU, that a kernel compiles for one at all.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+
+import triton
+from triton.runtime.jit import JITFunction
+
+from bench.cases.base import Case
+
+ARCHS = (90, 80)
+
+
+@dataclass
+class Launch:
+    kernel: str  # the @triton.jit function's name
+    fn: object  # the undecorated Python function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class StaticRow:
+    kernel: str
+    shape: str
+    arch: str  # "sm_90"
+    source: str  # "aot" (compiled here for the target) or "launch" (the cubin a real launch compiled)
+    num_warps: int = 0
+    registers: int | None = None
+    spill_bytes: int | None = None  # local memory per thread
+    stack_bytes: int | None = None
+    shared_bytes: int | None = None
+    widest_load: int | None = None  # bytes per thread per global load instruction
+    widest_store: int | None = None
+    load_widths: dict = field(default_factory=dict)  # width in bytes -> instruction count
+    store_widths: dict = field(default_factory=dict)
+    error: str | None = None  # why it could not compile (fp8 e4m3 on sm_80, say)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_triton_kernel(obj) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(obj, (JITFunction, InterpretedFunction))
+
+
+class _Recorder:
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launches.append(Launch(self.name, self.kernel.fn, tuple(grid), args, kwargs))
+
+        return record
+
+
+@contextmanager
+def capture_launches(module: ModuleType):
+    """Inside the block, every @triton.jit kernel of ``module`` records its launches instead of running."""
+    launches: list[Launch] = []
+    originals = {name: obj for name, obj in vars(module).items() if _is_triton_kernel(obj)}
+    try:
+        for name, kernel in originals.items():
+            setattr(module, name, _Recorder(name, kernel, launches))
+        yield launches
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
+
+
+def _bind(jit: JITFunction, launch: Launch) -> tuple[dict, dict]:
+    """(values by parameter name, compile options such as num_warps)."""
+    values = dict(zip(jit.arg_names, launch.args))
+    options = {}
+    for key, value in launch.kwargs.items():
+        (values if key in jit.arg_names else options)[key] = value
+    return values, options
+
+
+def _specialize(value) -> tuple[str, str | None]:
+    """Triton's own launch-time specialization: ('*bf16', 'D') for a 16-byte-aligned bf16 pointer."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    ty, key = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+    return ty, key
+
+
+@contextmanager
+def _compilable_globals(fn):
+    """Under the interpreter, the helpers a kernel calls are InterpretedFunctions that the compiler cannot
+    take; swap them for JITFunctions of the same source while compiling."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    namespace = fn.__globals__
+    swapped = {k: v for k, v in namespace.items() if isinstance(v, InterpretedFunction)}
+    try:
+        namespace.update({k: JITFunction(v.fn) for k, v in swapped.items()})
+        yield
+    finally:
+        namespace.update(swapped)
+
+
+def compile_aot(launch: Launch, arch: int):
+    """Compiles one captured launch for sm_<arch> as a real launch would specialize it; no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    jit = JITFunction(launch.fn)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    values, options = _bind(jit, launch)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(jit.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        ty, key = _specialize(value)
+        signature[param.name] = ty
+        if ty == "constexpr":  # an integer 1 or None is baked in, as at launch
+            constexprs[param.name] = value
+        elif key:
+            attrs[(index,)] = backend.parse_attr(key)
+    source = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
+    with _compilable_globals(launch.fn):
+        return triton.compile(source, target=target, options=options)
+
+
+def cuobjdump() -> str:
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    found = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+    if not found:
+        raise RuntimeError("cuobjdump not found: neither in the Triton wheel nor on PATH")
+    return found
+
+
+def _dump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_ACCESS = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
+_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def resource_usage(cubin: bytes) -> dict:
+    match = _RESOURCE.search(_dump(cubin, "--dump-resource-usage"))
+    if not match:
+        raise RuntimeError("cuobjdump printed no resource usage")
+    reg, stack, shared, local = map(int, match.groups())
+    return {"registers": reg, "stack_bytes": stack, "shared_bytes": shared, "spill_bytes": local}
+
+
+def access_widths(sass: str) -> tuple[Counter, Counter]:
+    """Counts global load and store instructions by width in bytes (LDG.E.128 is 16, LDG.E.U16 is 2)."""
+    loads, stores = Counter(), Counter()
+    for op, suffixes in _ACCESS.findall(sass):
+        width = next((_WIDTH[s] for s in suffixes.split(".") if s in _WIDTH), 4)
+        (loads if op == "LDG" else stores)[width] += 1
+    return loads, stores
+
+
+def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warps: int) -> StaticRow:
+    cubin = compiled.asm["cubin"]
+    loads, stores = access_widths(_dump(cubin, "--dump-sass"))
+    return StaticRow(
+        kernel, shape, arch, source, num_warps, **resource_usage(cubin),
+        widest_load=max(loads, default=None), widest_store=max(stores, default=None),
+        load_widths=dict(sorted(loads.items())), store_widths=dict(sorted(stores.items())),
+    )
+
+
+def capture(case: Case, shape, device="cpu") -> list[Launch]:
+    inputs = case.build(shape, device, seed=0)
+    with capture_launches(case.kernel_module) as launches:
+        case.run_kernel(inputs)
+    return launches
+
+
+def static_report(case: Case, archs=ARCHS, real: bool = False) -> list[StaticRow]:
+    """One row per (static shape, kernel launched, arch). ``real``: launch on this GPU and read that cubin."""
+    rows = []
+    for shape in case.static_shapes():
+        if real:
+            import torch
+
+            major, minor = torch.cuda.get_device_capability()
+            for launch in capture(case, shape, device="cuda"):
+                kernel = getattr(case.kernel_module, launch.kernel)
+                compiled = kernel[launch.grid](*launch.args, **launch.kwargs)
+                num_warps = launch.kwargs.get("num_warps", 4)
+                rows.append(describe(compiled, launch.kernel, shape.label, f"sm_{major}{minor}", "launch", num_warps))
+            continue
+        for launch in capture(case, shape):
+            for arch in archs:
+                num_warps = launch.kwargs.get("num_warps", 4)
+                try:
+                    compiled = compile_aot(launch, arch)
+                except Exception as error:  # a target that cannot take the kernel: report why, go on
+                    reason = str(error).strip().splitlines()[-1][:200]
+                    rows.append(StaticRow(launch.kernel, shape.label, f"sm_{arch}", "aot", num_warps, error=reason))
+                    continue
+                rows.append(describe(compiled, launch.kernel, shape.label, f"sm_{arch}", "aot", num_warps))
+    return rows

@@ -1,0 +1,104 @@
+"""Helpers that tests/ and ``decodebench run`` share to check kernels against their references.
+
+- ``generator(seed)``: a seeded torch.Generator, so each input is fresh per test yet reproducible.
+- ``Guarded``: an output buffer poisoned before the call, with sentinel regions on both sides; a kernel that
+  writes out of bounds, or leaves an element it owns unwritten, shows up in ``check``.
+- ``TOLERANCES`` and ``assert_close``: tolerances set by dtype, never per test.
+"""
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+# (rtol, atol) by dtype of the compared tensor. fp8 e4m3 has 3 mantissa bits: one rounding step is 2^-3
+# relative (0.125); its smallest subnormal is 2^-9.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float8_e4m3fn: (0.125, 2.0**-9),
+}
+
+SENTINEL_BYTE = 0x5A  # a finite, recognisable pattern in every float dtype (bf16 0x5A5A ~ 1.5e16)
+# Outputs start as NaN: an element the kernel should write but does not cannot pass as right.
+POISON = float("nan")
+
+
+def seed_of(name: str) -> int:
+    """A stable seed from a test or case name (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(shape, dtype, device, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Normal values drawn in fp32 on ``gen``'s device, then cast: the same values on CPU and GPU."""
+    x = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32) * scale
+    return x.to(device=device, dtype=dtype)
+
+
+@dataclass
+class Guarded:
+    """A contiguous tensor ``tensor`` of ``shape`` inside a larger buffer whose ``guard`` elements on each side
+    hold SENTINEL_BYTE. ``tensor`` itself starts poisoned (NaN) unless filled."""
+
+    buffer: torch.Tensor
+    tensor: torch.Tensor
+    guard: int
+
+    @classmethod
+    def empty(cls, shape, dtype, device, guard: int = 1024, fill: float | None = None) -> "Guarded":
+        numel = 1
+        for s in shape:
+            numel *= s
+        buffer = torch.empty(numel + 2 * guard, dtype=dtype, device=device)
+        buffer.view(torch.uint8).fill_(SENTINEL_BYTE)
+        tensor = buffer[guard : guard + numel].view(shape)
+        tensor.fill_(POISON if fill is None else fill)
+        return cls(buffer, tensor, guard)
+
+    def sentinels_intact(self) -> bool:
+        g = self.guard
+        raw = self.buffer.view(torch.uint8)
+        item = self.buffer.element_size()
+        head, tail = raw[: g * item], raw[raw.numel() - g * item :]
+        return bool((head == SENTINEL_BYTE).all()) and bool((tail == SENTINEL_BYTE).all())
+
+    def check(self, name: str) -> None:
+        if not self.sentinels_intact():
+            raise AssertionError(f"{name}: a sentinel around the output was overwritten (out-of-bounds write)")
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits of x as integers, so that NaN == NaN and -0.0 != 0.0 in comparisons."""
+    return x.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        raise AssertionError(f"{name}: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}")
+    differ = bits(actual) != bits(expected)
+    if differ.any():
+        where = differ.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: {int(differ.sum())} of {differ.numel()} elements differ bitwise; first at {where}: "
+            f"{actual[tuple(where)].item()} vs {expected[tuple(where)].item()}"
+        )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype: torch.dtype | None = None):
+    """Compares in fp32 with the tolerance of ``dtype`` (default: actual's); NaN must match NaN."""
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(
+        actual.float(), expected.float(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}"
+    )
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference over the elements both hold as finite numbers (0 when none)."""
+    a, e = actual.float(), expected.float()
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    return float((a[finite] - e[finite]).abs().max()) if finite.any() else 0.0
