@@ -25,7 +25,7 @@ class AttentionModel:
         return self.latent_dim is not None
 
     def kv_heads_per_rank(self, tp: int = 1) -> int:
-        """GQA KV heads split across ranks only up to their count; MLA's latent is replicated on every rank."""
+        """GQA KV heads split across ranks only up to their count; MLA's latent is on every rank."""
         if self.is_mla:
             return 1
         return max(1, self.num_kv_heads // tp)

@@ -192,9 +192,16 @@ def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warp
     cubin = compiled.asm["cubin"]
     loads, stores = access_widths(_dump(cubin, "--dump-sass"))
     return StaticRow(
-        kernel, shape, arch, source, num_warps, **resource_usage(cubin),
-        widest_load=max(loads, default=None), widest_store=max(stores, default=None),
-        load_widths=dict(sorted(loads.items())), store_widths=dict(sorted(stores.items())),
+        kernel,
+        shape,
+        arch,
+        source,
+        num_warps,
+        **resource_usage(cubin),
+        widest_load=max(loads, default=None),
+        widest_store=max(stores, default=None),
+        load_widths=dict(sorted(loads.items())),
+        store_widths=dict(sorted(stores.items())),
     )
 
 
@@ -217,7 +224,9 @@ def static_report(case: Case, archs=ARCHS, real: bool = False) -> list[StaticRow
                 kernel = getattr(case.kernel_module, launch.kernel)
                 compiled = kernel[launch.grid](*launch.args, **launch.kwargs)
                 num_warps = launch.kwargs.get("num_warps", 4)
-                rows.append(describe(compiled, launch.kernel, shape.label, f"sm_{major}{minor}", "launch", num_warps))
+                rows.append(
+                    describe(compiled, launch.kernel, shape.label, f"sm_{major}{minor}", "launch", num_warps)
+                )
             continue
         for launch in capture(case, shape):
             for arch in archs:
@@ -226,7 +235,9 @@ def static_report(case: Case, archs=ARCHS, real: bool = False) -> list[StaticRow
                     compiled = compile_aot(launch, arch)
                 except Exception as error:  # a target that cannot take the kernel: report why, go on
                     reason = str(error).strip().splitlines()[-1][:200]
-                    rows.append(StaticRow(launch.kernel, shape.label, f"sm_{arch}", "aot", num_warps, error=reason))
+                    rows.append(
+                        StaticRow(launch.kernel, shape.label, f"sm_{arch}", "aot", num_warps, error=reason)
+                    )
                     continue
                 rows.append(describe(compiled, launch.kernel, shape.label, f"sm_{arch}", "aot", num_warps))
     return rows

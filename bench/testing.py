@@ -42,8 +42,8 @@ def randn(shape, dtype, device, gen: torch.Generator, scale: float = 1.0) -> tor
 
 @dataclass
 class Guarded:
-    """A contiguous tensor ``tensor`` of ``shape`` inside a larger buffer whose ``guard`` elements on each side
-    hold SENTINEL_BYTE. ``tensor`` itself starts poisoned (NaN) unless filled."""
+    """A contiguous ``tensor`` inside a larger buffer whose ``guard`` elements on each side hold
+    SENTINEL_BYTE. ``tensor`` itself starts poisoned (NaN) unless filled."""
 
     buffer: torch.Tensor
     tensor: torch.Tensor
@@ -69,17 +69,23 @@ class Guarded:
 
     def check(self, name: str) -> None:
         if not self.sentinels_intact():
-            raise AssertionError(f"{name}: a sentinel around the output was overwritten (out-of-bounds write)")
+            raise AssertionError(
+                f"{name}: a sentinel around the output was overwritten (out-of-bounds write)"
+            )
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
     """The raw bits of x as integers, so that NaN == NaN and -0.0 != 0.0 in comparisons."""
-    return x.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    return x.contiguous().view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    )
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        raise AssertionError(f"{name}: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}")
+        raise AssertionError(
+            f"{name}: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}"
+        )
     differ = bits(actual) != bits(expected)
     if differ.any():
         where = differ.nonzero()[0].tolist()

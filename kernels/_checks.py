@@ -26,7 +26,9 @@ def check_tensor(
         dtypes = tuple(dtypes)
         if x.dtype not in dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-            raise ValueError(f"{name}: expected dtype in ({allowed}), got {str(x.dtype).removeprefix('torch.')}")
+            raise ValueError(
+                f"{name}: expected dtype in ({allowed}), got {str(x.dtype).removeprefix('torch.')}"
+            )
     if device is not None and x.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {x.device}")
 

@@ -69,7 +69,7 @@ def _write_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim_k], token stride key_stride
     value_ptr,  # [num_tokens, num_kv_heads, head_dim_v], token stride value_stride; unread without HAS_VALUE
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim_k], contiguous
-    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim_v], contiguous; unwritten without HAS_VALUE
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim_v], contiguous; untouched w/o HAS_VALUE
     slot_mapping_ptr,  # [num_tokens] int32 or int64; outside [0, num_slots) skips the token
     k_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE
     v_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE and HAS_VALUE
@@ -109,7 +109,9 @@ def _write_kv_kernel(
         v = tl.load(value_ptr + src_row * value_stride + offs[None, :], mask=v_mask)
         if QUANTIZE:
             v = _quantize_fp8(v, v_scale_ptr, FP8_MAX, ROUND_ON_GRID)
-        tl.store(v_cache_ptr + dst_row * V_ROW + offs[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+        tl.store(
+            v_cache_ptr + dst_row * V_ROW + offs[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask
+        )
 
 
 def write_kv_launch_config(row: int, input_bytes: int, cache_bytes: int) -> dict:
@@ -139,7 +141,9 @@ def _scale_tensor(name: str, scale, device: torch.device) -> torch.Tensor:
         if not scale > 0:
             raise ValueError(f"{name}: expected a positive scale, got {scale}")
         return torch.full((1,), float(scale), dtype=torch.float32, device=device)
-    raise ValueError(f"{name}: expected None, a float or a one-element fp32 tensor, got {type(scale).__name__}")
+    raise ValueError(
+        f"{name}: expected None, a float or a one-element fp32 tensor, got {type(scale).__name__}"
+    )
 
 
 def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
@@ -154,7 +158,9 @@ def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
             f"{x_name}: expected heads and head_dim packed (strides (*, {x.shape[2]}, 1)), got {x.stride()}"
         )
     check_shape(
-        cache_name, cache, (None, None, x.shape[1], x.shape[2]),
+        cache_name,
+        cache,
+        (None, None, x.shape[1], x.shape[2]),
         f"[num_blocks, block_size, num_kv_heads, head_dim] to match {x_name}",
     )
     check_contiguous(cache_name, cache)
@@ -179,9 +185,11 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     if has_value:
         if value is None or v_cache is None:
             missing = "value" if value is None else "v_cache"
-            raise ValueError(f"{missing}: expected a tensor, since value and v_cache go together (or both None)")
+            raise ValueError(
+                f"{missing}: expected a tensor, since value and v_cache go together (or both None)"
+            )
+        check_tensor("value", value, ndim=3, dtypes=(key.dtype,), device=key.device)
         _check_side("value", value, v_cache, num_tokens)
-        check_tensor("value", value, device=key.device)
         if v_cache.shape[:2] != k_cache.shape[:2] or v_cache.dtype != k_cache.dtype:
             raise ValueError(
                 f"v_cache: expected k_cache's blocks {tuple(k_cache.shape[:2])} and dtype "
@@ -211,9 +219,24 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     config = write_kv_launch_config(max(k_row, v_row), key.element_size(), k_cache.element_size())
     grid = (triton.cdiv(num_tokens, config["TOKENS"]), triton.cdiv(max(k_row, v_row), config["BLOCK"]))
     _write_kv_kernel[grid](
-        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
-        num_tokens, key.stride(0), value.stride(0), k_cache.shape[0] * k_cache.shape[1],
-        K_ROW=k_row, V_ROW=v_row, TOKENS=config["TOKENS"], BLOCK=config["BLOCK"],
-        HAS_VALUE=has_value, QUANTIZE=quantize, FP8_MAX=FP8_E4M3_MAX, ROUND_ON_GRID=INTERPRETED,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k_scale,
+        v_scale,
+        num_tokens,
+        key.stride(0),
+        value.stride(0),
+        k_cache.shape[0] * k_cache.shape[1],
+        K_ROW=k_row,
+        V_ROW=v_row,
+        TOKENS=config["TOKENS"],
+        BLOCK=config["BLOCK"],
+        HAS_VALUE=has_value,
+        QUANTIZE=quantize,
+        FP8_MAX=FP8_E4M3_MAX,
+        ROUND_ON_GRID=INTERPRETED,
         num_warps=config["num_warps"],
     )

@@ -47,7 +47,9 @@ class Case:
     default_shapes: Callable[[], Sequence[Any]]  # `decodebench run` on a GPU
     small_shapes: Callable[[], Sequence[Any]]  # interpreter: verification and traffic
     static_shapes: Callable[[], Sequence[Any]]  # launch configurations compiled for the static report
-    compare: Callable[[Inputs, Inputs, Any], float]  # (kernel's, reference's, shape) -> max error; raises if wrong
+    compare: Callable[
+        [Inputs, Inputs, Any], float
+    ]  # (kernel's, reference's, shape) -> max error; raises if wrong
 
     @property
     def kernel_module(self) -> ModuleType:

@@ -51,7 +51,9 @@ class WriteKVShape:
 
     @property
     def num_blocks(self) -> int:
-        blocks_needed = self.num_tokens if self.pattern == "decode" else -(-self.num_tokens // self.block_size)
+        blocks_needed = (
+            self.num_tokens if self.pattern == "decode" else -(-self.num_tokens // self.block_size)
+        )
         return 2 * blocks_needed + 1  # room to scatter, so block ids are not simply 0..n
 
 
@@ -164,8 +166,15 @@ def _model_shapes(pattern: str, sizes, cache_dtypes) -> list[WriteKVShape]:
         for cache_dtype in cache_dtypes:
             for n in sizes:
                 shapes.append(
-                    WriteKVShape(name, pattern, n, heads, head_dim, head_dim if has_value else None,
-                                 cache_dtype=cache_dtype)
+                    WriteKVShape(
+                        name,
+                        pattern,
+                        n,
+                        heads,
+                        head_dim,
+                        head_dim if has_value else None,
+                        cache_dtype=cache_dtype,
+                    )
                 )
     return shapes
 
@@ -186,7 +195,18 @@ def small_shapes() -> list[WriteKVShape]:
     S = WriteKVShape
     return [
         S("odd", "decode", 5, 3, 72, 72, block_size=4, skipped=1, slot_dtype=torch.int32),
-        S("odd", "prefill", 19, 2, 40, 24, block_size=8, skipped=3, dtype=torch.float16, cache_dtype=torch.float16),
+        S(
+            "odd",
+            "prefill",
+            19,
+            2,
+            40,
+            24,
+            block_size=8,
+            skipped=3,
+            dtype=torch.float16,
+            cache_dtype=torch.float16,
+        ),
         S("odd", "prefill", 9, 2, 96, 96, block_size=1, dtype=torch.float32, cache_dtype=torch.float32),
         S("odd", "decode", 6, 2, 80, 80, block_size=16, skipped=2, cache_dtype=torch.float8_e4m3fn),
         S("latent", "decode", 4, 1, 576, None, block_size=16),

@@ -1,0 +1,96 @@
+"""Facts about the machine a result comes from: GPU, driver, versions, and the copy bandwidth measured once
+per process (the peak every GB/s figure is held against)."""
+
+import functools
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+from bench.timing import time_cuda
+
+# A device-to-device copy of this many bytes (read + written counts twice) far exceeds any L2.
+_COPY_BYTES = 1 << 30
+
+#: Copy bandwidth measured on the lent machines (shared/facts.md), for projections where no GPU is present.
+PROJECTION_GBPS = {"H100": 3000.0, "H200": 4300.0}
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    gpu: str  # "NVIDIA H100 80GB HBM3", or "cpu" with no CUDA device
+    slug: str  # folder name under bench/results/
+    sm_count: int
+    capability: str  # "sm_90"
+    memory_gib: float
+    driver: str
+    cuda: str
+    torch: str
+    triton: str
+    python: str
+    host: str
+    interpreter: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _driver_version() -> str:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return "unknown"
+
+
+@functools.cache
+def machine_info() -> MachineInfo:
+    from kernels import INTERPRETED
+
+    common = dict(
+        cuda=str(torch.version.cuda),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        host=platform.node(),
+        interpreter=INTERPRETED,
+    )
+    if not torch.cuda.is_available():
+        return MachineInfo("cpu", "cpu", 0, "none", 0.0, "none", **common)
+    props = torch.cuda.get_device_properties(0)
+    major, minor = torch.cuda.get_device_capability(0)
+    return MachineInfo(
+        props.name,
+        slug(props.name),
+        props.multi_processor_count,
+        f"sm_{major}{minor}",
+        round(props.total_memory / 2**30, 1),
+        _driver_version(),
+        **common,
+    )
+
+
+@functools.cache
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second, 1e9), measured once per process."""
+    src = torch.empty(_COPY_BYTES // 4, dtype=torch.float32, device="cuda").fill_(1.0)
+    dst = torch.empty_like(src)
+    timing = time_cuda(lambda: dst.copy_(src), label="peak: device copy", flush=False, rep_ms=200)
+    return 2 * _COPY_BYTES / (timing.median_ms * 1e-3) / 1e9

@@ -1,0 +1,109 @@
+"""The jobs behind the CLI, one function each: verify a case against its reference, time it on a GPU,
+count its traffic under the interpreter, and project its time from its byte model where no GPU is present."""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench import results
+from bench.cases.base import Case
+from bench.device import PROJECTION_GBPS, copy_bandwidth_gbps
+from bench.testing import seed_of
+from bench.timing import time_cuda
+from bench.traffic import measure as measure_traffic
+
+#: The traffic ratio a kernel must stay within (bytes it moves / bytes its model says must move).
+TRAFFIC_LIMIT = 1.05
+
+
+@dataclass
+class Verification:
+    kernel: str
+    shape: str
+    ok: bool
+    max_error: float
+    seconds: float
+    message: str = ""
+
+
+def verify(case: Case, shape, device) -> Verification:
+    """Runs kernel and reference on the same fresh inputs (outputs poisoned, fenced by sentinels)."""
+    start = time.perf_counter()
+    inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"), guarded=True)
+    expected = inputs.clone()
+    try:
+        case.run_kernel(inputs)
+        case.run_reference(expected)
+        error = case.compare(inputs, expected, shape)
+    except AssertionError as failure:
+        return Verification(
+            case.name, shape.label, False, float("nan"), time.perf_counter() - start, str(failure)
+        )
+    return Verification(case.name, shape.label, True, error, time.perf_counter() - start)
+
+
+@dataclass
+class TrafficRow:
+    kernel: str
+    shape: str
+    loaded: int
+    stored: int
+    model: int
+    unique: int
+
+    @property
+    def ratio(self) -> float:
+        return (self.loaded + self.stored) / self.model
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio <= TRAFFIC_LIMIT
+
+
+def traffic(case: Case, shape) -> TrafficRow:
+    inputs = case.build(shape, "cpu", seed_of(f"{case.name}/{shape.label}"))
+    counted = measure_traffic(lambda: case.run_kernel(inputs))
+    return TrafficRow(
+        case.name,
+        shape.label,
+        counted.loaded_bytes,
+        counted.stored_bytes,
+        case.byte_model(shape),
+        counted.unique_bytes(),
+    )
+
+
+def projection(case: Case, shape) -> dict:
+    """The time a call would take moving its modelled bytes at each GPU's measured copy bandwidth."""
+    nbytes = case.byte_model(shape)
+    return {
+        "kernel": case.name,
+        "shape": shape.label,
+        "bytes": nbytes,
+        **{gpu: nbytes / (gbps * 1e9) for gpu, gbps in PROJECTION_GBPS.items()},
+    }
+
+
+def measure(case: Case, shape, *, cuda_graph: bool = False, with_reference: bool = True) -> list[dict]:
+    """Times kernel (and reference) at one shape on the GPU; returns pytest-benchmark entries whose
+    extra_info carries GB/s and % of the copy bandwidth measured in this process."""
+    peak = copy_bandwidth_gbps()
+    inputs = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
+    impls = [("triton", case.kernel)] + ([("reference", case.reference)] if with_reference else [])
+    entries = []
+    for impl, fn in impls:
+        label = f"{case.name}[{impl}] {shape.label}"
+        graph = cuda_graph and impl == "triton"  # references may sync (boolean indexing): never captured
+        timing = time_cuda(lambda fn=fn: fn(**inputs.args), label=label, cuda_graph=graph)
+        info = {
+            **results.cost_info(case, shape, timing.median_ms * 1e-3, peak),
+            "impl": impl,
+            "cuda_graph": graph,
+        }
+        entries.append(results.entry(label, case.name, timing, info))
+    if with_reference:
+        kernel_s, reference_s = (e["stats"]["median"] for e in entries)
+        entries[0]["extra_info"]["speedup_vs_reference"] = round(reference_s / kernel_s, 2)
+    torch.cuda.synchronize()
+    return entries

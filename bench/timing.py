@@ -1,0 +1,149 @@
+"""Device timing with CUDA events, and the pytest-benchmark timer built on it.
+
+``time_cuda(fn)`` warms up, then times each call alone between two CUDA events with L2 flushed before it
+(a write of twice the L2 size, outside the events), so every call reads its inputs from DRAM as a decode step
+does. Each timed call sits in an NVTX range, so Nsight shows which call was which. With ``cuda_graph=True``
+the call is captured once and the graph is replayed instead: launch overhead drops out, which is what a
+serving engine running decode under CUDA graphs sees.
+
+The result carries the median with p20 and p80 (robust to a stray slow call) and every sample.
+"""
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench.nvtx import nvtx_range
+
+# Bytes written between timed calls to evict L2 (H100 50 MB, H200 60 MB; 256 MiB covers both with margin).
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+_flush_buffer: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    min_ms: float
+    mean_ms: float
+    samples_ms: tuple[float, ...]
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> "Timing":
+        ordered = sorted(samples_ms)
+        return cls(
+            median_ms=statistics.median(ordered),
+            p20_ms=_quantile(ordered, 0.2),
+            p80_ms=_quantile(ordered, 0.8),
+            min_ms=ordered[0],
+            mean_ms=statistics.fmean(ordered),
+            samples_ms=tuple(samples_ms),
+        )
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks, as numpy's default."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def flush_l2() -> None:
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    _flush_buffer.zero_()
+
+
+def _capture(fn: Callable[[], object]) -> Callable[[], object]:
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm the allocator and the compile cache outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_cuda(
+    fn: Callable[[], object],
+    *,
+    label: str = "call",
+    warmup_ms: float = 20.0,
+    rep_ms: float = 100.0,
+    min_reps: int = 10,
+    max_reps: int = 500,
+    flush: bool = True,
+    cuda_graph: bool = False,
+) -> Timing:
+    """Times ``fn`` on the current CUDA stream; every timed call is its own sample."""
+    call = _capture(fn) if cuda_graph else fn
+    call()  # compile and allocate before estimating
+    torch.cuda.synchronize()
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        call()
+    end.record()
+    end.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        call()
+    reps = max(min_reps, min(max_reps, int(rep_ms / estimate_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush:
+            flush_l2()
+        with nvtx_range(label):
+            starts[i].record()
+            call()
+            ends[i].record()
+    torch.cuda.synchronize()
+    return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+class CudaClock:
+    """A pytest-benchmark timer that reads device time, not host time.
+
+    Calls made through ``clock.timed(fn)`` are bracketed by CUDA events; a reading waits for the calls
+    made so far and returns their summed device time in seconds, so the difference between the readings
+    pytest-benchmark takes around a round is that round's GPU time. The events sit right around the kernel
+    in the stream: when the L2 flush of the round's setup is still running as they are queued, the host's
+    launch latency stays out of the figure, as it does in a CUDA graph. Pass the clock as
+    ``@pytest.mark.benchmark(timer=CUDA_CLOCK)``.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._total_s = 0.0
+
+    def timed(self, fn: Callable, label: str = "call") -> Callable:
+        def call(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with nvtx_range(label):
+                start.record()
+                result = fn(*args, **kwargs)
+                end.record()
+            self._pending.append((start, end))
+            return result
+
+        return call
+
+    def __call__(self) -> float:
+        for start, end in self._pending:
+            end.synchronize()
+            self._total_s += start.elapsed_time(end) / 1e3
+        self._pending.clear()
+        return self._total_s
+
+
+CUDA_CLOCK = CudaClock()
