@@ -44,7 +44,7 @@ def entry(name: str, group: str, timing: Timing, extra_info: dict) -> dict:
     """A pytest-benchmark ``benchmarks`` item from a Timing (pytest-benchmark keeps seconds)."""
     data = [t * 1e-3 for t in timing.samples_ms]
     ordered = sorted(data)
-    q1, q3 = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else (ordered[0], ordered[0])
+    q1, _, q3 = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else ordered * 3
     return {
         "group": group,
         "name": name,

@@ -1,0 +1,49 @@
+"""Bytes each kernel moves under the interpreter against its byte model, and the counter itself."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from bench.cases import CASES
+from bench.runner import TRAFFIC_LIMIT, traffic
+from bench.traffic import measure
+from kernels import INTERPRETED
+
+pytestmark = pytest.mark.skipif(not INTERPRETED, reason="traffic is counted in Triton's interpreter")
+
+WRITE_KV = CASES["write_kv"]
+
+
+@pytest.mark.parametrize(
+    "shape", WRITE_KV.small_shapes() + WRITE_KV.static_shapes(), ids=lambda shape: shape.label
+)
+def test_write_kv_moves_its_byte_model(shape):
+    row = traffic(WRITE_KV, shape)
+    assert row.ratio <= TRAFFIC_LIMIT, row
+    # Every byte the model names is touched, and no other: distinct addresses add up to the model exactly.
+    assert row.unique == row.model, row
+
+
+@triton.jit
+def _copy_twice_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(src_ptr + offs, mask=mask)
+    x += tl.load(src_ptr + offs, mask=mask)  # a re-read the counter must see
+    tl.store(dst_ptr + offs, x, mask=mask)
+
+
+def test_counter_sees_rereads_and_masks():
+    src, dst = torch.ones(100, dtype=torch.float16), torch.empty(100, dtype=torch.float16)
+    counted = measure(lambda: _copy_twice_kernel[(1,)](src, dst, 77, BLOCK=128))
+    assert counted.loaded_bytes == 2 * 77 * 2 and counted.stored_bytes == 77 * 2
+    assert counted.unique_bytes() == 77 * 2 + 77 * 2
+    assert counted.ratio(77 * 2 * 2) == pytest.approx(1.5)
+
+
+def test_counter_restores_the_interpreter():
+    from triton.runtime.interpreter import interpreter_builder
+
+    measure(lambda: None)
+    assert "create_masked_load" not in vars(interpreter_builder)
