@@ -38,7 +38,7 @@ def _cases(names):
 
 
 def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.1f}"
+    return f"{seconds * 1e6:.3g}"
 
 
 def _bytes(n: int) -> str:
@@ -231,6 +231,7 @@ def _run_without_gpu(cases) -> int:
     print(traffic)
     print("\n## Projections, not measurements: modelled bytes / copy bandwidth measured on the lent GPUs\n")
     print(projection_table(cases))
+    print("\n(A launch costs a few microseconds more; small decode steps are bound by that, not by bytes.)")
     print(f"\n{time.perf_counter() - start:.1f} s")
     if not verified_ok:
         print("\nFAILED: a kernel disagrees with its reference", file=sys.stderr)

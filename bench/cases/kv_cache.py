@@ -153,30 +153,28 @@ def compare(actual: Inputs, expected: Inputs, shape: WriteKVShape) -> float:
     return error
 
 
-def _model_shapes(pattern: str, sizes, cache_dtypes) -> list[WriteKVShape]:
-    shapes = []
-    llama70 = MODELS["Llama-3.1-70B"]
-    presets = [
-        ("Llama-3.1-8B", MODELS["Llama-3.1-8B"].num_kv_heads, MODELS["Llama-3.1-8B"].head_dim, True),
-        ("Llama-3.1-70B", llama70.num_kv_heads, llama70.head_dim, True),
+def _presets() -> list[tuple[str, int, int, bool]]:
+    """(label, KV heads per rank, head_dim, has a V cache) for the write_kv benchmarks.
+
+    Llama-3.1-8B and -70B write the same row per layer at TP 1 (8 KV heads of 128), so they share one
+    preset; under TP 8, 70B keeps one KV head per rank; DeepSeek-R1 caches one 576-wide latent, no V.
+    """
+    llama8, llama70, r1 = MODELS["Llama-3.1-8B"], MODELS["Llama-3.1-70B"], MODELS["DeepSeek-R1"]
+    assert (llama8.num_kv_heads, llama8.head_dim) == (llama70.num_kv_heads, llama70.head_dim)
+    return [
+        ("Llama-3.1-8B/70B", llama70.kv_heads_per_rank(1), llama70.head_dim, True),
         ("Llama-3.1-70B TP8", llama70.kv_heads_per_rank(8), llama70.head_dim, True),
-        ("DeepSeek-R1 latent", 1, MODELS["DeepSeek-R1"].latent_dim, False),
+        ("DeepSeek-R1 latent", r1.kv_heads_per_rank(1), r1.latent_dim, False),
     ]
-    for name, heads, head_dim, has_value in presets:
-        for cache_dtype in cache_dtypes:
-            for n in sizes:
-                shapes.append(
-                    WriteKVShape(
-                        name,
-                        pattern,
-                        n,
-                        heads,
-                        head_dim,
-                        head_dim if has_value else None,
-                        cache_dtype=cache_dtype,
-                    )
-                )
-    return shapes
+
+
+def _model_shapes(pattern: str, sizes, cache_dtypes) -> list[WriteKVShape]:
+    return [
+        WriteKVShape(name, pattern, n, heads, head_dim, head_dim if has_value else None, cache_dtype=dtype)
+        for name, heads, head_dim, has_value in _presets()
+        for dtype in cache_dtypes
+        for n in sizes
+    ]
 
 
 def sweep() -> list[WriteKVShape]:
