@@ -185,9 +185,10 @@ def results_table(benchmarks: list[dict]) -> str:
                 info.get("gbps", "-"),
                 info.get("pct_of_peak", "-"),
                 f"{ref / stats['median']:.2f}x" if ref else "-",
+                {True: "verified", False: "FAILED"}.get(info.get("verified"), "-"),
             ]
         )
-    headers = ["kernel", "shape", "median us", "p20-p80 us", "GB/s", "% of copy peak", "vs reference"]
+    headers = ["kernel", "shape", "median us", "p20-p80 us", "GB/s", "% of copy peak", "speedup", "checked"]
     return _table(rows, headers)
 
 
@@ -212,7 +213,10 @@ def cmd_run(args) -> int:
     if args.out:
         path = results.write(Path(args.out), entries, {"copy_gbps": copy_bandwidth_gbps()})
         print(f"\nwritten: {path}")
-    return 0
+    failed = [e["name"] for e in entries if e["extra_info"].get("verified") is False]
+    if failed:
+        print(f"\nFAILED against the reference: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run_without_gpu(cases) -> int:
@@ -297,7 +301,8 @@ def cmd_gpu_check(args) -> int:
     from bench import results
     from bench.runner import measure
 
-    out = Path(args.out)
+    stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
+    out = Path(args.out) if args.out else results.results_dir_for(info.slug) / stamp
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget_s
     left = lambda: max(10.0, deadline - time.monotonic())  # noqa: E731
@@ -388,8 +393,12 @@ def main(argv=None) -> int:
     traffic.add_argument("--kernel", action="append")
     traffic.set_defaults(func=cmd_traffic)
 
-    check = sub.add_parser("gpu-check", help="tests, sweep and static report on a GPU, written under --out")
-    check.add_argument("--out", required=True)
+    check = sub.add_parser(
+        "gpu-check", help="tests, sweep and static report on a GPU, all written to one folder"
+    )
+    check.add_argument(
+        "--out", help="folder for everything it writes (default bench/results/<gpu>/<UTC time>)"
+    )
     check.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget (default 7 minutes)")
     check.set_defaults(func=cmd_gpu_check)
 

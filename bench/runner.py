@@ -86,9 +86,11 @@ def projection(case: Case, shape) -> dict:
 
 
 def measure(case: Case, shape, *, cuda_graph: bool = False, with_reference: bool = True) -> list[dict]:
-    """Times kernel (and reference) at one shape on the GPU; returns pytest-benchmark entries whose
-    extra_info carries GB/s and % of the copy bandwidth measured in this process."""
+    """Verifies the kernel at this shape, then times it (and its reference) on the GPU. Returns
+    pytest-benchmark entries whose extra_info carries GB/s, % of the copy bandwidth measured in this
+    process, and whether the kernel agreed with the reference here."""
     peak = copy_bandwidth_gbps()
+    checked = verify(case, shape, "cuda")
     inputs = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
     impls = [("triton", case.kernel)] + ([("reference", case.reference)] if with_reference else [])
     entries = []
@@ -101,9 +103,8 @@ def measure(case: Case, shape, *, cuda_graph: bool = False, with_reference: bool
             "impl": impl,
             "cuda_graph": graph,
         }
+        if impl == "triton":
+            info["verified"] = checked.ok
         entries.append(results.entry(label, case.name, timing, info))
-    if with_reference:
-        kernel_s, reference_s = (e["stats"]["median"] for e in entries)
-        entries[0]["extra_info"]["speedup_vs_reference"] = round(reference_s / kernel_s, 2)
     torch.cuda.synchronize()
     return entries

@@ -7,6 +7,9 @@ launch gets (16-byte-aligned pointers and integers divisible by 16 marked), with
 compiles to 2-byte loads instead of 16-byte ones. On a GPU, ``real=True`` launches the kernel instead and
 reads the cubin the launch compiled.
 
+Constexpr parameters named ``INTERPRETER_*`` switch on workarounds for Triton's interpreter (which the
+capture runs under when there is no GPU); they are compiled as False, as on a GPU.
+
 The cubin is read with cuobjdump from the Triton wheel: ``--dump-resource-usage`` gives REG, STACK, SHARED
 and LOCAL (local memory per thread: spills), ``--dump-sass`` the LDG/STG instructions and their widths.
 This compile is also the only proof, on a machine with no GPU, that a kernel compiles for one at all.
@@ -138,6 +141,8 @@ def compile_aot(launch: Launch, arch: int):
     for index, param in enumerate(jit.params):
         value = values[param.name]
         if param.is_constexpr:
+            if param.name.startswith("INTERPRETER_"):
+                value = False  # what a GPU launch passes
             signature[param.name], constexprs[param.name] = "constexpr", value
             continue
         ty, key = _specialize(value)

@@ -55,11 +55,11 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
-def _quantize_fp8(x, scale_ptr, FP8_MAX: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
+def _quantize_fp8(x, scale_ptr, FP8_MAX: tl.constexpr, INTERPRETER_FP8_ROUNDING: tl.constexpr):
     # Upcast right after the load: bf16 arithmetic is wrong in the interpreter, and fp32 is exact here.
     x = x.to(tl.float32) / tl.load(scale_ptr)
     x = tl.clamp(x, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    if ROUND_ON_GRID:
+    if INTERPRETER_FP8_ROUNDING:
         x = _round_to_e4m3_grid(x)
     return x
 
@@ -84,7 +84,7 @@ def _write_kv_kernel(
     HAS_VALUE: tl.constexpr,
     QUANTIZE: tl.constexpr,  # fp8 cache: store clamp(x / scale, -FP8_MAX, FP8_MAX)
     FP8_MAX: tl.constexpr,
-    ROUND_ON_GRID: tl.constexpr,  # interpreter only: see _round_to_e4m3_grid
+    INTERPRETER_FP8_ROUNDING: tl.constexpr,  # interpreter only: see _round_to_e4m3_grid
 ):
     # Each program copies a [TOKENS, BLOCK] tile: TOKENS tokens, BLOCK elements of each one's row.
     tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
@@ -101,14 +101,14 @@ def _write_kv_kernel(
     k_mask = live[:, None] & (offs < K_ROW)[None, :]
     k = tl.load(key_ptr + src_row * key_stride + offs[None, :], mask=k_mask)
     if QUANTIZE:
-        k = _quantize_fp8(k, k_scale_ptr, FP8_MAX, ROUND_ON_GRID)
+        k = _quantize_fp8(k, k_scale_ptr, FP8_MAX, INTERPRETER_FP8_ROUNDING)
     tl.store(k_cache_ptr + dst_row * K_ROW + offs[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
 
     if HAS_VALUE:
         v_mask = live[:, None] & (offs < V_ROW)[None, :]
         v = tl.load(value_ptr + src_row * value_stride + offs[None, :], mask=v_mask)
         if QUANTIZE:
-            v = _quantize_fp8(v, v_scale_ptr, FP8_MAX, ROUND_ON_GRID)
+            v = _quantize_fp8(v, v_scale_ptr, FP8_MAX, INTERPRETER_FP8_ROUNDING)
         tl.store(
             v_cache_ptr + dst_row * V_ROW + offs[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask
         )
@@ -237,6 +237,6 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
         HAS_VALUE=has_value,
         QUANTIZE=quantize,
         FP8_MAX=FP8_E4M3_MAX,
-        ROUND_ON_GRID=INTERPRETED,
+        INTERPRETER_FP8_ROUNDING=INTERPRETED,
         num_warps=config["num_warps"],
     )

@@ -58,6 +58,8 @@ def _synthetic_results(tmp_path, kernel_ms=(0.010, 0.011, 0.012), reference_ms=(
     for impl, samples in (("triton", kernel_ms), ("reference", reference_ms)):
         timing = Timing.from_samples(list(samples))
         info = {**results.cost_info(case, shape, timing.median_ms * 1e-3, 3000.0), "impl": impl}
+        if impl == "triton":
+            info["verified"] = True
         entries.append(results.entry(f"write_kv[{impl}]", "write_kv", timing, info))
     return results.write(tmp_path / "run.json", entries), shape
 
@@ -76,7 +78,7 @@ def test_report_prints_speedup_over_the_reference(tmp_path, capsys):
     path, shape = _synthetic_results(tmp_path)
     assert cli.main(["report", str(path)]) == 0
     out = capsys.readouterr().out
-    assert shape.label in out and "5.00x" in out and "| 11 " in out
+    assert shape.label in out and "5.00x" in out and "| 11 " in out and "verified" in out
 
 
 def test_report_rejects_a_file_that_is_not_results(tmp_path):

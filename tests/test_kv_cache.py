@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.cases.kv_cache import WRITE_KV, WriteKVShape, build, compare
-from bench.testing import Guarded, assert_bitwise_equal, generator, randn, seed_of
+from bench.testing import assert_bitwise_equal, generator, randn, seed_of
 from kernels import kv_cache
 from reference import kv_cache as reference
 
@@ -319,12 +319,3 @@ def test_cuda_graph_replay_with_new_slots_and_values():
         graph.replay()
         reference.write_kv(**expected.args)
         compare(inputs, expected, shape)
-
-
-def test_guarded_catches_out_of_bounds_writes():
-    """The sentinel fence the tests rely on does fail when something writes past an output."""
-    guarded = Guarded.empty((4, 8), torch.bfloat16, DEVICE)
-    guarded.check("clean")
-    guarded.buffer[guarded.guard + 32] = 1.0  # one element past the end
-    with pytest.raises(AssertionError, match="sentinel"):
-        guarded.check("dirty")

@@ -75,3 +75,15 @@ def test_real_launch_matches_the_aot_compile():
         assert row.spill_bytes == 0
         same = aot[row.shape]
         assert (row.load_widths, row.store_widths) == (same.load_widths, same.store_widths)
+
+
+def test_interpreter_workarounds_are_compiled_out():
+    """The capture runs under the interpreter, where write_kv rounds fp8 by hand; the sm_90 compile must
+    be what a GPU runs: the hardware's saturating cvt, and none of the hand rounding (its 2^14 constant)."""
+    from bench.static import compile_aot
+
+    fp8 = next(s for s in CASES["write_kv"].static_shapes() if "fp8" in s.label)
+    (launch,) = capture(CASES["write_kv"], fp8)
+    ptx = compile_aot(launch, 90).asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "0f46800000" not in ptx  # 16384.0

@@ -13,15 +13,16 @@ from bench.testing import Guarded
 
 @dataclass
 class Inputs:
-    """Keyword arguments for one call of a kernel (or its reference), and which of them the call writes.
+    """Keyword arguments for one call of a kernel (or its reference), and what the call leaves behind.
 
-    ``outputs`` names the arguments written in place (or "return" for the return value); ``guards`` holds the
-    poisoned, sentinel-fenced buffers behind them when the inputs were built for verification.
+    ``outputs`` names the arguments written in place; ``guards`` holds the poisoned, sentinel-fenced
+    buffers behind them when the inputs were built for verification; ``result`` is the call's return value.
     """
 
     args: dict[str, Any]
     outputs: tuple[str, ...]
     guards: dict[str, Guarded] = field(default_factory=dict)
+    result: Any = None
 
     def clone(self) -> "Inputs":
         """Fresh copies of every tensor, for the reference run (no guards: the reference is trusted)."""
@@ -57,8 +58,8 @@ class Case:
 
         return importlib.import_module(f"kernels.{self.module}")
 
-    def run_kernel(self, inputs: Inputs):
-        return self.kernel(**inputs.args)
+    def run_kernel(self, inputs: Inputs) -> None:
+        inputs.result = self.kernel(**inputs.args)
 
-    def run_reference(self, inputs: Inputs):
-        return self.reference(**inputs.args)
+    def run_reference(self, inputs: Inputs) -> None:
+        inputs.result = self.reference(**inputs.args)

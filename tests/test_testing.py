@@ -1,0 +1,41 @@
+"""The shared test helpers must be able to fail: sentinels, bitwise equality, dtype tolerances, seeds."""
+
+import pytest
+import torch
+
+from bench.testing import TOLERANCES, Guarded, assert_bitwise_equal, assert_close, generator, randn, seed_of
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_guarded_starts_poisoned_and_catches_writes_past_either_end(dtype):
+    guarded = Guarded.empty((4, 8), dtype, "cpu")
+    assert torch.isnan(guarded.tensor.float()).all()
+    guarded.check("clean")
+    for outside in (guarded.guard - 1, guarded.guard + 32):
+        probe = Guarded.empty((4, 8), dtype, "cpu")
+        probe.buffer[outside] = 1.0
+        with pytest.raises(AssertionError, match="sentinel"):
+            probe.check("dirty")
+
+
+def test_bitwise_equality_tells_nan_payloads_and_signed_zeros_apart():
+    assert_bitwise_equal(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]), "nan")
+    with pytest.raises(AssertionError, match="differ bitwise"):
+        assert_bitwise_equal(torch.tensor([0.0]), torch.tensor([-0.0]), "zero")
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_tolerance_admits_rounding_and_rejects_more(dtype):
+    x = torch.linspace(0.5, 2.0, 64)
+    rounded = x.to(dtype).float()  # one rounding of each value: within the dtype's tolerance
+    assert_close(rounded, x, "rounding", dtype=dtype)
+    rtol, atol = TOLERANCES[dtype]
+    with pytest.raises(AssertionError):
+        assert_close(x * (1 + 4 * rtol) + atol, x, "too far", dtype=dtype)
+
+
+def test_seeded_inputs_are_reproducible_and_distinct():
+    a = randn((3, 5), torch.bfloat16, "cpu", generator(seed_of("a")))
+    assert torch.equal(a, randn((3, 5), torch.bfloat16, "cpu", generator(seed_of("a"))))
+    assert not torch.equal(a, randn((3, 5), torch.bfloat16, "cpu", generator(seed_of("b"))))
+    assert seed_of("a") == seed_of("a") != seed_of("b")
