@@ -77,8 +77,8 @@ def _write_kv_kernel(
     key_stride,  # elements between consecutive tokens of key
     value_stride,  # elements between consecutive tokens of value
     num_slots,  # num_blocks * block_size
-    K_ROW: tl.constexpr,  # num_kv_heads * head_dim_k: one token's K, one cache row
-    V_ROW: tl.constexpr,  # num_kv_heads * head_dim_v
+    k_row,  # num_kv_heads * head_dim_k: one token's K, one cache row
+    v_row,  # num_kv_heads * head_dim_v
     TOKENS: tl.constexpr,  # tokens per program, a power of two (several when rows are short)
     BLOCK: tl.constexpr,  # row elements per program, a power of two
     HAS_VALUE: tl.constexpr,
@@ -93,24 +93,24 @@ def _write_kv_kernel(
     slot = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
     live = (slot >= 0) & (slot < num_slots)
     # A dead token's lanes are all masked: it moves no K/V bytes and never forms an out-of-range address.
-    # (Masks are built as live[:, None] & (offs < ROW)[None, :] so the compiler still sees 16-byte runs.)
+    # (Masks are built as live[:, None] & (offs < row)[None, :] so the compiler still sees 16-byte runs.)
     slot = tl.where(live, slot, 0)
     src_row = tokens.to(tl.int64)[:, None]
     dst_row = slot[:, None]
 
-    k_mask = live[:, None] & (offs < K_ROW)[None, :]
+    k_mask = live[:, None] & (offs < k_row)[None, :]
     k = tl.load(key_ptr + src_row * key_stride + offs[None, :], mask=k_mask)
     if QUANTIZE:
         k = _quantize_fp8(k, k_scale_ptr, FP8_MAX, INTERPRETER_FP8_ROUNDING)
-    tl.store(k_cache_ptr + dst_row * K_ROW + offs[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(k_cache_ptr + dst_row * k_row + offs[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
 
     if HAS_VALUE:
-        v_mask = live[:, None] & (offs < V_ROW)[None, :]
+        v_mask = live[:, None] & (offs < v_row)[None, :]
         v = tl.load(value_ptr + src_row * value_stride + offs[None, :], mask=v_mask)
         if QUANTIZE:
             v = _quantize_fp8(v, v_scale_ptr, FP8_MAX, INTERPRETER_FP8_ROUNDING)
         tl.store(
-            v_cache_ptr + dst_row * V_ROW + offs[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask
+            v_cache_ptr + dst_row * v_row + offs[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask
         )
 
 
@@ -230,8 +230,8 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
         key.stride(0),
         value.stride(0),
         k_cache.shape[0] * k_cache.shape[1],
-        K_ROW=k_row,
-        V_ROW=v_row,
+        k_row,
+        v_row,
         TOKENS=config["TOKENS"],
         BLOCK=config["BLOCK"],
         HAS_VALUE=has_value,
