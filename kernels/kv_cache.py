@@ -9,8 +9,9 @@ A slot names one cache row of num_kv_heads * head_dim elements, so token t's K i
 key[t] to k_cache.view(-1, num_kv_heads * head_dim)[slot]. A slot of -1 (or any slot outside
 [0, num_blocks * block_size)) skips the token: padding tokens cost a slot read and nothing else.
 
-fp8 e4m3 caches store x / scale, saturated to the format's range (+-448), with one fp32 scale per tensor
-passed as a device tensor so that nothing is read back to the host.
+fp8 e4m3 caches store x / scale, saturated to the format's range (+-448), with one fp32 scale per tensor:
+a Python float (passed to the kernel by value) or a one-element device tensor (read by the kernel, never by
+the host, as a serving engine keeps its calibrated scales). Neither way allocates or syncs.
 
 Byte story: each live token reads its K and V rows once and writes them once; each program also reads its
 token's slot (and, for fp8, the two scales). Nothing else moves. bench/cases/kv_cache.py holds the model.
@@ -55,9 +56,13 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
-def _quantize_fp8(x, scale_ptr, FP8_MAX: tl.constexpr, INTERPRETER_FP8_ROUNDING: tl.constexpr):
+def _quantize_fp8(
+    x, scale, SCALE_IN_MEMORY: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRETER_FP8_ROUNDING: tl.constexpr
+):
+    if SCALE_IN_MEMORY:
+        scale = tl.load(scale)
     # Upcast right after the load: bf16 arithmetic is wrong in the interpreter, and fp32 is exact here.
-    x = x.to(tl.float32) / tl.load(scale_ptr)
+    x = x.to(tl.float32) / scale
     x = tl.clamp(x, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     if INTERPRETER_FP8_ROUNDING:
         x = _round_to_e4m3_grid(x)
@@ -71,8 +76,8 @@ def _write_kv_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim_k], contiguous
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim_v], contiguous; untouched w/o HAS_VALUE
     slot_mapping_ptr,  # [num_tokens] int32 or int64; outside [0, num_slots) skips the token
-    k_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE
-    v_scale_ptr,  # [1] fp32 per-tensor scale; read only when QUANTIZE and HAS_VALUE
+    k_scale,  # fp32 per-tensor scale: a value, or a [1] fp32 pointer when SCALES_IN_MEMORY; used if QUANTIZE
+    v_scale,  # the same for V
     num_tokens,
     key_stride,  # elements between consecutive tokens of key
     value_stride,  # elements between consecutive tokens of value
@@ -83,6 +88,7 @@ def _write_kv_kernel(
     BLOCK: tl.constexpr,  # row elements per program, a power of two
     HAS_VALUE: tl.constexpr,
     QUANTIZE: tl.constexpr,  # fp8 cache: store clamp(x / scale, -FP8_MAX, FP8_MAX)
+    SCALES_IN_MEMORY: tl.constexpr,
     FP8_MAX: tl.constexpr,
     INTERPRETER_FP8_ROUNDING: tl.constexpr,  # interpreter only: see _round_to_e4m3_grid
 ):
@@ -101,14 +107,14 @@ def _write_kv_kernel(
     k_mask = live[:, None] & (offs < k_row)[None, :]
     k = tl.load(key_ptr + src_row * key_stride + offs[None, :], mask=k_mask)
     if QUANTIZE:
-        k = _quantize_fp8(k, k_scale_ptr, FP8_MAX, INTERPRETER_FP8_ROUNDING)
+        k = _quantize_fp8(k, k_scale, SCALES_IN_MEMORY, FP8_MAX, INTERPRETER_FP8_ROUNDING)
     tl.store(k_cache_ptr + dst_row * k_row + offs[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
 
     if HAS_VALUE:
         v_mask = live[:, None] & (offs < v_row)[None, :]
         v = tl.load(value_ptr + src_row * value_stride + offs[None, :], mask=v_mask)
         if QUANTIZE:
-            v = _quantize_fp8(v, v_scale_ptr, FP8_MAX, INTERPRETER_FP8_ROUNDING)
+            v = _quantize_fp8(v, v_scale, SCALES_IN_MEMORY, FP8_MAX, INTERPRETER_FP8_ROUNDING)
         tl.store(
             v_cache_ptr + dst_row * v_row + offs[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask
         )
@@ -128,19 +134,19 @@ def write_kv_launch_config(row: int, input_bytes: int, cache_bytes: int) -> dict
     return {"TOKENS": tokens, "BLOCK": block, "num_warps": num_warps}
 
 
-def _scale_tensor(name: str, scale, device: torch.device) -> torch.Tensor:
-    """A one-element fp32 device tensor; a Python float is put on the device without a host sync."""
+def _check_scale(name: str, scale, device: torch.device):
+    """A float stays a float (a kernel argument); a tensor must be one fp32 element on ``device``."""
     if scale is None:
-        return torch.ones(1, dtype=torch.float32, device=device)
+        return 1.0
     if isinstance(scale, torch.Tensor):
         check_tensor(name, scale, dtypes=(torch.float32,), device=device)
         if scale.numel() != 1:
             raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
-        return scale.reshape(1)
+        return scale
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         if not scale > 0:
             raise ValueError(f"{name}: expected a positive scale, got {scale}")
-        return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+        return float(scale)
     raise ValueError(
         f"{name}: expected None, a float or a one-element fp32 tensor, got {type(scale).__name__}"
     )
@@ -201,13 +207,18 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
 
     quantize = k_cache.dtype == torch.float8_e4m3fn
     if quantize:
-        k_scale = _scale_tensor("k_scale", k_scale, key.device)
-        v_scale = _scale_tensor("v_scale", v_scale, key.device) if has_value else k_scale
+        k_scale = _check_scale("k_scale", k_scale, key.device)
+        v_scale = _check_scale("v_scale", v_scale, key.device)
+        if isinstance(k_scale, torch.Tensor) != isinstance(v_scale, torch.Tensor) and has_value:
+            raise ValueError("v_scale: expected the same kind as k_scale (both floats or both tensors)")
+        if not has_value:
+            v_scale = k_scale
     else:
         for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
             if scale is not None:
                 raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {scale!r}")
-        k_scale = v_scale = slot_mapping  # never read: QUANTIZE is off
+        k_scale = v_scale = 1.0  # never used: QUANTIZE is off
+    scales_in_memory = isinstance(k_scale, torch.Tensor)
 
     if num_tokens == 0:
         return
@@ -236,6 +247,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
         BLOCK=config["BLOCK"],
         HAS_VALUE=has_value,
         QUANTIZE=quantize,
+        SCALES_IN_MEMORY=scales_in_memory,
         FP8_MAX=FP8_E4M3_MAX,
         INTERPRETER_FP8_ROUNDING=INTERPRETED,
         num_warps=config["num_warps"],

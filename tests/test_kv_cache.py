@@ -260,6 +260,7 @@ BAD_INPUTS = {
     "scale two elements": ("v_scale", _fp8_args, _replace(v_scale=lambda a: torch.ones(2, device=DEVICE))),
     "scale fp16": ("k_scale", _fp8_args, _replace(k_scale=lambda a: torch.ones(1, device=DEVICE).half())),
     "scale a string": ("k_scale", _fp8_args, _replace(k_scale=lambda a: "1.0")),
+    "scales of two kinds": ("v_scale", _fp8_args, _replace(v_scale=lambda a: 2.0)),
 }
 
 

@@ -59,7 +59,7 @@ class WriteKVShape:
 
 def byte_model(shape: WriteKVShape) -> int:
     """Each live token reads its K and V rows once and writes them once; every token's slot is read once;
-    an fp8 cache adds its two 4-byte scales."""
+    an fp8 cache adds its two 4-byte scales (``build`` passes them as device tensors)."""
     live = shape.num_tokens - shape.skipped
     input_bytes = shape.dtype.itemsize
     cache_bytes = shape.cache_dtype.itemsize
