@@ -129,3 +129,61 @@ def test_time_cuda_and_copy_bandwidth():
     graphed = time_cuda(lambda: x.mul_(1.0), rep_ms=10, cuda_graph=True)
     assert graphed.median_ms > 0
     assert copy_bandwidth_gbps() > 100
+
+
+def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch):
+    """gpu-check gets one shot on a lent GPU: its bookkeeping (folder, machine.json, run.json, summary.md,
+    exit status, a crashing step not taking the others down) is exercised here with the GPU parts faked."""
+    import dataclasses
+
+    from bench import gpu_check, report, runner
+    from bench.static import StaticRow
+
+    fake = dataclasses.replace(
+        machine_info(), gpu="Fake GPU", slug="fake-gpu", capability="sm_90", sm_count=132
+    )
+    monkeypatch.setattr(gpu_check, "machine_info", lambda: fake)
+    monkeypatch.setattr(gpu_check, "copy_bandwidth_gbps", lambda: 3000.0)
+    subprocess_calls = []
+
+    def fake_subprocess(name, out, command, timeout):
+        subprocess_calls.append((name, command))
+        return "exit 0: 1 passed", True
+
+    monkeypatch.setattr(gpu_check, "_subprocess_step", fake_subprocess)
+    monkeypatch.setattr(
+        report, "static_rows", lambda cases, real: [StaticRow("k", "s", "sm_90", "launch", 4, 20, 0)]
+    )
+
+    def fake_measure(case, shape, cuda_graph=False, with_reference=True):
+        info = {**results.cost_info(case, shape, 1e-5, 3000.0), "impl": "triton", "verified": True}
+        return [
+            results.entry(f"{case.name} {shape.label}", case.name, Timing.from_samples([0.01, 0.011]), info)
+        ]
+
+    monkeypatch.setattr(runner, "measure", fake_measure)
+    assert gpu_check.run(str(tmp_path), budget_s=60) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Fake GPU" in summary and "3000 GB/s" in summary and "FAILED" not in summary
+    assert [name for name, _ in subprocess_calls] == ["tests", "bench-sweep"]
+    assert results.load(tmp_path / "run.json")["benchmarks"]
+    assert json.loads((tmp_path / "machine.json").read_text())["copy_gbps"] == 3000.0
+
+    def crashing_measure(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "measure", crashing_measure)
+    assert gpu_check.run(str(tmp_path / "again"), budget_s=60) == 1
+    assert "boom" in (tmp_path / "again" / "default-shapes-error.txt").read_text()
+    assert "bench-sweep: ok" in (tmp_path / "again" / "summary.md").read_text()
+
+
+def test_subprocess_step_logs_and_times_out(tmp_path):
+    import sys
+
+    from bench.gpu_check import _subprocess_step
+
+    status, ok = _subprocess_step("hello", tmp_path, [sys.executable, "-c", "print('hi')"], timeout=60)
+    assert ok and status.startswith("exit 0") and (tmp_path / "hello.txt").read_text() == "hi\n"
+    status, ok = _subprocess_step("slow", tmp_path, [sys.executable, "-c", "import time; time.sleep(5)"], 0.5)
+    assert not ok and "timed out" in status and "TIMED OUT" in (tmp_path / "slow.txt").read_text()

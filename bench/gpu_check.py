@@ -1,0 +1,126 @@
+"""`decodebench gpu-check`: everything a lent GPU should measure in one go, written to one folder.
+
+Steps, each kept apart so that one failing leaves the others' results: the test suite on the GPU
+(subprocess), the static report of the real compile, the default shapes timed with and without CUDA graphs
+(kernel and reference, each verified first), and the pytest-benchmark sweep (subprocess). Budget: 8 minutes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import report, results
+from bench.cases import CASES
+from bench.device import copy_bandwidth_gbps, machine_info
+
+
+def _subprocess_step(name: str, out: Path, command: list[str], timeout: float) -> tuple[str, bool]:
+    """Runs one step as a subprocess, its output to out/<name>.txt."""
+    log = out / f"{name}.txt"
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path}
+        )
+    except subprocess.TimeoutExpired as expired:
+        log.write_text(f"{expired.stdout or ''}{expired.stderr or ''}\nTIMED OUT after {timeout:.0f} s\n")
+        return f"timed out after {timeout:.0f} s", False
+    log.write_text(done.stdout + done.stderr)
+    last = (done.stdout.strip().splitlines() or [""])[-1]
+    return f"exit {done.returncode}: {last[:160]}", done.returncode == 0
+
+
+def _in_process_step(name: str, out: Path, work) -> tuple[str, bool]:
+    """Runs ``work()`` (which returns (status, ok)); a crash is logged to out/<name>-error.txt, not raised."""
+    try:
+        return work()
+    except Exception:
+        (out / f"{name}-error.txt").write_text(traceback.format_exc())
+        return f"crashed: see {name}-error.txt", False
+
+
+def run(out: str | None, budget_s: float = 420.0) -> int:
+    info = machine_info()
+    if info.gpu == "cpu":
+        print("gpu-check needs a CUDA device; on this machine use `decodebench run`", file=sys.stderr)
+        return 2
+    from bench.runner import measure
+
+    stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
+    folder = Path(out) if out else results.results_dir_for(info.slug) / stamp
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + budget_s
+    peak = copy_bandwidth_gbps()
+    (folder / "machine.json").write_text(json.dumps({**info.as_dict(), "copy_gbps": peak}, indent=1))
+    py = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    steps, sections = {}, []
+
+    def timed(name, step):
+        start = time.monotonic()
+        status, ok = step()
+        steps[name] = (f"{status} ({time.monotonic() - start:.0f} s)", ok)
+        print(f"{name}: {steps[name][0]}", flush=True)
+
+    timed(
+        "tests",
+        lambda: _subprocess_step(
+            "tests",
+            folder,
+            [*py, "tests", f"--junitxml={folder / 'tests.xml'}"],
+            timeout=min(240.0, 0.4 * budget_s),
+        ),
+    )
+
+    def static():
+        rows = report.static_rows(list(CASES.values()), real=True)
+        (folder / "static.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        sections.append(("Static, from the compile of a real launch", report.static_table(rows)))
+        spills = sum(1 for r in rows if r.spill_bytes)
+        return f"{len(rows)} launches, {spills} with spills", spills == 0
+
+    timed("static", lambda: _in_process_step("static", folder, static))
+
+    def default_shapes():
+        entries = []
+        for case in CASES.values():
+            for shape in case.default_shapes():
+                entries += measure(case, shape)
+                entries += measure(case, shape, cuda_graph=True, with_reference=False)
+        results.write(folder / "run.json", entries, {"copy_gbps": peak})
+        sections.append(("Default shapes (run.json)", report.results_table(entries)))
+        failed = [e["name"] for e in entries if e["extra_info"].get("verified") is False]
+        return f"{len(entries)} timings, {len(failed)} failed verification", not failed
+
+    timed("default-shapes", lambda: _in_process_step("default-shapes", folder, default_shapes))
+
+    timed(
+        "bench-sweep",
+        lambda: _subprocess_step(
+            "bench-sweep",
+            folder,
+            [*py, "bench", f"--benchmark-json={folder / 'benchmarks.json'}"],
+            timeout=max(30.0, deadline - time.monotonic() - 15),
+        ),
+    )
+
+    summary = [
+        f"# gpu-check on {info.gpu}",
+        "",
+        f"- {info.capability}, {info.sm_count} SMs, {info.memory_gib} GiB, driver {info.driver}, "
+        f"CUDA {info.cuda}, torch {info.torch}, triton {info.triton}, {stamp} UTC",
+        f"- copy bandwidth measured: {peak:.0f} GB/s (read + write)",
+        "",
+        "## Steps",
+        "",
+        *(f"- {name}: {'ok' if ok else 'FAILED'}, {status}" for name, (status, ok) in steps.items()),
+    ]
+    for title, text in sections:
+        summary += ["", f"## {title}", "", text]
+    (folder / "summary.md").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    print(f"\nwritten: {folder}")
+    return 0 if all(ok for _, ok in steps.values()) else 1
