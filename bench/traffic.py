@@ -1,7 +1,10 @@
 """Global-memory traffic of a kernel, counted under Triton's interpreter, held against its byte model.
 
 The interpreter executes every tl.load and tl.store through one builder object; wrapping its masked load and
-store (and atomics) counts exactly the bytes each live lane moves, with no GPU. The ratio to the byte model
+store (and atomics) counts the bytes each one moves, with no GPU. Within one instruction of one program,
+lanes that name the same address count once: the hardware serves them with one transaction (a scalar or
+broadcast load, such as every lane of a tile reading its page's block id). Across instructions, programs
+and loop iterations every access counts, so re-reads show. The ratio to the byte model
 shows re-reads and wasted traffic; ``unique_bytes`` (distinct addresses) tells re-reads from extra data.
 What it cannot show: cache-line granularity and DRAM versus L2 (Nsight Compute measures those on a GPU).
 """
@@ -43,9 +46,10 @@ class Traffic:
 
 
 def _live(ptrs, mask) -> tuple[np.ndarray, int]:
+    """Distinct addresses the unmasked lanes of one instruction touch, and the element size."""
     addresses = np.asarray(ptrs.data).reshape(-1)
     live = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.asarray(ptrs.data).shape).reshape(-1)
-    return addresses[live], int(ptrs.get_element_ty().primitive_bitwidth // 8)
+    return np.unique(addresses[live]), int(ptrs.get_element_ty().primitive_bitwidth // 8)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ a Python float (passed to the kernel by value) or a one-element device tensor (r
 the host, as a serving engine keeps its calibrated scales). Neither way allocates or syncs.
 
 Byte story: each live token reads its K and V rows once and writes them once; each program also reads its
-token's slot (and, for fp8, the two scales). Nothing else moves. bench/cases/kv_cache.py holds the model.
+tokens' slots (and, for fp8 scales held in memory, the two scales). Nothing else moves. bench/cases/kv_cache.py holds the model.
 
 The value side is optional (value=None and v_cache=None) for caches that hold one latent per token, as
 DeepSeek's MLA does (one 576-wide head).
@@ -159,7 +159,7 @@ def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
     check_tensor(cache_name, cache, ndim=4, dtypes=CACHE_DTYPES, device=x.device)
     if num_tokens is not None:
         check_shape(x_name, x, (num_tokens, None, None), "[num_tokens, num_kv_heads, head_dim] like key")
-    if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+    if x.stride(2) != 1 or (x.shape[1] > 1 and x.stride(1) != x.shape[2]):
         raise ValueError(
             f"{x_name}: expected heads and head_dim packed (strides (*, {x.shape[2]}, 1)), got {x.stride()}"
         )

@@ -31,15 +31,17 @@ def _copy_twice_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     x = tl.load(src_ptr + offs, mask=mask)
     x += tl.load(src_ptr + offs, mask=mask)  # a re-read the counter must see
+    x += tl.load(src_ptr + offs // 8, mask=mask)  # 77 lanes, 10 distinct addresses: one transaction each
     tl.store(dst_ptr + offs, x, mask=mask)
 
 
-def test_counter_sees_rereads_and_masks():
+def test_counter_sees_rereads_masks_and_broadcasts():
     src, dst = torch.ones(100, dtype=torch.float16), torch.empty(100, dtype=torch.float16)
     counted = measure(lambda: _copy_twice_kernel[(1,)](src, dst, 77, BLOCK=128))
-    assert counted.loaded_bytes == 2 * 77 * 2 and counted.stored_bytes == 77 * 2
+    assert counted.loaded_bytes == (2 * 77 + 10) * 2 and counted.stored_bytes == 77 * 2
+    assert counted.load_instructions == 3 and counted.store_instructions == 1
     assert counted.unique_bytes() == 77 * 2 + 77 * 2
-    assert counted.ratio(77 * 2 * 2) == pytest.approx(1.5)
+    assert counted.ratio(77 * 2 * 2) == pytest.approx((2 * 77 + 10 + 77) / (2 * 77))
 
 
 def test_counter_restores_the_interpreter():
