@@ -96,7 +96,7 @@ def traffic_table(cases) -> tuple[str, bool]:
 
     rows, all_ok = [], True
     for case in cases:
-        for shape in case.small_shapes() + list(case.static_shapes()):
+        for shape in case.traffic_shapes():
             t = traffic(case, shape)
             all_ok &= t.ok
             rows.append(

@@ -7,18 +7,23 @@ launch gets (16-byte-aligned pointers and integers divisible by 16 marked), with
 compiles to 2-byte loads instead of 16-byte ones. On a GPU, ``real=True`` launches the kernel instead and
 reads the cubin the launch compiled.
 
-Constexpr parameters named ``INTERPRETER_*`` switch on workarounds for Triton's interpreter (which the
-capture runs under when there is no GPU); they are compiled as False, as on a GPU.
+Where kernels run in Triton's interpreter (no GPU), the report is made in a child process with
+TRITON_INTERPRET=0: there every @triton.jit (Triton's own helpers included) is a real JITFunction, and the
+launchers pass what they pass on a GPU (``INTERPRETER_*`` workarounds off), so the compile is the GPU's.
+Capturing needs no driver: nothing is launched.
 
 The cubin is read with cuobjdump from the Triton wheel: ``--dump-resource-usage`` gives REG, STACK, SHARED
 and LOCAL (local memory per thread: spills), ``--dump-sass`` the LDG/STG instructions and their widths.
 This compile is also the only proof, on a machine with no GPU, that a kernel compiles for one at all.
 """
 
+import functools
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
@@ -29,6 +34,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from bench.cases.base import Case
+from kernels import INTERPRETED
 
 ARCHS = (90, 80)
 
@@ -58,6 +64,10 @@ class StaticRow:
     load_widths: dict = field(default_factory=dict)  # width in bytes -> instruction count
     store_widths: dict = field(default_factory=dict)
     error: str | None = None  # why it could not compile (fp8 e4m3 on sm_80, say)
+
+    def __post_init__(self):  # JSON turns the width keys into strings
+        self.load_widths = {int(k): v for k, v in self.load_widths.items()}
+        self.store_widths = {int(k): v for k, v in self.store_widths.items()}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,21 +122,6 @@ def _specialize(value) -> tuple[str, str | None]:
     return ty, key
 
 
-@contextmanager
-def _compilable_globals(fn):
-    """Under the interpreter, the helpers a kernel calls are InterpretedFunctions that the compiler cannot
-    take; swap them for JITFunctions of the same source while compiling."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    namespace = fn.__globals__
-    swapped = {k: v for k, v in namespace.items() if isinstance(v, InterpretedFunction)}
-    try:
-        namespace.update({k: JITFunction(v.fn) for k, v in swapped.items()})
-        yield
-    finally:
-        namespace.update(swapped)
-
-
 def compile_aot(launch: Launch, arch: int):
     """Compiles one captured launch for sm_<arch> as a real launch would specialize it; no GPU needed."""
     from triton.backends.compiler import GPUTarget
@@ -141,8 +136,6 @@ def compile_aot(launch: Launch, arch: int):
     for index, param in enumerate(jit.params):
         value = values[param.name]
         if param.is_constexpr:
-            if param.name.startswith("INTERPRETER_"):
-                value = False  # what a GPU launch passes
             signature[param.name], constexprs[param.name] = "constexpr", value
             continue
         ty, key = _specialize(value)
@@ -152,8 +145,7 @@ def compile_aot(launch: Launch, arch: int):
         elif key:
             attrs[(index,)] = backend.parse_attr(key)
     source = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
-    with _compilable_globals(launch.fn):
-        return triton.compile(source, target=target, options=options)
+    return triton.compile(source, target=target, options=options)
 
 
 def cuobjdump() -> str:
@@ -172,7 +164,8 @@ def _dump(cubin: bytes, flag: str) -> str:
 
 
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-_ACCESS = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
+# LDGSTS is cp.async: a global load straight into shared memory (how Triton pipelines a loop's loads).
+_ACCESS = re.compile(r"\b(LDGSTS|LDG|STG)(?![A-Z])((?:\.[A-Z0-9_]+)*)")
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
 
@@ -189,20 +182,23 @@ def access_widths(sass: str) -> tuple[Counter, Counter]:
     loads, stores = Counter(), Counter()
     for op, suffixes in _ACCESS.findall(sass):
         width = next((_WIDTH[s] for s in suffixes.split(".") if s in _WIDTH), 4)
-        (loads if op == "LDG" else stores)[width] += 1
+        (stores if op == "STG" else loads)[width] += 1
     return loads, stores
 
 
 def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warps: int) -> StaticRow:
     cubin = compiled.asm["cubin"]
     loads, stores = access_widths(_dump(cubin, "--dump-sass"))
+    usage = resource_usage(cubin)
+    # cuobjdump counts static shared memory only; Triton's tiles live in dynamic shared memory.
+    usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
     return StaticRow(
         kernel,
         shape,
         arch,
         source,
         num_warps,
-        **resource_usage(cubin),
+        **usage,
         widest_load=max(loads, default=None),
         widest_store=max(stores, default=None),
         load_widths=dict(sorted(loads.items())),
@@ -219,23 +215,15 @@ def capture(case: Case, shape, device="cpu") -> list[Launch]:
 
 def static_report(case: Case, archs=ARCHS, real: bool = False) -> list[StaticRow]:
     """One row per (static shape, kernel launched, arch). ``real``: launch on this GPU and read that cubin."""
+    if real:
+        return _launched(case)
+    if INTERPRETED:
+        return _in_compiling_process(case.name, archs)
     rows = []
     for shape in case.static_shapes():
-        if real:
-            import torch
-
-            major, minor = torch.cuda.get_device_capability()
-            for launch in capture(case, shape, device="cuda"):
-                kernel = getattr(case.kernel_module, launch.kernel)
-                compiled = kernel[launch.grid](*launch.args, **launch.kwargs)
-                num_warps = launch.kwargs.get("num_warps", 4)
-                rows.append(
-                    describe(compiled, launch.kernel, shape.label, f"sm_{major}{minor}", "launch", num_warps)
-                )
-            continue
         for launch in capture(case, shape):
+            num_warps = launch.kwargs.get("num_warps", 4)
             for arch in archs:
-                num_warps = launch.kwargs.get("num_warps", 4)
                 try:
                     compiled = compile_aot(launch, arch)
                 except Exception as error:  # a target that cannot take the kernel: report why, go on
@@ -246,3 +234,42 @@ def static_report(case: Case, archs=ARCHS, real: bool = False) -> list[StaticRow
                     continue
                 rows.append(describe(compiled, launch.kernel, shape.label, f"sm_{arch}", "aot", num_warps))
     return rows
+
+
+def _launched(case: Case) -> list[StaticRow]:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    rows = []
+    for shape in case.static_shapes():
+        for launch in capture(case, shape, device="cuda"):
+            compiled = getattr(case.kernel_module, launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
+            num_warps = launch.kwargs.get("num_warps", 4)
+            rows.append(
+                describe(compiled, launch.kernel, shape.label, f"sm_{major}{minor}", "launch", num_warps)
+            )
+    return rows
+
+
+@functools.cache
+def _in_compiling_process(case_name: str, archs: tuple[int, ...]) -> list[StaticRow]:
+    command = [sys.executable, "-m", "bench.static", case_name, *map(str, archs)]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"static report for {case_name} failed:\n{done.stderr[-3000:]}")
+    return [StaticRow(**row) for row in json.loads(done.stdout)]
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m bench.static CASE [ARCH...]``: the rows as JSON (the child process of static_report)."""
+    from bench.cases import CASES
+
+    archs = tuple(int(a) for a in argv[1:]) or ARCHS
+    print(json.dumps([row.as_dict() for row in static_report(CASES[argv[0]], archs)]))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

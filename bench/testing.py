@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-# (rtol, atol) by dtype of the compared tensor. fp8 e4m3 has 3 mantissa bits: one rounding step is 2^-3
-# relative (0.125); its smallest subnormal is 2^-9.
+# (rtol, atol) by dtype of the compared tensor, for results a few roundings in that dtype away from an fp32
+# reference. atol is relative to the reference's largest magnitude (normwise), so a result that is small
+# everywhere (attention over a long context) is held as tightly as a large one. fp8 results are compared by
+# their codes instead (assert_fp8_within_one_step): its subnormal grid is absolute, not relative.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1.3e-6, 1e-5),
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float8_e4m3fn: (0.125, 2.0**-9),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 
 SENTINEL_BYTE = 0x5A  # a finite, recognisable pattern in every float dtype (bf16 0x5A5A ~ 1.5e16)
@@ -98,9 +99,23 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype: torch.dtype | None = None):
     """Compares in fp32 with the tolerance of ``dtype`` (default: actual's); NaN must match NaN."""
     rtol, atol = TOLERANCES[dtype or actual.dtype]
+    finite = expected[torch.isfinite(expected)].float()
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
     torch.testing.assert_close(
-        actual.float(), expected.float(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}"
+        actual.float(),
+        expected.float(),
+        rtol=rtol,
+        atol=atol * max(scale, 1e-30),
+        equal_nan=True,
+        msg=lambda m: f"{name}: {m}",
     )
+
+
+def assert_fp8_within_one_step(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """fp8 e4m3 codes at most one rounding step apart (adjacent codes of the same sign); NaN codes equal."""
+    steps = (bits(actual).to(torch.int16) - bits(expected).to(torch.int16)).abs()
+    if (steps > 1).any():
+        raise AssertionError(f"{name}: {int((steps > 1).sum())} fp8 codes more than one rounding step off")
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

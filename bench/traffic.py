@@ -41,6 +41,16 @@ class Traffic:
                 total += int(sizes[first].sum())
         return total
 
+    def loaded_from(self, tensor) -> int:
+        """Bytes loaded (every access counted) from addresses inside ``tensor``'s storage."""
+        start = tensor.untyped_storage().data_ptr()
+        end = start + tensor.untyped_storage().nbytes()
+        total = 0
+        for addresses, sizes in self._loaded:
+            inside = (addresses >= start) & (addresses < end)
+            total += int(sizes[inside].sum())
+        return total
+
     def ratio(self, model_bytes: int) -> float:
         return self.total_bytes / model_bytes if model_bytes else float("inf")
 

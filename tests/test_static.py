@@ -2,6 +2,9 @@
 is also the proof, on a machine with no GPU, that each kernel compiles for one at all."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,9 +63,11 @@ def test_access_width_parser():
         /*0100*/  LDG.E R10, desc[UR4][R6.64] ;
         /*0110*/  STG.E.128 desc[UR4][R4.64], R8 ;
         /*0120*/  STG.E.U8 desc[UR4][R4.64], R8 ;
+        /*0130*/  LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0140*/  LDGDEPBAR ;
     """
     loads, stores = access_widths(sass)
-    assert dict(loads) == {8: 1, 16: 1, 2: 1, 4: 1}
+    assert dict(loads) == {8: 1, 16: 2, 2: 1, 4: 1}
     assert dict(stores) == {16: 1, 1: 1}
 
 
@@ -77,13 +82,51 @@ def test_real_launch_matches_the_aot_compile():
         assert (row.load_widths, row.store_widths) == (same.load_widths, same.store_widths)
 
 
-def test_interpreter_workarounds_are_compiled_out():
-    """The capture runs under the interpreter, where write_kv rounds fp8 by hand; the sm_90 compile must
-    be what a GPU runs: the hardware's saturating cvt, and none of the hand rounding (its 2^14 constant)."""
-    from bench.static import compile_aot
+def test_static_report_compiles_what_a_gpu_runs():
+    """Without a GPU the launchers run in the interpreter, where write_kv rounds fp8 by hand; the static
+    report's compile (made with TRITON_INTERPRET=0) must hold the hardware's saturating cvt and none of the
+    hand rounding (its 2^14 constant)."""
+    script = (
+        "from bench.cases import CASES; from bench.static import capture, compile_aot; "
+        "fp8 = next(s for s in CASES['write_kv'].static_shapes() if 'fp8' in s.label); "
+        "(launch,) = capture(CASES['write_kv'], fp8); "
+        "assert launch.kwargs['INTERPRETER_FP8_ROUNDING'] is False, launch.kwargs; "
+        "ptx = compile_aot(launch, 90).asm['ptx']; "
+        "print('cvt.rn.satfinite.e4m3x2.f32' in ptx, '0f46800000' in ptx)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False"]
 
-    fp8 = next(s for s in CASES["write_kv"].static_shapes() if "fp8" in s.label)
-    (launch,) = capture(CASES["write_kv"], fp8)
-    ptx = compile_aot(launch, 90).asm["ptx"]
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    assert "0f46800000" not in ptx  # 16384.0
+
+@functools.cache
+def paged_rows():
+    return static_report(CASES["paged_decode"])
+
+
+def test_paged_decode_compiles_without_spills_at_sm90():
+    rows = [r for r in paged_rows() if r.arch == "sm_90"]
+    assert {r.kernel for r in rows} == {"_paged_decode_kernel", "_merge_splits_kernel"}
+    for row in rows:
+        assert row.error is None and row.spill_bytes == 0 and row.stack_bytes == 0, row
+
+
+def test_paged_decode_moves_k_and_v_16_bytes_a_lane():
+    """Per loop iteration a thread must load its share of a K and a V tile; 16-byte loads (LDG.128 or
+    cp.async .128) must cover all of it, and no load is narrower than a 4-byte block id."""
+    from kernels.paged_attention import paged_decode_launch_config
+
+    shapes = {s.label: s for s in CASES["paged_decode"].static_shapes()}
+    for row in paged_rows():
+        if row.kernel != "_paged_decode_kernel" or row.error:
+            continue
+        shape = shapes[row.shape]
+        config = paged_decode_launch_config(
+            shape.num_q_heads // shape.num_kv_heads, shape.head_dim, shape.cache_dtype.itemsize
+        )
+        tile_bytes = config["BLOCK_N"] * shape.head_dim * shape.cache_dtype.itemsize
+        per_lane = 2 * tile_bytes // (32 * config["num_warps"])
+        assert row.load_widths.get(16, 0) * 16 >= per_lane, row
+        assert min(row.load_widths) >= 4, row

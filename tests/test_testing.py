@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from bench.testing import TOLERANCES, Guarded, assert_bitwise_equal, assert_close, generator, randn, seed_of
+from bench.testing import (
+    TOLERANCES,
+    Guarded,
+    assert_bitwise_equal,
+    assert_close,
+    assert_fp8_within_one_step,
+    bits,
+    generator,
+    randn,
+    seed_of,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
@@ -26,12 +36,23 @@ def test_bitwise_equality_tells_nan_payloads_and_signed_zeros_apart():
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 def test_tolerance_admits_rounding_and_rejects_more(dtype):
-    x = torch.linspace(0.5, 2.0, 64)
-    rounded = x.to(dtype).float()  # one rounding of each value: within the dtype's tolerance
-    assert_close(rounded, x, "rounding", dtype=dtype)
-    rtol, atol = TOLERANCES[dtype]
-    with pytest.raises(AssertionError):
-        assert_close(x * (1 + 4 * rtol) + atol, x, "too far", dtype=dtype)
+    """Holds at any magnitude: atol scales with the reference's largest value."""
+    for magnitude in (1e-3, 1.0, 100.0):
+        x = torch.linspace(-2.0, 2.0, 64) * magnitude
+        rounded = x.to(dtype).float()  # one rounding of each value: within the dtype's tolerance
+        assert_close(rounded, x, "rounding", dtype=dtype)
+        rtol, atol = TOLERANCES[dtype]
+        with pytest.raises(AssertionError):
+            assert_close(x + 4 * (rtol + atol) * 2 * magnitude, x, "too far", dtype=dtype)
+
+
+def test_fp8_one_step():
+    x = torch.tensor([1.0, -3.0, 448.0, 0.0]).to(torch.float8_e4m3fn)
+    up = (bits(x).to(torch.int16) + 1).to(torch.uint8).view(torch.float8_e4m3fn)
+    assert_fp8_within_one_step(up, x, "one step")
+    two = (bits(x).to(torch.int16) + 2).to(torch.uint8).view(torch.float8_e4m3fn)
+    with pytest.raises(AssertionError, match="more than one rounding step"):
+        assert_fp8_within_one_step(two, x, "two steps")
 
 
 def test_seeded_inputs_are_reproducible_and_distinct():

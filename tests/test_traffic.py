@@ -13,16 +13,32 @@ from kernels import INTERPRETED
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="traffic is counted in Triton's interpreter")
 
 WRITE_KV = CASES["write_kv"]
+CASE_SHAPES = [(case, shape) for case in CASES.values() for shape in case.traffic_shapes()]
 
 
-@pytest.mark.parametrize(
-    "shape", WRITE_KV.small_shapes() + WRITE_KV.static_shapes(), ids=lambda shape: shape.label
-)
-def test_write_kv_moves_its_byte_model(shape):
-    row = traffic(WRITE_KV, shape)
+@pytest.mark.parametrize("case, shape", CASE_SHAPES, ids=[f"{c.name}-{s.label}" for c, s in CASE_SHAPES])
+def test_traffic_within_the_byte_model(case, shape):
+    row = traffic(case, shape)
     assert row.ratio <= TRAFFIC_LIMIT, row
-    # Every byte the model names is touched, and no other: distinct addresses add up to the model exactly.
+
+
+@pytest.mark.parametrize("shape", WRITE_KV.traffic_shapes(), ids=lambda shape: shape.label)
+def test_write_kv_touches_exactly_its_byte_model(shape):
+    """Every byte the model names is touched, and no other: distinct addresses add up to the model."""
+    row = traffic(WRITE_KV, shape)
     assert row.unique == row.model, row
+
+
+@pytest.mark.parametrize("shape", CASES["paged_decode"].traffic_shapes(), ids=lambda shape: shape.label)
+def test_paged_decode_reads_each_live_kv_byte_once(shape):
+    """Bytes loaded from the caches are exactly the live tokens' K and V, once per sequence (shared pages
+    once per sequence that uses them): no re-reads, no slot past a length, whatever the splits."""
+    paged = CASES["paged_decode"]
+    inputs = paged.build(shape, "cpu", 0)
+    counted = measure(lambda: paged.run_kernel(inputs))
+    live = sum(shape.lengths) * shape.num_kv_heads * shape.head_dim * shape.cache_dtype.itemsize
+    assert counted.loaded_from(inputs.args["k_cache"]) == live
+    assert counted.loaded_from(inputs.args["v_cache"]) == live
 
 
 @triton.jit

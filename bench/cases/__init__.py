@@ -2,7 +2,8 @@
 
 from bench.cases.base import Case, Inputs
 from bench.cases.kv_cache import WRITE_KV
+from bench.cases.paged_attention import PAGED_DECODE
 
-CASES: dict[str, Case] = {case.name: case for case in (WRITE_KV,)}
+CASES: dict[str, Case] = {case.name: case for case in (WRITE_KV, PAGED_DECODE)}
 
 __all__ = ["CASES", "Case", "Inputs"]

@@ -48,6 +48,7 @@ class Case:
     default_shapes: Callable[[], Sequence[Any]]  # `decodebench run` on a GPU
     small_shapes: Callable[[], Sequence[Any]]  # interpreter: verification and traffic
     static_shapes: Callable[[], Sequence[Any]]  # launch configurations compiled for the static report
+    traffic_shapes: Callable[[], Sequence[Any]]  # interpreter: bytes moved held against the byte model
     compare: Callable[
         [Inputs, Inputs, Any], float
     ]  # (kernel's, reference's, shape) -> max error; raises if wrong

@@ -1,0 +1,408 @@
+"""Paged-attention decode: one new query token per sequence attends to that sequence's whole KV cache.
+
+Layouts:
+    q             [batch, num_q_heads, head_dim]   fp16 or bf16
+    k_cache       [num_blocks, block_size, num_kv_heads, head_dim]   as write_kv writes it; q's dtype or fp8
+    v_cache       same as k_cache
+    block_tables  [batch, max_blocks] int32: page i of sequence b is block block_tables[b, i]
+    seq_lens      [batch] int32: tokens in each sequence's cache (0 gives zeros)
+    out           [batch, num_q_heads, head_dim] in q's dtype
+
+Byte story: a program serves one (sequence, KV head, split) and all the query heads that share the KV head
+(GQA/MQA groups), so every K and V byte of the live tokens is read exactly once; slots past a sequence's
+length are masked at the load, never read (they may hold NaN). Beside q, K/V and out, a program reads one
+block id per page it visits and its sequence's length.
+
+Long contexts: with few sequences, (sequence, KV head) pairs cannot fill the SMs, so each sequence's tokens
+are cut into splits, each program writes its split's normalised partial output and log-sum-exp, and a
+second kernel merges them. The launcher bounds the splits from the SM count and the block table's width
+(shapes only); each program derives its own sequence's split count from its length on the device, so the
+host never reads device data and a CUDA graph captured once stays right for any lengths and block tables.
+A sequence with one split writes its output directly. ``num_splits`` forces a split count for every sequence.
+
+fp8 e4m3 caches: K and V are dequantised by their per-tensor scales, folded into the softmax scale (K) and
+into the final normalisation (V), so the inner loop only widens fp8 to q's dtype.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import INTERPRETED
+from kernels._checks import check_contiguous, check_shape, check_tensor, dtype_name
+
+Q_DTYPES = (torch.float16, torch.bfloat16)
+LOG2_E = 1.4426950408889634
+
+# A split covers at least this many tokens: below it, the merge costs more than the parallelism gains.
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 64
+# Largest [query-group x head_dim] accumulator one program keeps in registers.
+_MAX_GROUP_X_HEAD_DIM = 64 * 256
+
+
+@triton.jit
+def _scale_value(scale, IN_MEMORY: tl.constexpr):
+    if IN_MEMORY:
+        scale = tl.load(scale)
+    return scale
+
+
+@triton.jit
+def _store_output(out_ptr, head_rows, dims, result, mask, HEAD_DIM: tl.constexpr):
+    offsets = head_rows[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,  # [batch, num_q_heads, head_dim], strides (stride_q_seq, stride_q_head, 1)
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    block_tables_ptr,  # [batch, max_blocks] int32, row stride stride_table
+    seq_lens_ptr,  # [batch] int32
+    out_ptr,  # [batch, num_q_heads, head_dim], contiguous: sequences with one split
+    partial_out_ptr,  # [batch, num_q_heads, MAX_SPLITS, head_dim] fp32: normalised output of each split
+    partial_lse_ptr,  # [batch, num_q_heads, MAX_SPLITS] fp32: log2-sum-exp2 of each split's scores
+    softmax_scale_log2,  # scale * log2(e): scores go through exp2
+    k_scale,  # fp32 per-tensor scale: a value, or a [1] fp32 pointer when SCALES_IN_MEMORY
+    v_scale,
+    forced_splits,  # > 0: every sequence takes this many splits; 0: each derives its own from its length
+    stride_q_seq,
+    stride_q_head,
+    stride_table,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # power of two >= max(GROUP, 16), the dot's M
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # power of two >= max(HEAD_DIM, 16)
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache page
+    BLOCK_N: tl.constexpr,  # tokens per loop iteration
+    MAX_SPLITS: tl.constexpr,  # splits the grid provides per sequence; 1 compiles the merge out
+    MIN_SPLIT_TOKENS: tl.constexpr,
+    SCALES_IN_MEMORY: tl.constexpr,
+    INTERPRETER_UPCAST: tl.constexpr,  # interpreter only: bf16 dots are wrong there, so dot in fp32
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if forced_splits > 0:
+        num_splits = forced_splits
+    else:
+        num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), MAX_SPLITS)
+    if split >= num_splits:
+        return
+    # Splits are whole tiles, so only a split's last tile is ragged.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    group = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    heads = kv_head * GROUP + group
+    group_mask = group < GROUP
+    dim_mask = dims < HEAD_DIM
+    q_offsets = seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=group_mask[:, None] & dim_mask[None, :], other=0.0)
+    if INTERPRETER_UPCAST:
+        q = q.to(tl.float32)
+    dot_dtype = q.dtype
+    qk_scale = softmax_scale_log2 * _scale_value(k_scale, SCALES_IN_MEMORY)
+
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # running max of scaled scores (log2)
+    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table
+    head_offset = kv_head * HEAD_DIM
+    for tile in range(start, end, BLOCK_N):
+        tokens = tile + tl.arange(0, BLOCK_N)
+        live = tokens < end
+        # Lanes of one page name the same table entry: one transaction per page.
+        block = tl.load(table + tokens // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+        rows = block * BLOCK_SIZE + tokens % BLOCK_SIZE
+        kv_offsets = rows[:, None] * (NUM_KV_HEADS * HEAD_DIM) + head_offset + dims[None, :]
+        kv_mask = live[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(dot_dtype)
+        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N] fp32
+        scores = tl.where(live[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(dot_dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v)
+        m = m_new
+
+    # An empty sequence (or split) has denom == 0: its output is 0 and its log-sum-exp -inf, never NaN.
+    safe_denom = tl.where(denom > 0, denom, 1.0)
+    result = acc * (_scale_value(v_scale, SCALES_IN_MEMORY) / safe_denom)[:, None]
+    out_mask = group_mask[:, None] & dim_mask[None, :]
+    head_rows = seq.to(tl.int64) * (NUM_KV_HEADS * GROUP) + heads
+    if MAX_SPLITS == 1:
+        _store_output(out_ptr, head_rows, dims, result, out_mask, HEAD_DIM)
+    elif num_splits == 1:
+        _store_output(out_ptr, head_rows, dims, result, out_mask, HEAD_DIM)
+    else:
+        partial_rows = head_rows * MAX_SPLITS + split
+        tl.store(partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :], result, mask=out_mask)
+        lse = tl.where(denom > 0, m + tl.log2(safe_denom), float("-inf"))
+        tl.store(partial_lse_ptr + partial_rows, lse, mask=group_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    seq_lens_ptr,  # [batch] int32
+    partial_out_ptr,  # [batch, num_q_heads, MAX_SPLITS, head_dim] fp32
+    partial_lse_ptr,  # [batch, num_q_heads, MAX_SPLITS] fp32 (log2 domain)
+    out_ptr,  # [batch, num_q_heads, head_dim], contiguous
+    forced_splits,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,  # splits per sequence in the partial buffers
+    SPLITS_PAD: tl.constexpr,  # power of two >= MAX_SPLITS
+    MIN_SPLIT_TOKENS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if forced_splits > 0:
+        num_splits = forced_splits
+    else:
+        num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), MAX_SPLITS)
+    if num_splits == 1:
+        return  # the decode kernel wrote this sequence's output itself
+
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    row = seq.to(tl.int64) * NUM_Q_HEADS + head
+    lse = tl.load(partial_lse_ptr + row * MAX_SPLITS + splits, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    # All splits empty (a zero-length sequence under forced splits): weights 0, output 0, no inf - inf.
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)
+    weights = tl.exp2(lse - lse_max)
+    total = tl.sum(weights, axis=0)
+    weights = weights / tl.where(total > 0, total, 1.0)
+    live = (splits < num_splits) & (weights > 0)
+    offsets = (row * MAX_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :]
+    partial = tl.load(partial_out_ptr + offsets, mask=live[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    merged = tl.sum(partial * weights[:, None], axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + dims, merged.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs on ``device``; in the interpreter, an H100's 132 so launch decisions match the GPU's."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def max_splits_for(batch: int, num_kv_heads: int, max_context: int, sms: int) -> int:
+    """Splits per sequence the grid provides: enough (sequence, KV head, split) programs for two per SM,
+    no more than the widest possible context can fill with MIN_SPLIT_TOKENS each; a power of two, so few
+    variants compile. Shapes only: the lengths themselves stay on the device."""
+    wanted = triton.cdiv(2 * sms, max(1, batch * num_kv_heads))
+    fillable = max(1, triton.cdiv(max_context, MIN_SPLIT_TOKENS))
+    return min(triton.next_power_of_2(min(wanted, fillable)), MAX_SPLITS)
+
+
+def paged_decode_launch_config(group: int, head_dim: int, cache_bytes: int) -> dict:
+    """Tile sizes, warps and pipeline depth of the decode kernel.
+
+    64 tokens a tile keeps a 128-wide bf16 K tile at 16 KB; wider heads or groups take 32. 16-bit caches
+    pipeline their loads two deep (cp.async, 16 bytes a lane); fp8 caches load directly: pipelined, Triton
+    moves fp8 tiles 8 bytes a lane, unpipelined 16, and with fewer registers (see the static report).
+    """
+    group_pad = max(16, triton.next_power_of_2(group))
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if head_dim_pad <= 128 and group_pad <= 32 else 32
+    return {
+        "GROUP_PAD": group_pad,
+        "HEAD_DIM_PAD": head_dim_pad,
+        "BLOCK_N": block_n,
+        "num_warps": 4,
+        "num_stages": 1 if cache_bytes == 1 else 2,
+    }
+
+
+def _check_scale(name: str, scale, device: torch.device):
+    if scale is None:
+        return 1.0
+    if isinstance(scale, torch.Tensor):
+        check_tensor(name, scale, dtypes=(torch.float32,), device=device)
+        if scale.numel() != 1:
+            raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
+        return scale
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+        return float(scale)
+    raise ValueError(f"{name}: expected None, a positive float or a one-element fp32 tensor, got {scale!r}")
+
+
+def paged_decode(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    *,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    num_splits=None,
+    out=None,
+) -> torch.Tensor:
+    """Decode attention of q against each sequence's paged K/V; returns out [batch, num_q_heads, head_dim].
+
+    Validates metadata only; ``check_paged_inputs`` checks lengths and block ids against the cache (it reads
+    device data, so call it outside timed and captured paths).
+    """
+    check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
+    batch, num_q_heads, head_dim = q.shape
+    if q.stride(2) != 1:
+        raise ValueError(f"q: expected head_dim contiguous (stride 1), got strides {q.stride()}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, ndim=4, dtypes=(q.dtype, torch.float8_e4m3fn), device=q.device)
+        check_contiguous(name, cache)
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"k_cache: expected head_dim {head_dim} (as q), got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(
+            f"v_cache: expected k_cache's shape {tuple(k_cache.shape)} and dtype "
+            f"{dtype_name(k_cache.dtype)}, got {tuple(v_cache.shape)} and {dtype_name(v_cache.dtype)}"
+        )
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"q: num_q_heads {num_q_heads} is not a multiple of the caches' num_kv_heads {num_kv_heads}"
+        )
+    group = num_q_heads // num_kv_heads
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
+    check_shape("block_tables", block_tables, (batch, None), "[batch, max_blocks]")
+    if block_tables.stride(1) != 1:
+        raise ValueError(
+            f"block_tables: expected rows contiguous (stride 1), got strides {block_tables.stride()}"
+        )
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    check_shape("seq_lens", seq_lens, (batch,), "[batch]")
+    check_contiguous("seq_lens", seq_lens)
+    config = paged_decode_launch_config(group, head_dim, k_cache.element_size())
+    if config["GROUP_PAD"] * config["HEAD_DIM_PAD"] > _MAX_GROUP_X_HEAD_DIM:
+        raise ValueError(
+            f"q: {group} query heads per KV head of head_dim {head_dim} exceed what one program holds "
+            f"({_MAX_GROUP_X_HEAD_DIM} accumulator elements)"
+        )
+    if scale is None:
+        scale = head_dim**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale: expected a positive float, got {scale!r}")
+    if k_cache.dtype == torch.float8_e4m3fn:
+        k_scale = _check_scale("k_scale", k_scale, q.device)
+        v_scale = _check_scale("v_scale", v_scale, q.device)
+        if isinstance(k_scale, torch.Tensor) != isinstance(v_scale, torch.Tensor):
+            raise ValueError("v_scale: expected the same kind as k_scale (both floats or both tensors)")
+    else:
+        for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if value is not None:
+                raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {value!r}")
+        k_scale = v_scale = 1.0
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS
+    ):
+        raise ValueError(f"num_splits: expected None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
+        check_shape("out", out, tuple(q.shape), "like q")
+        check_contiguous("out", out)
+    if batch == 0:
+        return out
+
+    if num_splits is None:
+        max_context = block_tables.shape[1] * block_size
+        splits = max_splits_for(batch, num_kv_heads, max_context, sm_count(q.device))
+        forced = 0
+    else:
+        splits, forced = num_splits, num_splits
+    if splits > 1:
+        partial_out = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out  # never touched: MAX_SPLITS == 1 compiles the partial stores out
+
+    _paged_decode_kernel[(batch, num_kv_heads, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        partial_out,
+        partial_lse,
+        scale * LOG2_E,
+        k_scale,
+        v_scale,
+        forced,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        GROUP_PAD=config["GROUP_PAD"],
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=config["HEAD_DIM_PAD"],
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config["BLOCK_N"],
+        MAX_SPLITS=splits,
+        MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
+        SCALES_IN_MEMORY=isinstance(k_scale, torch.Tensor),
+        INTERPRETER_UPCAST=INTERPRETED,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    if splits > 1:
+        _merge_splits_kernel[(batch, num_q_heads)](
+            seq_lens,
+            partial_out,
+            partial_lse,
+            out,
+            forced,
+            NUM_Q_HEADS=num_q_heads,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=config["HEAD_DIM_PAD"],
+            MAX_SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
+            num_warps=4,
+        )
+    return out
+
+
+def check_paged_inputs(k_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Opt-in checks that read device data (so they sync): every length fits the block table's width and
+    every block id a sequence uses lies in [0, num_blocks). Keep it off timed and captured paths."""
+    num_blocks, block_size = k_cache.shape[:2]
+    capacity = block_tables.shape[1] * block_size
+    lens = seq_lens.long()
+    if bool((lens < 0).any()) or bool((lens > capacity).any()):
+        bad = int(lens[(lens < 0) | (lens > capacity)][0])
+        raise ValueError(
+            f"seq_lens: expected lengths in [0, {capacity}] (block table width x block_size), got {bad}"
+        )
+    pages_used = (lens + block_size - 1) // block_size
+    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < pages_used[:, None]
+    ids = block_tables[used].long()
+    if bool(((ids < 0) | (ids >= num_blocks)).any()):
+        bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
+        raise ValueError(
+            f"block_tables: expected block ids in [0, {num_blocks}) for the pages in use, got {bad}"
+        )

@@ -1,0 +1,50 @@
+"""Plain-torch twin of kernels/paged_attention.py: decode attention over a paged KV cache, in fp32.
+
+Same signature and semantics. Each sequence's pages are gathered through its block table, dequantised
+(fp8 caches: times k_scale / v_scale), and attended to with a softmax in fp32; a zero-length sequence gives
+zeros. ``num_splits`` changes how the kernel divides the work, not the result, so it is ignored here.
+It reads lengths on the host (a loop over sequences): a reference, not a fast path.
+"""
+
+import torch
+
+
+def _scale(scale) -> torch.Tensor | float:
+    if scale is None:
+        return 1.0
+    return scale.reshape(()).float() if isinstance(scale, torch.Tensor) else float(scale)
+
+
+def paged_decode(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    *,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    num_splits=None,
+    out=None,
+) -> torch.Tensor:
+    batch, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    result = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    for b, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        pages = block_tables[b, : -(-length // block_size)].long()
+        k = k_cache[pages].flatten(0, 1)[:length].float() * _scale(k_scale)  # [length, kv_heads, head_dim]
+        v = v_cache[pages].flatten(0, 1)[:length].float() * _scale(v_scale)
+        queries = q[b].float().view(num_kv_heads, group, head_dim)
+        scores = torch.einsum("hgd,nhd->hgn", queries, k) * scale
+        weights = torch.softmax(scores, dim=-1)
+        result[b] = torch.einsum("hgn,nhd->hgd", weights, v).reshape(num_q_heads, head_dim)
+    result = result.to(q.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

@@ -1,0 +1,278 @@
+"""paged_decode against its reference: MHA, GQA, MQA; head dims and page sizes; empty, ragged and shared
+sequences; fp8 caches; forced and derived splits; NaN past every length; bad input; the opt-in device checks;
+and on a GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bench.cases.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
+from bench.testing import seed_of
+from kernels import paged_attention
+from kernels.paged_attention import check_paged_inputs, max_splits_for
+from reference import paged_attention as reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
+
+
+def check_against_reference(shape: PagedDecodeShape, seed: int) -> None:
+    inputs = build(shape, DEVICE, seed, guarded=True)
+    expected = inputs.clone()
+    inputs.result = paged_attention.paged_decode(**inputs.args)
+    expected.result = reference.paged_decode(**{**expected.args, "out": None})
+    compare(inputs, expected, shape)
+
+
+@pytest.mark.parametrize(
+    "num_q_heads, num_kv_heads",
+    [(4, 4), (8, 2), (16, 2), (32, 2), (8, 1), (24, 1)],
+    ids=["mha", "gqa4", "gqa8", "gqa16", "mqa8", "mqa24"],
+)
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 80, 96], ids=lambda d: f"d{d}")
+def test_head_layouts(num_q_heads, num_kv_heads, head_dim, request):
+    shape = PagedDecodeShape("heads", (19, 0, 70), num_q_heads, num_kv_heads, head_dim, block_size=16)
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 64, 128])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_page_sizes_and_fp8(block_size, cache_dtype, request):
+    shape = PagedDecodeShape(
+        "pages", (1, 130, 47, 0), 8, 2, 64, block_size=block_size, cache_dtype=cache_dtype
+    )
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 5])
+def test_splits_and_q_dtypes(dtype, num_splits, request):
+    """Forced splits (including more splits than some sequences have tiles) and derived ones agree."""
+    shape = PagedDecodeShape(
+        "splits",
+        (700, 3, 0, 300),
+        8,
+        2,
+        64,
+        block_size=16,
+        dtype=dtype,
+        cache_dtype=dtype,
+        num_splits=num_splits,
+    )
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+def test_shared_prefix_blocks(request):
+    shape = PagedDecodeShape("shared", (90, 40, 64, 17), 8, 2, 64, block_size=16, shared_pages=3)
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+def test_derived_splits_cover_a_long_sequence(request):
+    """One long stream: the launcher provides several splits and the sequence takes them by its length."""
+    shape = PagedDecodeShape("long", (2000,), 4, 1, 64, block_size=64)
+    assert max_splits_for(1, 1, (2000 // 64 + 2) * 64, 132) > 1
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+def test_small_shapes_of_the_case(request):
+    for shape in PAGED_DECODE.small_shapes():
+        check_against_reference(shape, seed_of(request.node.name + shape.label))
+
+
+def test_random_shapes_property():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.given(
+        lengths=st.lists(st.integers(0, 300), min_size=1, max_size=4),
+        num_kv_heads=st.sampled_from([1, 2]),
+        group=st.sampled_from([1, 2, 3, 4, 8, 16]),
+        head_dim=st.sampled_from([16, 32, 64, 72, 128]),
+        block_size=st.sampled_from([1, 8, 16, 32, 64, 128]),
+        cache_dtype=st.sampled_from([torch.bfloat16, FP8]),
+        num_splits=st.sampled_from([None, 1, 2, 3]),
+        seed=st.integers(0, 2**31 - 1),
+    )
+    def check(lengths, num_kv_heads, group, head_dim, block_size, cache_dtype, num_splits, seed):
+        shape = PagedDecodeShape(
+            "prop",
+            tuple(lengths),
+            num_kv_heads * group,
+            num_kv_heads,
+            head_dim,
+            block_size=block_size,
+            cache_dtype=cache_dtype,
+            num_splits=num_splits,
+        )
+        check_against_reference(shape, seed)
+
+    check()
+
+
+def test_returns_out_when_given_and_a_new_tensor_otherwise():
+    shape = PagedDecodeShape("out", (10, 20), 4, 2, 64)
+    inputs = build(shape, DEVICE, 1)
+    fresh = paged_attention.paged_decode(**{**inputs.args, "out": None})
+    out = torch.empty_like(inputs.args["q"])
+    assert paged_attention.paged_decode(**{**inputs.args, "out": out}) is out
+    assert torch.equal(out, fresh) and fresh.dtype == inputs.args["q"].dtype
+
+
+def test_scale_argument_is_the_softmax_scale():
+    shape = PagedDecodeShape("scale", (33,), 4, 2, 64)
+    inputs = build(shape, DEVICE, 2)
+    got = paged_attention.paged_decode(**{**inputs.args, "scale": 0.3})
+    want = reference.paged_decode(**{**inputs.args, "scale": 0.3})
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+    default = reference.paged_decode(**inputs.args)
+    assert not torch.allclose(got.float(), default.float(), atol=1e-3)
+
+
+def test_float_and_tensor_fp8_scales_agree():
+    shape = PagedDecodeShape("fp8", (50, 9), 4, 2, 64, cache_dtype=FP8)
+    inputs = build(shape, DEVICE, 3)
+    as_tensors = paged_attention.paged_decode(**inputs.args)
+    as_floats = paged_attention.paged_decode(**{**inputs.args, "k_scale": 0.5, "v_scale": 1.5})
+    assert torch.equal(as_tensors, as_floats)
+
+
+def test_max_splits_follow_the_sm_count_and_the_table_width():
+    assert max_splits_for(batch=1, num_kv_heads=8, max_context=65536, sms=132) == 64
+    assert max_splits_for(batch=256, num_kv_heads=8, max_context=8192, sms=132) == 1
+    assert max_splits_for(batch=1, num_kv_heads=8, max_context=512, sms=132) == 2  # 2 x 256 tokens
+    assert max_splits_for(batch=4, num_kv_heads=1, max_context=1 << 20, sms=132) == 64
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def _args(cache_dtype=torch.bfloat16):
+    return build(PagedDecodeShape("bad", (20, 5), 8, 2, 64, cache_dtype=cache_dtype), DEVICE, 1).args
+
+
+BAD_INPUTS = {
+    "q 2-D": ("q", {}, lambda a: {"q": a["q"][0]}),
+    "q fp32": ("q", {}, lambda a: {"q": a["q"].float()}),
+    "q head_dim strided": ("q", {}, lambda a: {"q": a["q"].transpose(1, 2).contiguous().transpose(1, 2)}),
+    "q heads not a multiple": ("q", {}, lambda a: {"q": a["q"][:, :7]}),
+    "k_cache head_dim": ("k_cache", {}, lambda a: {"k_cache": a["k_cache"][..., :32]}),
+    "k_cache dtype": ("k_cache", {}, lambda a: {"k_cache": a["k_cache"].half()}),
+    "k_cache strided": (
+        "k_cache",
+        {},
+        lambda a: {"k_cache": a["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)},
+    ),
+    "v_cache shape": ("v_cache", {}, lambda a: {"v_cache": a["v_cache"][:-1]}),
+    "v_cache other device": ("v_cache", {}, lambda a: {"v_cache": a["v_cache"].to("meta")}),
+    "block_tables int64": ("block_tables", {}, lambda a: {"block_tables": a["block_tables"].long()}),
+    "block_tables batch": ("block_tables", {}, lambda a: {"block_tables": a["block_tables"][:1]}),
+    "block_tables columns strided": (
+        "block_tables",
+        {},
+        lambda a: {"block_tables": a["block_tables"].t().contiguous().t()},
+    ),
+    "seq_lens int64": ("seq_lens", {}, lambda a: {"seq_lens": a["seq_lens"].long()}),
+    "seq_lens batch": ("seq_lens", {}, lambda a: {"seq_lens": a["seq_lens"][:1]}),
+    "scale negative": ("scale", {}, lambda a: {"scale": -1.0}),
+    "k_scale on bf16": ("k_scale", {}, lambda a: {"k_scale": 0.5}),
+    "v_scale kinds differ": ("v_scale", {"cache_dtype": FP8}, lambda a: {"v_scale": 2.0}),
+    "k_scale two elements": (
+        "k_scale",
+        {"cache_dtype": FP8},
+        lambda a: {"k_scale": torch.ones(2, device=DEVICE)},
+    ),
+    "num_splits zero": ("num_splits", {}, lambda a: {"num_splits": 0}),
+    "num_splits too many": ("num_splits", {}, lambda a: {"num_splits": 1000}),
+    "num_splits float": ("num_splits", {}, lambda a: {"num_splits": 2.0}),
+    "out dtype": ("out", {}, lambda a: {"out": torch.empty_like(a["q"], dtype=torch.float32)}),
+    "out shape": ("out", {}, lambda a: {"out": torch.empty_like(a["q"])[:, :4]}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_names_the_argument(case):
+    argument, build_kw, change = BAD_INPUTS[case]
+    args = _args(**build_kw)
+    args.update(change(args))
+    with pytest.raises(ValueError, match=rf"^{argument}: "):
+        paged_attention.paged_decode(**args)
+
+
+def test_a_group_too_large_for_one_program_is_refused():
+    shape = PagedDecodeShape("huge", (4,), 128, 1, 256)
+    args = build(shape, DEVICE, 1).args
+    with pytest.raises(ValueError, match="^q: 128 query heads per KV head"):
+        paged_attention.paged_decode(**args)
+
+
+def test_opt_in_checks_catch_lengths_and_block_ids():
+    args = _args()
+    check_paged_inputs(args["k_cache"], args["block_tables"], args["seq_lens"])
+    width = args["block_tables"].shape[1] * args["k_cache"].shape[1]
+    with pytest.raises(ValueError, match=r"^seq_lens: .* got 9999"):
+        check_paged_inputs(
+            args["k_cache"], args["block_tables"], torch.tensor([9999, 1], dtype=torch.int32, device=DEVICE)
+        )
+    with pytest.raises(ValueError, match=r"^seq_lens: "):
+        check_paged_inputs(
+            args["k_cache"], args["block_tables"], torch.tensor([-1, 1], dtype=torch.int32, device=DEVICE)
+        )
+    bad = args["block_tables"].clone()
+    bad[1, 0] = args["k_cache"].shape[0]
+    with pytest.raises(ValueError, match=r"^block_tables: "):
+        check_paged_inputs(args["k_cache"], bad, args["seq_lens"])
+    bad[1, 0] = 0
+    bad[1, -1] = -5  # a column past the sequence's pages is never read, so never checked
+    check_paged_inputs(args["k_cache"], bad, args["seq_lens"])
+    assert width >= 20
+
+
+# --- GPU only ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_no_host_sync(cache_dtype, num_splits):
+    shape = PagedDecodeShape(
+        "sync", (4000, 10, 0), 32, 8, 128, cache_dtype=cache_dtype, num_splits=num_splits
+    )
+    inputs = build(shape, "cuda", 2)
+    paged_attention.paged_decode(**inputs.args)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        paged_attention.paged_decode(**inputs.args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_lengths_and_block_tables():
+    """Capture once at a capacity; replay with other lengths and tables (the splits follow the lengths)."""
+    base = PagedDecodeShape("graph", (3000, 3000, 3000, 3000), 32, 8, 128, spare_pages=8)
+    inputs = build(base, "cuda", 3, guarded=True)
+    paged_attention.paged_decode(**inputs.args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention.paged_decode(**inputs.args)
+    for seed, lengths in ((4, (10, 3100, 0, 1500)), (5, (256, 257, 2048, 1))):
+        shape = dataclasses.replace(
+            base,
+            lengths=lengths,
+            spare_pages=base.spare_pages + (max(base.pages) - max(-(-n // base.block_size) for n in lengths)),
+        )
+        fresh = build(shape, "cuda", seed)
+        assert fresh.args["block_tables"].shape == inputs.args["block_tables"].shape
+        assert fresh.args["k_cache"].shape[0] <= inputs.args["k_cache"].shape[0]
+        for name in ("q", "seq_lens", "block_tables"):
+            inputs.args[name].copy_(fresh.args[name])
+        for name in ("k_cache", "v_cache"):
+            inputs.args[name][: fresh.args[name].shape[0]].copy_(fresh.args[name])
+        inputs.args["out"].fill_(float("nan"))
+        graph.replay()
+        expected = inputs.clone()
+        expected.result = reference.paged_decode(**{**expected.args, "out": None})
+        inputs.result = inputs.args["out"]
+        compare(inputs, expected, shape)
