@@ -8,9 +8,9 @@ from bench.cases.kv_cache import WRITE_KV
 from bench.timing import CUDA_CLOCK
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
+CASE = WRITE_KV  # bench/conftest.py runs ``shape`` over its sweep (or its default shapes: --sweep default)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-@pytest.mark.parametrize("shape", WRITE_KV.sweep(), ids=lambda shape: shape.label)
 def test_write_kv(gpu_benchmark, shape, impl):
     gpu_benchmark(WRITE_KV, shape, impl)

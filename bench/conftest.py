@@ -8,6 +8,7 @@ writes bytes, FLOPs, GB/s and % of the copy bandwidth measured in this session i
 
 import pytest
 
+from bench.cases.base import PeerUnavailable
 from bench.device import copy_bandwidth_gbps, machine_info
 from bench.results import cost_info
 from bench.testing import seed_of
@@ -17,12 +18,46 @@ ROUNDS = 30
 WARMUP_ROUNDS = 3
 
 
+def pytest_generate_tests(metafunc):
+    """A bench module names its CASE; its ``shape`` argument runs over the case's sweep, or its default
+    shapes with ``--sweep default``."""
+    if "shape" in metafunc.fixturenames:
+        case = metafunc.module.CASE
+        full = metafunc.config.getoption("--sweep") == "full"
+        shapes = case.sweep() if full else case.default_shapes()
+        metafunc.parametrize("shape", shapes, ids=[shape.label for shape in shapes])
+
+
+_built: dict = {}
+
+
+def _inputs(case, shape):
+    """The inputs of the last shape built: the kernel, its reference and its peers time the same tensors,
+    and a multi-GB cache is built once per shape, not once per implementation."""
+    key = (case.name, shape)
+    if key not in _built:
+        _built.clear()
+        _built[key] = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
+    return _built[key]
+
+
 @pytest.fixture
 def gpu_benchmark(benchmark):
     def run(case, shape, impl: str = "triton"):
-        fn = {"triton": case.kernel, "reference": case.reference}[impl]
-        inputs = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
-        timed = CUDA_CLOCK.timed(lambda: fn(**inputs.args), label=f"{case.name}[{impl}] {shape.label}")
+        if impl == "reference" and not case.reference_affordable(shape):
+            pytest.skip(
+                f"reference: too slow above {case.reference_max_bytes / 1e9:.1f} GB of modelled traffic"
+            )
+        inputs = _inputs(case, shape)
+        if impl in case.peers:
+            try:
+                call = case.peers[impl](inputs, shape)
+            except PeerUnavailable as why:
+                pytest.skip(f"{impl}: {why}")
+        else:
+            fn = {"triton": case.kernel, "reference": case.reference}[impl]
+            call = lambda: fn(**inputs.args)  # noqa: E731
+        timed = CUDA_CLOCK.timed(call, label=f"{case.name}[{impl}] {shape.label}")
         benchmark.group = f"{case.name} {shape.label}"
         benchmark.pedantic(timed, setup=flush_l2, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
         median_s = benchmark.stats.stats.median

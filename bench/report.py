@@ -135,31 +135,52 @@ def projection_table(cases) -> str:
 
 
 def results_table(benchmarks: list[dict]) -> str:
-    """One row per kernel entry; a reference entry of the same shape gives the speedup column."""
-    reference = {
-        (b["extra_info"].get("kernel"), b["extra_info"].get("shape")): b["stats"]["median"]
-        for b in benchmarks
-        if b.get("extra_info", {}).get("impl") == "reference"
-    }
-    rows = []
+    """One row per kernel entry, with the speedup over the reference and the ratio to each peer measured at
+    the same shape (a peer's time over the kernel's: above 1, the kernel is faster); peers that could not
+    run are listed under the table with their reasons."""
+    others: dict[tuple, dict[str, float]] = {}
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if info.get("impl") not in (None, "triton"):
+            others.setdefault((info.get("kernel"), info.get("shape")), {})[info["impl"]] = b["stats"][
+                "median"
+            ]
+    rows, skipped = [], {}
     for b in benchmarks:
         info, stats = b.get("extra_info", {}), b["stats"]
-        if info.get("impl") == "reference":
+        if info.get("impl") not in (None, "triton"):
             continue
-        ref = reference.get((info.get("kernel"), info.get("shape")))
+        median = stats["median"]
+        times = dict(others.get((info.get("kernel"), info.get("shape")), {}))
+        reference = times.pop("reference", None)
         p20, p80 = info.get("p20_s"), info.get("p80_s")
-        spread = f"{_us(p20)}-{_us(p80)}" if p20 is not None and p80 is not None else "-"
+        for peer, reason in info.get("peers_skipped", {}).items():
+            skipped.setdefault(peer, reason)
         rows.append(
             [
                 info.get("kernel", b["name"]),
                 info.get("shape", b.get("param") or ""),
-                ("graph " if info.get("cuda_graph") else "") + _us(stats["median"]),
-                spread,
+                ("graph " if info.get("cuda_graph") else "") + _us(median),
+                f"{_us(p20)}-{_us(p80)}" if p20 is not None and p80 is not None else "-",
                 info.get("gbps", "-"),
                 info.get("pct_of_peak", "-"),
-                f"{ref / stats['median']:.2f}x" if ref else "-",
+                f"{reference / median:.2f}x" if reference else "-",
+                ", ".join(f"{peer} {t / median:.2f}x" for peer, t in sorted(times.items())) or "-",
                 {True: "verified", False: "FAILED"}.get(info.get("verified"), "-"),
             ]
         )
-    headers = ["kernel", "shape", "median us", "p20-p80 us", "GB/s", "% of copy peak", "speedup", "checked"]
-    return table(rows, headers)
+    headers = [
+        "kernel",
+        "shape",
+        "median us",
+        "p20-p80 us",
+        "GB/s",
+        "% of copy peak",
+        "vs reference",
+        "peer time / kernel time",
+        "checked",
+    ]
+    text = table(rows, headers)
+    if skipped:
+        text += "\n\nPeers that did not run:\n" + "\n".join(f"- {p}: {r}" for p, r in sorted(skipped.items()))
+    return text

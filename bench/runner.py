@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from bench import results
-from bench.cases.base import Case
+from bench.cases.base import Case, Inputs, PeerUnavailable
 from bench.device import PROJECTION_GBPS, copy_bandwidth_gbps
 from bench.testing import seed_of
 from bench.timing import time_cuda
@@ -85,26 +85,43 @@ def projection(case: Case, shape) -> dict:
     }
 
 
+def implementations(case: Case, shape, inputs: Inputs, with_reference: bool = True):
+    """(name, zero-argument callable) for the kernel, its reference and each peer that can run here, and
+    {peer: reason} for those that cannot."""
+    ready = [("triton", lambda: case.kernel(**inputs.args))]
+    if with_reference:
+        ready.append(("reference", lambda: case.reference(**inputs.args)))
+    skipped = {}
+    for name, factory in case.peers.items():
+        try:
+            ready.append((name, factory(inputs, shape)))
+        except PeerUnavailable as why:
+            skipped[name] = str(why)
+    return ready, skipped
+
+
 def measure(case: Case, shape, *, cuda_graph: bool = False, with_reference: bool = True) -> list[dict]:
-    """Verifies the kernel at this shape, then times it (and its reference) on the GPU. Returns
+    """Verifies the kernel at this shape, then times it, its reference and its peers on the GPU. Returns
     pytest-benchmark entries whose extra_info carries GB/s, % of the copy bandwidth measured in this
-    process, and whether the kernel agreed with the reference here."""
+    process, whether the kernel agreed with the reference here, and why any peer did not run. Where the
+    reference is too slow for the shape, it is neither timed nor verified against (verified: None)."""
     peak = copy_bandwidth_gbps()
-    checked = verify(case, shape, "cuda")
+    affordable = case.reference_affordable(shape)
+    checked = verify(case, shape, "cuda") if affordable else None
     inputs = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
-    impls = [("triton", case.kernel)] + ([("reference", case.reference)] if with_reference else [])
+    ready, skipped = implementations(case, shape, inputs, with_reference and affordable)
     entries = []
-    for impl, fn in impls:
+    for impl, fn in ready:
         label = f"{case.name}[{impl}] {shape.label}"
-        graph = cuda_graph and impl == "triton"  # references may sync (boolean indexing): never captured
-        timing = time_cuda(lambda fn=fn: fn(**inputs.args), label=label, cuda_graph=graph)
+        graph = cuda_graph and impl == "triton"  # references and peers may sync: never captured
+        timing = time_cuda(fn, label=label, cuda_graph=graph)
         info = {
             **results.cost_info(case, shape, timing.median_ms * 1e-3, peak),
             "impl": impl,
             "cuda_graph": graph,
         }
         if impl == "triton":
-            info["verified"] = checked.ok
+            info.update(verified=checked.ok if checked else None, peers_skipped=skipped)
         entries.append(results.entry(label, case.name, timing, info))
     torch.cuda.synchronize()
     return entries

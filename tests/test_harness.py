@@ -55,11 +55,11 @@ def test_cost_info_turns_bytes_into_bandwidth():
 def _synthetic_results(tmp_path, kernel_ms=(0.010, 0.011, 0.012), reference_ms=(0.050, 0.055, 0.060)):
     case, shape = CASES["write_kv"], CASES["write_kv"].default_shapes()[-1]
     entries = []
-    for impl, samples in (("triton", kernel_ms), ("reference", reference_ms)):
+    for impl, samples in (("triton", kernel_ms), ("reference", reference_ms), ("some-peer", (0.022,))):
         timing = Timing.from_samples(list(samples))
         info = {**results.cost_info(case, shape, timing.median_ms * 1e-3, 3000.0), "impl": impl}
         if impl == "triton":
-            info["verified"] = True
+            info.update(verified=True, peers_skipped={"other-peer": "not installed here"})
         entries.append(results.entry(f"write_kv[{impl}]", "write_kv", timing, info))
     return results.write(tmp_path / "run.json", entries), shape
 
@@ -79,6 +79,7 @@ def test_report_prints_speedup_over_the_reference(tmp_path, capsys):
     assert cli.main(["report", str(path)]) == 0
     out = capsys.readouterr().out
     assert shape.label in out and "5.00x" in out and "| 11 " in out and "verified" in out
+    assert "some-peer 2.00x" in out and "- other-peer: not installed here" in out
 
 
 def test_report_rejects_a_file_that_is_not_results(tmp_path):
@@ -166,7 +167,8 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
     assert gpu_check.run(str(tmp_path), budget_s=60) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "Fake GPU" in summary and "3000 GB/s" in summary and "FAILED" not in summary
-    assert [name for name, _ in subprocess_calls] == ["tests", "bench-sweep"]
+    assert [name for name, _ in subprocess_calls] == ["tests", "pytest-benchmark"]
+    assert results.load(tmp_path / "sweep.json")["benchmarks"]
     assert results.load(tmp_path / "run.json")["benchmarks"]
     assert json.loads((tmp_path / "machine.json").read_text())["copy_gbps"] == 3000.0
 
@@ -176,7 +178,7 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
     monkeypatch.setattr(runner, "measure", crashing_measure)
     assert gpu_check.run(str(tmp_path / "again"), budget_s=60) == 1
     assert "boom" in (tmp_path / "again" / "default-shapes-error.txt").read_text()
-    assert "bench-sweep: ok" in (tmp_path / "again" / "summary.md").read_text()
+    assert "pytest-benchmark: ok" in (tmp_path / "again" / "summary.md").read_text()
 
 
 def test_subprocess_step_logs_and_times_out(tmp_path):
@@ -188,3 +190,14 @@ def test_subprocess_step_logs_and_times_out(tmp_path):
     assert ok and status.startswith("exit 0") and (tmp_path / "hello.txt").read_text() == "hi\n"
     status, ok = _subprocess_step("slow", tmp_path, [sys.executable, "-c", "import time; time.sleep(5)"], 0.5)
     assert not ok and "timed out" in status and "TIMED OUT" in (tmp_path / "slow.txt").read_text()
+
+
+def test_implementations_list_the_peers_that_run_and_why_others_do_not():
+    from bench.runner import implementations
+
+    case = CASES["paged_decode"]
+    shape = next(s for s in case.small_shapes() if len(set(s.lengths)) > 1)
+    ready, skipped = implementations(case, shape, case.build(shape, "cpu", 0))
+    assert [name for name, _ in ready][:2] == ["triton", "reference"]
+    assert set(skipped) | {name for name, _ in ready} == {"triton", "reference", *case.peers}
+    assert "sdpa-contiguous" in skipped and "one nonzero length" in skipped["sdpa-contiguous"]

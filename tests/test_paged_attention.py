@@ -276,3 +276,31 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables():
         expected.result = reference.paged_decode(**{**expected.args, "out": None})
         inputs.result = inputs.args["out"]
         compare(inputs, expected, shape)
+
+
+def test_sdpa_peer_computes_the_same_attention():
+    """A peer's time means something only if it does the same work: the contiguous SDPA peer's output
+    matches the reference."""
+    from bench.cases.paged_attention import PEERS
+
+    shape = PagedDecodeShape("peer", (77, 77, 77), 8, 2, 64, block_size=16)
+    inputs = build(shape, DEVICE, 9)
+    got = PEERS["sdpa-contiguous"](inputs, shape)()[:, :, 0, :]
+    want = reference.paged_decode(**inputs.args)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize(
+    "peer, shape, reason",
+    [
+        ("sdpa-contiguous", PagedDecodeShape("p", (5, 9), 4, 2, 64), "one nonzero length"),
+        ("sdpa-contiguous", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
+        ("flex-attention-paged", PagedDecodeShape("p", (5, 5), 4, 2, 64), "not wired yet"),
+    ],
+)
+def test_peers_that_cannot_run_say_why(peer, shape, reason):
+    from bench.cases.base import PeerUnavailable
+    from bench.cases.paged_attention import PEERS
+
+    with pytest.raises(PeerUnavailable, match=reason):
+        PEERS[peer](build(shape, DEVICE, 1), shape)

@@ -30,6 +30,10 @@ class Inputs:
         return Inputs(cloned, self.outputs)
 
 
+class PeerUnavailable(Exception):
+    """A peer cannot run for this shape or on this machine; the message says why (it is reported)."""
+
+
 @dataclass(frozen=True)
 class Case:
     """One kernel: its launcher, its reference, how to build inputs for a shape, and its cost models.
@@ -49,9 +53,16 @@ class Case:
     small_shapes: Callable[[], Sequence[Any]]  # interpreter: verification and traffic
     static_shapes: Callable[[], Sequence[Any]]  # launch configurations compiled for the static report
     traffic_shapes: Callable[[], Sequence[Any]]  # interpreter: bytes moved held against the byte model
-    compare: Callable[
-        [Inputs, Inputs, Any], float
-    ]  # (kernel's, reference's, shape) -> max error; raises if wrong
+    # (kernel's inputs, reference's inputs, shape) -> max error; raises AssertionError when wrong
+    compare: Callable[[Inputs, Inputs, Any], float]
+    # Other implementations timed beside the kernel: name -> factory(inputs, shape) that does its setup and
+    # returns a zero-argument callable, or raises PeerUnavailable with the reason.
+    peers: dict[str, Callable[[Inputs, Any], Callable[[], object]]] = field(default_factory=dict)
+    # Above this many modelled bytes the reference is too slow to time or to verify against (None: never).
+    reference_max_bytes: int | None = None
+
+    def reference_affordable(self, shape) -> bool:
+        return self.reference_max_bytes is None or self.byte_model(shape) <= self.reference_max_bytes
 
     @property
     def kernel_module(self) -> ModuleType:

@@ -7,7 +7,7 @@ import torch
 
 import kernels.paged_attention
 import reference.paged_attention
-from bench.cases.base import Case, Inputs
+from bench.cases.base import Case, Inputs, PeerUnavailable
 from bench.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
 from bench.testing import Guarded, assert_close, generator, max_error, randn
 
@@ -246,6 +246,84 @@ def static_shapes() -> list[PagedDecodeShape]:
     ]
 
 
+# --- peers: the same decode step by other implementations ---------------------------------------------
+
+
+def sdpa_contiguous(inputs: Inputs, shape: PagedDecodeShape):
+    """torch's scaled_dot_product_attention over the same tokens stored contiguously per sequence: what
+    paging costs. The contiguous copy is made here, outside the timing."""
+    if shape.cache_dtype == FP8:
+        raise PeerUnavailable("scaled_dot_product_attention takes no fp8 K/V")
+    if len(set(shape.lengths)) != 1 or shape.lengths[0] == 0:
+        raise PeerUnavailable("needs one nonzero length for all sequences (padding would add bytes)")
+    import torch.nn.functional as F
+
+    a, length = inputs.args, shape.lengths[0]
+    pages = a["block_tables"][:, : shape.pages[0]].long()
+
+    def contiguous(cache):  # [batch, kv_heads, length, head_dim]
+        return cache[pages].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
+
+    k, v, q = contiguous(a["k_cache"]), contiguous(a["v_cache"]), a["q"][:, :, None, :]
+    scale = shape.head_dim**-0.5
+    return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+
+def flashinfer_batch_decode(inputs: Inputs, shape: PagedDecodeShape):
+    """FlashInfer's batch decode over the same paged cache (its NHD layout is ours), planned outside the
+    timing as a serving engine plans once per step."""
+    try:
+        import flashinfer
+    except ImportError:
+        raise PeerUnavailable("flashinfer is not installed (pip install 'decodebench[flashinfer]')") from None
+    if 0 in shape.lengths:
+        raise PeerUnavailable("FlashInfer's page tables cannot express a zero-length sequence")
+    a, device = inputs.args, inputs.args["q"].device
+    pages = torch.tensor(shape.pages, dtype=torch.int32)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages.cumsum(0).to(torch.int32)]).to(device)
+    indices = torch.cat([a["block_tables"][b, :n] for b, n in enumerate(shape.pages)]).to(torch.int32)
+    last_page_len = torch.tensor(
+        [n - (p - 1) * shape.block_size for n, p in zip(shape.lengths, shape.pages)], dtype=torch.int32
+    ).to(device)
+    try:
+        workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+        wrapper.plan(
+            indptr,
+            indices,
+            last_page_len,
+            shape.num_q_heads,
+            shape.num_kv_heads,
+            shape.head_dim,
+            shape.block_size,
+            q_data_type=shape.dtype,
+            kv_data_type=shape.cache_dtype,
+        )
+        scales = {}
+        if shape.cache_dtype == FP8:
+            scales = {"k_scale": float(a["k_scale"]), "v_scale": float(a["v_scale"])}
+        wrapper.run(a["q"], (a["k_cache"], a["v_cache"]), **scales)
+    except Exception as error:  # an API or build this FlashInfer does not offer: say so, do not fake
+        raise PeerUnavailable(
+            f"flashinfer {getattr(flashinfer, '__version__', '?')} failed: {error}"
+        ) from None
+    return lambda: wrapper.run(a["q"], (a["k_cache"], a["v_cache"]), **scales)
+
+
+def flex_attention_paged(inputs: Inputs, shape: PagedDecodeShape):
+    raise PeerUnavailable(
+        "not wired yet: FlexAttention's paged decode keeps its own cache layout ([1, heads, pages x page, "
+        "head_dim]) and needs torch.compile; decodebench does not drive it yet"
+    )
+
+
+PEERS = {
+    "sdpa-contiguous": sdpa_contiguous,
+    "flex-attention-paged": flex_attention_paged,
+    "flashinfer": flashinfer_batch_decode,
+}
+
+
 def traffic_shapes() -> list[PagedDecodeShape]:
     """Shapes whose traffic should meet the byte model: not the forced-split stress shapes, whose short
     sequences cut many ways spend more on partial results than on K and V (by design of the test)."""
@@ -266,4 +344,8 @@ PAGED_DECODE = Case(
     static_shapes=static_shapes,
     traffic_shapes=traffic_shapes,
     compare=compare,
+    peers=PEERS,
+    # The reference loops over sequences in Python and gathers every page in fp32: past ~1 GB of cache
+    # (256K tokens of Llama-3.1-8B) one call takes seconds.
+    reference_max_bytes=1 << 30,
 )
