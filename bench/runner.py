@@ -85,14 +85,17 @@ def projection(case: Case, shape) -> dict:
     }
 
 
-def implementations(case: Case, shape, inputs: Inputs, with_reference: bool = True):
-    """(name, zero-argument callable) for the kernel, its reference and each peer that can run here, and
-    {peer: reason} for those that cannot."""
+def implementations(case: Case, shape, inputs: Inputs, with_reference: bool = True, peers=None):
+    """(name, zero-argument callable) for the kernel, its reference and each peer that can run here (of
+    ``peers``, default all), and {peer: reason} for those that cannot or were left out."""
     ready = [("triton", lambda: case.kernel(**inputs.args))]
     if with_reference:
         ready.append(("reference", lambda: case.reference(**inputs.args)))
     skipped = {}
     for name, factory in case.peers.items():
+        if peers is not None and name not in peers:
+            skipped[name] = "left out of this run"
+            continue
         try:
             ready.append((name, factory(inputs, shape)))
         except PeerUnavailable as why:
@@ -100,7 +103,9 @@ def implementations(case: Case, shape, inputs: Inputs, with_reference: bool = Tr
     return ready, skipped
 
 
-def measure(case: Case, shape, *, cuda_graph: bool = False, with_reference: bool = True) -> list[dict]:
+def measure(
+    case: Case, shape, *, cuda_graph: bool = False, with_reference: bool = True, peers=None
+) -> list[dict]:
     """Verifies the kernel at this shape, then times it, its reference and its peers on the GPU. Returns
     pytest-benchmark entries whose extra_info carries GB/s, % of the copy bandwidth measured in this
     process, whether the kernel agreed with the reference here, and why any peer did not run. Where the
@@ -109,7 +114,7 @@ def measure(case: Case, shape, *, cuda_graph: bool = False, with_reference: bool
     affordable = case.reference_affordable(shape)
     checked = verify(case, shape, "cuda") if affordable else None
     inputs = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
-    ready, skipped = implementations(case, shape, inputs, with_reference and affordable)
+    ready, skipped = implementations(case, shape, inputs, with_reference and affordable, peers)
     entries = []
     for impl, fn in ready:
         label = f"{case.name}[{impl}] {shape.label}"

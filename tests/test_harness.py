@@ -157,7 +157,7 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
         report, "static_rows", lambda cases, real: [StaticRow("k", "s", "sm_90", "launch", 4, 20, 0)]
     )
 
-    def fake_measure(case, shape, cuda_graph=False, with_reference=True):
+    def fake_measure(case, shape, cuda_graph=False, with_reference=True, peers=None):
         info = {**results.cost_info(case, shape, 1e-5, 3000.0), "impl": "triton", "verified": True}
         return [
             results.entry(f"{case.name} {shape.label}", case.name, Timing.from_samples([0.01, 0.011]), info)

@@ -3,12 +3,13 @@ sequences; fp8 caches; forced and derived splits; NaN past every length; bad inp
 and on a GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 
 from bench.cases.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
-from bench.testing import seed_of
+from bench.testing import assert_close, seed_of
 from kernels import paged_attention
 from kernels.paged_attention import check_paged_inputs, max_splits_for
 from reference import paged_attention as reference
@@ -278,16 +279,28 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables():
         compare(inputs, expected, shape)
 
 
-def test_sdpa_peer_computes_the_same_attention():
-    """A peer's time means something only if it does the same work: the contiguous SDPA peer's output
-    matches the reference."""
+@pytest.mark.parametrize(
+    "peer, shape",
+    [
+        ("sdpa-contiguous", PagedDecodeShape("peer", (77, 77, 77), 8, 2, 64, block_size=16)),
+        ("flex-attention-paged", PagedDecodeShape("peer", (37, 100, 64), 8, 2, 64, block_size=16)),
+        (
+            "flex-attention-paged",
+            PagedDecodeShape("peer", (90, 40, 64), 8, 1, 64, block_size=16, shared_pages=2),
+        ),
+    ],
+    ids=["sdpa", "flex", "flex-shared-mqa"],
+)
+def test_peers_compute_the_same_attention(peer, shape):
+    """A peer's time means something only if it does the same work: its output matches the reference."""
     from bench.cases.paged_attention import PEERS
 
-    shape = PagedDecodeShape("peer", (77, 77, 77), 8, 2, 64, block_size=16)
     inputs = build(shape, DEVICE, 9)
-    got = PEERS["sdpa-contiguous"](inputs, shape)()[:, :, 0, :]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
+        got = PEERS[peer](inputs, shape)()[:, :, 0, :]
     want = reference.paged_decode(**inputs.args)
-    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+    assert_close(got, want, peer, dtype=shape.dtype)
 
 
 @pytest.mark.parametrize(
@@ -295,7 +308,7 @@ def test_sdpa_peer_computes_the_same_attention():
     [
         ("sdpa-contiguous", PagedDecodeShape("p", (5, 9), 4, 2, 64), "one nonzero length"),
         ("sdpa-contiguous", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
-        ("flex-attention-paged", PagedDecodeShape("p", (5, 5), 4, 2, 64), "not wired yet"),
+        ("flex-attention-paged", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
     ],
 )
 def test_peers_that_cannot_run_say_why(peer, shape, reason):

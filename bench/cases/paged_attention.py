@@ -310,11 +310,66 @@ def flashinfer_batch_decode(inputs: Inputs, shape: PagedDecodeShape):
     return lambda: wrapper.run(a["q"], (a["k_cache"], a["v_cache"]), **scales)
 
 
+_compiled_flex = None
+
+
 def flex_attention_paged(inputs: Inputs, shape: PagedDecodeShape):
-    raise PeerUnavailable(
-        "not wired yet: FlexAttention's paged decode keeps its own cache layout ([1, heads, pages x page, "
-        "head_dim]) and needs torch.compile; decodebench does not drive it yet"
-    )
+    """torch's FlexAttention over the same pages through its experimental PagedAttention: the cache is copied
+    once into its physical layout [1, kv_heads, blocks x page, head_dim] (same block ids), its page table
+    is set from the block tables, and the logical block mask (key < length) is converted to pages. On a
+    GPU flex_attention is compiled (once per process, dynamic shapes); its first call pays the compile,
+    outside the timing. FlexAttention reads whole pages, so slots past a length must not hold NaN: its
+    copy of the cache has them zeroed."""
+    global _compiled_flex
+    try:
+        from torch.nn.attention.experimental._paged_attention import PagedAttention
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as error:
+        raise PeerUnavailable(f"this torch has no FlexAttention paged decode ({error})") from None
+    if shape.cache_dtype == FP8:
+        raise PeerUnavailable("FlexAttention takes no fp8 K/V")
+    a = inputs.args
+    device = a["q"].device
+    num_blocks, block_size, num_kv_heads, head_dim = a["k_cache"].shape
+    paged = PagedAttention(num_blocks, block_size, shape.batch, device=str(device))
+    table = torch.full((shape.batch, num_blocks), -1, dtype=torch.int64, device=device)
+    to_logical = torch.full((shape.batch, num_blocks), -1, dtype=torch.int64, device=device)
+    for b, pages in enumerate(shape.pages):
+        ids = a["block_tables"][b, :pages].long()
+        table[b, :pages] = ids
+        to_logical[b, ids] = torch.arange(pages, device=device)
+    paged.page_table, paged.physical_to_logical = table, to_logical
+    lengths = a["seq_lens"].long()
+
+    def within_length(b, h, q_idx, kv_idx):
+        return kv_idx < lengths[b]
+
+    def physical(cache):
+        flat = cache.nan_to_num(0.0).permute(2, 0, 1, 3).reshape(1, num_kv_heads, -1, head_dim)
+        return flat.contiguous()
+
+    k, v, q = physical(a["k_cache"]), physical(a["v_cache"]), a["q"][:, :, None, :]
+    scale = shape.head_dim**-0.5
+    try:
+        logical = create_block_mask(
+            within_length,
+            shape.batch,
+            None,
+            1,
+            max(shape.pages) * block_size,
+            device=str(device),
+            BLOCK_SIZE=(1, block_size),
+        )
+        mask = paged.convert_logical_block_mask(logical, kv_len=lengths)
+        attend = flex_attention
+        if device.type == "cuda":
+            if _compiled_flex is None:
+                _compiled_flex = torch.compile(flex_attention, dynamic=True)
+            attend = _compiled_flex
+        attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+    except Exception as error:  # a page size or shape this FlexAttention cannot take: say so
+        raise PeerUnavailable(f"FlexAttention failed: {str(error).strip().splitlines()[0][:200]}") from None
+    return lambda: attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
 
 
 PEERS = {
