@@ -22,6 +22,23 @@ except ImportError:  # hypothesis is a dev extra; the property tests skip withou
     pass
 
 
+def pytest_report_header(config):
+    import numpy
+    import triton
+
+    mode = "Triton's interpreter (no CUDA device)" if kernels.INTERPRETED else "compiled on the GPU"
+    lines = [f"decodebench: kernels run in {mode}; torch {torch.__version__}, triton {triton.__version__}"]
+    def version(module):
+        return tuple(int(part) for part in module.__version__.split(".")[:2])
+
+    if kernels.INTERPRETED and version(triton) < (3, 9) and version(numpy) >= (2, 4):
+        lines.append(
+            "WARNING: Triton < 3.9's interpreter breaks range() over a value loaded from memory with "
+            "numpy >= 2.4 (paged_decode's loop): use triton >= 3.9 or numpy < 2.4 on this machine"
+        )
+    return lines
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--sweep",

@@ -14,7 +14,7 @@ def table(rows, headers) -> str:
 
 
 def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.3g}"
+    return f"{seconds * 1e6:.4g}"
 
 
 def _bytes(n: int) -> str:
