@@ -28,6 +28,7 @@ def pytest_report_header(config):
 
     mode = "Triton's interpreter (no CUDA device)" if kernels.INTERPRETED else "compiled on the GPU"
     lines = [f"decodebench: kernels run in {mode}; torch {torch.__version__}, triton {triton.__version__}"]
+
     def version(module):
         return tuple(int(part) for part in module.__version__.split(".")[:2])
 

@@ -59,7 +59,13 @@ def gpu_benchmark(benchmark):
             call = lambda: fn(**inputs.args)  # noqa: E731
         timed = CUDA_CLOCK.timed(call, label=f"{case.name}[{impl}] {shape.label}")
         benchmark.group = f"{case.name} {shape.label}"
-        benchmark.pedantic(timed, setup=flush_l2, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+        reset = inputs.reset or (lambda: None)
+
+        def setup():
+            reset()
+            flush_l2()
+
+        benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
         median_s = benchmark.stats.stats.median
         benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps()))
         benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu)

@@ -81,26 +81,34 @@ def time_cuda(
     max_reps: int = 500,
     flush: bool = True,
     cuda_graph: bool = False,
+    setup: Callable[[], object] | None = None,
 ) -> Timing:
-    """Times ``fn`` on the current CUDA stream; every timed call is its own sample."""
+    """Times ``fn`` on the current CUDA stream; every timed call is its own sample. ``setup`` runs before
+    every call, outside the events (it puts stateful inputs back)."""
+    prepare = setup or (lambda: None)
+    prepare()
     call = _capture(fn) if cuda_graph else fn
+    prepare()
     call()  # compile and allocate before estimating
     torch.cuda.synchronize()
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
+        prepare()  # inside this estimate only
         call()
     end.record()
     end.synchronize()
     estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
 
     for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        prepare()
         call()
     reps = max(min_reps, min(max_reps, int(rep_ms / estimate_ms)))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
+        prepare()
         if flush:
             flush_l2()
         with nvtx_range(label):

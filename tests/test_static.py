@@ -130,3 +130,14 @@ def test_paged_decode_moves_k_and_v_16_bytes_a_lane():
         per_lane = 2 * tile_bytes // (32 * config["num_warps"])
         assert row.load_widths.get(16, 0) * 16 >= per_lane, row
         assert min(row.load_widths) >= 4, row
+
+
+@pytest.mark.parametrize("name", ["allocate", "copy_blocks"])
+def test_block_pool_kernels_compile_without_spills_at_sm90(name):
+    rows = [r for r in static_report(CASES[name]) if r.arch == "sm_90"]
+    assert rows and all(r.error is None and r.spill_bytes == 0 and r.stack_bytes == 0 for r in rows), rows
+
+
+def test_copy_blocks_moves_16_bytes_a_lane():
+    for row in static_report(CASES["copy_blocks"]):
+        assert row.store_widths == {16: row.store_widths[16]} and row.load_widths.get(16), row

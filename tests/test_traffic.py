@@ -19,7 +19,9 @@ CASE_SHAPES = [(case, shape) for case in CASES.values() for shape in case.traffi
 @pytest.mark.parametrize("case, shape", CASE_SHAPES, ids=[f"{c.name}-{s.label}" for c, s in CASE_SHAPES])
 def test_traffic_within_the_byte_model(case, shape):
     row = traffic(case, shape)
-    assert row.ratio <= TRAFFIC_LIMIT, row
+    if case.traffic_limit is None:
+        pytest.skip(f"{case.name}: traffic reported, not held to a limit (latency-bound)")
+    assert row.ratio <= case.traffic_limit <= TRAFFIC_LIMIT, row
 
 
 @pytest.mark.parametrize("shape", WRITE_KV.traffic_shapes(), ids=lambda shape: shape.label)

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-import torch
-
 from bench.testing import Guarded
 
 
@@ -23,10 +21,14 @@ class Inputs:
     outputs: tuple[str, ...]
     guards: dict[str, Guarded] = field(default_factory=dict)
     result: Any = None
+    # Puts stateful arguments back as built (a block pool a timed allocate keeps filling): run before every
+    # timed call, outside the timing. None when calls leave their inputs fit for the next call.
+    reset: Callable[[], None] | None = None
 
     def clone(self) -> "Inputs":
-        """Fresh copies of every tensor, for the reference run (no guards: the reference is trusted)."""
-        cloned = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.args.items()}
+        """Fresh copies of every tensor (and of anything else with a clone(), a block pool), for the
+        reference run (no guards: the reference is trusted)."""
+        cloned = {k: v.clone() if hasattr(v, "clone") else v for k, v in self.args.items()}
         return Inputs(cloned, self.outputs)
 
 
@@ -60,6 +62,9 @@ class Case:
     peers: dict[str, Callable[[Inputs, Any], Callable[[], object]]] = field(default_factory=dict)
     # Above this many modelled bytes the reference is too slow to time or to verify against (None: never).
     reference_max_bytes: int | None = None
+    # The traffic ratio its traffic shapes must stay within; None: reported, not held to a limit (a
+    # latency-bound kernel that makes several passes over a few kilobytes).
+    traffic_limit: float | None = 1.05
 
     def reference_affordable(self, shape) -> bool:
         return self.reference_max_bytes is None or self.byte_model(shape) <= self.reference_max_bytes

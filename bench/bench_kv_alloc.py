@@ -1,0 +1,99 @@
+"""The block pool on a GPU: one decode step's allocation for 1 to 4096 sequences (and prefill chunks)
+against the host pool a scheduler would keep; fork of parallel samples with its block copies; free; and
+allocation plus write_kv, the whole per-step KV bookkeeping of a decode step.
+Run: ``pytest bench/bench_kv_alloc.py --benchmark-json out.json`` on a GPU."""
+
+import pytest
+import torch
+
+from bench.cases.kv_alloc import ALLOCATE, AllocateShape, prefilled_pool
+from bench.cases.kv_cache import WriteKVShape
+from bench.cases.kv_cache import build as write_kv_inputs
+from bench.device import machine_info
+from bench.timing import CUDA_CLOCK, flush_l2
+from kernels import kv_alloc, kv_cache
+
+pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
+CASE = ALLOCATE  # bench/conftest.py runs ``shape`` over its sweep (or its default shapes: --sweep default)
+
+SEQUENCES = (1, 16, 256, 1024, 4096)
+
+
+@pytest.mark.parametrize("impl", ["triton", *ALLOCATE.peers])
+def test_allocate(gpu_benchmark, shape, impl):
+    gpu_benchmark(ALLOCATE, shape, impl)
+
+
+def _time(benchmark, call, reset, label, **info):
+    def setup():
+        reset()
+        flush_l2()
+
+    benchmark.pedantic(CUDA_CLOCK.timed(call, label=label), setup=setup, rounds=30, warmup_rounds=3)
+    benchmark.extra_info.update(info, gpu=machine_info().gpu)
+
+
+@pytest.mark.parametrize("samples", [16, 64])
+def test_fork_parallel_samples(benchmark, samples):
+    """One prompt of 1000 tokens forked into ``samples`` parallel samples: shared full blocks, one copied
+    partial block each (fork, then copy_blocks)."""
+    pool = kv_alloc.KVBlockPool(4 * samples + 256, 16, samples + 1, 128, device="cuda")
+    kv_alloc.allocate(pool, torch.tensor([0], dtype=torch.int32, device="cuda"), 1000)
+    built = pool.clone()
+    src = torch.zeros(samples, dtype=torch.int32, device="cuda")
+    dst = torch.arange(1, samples + 1, dtype=torch.int32, device="cuda")
+    k = torch.zeros(pool.num_blocks, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.zeros_like(k)
+
+    def fork_and_copy():
+        copies, ok = kv_alloc.fork(pool, src, dst)
+        kv_alloc.copy_blocks(k, v, copies)
+
+    _time(
+        benchmark,
+        fork_and_copy,
+        lambda: pool.copy_(built),
+        f"fork {samples} samples",
+        kernel="fork",
+        shape=f"1000 tokens x {samples} samples",
+    )
+
+
+@pytest.mark.parametrize("num_seqs", SEQUENCES)
+def test_free(benchmark, num_seqs):
+    pool = prefilled_pool(AllocateShape("free", num_seqs, 1), "cuda", seed=1)
+    built = pool.clone()
+    seqs = torch.arange(num_seqs, dtype=torch.int32, device="cuda")
+    _time(
+        benchmark,
+        lambda: kv_alloc.free(pool, seqs),
+        lambda: pool.copy_(built),
+        f"free {num_seqs}",
+        kernel="free",
+        shape=f"seqs={num_seqs}",
+    )
+
+
+@pytest.mark.parametrize("num_seqs", SEQUENCES)
+def test_decode_step_bookkeeping(benchmark, num_seqs):
+    """allocate, then write_kv into the slots it returned: a decode step's KV bookkeeping, two launches."""
+    shape = AllocateShape("step", num_seqs, 1)
+    pool = prefilled_pool(shape, "cuda", seed=2)
+    built = pool.clone()
+    seqs = torch.arange(num_seqs, dtype=torch.int32, device="cuda")
+    rows = write_kv_inputs(WriteKVShape("step", "decode", num_seqs, 8, 128, 128), "cuda", seed=3).args
+    k_cache = torch.zeros(pool.num_blocks, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+
+    def step():
+        slots, ok = kv_alloc.allocate(pool, seqs, 1)
+        kv_cache.write_kv(rows["key"], rows["value"], k_cache, v_cache, slots)
+
+    _time(
+        benchmark,
+        step,
+        lambda: pool.copy_(built),
+        f"decode step {num_seqs}",
+        kernel="allocate+write_kv",
+        shape=f"seqs={num_seqs} 8x128 bf16",
+    )

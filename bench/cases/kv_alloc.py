@@ -1,0 +1,205 @@
+"""Cases for the block pool: ``allocate`` (a decode step or a prefill chunk over a pool already holding
+sequences of reasoning lengths) and ``copy_blocks`` (the copies a fork of parallel samples asks for)."""
+
+from dataclasses import dataclass
+
+import torch
+
+import kernels.kv_alloc
+import reference.kv_alloc
+from bench.cases.base import Case, Inputs, PeerUnavailable
+from bench.models import DEFAULT_BLOCK_SIZE
+from bench.testing import Guarded, assert_bitwise_equal, generator, randn
+
+# --- allocate -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllocateShape:
+    """``num_seqs`` sequences already hold between 1 and ``max_len`` tokens; each gets ``new_tokens`` more
+    (1: a decode step). The pool has room for all of them twice over."""
+
+    name: str
+    num_seqs: int
+    new_tokens: int
+    max_len: int = 4096
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    @property
+    def label(self) -> str:
+        step = "decode" if self.new_tokens == 1 else f"prefill {self.new_tokens} tok"
+        return f"{self.name} {step} seqs={self.num_seqs} page={self.block_size}"
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-(self.max_len + self.new_tokens) // self.block_size)
+
+
+def prefilled_pool(shape: AllocateShape, device, seed: int) -> kernels.kv_alloc.KVBlockPool:
+    """A pool whose sequences hold random lengths, laid down by the host reference (not by the kernel
+    under test) and copied to the device."""
+    num_blocks = 2 * shape.num_seqs * shape.max_blocks_per_seq
+    sizes = (num_blocks, shape.block_size, shape.num_seqs, shape.max_blocks_per_seq)
+    host = reference.kv_alloc.KVBlockPool(*sizes)
+    lengths = torch.randint(1, shape.max_len + 1, (shape.num_seqs,), generator=generator(seed))
+    reference.kv_alloc.allocate(host, list(range(shape.num_seqs)), lengths.tolist())
+    pool = kernels.kv_alloc.KVBlockPool(*sizes, device=device)
+    for name in host.STATE:
+        getattr(pool, name).copy_(getattr(host, name))
+    return pool
+
+
+def allocate_build(shape: AllocateShape, device, seed: int, guarded: bool = False) -> Inputs:
+    pool = prefilled_pool(shape, device, seed)
+    built = pool.clone()
+    order = torch.randperm(shape.num_seqs, generator=generator(seed + 1)).to(torch.int32).to(device)
+    args = {"pool": pool, "seq_ids": order, "num_new_tokens": shape.new_tokens}
+    return Inputs(args, ("pool",), reset=lambda: pool.copy_(built))
+
+
+def allocate_byte_model(shape: AllocateShape) -> int:
+    """Per sequence: its id, its length read and written, its last page's table entry; per new page: the
+    stack entry popped, the table entry and reference count written; per token: its slot; the free count."""
+    n = shape.num_seqs
+    new_pages = n * (-(-shape.new_tokens // shape.block_size))  # at most; decode steps add far fewer
+    return n * 4 * 4 + new_pages * 12 + n * shape.new_tokens * 8 + 8
+
+
+def allocate_compare(actual: Inputs, expected: Inputs, shape) -> float:
+    """Same slots, same ok, and the pool's state equal field by field."""
+    (slots, ok), (want_slots, want_ok) = actual.result, expected.result
+    assert_bitwise_equal(slots.cpu(), want_slots.cpu(), "slot_mapping")
+    if bool(ok) != bool(want_ok):
+        raise AssertionError(f"ok: {bool(ok)} vs the reference's {bool(want_ok)}")
+    ours, theirs = actual.args["pool"].state(), expected.args["pool"].state()
+    for name in ours:
+        assert_bitwise_equal(ours[name], theirs[name], f"pool.{name}")
+    return 0.0
+
+
+def host_pool(inputs: Inputs, shape):
+    """The reference pool on the host, as a serving scheduler keeps it: its decode-step cost, in Python."""
+    a = inputs.args
+    built = a["pool"]
+    host = reference.kv_alloc.KVBlockPool(
+        built.num_blocks, built.block_size, built.max_seqs, built.max_blocks_per_seq
+    )
+    snapshot = {name: getattr(built, name).cpu() for name in host.STATE}
+    seq_ids = a["seq_ids"].tolist()
+
+    def step():
+        for name, value in snapshot.items():
+            getattr(host, name).copy_(value)
+        return reference.kv_alloc.allocate(host, seq_ids, a["num_new_tokens"])
+
+    if shape.num_seqs > 1024:
+        raise PeerUnavailable("the host pool takes over a second a step past 1024 sequences")
+    return step
+
+
+def allocate_shapes(sizes=(1, 4, 16, 64, 256, 1024, 4096)) -> list[AllocateShape]:
+    return [AllocateShape("reasoning", n, 1) for n in sizes]
+
+
+ALLOCATE = Case(
+    name="allocate",
+    module="kv_alloc",
+    kernel=lambda **a: kernels.kv_alloc.allocate(a["pool"], a["seq_ids"], a["num_new_tokens"]),
+    reference=lambda **a: reference.kv_alloc.allocate(a["pool"], a["seq_ids"].tolist(), a["num_new_tokens"]),
+    build=allocate_build,
+    byte_model=allocate_byte_model,
+    flop_model=lambda shape: 0,
+    sweep=lambda: allocate_shapes() + [AllocateShape("reasoning", n, 2048) for n in (1, 4, 16)],
+    default_shapes=lambda: allocate_shapes((1, 64, 1024, 4096)) + [AllocateShape("reasoning", 4, 2048)],
+    small_shapes=lambda: [
+        AllocateShape("small", 5, 1, max_len=40, block_size=4),
+        AllocateShape("small", 3, 37, max_len=40, block_size=8),
+        AllocateShape("small", 70, 1, max_len=100, block_size=16),
+    ],
+    static_shapes=lambda: [AllocateShape("reasoning", 1024, 1), AllocateShape("reasoning", 4, 2048)],
+    traffic_shapes=lambda: [AllocateShape("small", 70, 1, max_len=100, block_size=16)],
+    compare=allocate_compare,
+    peers={"host-pool": host_pool},
+    reference_max_bytes=0,  # the reference walks device tensors element by element: the host pool is its peer
+    traffic_limit=None,  # several passes over a few kilobytes: latency, not bandwidth, decides its time
+)
+
+
+# --- copy_blocks --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CopyBlocksShape:
+    """A fork of ``pairs`` parallel samples: each copies its source's partly filled last block."""
+
+    name: str
+    pairs: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = DEFAULT_BLOCK_SIZE
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} pairs={self.pairs} page={self.block_size} {self.num_kv_heads}x{self.head_dim}"
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def copy_build(shape: CopyBlocksShape, device, seed: int, guarded: bool = False) -> Inputs:
+    num_blocks = 2 * shape.pairs + 2
+    gen = generator(seed)
+    cache_shape = (num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+    caches = {}
+    for name in ("k_cache", "v_cache"):
+        if guarded:
+            guard = Guarded.empty(cache_shape, shape.dtype, device, fill=0.0)
+            guard.tensor.copy_(randn(cache_shape, shape.dtype, device, gen))
+            caches[name] = guard
+        else:
+            caches[name] = randn(cache_shape, shape.dtype, device, gen)
+    order = torch.randperm(num_blocks, generator=gen)
+    copies = torch.stack([order[: shape.pairs], order[shape.pairs : 2 * shape.pairs]], dim=1).to(torch.int32)
+    copies[::3] = -1  # a pair whose source had no partial block: nothing to copy
+    args = {name: c.tensor if guarded else c for name, c in caches.items()}
+    args["copies"] = copies.to(device)
+    guards = {name: c for name, c in caches.items()} if guarded else {}
+    return Inputs(args, ("k_cache", "v_cache"), guards)
+
+
+def copy_byte_model(shape: CopyBlocksShape) -> int:
+    copied = shape.pairs - len(range(0, shape.pairs, 3))
+    return 2 * 2 * copied * shape.block_bytes + shape.pairs * 8
+
+
+def copy_compare(actual: Inputs, expected: Inputs, shape) -> float:
+    for name, guard in actual.guards.items():
+        guard.check(name)
+    for name in actual.outputs:
+        assert_bitwise_equal(actual.args[name], expected.args[name], name)
+    return 0.0
+
+
+COPY_BLOCKS = Case(
+    name="copy_blocks",
+    module="kv_alloc",
+    kernel=kernels.kv_alloc.copy_blocks,
+    reference=reference.kv_alloc.copy_blocks,
+    build=copy_build,
+    byte_model=copy_byte_model,
+    flop_model=lambda shape: 0,
+    sweep=lambda: [CopyBlocksShape("Llama-3.1-8B fork", n, 8, 128) for n in (1, 16, 64, 256, 1024)],
+    default_shapes=lambda: [CopyBlocksShape("Llama-3.1-8B fork", 16, 8, 128)],
+    small_shapes=lambda: [
+        CopyBlocksShape("small", 7, 2, 24, block_size=4),
+        CopyBlocksShape("small", 3, 1, 576),
+    ],
+    static_shapes=lambda: [CopyBlocksShape("Llama-3.1-8B fork", 16, 8, 128)],
+    traffic_shapes=lambda: [
+        CopyBlocksShape("small", 7, 2, 24, block_size=4),
+        CopyBlocksShape("small", 9, 8, 128),
+    ],
+    compare=copy_compare,
+)

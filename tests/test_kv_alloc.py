@@ -1,0 +1,235 @@
+"""The device block pool against the host reference: random runs of allocate / fork / free compared state
+for state after every call, the pool's invariants, all-or-nothing failures, copy_blocks, bad input."""
+
+import pytest
+import torch
+
+from kernels import INTERPRETED, kv_alloc
+from reference import kv_alloc as reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ids(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def assert_same_state(pool: kv_alloc.KVBlockPool, host: reference.KVBlockPool, after: str) -> None:
+    ours, theirs = pool.state(), host.state()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), (
+            f"after {after}: {name} differs\n{ours[name]}\n{theirs[name]}"
+        )
+
+
+def assert_invariants(pool: kv_alloc.KVBlockPool) -> None:
+    """Every block is free or referenced, never both, none lost or handed out twice; counts match the
+    tables; entries past a sequence's pages are -1; the scratch is back at its neutral values."""
+    state = pool.state()
+    tables, lens, refs = state["block_tables"].long(), state["seq_lens"].long(), state["ref_counts"].long()
+    free = state["free_stack"].long()
+    pages = (lens + pool.block_size - 1) // pool.block_size
+    used = torch.arange(pool.max_blocks_per_seq)[None, :] < pages[:, None]
+    counted = torch.bincount(tables[used], minlength=pool.num_blocks)
+    assert torch.equal(counted, refs), "ref_counts differ from the tables' references"
+    assert len(set(free.tolist())) == free.numel(), "a block is on the free stack twice"
+    assert (refs[free] == 0).all(), "a free block is referenced"
+    assert free.numel() + int((refs > 0).sum()) == pool.num_blocks, "a block is neither free nor referenced"
+    assert (tables[~used] == -1).all(), "a table entry past a sequence's pages is not -1"
+    assert (pool.seq_marks.cpu() == 0).all() and (pool.last_use.cpu() == -1).all(), "scratch not reset"
+
+
+class Pools:
+    """The device pool and the host reference, driven together."""
+
+    def __init__(self, num_blocks=24, block_size=4, max_seqs=8, max_blocks_per_seq=6):
+        self.device = kv_alloc.KVBlockPool(
+            num_blocks, block_size, max_seqs, max_blocks_per_seq, device=DEVICE
+        )
+        self.host = reference.KVBlockPool(num_blocks, block_size, max_seqs, max_blocks_per_seq)
+
+    def allocate(self, seqs, counts):
+        if isinstance(counts, int):
+            got = kv_alloc.allocate(self.device, ids(seqs), counts)
+            want = reference.allocate(self.host, seqs, counts)
+        else:
+            got = kv_alloc.allocate(self.device, ids(seqs), ids(counts), num_tokens=sum(counts))
+            want = reference.allocate(self.host, seqs, counts, num_tokens=sum(counts))
+        return self.check("allocate", got, want)
+
+    def fork(self, src, dst):
+        return self.check(
+            "fork", kv_alloc.fork(self.device, ids(src), ids(dst)), reference.fork(self.host, src, dst)
+        )
+
+    def free(self, seqs):
+        kv_alloc.free(self.device, ids(seqs))
+        reference.free(self.host, seqs)
+        self.check("free", None, None)
+
+    def check(self, what, got, want):
+        assert_same_state(self.device, self.host, what)
+        assert_invariants(self.device)
+        if got is None:
+            return None
+        assert torch.equal(got[0].cpu(), want[0]), f"{what}: returned {got[0]} vs {want[0]}"
+        assert bool(got[1]) == bool(want[1]), f"{what}: ok {bool(got[1])} vs {bool(want[1])}"
+        return bool(got[1])
+
+
+def test_decode_steps_prefill_fork_and_free():
+    pools = Pools()
+    assert pools.allocate([0, 1], [5, 9])
+    assert pools.allocate([0, 1, 2], 1)
+    assert pools.fork([1, 0], [3, 4])
+    assert pools.allocate([3, 4], 2)
+    pools.free([1, 0])
+    pools.free([3, 4, 2])
+    assert pools.device.num_free() == pools.device.num_blocks
+
+
+def test_out_of_blocks_changes_nothing():
+    pools = Pools(num_blocks=6)
+    assert pools.allocate([0], [16])
+    before = pools.device.state()
+    assert not pools.allocate([1, 2], [8, 8])  # 4 blocks wanted, 2 free
+    assert all(torch.equal(before[k], v) for k, v in pools.device.state().items())
+    assert not pools.fork([0, 0], [1, 1])  # a destination listed twice
+
+
+@pytest.mark.parametrize(
+    "seqs, counts",
+    [([0, 0], 1), ([8], 1), ([-1], 1), ([0], [30]), ([0, 1], [2, -1])],
+    ids=["repeated", "id too large", "negative id", "outgrows its row", "negative count"],
+)
+def test_refused_allocations_change_nothing(seqs, counts):
+    pools = Pools()
+    assert pools.allocate([2], [3])
+    assert not pools.allocate(seqs, counts)
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [([0], [0]), ([0, 1], [2, 2]), ([0], [1]), ([0, 2], [2, 3]), ([0], [9])],
+    ids=["self", "dst twice", "dst not empty", "dst also a source", "dst out of range"],
+)
+def test_refused_forks_change_nothing(src, dst):
+    pools = Pools()
+    assert pools.allocate([0, 1], [6, 3])
+    assert not pools.fork(src, dst)
+
+
+def test_random_runs_property():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    seq = st.integers(-1, 8)  # -1 and 8 are out of range for max_seqs 8
+    step = st.one_of(
+        st.tuples(st.just("allocate"), st.lists(seq, min_size=0, max_size=5), st.integers(0, 3)),
+        st.tuples(st.just("prefill"), st.lists(st.tuples(seq, st.integers(0, 13)), max_size=4)),
+        st.tuples(st.just("fork"), st.lists(st.tuples(seq, seq), max_size=3)),
+        st.tuples(st.just("free"), st.lists(seq, max_size=4)),
+    )
+
+    @hypothesis.settings(max_examples=150 if INTERPRETED else 25)  # fast here: a few small programs a run
+    @hypothesis.given(
+        steps=st.lists(step, min_size=1, max_size=12),
+        num_blocks=st.integers(1, 30),
+        block_size=st.sampled_from([1, 2, 4, 16]),
+    )
+    def run(steps, num_blocks, block_size):
+        pools = Pools(num_blocks=num_blocks, block_size=block_size, max_seqs=8, max_blocks_per_seq=6)
+        for kind, *args in steps:
+            if kind == "allocate":
+                pools.allocate(args[0], args[1])
+            elif kind == "prefill":
+                pools.allocate([s for s, _ in args[0]], [c for _, c in args[0]])
+            elif kind == "fork":
+                pools.fork([s for s, _ in args[0]], [d for _, d in args[0]])
+            else:
+                pools.free(args[0])
+
+    run()
+
+
+@pytest.mark.parametrize("name", ["allocate", "copy_blocks"])
+def test_small_shapes_of_the_cases(name):
+    """The shapes `decodebench run` verifies (a pool laid down by the reference, then one kernel call)."""
+    from bench.cases import CASES
+    from bench.runner import verify
+
+    for shape in CASES[name].small_shapes():
+        outcome = verify(CASES[name], shape, DEVICE)
+        assert outcome.ok, outcome.message
+
+
+def test_copy_blocks_copies_whole_blocks_and_skips_minus_one():
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(6, 4, 2, 24, generator=gen).to(torch.bfloat16).to(DEVICE)
+    v = torch.randn(6, 4, 2, 24, generator=gen).to(torch.bfloat16).to(DEVICE)
+    copies = ids([[1, 4], [-1, -1], [2, 5]])
+    k_ref, v_ref = k.clone(), v.clone()
+    kv_alloc.copy_blocks(k, v, copies)
+    reference.copy_blocks(k_ref, v_ref, copies.cpu())
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert torch.equal(k[4], k[1]) and not torch.equal(k[3], k[1])
+
+
+def test_fork_then_copy_gives_the_destination_the_sources_tokens():
+    pools = Pools(num_blocks=10, block_size=4)
+    assert pools.allocate([0], [10])  # 2 full blocks and a partial one
+    copies, ok = kv_alloc.fork(pools.device, ids([0]), ids([1]))
+    reference.fork(pools.host, [0], [1])
+    assert bool(ok) and copies[0, 0].item() >= 0
+    k = torch.arange(10 * 4 * 1 * 8, dtype=torch.float32, device=DEVICE).view(10, 4, 1, 8)
+    v = -k
+    kv_alloc.copy_blocks(k, v, copies)
+    tables = pools.device.block_tables
+    for position in range(10):
+        page, offset = divmod(position, 4)
+        assert torch.equal(k[tables[1, page], offset], k[tables[0, page], offset])
+
+
+BAD = {
+    "seq_ids int64": ("seq_ids", lambda p: kv_alloc.allocate(p, torch.zeros(2, dtype=torch.int64), 1)),
+    "seq_ids 2-D": ("seq_ids", lambda p: kv_alloc.allocate(p, ids([[0]]), 1)),
+    "counts float": ("num_new_tokens", lambda p: kv_alloc.allocate(p, ids([0]), 1.5)),
+    "counts negative int": ("num_new_tokens", lambda p: kv_alloc.allocate(p, ids([0]), -1)),
+    "counts length": ("num_new_tokens", lambda p: kv_alloc.allocate(p, ids([0, 1]), ids([1]), num_tokens=1)),
+    "num_tokens missing": ("num_tokens", lambda p: kv_alloc.allocate(p, ids([0]), ids([3]))),
+    "num_tokens wrong": ("num_tokens", lambda p: kv_alloc.allocate(p, ids([0, 1]), 2, num_tokens=3)),
+    "fork shapes": ("dst", lambda p: kv_alloc.fork(p, ids([0, 1]), ids([2]))),
+    "free on meta": ("seq_ids", lambda p: kv_alloc.free(p, torch.zeros(1, dtype=torch.int32, device="meta"))),
+    "copies shape": (
+        "copies",
+        lambda p: kv_alloc.copy_blocks(
+            torch.zeros(2, 1, 1, 8, device=DEVICE), torch.zeros(2, 1, 1, 8, device=DEVICE), ids([0, 1])
+        ),
+    ),
+    "pool size": ("num_blocks", lambda p: kv_alloc.KVBlockPool(0, 16, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_names_the_argument_and_changes_nothing(case):
+    argument, call = BAD[case]
+    pools = Pools()
+    assert pools.allocate([0], [5])
+    before = pools.device.state()
+    with pytest.raises(ValueError, match=rf"^{argument}: "):
+        call(pools.device)
+    assert all(torch.equal(before[k], v) for k, v in pools.device.state().items())
+
+
+@pytest.mark.gpu
+def test_decode_step_allocation_has_no_host_sync():
+    pool = kv_alloc.KVBlockPool(4096, 16, 1024, 64, device="cuda")
+    seqs = torch.arange(1024, dtype=torch.int32, device="cuda")
+    kv_alloc.allocate(pool, seqs, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kv_alloc.allocate(pool, seqs, 1)
+        kv_alloc.free(pool, seqs[:10])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
