@@ -7,6 +7,7 @@ decodebench run [--kernel NAME] [--graph] [--out FILE]
 decodebench report FILE...          tables from saved results (decodebench or pytest-benchmark JSON)
 decodebench static [--json FILE]    registers, spills, shared memory, access widths at sm_90 and sm_80
 decodebench traffic                 bytes moved under the interpreter against each byte model
+decodebench capacity [--plot PNG]   KV memory holding tokens per allocation policy, reasoning loads
 decodebench gpu-check [--out DIR]   on a lent GPU: tests, benchmark sweep, static report, all under DIR
 """
 
@@ -109,6 +110,18 @@ def cmd_traffic(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_capacity(args) -> int:
+    from bench import capacity
+
+    rows = []
+    for workload in args.workload:
+        rows += capacity.capacity_table(workload, args.model, args.gpu_gib, tuple(args.tp))
+    print(capacity.report(rows, args.gpu_gib))
+    if args.plot:
+        print(capacity.plot(rows, args.plot))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decodebench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +144,18 @@ def main(argv=None) -> int:
     traffic = sub.add_parser("traffic", help="bytes moved under the interpreter vs the byte model")
     traffic.add_argument("--kernel", action="append")
     traffic.set_defaults(func=cmd_traffic)
+
+    from bench.models import MODELS, WORKLOADS
+
+    capacity = sub.add_parser(
+        "capacity", help="KV memory holding tokens under each allocation policy (no GPU)"
+    )
+    capacity.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    capacity.add_argument("--model", choices=list(MODELS), default="Llama-3.1-8B")
+    capacity.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory (default: an H100's 80)")
+    capacity.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    capacity.add_argument("--plot", help="also write the shares as a PNG (plot extra)")
+    capacity.set_defaults(func=cmd_capacity)
 
     check = sub.add_parser(
         "gpu-check", help="tests, sweep and static report on a GPU, all written to one folder"

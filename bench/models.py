@@ -4,6 +4,7 @@ One place for the numbers: benchmark cases build their shapes from here, so a he
 written once.
 """
 
+import math
 from dataclasses import dataclass
 
 
@@ -19,6 +20,7 @@ class AttentionModel:
     num_kv_heads: int
     head_dim: int
     latent_dim: int | None = None  # MLA: cached width (512 + 64 rope for DeepSeek)
+    params_b: float = 0.0  # parameters, billions (the model's name); weights counted at 2 bytes each
 
     @property
     def is_mla(self) -> bool:
@@ -43,15 +45,15 @@ class AttentionModel:
 MODELS: dict[str, AttentionModel] = {
     m.name: m
     for m in (
-        AttentionModel("Llama-3.1-8B", 32, 4096, 32, 8, 128),
-        AttentionModel("Llama-3.1-70B", 80, 8192, 64, 8, 128),
-        AttentionModel("Llama-3.1-405B", 126, 16384, 128, 8, 128),
-        AttentionModel("Qwen3-32B", 64, 5120, 64, 8, 128),
-        AttentionModel("Qwen3-30B-A3B", 48, 2048, 32, 4, 128),
-        AttentionModel("Qwen3-235B-A22B", 94, 4096, 64, 4, 128),
-        AttentionModel("Mixtral-8x7B", 32, 4096, 32, 8, 128),
-        AttentionModel("gpt-oss-120b", 36, 2880, 64, 8, 64),
-        AttentionModel("DeepSeek-R1", 61, 7168, 128, 1, 576, latent_dim=576),
+        AttentionModel("Llama-3.1-8B", 32, 4096, 32, 8, 128, params_b=8.0),
+        AttentionModel("Llama-3.1-70B", 80, 8192, 64, 8, 128, params_b=70.6),
+        AttentionModel("Llama-3.1-405B", 126, 16384, 128, 8, 128, params_b=405.0),
+        AttentionModel("Qwen3-32B", 64, 5120, 64, 8, 128, params_b=32.8),
+        AttentionModel("Qwen3-30B-A3B", 48, 2048, 32, 4, 128, params_b=30.5),
+        AttentionModel("Qwen3-235B-A22B", 94, 4096, 64, 4, 128, params_b=235.0),
+        AttentionModel("Mixtral-8x7B", 32, 4096, 32, 8, 128, params_b=46.7),
+        AttentionModel("gpt-oss-120b", 36, 2880, 64, 8, 64, params_b=117.0),
+        AttentionModel("DeepSeek-R1", 61, 7168, 128, 1, 576, latent_dim=576, params_b=671.0),
     )
 }
 
@@ -64,3 +66,33 @@ CONTEXT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 #: KV-cache page sizes; 16 is the default.
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ReasoningWorkload:
+    """Prompt and output lengths of a reasoning evaluation (shared/facts.md), drawn log-normally around the
+    medians and clipped to the evaluation's generation cap; each question is answered by ``samples``
+    parallel samples that share its prompt."""
+
+    name: str
+    prompt_median: int
+    output_median: int
+    output_sigma: float  # log-normal spread of the output length
+    max_output: int  # the evaluation's generation cap: what a contiguous reservation must hold
+    samples: int
+
+    def draw(self, questions: int, rng) -> tuple:
+        """(prompt lengths [questions], output lengths [questions, samples]) as numpy int arrays."""
+        prompts = rng.lognormal(math.log(self.prompt_median), 0.4, questions).clip(32, 2048).astype(int)
+        outputs = rng.lognormal(math.log(self.output_median), self.output_sigma, (questions, self.samples))
+        return prompts, outputs.clip(64, self.max_output).astype(int)
+
+
+#: MATH-500 / GSM8K-like: outputs of 1K to 3K tokens; AIME / GPQA-like: 10K to 12K with a tail to the 32K cap.
+WORKLOADS: dict[str, ReasoningWorkload] = {
+    w.name: w
+    for w in (
+        ReasoningWorkload("MATH-500-like", 200, 2000, 0.6, 32768, samples=4),
+        ReasoningWorkload("AIME-like", 250, 10500, 0.55, 32768, samples=16),
+    )
+}

@@ -4,7 +4,8 @@ for state after every call, the pool's invariants, all-or-nothing failures, copy
 import pytest
 import torch
 
-from kernels import INTERPRETED, kv_alloc
+import kernels.kv_alloc as kv_alloc
+from kernels import INTERPRETED
 from reference import kv_alloc as reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,282 @@
+"""The capacity trap, simulated: how much of a GPU's KV memory holds token states under each allocation
+policy, on a reasoning workload, and so how many sequences the GPU holds at once.
+
+A saturated server (questions always waiting) admits sequences first come, first served, and decodes every
+running sequence one token a step (``stride`` tokens a simulated step, for speed), for three generation caps
+of tokens (the first is warm-up). Policies:
+
+- ``paged-B``: blocks of B token slots handed out as tokens arrive (PagedAttention); the parallel samples of
+  one question share their prompt's full blocks (fork). Out of blocks mid-sequence: the newest sequence is
+  preempted (its blocks freed, it waits to start again).
+- ``contiguous``: each sequence reserves its prompt plus the evaluation's generation cap at admission (it
+  cannot know its output length), as servers without paging must.
+- ``pow2``: each sequence reserves the next power of two of its length and doubles the reservation when it
+  outgrows it (preempting the newest sequence when the doubling does not fit).
+
+Measured over the steps after warm-up, as shares of the KV pool: slots holding token states, last-block
+slack (paged), reserved but not yet used (contiguous, pow2) and free; with the sequences held at once,
+preemptions and questions completed. The pool is what one GPU keeps for KV: memory x utilisation, less
+the model's weights (2 bytes a parameter) split over tensor-parallel ranks and an activation reserve.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.models import MODELS, WORKLOADS, AttentionModel, ReasoningWorkload
+
+POLICIES = ("paged-1", "paged-16", "paged-64", "paged-256", "contiguous", "pow2")
+MEMORY_UTILISATION = 0.9
+ACTIVATION_RESERVE_GIB = 2.0
+WATERMARK = 0.01  # of the pool kept free at admission, as vLLM's block manager does
+
+
+@dataclass
+class CapacityRow:
+    workload: str
+    model: str
+    tp: int
+    policy: str
+    pool_tokens: int
+    held: float  # shares of the pool, time-averaged
+    slack: float
+    reserved_unused: float
+    free: float
+    sequences: float  # running at once, time-averaged
+    preemptions: int
+    questions_done: int
+
+    @property
+    def waste(self) -> float:
+        """Allocated memory that holds no token state, as a share of the allocated memory."""
+        allocated = self.held + self.slack + self.reserved_unused
+        return (self.slack + self.reserved_unused) / allocated if allocated else 0.0
+
+
+def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int) -> int:
+    """Token slots one rank's KV pool holds (0 when the weights do not fit)."""
+    weights = model.params_b * 1e9 * 2 / tp
+    budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
+    return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
+
+
+def _block_size(policy: str) -> int | None:
+    return int(policy.split("-")[1]) if policy.startswith("paged-") else None
+
+
+def _allocated(policy: str, length: np.ndarray, reserved: np.ndarray) -> np.ndarray:
+    """Slots each running sequence holds: whole blocks (paged), or its reservation."""
+    block = _block_size(policy)
+    return reserved if block is None else -(-length // block) * block
+
+
+def _reservation(policy: str, workload: ReasoningWorkload, length: np.ndarray) -> np.ndarray:
+    if policy == "contiguous":
+        return length + workload.max_output  # prompt + the generation cap, at admission
+    if policy == "pow2":
+        return (2 ** np.ceil(np.log2(np.maximum(length, 16)))).astype(np.int64)
+    return np.zeros_like(length)
+
+
+def simulate(
+    workload: ReasoningWorkload,
+    model: AttentionModel,
+    gpu_gib: float,
+    tp: int,
+    policy: str,
+    *,
+    stride: int = 16,
+    seed: int = 0,
+) -> CapacityRow:
+    """One policy on one rank's pool. Sequences are numpy columns, so a step is a few vector operations."""
+    pool = kv_pool_tokens(model, gpu_gib, tp)
+    watermark = int(WATERMARK * pool)
+    # Three generation caps of decoding: the first is warm-up (the pool fills, the first sequences finish),
+    # the other two are measured.
+    steps = 3 * workload.max_output // stride
+    prompts, outputs = workload.draw(65536, np.random.default_rng(seed))  # never runs dry
+    # The queue, in arrival order: every sample of question 0, then of question 1, ...
+    queue_question = np.repeat(np.arange(len(prompts)), workload.samples)
+    queue_target = prompts[queue_question] + outputs.reshape(-1)
+    head = 0
+    # Preempted sequences (question, target), served before the queue, newest preempted first.
+    requeued_q = requeued_t = np.zeros(0, dtype=np.int64)
+    question, target, length, reserved = (np.zeros(0, dtype=np.int64) for _ in range(4))
+    unfinished = np.full(len(prompts), workload.samples)
+    totals, sequences_total = np.zeros(4), 0.0
+    preemptions = done = 0
+    warmup = steps // 3
+
+    for step in range(steps):
+        # Admit first come, first served, while the newcomers fit above the watermark.
+        free = pool - int(_allocated(policy, length, reserved).sum()) - watermark
+        fresh = slice(head, head + 4096)
+        cand_q = np.concatenate([requeued_q, queue_question[fresh]])
+        cand_t = np.concatenate([requeued_t, queue_target[fresh]])
+        cand_l = prompts[cand_q].astype(np.int64)  # every sequence starts (again) from its prompt
+        cand_r = _reservation(policy, workload, cand_l)
+        admitted = int(np.searchsorted(np.cumsum(_allocated(policy, cand_l, cand_r)), free, side="right"))
+        from_requeue = min(admitted, len(requeued_q))
+        requeued_q, requeued_t = requeued_q[from_requeue:], requeued_t[from_requeue:]
+        head += admitted - from_requeue
+        question = np.concatenate([question, cand_q[:admitted]])
+        target = np.concatenate([target, cand_t[:admitted]])
+        length = np.concatenate([length, cand_l[:admitted]])
+        reserved = np.concatenate([reserved, cand_r[:admitted]])
+
+        # Decode; pow2 reservations double when outgrown.
+        length = np.minimum(length + stride, target)
+        if policy == "pow2":
+            reserved = np.maximum(reserved, _reservation(policy, workload, length))
+        # Out of memory: the newest sequences are preempted (slots freed, restarted later), fewest first.
+        held = np.cumsum(_allocated(policy, length, reserved))
+        keep = int(np.searchsorted(held, pool, side="right"))
+        if keep < len(length):
+            preemptions += len(length) - keep
+            requeued_q = np.concatenate([question[keep:][::-1], requeued_q])
+            requeued_t = np.concatenate([target[keep:][::-1], requeued_t])
+            question, target, length, reserved = (
+                question[:keep],
+                target[:keep],
+                length[:keep],
+                reserved[:keep],
+            )
+
+        finished = length >= target
+        np.subtract.at(unfinished, question[finished], 1)
+        done += int((unfinished[np.unique(question[finished])] == 0).sum())
+        question, target, length, reserved = (x[~finished] for x in (question, target, length, reserved))
+
+        if step >= warmup:
+            allocated = int(_allocated(policy, length, reserved).sum())
+            tokens = int(length.sum())
+            slack = allocated - tokens if _block_size(policy) else 0
+            totals += (tokens, slack, allocated - tokens - slack, pool - allocated)
+            sequences_total += len(length)
+    measured = max(1, steps - warmup)
+    held, slack, reserved_unused, free_share = totals / measured / max(pool, 1)
+    return CapacityRow(
+        workload.name,
+        model.name,
+        tp,
+        policy,
+        pool,
+        held,
+        slack,
+        reserved_unused,
+        free_share,
+        sequences_total / measured,
+        preemptions,
+        done,
+    )
+
+
+def capacity_table(
+    workload_name: str = "AIME-like",
+    model_name: str = "Llama-3.1-8B",
+    gpu_gib: float = 80.0,
+    tps=(1, 2, 4, 8),
+    policies=POLICIES,
+    stride: int = 16,
+) -> list[CapacityRow]:
+    workload, model = WORKLOADS[workload_name], MODELS[model_name]
+    return [
+        simulate(workload, model, gpu_gib, tp, policy, stride=stride)
+        for tp in tps
+        if kv_pool_tokens(model, gpu_gib, tp) > 0
+        for policy in policies
+    ]
+
+
+def report(rows: list[CapacityRow], gpu_gib: float) -> str:
+    """The comparison table, and where it lands against PagedAttention's published range."""
+    from bench.report import table
+
+    body = [
+        [
+            r.workload,
+            r.model,
+            r.tp,
+            r.policy,
+            r.pool_tokens,
+            f"{100 * r.held:.1f}",
+            f"{100 * r.slack:.1f}",
+            f"{100 * r.reserved_unused:.1f}",
+            f"{100 * r.free:.1f}",
+            f"{100 * r.waste:.1f}",
+            f"{r.sequences:.0f}",
+            r.preemptions,
+            r.questions_done,
+        ]
+        for r in rows
+    ]
+    headers = [
+        "workload",
+        "model",
+        "TP",
+        "policy",
+        "pool tokens/rank",
+        "% holding tokens",
+        "% last-block slack",
+        "% reserved unused",
+        "% free",
+        "% of allocated wasted",
+        "sequences held",
+        "preemptions",
+        "questions done",
+    ]
+    text = [table(body, headers), ""]
+    text.append(
+        f"One rank's KV pool: {gpu_gib:g} GiB x {MEMORY_UTILISATION:g}, less weights (2 bytes a "
+        f"parameter, split over TP) and {ACTIVATION_RESERVE_GIB:g} GiB of activations."
+    )
+    for workload in dict.fromkeys(r.workload for r in rows):
+        contiguous = [r.held for r in rows if r.workload == workload and r.policy == "contiguous"]
+        paged16 = [r.waste for r in rows if r.workload == workload and r.policy == "paged-16"]
+        if contiguous and paged16:
+            low, high = 100 * min(contiguous), 100 * max(contiguous)
+            text.append(
+                f"{workload}: contiguous reservation keeps {low:.0f}%-{high:.0f}% of KV memory holding "
+                f"tokens (PagedAttention published 20.4%-38.2%); paged at 16 wastes "
+                f"{100 * max(paged16):.1f}% of what it allocates (published: under 4%)."
+            )
+    text.append(
+        "Where it differs: a reasoning evaluation's cap (32K) is what a contiguous reservation must hold, "
+        "far above MATH-500-like outputs (median 2K), so that load keeps well under the published range; "
+        "paged-256's last-block slack (up to 255 tokens a sequence) passes 4% on short outputs."
+    )
+    return "\n".join(text)
+
+
+def plot(rows: list[CapacityRow], path: str) -> str:
+    """Stacked shares of the KV pool per policy and TP, one panel per workload (needs the plot extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(7 * len(workloads), 4.5), squeeze=False)
+    parts = [
+        ("held", "holding tokens", "#2b7bba"),
+        ("slack", "last-block slack", "#f4a261"),
+        ("reserved_unused", "reserved, unused", "#e76f51"),
+        ("free", "free", "#d9d9d9"),
+    ]
+    for ax, workload in zip(axes[0], workloads):
+        mine = [r for r in rows if r.workload == workload]
+        labels = [f"TP{r.tp} {r.policy}" for r in mine]
+        bottom = np.zeros(len(mine))
+        for field, name, color in parts:
+            values = np.array([getattr(r, field) for r in mine]) * 100
+            ax.bar(labels, values, bottom=bottom, label=name, color=color)
+            bottom += values
+        ax.set_title(f"{workload}, {mine[0].model}: share of the KV pool")
+        ax.set_ylabel("% of KV memory")
+        ax.tick_params(axis="x", rotation=90, labelsize=7)
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot written: {path}"
