@@ -47,3 +47,34 @@ def check_contiguous(name: str, x: torch.Tensor) -> None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _check_scale(name: str, scale, device: torch.device):
+    """None means 1.0; a float stays a float (a kernel argument); a tensor must be one fp32 element."""
+    if scale is None:
+        return 1.0
+    if isinstance(scale, torch.Tensor):
+        check_tensor(name, scale, dtypes=(torch.float32,), device=device)
+        if scale.numel() != 1:
+            raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
+        return scale
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+        return float(scale)
+    raise ValueError(f"{name}: expected None, a positive float or a one-element fp32 tensor, got {scale!r}")
+
+
+def check_fp8_scales(k_scale, v_scale, cache_dtype: torch.dtype, device: torch.device):
+    """Per-tensor K and V scales, ready for a kernel: (k_scale, v_scale, scales_in_memory).
+
+    fp8 e4m3 caches take floats (passed by value) or one-element fp32 device tensors (read by the kernel),
+    both of one kind; other caches take none. Neither way reads the device or allocates.
+    """
+    if cache_dtype != torch.float8_e4m3fn:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {scale!r}")
+        return 1.0, 1.0, False
+    k_scale, v_scale = _check_scale("k_scale", k_scale, device), _check_scale("v_scale", v_scale, device)
+    if isinstance(k_scale, torch.Tensor) != isinstance(v_scale, torch.Tensor):
+        raise ValueError("v_scale: expected the same kind as k_scale (both floats or both tensors)")
+    return k_scale, v_scale, isinstance(k_scale, torch.Tensor)

@@ -321,6 +321,43 @@ def _fork_kernel(
 
 
 @triton.jit
+def _freed_rows(
+    seq_ids_ptr,
+    offs,
+    num_seqs,
+    marks_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    max_seqs,
+    max_blocks,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """For the listings ``offs`` of a free: whether each frees its sequence (the first listing of a valid id),
+    the sequence's page count, and its block-table row."""
+    ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
+    valid = (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
+    first = valid & (tl.load(marks_ptr + ids, mask=valid, other=0) == offs - _NEVER)
+    pages = tl.where(first, tl.cdiv(tl.load(seq_lens_ptr + ids, mask=first, other=0), BLOCK_SIZE), 0)
+    rows = block_tables_ptr + tl.where(first, ids, 0).to(tl.int64) * max_blocks
+    return ids, valid, first, pages, rows
+
+
+@triton.jit
+def _page_tile(rows, first, pages, j, PAGE_BLOCK: tl.constexpr):
+    """Pages j .. j + PAGE_BLOCK of each freed row: their indices, which are in use, and their blocks."""
+    page = j + tl.arange(0, PAGE_BLOCK)
+    used = first[:, None] & (page[None, :] < pages[:, None])
+    return page, used, tl.load(rows[:, None] + page[None, :], mask=used, other=0)
+
+
+@triton.jit
+def _released_here(ref_counts_ptr, last_use_ptr, block, used, use):
+    """A block goes back on the stack at its last use, once its count is zero."""
+    released = used & (tl.load(ref_counts_ptr + block, mask=used, other=1) == 0)
+    return released & (tl.load(last_use_ptr + block, mask=used, other=-1) == use)
+
+
+@triton.jit
 def _free_kernel(
     seq_ids_ptr,  # [num_seqs] int32
     num_seqs,
@@ -337,74 +374,81 @@ def _free_kernel(
     SEQ_BLOCK: tl.constexpr,
     PAGE_BLOCK: tl.constexpr,
 ):
-    # A sequence listed twice is freed by its first listing: marks hold 1 + the first listing's index.
+    # A sequence listed twice is freed by its first listing: its mark becomes that index - _NEVER (< 0).
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
         ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
         valid = (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
-        tl.atomic_min(marks_ptr + ids, tl.where(valid, offs - _NEVER, 0), mask=valid)  # marks start at 0
+        tl.atomic_min(marks_ptr + ids, tl.where(valid, offs - _NEVER, 0), mask=valid)
     tl.debug_barrier()
     # Pass 1: drop references; each block remembers its last use in (listing, page) order.
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
-        ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
-        valid = (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
-        first = valid & (tl.load(marks_ptr + ids, mask=valid, other=0) == offs - _NEVER)
-        pages = tl.where(first, tl.cdiv(tl.load(seq_lens_ptr + ids, mask=first, other=0), BLOCK_SIZE), 0)
-        rows = block_tables_ptr + tl.where(first, ids, 0).to(tl.int64) * max_blocks
+        ids, valid, first, pages, rows = _freed_rows(
+            seq_ids_ptr,
+            offs,
+            num_seqs,
+            marks_ptr,
+            seq_lens_ptr,
+            block_tables_ptr,
+            max_seqs,
+            max_blocks,
+            BLOCK_SIZE,
+        )
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page = j + tl.arange(0, PAGE_BLOCK)
-            used = first[:, None] & (page[None, :] < pages[:, None])
-            block = tl.load(rows[:, None] + page[None, :], mask=used, other=0)
+            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
             tl.atomic_add(ref_counts_ptr + block, -1, mask=used)
             tl.atomic_max(last_use_ptr + block, offs[:, None] * max_blocks + page[None, :], mask=used)
     tl.debug_barrier()
-    # Pass 2: push each block at its last use, positions by a prefix count in (listing, page) order.
+    # Pass 2: push each released block, at a position given by a prefix count in (listing, page) order:
+    # first each listing's count of releases (for its offset), then the pushes.
     top = tl.load(free_count_ptr)
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
-        ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
-        valid = (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
-        first = valid & (tl.load(marks_ptr + ids, mask=valid, other=0) == offs - _NEVER)
-        pages = tl.where(first, tl.cdiv(tl.load(seq_lens_ptr + ids, mask=first, other=0), BLOCK_SIZE), 0)
-        rows = block_tables_ptr + tl.where(first, ids, 0).to(tl.int64) * max_blocks
+        ids, valid, first, pages, rows = _freed_rows(
+            seq_ids_ptr,
+            offs,
+            num_seqs,
+            marks_ptr,
+            seq_lens_ptr,
+            block_tables_ptr,
+            max_seqs,
+            max_blocks,
+            BLOCK_SIZE,
+        )
         released_per_seq = tl.zeros([SEQ_BLOCK], dtype=tl.int32)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page = j + tl.arange(0, PAGE_BLOCK)
-            used = first[:, None] & (page[None, :] < pages[:, None])
-            block = tl.load(rows[:, None] + page[None, :], mask=used, other=0)
+            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
             use = offs[:, None] * max_blocks + page[None, :]
-            released = used & (tl.load(ref_counts_ptr + block, mask=used, other=1) == 0)
-            released = released & (tl.load(last_use_ptr + block, mask=used, other=-1) == use)
+            released = _released_here(ref_counts_ptr, last_use_ptr, block, used, use)
             released_per_seq += tl.sum(released.to(tl.int32), axis=1)
         seq_offset = tl.cumsum(released_per_seq, axis=0) - released_per_seq
         running = tl.zeros([SEQ_BLOCK], dtype=tl.int32)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page = j + tl.arange(0, PAGE_BLOCK)
-            used = first[:, None] & (page[None, :] < pages[:, None])
-            block = tl.load(rows[:, None] + page[None, :], mask=used, other=0)
+            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
             use = offs[:, None] * max_blocks + page[None, :]
-            released = used & (tl.load(ref_counts_ptr + block, mask=used, other=1) == 0)
-            released = released & (tl.load(last_use_ptr + block, mask=used, other=-1) == use)
-            flags = released.to(tl.int32)
-            within = tl.cumsum(flags, axis=1) - flags
-            position = top + seq_offset[:, None] + running[:, None] + within
-            tl.store(free_stack_ptr + position, block, mask=released)
+            flags = _released_here(ref_counts_ptr, last_use_ptr, block, used, use).to(tl.int32)
+            position = top + seq_offset[:, None] + running[:, None] + tl.cumsum(flags, axis=1) - flags
+            tl.store(free_stack_ptr + position, block, mask=flags != 0)
             running += tl.sum(flags, axis=1)
         top += tl.sum(released_per_seq, axis=0)
     tl.debug_barrier()
-    # Pass 3: clear the rows, the lengths and the scratch.
+    # Pass 3: clear the rows and the last uses; then the lengths and the marks.
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
-        ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
-        valid = (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
-        first = valid & (tl.load(marks_ptr + ids, mask=valid, other=0) == offs - _NEVER)
-        pages = tl.where(first, tl.cdiv(tl.load(seq_lens_ptr + ids, mask=first, other=0), BLOCK_SIZE), 0)
-        rows = block_tables_ptr + tl.where(first, ids, 0).to(tl.int64) * max_blocks
+        ids, valid, first, pages, rows = _freed_rows(
+            seq_ids_ptr,
+            offs,
+            num_seqs,
+            marks_ptr,
+            seq_lens_ptr,
+            block_tables_ptr,
+            max_seqs,
+            max_blocks,
+            BLOCK_SIZE,
+        )
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page = j + tl.arange(0, PAGE_BLOCK)
-            used = first[:, None] & (page[None, :] < pages[:, None])
-            block = tl.load(rows[:, None] + page[None, :], mask=used, other=0)
+            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
             tl.store(last_use_ptr + block, -1, mask=used)
             tl.store(rows[:, None] + page[None, :], -1, mask=used)
         tl.store(seq_lens_ptr + ids, 0, mask=first)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels import INTERPRETED
-from kernels._checks import check_contiguous, check_shape, check_tensor, dtype_name
+from kernels._checks import check_contiguous, check_fp8_scales, check_shape, check_tensor, dtype_name
 
 #: Cache dtypes write_kv stores, and the input dtypes it takes. A non-fp8 cache has its input's dtype.
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
@@ -135,24 +135,6 @@ def write_kv_launch_config(row: int, input_bytes: int, cache_bytes: int) -> dict
     return {"TOKENS": tokens, "BLOCK": block, "num_warps": num_warps}
 
 
-def _check_scale(name: str, scale, device: torch.device):
-    """A float stays a float (a kernel argument); a tensor must be one fp32 element on ``device``."""
-    if scale is None:
-        return 1.0
-    if isinstance(scale, torch.Tensor):
-        check_tensor(name, scale, dtypes=(torch.float32,), device=device)
-        if scale.numel() != 1:
-            raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
-        return scale
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        if not scale > 0:
-            raise ValueError(f"{name}: expected a positive scale, got {scale}")
-        return float(scale)
-    raise ValueError(
-        f"{name}: expected None, a float or a one-element fp32 tensor, got {type(scale).__name__}"
-    )
-
-
 def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
     """Checks one of (key, k_cache) or (value, v_cache); num_tokens comes from key when side is 'value'."""
     x_name, cache_name = side, f"{side[0]}_cache"
@@ -207,19 +189,9 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     check_contiguous("slot_mapping", slot_mapping)
 
     quantize = k_cache.dtype == torch.float8_e4m3fn
-    if quantize:
-        k_scale = _check_scale("k_scale", k_scale, key.device)
-        v_scale = _check_scale("v_scale", v_scale, key.device)
-        if isinstance(k_scale, torch.Tensor) != isinstance(v_scale, torch.Tensor) and has_value:
-            raise ValueError("v_scale: expected the same kind as k_scale (both floats or both tensors)")
-        if not has_value:
-            v_scale = k_scale
-    else:
-        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if scale is not None:
-                raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {scale!r}")
-        k_scale = v_scale = 1.0  # never used: QUANTIZE is off
-    scales_in_memory = isinstance(k_scale, torch.Tensor)
+    if not has_value and v_scale is None:
+        v_scale = k_scale  # a latent-only cache has one scale
+    k_scale, v_scale, scales_in_memory = check_fp8_scales(k_scale, v_scale, k_cache.dtype, key.device)
 
     if num_tokens == 0:
         return

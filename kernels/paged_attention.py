@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels import INTERPRETED
-from kernels._checks import check_contiguous, check_shape, check_tensor, dtype_name
+from kernels._checks import check_contiguous, check_fp8_scales, check_shape, check_tensor, dtype_name
 
 Q_DTYPES = (torch.float16, torch.bfloat16)
 LOG2_E = 1.4426950408889634
@@ -48,6 +48,15 @@ def _scale_value(scale, IN_MEMORY: tl.constexpr):
     if IN_MEMORY:
         scale = tl.load(scale)
     return scale
+
+
+@triton.jit
+def _splits_of(seq_len, forced_splits, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr):
+    """A sequence's split count: forced, or one per MIN_SPLIT_TOKENS tokens up to MAX_SPLITS. The decode
+    and merge kernels derive it alike, from the length on the device."""
+    if forced_splits > 0:
+        return forced_splits
+    return tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), MAX_SPLITS)
 
 
 @triton.jit
@@ -90,10 +99,7 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    if forced_splits > 0:
-        num_splits = forced_splits
-    else:
-        num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), MAX_SPLITS)
+    num_splits = _splits_of(seq_len, forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
     if split >= num_splits:
         return
     # Splits are whole tiles, so only a split's last tile is ragged.
@@ -169,11 +175,7 @@ def _merge_splits_kernel(
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    if forced_splits > 0:
-        num_splits = forced_splits
-    else:
-        num_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), 1), MAX_SPLITS)
+    num_splits = _splits_of(tl.load(seq_lens_ptr + seq), forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
     if num_splits == 1:
         return  # the decode kernel wrote this sequence's output itself
 
@@ -234,19 +236,6 @@ def paged_decode_launch_config(group: int, head_dim: int, cache_bytes: int) -> d
     }
 
 
-def _check_scale(name: str, scale, device: torch.device):
-    if scale is None:
-        return 1.0
-    if isinstance(scale, torch.Tensor):
-        check_tensor(name, scale, dtypes=(torch.float32,), device=device)
-        if scale.numel() != 1:
-            raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
-        return scale
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
-        return float(scale)
-    raise ValueError(f"{name}: expected None, a positive float or a one-element fp32 tensor, got {scale!r}")
-
-
 def paged_decode(
     q,
     k_cache,
@@ -304,16 +293,7 @@ def paged_decode(
         scale = head_dim**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale: expected a positive float, got {scale!r}")
-    if k_cache.dtype == torch.float8_e4m3fn:
-        k_scale = _check_scale("k_scale", k_scale, q.device)
-        v_scale = _check_scale("v_scale", v_scale, q.device)
-        if isinstance(k_scale, torch.Tensor) != isinstance(v_scale, torch.Tensor):
-            raise ValueError("v_scale: expected the same kind as k_scale (both floats or both tensors)")
-    else:
-        for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if value is not None:
-                raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {value!r}")
-        k_scale = v_scale = 1.0
+    k_scale, v_scale, scales_in_memory = check_fp8_scales(k_scale, v_scale, k_cache.dtype, q.device)
     if num_splits is not None and (
         isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS
     ):
@@ -364,7 +344,7 @@ def paged_decode(
         BLOCK_N=config["BLOCK_N"],
         MAX_SPLITS=splits,
         MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
-        SCALES_IN_MEMORY=isinstance(k_scale, torch.Tensor),
+        SCALES_IN_MEMORY=scales_in_memory,
         INTERPRETER_UPCAST=INTERPRETED,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
