@@ -6,7 +6,8 @@ Run: ``pytest bench/bench_kv_alloc.py --benchmark-json out.json`` on a GPU."""
 import pytest
 import torch
 
-from bench.cases.kv_alloc import ALLOCATE, AllocateShape, prefilled_pool
+import reference.kv_alloc
+from bench.cases.kv_alloc import ALLOCATE, AllocateShape, host_copy, prefilled_pool
 from bench.cases.kv_cache import WriteKVShape
 from bench.cases.kv_cache import build as write_kv_inputs
 from bench.device import machine_info
@@ -33,10 +34,11 @@ def _time(benchmark, call, reset, label, **info):
     benchmark.extra_info.update(info, gpu=machine_info().gpu)
 
 
+@pytest.mark.parametrize("impl", ["triton", "host-pool"])
 @pytest.mark.parametrize("samples", [16, 64])
-def test_fork_parallel_samples(benchmark, samples):
+def test_fork_parallel_samples(benchmark, samples, impl):
     """One prompt of 1000 tokens forked into ``samples`` parallel samples: shared full blocks, one copied
-    partial block each (fork, then copy_blocks)."""
+    partial block each (fork, then copy_blocks on the GPU)."""
     pool = kv_alloc.KVBlockPool(4 * samples + 256, 16, samples + 1, 128, device="cuda")
     kv_alloc.allocate(pool, torch.tensor([0], dtype=torch.int32, device="cuda"), 1000)
     built = pool.clone()
@@ -44,33 +46,43 @@ def test_fork_parallel_samples(benchmark, samples):
     dst = torch.arange(1, samples + 1, dtype=torch.int32, device="cuda")
     k = torch.zeros(pool.num_blocks, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
     v = torch.zeros_like(k)
+    if impl == "host-pool":
+        host, reset = host_copy(pool)
+        call = lambda: reference.kv_alloc.fork(host, src.tolist(), dst.tolist())  # noqa: E731
+    else:
+        reset = lambda: pool.copy_(built)  # noqa: E731
 
-    def fork_and_copy():
-        copies, ok = kv_alloc.fork(pool, src, dst)
-        kv_alloc.copy_blocks(k, v, copies)
+        def call():
+            copies, ok = kv_alloc.fork(pool, src, dst)
+            kv_alloc.copy_blocks(k, v, copies)
 
     _time(
         benchmark,
-        fork_and_copy,
-        lambda: pool.copy_(built),
-        f"fork {samples} samples",
+        call,
+        reset,
+        f"fork[{impl}] {samples} samples",
         kernel="fork",
+        impl=impl,
         shape=f"1000 tokens x {samples} samples",
     )
 
 
+@pytest.mark.parametrize("impl", ["triton", "host-pool"])
 @pytest.mark.parametrize("num_seqs", SEQUENCES)
-def test_free(benchmark, num_seqs):
+def test_free(benchmark, num_seqs, impl):
     pool = prefilled_pool(AllocateShape("free", num_seqs, 1), "cuda", seed=1)
-    built = pool.clone()
     seqs = torch.arange(num_seqs, dtype=torch.int32, device="cuda")
+    if impl == "host-pool":
+        if num_seqs > 1024:
+            pytest.skip("host-pool: over a second a call past 1024 sequences")
+        host, reset = host_copy(pool)
+        call = lambda: reference.kv_alloc.free(host, seqs.tolist())  # noqa: E731
+    else:
+        built = pool.clone()
+        reset = lambda: pool.copy_(built)  # noqa: E731
+        call = lambda: kv_alloc.free(pool, seqs)  # noqa: E731
     _time(
-        benchmark,
-        lambda: kv_alloc.free(pool, seqs),
-        lambda: pool.copy_(built),
-        f"free {num_seqs}",
-        kernel="free",
-        shape=f"seqs={num_seqs}",
+        benchmark, call, reset, f"free[{impl}] {num_seqs}", kernel="free", impl=impl, shape=f"seqs={num_seqs}"
     )
 
 

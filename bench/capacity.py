@@ -87,8 +87,11 @@ def simulate(
     *,
     stride: int = 16,
     seed: int = 0,
+    arrival_rate: float | None = None,
 ) -> CapacityRow:
-    """One policy on one rank's pool. Sequences are numpy columns, so a step is a few vector operations."""
+    """One policy on one rank's pool. Sequences are numpy columns, so a step is a few vector operations.
+    ``arrival_rate``: questions arriving per simulated step (Poisson); None keeps a queue always waiting
+    (a saturated server: the capacity trap)."""
     pool = kv_pool_tokens(model, gpu_gib, tp)
     watermark = int(WATERMARK * pool)
     # Three generation caps of decoding: the first is warm-up (the pool fills, the first sequences finish),
@@ -99,6 +102,8 @@ def simulate(
     queue_question = np.repeat(np.arange(len(prompts)), workload.samples)
     queue_target = prompts[queue_question] + outputs.reshape(-1)
     head = 0
+    arrivals = np.random.default_rng(seed + 1)
+    arrived = len(queue_question) if arrival_rate is None else 0  # queue entries that have arrived
     # Preempted sequences (question, target), served before the queue, newest preempted first.
     requeued_q = requeued_t = np.zeros(0, dtype=np.int64)
     question, target, length, reserved = (np.zeros(0, dtype=np.int64) for _ in range(4))
@@ -110,7 +115,9 @@ def simulate(
     for step in range(steps):
         # Admit first come, first served, while the newcomers fit above the watermark.
         free = pool - int(_allocated(policy, length, reserved).sum()) - watermark
-        fresh = slice(head, head + 4096)
+        if arrival_rate is not None:
+            arrived = min(len(queue_question), arrived + workload.samples * arrivals.poisson(arrival_rate))
+        fresh = slice(head, min(head + 4096, arrived))
         cand_q = np.concatenate([requeued_q, queue_question[fresh]])
         cand_t = np.concatenate([requeued_t, queue_target[fresh]])
         cand_l = prompts[cand_q].astype(np.int64)  # every sequence starts (again) from its prompt
@@ -178,10 +185,11 @@ def capacity_table(
     tps=(1, 2, 4, 8),
     policies=POLICIES,
     stride: int = 16,
+    arrival_rate: float | None = None,
 ) -> list[CapacityRow]:
     workload, model = WORKLOADS[workload_name], MODELS[model_name]
     return [
-        simulate(workload, model, gpu_gib, tp, policy, stride=stride)
+        simulate(workload, model, gpu_gib, tp, policy, stride=stride, arrival_rate=arrival_rate)
         for tp in tps
         if kv_pool_tokens(model, gpu_gib, tp) > 0
         for policy in policies

@@ -115,7 +115,9 @@ def cmd_capacity(args) -> int:
 
     rows = []
     for workload in args.workload:
-        rows += capacity.capacity_table(workload, args.model, args.gpu_gib, tuple(args.tp))
+        rows += capacity.capacity_table(
+            workload, args.model, args.gpu_gib, tuple(args.tp), arrival_rate=args.arrival_rate
+        )
     print(capacity.report(rows, args.gpu_gib))
     if args.plot:
         print(capacity.plot(rows, args.plot))
@@ -154,6 +156,11 @@ def main(argv=None) -> int:
     capacity.add_argument("--model", choices=list(MODELS), default="Llama-3.1-8B")
     capacity.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory (default: an H100's 80)")
     capacity.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    capacity.add_argument(
+        "--arrival-rate",
+        type=float,
+        help="questions arriving per 16 decoded tokens (Poisson); default: always a queue (saturated)",
+    )
     capacity.add_argument("--plot", help="also write the shares as a PNG (plot extra)")
     capacity.set_defaults(func=cmd_capacity)
 

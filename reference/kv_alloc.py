@@ -41,6 +41,26 @@ class KVBlockPool:
         state["free_stack"] = state["free_stack"][: int(state["free_count"][0])]
         return state
 
+    def usage(self) -> dict[str, int]:
+        """Where the pool's token slots are (a host read: it syncs). ``tokens``: slots holding token states;
+        ``slack``: unused slots in sequences' last blocks; ``free``: slots in free blocks; ``shared``: token
+        states stored once for several sequences (forked prefixes), counted once in ``tokens``."""
+        lens = self.seq_lens.cpu().long()
+        refs = self.ref_counts.cpu().long()
+        allocated = int((refs > 0).sum()) * self.block_size
+        per_sequence = int(lens.sum())
+        pages = (lens + self.block_size - 1) // self.block_size
+        referenced = int(pages.sum()) * self.block_size  # slots the tables point at, shared ones once each
+        slack = int((pages * self.block_size - lens).sum())
+        shared = referenced - allocated  # slots seen by more than one sequence, beyond the first
+        return {
+            "tokens": per_sequence - shared,
+            "slack": slack,
+            "free": int(self.free_count[0]) * self.block_size,
+            "shared": shared,
+            "capacity": self.num_blocks * self.block_size,
+        }
+
     def num_free(self) -> int:
         return int(self.free_count[0])
 

@@ -62,3 +62,11 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "capacity.png"
     assert "written" in plot(list(rows("AIME-like").values()), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_light_arrivals_leave_memory_free_and_need_no_preemption():
+    from bench.capacity import simulate
+    from bench.models import WORKLOADS
+
+    light = simulate(WORKLOADS["MATH-500-like"], MODELS["Llama-3.1-8B"], 80, 1, "paged-16", arrival_rate=0.05)
+    assert light.free > 0.5 and light.preemptions == 0 and light.questions_done > 0

@@ -38,6 +38,9 @@ def assert_invariants(pool: kv_alloc.KVBlockPool) -> None:
     assert free.numel() + int((refs > 0).sum()) == pool.num_blocks, "a block is neither free nor referenced"
     assert (tables[~used] == -1).all(), "a table entry past a sequence's pages is not -1"
     assert (pool.seq_marks.cpu() == 0).all() and (pool.last_use.cpu() == -1).all(), "scratch not reset"
+    usage = pool.usage()
+    assert usage["tokens"] + usage["slack"] + usage["free"] == usage["capacity"], usage
+    assert usage["tokens"] + usage["shared"] == int(lens.sum())
 
 
 class Pools:

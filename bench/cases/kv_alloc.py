@@ -77,23 +77,34 @@ def allocate_compare(actual: Inputs, expected: Inputs, shape) -> float:
     return 0.0
 
 
+def host_copy(pool: kernels.kv_alloc.KVBlockPool):
+    """The host pool a serving scheduler would keep, in ``pool``'s state, and a function that puts it back
+    in that state (before each timed call)."""
+    host = reference.kv_alloc.KVBlockPool(
+        pool.num_blocks, pool.block_size, pool.max_seqs, pool.max_blocks_per_seq
+    )
+    snapshot = {name: getattr(pool, name).cpu() for name in host.STATE}
+
+    def reset():
+        for name, value in snapshot.items():
+            getattr(host, name).copy_(value)
+
+    reset()
+    return host, reset
+
+
 def host_pool(inputs: Inputs, shape):
     """The reference pool on the host, as a serving scheduler keeps it: its decode-step cost, in Python."""
+    if shape.num_seqs > 1024:
+        raise PeerUnavailable("the host pool takes over a second a step past 1024 sequences")
     a = inputs.args
-    built = a["pool"]
-    host = reference.kv_alloc.KVBlockPool(
-        built.num_blocks, built.block_size, built.max_seqs, built.max_blocks_per_seq
-    )
-    snapshot = {name: getattr(built, name).cpu() for name in host.STATE}
+    host, reset = host_copy(a["pool"])
     seq_ids = a["seq_ids"].tolist()
 
     def step():
-        for name, value in snapshot.items():
-            getattr(host, name).copy_(value)
+        reset()
         return reference.kv_alloc.allocate(host, seq_ids, a["num_new_tokens"])
 
-    if shape.num_seqs > 1024:
-        raise PeerUnavailable("the host pool takes over a second a step past 1024 sequences")
     return step
 
 
