@@ -96,3 +96,35 @@ WORKLOADS: dict[str, ReasoningWorkload] = {
         ReasoningWorkload("AIME-like", 250, 10500, 0.55, 32768, samples=16),
     )
 }
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """An MoE layer's routing (shared/facts.md): experts, top-k, the expert MLP's width, and its rule."""
+
+    name: str
+    hidden: int
+    num_experts: int
+    top_k: int
+    intermediate: int
+    scoring: str = "softmax"
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    scale: float = 1.0
+    softmax_after_topk: bool = False
+    bias: bool = False  # DeepSeek's e_score_correction_bias
+
+
+MOE_MODELS: dict[str, MoEModel] = {
+    m.name: m
+    for m in (
+        MoEModel("DeepSeek-R1", 7168, 256, 8, 2048, "sigmoid", 8, 4, 2.5, bias=True),
+        MoEModel("Qwen3-30B-A3B", 2048, 128, 8, 768),
+        MoEModel("Qwen3-235B-A22B", 4096, 128, 8, 1536),
+        MoEModel("Mixtral-8x7B", 4096, 8, 2, 14336),
+        MoEModel("gpt-oss-120b", 2880, 128, 4, 2880, softmax_after_topk=True),
+    )
+}
+
+#: Tokens through one MoE layer: decode batches and prefill chunks.
+MOE_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 8192, 16384)

@@ -132,8 +132,8 @@ def test_paged_decode_moves_k_and_v_16_bytes_a_lane():
         assert min(row.load_widths) >= 4, row
 
 
-@pytest.mark.parametrize("name", ["allocate", "copy_blocks"])
-def test_block_pool_kernels_compile_without_spills_at_sm90(name):
+@pytest.mark.parametrize("name", ["allocate", "copy_blocks", "route"])
+def test_kernels_compile_without_spills_at_sm90(name):
     rows = [r for r in static_report(CASES[name]) if r.arch == "sm_90"]
     assert rows and all(r.error is None and r.spill_bytes == 0 and r.stack_bytes == 0 for r in rows), rows
 

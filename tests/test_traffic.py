@@ -20,7 +20,7 @@ CASE_SHAPES = [(case, shape) for case in CASES.values() for shape in case.traffi
 def test_traffic_within_the_byte_model(case, shape):
     row = traffic(case, shape)
     if case.traffic_limit is None:
-        pytest.skip(f"{case.name}: traffic reported, not held to a limit (latency-bound)")
+        pytest.skip(f"{case.name}: traffic reported, not held to a limit (its case says why)")
     assert row.ratio <= case.traffic_limit <= TRAFFIC_LIMIT, row
 
 
@@ -41,6 +41,13 @@ def test_paged_decode_reads_each_live_kv_byte_once(shape):
     live = sum(shape.lengths) * shape.num_kv_heads * shape.head_dim * shape.cache_dtype.itemsize
     assert counted.loaded_from(inputs.args["k_cache"]) == live
     assert counted.loaded_from(inputs.args["v_cache"]) == live
+
+
+def test_route_moves_exactly_its_byte_model_without_a_bias():
+    route = CASES["route"]
+    for shape in route.traffic_shapes():
+        if not shape.model.bias:
+            assert traffic(route, shape).ratio == pytest.approx(1.0), shape.label
 
 
 @triton.jit
