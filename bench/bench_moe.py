@@ -1,12 +1,18 @@
-"""route for DeepSeek-R1 (256 experts, top-8, grouped sigmoid), Qwen3-30B-A3B and Qwen3-235B-A22B (128,
-top-8), Mixtral-8x7B (8, top-2) and gpt-oss-120b (128, top-4 then softmax), at 1 to 16384 tokens (decode
-batches and prefill chunks), against the torch reference.
-Run: ``pytest bench/bench_moe.py --benchmark-json out.json`` on a GPU. dispatch and combine: not built yet."""
+"""MoE routing on a GPU: route, dispatch and combine for DeepSeek-R1 (256 experts, top-8, grouped sigmoid),
+Qwen3-30B-A3B and Qwen3-235B-A22B (128, top-8), Mixtral-8x7B (8, top-2) and gpt-oss-120b (128, top-4 then
+softmax), 1 to 16384 tokens, uniform and Zipf loads, each against its torch reference; and a whole MoE
+layer (route, dispatch, the experts' matmuls on the dispatched rows, combine) to show routing's share.
+Run: ``pytest bench/bench_moe.py --benchmark-json out.json`` on a GPU."""
 
 import pytest
+import torch
 
-from bench.cases.moe import ROUTE
-from bench.timing import CUDA_CLOCK
+import kernels.moe as moe
+from bench.cases.moe import COMBINE, DISPATCH, ROUTE, load_statistics
+from bench.device import machine_info
+from bench.models import MOE_MODELS
+from bench.testing import generator
+from bench.timing import CUDA_CLOCK, time_cuda
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
 CASE = ROUTE  # bench/conftest.py runs ``shape`` over its sweep (or its default shapes: --sweep default)
@@ -15,3 +21,91 @@ CASE = ROUTE  # bench/conftest.py runs ``shape`` over its sweep (or its default 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_route(gpu_benchmark, shape, impl):
     gpu_benchmark(ROUTE, shape, impl)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("step", ["dispatch", "combine"])
+@pytest.mark.parametrize("layer_shape", DISPATCH.default_shapes(), ids=lambda s: s.label)
+def test_dispatch_and_combine(gpu_benchmark, layer_shape, step, impl):
+    gpu_benchmark({"dispatch": DISPATCH, "combine": COMBINE}[step], layer_shape, impl)
+
+
+def expert_matmuls(x_sorted, plan, w13, w2):
+    """The experts' SwiGLU MLP on their rows (a host read of the offsets, so outside any routing time):
+    torch's grouped matmul where this torch has one, else one matmul pair per expert."""
+    inter = w2.shape[1]
+    ends = (plan.expert_offsets[1:]).to(torch.int32)
+    grouped = getattr(torch, "_grouped_mm", None)
+    if grouped is not None:
+        try:
+            h = grouped(x_sorted, w13, offs=ends)
+            return grouped(
+                (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).contiguous(), w2, offs=ends
+            )
+        except (RuntimeError, TypeError):
+            pass
+    y = torch.zeros_like(x_sorted)
+    for e, (start, end) in enumerate(
+        zip(plan.expert_offsets[:-1].tolist(), plan.expert_offsets[1:].tolist())
+    ):
+        if end > start:
+            h = x_sorted[start:end] @ w13[e]
+            y[start:end] = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e]
+    return y
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+@pytest.mark.parametrize("model_name", ["DeepSeek-R1", "Qwen3-30B-A3B", "Mixtral-8x7B"])
+def test_moe_layer_share(benchmark, model_name, tokens):
+    """One MoE layer, stage by stage: the share of route + dispatch + combine in the whole layer."""
+    m = MOE_MODELS[model_name]
+    gen = generator(7)
+    logits = torch.randn(tokens, m.num_experts, generator=gen).to(torch.bfloat16).cuda()
+    bias = (torch.randn(m.num_experts, generator=gen) * 0.1).cuda() if m.bias else None
+    x = torch.randn(tokens, m.hidden, generator=gen).to(torch.bfloat16).cuda()
+    w13 = torch.empty(
+        m.num_experts, m.hidden, 2 * m.intermediate, dtype=torch.bfloat16, device="cuda"
+    ).normal_(0, 0.02)
+    w2 = torch.empty(m.num_experts, m.intermediate, m.hidden, dtype=torch.bfloat16, device="cuda").normal_(
+        0, 0.02
+    )
+    kw = {
+        "scoring": m.scoring,
+        "num_groups": m.num_groups,
+        "topk_groups": m.topk_groups,
+        "bias": bias,
+        "scale": m.scale,
+        "softmax_after_topk": m.softmax_after_topk,
+    }
+    weights, ids = moe.route(logits, m.top_k, **kw)
+    x_sorted, plan = moe.dispatch(x, ids, m.num_experts, align=16)
+    y_sorted = expert_matmuls(x_sorted, plan, w13, w2)
+    stages = {
+        "route": lambda: moe.route(logits, m.top_k, **kw),
+        "dispatch": lambda: moe.dispatch(x, ids, m.num_experts, align=16),
+        "experts": lambda: expert_matmuls(x_sorted, plan, w13, w2),
+        "combine": lambda: moe.combine(y_sorted, weights, plan),
+    }
+    median_us = {
+        name: time_cuda(fn, label=f"moe layer {model_name} {name}").median_ms * 1e3
+        for name, fn in stages.items()
+    }
+    routing = median_us["route"] + median_us["dispatch"] + median_us["combine"]
+
+    def layer():
+        w, i = moe.route(logits, m.top_k, **kw)
+        rows, p = moe.dispatch(x, i, m.num_experts, align=16)
+        moe.combine(expert_matmuls(rows, p, w13, w2), w, p)
+
+    benchmark.pedantic(
+        CUDA_CLOCK.timed(layer, label=f"moe layer {model_name} tokens={tokens}"), rounds=10, warmup_rounds=2
+    )
+    benchmark.extra_info.update(
+        kernel="moe-layer",
+        shape=f"{model_name} tokens={tokens}",
+        gpu=machine_info().gpu,
+        stage_median_us={k: round(v, 2) for k, v in median_us.items()},
+        routing_share=round(routing / sum(median_us.values()), 3),
+        routing_launches=1 + (1 if tokens * m.top_k <= moe._FUSED_PAIRS else 3) + 1,
+        load=load_statistics(ids, m.num_experts, 16),
+    )

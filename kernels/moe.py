@@ -1,10 +1,15 @@
-"""MoE top-k routing: choose each token's experts and their weights, in one launch.
+"""MoE routing: choose each token's experts (route), group the rows by expert (dispatch), and weigh the
+experts' outputs back together (combine).
 
 Layouts:
     logits   [tokens, experts]   fp32, fp16 or bf16 (the router's output); rows may be strided
     bias     [experts] fp32      DeepSeek's e_score_correction_bias, used only to choose
     weights  [tokens, top_k] fp32 out
     ids      [tokens, top_k] int32 out, best choice first
+    x        [tokens, hidden]    rows to dispatch (fp32, fp16, bf16)
+    x_sorted [max_rows, hidden]  dispatch's output: rows grouped by expert (DispatchPlan says where)
+    y_sorted [max_rows, hidden]  the experts' outputs in the same rows; combine's input
+    out      [tokens, hidden]    combine's output, in y's dtype
 
 Routing rules (as reference/moe.py states them): softmax top-k (Mixtral, Qwen3), top-k then softmax
 (gpt-oss), and DeepSeek-V3/R1's grouped sigmoid routing (groups ranked by the sum of their top-2 biased
@@ -12,20 +17,53 @@ scores, the best ``topk_groups`` kept, experts chosen by biased score, weighted 
 renormalised, times ``scale``). Ties go to the lower expert (and group) id: Triton's argmax keeps the first.
 
 Byte story: each token's logits are read once and its choices written once; a program holds BLOCK_T tokens'
-whole rows (256 experts at most here), so choosing k experts is k passes over registers, not memory.
+whole rows (its experts padded to a power of two), so choosing k experts is k passes over registers.
 
-dispatch and combine (grouping rows by expert and weighting them back) are not built yet.
+dispatch copies each token's row once per choice into expert-contiguous order (experts' segments aligned
+for block-tiled expert GEMMs); combine weighs each token's rows back together. Byte story: dispatch reads
+each token's row once and writes it top_k times (a program holds a token's row while it writes all its
+choices); combine reads the top_k rows and writes one. Neither uses atomics on data, so runs are
+bit-identical. Up to _FUSED_PAIRS (token, choice) pairs, dispatch is one launch whose every program derives
+the layout from all ids itself (a decode step: a few hundred ids); past it, a count launch and a scan launch
+precede the copy.
 """
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_tensor
+from kernels._checks import check_contiguous, check_tensor
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORINGS = ("softmax", "sigmoid")
 MAX_EXPERTS = 1024
+ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Up to this many (token, choice) pairs, dispatch is one launch (each program reads every id).
+_FUSED_PAIRS = 2048
+_CHUNK_TOKENS = 16  # tokens per dispatch program (and per counted chunk)
+_HIDDEN_TILE = 256  # row elements per inner step
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where dispatch put each row. Invariants: expert e's rows are x_sorted[expert_offsets[e] :
+    expert_offsets[e] + tokens_per_expert[e]], in (token, choice) order; expert_offsets[e] is a multiple of
+    align and expert_offsets[e + 1] - expert_offsets[e] = tokens_per_expert[e] rounded up to align; every
+    other row (an expert's padding, and rows past expert_offsets[-1] up to max_rows) has row_token -1 and
+    undefined contents; slot_row[t, c] is the row of token t's c-th choice."""
+
+    tokens_per_expert: torch.Tensor  # int32 [experts]
+    expert_offsets: torch.Tensor  # int32 [experts + 1]
+    row_token: torch.Tensor  # int32 [max_rows]
+    slot_row: torch.Tensor  # int32 [tokens, top_k]
+    align: int
+
+
+def max_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
+    """Rows dispatch allocates: every choice, plus the most padding ``align`` can add (known on the host)."""
+    return num_tokens * top_k + num_experts * (align - 1)
 
 
 @triton.jit
@@ -195,3 +233,343 @@ def route(
         num_warps=4,
     )
     return weights, ids
+
+
+# --- dispatch and combine -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _count_chunks_kernel(
+    ids_ptr,  # [num_tokens * TOP_K] int32, (token, choice) order
+    chunk_counts_ptr,  # [num_chunks, EXPERTS_PAD] int32 out: each chunk's choices per expert
+    num_pairs,
+    TOP_K: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr,
+    CHUNK_TOKENS: tl.constexpr,
+    PAIRS_PAD: tl.constexpr,  # power of two >= CHUNK_TOKENS * TOP_K
+):
+    chunk = tl.program_id(0)
+    pairs = chunk * CHUNK_TOKENS * TOP_K + tl.arange(0, PAIRS_PAD)
+    mask = (tl.arange(0, PAIRS_PAD) < CHUNK_TOKENS * TOP_K) & (pairs < num_pairs)
+    ids = tl.load(ids_ptr + pairs, mask=mask, other=0)
+    counts = tl.histogram(ids, EXPERTS_PAD, mask=mask)
+    tl.store(chunk_counts_ptr + chunk * EXPERTS_PAD + tl.arange(0, EXPERTS_PAD), counts)
+
+
+@triton.jit
+def _scan_chunks_kernel(
+    chunk_counts_ptr,  # [num_chunks, EXPERTS_PAD] int32; rewritten in place as each chunk's exclusive prefix
+    tokens_per_expert_ptr,  # [num_experts] int32 out
+    expert_offsets_ptr,  # [num_experts + 1] int32 out
+    row_token_ptr,  # [max_rows] int32 out: -1 for every padding row
+    num_chunks,
+    num_experts,
+    max_rows,
+    align,
+    EXPERTS_PAD: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,  # chunks per step
+    ALIGN_PAD: tl.constexpr,  # power of two >= align
+):
+    experts = tl.arange(0, EXPERTS_PAD)
+    running = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
+    for start in range(0, num_chunks, SCAN_BLOCK):
+        chunks = start + tl.arange(0, SCAN_BLOCK)
+        where = chunk_counts_ptr + chunks[:, None] * EXPERTS_PAD + experts[None, :]
+        counts = tl.load(where, mask=(chunks < num_chunks)[:, None], other=0)
+        inclusive = tl.cumsum(counts, axis=0) + running[None, :]
+        tl.store(where, inclusive - counts, mask=(chunks < num_chunks)[:, None])
+        running += tl.sum(counts, axis=0)
+    _write_layout(
+        running,
+        experts,
+        tokens_per_expert_ptr,
+        expert_offsets_ptr,
+        row_token_ptr,
+        num_experts,
+        max_rows,
+        align,
+        ALIGN_PAD,
+    )
+
+
+@triton.jit
+def _write_layout(
+    counts,
+    experts,
+    tokens_per_expert_ptr,
+    expert_offsets_ptr,
+    row_token_ptr,
+    num_experts,
+    max_rows,
+    align,
+    ALIGN_PAD: tl.constexpr,
+):
+    """Stores the per-expert counts and aligned offsets, and marks every padding row with -1."""
+    real = experts < num_experts
+    padded = tl.where(real, tl.cdiv(counts, align) * align, 0)
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(tokens_per_expert_ptr + experts, counts, mask=real)
+    tl.store(expert_offsets_ptr + 1 + experts, ends, mask=real)
+    tl.store(expert_offsets_ptr, 0)
+    pad = tl.arange(0, ALIGN_PAD)
+    # An expert's padding: rows [start + count, end).
+    pad_rows = (ends - padded + counts)[:, None] + pad[None, :]
+    tl.store(row_token_ptr + pad_rows, -1, mask=real[:, None] & (pad_rows < ends[:, None]))
+    # Rows past the last expert's segment.
+    used = tl.sum(padded, axis=0)
+    for start in range(used, max_rows, 1024):
+        rows = start + tl.arange(0, 1024)
+        tl.store(row_token_ptr + rows, -1, mask=rows < max_rows)
+
+
+@triton.jit
+def _dispatch_kernel(
+    x_ptr,  # [num_tokens, hidden], row stride stride_x
+    ids_ptr,  # [num_tokens * TOP_K] int32
+    x_sorted_ptr,  # [max_rows, hidden] out, contiguous
+    chunk_prefix_ptr,  # [num_chunks, EXPERTS_PAD] int32: choices per expert before each chunk (not FUSED)
+    expert_offsets_ptr,  # [num_experts + 1] int32: read if not FUSED, written (program 0) if FUSED
+    tokens_per_expert_ptr,  # [num_experts] int32: written by program 0 if FUSED
+    row_token_ptr,  # [max_rows] int32 out
+    slot_row_ptr,  # [num_tokens * TOP_K] int32 out
+    num_tokens,
+    num_experts,
+    hidden,
+    stride_x,
+    max_rows,
+    align,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr,
+    CHUNK_TOKENS: tl.constexpr,
+    FUSED: tl.constexpr,  # derive the layout from all ids here (one launch) instead of reading it
+    ALL_PAIRS_PAD: tl.constexpr,  # FUSED: power of two >= num_tokens * TOP_K
+    ALIGN_PAD: tl.constexpr,
+    HIDDEN_TILE: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    tokens = chunk * CHUNK_TOKENS + tl.arange(0, CHUNK_TOKENS)
+    live = tokens < num_tokens
+    experts = tl.arange(0, EXPERTS_PAD)
+
+    # Where each expert's rows for this chunk begin: its segment start plus the choices of earlier chunks.
+    if FUSED:
+        every = tl.arange(0, ALL_PAIRS_PAD)
+        num_pairs = num_tokens * TOP_K
+        all_ids = tl.load(ids_ptr + every, mask=every < num_pairs, other=0)
+        totals = tl.histogram(all_ids, EXPERTS_PAD, mask=every < num_pairs)
+        before = tl.histogram(all_ids, EXPERTS_PAD, mask=every < chunk * CHUNK_TOKENS * TOP_K)
+        padded = tl.where(experts < num_experts, tl.cdiv(totals, align) * align, 0)
+        base = tl.cumsum(padded, axis=0) - padded + before
+        if chunk == 0:
+            _write_layout(
+                totals,
+                experts,
+                tokens_per_expert_ptr,
+                expert_offsets_ptr,
+                row_token_ptr,
+                num_experts,
+                max_rows,
+                align,
+                ALIGN_PAD,
+            )
+    else:
+        base = tl.load(chunk_prefix_ptr + chunk * EXPERTS_PAD + experts)
+        base += tl.load(expert_offsets_ptr + experts, mask=experts < num_experts, other=0)
+
+    # Within the chunk, (token, choice) order: a token's choice of e lands after the earlier tokens' choices
+    # of e (a token never picks an expert twice). chosen[t, e]: does token t pick e.
+    chosen = tl.zeros([CHUNK_TOKENS, EXPERTS_PAD], dtype=tl.int32)
+    for c in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + tokens * TOP_K + c, mask=live, other=0)
+        chosen += ((expert[:, None] == experts[None, :]) & live[:, None]).to(tl.int32)
+    first_row = base[None, :] + tl.cumsum(chosen, axis=0) - chosen  # [CHUNK_TOKENS, EXPERTS_PAD]
+    choices = tl.arange(0, K_PAD)
+    rows = tl.zeros([CHUNK_TOKENS, K_PAD], dtype=tl.int32)
+    for c in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + tokens * TOP_K + c, mask=live, other=0)
+        row = tl.reshape(tl.gather(first_row, expert[:, None], axis=1), [CHUNK_TOKENS])
+        rows = tl.where(choices[None, :] == c, row[:, None], rows)
+        tl.store(slot_row_ptr + tokens * TOP_K + c, row, mask=live)
+        tl.store(row_token_ptr + row, tokens, mask=live)
+
+    # Copy: each token's row is read once and written to its TOP_K rows.
+    for start in range(0, hidden, HIDDEN_TILE):
+        cols = start + tl.arange(0, HIDDEN_TILE)
+        mask = live[:, None] & (cols < hidden)[None, :]
+        row_data = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask)
+        for c in tl.static_range(TOP_K):
+            dest = tl.sum(tl.where(choices[None, :] == c, rows, 0), axis=1).to(tl.int64)
+            tl.store(x_sorted_ptr + dest[:, None] * hidden + cols[None, :], row_data, mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    y_sorted_ptr,  # [max_rows, hidden], contiguous
+    weights_ptr,  # [num_tokens, TOP_K] fp32
+    slot_row_ptr,  # [num_tokens, TOP_K] int32
+    out_ptr,  # [num_tokens, hidden] out, contiguous
+    num_tokens,
+    hidden,
+    TOP_K: tl.constexpr,
+    TOKENS: tl.constexpr,
+    HIDDEN_TILE: tl.constexpr,
+):
+    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
+    live = tokens < num_tokens
+    mask = live[:, None] & (cols < hidden)[None, :]
+    acc = tl.zeros([TOKENS, HIDDEN_TILE], dtype=tl.float32)
+    for c in tl.static_range(TOP_K):  # a fixed order: bit-identical runs
+        row = tl.load(slot_row_ptr + tokens * TOP_K + c, mask=live, other=0).to(tl.int64)
+        weight = tl.load(weights_ptr + tokens * TOP_K + c, mask=live, other=0.0)
+        y = tl.load(y_sorted_ptr + row[:, None] * hidden + cols[None, :], mask=mask, other=0.0)
+        acc += weight[:, None] * y.to(tl.float32)
+    out = tokens.to(tl.int64)[:, None] * hidden + cols[None, :]
+    tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_ids(ids, num_experts, device) -> None:
+    check_tensor("ids", ids, ndim=2, dtypes=(torch.int32,), device=device)
+    check_contiguous("ids", ids)
+    if (
+        isinstance(num_experts, bool)
+        or not isinstance(num_experts, int)
+        or not 1 <= num_experts <= MAX_EXPERTS
+    ):
+        raise ValueError(f"num_experts: expected an integer in [1, {MAX_EXPERTS}], got {num_experts!r}")
+
+
+def check_ids_in_range(ids: torch.Tensor, num_experts: int) -> None:
+    """Opt-in check that reads the ids (it syncs): every id in [0, num_experts). dispatch trusts them."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        bad = ids[(ids < 0) | (ids >= num_experts)][0].item()
+        raise ValueError(f"ids: expected expert ids in [0, {num_experts}), got {bad}")
+
+
+def dispatch(x, ids, num_experts, *, align=1):
+    """Copies each token's row once per choice into expert-contiguous order; returns (x_sorted [max_rows,
+    hidden], plan). Rows of one expert are in (token, choice) order; each expert's segment starts at a
+    multiple of ``align``; padding rows are marked -1 in plan.row_token. No host sync: x_sorted has
+    max_rows(...) rows, the most the padding can need. ids must lie in [0, num_experts) (see
+    check_ids_in_range)."""
+    check_tensor("x", x, ndim=2, dtypes=ROW_DTYPES)
+    _check_ids(ids, num_experts, x.device)
+    if x.stride(1) != 1:
+        raise ValueError(f"x: expected rows contiguous (stride 1), got strides {x.stride()}")
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"ids: expected [{x.shape[0]}, top_k] (a row per token of x), got {tuple(ids.shape)}"
+        )
+    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1024:
+        raise ValueError(f"align: expected an integer in [1, 1024], got {align!r}")
+    num_tokens, top_k = ids.shape
+    hidden = x.shape[1]
+    device = x.device
+    rows = max_rows(num_tokens, top_k, num_experts, align)
+    x_sorted = torch.empty(rows, hidden, dtype=x.dtype, device=device)
+    tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
+    expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    row_token = torch.empty(rows, dtype=torch.int32, device=device)
+    slot_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
+    plan = DispatchPlan(tokens_per_expert, expert_offsets, row_token, slot_row, align)
+    experts_pad = triton.next_power_of_2(num_experts)
+    pairs_pad = triton.next_power_of_2(_CHUNK_TOKENS * top_k)
+    chunks = triton.cdiv(num_tokens, _CHUNK_TOKENS)
+    align_pad = triton.next_power_of_2(align)
+    fused = num_tokens * top_k <= _FUSED_PAIRS
+    if num_tokens == 0:
+        fused = True
+        chunks = 1
+    chunk_prefix = expert_offsets  # unread when fused
+    if not fused:
+        chunk_prefix = torch.empty(chunks, experts_pad, dtype=torch.int32, device=device)
+        _count_chunks_kernel[(chunks,)](
+            ids,
+            chunk_prefix,
+            num_tokens * top_k,
+            TOP_K=top_k,
+            EXPERTS_PAD=experts_pad,
+            CHUNK_TOKENS=_CHUNK_TOKENS,
+            PAIRS_PAD=pairs_pad,
+            num_warps=4,
+        )
+        _scan_chunks_kernel[(1,)](
+            chunk_prefix,
+            tokens_per_expert,
+            expert_offsets,
+            row_token,
+            chunks,
+            num_experts,
+            rows,
+            align,
+            EXPERTS_PAD=experts_pad,
+            SCAN_BLOCK=16,
+            ALIGN_PAD=align_pad,
+            num_warps=8,
+        )
+    _dispatch_kernel[(chunks,)](
+        x,
+        ids,
+        x_sorted,
+        chunk_prefix,
+        expert_offsets,
+        tokens_per_expert,
+        row_token,
+        slot_row,
+        num_tokens,
+        num_experts,
+        hidden,
+        x.stride(0),
+        rows,
+        align,
+        TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k),
+        EXPERTS_PAD=experts_pad,
+        CHUNK_TOKENS=_CHUNK_TOKENS,
+        FUSED=fused,
+        ALL_PAIRS_PAD=triton.next_power_of_2(max(1, num_tokens * top_k)) if fused else 1,
+        ALIGN_PAD=align_pad,
+        HIDDEN_TILE=min(_HIDDEN_TILE, triton.next_power_of_2(hidden)),
+        num_warps=4,
+    )
+    return x_sorted, plan
+
+
+def combine(y_sorted, weights, plan: DispatchPlan):
+    """out[t] = sum over choices c of weights[t, c] * y_sorted[plan.slot_row[t, c]], accumulated in fp32 in
+    a fixed order, returned in y's dtype. One launch, no atomics, no host sync."""
+    check_tensor("y_sorted", y_sorted, ndim=2, dtypes=ROW_DTYPES)
+    check_contiguous("y_sorted", y_sorted)
+    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=y_sorted.device)
+    check_contiguous("weights", weights)
+    if not isinstance(plan, DispatchPlan):
+        raise ValueError(f"plan: expected the DispatchPlan dispatch returned, got {type(plan).__name__}")
+    if weights.shape != plan.slot_row.shape:
+        raise ValueError(
+            f"weights: expected {tuple(plan.slot_row.shape)} like the plan, got {tuple(weights.shape)}"
+        )
+    if y_sorted.shape[0] != plan.row_token.shape[0]:
+        raise ValueError(
+            f"y_sorted: expected {plan.row_token.shape[0]} rows like the plan, got {y_sorted.shape[0]}"
+        )
+    num_tokens, top_k = weights.shape
+    hidden = y_sorted.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=y_sorted.dtype, device=y_sorted.device)
+    if num_tokens == 0:
+        return out
+    tile = min(_HIDDEN_TILE, triton.next_power_of_2(hidden))
+    tokens = 4
+    _combine_kernel[(triton.cdiv(num_tokens, tokens), triton.cdiv(hidden, tile))](
+        y_sorted,
+        weights,
+        plan.slot_row,
+        out,
+        num_tokens,
+        hidden,
+        TOP_K=top_k,
+        TOKENS=tokens,
+        HIDDEN_TILE=tile,
+        num_warps=4,
+    )
+    return out

@@ -11,6 +11,8 @@ ties to the lower expert id (a stable sort, so runs are deterministic):
   the unbiased scores, renormalised, times ``scale``.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -51,3 +53,54 @@ def route(
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights * scale, ids.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where dispatch put each row (same fields and invariants as kernels.moe.DispatchPlan)."""
+
+    tokens_per_expert: torch.Tensor  # int32 [experts]
+    expert_offsets: torch.Tensor  # int32 [experts + 1]; expert e's segment starts at a multiple of align
+    row_token: torch.Tensor  # int32 [max_rows]: each row's source token, -1 for padding
+    slot_row: torch.Tensor  # int32 [tokens, top_k]: the row token t's c-th choice landed in
+    align: int
+
+
+def max_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
+    return num_tokens * top_k + num_experts * (align - 1)
+
+
+def dispatch(x, ids, num_experts, *, align=1):
+    """Copies token t's row to one row per choice, grouped by expert in (token, choice) order, each expert's
+    segment starting at a multiple of ``align``; returns (x_sorted [max_rows, hidden], plan). Padding rows
+    are zero here (the kernel leaves them unwritten)."""
+    tokens, top_k = ids.shape
+    flat = ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + align - 1) // align * align
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(padded, 0)
+    order = torch.sort(flat, stable=True).indices  # pairs by expert, then by (token, choice)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
+    rows = torch.empty_like(flat)
+    rows[order] = offsets[flat[order]] + rank
+    total = max_rows(tokens, top_k, num_experts, align)
+    row_token = torch.full((total,), -1, dtype=torch.int32, device=ids.device)
+    row_token[rows] = (torch.arange(flat.numel(), device=ids.device) // top_k).to(torch.int32)
+    x_sorted = torch.zeros(total, x.shape[1], dtype=x.dtype, device=x.device)
+    x_sorted[rows] = x[torch.arange(flat.numel(), device=ids.device) // top_k]
+    plan = DispatchPlan(
+        counts.to(torch.int32),
+        offsets.to(torch.int32),
+        row_token,
+        rows.view(tokens, top_k).to(torch.int32),
+        align,
+    )
+    return x_sorted, plan
+
+
+def combine(y_sorted, weights, plan):
+    """out[t] = sum over choices c of weights[t, c] * y_sorted[slot_row[t, c]], in fp32, in y's dtype."""
+    rows = y_sorted[plan.slot_row.long()].float()  # [tokens, top_k, hidden]
+    return (rows * weights.float()[..., None]).sum(1).to(y_sorted.dtype)

@@ -1,5 +1,6 @@
-"""route against its reference: every routing rule, experts 8 to 256, top-k 1 to 8, odd token counts, ties,
-bf16/fp16/fp32 logits; bad input names the argument. (dispatch and combine are not built yet.)"""
+"""route, dispatch and combine against their references: every routing rule, experts 8 to 256, top-k 1 to 8,
+odd token counts, ties; alignments 1 to 128, empty experts, skewed loads, one launch and three; combine of
+an identity expert gives x times the weight sum; bad input names the argument."""
 
 import pytest
 import torch
@@ -127,3 +128,125 @@ def test_presets_route():
         outcome = verify(ROUTE, RouteShape(name, 9, model), DEVICE)
         assert outcome.ok, (name, outcome.message)
     assert isinstance(MoEModel("x", 1, 8, 2, 1), MoEModel)
+
+
+# --- dispatch and combine ---------------------------------------------------------------------------------
+
+
+def _routed(tokens, experts, top_k, load, seed, hidden=40, dtype=torch.bfloat16):
+    from bench.cases.moe import routing_ids
+
+    gen = generator(seed)
+    ids = routing_ids(tokens, experts, top_k, load, gen).to(DEVICE)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=1).to(DEVICE)
+    x = randn((tokens, hidden), dtype, DEVICE, gen)
+    return x, ids, weights
+
+
+def check_dispatch(x, ids, experts, align):
+    x_sorted, plan = moe.dispatch(x, ids, experts, align=align)
+    want_rows, want = reference.dispatch(x, ids, experts, align=align)
+    for field in ("tokens_per_expert", "expert_offsets", "row_token", "slot_row"):
+        assert torch.equal(getattr(plan, field).cpu(), getattr(want, field).cpu()), field
+    real = want.row_token >= 0
+    assert torch.equal(x_sorted[real].cpu(), want_rows[real].cpu())
+    offsets = plan.expert_offsets.cpu()
+    assert (offsets % align == 0).all() and (offsets.diff() >= plan.tokens_per_expert.cpu()).all()
+    return x_sorted, plan
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 257])
+@pytest.mark.parametrize("experts, top_k", [(8, 2), (60, 4), (128, 8), (256, 8), (256, 1)])
+@pytest.mark.parametrize("align", [1, 16, 64, 128])
+def test_dispatch_matches_reference(tokens, experts, top_k, align, request):
+    x, ids, _ = _routed(tokens, experts, top_k, "zipf", seed_of(request.node.name))
+    check_dispatch(x, ids, experts, align)
+
+
+@pytest.mark.parametrize("load", ["uniform", "zipf", "hot"])
+def test_dispatch_past_one_launch(load, request):
+    """Past _FUSED_PAIRS choices dispatch counts and scans in their own launches: same layout."""
+    tokens = moe._FUSED_PAIRS // 8 + 37
+    x, ids, _ = _routed(tokens, 128, 8, load, seed_of(request.node.name), hidden=24)
+    check_dispatch(x, ids, 128, 16)
+
+
+def test_empty_experts_get_empty_segments():
+    x = torch.randn(5, 16, device=DEVICE)
+    ids = torch.tensor([[3, 1]] * 5, dtype=torch.int32, device=DEVICE)
+    _, plan = check_dispatch(x, ids, 8, 16)
+    assert plan.tokens_per_expert.tolist() == [0, 5, 0, 5, 0, 0, 0, 0]
+    assert plan.expert_offsets.tolist() == [0, 0, 16, 16, 32, 32, 32, 32, 32]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("align", [1, 64])
+def test_combine_of_identity_experts_is_x_times_the_weight_sum(dtype, align, request):
+    x, ids, weights = _routed(33, 64, 8, "uniform", seed_of(request.node.name), hidden=72, dtype=dtype)
+    x_sorted, plan = moe.dispatch(x, ids, 64, align=align)
+    out = moe.combine(x_sorted, weights, plan)
+    assert out.dtype == dtype
+    assert_close(out, (x.float() * weights.sum(1, keepdim=True)).to(dtype), "out", dtype=dtype)
+    assert_close(out, reference.combine(x_sorted, weights, plan), "out vs reference", dtype=dtype)
+
+
+def test_dispatch_and_combine_are_bit_identical_across_runs():
+    x, ids, weights = _routed(50, 32, 4, "zipf", 3)
+
+    def layer():
+        x_sorted, plan = moe.dispatch(x, ids, 32, align=16)
+        return x_sorted, moe.combine(x_sorted, weights, plan)
+
+    (rows, out), (rows_again, out_again) = layer(), layer()
+    real = reference.dispatch(x, ids, 32, align=16)[1].row_token >= 0
+    assert torch.equal(rows[real], rows_again[real]) and torch.equal(out, out_again)
+
+
+def test_routing_generators_and_load_statistics():
+    from bench.cases.moe import load_statistics, routing_ids
+
+    gen = generator(1)
+    for load in ("uniform", "zipf", "hot"):
+        ids = routing_ids(512, 64, 8, load, gen)
+        assert all(len(set(row)) == 8 for row in ids.tolist())  # no expert twice for one token
+    hot = load_statistics(routing_ids(512, 64, 8, "hot", gen), 64, 64)
+    uniform = load_statistics(routing_ids(512, 64, 8, "uniform", gen), 64, 64)
+    assert hot["max_over_mean"] > 5 > uniform["max_over_mean"]
+    assert uniform["padding_rows"] % 1 == 0 and hot["empty_experts"] >= 0
+
+
+DISPATCH_BAD = {
+    "x 1-D": ("x", lambda x, ids: moe.dispatch(x[0], ids, 8)),
+    "x int": ("x", lambda x, ids: moe.dispatch(x.to(torch.int32), ids, 8)),
+    "ids int64": ("ids", lambda x, ids: moe.dispatch(x, ids.long(), 8)),
+    "ids rows": ("ids", lambda x, ids: moe.dispatch(x, ids[:2], 8)),
+    "num_experts zero": ("num_experts", lambda x, ids: moe.dispatch(x, ids, 0)),
+    "align zero": ("align", lambda x, ids: moe.dispatch(x, ids, 8, align=0)),
+    "weights shape": ("weights", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w[:, :1]))),
+    "weights dtype": ("weights", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w.half()))),
+    "plan type": ("plan", lambda x, ids: moe.combine(x, torch.ones(3, 2, device=DEVICE), "plan")),
+    "y_sorted rows": ("y_sorted", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w, rows=3))),
+}
+
+
+def _plan(x, ids, change_weights, rows=None):
+    x_sorted, plan = moe.dispatch(x, ids, 8)
+    weights = change_weights(torch.full(ids.shape, 0.5, device=DEVICE))
+    return (x_sorted if rows is None else x_sorted[:rows]), weights, plan
+
+
+@pytest.mark.parametrize("case", DISPATCH_BAD, ids=list(DISPATCH_BAD))
+def test_dispatch_and_combine_bad_input(case):
+    argument, call = DISPATCH_BAD[case]
+    x = torch.randn(3, 16, device=DEVICE)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"^{argument}: "):
+        call(x, ids)
+
+
+def test_opt_in_id_check():
+    moe.check_ids_in_range(torch.tensor([[0, 7]], dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="^ids: .* got 8"):
+        moe.check_ids_in_range(torch.tensor([[0, 8]], dtype=torch.int32), 8)

@@ -112,3 +112,186 @@ ROUTE = Case(
     # it once), which puts its ratio near 1.10; softmax routing moves exactly its model (tested).
     traffic_limit=None,
 )
+
+
+# --- routing loads ------------------------------------------------------------------------------------------
+
+LOADS = ("uniform", "zipf", "hot")
+
+
+def routing_ids(tokens: int, experts: int, top_k: int, load: str, gen: torch.Generator) -> torch.Tensor:
+    """int32 [tokens, top_k] distinct experts per token: uniform, Zipf-skewed (popularity ~ 1/rank^1.2 over
+    a shuffled ranking) or one hot expert every token picks first. Gumbel top-k: no expert twice a token."""
+    if load not in LOADS:
+        raise ValueError(f"load: expected one of {LOADS}, got {load!r}")
+    log_p = torch.zeros(experts)
+    if load == "zipf":
+        rank = torch.randperm(experts, generator=gen).float() + 1
+        log_p = -1.2 * rank.log()
+    gumbel = -torch.log(-torch.log(torch.rand(tokens, experts, generator=gen).clamp_min(1e-20)))
+    scores = log_p[None, :] + gumbel
+    if load == "hot":
+        scores[:, int(torch.randint(experts, (1,), generator=gen))] = float("inf")
+    return scores.topk(top_k, dim=1).indices.to(torch.int32)
+
+
+def load_statistics(ids: torch.Tensor, num_experts: int, align: int) -> dict:
+    """max / mean tokens per expert, experts left empty, and the padding rows ``align`` adds."""
+    counts = torch.bincount(ids.reshape(-1).long().cpu(), minlength=num_experts)
+    padded = (counts + align - 1) // align * align
+    return {
+        "max_over_mean": round(float(counts.max()) / max(float(counts.float().mean()), 1e-9), 2),
+        "empty_experts": int((counts == 0).sum()),
+        "padding_rows": int((padded - counts).sum()),
+    }
+
+
+# --- dispatch and combine -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DispatchShape:
+    name: str
+    tokens: int
+    model: MoEModel
+    load: str = "uniform"
+    align: int = 1
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def label(self) -> str:
+        m = self.model
+        return (
+            f"{self.name} tokens={self.tokens} {m.num_experts}e top{m.top_k} {self.load} align={self.align}"
+        )
+
+
+def _routing(shape: DispatchShape, device, seed: int):
+    gen = generator(seed)
+    m = shape.model
+    ids = routing_ids(shape.tokens, m.num_experts, m.top_k, shape.load, gen).to(device)
+    weights = torch.softmax(torch.randn(shape.tokens, m.top_k, generator=gen), dim=1).to(device)
+    return gen, ids, weights
+
+
+def dispatch_build(shape: DispatchShape, device, seed: int, guarded: bool = False) -> Inputs:
+    gen, ids, _ = _routing(shape, device, seed)
+    x = randn((shape.tokens, shape.model.hidden), shape.dtype, device, gen)
+    return Inputs({"x": x, "ids": ids, "num_experts": shape.model.num_experts, "align": shape.align}, ())
+
+
+def dispatch_byte_model(shape: DispatchShape) -> int:
+    """Each token's row read once and written top_k times; ids read; the plan written (slot_row, every
+    row's token, counts and offsets)."""
+    m = shape.model
+    row = m.hidden * shape.dtype.itemsize
+    pairs = shape.tokens * m.top_k
+    rows = kernels.moe.max_rows(shape.tokens, m.top_k, m.num_experts, shape.align)
+    return shape.tokens * row + pairs * row + pairs * 8 + rows * 4 + (2 * m.num_experts + 1) * 4
+
+
+def dispatch_compare(actual: Inputs, expected: Inputs, shape: DispatchShape) -> float:
+    (x_sorted, plan), (want_rows, want_plan) = actual.result, expected.result
+    for field in ("tokens_per_expert", "expert_offsets", "row_token", "slot_row"):
+        assert_bitwise_equal(getattr(plan, field).cpu(), getattr(want_plan, field).cpu(), f"plan.{field}")
+    real = want_plan.row_token.cpu() >= 0
+    assert_bitwise_equal(x_sorted.cpu()[real], want_rows.cpu()[real], "x_sorted (rows holding tokens)")
+    return 0.0
+
+
+def combine_build(shape: DispatchShape, device, seed: int, guarded: bool = False) -> Inputs:
+    """Expert outputs laid out as dispatch lays them (the plan built by the reference, not the kernel)."""
+    gen, ids, weights = _routing(shape, device, seed)
+    x = randn((shape.tokens, shape.model.hidden), shape.dtype, device, gen)
+    y_sorted, plan = reference.moe.dispatch(x, ids, shape.model.num_experts, align=shape.align)
+    plan = kernels.moe.DispatchPlan(
+        **{f: getattr(plan, f) for f in kernels.moe.DispatchPlan.__dataclass_fields__}
+    )
+    return Inputs({"y_sorted": y_sorted, "weights": weights, "plan": plan}, ())
+
+
+def combine_byte_model(shape: DispatchShape) -> int:
+    """Each choice's expert row read once, one row written per token, weights and rows read."""
+    m = shape.model
+    row = m.hidden * shape.dtype.itemsize
+    pairs = shape.tokens * m.top_k
+    return pairs * row + shape.tokens * row + pairs * 8
+
+
+def combine_compare(actual: Inputs, expected: Inputs, shape: DispatchShape) -> float:
+    assert_close(actual.result.cpu(), expected.result.cpu(), "out", dtype=shape.dtype)
+    return max_error(actual.result.cpu(), expected.result.cpu())
+
+
+def _dispatch_shape(model_name: str, tokens: int, load: str = "uniform", align: int = 1) -> DispatchShape:
+    return DispatchShape(model_name, tokens, MOE_MODELS[model_name], load, align)
+
+
+def dispatch_sweep() -> list[DispatchShape]:
+    return [
+        _dispatch_shape(name, n, load)
+        for name in MOE_MODELS
+        for load in ("uniform", "zipf")
+        for n in MOE_TOKENS
+    ]
+
+
+def dispatch_small() -> list[DispatchShape]:
+    odd = MoEModel("odd", 72, 60, 4, 64)
+    return [
+        DispatchShape("odd", 3, odd, "uniform", 16),
+        DispatchShape("odd", 257, odd, "zipf", 64),
+        DispatchShape("hot", 40, MoEModel("hot", 40, 256, 8, 64), "hot", 128),
+        DispatchShape("mixtral", 33, MoEModel("mixtral", 24, 8, 2, 64), "uniform", 1, torch.float32),
+        DispatchShape("chunked", 300, MoEModel("chunked", 16, 128, 8, 64), "zipf", 16),  # past one launch
+    ]
+
+
+def dispatch_traffic() -> list[DispatchShape]:
+    """Real row widths: a decode step (one launch) and a chunk past _FUSED_PAIRS (count, scan, copy)."""
+    return [
+        _dispatch_shape("DeepSeek-R1", 33),
+        _dispatch_shape("Mixtral-8x7B", 100, "zipf", 16),
+        _dispatch_shape("Qwen3-30B-A3B", 300, "zipf", 64),
+    ]
+
+
+def _decode(name):
+    return _dispatch_shape(name, 64)
+
+
+DISPATCH = Case(
+    name="dispatch",
+    module="moe",
+    kernel=kernels.moe.dispatch,
+    reference=reference.moe.dispatch,
+    build=dispatch_build,
+    byte_model=dispatch_byte_model,
+    flop_model=lambda shape: 0,
+    sweep=dispatch_sweep,
+    default_shapes=lambda: [_dispatch_shape("DeepSeek-R1", n) for n in (1, 64, 4096, 8192)],
+    small_shapes=dispatch_small,
+    static_shapes=lambda: [
+        _decode("DeepSeek-R1"),
+        _dispatch_shape("DeepSeek-R1", 8192),
+        _decode("Mixtral-8x7B"),
+    ],
+    traffic_shapes=dispatch_traffic,
+    compare=dispatch_compare,
+)
+
+COMBINE = Case(
+    name="combine",
+    module="moe",
+    kernel=kernels.moe.combine,
+    reference=reference.moe.combine,
+    build=combine_build,
+    byte_model=combine_byte_model,
+    flop_model=lambda shape: 2 * shape.tokens * shape.model.top_k * shape.model.hidden,
+    sweep=dispatch_sweep,
+    default_shapes=lambda: [_dispatch_shape("DeepSeek-R1", n) for n in (1, 64, 4096, 8192)],
+    small_shapes=dispatch_small,
+    static_shapes=lambda: [_decode("DeepSeek-R1"), _decode("Mixtral-8x7B")],
+    traffic_shapes=dispatch_traffic,
+    compare=combine_compare,
+)
