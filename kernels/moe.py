@@ -243,6 +243,7 @@ def _count_chunks_kernel(
     ids_ptr,  # [num_tokens * TOP_K] int32, (token, choice) order
     chunk_counts_ptr,  # [num_chunks, EXPERTS_PAD] int32 out: each chunk's choices per expert
     num_pairs,
+    num_experts,
     TOP_K: tl.constexpr,
     EXPERTS_PAD: tl.constexpr,
     CHUNK_TOKENS: tl.constexpr,
@@ -252,7 +253,8 @@ def _count_chunks_kernel(
     pairs = chunk * CHUNK_TOKENS * TOP_K + tl.arange(0, PAIRS_PAD)
     mask = (tl.arange(0, PAIRS_PAD) < CHUNK_TOKENS * TOP_K) & (pairs < num_pairs)
     ids = tl.load(ids_ptr + pairs, mask=mask, other=0)
-    counts = tl.histogram(ids, EXPERTS_PAD, mask=mask)
+    mask = mask & (ids >= 0) & (ids < num_experts)  # an id out of range is dropped, never written through
+    counts = tl.histogram(tl.where(mask, ids, 0), EXPERTS_PAD, mask=mask)
     tl.store(chunk_counts_ptr + chunk * EXPERTS_PAD + tl.arange(0, EXPERTS_PAD), counts)
 
 
@@ -357,8 +359,10 @@ def _dispatch_kernel(
         every = tl.arange(0, ALL_PAIRS_PAD)
         num_pairs = num_tokens * TOP_K
         all_ids = tl.load(ids_ptr + every, mask=every < num_pairs, other=0)
-        totals = tl.histogram(all_ids, EXPERTS_PAD, mask=every < num_pairs)
-        before = tl.histogram(all_ids, EXPERTS_PAD, mask=every < chunk * CHUNK_TOKENS * TOP_K)
+        in_range = (all_ids >= 0) & (all_ids < num_experts)
+        all_ids = tl.where(in_range, all_ids, 0)
+        totals = tl.histogram(all_ids, EXPERTS_PAD, mask=(every < num_pairs) & in_range)
+        before = tl.histogram(all_ids, EXPERTS_PAD, mask=(every < chunk * CHUNK_TOKENS * TOP_K) & in_range)
         padded = tl.where(experts < num_experts, tl.cdiv(totals, align) * align, 0)
         base = tl.cumsum(padded, axis=0) - padded + before
         if chunk == 0:
@@ -378,20 +382,24 @@ def _dispatch_kernel(
         base += tl.load(expert_offsets_ptr + experts, mask=experts < num_experts, other=0)
 
     # Within the chunk, (token, choice) order: a token's choice of e lands after the earlier tokens' choices
-    # of e (a token never picks an expert twice). chosen[t, e]: does token t pick e.
+    # of e. chosen[t, e]: how many of token t's choices are e.
     chosen = tl.zeros([CHUNK_TOKENS, EXPERTS_PAD], dtype=tl.int32)
     for c in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + tokens * TOP_K + c, mask=live, other=0)
-        chosen += ((expert[:, None] == experts[None, :]) & live[:, None]).to(tl.int32)
+        expert = tl.load(ids_ptr + tokens * TOP_K + c, mask=live, other=-1)
+        chosen += (expert[:, None] == experts[None, :]).to(tl.int32) * (expert < num_experts)[:, None]
     first_row = base[None, :] + tl.cumsum(chosen, axis=0) - chosen  # [CHUNK_TOKENS, EXPERTS_PAD]
     choices = tl.arange(0, K_PAD)
-    rows = tl.zeros([CHUNK_TOKENS, K_PAD], dtype=tl.int32)
+    rows = tl.full([CHUNK_TOKENS, K_PAD], -1, dtype=tl.int32)
     for c in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + tokens * TOP_K + c, mask=live, other=0)
-        row = tl.reshape(tl.gather(first_row, expert[:, None], axis=1), [CHUNK_TOKENS])
+        expert = tl.load(ids_ptr + tokens * TOP_K + c, mask=live, other=-1)
+        valid = (expert >= 0) & (expert < num_experts)  # an id out of range: slot_row -1, nothing written
+        gathered = tl.gather(first_row, tl.where(valid, expert, 0)[:, None], axis=1)
+        row = tl.where(valid, tl.reshape(gathered, [CHUNK_TOKENS]), -1)
+        # A token naming one expert twice (routers never do) still gets one row per choice, in order.
+        first_row += ((expert[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
         rows = tl.where(choices[None, :] == c, row[:, None], rows)
         tl.store(slot_row_ptr + tokens * TOP_K + c, row, mask=live)
-        tl.store(row_token_ptr + row, tokens, mask=live)
+        tl.store(row_token_ptr + row, tokens, mask=live & valid)
 
     # Copy: each token's row is read once and written to its TOP_K rows.
     for start in range(0, hidden, HIDDEN_TILE):
@@ -399,8 +407,9 @@ def _dispatch_kernel(
         mask = live[:, None] & (cols < hidden)[None, :]
         row_data = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask)
         for c in tl.static_range(TOP_K):
-            dest = tl.sum(tl.where(choices[None, :] == c, rows, 0), axis=1).to(tl.int64)
-            tl.store(x_sorted_ptr + dest[:, None] * hidden + cols[None, :], row_data, mask=mask)
+            dest = tl.sum(tl.where(choices[None, :] == c, rows, 0), axis=1)
+            keep = mask & (dest >= 0)[:, None]
+            tl.store(x_sorted_ptr + dest.to(tl.int64)[:, None] * hidden + cols[None, :], row_data, mask=keep)
 
 
 @triton.jit
@@ -421,9 +430,11 @@ def _combine_kernel(
     mask = live[:, None] & (cols < hidden)[None, :]
     acc = tl.zeros([TOKENS, HIDDEN_TILE], dtype=tl.float32)
     for c in tl.static_range(TOP_K):  # a fixed order: bit-identical runs
-        row = tl.load(slot_row_ptr + tokens * TOP_K + c, mask=live, other=0).to(tl.int64)
+        row = tl.load(slot_row_ptr + tokens * TOP_K + c, mask=live, other=-1).to(tl.int64)
         weight = tl.load(weights_ptr + tokens * TOP_K + c, mask=live, other=0.0)
-        y = tl.load(y_sorted_ptr + row[:, None] * hidden + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(
+            y_sorted_ptr + row[:, None] * hidden + cols[None, :], mask=mask & (row >= 0)[:, None], other=0.0
+        )
         acc += weight[:, None] * y.to(tl.float32)
     out = tokens.to(tl.int64)[:, None] * hidden + cols[None, :]
     tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -441,7 +452,8 @@ def _check_ids(ids, num_experts, device) -> None:
 
 
 def check_ids_in_range(ids: torch.Tensor, num_experts: int) -> None:
-    """Opt-in check that reads the ids (it syncs): every id in [0, num_experts). dispatch trusts them."""
+    """Opt-in check that reads the ids (it syncs): every id in [0, num_experts). dispatch does not read
+    ids on the host; one out of range is dropped there (slot_row -1, nothing written, combine skips it)."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         bad = ids[(ids < 0) | (ids >= num_experts)][0].item()
         raise ValueError(f"ids: expected expert ids in [0, {num_experts}), got {bad}")
@@ -488,6 +500,7 @@ def dispatch(x, ids, num_experts, *, align=1):
             ids,
             chunk_prefix,
             num_tokens * top_k,
+            num_experts,
             TOP_K=top_k,
             EXPERTS_PAD=experts_pad,
             CHUNK_TOKENS=_CHUNK_TOKENS,

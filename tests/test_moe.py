@@ -246,6 +246,22 @@ def test_dispatch_and_combine_bad_input(case):
         call(x, ids)
 
 
+def test_a_token_naming_one_expert_twice_gets_two_rows():
+    x = torch.randn(3, 16, device=DEVICE)
+    ids = torch.tensor([[7, 7], [1, 7], [7, 1]], dtype=torch.int32, device=DEVICE)
+    check_dispatch(x, ids, 8, 4)
+
+
+def test_ids_out_of_range_are_dropped_not_written_through():
+    x = torch.randn(4, 16, device=DEVICE)
+    ids = torch.tensor([[0, 9], [1, -3], [2, 3], [8, 7]], dtype=torch.int32, device=DEVICE)
+    x_sorted, plan = moe.dispatch(x, ids, 8, align=4)
+    assert plan.slot_row[:, 1].tolist()[:2] == [-1, -1] and plan.slot_row[3, 0].item() == -1
+    assert plan.tokens_per_expert.sum().item() == 5
+    out = moe.combine(x_sorted, torch.full((4, 2), 0.5, device=DEVICE), plan)
+    torch.testing.assert_close(out[0], x[0] * 0.5)  # the dropped choice adds nothing
+
+
 def test_opt_in_id_check():
     moe.check_ids_in_range(torch.tensor([[0, 7]], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="^ids: .* got 8"):
