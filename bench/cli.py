@@ -7,6 +7,8 @@ decodebench run [--kernel NAME] [--graph] [--out FILE]
 decodebench report FILE...          tables from saved results (decodebench or pytest-benchmark JSON)
 decodebench static [--json FILE]    registers, spills, shared memory, access widths at sm_90 and sm_80
 decodebench traffic                 bytes moved under the interpreter against each byte model
+decodebench compare BASE NEW [--fail median:10%]   timing deltas, non-zero exit past the threshold
+decodebench proxies [--update]      registers, spills, widths, traffic against the committed baseline
 decodebench capacity [--plot PNG]   KV memory holding tokens per allocation policy, reasoning loads
 decodebench gpu-check [--out DIR]   on a lent GPU: tests, benchmark sweep, static report, all under DIR
 """
@@ -124,6 +126,38 @@ def cmd_capacity(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from bench import compare
+
+    threshold = compare.Threshold.parse(args.fail)
+    deltas, only_base, only_new = compare.compare(Path(args.base), Path(args.new), threshold)
+    print(compare.table(deltas, threshold.stat))
+    for label, keys in (("only in BASE", only_base), ("only in NEW", only_new)):
+        if keys:
+            print(f"\n{label}: " + "; ".join(compare.label(k) for k in keys))
+    failed = [d for d in deltas if d.failed]
+    if failed:
+        print(f"\nFAILED: {len(failed)} of {len(deltas)} entries past {args.fail}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_proxies(args) -> int:
+    from bench import proxies
+
+    current = proxies.collect(_cases(args.kernel))
+    if args.update:
+        print(f"baseline written: {proxies.save(current)}")
+        return 0
+    problems = proxies.check(current, proxies.load())
+    for problem in problems:
+        print(f"REGRESSION {problem}")
+    print(
+        f"{len(current['static'])} launches and {len(current['traffic'])} traffic shapes checked against "
+        f"{proxies.BASELINE.name}: {len(problems)} regressions"
+    )
+    return 1 if problems else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decodebench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +197,17 @@ def main(argv=None) -> int:
     )
     capacity.add_argument("--plot", help="also write the shares as a PNG (plot extra)")
     capacity.set_defaults(func=cmd_capacity)
+
+    compare = sub.add_parser("compare", help="timings of two result files, failing past a threshold")
+    compare.add_argument("base")
+    compare.add_argument("new")
+    compare.add_argument("--fail", default="median:10%", help="STAT:LIMIT, e.g. median:10%% or min:5us")
+    compare.set_defaults(func=cmd_compare)
+
+    proxies = sub.add_parser("proxies", help="check (or --update) the committed CPU-side proxy baseline")
+    proxies.add_argument("--kernel", action="append")
+    proxies.add_argument("--update", action="store_true", help="write the current proxies as the baseline")
+    proxies.set_defaults(func=cmd_proxies)
 
     check = sub.add_parser(
         "gpu-check", help="tests, sweep and static report on a GPU, all written to one folder"

@@ -1,0 +1,88 @@
+"""Regression tracking for timings: two result files (pytest-benchmark's schema, whichever wrote them)
+compared entry by entry, with a threshold past which the comparison fails.
+
+Entries pair up by (kernel, impl, shape) from extra_info, or by name where extra_info lacks them.
+``--fail median:10%`` fails when any paired entry's median grew by more than 10%; the statistic may be any
+of pytest-benchmark's (min, max, mean, median) and the limit a percentage or an absolute time (``5us``).
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import results
+
+STATS = ("min", "max", "mean", "median")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    stat: str
+    percent: float | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Threshold":
+        match = re.fullmatch(r"(\w+):([\d.]+)(%|s|ms|us|ns)", text.strip())
+        if not match or match.group(1) not in STATS:
+            raise ValueError(
+                f"--fail: expected STAT:LIMIT with STAT in {STATS} and LIMIT like 10% or 5us, got {text!r}"
+            )
+        stat, value, unit = match.group(1), float(match.group(2)), match.group(3)
+        if unit == "%":
+            return cls(stat, percent=value)
+        return cls(stat, seconds=value * {"s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[unit])
+
+    def exceeded(self, base: float, new: float) -> bool:
+        if self.percent is not None:
+            return new > base * (1 + self.percent / 100)
+        return new - base > self.seconds
+
+
+def _key(entry: dict) -> tuple:
+    info = entry.get("extra_info", {})
+    if "kernel" in info and "shape" in info:
+        return (info["kernel"], info.get("impl", "triton"), info["shape"], bool(info.get("cuda_graph")))
+    return (entry["name"],)
+
+
+@dataclass
+class Delta:
+    key: tuple
+    base: float
+    new: float
+    failed: bool
+
+    @property
+    def change(self) -> float:
+        return (self.new - self.base) / self.base if self.base else float("inf")
+
+
+def compare(
+    base_path: Path, new_path: Path, threshold: Threshold
+) -> tuple[list[Delta], list[tuple], list[tuple]]:
+    """(paired deltas, keys only in base, keys only in new)."""
+    base = {_key(e): e for e in results.load(base_path)["benchmarks"]}
+    new = {_key(e): e for e in results.load(new_path)["benchmarks"]}
+    deltas = []
+    for key in base.keys() & new.keys():
+        b, n = base[key]["stats"][threshold.stat], new[key]["stats"][threshold.stat]
+        deltas.append(Delta(key, b, n, threshold.exceeded(b, n)))
+    deltas.sort(key=lambda d: d.key)
+    return deltas, sorted(base.keys() - new.keys()), sorted(new.keys() - base.keys())
+
+
+def table(deltas: list[Delta], stat: str) -> str:
+    from bench.report import table as render
+
+    rows = [
+        [
+            " ".join(str(part) for part in d.key if part is not False and part is not True),
+            f"{d.base * 1e6:.4g}",
+            f"{d.new * 1e6:.4g}",
+            f"{100 * d.change:+.1f}%",
+            "FAILED" if d.failed else "",
+        ]
+        for d in deltas
+    ]
+    return render(rows, ["entry", f"base {stat} us", f"new {stat} us", "change", "check"])

@@ -1,0 +1,93 @@
+"""Regression tracking: timing comparisons that fail past a threshold (on synthetic result files), and the
+committed CPU-side proxy baseline that a spill, a narrower access or more traffic fails against."""
+
+import copy
+import functools
+
+import pytest
+
+from bench import cli, compare, proxies, results
+from bench.cases import CASES
+from bench.timing import Timing
+
+
+def _results(path, medians_us: dict):
+    entries = []
+    for (kernel, shape), median in medians_us.items():
+        timing = Timing.from_samples([median * 1e-3 * f for f in (0.98, 1.0, 1.02)])
+        info = {"kernel": kernel, "shape": shape, "impl": "triton"}
+        entries.append(results.entry(f"{kernel} {shape}", kernel, timing, info))
+    return results.write(path, entries)
+
+
+def test_compare_prints_deltas_and_fails_past_the_threshold(tmp_path, capsys):
+    base = _results(
+        tmp_path / "base.json",
+        {("write_kv", "a"): 10.0, ("paged_decode", "b"): 100.0, ("route", "gone"): 5.0},
+    )
+    new = _results(
+        tmp_path / "new.json",
+        {("write_kv", "a"): 10.5, ("paged_decode", "b"): 125.0, ("route", "added"): 5.0},
+    )
+    assert cli.main(["compare", str(base), str(new), "--fail", "median:10%"]) == 1
+    out = capsys.readouterr().out
+    assert "+25.0%" in out and "+5.0%" in out and "FAILED" in out
+    assert "only in BASE: route triton gone" in out and "only in NEW: route triton added" in out
+    assert cli.main(["compare", str(base), str(new), "--fail", "median:30%"]) == 0
+
+
+def test_thresholds_parse_percent_and_time():
+    assert compare.Threshold.parse("median:10%").exceeded(1.0, 1.11)
+    assert not compare.Threshold.parse("min:5us").exceeded(1e-3, 1e-3 + 4e-6)
+    with pytest.raises(ValueError, match="^--fail: "):
+        compare.Threshold.parse("p99:10%")
+
+
+@functools.cache
+def current():
+    return proxies.collect(list(CASES.values()))
+
+
+def test_the_committed_baseline_holds():
+    """The check CI runs: no kernel spills more, loads narrower or moves more bytes than the baseline says.
+    An intended change updates bench/baselines/cpu-proxies.json (decodebench proxies --update)."""
+    problems = proxies.check(current(), proxies.load())
+    assert not problems, "\n".join(problems)
+
+
+def _first_compiled(state):
+    return next(k for k, v in state["static"].items() if "error" not in v and v["load_widths"].get("16"))
+
+
+def test_a_planted_spill_fails():
+    planted = copy.deepcopy(current())
+    key = _first_compiled(planted)
+    planted["static"][key]["spill_bytes"] += 64
+    assert any("spills" in p and key in p for p in proxies.check(planted, current()))
+
+
+def test_a_planted_narrower_load_fails():
+    planted = copy.deepcopy(current())
+    key = _first_compiled(planted)
+    widths = planted["static"][key]["load_widths"]
+    widths["2"] = widths.pop("16")  # the 16-byte loads became 2-byte ones
+    assert any("loads" in p and key in p for p in proxies.check(planted, current()))
+
+
+def test_planted_traffic_and_lost_shapes_fail():
+    planted = copy.deepcopy(current())
+    key = next(iter(planted["traffic"]))
+    planted["traffic"][key] += 0.05
+    gone = next(iter(planted["static"]))
+    del planted["static"][gone]
+    problems = proxies.check(planted, current())
+    assert any("traffic ratio" in p for p in problems) and any("gone" in p for p in problems)
+
+
+def test_registers_compare_only_under_the_same_triton():
+    planted = copy.deepcopy(current())
+    key = _first_compiled(planted)
+    planted["static"][key]["registers"] += 40
+    assert any("registers" in p for p in proxies.check(planted, current()))
+    planted["triton"] = "0.0-other"
+    assert not any("registers" in p for p in proxies.check(planted, current()))
