@@ -72,12 +72,19 @@ def compare(
     return deltas, sorted(base.keys() - new.keys()), sorted(new.keys() - base.keys())
 
 
+def label(key: tuple) -> str:
+    """kernel impl shape, and (graph) for a CUDA-graph replay."""
+    return " ".join(str(part) for part in key if not isinstance(part, bool)) + (
+        " (graph)" if True in key else ""
+    )
+
+
 def table(deltas: list[Delta], stat: str) -> str:
     from bench.report import table as render
 
     rows = [
         [
-            " ".join(str(part) for part in d.key if part is not False and part is not True),
+            label(d.key),
             f"{d.base * 1e6:.4g}",
             f"{d.new * 1e6:.4g}",
             f"{100 * d.change:+.1f}%",
