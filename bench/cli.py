@@ -7,6 +7,7 @@ decodebench run [--kernel NAME] [--graph] [--out FILE]
 decodebench report FILE...          tables from saved results (decodebench or pytest-benchmark JSON)
 decodebench static [--json FILE]    registers, spills, shared memory, access widths at sm_90 and sm_80
 decodebench traffic                 bytes moved under the interpreter against each byte model
+decodebench profile CASE --tool torch|nsys|ncu   one shape under a profiler, DRAM bytes beside the model
 decodebench compare BASE NEW [--fail median:10%]   timing deltas, non-zero exit past the threshold
 decodebench proxies [--update]      registers, spills, widths, traffic against the committed baseline
 decodebench capacity [--plot PNG]   KV memory holding tokens per allocation policy, reasoning loads
@@ -95,6 +96,14 @@ def cmd_report(args) -> int:
         )
         print(report.results_table(document["benchmarks"]))
         print()
+        if args.plot:
+            from bench import plots
+
+            folder = Path(args.plot)
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = Path(path).stem
+            print(plots.roofline(document, folder / f"{stem}-roofline.png"))
+            print(plots.decode_bandwidth(document, folder / f"{stem}-decode-gbps.png"))
     return 0
 
 
@@ -158,6 +167,41 @@ def cmd_proxies(args) -> int:
     return 1 if problems else 0
 
 
+def _shape_of(case, index: int):
+    shapes = list(case.default_shapes())
+    if not 0 <= index < len(shapes):
+        raise SystemExit(f"--shape: expected 0 to {len(shapes) - 1} (the case's default shapes), got {index}")
+    return shapes[index]
+
+
+def cmd_profile(args) -> int:
+    from bench import profile
+
+    (case,) = _cases([args.case])
+    shape = _shape_of(case, args.shape)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    note = ""
+    if args.tool == "torch":
+        profiles, note = profile.profile_torch(case, shape, args.calls)
+    elif args.tool == "nsys":
+        profiles = profile.profile_nsys(case.name, args.shape, args.calls, out)
+    else:
+        profiles = profile.profile_ncu(case.name, args.shape, args.calls, out)
+    text = profile.summary(case, shape, profiles, args.calls, note)
+    print(text)
+    (out / f"{case.name}-{args.shape}-{args.tool}.md").write_text(text + "\n")
+    return 0
+
+
+def cmd_profile_target(args) -> int:
+    from bench import profile
+
+    (case,) = _cases([args.case])
+    profile.target(case, _shape_of(case, args.shape), args.calls)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decodebench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +214,7 @@ def main(argv=None) -> int:
 
     report = sub.add_parser("report", help="tables from saved result files")
     report.add_argument("files", nargs="+")
+    report.add_argument("--plot", help="also write a roofline and decode GB/s-by-context PNGs to this folder")
     report.set_defaults(func=cmd_report)
 
     static = sub.add_parser("static", help="AOT-compile for sm_90/sm_80: registers, spills, access widths")
@@ -197,6 +242,20 @@ def main(argv=None) -> int:
     )
     capacity.add_argument("--plot", help="also write the shares as a PNG (plot extra)")
     capacity.set_defaults(func=cmd_capacity)
+
+    prof = sub.add_parser("profile", help="one benchmark shape under ncu, nsys or torch.profiler")
+    prof.add_argument("case", help="a kernel: " + ", ".join(CASES))
+    prof.add_argument("--shape", type=int, default=0, help="index into the case's default shapes")
+    prof.add_argument("--tool", choices=("torch", "nsys", "ncu"), default="torch")
+    prof.add_argument("--calls", type=int, default=10)
+    prof.add_argument("--out", default="profiles/out", help="folder for the reports and the summary")
+    prof.set_defaults(func=cmd_profile)
+
+    target = sub.add_parser("profile-target", help="(run by profile under nsys or ncu)")
+    target.add_argument("case")
+    target.add_argument("--shape", type=int, default=0)
+    target.add_argument("--calls", type=int, default=10)
+    target.set_defaults(func=cmd_profile_target)
 
     compare = sub.add_parser("compare", help="timings of two result files, failing past a threshold")
     compare.add_argument("base")

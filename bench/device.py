@@ -94,3 +94,12 @@ def copy_bandwidth_gbps() -> float:
     dst = torch.empty_like(src)
     timing = time_cuda(lambda: dst.copy_(src), label="peak: device copy", flush=False, rep_ms=200)
     return 2 * _COPY_BYTES / (timing.median_ms * 1e-3) / 1e9
+
+
+@functools.cache
+def matmul_tflops() -> float:
+    """bf16 8192^3 matrix-product throughput, measured once per process: the compute ceiling of a roofline."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn_like(a)
+    timing = time_cuda(lambda: a @ b, label="peak: bf16 matmul", flush=False, rep_ms=100)
+    return 2 * 8192**3 / (timing.median_ms * 1e-3) / 1e12

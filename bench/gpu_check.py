@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import report, results
 from bench.cases import CASES
-from bench.device import copy_bandwidth_gbps, machine_info
+from bench.device import copy_bandwidth_gbps, machine_info, matmul_tflops
 
 # Peers cheap enough to set up at every sweep shape.
 SWEEP_PEERS = ("sdpa-contiguous", "flashinfer")
@@ -60,7 +60,8 @@ def run(out: str | None, budget_s: float = 420.0) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s
     peak = copy_bandwidth_gbps()
-    (folder / "machine.json").write_text(json.dumps({**info.as_dict(), "copy_gbps": peak}, indent=1))
+    ceilings = {"copy_gbps": peak, "matmul_tflops": matmul_tflops()}
+    (folder / "machine.json").write_text(json.dumps({**info.as_dict(), **ceilings}, indent=1))
     py = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     steps, sections = {}, []
 
@@ -95,7 +96,7 @@ def run(out: str | None, budget_s: float = 420.0) -> int:
             for shape in case.default_shapes():
                 entries += measure(case, shape)
                 entries += measure(case, shape, cuda_graph=True, with_reference=False)
-        results.write(folder / "run.json", entries, {"copy_gbps": peak})
+        results.write(folder / "run.json", entries, ceilings)
         sections.append(("Default shapes (run.json)", report.results_table(entries)))
         failed = [e["name"] for e in entries if e["extra_info"].get("verified") is False]
         return f"{len(entries)} timings, {len(failed)} failed verification", not failed
@@ -124,7 +125,7 @@ def run(out: str | None, budget_s: float = 420.0) -> int:
                     continue
                 entries += measure(case, shape, peers=SWEEP_PEERS)
                 done += 1
-                results.write(folder / "sweep.json", entries, {"copy_gbps": peak})
+                results.write(folder / "sweep.json", entries, ceilings)
         if entries:
             sections.append(("Sweep (sweep.json)", report.results_table(entries)))
         failed = [e["name"] for e in entries if e["extra_info"].get("verified") is False]
@@ -139,7 +140,8 @@ def run(out: str | None, budget_s: float = 420.0) -> int:
         "",
         f"- {info.capability}, {info.sm_count} SMs, {info.memory_gib} GiB, driver {info.driver}, "
         f"CUDA {info.cuda}, torch {info.torch}, triton {info.triton}, {stamp} UTC",
-        f"- copy bandwidth measured: {peak:.0f} GB/s (read + write)",
+        f"- copy bandwidth measured: {peak:.0f} GB/s (read + write); bf16 matmul: "
+        f"{ceilings['matmul_tflops']:.0f} TFLOP/s",
         "",
         "## Steps",
         "",

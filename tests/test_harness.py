@@ -146,6 +146,7 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
     )
     monkeypatch.setattr(gpu_check, "machine_info", lambda: fake)
     monkeypatch.setattr(gpu_check, "copy_bandwidth_gbps", lambda: 3000.0)
+    monkeypatch.setattr(gpu_check, "matmul_tflops", lambda: 790.0)
     subprocess_calls = []
 
     def fake_subprocess(name, out, command, timeout):

@@ -1,0 +1,113 @@
+"""Pictures from saved results (the plot extra): a roofline of every kernel's achieved point against the
+bandwidth and compute ceilings, and decode attention's GB/s against context length, one line per peer.
+
+Ceilings come from the results' machine_info where the run measured them (copy_gbps, matmul_tflops), else
+from the anchors in shared/facts.md for the named GPU, and the legend says which.
+"""
+
+import re
+from pathlib import Path
+
+from bench.device import PROJECTION_GBPS
+
+# bf16 matrix-product throughput measured on the lent machines (shared/facts.md: H100 about 790 TFLOP/s).
+ANCHOR_TFLOPS = {"H100": 790.0}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _ceilings(machine: dict) -> tuple[float, float, str]:
+    gpu = str(machine.get("gpu", ""))
+    anchor = next((name for name in PROJECTION_GBPS if name in gpu), "H100")
+    gbps = machine.get("copy_gbps") or PROJECTION_GBPS[anchor]
+    tflops = machine.get("matmul_tflops") or ANCHOR_TFLOPS.get(anchor, ANCHOR_TFLOPS["H100"])
+    source = "measured in this run" if machine.get("copy_gbps") else f"{anchor} anchors from facts.md"
+    return float(gbps), float(tflops), source
+
+
+def roofline(document: dict, path: Path) -> str:
+    plt = _pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"
+    gbps, tflops, source = _ceilings(document.get("machine_info", {}))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    intensities = [10.0**e for e in range(-3, 4)]
+    ax.plot(
+        intensities,
+        [min(gbps * i / 1e3, tflops) for i in intensities],
+        color="black",
+        lw=1.5,
+        label=f"ceilings: {gbps:.0f} GB/s, {tflops:.0f} TFLOP/s ({source})",
+    )
+    colors: dict[str, str] = {}
+    for b in document["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("impl", "triton") != "triton" or not info.get("bytes"):
+            continue
+        color = colors.setdefault(info.get("kernel", "?"), f"C{len(colors) % 10}")
+        seconds, flops = b["stats"]["median"], info.get("flops", 0)
+        if flops:
+            intensity, achieved = flops / info["bytes"], flops / seconds / 1e12
+        else:  # a copy: drawn at 1e-3 FLOP/byte, at the share of the memory roof it reaches
+            intensity = 1e-3
+            achieved = info["bytes"] / seconds / 1e9 / gbps * (gbps * intensity / 1e3)
+        ax.scatter(intensity, achieved, s=14, color=color, label=info.get("kernel"))
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte of the byte model); copies drawn at 1e-3")
+    ax.set_ylabel("TFLOP/s (copies: their share of the memory roof)")
+    ax.set_title(f"Roofline: {document.get('machine_info', {}).get('gpu', '?')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot written: {path}"
+
+
+def decode_bandwidth(document: dict, path: Path) -> str:
+    plt = _pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"
+    lines: dict[tuple, list] = {}
+    for b in document["benchmarks"]:
+        info = b.get("extra_info", {})
+        match = re.search(r"b=(\d+) ctx=(\d+) ", info.get("shape", ""))
+        if info.get("kernel") != "paged_decode" or not match or "page=16" not in info["shape"]:
+            continue
+        batch, context = int(match.group(1)), int(match.group(2))
+        model = info["shape"].split(" b=")[0]
+        lines.setdefault((model, batch, info.get("impl", "triton")), []).append(
+            (context, info.get("gbps", 0))
+        )
+    if not lines:
+        return "no plot: no paged_decode results with uniform contexts in this file"
+    gbps, _, source = _ceilings(document.get("machine_info", {}))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for (model, batch, impl), points in sorted(lines.items()):
+        points.sort()
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            ms=3,
+            label=f"{model} b={batch} {impl}",
+        )
+    ax.axhline(gbps, color="black", lw=1, ls="--", label=f"copy bandwidth ({source})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("GB/s (byte model / median time)")
+    ax.set_title("Decode attention bandwidth by context")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot written: {path}"

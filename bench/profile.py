@@ -1,0 +1,254 @@
+"""`decodebench profile CASE --tool torch|nsys|ncu`: one benchmark shape under a profiler, its report parsed
+into a table that sets each kernel's measured time (and, with ncu, DRAM bytes) beside the case's byte model.
+
+- ``ncu`` (Nsight Compute): per kernel launch, duration, DRAM bytes read and written, DRAM throughput as % of
+  peak and SM throughput, with the clocks left alone (``--clock-control none``) so times compare with CUDA
+  events. Measured DRAM bytes against the byte model show unexpected traffic directly.
+- ``nsys`` (Nsight Systems): per kernel, instances and device time (``cuda_gpu_kern_sum``).
+- ``torch`` (torch.profiler): per kernel, instances and device time, where neither Nsight tool is
+  installed. Without a GPU it profiles the interpreter's run: CPU time, labelled as such.
+
+The profiled process runs ``decodebench profile-target``: inputs built, one warm-up call, then ``calls``
+calls inside the NVTX range PROFILE_RANGE, which ncu's --nvtx-include selects.
+"""
+
+import csv
+import io
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.nvtx import nvtx_range
+from bench.testing import seed_of
+
+PROFILE_RANGE = "decodebench-profile"
+NCU_METRICS = (
+    "gpu__time_duration.sum",
+    "dram__bytes_read.sum",
+    "dram__bytes_write.sum",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+)
+_UNITS = {
+    "byte": 1,
+    "kbyte": 1e3,
+    "mbyte": 1e6,
+    "gbyte": 1e9,
+    "tbyte": 1e12,
+    "nsecond": 1e-9,
+    "usecond": 1e-6,
+    "msecond": 1e-3,
+    "second": 1,
+    "ns": 1e-9,
+    "us": 1e-6,
+    "ms": 1e-3,
+    "%": 1,
+    "": 1,
+}
+
+
+@dataclass
+class KernelProfile:
+    name: str
+    launches: int
+    seconds: float  # total over the launches
+    dram_bytes: float | None = None  # total over the launches (ncu only)
+    dram_pct: float | None = None  # mean % of peak DRAM throughput (ncu only)
+    sm_pct: float | None = None
+
+
+def target(case, shape, calls: int) -> None:
+    """What the profiled process runs: a warm-up call, then ``calls`` calls in the NVTX range."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"))
+    reset = inputs.reset or (lambda: None)
+    reset()
+    case.run_kernel(inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with nvtx_range(PROFILE_RANGE):
+        for _ in range(calls):
+            reset()
+            case.run_kernel(inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_torch(case, shape, calls: int) -> tuple[list[KernelProfile], str]:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"))
+    reset = inputs.reset or (lambda: None)
+    reset()
+    case.run_kernel(inputs)  # compile outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            reset()
+            with record_function(f"{case.name} call"):
+                case.run_kernel(inputs)
+        if on_gpu:
+            torch.cuda.synchronize()
+    rows = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if on_gpu and device_us > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            rows[event.key] = KernelProfile(event.key, event.count, device_us * 1e-6)
+        elif not on_gpu and event.key == f"{case.name} call":
+            rows[event.key] = KernelProfile(event.key, event.count, event.cpu_time_total * 1e-6)
+    note = "device time (torch.profiler)" if on_gpu else "CPU time of the interpreter's run: no GPU here"
+    return sorted(rows.values(), key=lambda r: -r.seconds), note
+
+
+def _run_profiled(command: list[str], tool_command: list[str], timeout: float) -> None:
+    done = subprocess.run(tool_command + command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{tool_command[0]} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+
+
+def _target_command(case_name: str, shape_index: int, calls: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bench",
+        "profile-target",
+        case_name,
+        "--shape",
+        str(shape_index),
+        "--calls",
+        str(calls),
+    ]
+
+
+def profile_nsys(case_name, shape_index, calls, out: Path, timeout=600.0) -> list[KernelProfile]:
+    nsys = shutil.which("nsys")
+    if not nsys:
+        raise RuntimeError("nsys is not on PATH (Nsight Systems); try --tool ncu or --tool torch")
+    report = out / f"{case_name}-{shape_index}"
+    _run_profiled(
+        _target_command(case_name, shape_index, calls),
+        [nsys, "profile", "-t", "cuda,nvtx", "-f", "true", "-o", str(report)],
+        timeout,
+    )
+    stats = subprocess.run(
+        [nsys, "stats", "--report", "cuda_gpu_kern_sum", "--format", "csv", f"{report}.nsys-rep"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    (out / f"{case_name}-{shape_index}-kern_sum.csv").write_text(stats.stdout)
+    return parse_nsys_kernel_summary(stats.stdout)
+
+
+def profile_ncu(case_name, shape_index, calls, out: Path, timeout=600.0) -> list[KernelProfile]:
+    ncu = shutil.which("ncu")
+    if not ncu:
+        raise RuntimeError("ncu is not on PATH (Nsight Compute); try --tool torch")
+    done = subprocess.run(
+        [
+            ncu,
+            "--nvtx",
+            "--nvtx-include",
+            f"{PROFILE_RANGE}/",
+            "--clock-control",
+            "none",
+            "--csv",
+            "--metrics",
+            ",".join(NCU_METRICS),
+        ]
+        + _target_command(case_name, shape_index, calls),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ncu failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    (out / f"{case_name}-{shape_index}-ncu.csv").write_text(done.stdout)
+    return parse_ncu_metrics(done.stdout)
+
+
+def _csv_rows(text: str) -> list[dict]:
+    """The CSV part of a tool's output (tools print banner lines before the header)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"') and "," in line), None)
+    if start is None:
+        return []
+    return list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+
+
+def parse_nsys_kernel_summary(text: str) -> list[KernelProfile]:
+    """`nsys stats --report cuda_gpu_kern_sum --format csv`: one row per kernel name."""
+    rows = []
+    for row in _csv_rows(text):
+        total = float(row["Total Time (ns)"].replace(",", "")) * 1e-9
+        rows.append(KernelProfile(row["Name"], int(row["Instances"].replace(",", "")), total))
+    return sorted(rows, key=lambda r: -r.seconds)
+
+
+def _value(row: dict) -> float:
+    unit = row.get("Metric Unit", "").strip().lower()
+    return float(row["Metric Value"].replace(",", "")) * _UNITS.get(unit, 1)
+
+
+def parse_ncu_metrics(text: str) -> list[KernelProfile]:
+    """`ncu --csv --metrics ...`: one row per (launch, metric); folded to one profile per kernel name."""
+    launches: dict[tuple, dict] = {}
+    for row in _csv_rows(text):
+        launch = launches.setdefault((row["ID"], row["Kernel Name"]), {})
+        launch[row["Metric Name"]] = _value(row)
+    kernels: dict[str, KernelProfile] = {}
+    for (_, name), metrics in launches.items():
+        k = kernels.setdefault(name, KernelProfile(name, 0, 0.0, 0.0, 0.0, 0.0))
+        k.launches += 1
+        k.seconds += metrics.get("gpu__time_duration.sum", 0.0)
+        k.dram_bytes += metrics.get("dram__bytes_read.sum", 0.0) + metrics.get("dram__bytes_write.sum", 0.0)
+        k.dram_pct += metrics.get("dram__throughput.avg.pct_of_peak_sustained_elapsed", 0.0)
+        k.sm_pct += metrics.get("sm__throughput.avg.pct_of_peak_sustained_elapsed", 0.0)
+    for k in kernels.values():
+        k.dram_pct /= k.launches
+        k.sm_pct /= k.launches
+    return sorted(kernels.values(), key=lambda r: -r.seconds)
+
+
+def summary(case, shape, profiles: list[KernelProfile], calls: int, note: str = "") -> str:
+    """Per kernel: launches per call, time per call, and (ncu) DRAM bytes per call; then the call's total
+    against the byte model."""
+    from bench.report import table
+
+    model = case.byte_model(shape)
+    rows = []
+    for p in profiles:
+        per_call_s = p.seconds / calls
+        row = [p.name[:60], f"{p.launches / calls:g}", f"{per_call_s * 1e6:.4g}"]
+        if p.dram_bytes is not None:
+            row += [
+                f"{p.dram_bytes / calls:.4g}",
+                f"{p.dram_bytes / calls / max(per_call_s, 1e-12) / 1e9:.1f}",
+                f"{p.dram_pct:.1f}",
+                f"{p.sm_pct:.1f}",
+            ]
+        rows.append(row)
+    headers = ["kernel", "launches/call", "us/call"]
+    if any(p.dram_bytes is not None for p in profiles):
+        headers += ["DRAM B/call", "DRAM GB/s", "% DRAM peak", "% SM peak"]
+    text = [
+        f"## {case.name}: {shape.label} ({calls} calls){' - ' + note if note else ''}",
+        "",
+        table(rows, headers),
+    ]
+    total_s = sum(p.seconds for p in profiles) / calls
+    line = f"byte model: {model:.4g} B/call"
+    if profiles and all(p.dram_bytes is not None for p in profiles):
+        measured = sum(p.dram_bytes for p in profiles) / calls
+        line += f"; measured DRAM {measured:.4g} B/call = {measured / model:.3f}x the model"
+    if total_s > 0:
+        line += f"; {model / total_s / 1e9:.1f} GB/s of modelled bytes over the kernels' time"
+    text += ["", line]
+    return "\n".join(text)

@@ -1,0 +1,79 @@
+"""decodebench profile: the torch tool on this machine, and the nsys and ncu parsers on report files in the
+tools' CSV formats (tests/data: written in those formats by hand, since no GPU here could record real
+ones; their numbers are illustrations, not measurements)."""
+
+from pathlib import Path
+
+import pytest
+
+from bench import cli, profile
+from bench.cases import CASES
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_nsys_kernel_summary_parser():
+    rows = profile.parse_nsys_kernel_summary((DATA / "nsys_cuda_gpu_kern_sum.csv").read_text())
+    assert [r.name for r in rows] == ["_paged_decode_kernel", "_merge_splits_kernel"]
+    assert rows[0].launches == 10 and rows[0].seconds == pytest.approx(1.25184e-3)
+    assert rows[0].dram_bytes is None
+
+
+def test_ncu_metrics_parser_folds_rows_and_converts_units():
+    rows = profile.parse_ncu_metrics((DATA / "ncu_metrics.csv").read_text())
+    decode, merge = rows
+    assert decode.name == "_paged_decode_kernel" and decode.launches == 1
+    assert decode.seconds == pytest.approx(412.35e-6)
+    assert decode.dram_bytes == pytest.approx(1074.27e6 + 524.29e3)
+    assert decode.dram_pct == pytest.approx(86.52) and decode.sm_pct == pytest.approx(31.07)
+    assert merge.dram_bytes == pytest.approx((540.67 + 262.14) * 1e3)
+
+
+def test_summary_sets_measured_dram_beside_the_byte_model():
+    case = CASES["paged_decode"]
+    shape = case.default_shapes()[1]
+    rows = profile.parse_ncu_metrics((DATA / "ncu_metrics.csv").read_text())
+    text = profile.summary(case, shape, rows, calls=1)
+    assert "DRAM B/call" in text and "x the model" in text and f"{case.byte_model(shape):.4g}" in text
+
+
+def test_torch_tool_runs_without_nsight(tmp_path, capsys):
+    assert (
+        cli.main(
+            ["profile", "write_kv", "--shape", "0", "--tool", "torch", "--calls", "2", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "write_kv" in out and "byte model" in out
+    assert (tmp_path / "write_kv-0-torch.md").exists()
+
+
+def test_a_missing_tool_is_named():
+    import shutil
+
+    if shutil.which("ncu"):
+        pytest.skip("ncu is installed here")
+    with pytest.raises(RuntimeError, match="ncu is not on PATH"):
+        profile.profile_ncu("write_kv", 0, 1, Path("."))
+
+
+def test_profile_target_runs_the_calls():
+    assert cli.main(["profile-target", "copy_blocks", "--shape", "0", "--calls", "2"]) == 0
+
+
+def test_report_plots_a_roofline_and_decode_bandwidth(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    from bench import results
+    from bench.timing import Timing
+
+    entries = []
+    for case_name, shape_index in (("paged_decode", 0), ("paged_decode", 1), ("write_kv", 0), ("route", 1)):
+        case = CASES[case_name]
+        shape = case.default_shapes()[shape_index]
+        info = {**results.cost_info(case, shape, 1e-4, 3000.0), "impl": "triton"}
+        entries.append(results.entry(shape.label, case.name, Timing.from_samples([0.1, 0.1]), info))
+    path = results.write(tmp_path / "run.json", entries)
+    assert cli.main(["report", str(path), "--plot", str(tmp_path)]) == 0
+    for name in ("run-roofline.png", "run-decode-gbps.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
