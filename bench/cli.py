@@ -177,20 +177,22 @@ def _shape_of(case, index: int):
 def cmd_profile(args) -> int:
     from bench import profile
 
-    (case,) = _cases([args.case])
-    shape = _shape_of(case, args.shape)
+    cases = list(CASES.values()) if args.case == "all" else _cases([args.case])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    note = ""
-    if args.tool == "torch":
-        profiles, note = profile.profile_torch(case, shape, args.calls)
-    elif args.tool == "nsys":
-        profiles = profile.profile_nsys(case.name, args.shape, args.calls, out)
-    else:
-        profiles = profile.profile_ncu(case.name, args.shape, args.calls, out)
-    text = profile.summary(case, shape, profiles, args.calls, note)
-    print(text)
-    (out / f"{case.name}-{args.shape}-{args.tool}.md").write_text(text + "\n")
+    for case in cases:
+        index = min(args.shape, len(case.default_shapes()) - 1) if args.case == "all" else args.shape
+        shape = _shape_of(case, index)
+        note = ""
+        if args.tool == "torch":
+            profiles, note = profile.profile_torch(case, shape, args.calls)
+        elif args.tool == "nsys":
+            profiles = profile.profile_nsys(case.name, index, args.calls, out)
+        else:
+            profiles = profile.profile_ncu(case.name, index, args.calls, out)
+        text = profile.summary(case, shape, profiles, args.calls, note)
+        print(text + "\n")
+        (out / f"{case.name}-{index}-{args.tool}.md").write_text(text + "\n")
     return 0
 
 
@@ -244,8 +246,10 @@ def main(argv=None) -> int:
     capacity.set_defaults(func=cmd_capacity)
 
     prof = sub.add_parser("profile", help="one benchmark shape under ncu, nsys or torch.profiler")
-    prof.add_argument("case", help="a kernel: " + ", ".join(CASES))
-    prof.add_argument("--shape", type=int, default=0, help="index into the case's default shapes")
+    prof.add_argument("case", help="a kernel (" + ", ".join(CASES) + "), or all")
+    prof.add_argument(
+        "--shape", type=int, default=0, help="index into the case's default shapes (all: capped)"
+    )
     prof.add_argument("--tool", choices=("torch", "nsys", "ncu"), default="torch")
     prof.add_argument("--calls", type=int, default=10)
     prof.add_argument("--out", default="profiles/out", help="folder for the reports and the summary")

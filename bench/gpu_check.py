@@ -3,12 +3,14 @@
 Steps, each kept apart so that one failing leaves the others' results: the test suite on the GPU
 (subprocess), the static report of the real compile, the default shapes timed with and without CUDA graphs
 (kernel, reference and peers; verified first), pytest-benchmark over the default shapes (subprocess: its
-JSON and GPU clock), and the full sweep in process, written after every shape so that whatever the budget
-allows is kept. Budget: 7 minutes by default, inside the 8 a lent GPU gives one command.
+JSON and GPU clock), Nsight Compute summaries of every kernel where ncu exists, and the full sweep in
+process, written after every shape so that whatever the budget allows is kept. Budget: 7 minutes by
+default, inside the 8 a lent GPU gives one command.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -112,6 +114,33 @@ def run(out: str | None, budget_s: float = 420.0) -> int:
             timeout=max(30.0, min(150.0, deadline - time.monotonic() - 60)),
         ),
     )
+
+    def nsight():
+        """ncu summaries of every kernel (measured DRAM bytes beside each byte model), where ncu exists."""
+        if not shutil.which("ncu"):
+            return "ncu not on PATH: no Nsight Compute summaries", True
+        return _subprocess_step(
+            "ncu",
+            folder,
+            [
+                sys.executable,
+                "-m",
+                "bench",
+                "profile",
+                "all",
+                "--tool",
+                "ncu",
+                "--shape",
+                "1",
+                "--calls",
+                "3",
+                "--out",
+                str(folder / "profiles"),
+            ],
+            timeout=max(30.0, min(150.0, deadline - time.monotonic() - 90)),
+        )
+
+    timed("ncu", nsight)
 
     def sweep():
         """Every case's full sweep, in process, written after each shape; shapes left when the budget runs

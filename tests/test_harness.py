@@ -154,6 +154,7 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
         return "exit 0: 1 passed", True
 
     monkeypatch.setattr(gpu_check, "_subprocess_step", fake_subprocess)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda tool: None)  # no ncu here
     monkeypatch.setattr(
         report, "static_rows", lambda cases, real: [StaticRow("k", "s", "sm_90", "launch", 4, 20, 0)]
     )
