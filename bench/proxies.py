@@ -6,8 +6,9 @@ memory, and global accesses by width (from bench/static.py); per traffic shape: 
 bench/traffic.py). ``bench/baselines/cpu-proxies.json`` holds them with the Triton version that compiled
 them. A check fails on: more spill bytes; a global access narrower than before (fewer 16-byte accesses, or
 a new narrower width); shared memory up by more than 10%; registers up by more than 16 (a change in
-occupancy class); a traffic ratio up by more than 0.01; a launch or shape that disappeared. Registers and
-shared memory are compared only when the Triton version matches the baseline's (compilers move them).
+occupancy class); a traffic ratio up by more than 0.01; a launch or shape that disappeared. Registers,
+shared memory and access widths are compared only when the Triton version matches the baseline's (CI pins
+it; other compilers move them); spills and traffic always.
 An intended change updates the baseline in the same commit: ``decodebench proxies --update``.
 """
 
@@ -75,11 +76,11 @@ def check(current: dict, baseline: dict) -> list[str]:
             continue
         if after["spill_bytes"] > before["spill_bytes"]:
             problems.append(f"{key}: spills {before['spill_bytes']} -> {after['spill_bytes']} bytes")
-        for kind in ("load_widths", "store_widths"):
-            narrower = _narrower(before[kind], after[kind])
-            if narrower:
-                problems.append(f"{key}: {kind.split('_')[0]}s: {narrower}")
         if same_compiler:
+            for kind in ("load_widths", "store_widths"):
+                narrower = _narrower(before[kind], after[kind])
+                if narrower:
+                    problems.append(f"{key}: {kind.split('_')[0]}s: {narrower}")
             if after["registers"] > before["registers"] + REGISTER_SLACK:
                 problems.append(f"{key}: registers {before['registers']} -> {after['registers']}")
             if after["shared_bytes"] > before["shared_bytes"] * (1 + SHARED_SLACK) + 1024:
