@@ -7,7 +7,7 @@ import torch
 
 import kernels.moe as moe
 from bench.cases.moe import ROUTE, RouteShape
-from bench.models import MOE_MODELS, MoEModel
+from bench.models import MOE_MODELS
 from bench.runner import verify
 from bench.testing import assert_close, generator, randn, seed_of
 from reference import moe as reference
@@ -31,7 +31,7 @@ def test_softmax_top_k(tokens, experts, top_k, dtype, request):
     logits = randn((tokens, experts), dtype, DEVICE, generator(seed_of(request.node.name)), scale=2.0)
     weights, ids = check(logits, top_k)
     assert torch.allclose(weights.sum(-1), torch.ones(tokens, device=DEVICE), atol=1e-6)
-    assert (ids[:, 1:] != ids[:, :1]).all() if top_k > 1 else True
+    assert all(len(set(row)) == top_k for row in ids.tolist())  # no expert twice for one token
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
@@ -127,7 +127,6 @@ def test_presets_route():
     for name, model in MOE_MODELS.items():
         outcome = verify(ROUTE, RouteShape(name, 9, model), DEVICE)
         assert outcome.ok, (name, outcome.message)
-    assert isinstance(MoEModel("x", 1, 8, 2, 1), MoEModel)
 
 
 # --- dispatch and combine ---------------------------------------------------------------------------------
@@ -212,9 +211,16 @@ def test_routing_generators_and_load_statistics():
         ids = routing_ids(512, 64, 8, load, gen)
         assert all(len(set(row)) == 8 for row in ids.tolist())  # no expert twice for one token
     hot = load_statistics(routing_ids(512, 64, 8, "hot", gen), 64, 64)
-    uniform = load_statistics(routing_ids(512, 64, 8, "uniform", gen), 64, 64)
+    uniform_ids = routing_ids(512, 64, 8, "uniform", gen)
+    uniform = load_statistics(uniform_ids, 64, 64)
     assert hot["max_over_mean"] > 5 > uniform["max_over_mean"]
-    assert uniform["padding_rows"] % 1 == 0 and hot["empty_experts"] >= 0
+    counts = torch.bincount(uniform_ids.reshape(-1).long(), minlength=64)
+    assert uniform["padding_rows"] == int(((counts + 63) // 64 * 64 - counts).sum())
+    assert load_statistics(torch.tensor([[0, 1]], dtype=torch.int32), 8, 4) == {
+        "max_over_mean": 4.0,
+        "empty_experts": 6,
+        "padding_rows": 6,
+    }
 
 
 DISPATCH_BAD = {

@@ -210,7 +210,6 @@ def test_a_group_too_large_for_one_program_is_refused():
 def test_opt_in_checks_catch_lengths_and_block_ids():
     args = _args()
     check_paged_inputs(args["k_cache"], args["block_tables"], args["seq_lens"])
-    width = args["block_tables"].shape[1] * args["k_cache"].shape[1]
     with pytest.raises(ValueError, match=r"^seq_lens: .* got 9999"):
         check_paged_inputs(
             args["k_cache"], args["block_tables"], torch.tensor([9999, 1], dtype=torch.int32, device=DEVICE)
@@ -226,7 +225,6 @@ def test_opt_in_checks_catch_lengths_and_block_ids():
     bad[1, 0] = 0
     bad[1, -1] = -5  # a column past the sequence's pages is never read, so never checked
     check_paged_inputs(args["k_cache"], bad, args["seq_lens"])
-    assert width >= 20
 
 
 # --- GPU only ----------------------------------------------------------------------------------------------
