@@ -61,8 +61,6 @@ MODELS: dict[str, AttentionModel] = {
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Prefill: chunks of new tokens, up to 8192.
 PREFILL_CHUNKS = (512, 1024, 2048, 4096, 8192)
-#: Context lengths for decode attention, 1K to 128K.
-CONTEXT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 #: KV-cache page sizes; 16 is the default.
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 DEFAULT_BLOCK_SIZE = 16
