@@ -169,7 +169,7 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
     assert gpu_check.run(str(tmp_path), budget_s=60) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "Fake GPU" in summary and "3000 GB/s" in summary and "FAILED" not in summary
-    assert [name for name, _ in subprocess_calls] == ["tests", "pytest-benchmark"]
+    assert [name for name, _ in subprocess_calls] == ["tests-gpu-only", "tests", "pytest-benchmark"]
     assert results.load(tmp_path / "sweep.json")["benchmarks"]
     assert results.load(tmp_path / "run.json")["benchmarks"]
     assert json.loads((tmp_path / "machine.json").read_text())["copy_gbps"] == 3000.0
