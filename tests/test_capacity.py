@@ -4,9 +4,9 @@ import functools
 
 import pytest
 
-from bench import cli
-from bench.capacity import POLICIES, capacity_table, kv_pool_tokens, plot
+from bench.commands import cli
 from bench.models import MODELS
+from bench.systems.capacity import POLICIES, capacity_table, kv_pool_tokens, plot
 
 
 def test_pool_is_memory_less_weights_over_kv_bytes():
@@ -65,8 +65,8 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_light_arrivals_leave_memory_free_and_need_no_preemption():
-    from bench.capacity import simulate
     from bench.models import WORKLOADS
+    from bench.systems.capacity import simulate
 
     light = simulate(WORKLOADS["MATH-500-like"], MODELS["Llama-3.1-8B"], 80, 1, "paged-16", arrival_rate=0.05)
     assert light.free > 0.5 and light.preemptions == 0 and light.questions_done > 0

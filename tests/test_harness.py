@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from bench import cli, results
 from bench.cases import CASES
-from bench.device import machine_info, slug
+from bench.commands import cli
+from bench.measure import results
+from bench.measure.device import machine_info, slug
+from bench.measure.timing import Timing
 from bench.models import MODELS
-from bench.timing import Timing
 
 
 def test_timing_quantiles():
@@ -122,8 +123,8 @@ def test_machine_info_names_the_versions():
 
 @pytest.mark.gpu
 def test_time_cuda_and_copy_bandwidth():
-    from bench.device import copy_bandwidth_gbps
-    from bench.timing import time_cuda
+    from bench.measure.device import copy_bandwidth_gbps
+    from bench.measure.timing import time_cuda
 
     x = torch.ones(1 << 24, device="cuda")
     timing = time_cuda(lambda: x.mul_(1.0), rep_ms=10)
@@ -138,8 +139,9 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
     exit status, a crashing step not taking the others down) is exercised here with the GPU parts faked."""
     import dataclasses
 
-    from bench import gpu_check, report, runner
-    from bench.static import StaticRow
+    from bench.commands import gpu_check, report
+    from bench.measure import runner
+    from bench.measure.static import StaticRow
 
     fake = dataclasses.replace(
         machine_info(), gpu="Fake GPU", slug="fake-gpu", capability="sm_90", sm_count=132
@@ -186,7 +188,7 @@ def test_gpu_check_orchestration_with_the_gpu_parts_faked(tmp_path, monkeypatch)
 def test_subprocess_step_logs_and_times_out(tmp_path):
     import sys
 
-    from bench.gpu_check import _subprocess_step
+    from bench.commands.gpu_check import _subprocess_step
 
     status, ok = _subprocess_step("hello", tmp_path, [sys.executable, "-c", "print('hi')"], timeout=60)
     assert ok and status.startswith("exit 0") and (tmp_path / "hello.txt").read_text() == "hi\n"
@@ -195,7 +197,7 @@ def test_subprocess_step_logs_and_times_out(tmp_path):
 
 
 def test_implementations_list_the_peers_that_run_and_why_others_do_not():
-    from bench.runner import implementations
+    from bench.measure.runner import implementations
 
     case = CASES["paged_decode"]
     shape = next(s for s in case.small_shapes() if len(set(s.lengths)) > 1)

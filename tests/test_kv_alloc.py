@@ -160,7 +160,7 @@ def test_random_runs_property():
 def test_small_shapes_of_the_cases(name):
     """The shapes `decodebench run` verifies (a pool laid down by the reference, then one kernel call)."""
     from bench.cases import CASES
-    from bench.runner import verify
+    from bench.measure.runner import verify
 
     for shape in CASES[name].small_shapes():
         outcome = verify(CASES[name], shape, DEVICE)

@@ -7,8 +7,8 @@ import torch
 
 import kernels.moe as moe
 from bench.cases.moe import ROUTE, RouteShape
+from bench.measure.runner import verify
 from bench.models import MOE_MODELS
-from bench.runner import verify
 from bench.testing import assert_close, generator, randn, seed_of
 from reference import moe as reference
 

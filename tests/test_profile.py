@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, profile
 from bench.cases import CASES
+from bench.commands import cli
+from bench.measure import profile
 
 DATA = Path(__file__).parent / "data"
 
@@ -64,8 +65,8 @@ def test_profile_target_runs_the_calls():
 
 def test_report_plots_a_roofline_and_decode_bandwidth(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
-    from bench import results
-    from bench.timing import Timing
+    from bench.measure import results
+    from bench.measure.timing import Timing
 
     entries = []
     for case_name, shape_index in (("paged_decode", 0), ("paged_decode", 1), ("write_kv", 0), ("route", 1)):

@@ -7,9 +7,10 @@ import functools
 import pytest
 import triton
 
-from bench import cli, compare, proxies, results
 from bench.cases import CASES
-from bench.timing import Timing
+from bench.commands import cli, compare
+from bench.measure import proxies, results
+from bench.measure.timing import Timing
 from kernels import INTERPRETED
 
 

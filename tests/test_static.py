@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.cases import CASES
-from bench.static import access_widths, capture, static_report
+from bench.measure.static import access_widths, capture, static_report
 
 
 @functools.cache
@@ -87,7 +87,7 @@ def test_static_report_compiles_what_a_gpu_runs():
     report's compile (made with TRITON_INTERPRET=0) must hold the hardware's saturating cvt and none of the
     hand rounding (its 2^14 constant)."""
     script = (
-        "from bench.cases import CASES; from bench.static import capture, compile_aot; "
+        "from bench.cases import CASES; from bench.measure.static import capture, compile_aot; "
         "fp8 = next(s for s in CASES['write_kv'].static_shapes() if 'fp8' in s.label); "
         "(launch,) = capture(CASES['write_kv'], fp8); "
         "assert launch.kwargs['INTERPRETER_FP8_ROUNDING'] is False, launch.kwargs; "

@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from bench.cases import CASES
-from bench.runner import TRAFFIC_LIMIT, traffic
-from bench.traffic import measure
+from bench.measure.runner import TRAFFIC_LIMIT, traffic
+from bench.measure.traffic import measure
 from kernels import INTERPRETED
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="traffic is counted in Triton's interpreter")

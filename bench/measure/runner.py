@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import results
 from bench.cases.base import Case, Inputs, PeerUnavailable
-from bench.device import PROJECTION_GBPS, copy_bandwidth_gbps
+from bench.measure import results
+from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps
+from bench.measure.timing import time_cuda
+from bench.measure.traffic import measure as measure_traffic
 from bench.testing import seed_of
-from bench.timing import time_cuda
-from bench.traffic import measure as measure_traffic
 
 #: The traffic ratio a bandwidth kernel must stay within (bytes it moves / bytes its model says must move).
 TRAFFIC_LIMIT = 1.05

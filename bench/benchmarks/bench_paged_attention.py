@@ -2,17 +2,16 @@
 (64/8 of 64): batch 1 to 256, context 1K to 128K, one 64K stream, a reasoning mix of lengths, a page-size
 sweep, bf16 and fp8 caches; against the torch reference and the peers (contiguous SDPA, FlexAttention,
 FlashInfer), each skipped with its reason where it cannot run.
-Run: ``pytest bench/bench_paged_attention.py --benchmark-json out.json`` on a GPU."""
+Run: ``pytest bench/benchmarks/bench_paged_attention.py --benchmark-json out.json`` on a GPU."""
 
 import pytest
 
 from bench.cases.paged_attention import PAGED_DECODE
-from bench.timing import CUDA_CLOCK
+from bench.measure.timing import CUDA_CLOCK
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
-CASE = (
-    PAGED_DECODE  # bench/conftest.py runs ``shape`` over its sweep (or its default shapes: --sweep default)
-)
+# conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)
+CASE = PAGED_DECODE
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference", *PAGED_DECODE.peers])

@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import gpu_check, report
 from bench.cases import CASES
-from bench.device import copy_bandwidth_gbps, machine_info
+from bench.commands import gpu_check, report
+from bench.measure.device import copy_bandwidth_gbps, machine_info
 
 
 def _cases(names):
@@ -39,8 +39,8 @@ def cmd_run(args) -> int:
     info = machine_info()
     if info.gpu == "cpu":
         return _run_without_gpu(cases)
-    from bench import results
-    from bench.runner import measure
+    from bench.measure import results
+    from bench.measure.runner import measure
 
     print(f"{info.gpu} ({info.capability}, {info.sm_count} SMs), torch {info.torch}, triton {info.triton}")
     print(f"copy bandwidth measured now: {copy_bandwidth_gbps():.0f} GB/s (read + write)\n")
@@ -84,7 +84,7 @@ def _run_without_gpu(cases) -> int:
 
 
 def cmd_report(args) -> int:
-    from bench import results
+    from bench.measure import results
 
     for path in args.files:
         document = results.load(Path(path))
@@ -97,7 +97,7 @@ def cmd_report(args) -> int:
         print(report.results_table(document["benchmarks"]))
         print()
         if args.plot:
-            from bench import plots
+            from bench.commands import plots
 
             folder = Path(args.plot)
             folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def cmd_traffic(args) -> int:
 
 
 def cmd_capacity(args) -> int:
-    from bench import capacity
+    from bench.systems import capacity
 
     rows = []
     for workload in args.workload:
@@ -136,7 +136,7 @@ def cmd_capacity(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from bench import compare
+    from bench.commands import compare
 
     threshold = compare.Threshold.parse(args.fail)
     deltas, only_base, only_new = compare.compare(Path(args.base), Path(args.new), threshold)
@@ -151,7 +151,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_proxies(args) -> int:
-    from bench import proxies
+    from bench.measure import proxies
 
     current = proxies.collect(_cases(args.kernel))
     if args.update:
@@ -175,7 +175,7 @@ def _shape_of(case, index: int):
 
 
 def cmd_profile(args) -> int:
-    from bench import profile
+    from bench.measure import profile
 
     cases = list(CASES.values()) if args.case == "all" else _cases([args.case])
     out = Path(args.out)
@@ -197,7 +197,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_profile_target(args) -> int:
-    from bench import profile
+    from bench.measure import profile
 
     (case,) = _cases([args.case])
     profile.target(case, _shape_of(case, args.shape), args.calls)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.nvtx import nvtx_range
+from bench.measure.nvtx import nvtx_range
 
 # Bytes written between timed calls to evict L2 (H100 50 MB, H200 60 MB; 256 MiB covers both with margin).
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
@@ -147,7 +147,7 @@ class CudaClock:
         return call
 
     def __repr__(self) -> str:  # pytest-benchmark records the timer by its repr
-        return "bench.timing.CUDA_CLOCK (CUDA events)"
+        return "bench.measure.timing.CUDA_CLOCK (CUDA events)"
 
     def __call__(self) -> float:
         for start, end in self._pending:

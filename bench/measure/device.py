@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-from bench.timing import time_cuda
+from bench.measure.timing import time_cuda
 
 # A device-to-device copy of this many bytes (read + written counts twice) far exceeds any L2.
 _COPY_BYTES = 1 << 30

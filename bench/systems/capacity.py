@@ -198,7 +198,7 @@ def capacity_table(
 
 def report(rows: list[CapacityRow], gpu_gib: float) -> str:
     """The comparison table, and where it lands against PagedAttention's published range."""
-    from bench.report import table
+    from bench.commands.report import table
 
     body = [
         [

@@ -253,9 +253,9 @@ def _launched(case: Case) -> list[StaticRow]:
 
 @functools.cache
 def _in_compiling_process(case_name: str, archs: tuple[int, ...]) -> list[StaticRow]:
-    command = [sys.executable, "-m", "bench.static", case_name, *map(str, archs)]
+    command = [sys.executable, "-m", "bench.measure.static", case_name, *map(str, archs)]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -264,7 +264,7 @@ def _in_compiling_process(case_name: str, archs: tuple[int, ...]) -> list[Static
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m bench.static CASE [ARCH...]``: the rows as JSON (the child process of static_report)."""
+    """``python -m bench.measure.static CASE [ARCH...]``: the rows as JSON (static_report's child process)."""
     from bench.cases import CASES
 
     archs = tuple(int(a) for a in argv[1:]) or ARCHS

@@ -1,7 +1,7 @@
 """The block pool on a GPU: one decode step's allocation for 1 to 4096 sequences (and prefill chunks)
 against the host pool a scheduler would keep; fork of parallel samples with its block copies; free; and
 allocation plus write_kv, the whole per-step KV bookkeeping of a decode step.
-Run: ``pytest bench/bench_kv_alloc.py --benchmark-json out.json`` on a GPU."""
+Run: ``pytest bench/benchmarks/bench_kv_alloc.py --benchmark-json out.json`` on a GPU."""
 
 import pytest
 import torch
@@ -10,12 +10,13 @@ import reference.kv_alloc
 from bench.cases.kv_alloc import ALLOCATE, AllocateShape, host_copy, prefilled_pool
 from bench.cases.kv_cache import WriteKVShape
 from bench.cases.kv_cache import build as write_kv_inputs
-from bench.device import machine_info
-from bench.timing import CUDA_CLOCK, flush_l2
+from bench.measure.device import machine_info
+from bench.measure.timing import CUDA_CLOCK, flush_l2
 from kernels import kv_alloc, kv_cache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
-CASE = ALLOCATE  # bench/conftest.py runs ``shape`` over its sweep (or its default shapes: --sweep default)
+# conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)
+CASE = ALLOCATE
 
 SEQUENCES = (1, 16, 256, 1024, 4096)
 

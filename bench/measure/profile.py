@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.nvtx import nvtx_range
+from bench.measure.nvtx import nvtx_range
 from bench.testing import seed_of
 
 PROFILE_RANGE = "decodebench-profile"
@@ -220,7 +220,7 @@ def parse_ncu_metrics(text: str) -> list[KernelProfile]:
 def summary(case, shape, profiles: list[KernelProfile], calls: int, note: str = "") -> str:
     """Per kernel: launches per call, time per call, and (ncu) DRAM bytes per call; then the call's total
     against the byte model."""
-    from bench.report import table
+    from bench.commands.report import table
 
     model = case.byte_model(shape)
     rows = []

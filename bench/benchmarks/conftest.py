@@ -9,10 +9,10 @@ writes bytes, FLOPs, GB/s and % of the copy bandwidth measured in this session i
 import pytest
 
 from bench.cases.base import PeerUnavailable
-from bench.device import copy_bandwidth_gbps, machine_info
-from bench.results import cost_info
+from bench.measure.device import copy_bandwidth_gbps, machine_info
+from bench.measure.results import cost_info
+from bench.measure.timing import CUDA_CLOCK, flush_l2
 from bench.testing import seed_of
-from bench.timing import CUDA_CLOCK, flush_l2
 
 ROUNDS = 30
 WARMUP_ROUNDS = 3

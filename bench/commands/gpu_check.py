@@ -17,9 +17,10 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import report, results
 from bench.cases import CASES
-from bench.device import copy_bandwidth_gbps, machine_info, matmul_tflops
+from bench.commands import report
+from bench.measure import results
+from bench.measure.device import copy_bandwidth_gbps, machine_info, matmul_tflops
 
 # Peers cheap enough to set up at every sweep shape.
 SWEEP_PEERS = ("sdpa-contiguous", "flashinfer")
@@ -55,7 +56,7 @@ def run(out: str | None, budget_s: float = 420.0) -> int:
     if info.gpu == "cpu":
         print("gpu-check needs a CUDA device; on this machine use `decodebench run`", file=sys.stderr)
         return 2
-    from bench.runner import measure
+    from bench.measure.runner import measure
 
     stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
     folder = Path(out) if out else results.results_dir_for(info.slug) / stamp

@@ -11,10 +11,10 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.device import machine_info
-from bench.timing import Timing
+from bench.measure.device import machine_info
+from bench.measure.timing import Timing
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
 def results_dir_for(gpu_slug: str) -> Path:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import results
+from bench.measure import results
 
 STATS = ("min", "max", "mean", "median")
 
@@ -80,7 +80,7 @@ def label(key: tuple) -> str:
 
 
 def table(deltas: list[Delta], stat: str) -> str:
-    from bench.report import table as render
+    from bench.commands.report import table as render
 
     rows = [
         [

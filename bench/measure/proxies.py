@@ -2,10 +2,11 @@
 CI on a machine with no GPU.
 
 The proxies, per kernel launch configuration and architecture: registers, spill (local) bytes, shared
-memory, and global accesses by width (from bench/static.py); per traffic shape: the traffic ratio (from
-bench/traffic.py). ``bench/baselines/cpu-proxies.json`` holds them with the Triton version that compiled
-them. A check fails on: more spill bytes; a global access narrower than before (fewer 16-byte accesses, or
-a new narrower width); shared memory up by more than 10%; registers up by more than 16 (a change in
+memory, and global accesses by width (from bench/measure/static.py); per traffic shape: the traffic ratio
+(from bench/measure/traffic.py). ``bench/baselines/cpu-proxies.json`` holds them with the Triton version
+that compiled them. A check fails on: more spill bytes; a global access narrower than before (fewer 16-byte
+accesses, or a new narrower width); shared memory up by more than 10%; registers up by more than 16 (a
+change in
 occupancy class); a traffic ratio up by more than 0.01; a launch or shape that disappeared. Registers,
 shared memory and access widths are compared only when the Triton version matches the baseline's (CI pins
 it; other compilers move them); spills and traffic always.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import triton
 
-BASELINE = Path(__file__).resolve().parent / "baselines" / "cpu-proxies.json"
+BASELINE = Path(__file__).resolve().parents[1] / "baselines" / "cpu-proxies.json"
 
 REGISTER_SLACK = 16
 SHARED_SLACK = 0.10
@@ -26,8 +27,8 @@ TRAFFIC_SLACK = 0.01
 
 def collect(cases) -> dict:
     """The proxies of every case, as a JSON-ready dict."""
-    from bench.runner import traffic
-    from bench.static import static_report
+    from bench.measure.runner import traffic
+    from bench.measure.static import static_report
 
     static, traffic_ratios = {}, {}
     for case in cases:

@@ -2,20 +2,21 @@
 Qwen3-30B-A3B and Qwen3-235B-A22B (128, top-8), Mixtral-8x7B (8, top-2) and gpt-oss-120b (128, top-4 then
 softmax), 1 to 16384 tokens, uniform and Zipf loads, each against its torch reference; and a whole MoE
 layer (route, dispatch, the experts' matmuls on the dispatched rows, combine) to show routing's share.
-Run: ``pytest bench/bench_moe.py --benchmark-json out.json`` on a GPU."""
+Run: ``pytest bench/benchmarks/bench_moe.py --benchmark-json out.json`` on a GPU."""
 
 import pytest
 import torch
 
 import kernels.moe as moe
 from bench.cases.moe import COMBINE, DISPATCH, ROUTE, load_statistics
-from bench.device import machine_info
+from bench.measure.device import machine_info
+from bench.measure.timing import CUDA_CLOCK, time_cuda
 from bench.models import MOE_MODELS
 from bench.testing import generator
-from bench.timing import CUDA_CLOCK, time_cuda
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
-CASE = ROUTE  # bench/conftest.py runs ``shape`` over its sweep (or its default shapes: --sweep default)
+# conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)
+CASE = ROUTE
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

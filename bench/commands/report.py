@@ -4,7 +4,7 @@ Each builder takes cases or result entries and returns GitHub-flavoured markdown
 reads well in a terminal, in summary.md and in a closing note.
 """
 
-from bench.device import PROJECTION_GBPS, machine_info
+from bench.measure.device import PROJECTION_GBPS, machine_info
 
 
 def table(rows, headers) -> str:
@@ -25,7 +25,7 @@ def _bytes(n: int) -> str:
 
 
 def verification_table(cases) -> tuple[str, bool]:
-    from bench.runner import verify
+    from bench.measure.runner import verify
 
     device = "cuda" if machine_info().gpu != "cpu" else "cpu"
     rows, all_ok = [], True
@@ -48,7 +48,7 @@ def verification_table(cases) -> tuple[str, bool]:
 
 
 def static_rows(cases, real: bool = False):
-    from bench.static import static_report
+    from bench.measure.static import static_report
 
     return [row for case in cases for row in static_report(case, real=real)]
 
@@ -92,7 +92,7 @@ def static_table(rows) -> str:
 
 
 def traffic_table(cases) -> tuple[str, bool]:
-    from bench.runner import traffic
+    from bench.measure.runner import traffic
 
     rows, all_ok = [], True
     for case in cases:
@@ -116,7 +116,7 @@ def traffic_table(cases) -> tuple[str, bool]:
 
 
 def projection_table(cases) -> str:
-    from bench.runner import projection
+    from bench.measure.runner import projection
 
     rows = []
     for case in cases:
