@@ -1,14 +1,16 @@
 """Root conftest, for tests/ and bench/ alike.
 
-Importing ``kernels`` first selects Triton's interpreter (TRITON_INTERPRET=1) when no CUDA device is
-present, before any @triton.jit is evaluated; on a GPU the same tests run compiled. Tests marked ``gpu``
-(CUDA graphs, sync checks, timing) skip with the reason on a machine without one.
+Importing ``bench`` first selects Triton's interpreter (TRITON_INTERPRET=1) when no CUDA device is
+present, before any @triton.jit is evaluated (the kernels package leaves the environment alone); on a GPU
+the same tests run compiled. Tests marked ``gpu`` (CUDA graphs, sync checks, timing) skip with the reason
+on a machine without one.
 """
 
 import pytest
 import torch
 
-import kernels  # noqa: F401  (must come before any kernel module)
+import bench  # noqa: F401  (sets TRITON_INTERPRET; must come before any kernel module)
+import kernels
 
 try:
     from hypothesis import settings
