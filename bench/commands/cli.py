@@ -17,12 +17,11 @@ decodebench gpu-check [--out DIR]   on a lent GPU: tests, benchmark sweep, stati
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from bench.cases import CASES
 from bench.commands import gpu_check, report
-from bench.measure.device import copy_bandwidth_gbps, machine_info
+from bench.measure.device import machine_info
 
 
 def _cases(names):
@@ -35,52 +34,12 @@ def _cases(names):
 
 
 def cmd_run(args) -> int:
+    from bench.commands import run
+
     cases = _cases(args.kernel)
-    info = machine_info()
-    if info.gpu == "cpu":
-        return _run_without_gpu(cases)
-    from bench.measure import results
-    from bench.measure.runner import measure
-
-    print(f"{info.gpu} ({info.capability}, {info.sm_count} SMs), torch {info.torch}, triton {info.triton}")
-    print(f"copy bandwidth measured now: {copy_bandwidth_gbps():.0f} GB/s (read + write)\n")
-    entries = []
-    for case in cases:
-        for shape in case.default_shapes():
-            entries += measure(case, shape, cuda_graph=args.graph)
-    print(report.results_table(entries))
-    if args.out:
-        path = results.write(Path(args.out), entries, {"copy_gbps": copy_bandwidth_gbps()})
-        print(f"\nwritten: {path}")
-    failed = [e["name"] for e in entries if e["extra_info"].get("verified") is False]
-    if failed:
-        print(f"\nFAILED against the reference: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _run_without_gpu(cases) -> int:
-    start = time.perf_counter()
-    print("No CUDA device: kernels run in Triton's interpreter; no timings. Verification, static and traffic")
-    print("reports, and projections from each byte model.\n")
-    verified, verified_ok = report.verification_table(cases)
-    print("## Verified against the reference (interpreter, small odd shapes)\n")
-    print(verified)
-    print(
-        "\n## Static: compiled here for sm_90 and sm_80 (no GPU), the launch configurations benchmarks use\n"
-    )
-    print(report.static_table(report.static_rows(cases)))
-    traffic, traffic_ok = report.traffic_table(cases)
-    print("\n## Traffic: bytes loaded + stored under the interpreter against the byte model\n")
-    print(traffic)
-    print("\n## Projections, not measurements: modelled bytes / copy bandwidth measured on the lent GPUs\n")
-    print(report.projection_table(cases))
-    print("\n(A launch costs a few microseconds more; small decode steps are bound by that, not by bytes.)")
-    print(f"\n{time.perf_counter() - start:.1f} s")
-    if not verified_ok:
-        print("\nFAILED: a kernel disagrees with its reference", file=sys.stderr)
-    if not traffic_ok:
-        print("\nFAILED: a kernel moves more than its byte model allows", file=sys.stderr)
-    return 0 if verified_ok and traffic_ok else 1
+    if machine_info().gpu == "cpu":
+        return run.run_cpu(cases)
+    return run.run_gpu(cases, graph=not args.no_graph, out=args.out)
 
 
 def cmd_report(args) -> int:
@@ -108,7 +67,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_static(args) -> int:
-    rows = report.static_rows(_cases(args.kernel))
+    from bench.measure.runner import static_rows
+
+    rows = static_rows(_cases(args.kernel))
     print(report.static_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
@@ -116,7 +77,9 @@ def cmd_static(args) -> int:
 
 
 def cmd_traffic(args) -> int:
-    text, ok = report.traffic_table(_cases(args.kernel))
+    from bench.measure.runner import traffic_rows
+
+    text, ok = report.traffic_table(traffic_rows(_cases(args.kernel)))
     print(text)
     return 0 if ok else 1
 
@@ -210,7 +173,11 @@ def main(argv=None) -> int:
 
     run = sub.add_parser("run", help="benchmark (GPU) or verify and report (no GPU)")
     run.add_argument("--kernel", action="append", help="limit to this kernel (repeatable)")
-    run.add_argument("--graph", action="store_true", help="time CUDA-graph replays of the kernels")
+    run.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="time eager calls only (default: CUDA-graph replay beside eager)",
+    )
     run.add_argument("--out", help="write the results (pytest-benchmark JSON) to this file")
     run.set_defaults(func=cmd_run)
 
@@ -282,7 +249,13 @@ def main(argv=None) -> int:
     check.set_defaults(func=lambda args: gpu_check.run(args.out, args.budget_s))
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    from bench.measure.results import ResultFileError
+
+    try:
+        return args.func(args)
+    except ResultFileError as error:  # a malformed file given to report or compare: one line, no traceback
+        print(f"decodebench {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

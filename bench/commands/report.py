@@ -1,10 +1,11 @@
 """Tables for the terminal and summary files: verification, static, traffic, projections, timings.
 
-Each builder takes cases or result entries and returns GitHub-flavoured markdown (tabulate), so the same text
-reads well in a terminal, in summary.md and in a closing note.
+Formatting only: each builder takes rows that bench/measure produced (or result entries read from a file)
+and returns GitHub-flavoured markdown (tabulate), so the same text reads well in a terminal, in summary.md
+and in a closing note.
 """
 
-from bench.measure.device import PROJECTION_GBPS, machine_info
+from bench.measure.device import PROJECTION_GBPS
 
 
 def table(rows, headers) -> str:
@@ -24,33 +25,21 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def verification_table(cases) -> tuple[str, bool]:
-    from bench.measure.runner import verify
-
-    device = "cuda" if machine_info().gpu != "cpu" else "cpu"
-    rows, all_ok = [], True
-    for case in cases:
-        for shape in case.small_shapes():
-            v = verify(case, shape, device)
-            all_ok &= v.ok
-            rows.append(
-                [
-                    v.kernel,
-                    v.shape,
-                    "verified" if v.ok else "FAILED",
-                    f"{v.max_error:.3g}",
-                    f"{v.seconds:.2f}",
-                    v.message[:120],
-                ]
-            )
+def verification_table(verifications) -> tuple[str, bool]:
+    """Rows of runner.Verification: (table, all verified)."""
+    rows = [
+        [
+            v.kernel,
+            v.shape,
+            "verified" if v.ok else "FAILED",
+            f"{v.max_error:.3g}",
+            f"{v.seconds:.2f}",
+            v.message[:120],
+        ]
+        for v in verifications
+    ]
     headers = ["kernel", "shape", "vs reference", "max abs error", "seconds", "detail"]
-    return table(rows, headers), all_ok
-
-
-def static_rows(cases, real: bool = False):
-    from bench.measure.static import static_report
-
-    return [row for case in cases for row in static_report(case, real=real)]
+    return table(rows, headers), all(v.ok for v in verifications)
 
 
 def static_table(rows) -> str:
@@ -91,40 +80,31 @@ def static_table(rows) -> str:
     return table(body, headers)
 
 
-def traffic_table(cases) -> tuple[str, bool]:
-    from bench.measure.runner import traffic
-
-    rows, all_ok = [], True
-    for case in cases:
-        for shape in case.traffic_shapes():
-            t = traffic(case, shape)
-            all_ok &= t.ok
-            rows.append(
-                [
-                    t.kernel,
-                    t.shape,
-                    t.loaded,
-                    t.stored,
-                    t.model,
-                    f"{t.ratio:.3f}",
-                    f"{t.unique / t.model:.3f}",
-                    "reported" if t.limit is None else ("ok" if t.ok else f"over {t.limit}"),
-                ]
-            )
+def traffic_table(traffic_rows) -> tuple[str, bool]:
+    """Rows of runner.TrafficRow: (table, all within their limits)."""
+    rows = [
+        [
+            t.kernel,
+            t.shape,
+            t.loaded,
+            t.stored,
+            t.model,
+            f"{t.ratio:.3f}",
+            f"{t.unique / t.model:.3f}",
+            "reported" if t.limit is None else ("ok" if t.ok else f"over {t.limit}"),
+        ]
+        for t in traffic_rows
+    ]
     headers = ["kernel", "shape", "loaded B", "stored B", "model B", "ratio", "unique/model", "check"]
-    return table(rows, headers), all_ok
+    return table(rows, headers), all(t.ok for t in traffic_rows)
 
 
-def projection_table(cases) -> str:
-    from bench.measure.runner import projection
-
-    rows = []
-    for case in cases:
-        for shape in case.default_shapes():
-            p = projection(case, shape)
-            rows.append(
-                [p["kernel"], p["shape"], _bytes(p["bytes"]), *(_us(p[gpu]) for gpu in PROJECTION_GBPS)]
-            )
+def projection_table(projections) -> str:
+    """Rows of runner.projection: modelled bytes over each lent GPU's measured copy bandwidth."""
+    rows = [
+        [p["kernel"], p["shape"], _bytes(p["bytes"]), *(_us(p[gpu]) for gpu in PROJECTION_GBPS)]
+        for p in projections
+    ]
     headers = [
         "kernel",
         "shape",
@@ -135,37 +115,47 @@ def projection_table(cases) -> str:
 
 
 def results_table(benchmarks: list[dict]) -> str:
-    """One row per kernel entry, with the speedup over the reference and the ratio to each peer measured at
-    the same shape (a peer's time over the kernel's: above 1, the kernel is faster); peers that could not
-    run are listed under the table with their reasons."""
-    others: dict[tuple, dict[str, float]] = {}
+    """One row per kernel and shape. The headline is the CUDA-graph replay where one was timed (what a
+    serving engine running decode under graphs sees), the eager call beside it; then the speedup over the
+    reference and the ratio to each peer at the same shape (a peer's time over the kernel's eager time:
+    above 1, the kernel is faster). Peers that did not run are listed under the table with their reasons,
+    peers that failed or disagreed with the reference as FAILED."""
+    times: dict[tuple, dict[str, float]] = {}
+    kernel_rows: dict[tuple, dict[bool, dict]] = {}
     for b in benchmarks:
         info = b.get("extra_info", {})
-        if info.get("impl") not in (None, "triton"):
-            others.setdefault((info.get("kernel"), info.get("shape")), {})[info["impl"]] = b["stats"][
-                "median"
-            ]
-    rows, skipped = [], {}
-    for b in benchmarks:
-        info, stats = b.get("extra_info", {}), b["stats"]
-        if info.get("impl") not in (None, "triton"):
-            continue
-        median = stats["median"]
-        times = dict(others.get((info.get("kernel"), info.get("shape")), {}))
-        reference = times.pop("reference", None)
+        key = (info.get("kernel", b["name"]), info.get("shape", b.get("param") or ""))
+        impl = info.get("impl", "triton")
+        if impl == "triton":
+            kernel_rows.setdefault(key, {})[bool(info.get("cuda_graph"))] = b
+        else:
+            times.setdefault(key, {})[impl] = b["stats"]["median"]
+    rows, skipped, failed = [], {}, {}
+    for key, by_graph in kernel_rows.items():
+        eager, graphed = by_graph.get(False), by_graph.get(True)
+        head = graphed or eager
+        info, median = head["extra_info"], head["stats"]["median"]
+        eager_s = eager["stats"]["median"] if eager else None
+        others = dict(times.get(key, {}))
+        reference = others.pop("reference", None)
         p20, p80 = info.get("p20_s"), info.get("p80_s")
-        for peer, reason in info.get("peers_skipped", {}).items():
-            skipped.setdefault(peer, reason)
+        for source in (eager, graphed):
+            for peer, reason in ((source or {}).get("extra_info", {}).get("peers_skipped") or {}).items():
+                skipped.setdefault(peer, reason)
+            for peer, error in ((source or {}).get("extra_info", {}).get("peers_failed") or {}).items():
+                failed.setdefault(f"{peer} at {key[1]}", error)
+        base = eager_s or median
         rows.append(
             [
-                info.get("kernel", b["name"]),
-                info.get("shape", b.get("param") or ""),
-                ("graph " if info.get("cuda_graph") else "") + _us(median),
+                key[0],
+                key[1],
+                ("graph " if graphed else "") + _us(median),
                 f"{_us(p20)}-{_us(p80)}" if p20 is not None and p80 is not None else "-",
+                _us(eager_s) if graphed and eager_s else "-",
                 info.get("gbps", "-"),
                 info.get("pct_of_peak", "-"),
-                f"{reference / median:.2f}x" if reference else "-",
-                ", ".join(f"{peer} {t / median:.2f}x" for peer, t in sorted(times.items())) or "-",
+                f"{reference / base:.2f}x" if reference else "-",
+                ", ".join(f"{peer} {t / base:.2f}x" for peer, t in sorted(others.items())) or "-",
                 {True: "verified", False: "FAILED"}.get(info.get("verified"), "-"),
             ]
         )
@@ -174,6 +164,7 @@ def results_table(benchmarks: list[dict]) -> str:
         "shape",
         "median us",
         "p20-p80 us",
+        "eager us",
         "GB/s",
         "% of copy peak",
         "vs reference",
@@ -181,6 +172,10 @@ def results_table(benchmarks: list[dict]) -> str:
         "checked",
     ]
     text = table(rows, headers)
+    if failed:
+        text += "\n\nPeers that FAILED (raised, or disagreed with the reference):\n" + "\n".join(
+            f"- {p}: {e}" for p, e in sorted(failed.items())
+        )
     if skipped:
         text += "\n\nPeers that did not run:\n" + "\n".join(f"- {p}: {r}" for p, r in sorted(skipped.items()))
     return text

@@ -86,8 +86,29 @@ def write(path: Path, benchmarks: list[dict], extra_machine: dict | None = None)
     return path
 
 
+class ResultFileError(ValueError):
+    """A result file that cannot be read as one: the message is one line naming the file and why."""
+
+
 def load(path: Path) -> dict:
-    document = json.loads(Path(path).read_text())
-    if "benchmarks" not in document:
-        raise ValueError(f"{path}: not a pytest-benchmark or decodebench result file (no 'benchmarks')")
+    """A result file (either writer), checked enough that reports and compare can trust its shape."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+    except OSError as error:
+        raise ResultFileError(f"{path}: cannot read it ({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultFileError(f"{path}: not JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("benchmarks"), list):
+        raise ResultFileError(
+            f"{path}: not a pytest-benchmark or decodebench result file (no 'benchmarks' list)"
+        )
+    for index, item in enumerate(document["benchmarks"]):
+        stats = item.get("stats") if isinstance(item, dict) else None
+        if (
+            not isinstance(stats, dict)
+            or not isinstance(stats.get("median"), (int, float))
+            or "name" not in item
+        ):
+            raise ResultFileError(f"{path}: benchmarks[{index}] has no name or no stats.median")
     return document

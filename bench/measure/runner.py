@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.cases.base import Case, Inputs, PeerUnavailable
+from bench.cases.base import Case, Inputs
 from bench.measure import results
 from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps
-from bench.measure.timing import time_cuda
+from bench.measure.timing import time_cuda, time_wall
 from bench.measure.traffic import measure as measure_traffic
 from bench.testing import seed_of
 
@@ -87,48 +87,129 @@ def projection(case: Case, shape) -> dict:
     }
 
 
-def implementations(case: Case, shape, inputs: Inputs, with_reference: bool = True, peers=None):
-    """(name, zero-argument callable) for the kernel, its reference and each peer that can run here (of
-    ``peers``, default all), and {peer: reason} for those that cannot or were left out."""
-    ready = [("triton", lambda: case.kernel(**inputs.args))]
-    if with_reference:
-        ready.append(("reference", lambda: case.reference(**inputs.args)))
-    skipped = {}
-    for name, factory in case.peers.items():
-        if peers is not None and name not in peers:
-            skipped[name] = "left out of this run"
-            continue
-        try:
-            ready.append((name, factory(inputs, shape)))
-        except PeerUnavailable as why:
-            skipped[name] = str(why)
-    return ready, skipped
+def verify_all(cases, device: str = "cpu") -> list[Verification]:
+    """Every case at its small shapes (the interpreter's sizes) against its reference."""
+    return [verify(case, shape, device) for case in cases for shape in case.small_shapes()]
+
+
+def traffic_rows(cases) -> list[TrafficRow]:
+    return [traffic(case, shape) for case in cases for shape in case.traffic_shapes()]
+
+
+def projections(cases) -> list[dict]:
+    return [projection(case, shape) for case in cases for shape in case.default_shapes()]
+
+
+def static_rows(cases, real: bool = False, timeout: float | None = None):
+    """The static report of every case: the AOT compile for sm_90/sm_80 or, with ``real``, the cubin a
+    launch on this GPU compiled."""
+    from bench.measure.static import static_report
+
+    return [row for case in cases for row in static_report(case, real=real, timeout=timeout)]
+
+
+def _verified(case: Case, inputs: Inputs, shape) -> tuple[Inputs | None, bool | None, float, str]:
+    """Runs the kernel on ``inputs`` (built guarded: outputs poisoned inside sentinel fences) and, where the
+    reference is affordable at this shape, the reference on a clone, and compares them. Returns (the
+    reference's inputs after its run or None, verified or None when not checked, max error, message)."""
+    expected = None
+    if case.reference_affordable(shape):
+        expected = inputs.clone()
+        case.run_reference(expected)
+    case.run_kernel(inputs)
+    if expected is None:
+        return None, None, float("nan"), "reference too slow at this shape: not verified here"
+    try:
+        return expected, True, case.compare(inputs, expected, shape), ""
+    except AssertionError as failure:
+        return expected, False, float("nan"), str(failure)
 
 
 def measure(
-    case: Case, shape, *, cuda_graph: bool = False, with_reference: bool = True, peers=None
+    case: Case,
+    shape,
+    *,
+    graph: bool = True,
+    with_reference: bool = True,
+    peers=None,
+    device: str = "cuda",
 ) -> list[dict]:
-    """Verifies the kernel at this shape, then times it, its reference and its peers on the GPU. Returns
-    pytest-benchmark entries whose extra_info carries GB/s, % of the copy bandwidth measured in this
-    process, whether the kernel agreed with the reference here, and why any peer did not run. Where the
-    reference is too slow for the shape, it is neither timed nor verified against (verified: None)."""
-    peak = copy_bandwidth_gbps()
-    affordable = case.reference_affordable(shape)
-    checked = verify(case, shape, "cuda") if affordable else None
-    inputs = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
-    ready, skipped = implementations(case, shape, inputs, with_reference and affordable, peers)
+    """One shape of one case, start to finish: inputs built once (the build's seconds reported as
+    ``setup_s``), the kernel verified on them against the reference, then timed eagerly and, with ``graph``,
+    as a CUDA-graph replay (the headline for decode-size calls); the reference and every peer (of ``peers``,
+    default all) timed eagerly, each peer verified at this very shape right before its timing.
+
+    A peer that is not installed or cannot take this shape is skipped with its reason (``peers_skipped``);
+    one that raises anything else, or disagrees with the reference, is a failure (``peers_failed``) and is
+    not timed. On ``device="cpu"`` (``gpu-check --dry-run``) every time is wall-clock, labelled as such,
+    with no graphs. Returns pytest-benchmark entries with GB/s and % of the copy bandwidth in extra_info.
+    """
+    from bench.peers import PeerUnavailable, verify_and_prepare
+
+    on_gpu = device == "cuda"
+    clock = time_cuda if on_gpu else time_wall
+    peak = copy_bandwidth_gbps() if on_gpu else None
+    start = time.perf_counter()
+    inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"), guarded=True)
+    setup_s = time.perf_counter() - start
+    expected, verified, error, message = _verified(case, inputs, shape)
+    kernel_info = {"verified": verified, "max_error": error, "setup_s": round(setup_s, 4)}
+    if message:
+        kernel_info["verify_message"] = message[:300]
+    if case.launch_config is not None:
+        kernel_info["launch_config"] = case.launch_config(inputs)
+
+    timed = []  # (impl, callable, reset, graph, extra info)
+    if graph and on_gpu:
+        timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, True, kernel_info))
+    timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, False, kernel_info))
+    if with_reference and expected is not None:
+        reference_inputs = inputs.clone()
+        timed.append(("reference", lambda: case.reference(**reference_inputs.args), None, False, {}))
+    skipped, failed = {}, {}
+    for name in case.peers:
+        if peers is not None and name not in peers:
+            skipped[name] = "left out of this run"
+            continue
+        start = time.perf_counter()
+        try:
+            prepared, peer_error = verify_and_prepare(case, name, inputs, shape, expected)
+        except PeerUnavailable as why:
+            skipped[name] = str(why)
+            continue
+        except Exception as failure:  # a peer that runs but fails, or disagrees: shown, never hidden
+            failed[name] = f"{type(failure).__name__}: {str(failure).strip()[:300]}"
+            continue
+        info = {
+            "verified": True,
+            "max_error": peer_error,
+            "checked_against": "reference" if expected is not None else "kernel",
+            "setup_s": round(time.perf_counter() - start, 4),
+        }
+        timed.append((name, prepared.call, prepared.reset, False, info))
+    kernel_info.update(peers_skipped=skipped, peers_failed=failed)
+
     entries = []
-    for impl, fn in ready:
-        label = f"{case.name}[{impl}] {shape.label}"
-        graph = cuda_graph and impl == "triton"  # references and peers may sync: never captured
-        timing = time_cuda(fn, label=label, cuda_graph=graph, setup=inputs.reset)
+    for impl, fn, reset, as_graph, extra in timed:
+        label = f"{case.name}[{impl}{' graph' if as_graph else ''}] {shape.label}"
+        try:
+            if on_gpu:
+                timing = clock(fn, label=label, cuda_graph=as_graph, setup=reset)
+            else:
+                timing = clock(fn, label=label, setup=reset)
+        except Exception as failure:
+            if not as_graph:
+                raise
+            kernel_info["graph_error"] = f"{type(failure).__name__}: {str(failure).strip()[:300]}"
+            continue
         info = {
             **results.cost_info(case, shape, timing.median_ms * 1e-3, peak),
+            **extra,
             "impl": impl,
-            "cuda_graph": graph,
+            "cuda_graph": as_graph,
+            "clock": "cuda-events" if on_gpu else "wall-clock (dry run)",
         }
-        if impl == "triton":
-            info.update(verified=checked.ok if checked else None, peers_skipped=skipped)
         entries.append(results.entry(label, case.name, timing, info))
-    torch.cuda.synchronize()
+    if on_gpu:
+        torch.cuda.synchronize()
     return entries

@@ -213,12 +213,15 @@ def capture(case: Case, shape, device="cpu") -> list[Launch]:
     return launches
 
 
-def static_report(case: Case, archs=ARCHS, real: bool = False) -> list[StaticRow]:
-    """One row per (static shape, kernel launched, arch). ``real``: launch on this GPU and read that cubin."""
+def static_report(
+    case: Case, archs=ARCHS, real: bool = False, timeout: float | None = None
+) -> list[StaticRow]:
+    """One row per (static shape, kernel launched, arch). ``real``: launch on this GPU and read that cubin.
+    ``timeout``: seconds the compiling child process may take (where kernels are interpreted here)."""
     if real:
         return _launched(case)
     if INTERPRETED:
-        return _in_compiling_process(case.name, archs)
+        return _in_compiling_process(case.name, archs, timeout)
     rows = []
     for shape in case.static_shapes():
         for launch in capture(case, shape):
@@ -252,12 +255,12 @@ def _launched(case: Case) -> list[StaticRow]:
 
 
 @functools.cache
-def _in_compiling_process(case_name: str, archs: tuple[int, ...]) -> list[StaticRow]:
+def _in_compiling_process(case_name: str, archs: tuple[int, ...], timeout: float | None) -> list[StaticRow]:
     command = [sys.executable, "-m", "bench.measure.static", case_name, *map(str, archs)]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"static report for {case_name} failed:\n{done.stderr[-3000:]}")
     return [StaticRow(**row) for row in json.loads(done.stdout)]

@@ -1,15 +1,22 @@
-"""Device timing with CUDA events, and the pytest-benchmark timer built on it.
+"""Device timing with CUDA events, the pytest-benchmark timer built on it, and a wall-clock twin for dry runs.
 
-``time_cuda(fn)`` warms up, then times each call alone between two CUDA events with L2 flushed before it
-(a write of twice the L2 size, outside the events), so every call reads its inputs from DRAM as a decode step
-does. Each timed call sits in an NVTX range, so Nsight shows which call was which. With ``cuda_graph=True``
-the call is captured once and the graph is replayed instead: launch overhead drops out, which is what a
-serving engine running decode under CUDA graphs sees.
+``time_cuda(fn)`` warms up, then times each call alone between two CUDA events, with L2 cleared before it
+outside the events, so every call reads its inputs from DRAM as a decode step does. L2 is cleared by
+*reading* a buffer four times the device's L2: a write (``zero_()``) would leave up to an L2's worth of dirty
+lines to be written back while the next, timed kernel runs, overstating its time. Nothing else sits between
+the events: a stateful input's reset (``setup``) runs before the flush. Each timed call sits in an NVTX range
+so Nsight shows which call was which. With ``cuda_graph=True`` the call is captured once and the graph is
+replayed instead: launch overhead drops out, which is what a serving engine running decode under CUDA graphs
+sees, and the headline figure for decode-size calls.
+
+``time_wall(fn)`` has the same shape with ``time.perf_counter`` (no events, no flush, no graphs): what
+``gpu-check --dry-run`` runs on a CPU to prove the orchestration, labelled as wall-clock wherever it lands.
 
 The result carries the median with p20 and p80 (robust to a stray slow call) and every sample.
 """
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,9 +24,11 @@ import torch
 
 from bench.measure.nvtx import nvtx_range
 
-# Bytes written between timed calls to evict L2 (H100 50 MB, H200 60 MB; 256 MiB covers both with margin).
-_L2_FLUSH_BYTES = 256 * 1024 * 1024
-_flush_buffer: torch.Tensor | None = None
+# Read this many times the L2 size to evict it (replacement is not strict LRU: one L2's worth may not do).
+_L2_FLUSH_FACTOR = 4
+# Where the device does not report its L2 (H100 50 MB, H200 60 MB; 64 MiB covers both).
+_L2_FALLBACK_BYTES = 64 * 1024 * 1024
+_flush: tuple[torch.Tensor, torch.Tensor] | None = None  # (buffer read, its sum: the one value written)
 
 
 @dataclass(frozen=True)
@@ -52,11 +61,26 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def l2_flush_bytes(device=None) -> int:
+    """Bytes read to clear L2: four times the L2 the device reports."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or _L2_FALLBACK_BYTES
+    return _L2_FLUSH_FACTOR * l2
+
+
+def read_through(buffer: torch.Tensor, total: torch.Tensor) -> None:
+    """Reads every byte of ``buffer`` (a sum into the preallocated one-element ``total``): the buffer is
+    not written, so no dirty line is left to be written back inside the next timed call."""
+    torch.sum(buffer, dim=0, out=total)
+
+
 def flush_l2() -> None:
-    global _flush_buffer
-    if _flush_buffer is None:
-        _flush_buffer = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    _flush_buffer.zero_()
+    """Clears L2 by reading a buffer four times its size (allocated once per process)."""
+    global _flush
+    if _flush is None:
+        # fp32 in, fp32 out: no cast, so no converted copy of the buffer is written either
+        words = l2_flush_bytes() // 4
+        _flush = (torch.zeros(words, device="cuda"), torch.zeros((), device="cuda"))
+    read_through(*_flush)
 
 
 def _capture(fn: Callable[[], object]) -> Callable[[], object]:
@@ -117,6 +141,31 @@ def time_cuda(
             ends[i].record()
     torch.cuda.synchronize()
     return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_wall(
+    fn: Callable[[], object],
+    *,
+    label: str = "call",
+    rep_ms: float = 20.0,
+    min_reps: int = 3,
+    max_reps: int = 50,
+    setup: Callable[[], object] | None = None,
+) -> Timing:
+    """``time_cuda``'s twin on the host clock: the dry run's stand-in where no CUDA device exists."""
+    prepare = setup or (lambda: None)
+    prepare()
+    first = time.perf_counter()
+    fn()  # warm-up, and the estimate
+    estimate_ms = max((time.perf_counter() - first) * 1e3, 1e-3)
+    samples = []
+    for _ in range(max(min_reps, min(max_reps, int(rep_ms / estimate_ms)))):
+        prepare()
+        with nvtx_range(label):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+    return Timing.from_samples(samples)
 
 
 class CudaClock:

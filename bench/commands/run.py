@@ -1,0 +1,65 @@
+"""`decodebench run`: on a GPU, every kernel timed at its default shapes (verified first, CUDA-graph replay
+beside eager, reference and peers); without one, verification in the interpreter and the CPU-side reports.
+Two paths, one function each: nothing in the CPU path pretends to be a measurement."""
+
+import sys
+import time
+from pathlib import Path
+
+from bench.commands import report
+from bench.measure import results, runner
+from bench.measure.device import copy_bandwidth_gbps, machine_info
+
+
+def failures(entries: list[dict]) -> list[str]:
+    """Names of entries that disagreed with the reference, or whose peers failed."""
+    bad = []
+    for e in entries:
+        info = e["extra_info"]
+        if info.get("verified") is False:
+            bad.append(e["name"])
+        bad += [f"{peer} ({e['name']})" for peer in info.get("peers_failed") or {}]
+    return list(dict.fromkeys(bad))
+
+
+def run_gpu(cases, graph: bool = True, out: str | None = None) -> int:
+    info = machine_info()
+    print(f"{info.gpu} ({info.capability}, {info.sm_count} SMs), torch {info.torch}, triton {info.triton}")
+    print(f"copy bandwidth measured now: {copy_bandwidth_gbps():.0f} GB/s (read + write)\n")
+    entries = []
+    for case in cases:
+        for shape in case.default_shapes():
+            entries += runner.measure(case, shape, graph=graph)
+    print(report.results_table(entries))
+    if out:
+        path = results.write(Path(out), entries, {"copy_gbps": copy_bandwidth_gbps()})
+        print(f"\nwritten: {path}")
+    failed = failures(entries)
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_cpu(cases) -> int:
+    start = time.perf_counter()
+    print("No CUDA device: kernels run in Triton's interpreter; no timings. Verification, static and traffic")
+    print("reports, and projections from each byte model.\n")
+    verified, verified_ok = report.verification_table(runner.verify_all(cases, "cpu"))
+    print("## Verified against the reference (interpreter, small odd shapes)\n")
+    print(verified)
+    print(
+        "\n## Static: compiled here for sm_90 and sm_80 (no GPU), the launch configurations benchmarks use\n"
+    )
+    print(report.static_table(runner.static_rows(cases)))
+    traffic, traffic_ok = report.traffic_table(runner.traffic_rows(cases))
+    print("\n## Traffic: bytes loaded + stored under the interpreter against the byte model\n")
+    print(traffic)
+    print("\n## Projections, not measurements: modelled bytes / copy bandwidth measured on the lent GPUs\n")
+    print(report.projection_table(runner.projections(cases)))
+    print("\n(A launch costs a few microseconds more; small decode steps are bound by that, not by bytes.)")
+    print(f"\n{time.perf_counter() - start:.1f} s")
+    if not verified_ok:
+        print("\nFAILED: a kernel disagrees with its reference", file=sys.stderr)
+    if not traffic_ok:
+        print("\nFAILED: a kernel moves more than its byte model allows", file=sys.stderr)
+    return 0 if verified_ok and traffic_ok else 1
