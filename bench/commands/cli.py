@@ -11,7 +11,9 @@ decodebench profile CASE --tool torch|nsys|ncu   one shape under a profiler, DRA
 decodebench compare BASE NEW [--fail median:10%]   timing deltas, non-zero exit past the threshold
 decodebench proxies [--update]      registers, spills, widths, traffic against the committed baseline
 decodebench capacity [--plot PNG]   KV memory holding tokens per allocation policy, reasoning loads
-decodebench gpu-check [--out DIR]   on a lent GPU: tests, benchmark sweep, static report, all under DIR
+decodebench gpu-check [--out DIR] [--budget S] [--only STEP,...] [--dry-run]
+                                    on a lent GPU, within a budget: ceilings, default shapes, static,
+                                    ncu, tune, sanitizer, tests, sweep; --dry-run proves it on a CPU
 """
 
 import argparse
@@ -159,6 +161,17 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_sanitize_target(args) -> int:
+    """One small shape of a case, verified: what compute-sanitizer watches (gpu-check's sanitizer step)."""
+    from bench.measure.runner import verify
+
+    (case,) = _cases([args.case])
+    device = "cpu" if machine_info().gpu == "cpu" else "cuda"
+    checked = verify(case, case.small_shapes()[0], device)
+    print(f"{case.name} {checked.shape}: {'verified' if checked.ok else 'FAILED ' + checked.message}")
+    return 0 if checked.ok else 1
+
+
 def cmd_profile_target(args) -> int:
     from bench.measure import profile
 
@@ -228,6 +241,10 @@ def main(argv=None) -> int:
     target.add_argument("--calls", type=int, default=10)
     target.set_defaults(func=cmd_profile_target)
 
+    sanitize = sub.add_parser("sanitize-target", help="(run by gpu-check under compute-sanitizer)")
+    sanitize.add_argument("case")
+    sanitize.set_defaults(func=cmd_sanitize_target)
+
     compare = sub.add_parser("compare", help="timings of two result files, failing past a threshold")
     compare.add_argument("base")
     compare.add_argument("new")
@@ -240,13 +257,21 @@ def main(argv=None) -> int:
     proxies.set_defaults(func=cmd_proxies)
 
     check = sub.add_parser(
-        "gpu-check", help="tests, sweep and static report on a GPU, all written to one folder"
+        "gpu-check", help="everything a lent GPU should measure, in order, within a budget, to one folder"
     )
     check.add_argument(
         "--out", help="folder for everything it writes (default bench/results/<gpu>/<UTC time>)"
     )
-    check.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget (default 7 minutes)")
-    check.set_defaults(func=lambda args: gpu_check.run(args.out, args.budget_s))
+    check.add_argument(
+        "--budget", "--budget-s", type=float, default=420.0, help="wall-clock budget in seconds (default 420)"
+    )
+    check.add_argument("--only", help="comma-separated steps: " + ",".join(gpu_check.STEPS))
+    check.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every step on this CPU (interpreter, smallest shapes, wall clock)",
+    )
+    check.set_defaults(func=lambda args: gpu_check.run(args.out, args.budget, args.only, args.dry_run))
 
     args = parser.parse_args(argv)
     from bench.measure.results import ResultFileError

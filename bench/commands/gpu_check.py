@@ -1,11 +1,30 @@
-"""`decodebench gpu-check`: everything a lent GPU should measure in one go, written to one folder.
+"""`decodebench gpu-check`: everything a lent GPU should measure, in the order that makes a short lease count.
 
-Steps, each kept apart so that one failing leaves the others' results: the test suite on the GPU
-(subprocess), the static report of the real compile, the default shapes timed with and without CUDA graphs
-(kernel, reference and peers; verified first), pytest-benchmark over the default shapes (subprocess: its
-JSON and GPU clock), Nsight Compute summaries of every kernel where ncu exists, and the full sweep in
-process, written after every shape so that whatever the budget allows is kept. Budget: 7 minutes by
-default, inside the 8 a lent GPU gives one command.
+A GPU is lent for minutes, machine start included, so the first thing measured must be the thing most worth
+having, every result must be on disk as soon as it exists, and a step that crashes or overruns must leave
+the others' results. The steps, in order:
+
+1. ``machine``: GPU, versions, and the ceilings every figure is held against (copy bandwidth, bf16 matmul).
+2. ``default-shapes``: every kernel at its default shapes, each verified once, then timed as a CUDA-graph
+   replay and eagerly, beside its reference and its peers (run.json, written after every shape).
+3. ``static``: the static report of the real compile (registers, spills, shared memory, access widths).
+4. ``ncu``: Nsight Compute summaries (measured DRAM bytes beside each byte model), where ncu is on PATH.
+5. ``tune``: candidate launch configurations timed and verified at the default shapes (a per-GPU table).
+6. ``sanitizer``: compute-sanitizer memcheck over one small shape per kernel, racecheck where a kernel uses
+   shared memory or atomics, where compute-sanitizer is on PATH (0 errors is the bar; logs kept).
+7. ``tests-gpu-only``: the tests only a GPU can run (CUDA graphs, sync checks, timing).
+8. ``sweep``: every case's benchmark sweep (sweep.json, written after every shape).
+9. ``benchmarks``: the pytest-benchmark files at the default shapes (their JSON, with the GPU clock).
+10. ``tests``: the rest of the suite, compiled, as far as the budget goes.
+
+Every step runs under one deadline: a subprocess is killed at it, an in-process step checks it between
+shapes and stops with what it has. summary.md is rewritten after every step, listing each step as ok,
+failed, partial (stopped by the deadline between shapes), timed out (a subprocess killed at the deadline),
+skipped (with the reason), not reached or not selected (``--only``). Only ``failed`` makes the exit non-zero.
+
+``--dry-run`` runs the same steps on a machine with no GPU (kernels in the interpreter, the smallest shapes,
+the host's wall clock in place of CUDA events, the ceilings measured on the CPU) and writes the same files,
+so the orchestration is proved where CI runs; nothing it writes is a GPU figure, and every file says so.
 """
 
 import json
@@ -13,184 +32,346 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.cases import CASES
 from bench.commands import report
-from bench.measure import results
-from bench.measure.device import copy_bandwidth_gbps, machine_info, matmul_tflops
+from bench.measure import results, runner
+from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
 
-# Peers cheap enough to set up at every sweep shape.
+STEPS = (
+    "machine",
+    "default-shapes",
+    "static",
+    "ncu",
+    "tune",
+    "sanitizer",
+    "tests-gpu-only",
+    "sweep",
+    "benchmarks",
+    "tests",
+)
+# Peers cheap enough to set up at every sweep shape (FlexAttention compiles per shape: default shapes only).
 SWEEP_PEERS = ("sdpa-contiguous", "flashinfer")
+# A step is not started with less than this left: it could not finish anything worth keeping.
+MIN_START_S = 3.0
+# What an in-process step keeps in hand before it starts another shape.
+SHAPE_RESERVE_S = 2.0
+
+# partial: an in-process step the deadline stopped between shapes (what it measured is kept); timed out: a
+# subprocess killed at the deadline. Neither is a failure: the budget, not the code, ended them.
+ENDED = ("ok", "failed", "partial", "timed out", "skipped")
 
 
-def _subprocess_step(name: str, out: Path, command: list[str], timeout: float) -> tuple[str, bool]:
-    """Runs one step as a subprocess, its output to out/<name>.txt."""
-    log = out / f"{name}.txt"
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+@dataclass
+class StepResult:
+    state: str  # ok, failed, partial, timed out, skipped, not reached, not selected
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class CheckRun:
+    """One gpu-check: its folder, its deadline, and what each step has left behind so far."""
+
+    folder: Path
+    deadline: float  # time.monotonic()
+    dry_run: bool
+    selected: tuple[str, ...]
+    machine: dict = field(default_factory=dict)
+    steps: dict[str, StepResult] = field(default_factory=dict)
+    sections: dict[str, str] = field(default_factory=dict)  # step -> markdown shown in summary.md
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.dry_run else "cuda"
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def out_of_time(self, reserve: float = SHAPE_RESERVE_S) -> bool:
+        return self.left() < reserve
+
+    def subprocess(self, name: str, command: list[str]) -> StepResult:
+        """Runs ``command`` to the deadline at most, its output to <folder>/<name>.txt."""
+        return run_subprocess(name, self.folder, command, timeout=self.left())
+
+    def write_summary(self) -> None:
+        m = self.machine
+        title = "gpu-check --dry-run (CPU, wall clock: no GPU figure here)" if self.dry_run else "gpu-check"
+        lines = [f"# {title} on {m.get('gpu', '?')}", ""]
+        if m:
+            lines.append(
+                f"- {m.get('capability')}, {m.get('sm_count')} SMs, {m.get('memory_gib')} GiB, driver "
+                f"{m.get('driver')}, CUDA {m.get('cuda')}, torch {m.get('torch')}, triton {m.get('triton')}, "
+                f"{m.get('started')} UTC"
+            )
+            if "copy_gbps" in m:
+                lines.append(
+                    f"- copy bandwidth measured: {m['copy_gbps']:.0f} GB/s (read + write); "
+                    f"{m['matmul_label']}: {m['matmul_tflops']:.3g} TFLOP/s ({m['clock']})"
+                )
+        lines += ["", "## Steps", ""]
+        for name in STEPS:
+            step = self.steps.get(name, StepResult("not reached"))
+            seconds = f" ({step.seconds:.0f} s)" if step.state in ENDED else ""
+            lines.append(f"- {name}: {step.state}{seconds}{': ' + step.detail if step.detail else ''}")
+        for name, text in self.sections.items():
+            lines += ["", f"## {name}", "", text]
+        (self.folder / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def run_subprocess(name: str, folder: Path, command: list[str], timeout: float) -> StepResult:
+    """Runs one command, its output to folder/<name>.txt; killed at ``timeout`` seconds (what it printed
+    so far is kept)."""
+    log = folder / f"{name}.txt"
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path}
-        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 0.1), env=env)
     except subprocess.TimeoutExpired as expired:
-        log.write_text(f"{expired.stdout or ''}{expired.stderr or ''}\nTIMED OUT after {timeout:.0f} s\n")
-        return f"timed out after {timeout:.0f} s", False
+        printed = "".join(_text(part) for part in (expired.stdout, expired.stderr))
+        log.write_text(f"{printed}\nKILLED at the deadline, after {timeout:.0f} s\n")
+        return StepResult("timed out", f"killed at the deadline after {timeout:.0f} s; see {log.name}")
     log.write_text(done.stdout + done.stderr)
     last = (done.stdout.strip().splitlines() or [""])[-1]
-    return f"exit {done.returncode}: {last[:160]}", done.returncode == 0
+    return StepResult("ok" if done.returncode == 0 else "failed", f"exit {done.returncode}: {last[:160]}")
 
 
-def _in_process_step(name: str, out: Path, work) -> tuple[str, bool]:
-    """Runs ``work()`` (which returns (status, ok)); a crash is logged to out/<name>-error.txt, not raised."""
-    try:
-        return work()
-    except Exception:
-        (out / f"{name}-error.txt").write_text(traceback.format_exc())
-        return f"crashed: see {name}-error.txt", False
+def _text(part) -> str:
+    if part is None:
+        return ""
+    return part.decode(errors="replace") if isinstance(part, bytes) else part
 
 
-def run(out: str | None, budget_s: float = 420.0) -> int:
-    info = machine_info()
-    if info.gpu == "cpu":
-        print("gpu-check needs a CUDA device; on this machine use `decodebench run`", file=sys.stderr)
-        return 2
-    from bench.measure.runner import measure
+# --- the steps, in order ------------------------------------------------------------------------------------
 
-    stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
-    folder = Path(out) if out else results.results_dir_for(info.slug) / stamp
-    folder.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + budget_s
-    peak = copy_bandwidth_gbps()
-    ceilings = {"copy_gbps": peak, "matmul_tflops": matmul_tflops()}
-    (folder / "machine.json").write_text(json.dumps({**info.as_dict(), **ceilings}, indent=1))
-    py = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    steps, sections = {}, []
 
-    def timed(name, step):
-        start = time.monotonic()
-        status, ok = step()
-        steps[name] = (f"{status} ({time.monotonic() - start:.0f} s)", ok)
-        print(f"{name}: {steps[name][0]}", flush=True)
-
-    # The GPU-only tests first (CUDA graphs, sync checks, timing: what no CPU run covers), then the whole
-    # suite compiled, time-boxed: every new launch configuration compiles, so it may not finish.
-    timed(
-        "tests-gpu-only",
-        lambda: _subprocess_step(
-            "tests-gpu-only",
-            folder,
-            [*py, "tests", "-m", "gpu", f"--junitxml={folder / 'tests-gpu.xml'}"],
-            timeout=min(120.0, 0.2 * budget_s),
-        ),
-    )
-    timed(
-        "tests",
-        lambda: _subprocess_step(
-            "tests",
-            folder,
-            [*py, "tests", f"--junitxml={folder / 'tests.xml'}"],
-            timeout=min(240.0, 0.35 * budget_s),
-        ),
+def step_machine(run: CheckRun) -> StepResult:
+    if run.dry_run:
+        ceilings = host_ceilings()
+    else:
+        ceilings = {
+            "copy_gbps": copy_bandwidth_gbps(),
+            "matmul_tflops": matmul_tflops(),
+            "matmul_label": "bf16 8192^3 matmul",
+            "clock": "CUDA events",
+        }
+    run.machine.update(ceilings)
+    (run.folder / "machine.json").write_text(json.dumps(run.machine, indent=1))
+    return StepResult(
+        "ok", f"copy {ceilings['copy_gbps']:.0f} GB/s, matmul {ceilings['matmul_tflops']:.3g} TFLOP/s"
     )
 
-    def static():
-        rows = report.static_rows(list(CASES.values()), real=True)
-        (folder / "static.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
-        sections.append(("Static, from the compile of a real launch", report.static_table(rows)))
-        spills = sum(1 for r in rows if r.spill_bytes)
-        return f"{len(rows)} launches, {spills} with spills", spills == 0
 
-    timed("static", lambda: _in_process_step("static", folder, static))
+def _measure_into(run: CheckRun, name: str, file: str, shapes_of: Callable, **measure_kw) -> StepResult:
+    """Measures shape after shape into <folder>/<file>, written after each; stops at the deadline and says
+    how many shapes were left."""
+    entries, done, left = [], 0, 0
+    for case in CASES.values():
+        for shape in shapes_of(case):
+            if run.out_of_time():
+                left += 1
+                continue
+            entries += runner.measure(case, shape, device=run.device, **measure_kw)
+            done += 1
+            results.write(run.folder / file, entries, run.machine)
+    if entries:
+        run.sections[f"{name} ({file})"] = report.results_table(entries)
+    failed = _failures(entries)
+    detail = f"{done} shapes measured, {left} left for lack of time, {len(failed)} failures"
+    if failed:
+        detail += ": " + ", ".join(failed[:5])
+    return StepResult("failed" if failed else ("partial" if left else "ok"), detail)
 
-    def default_shapes():
-        entries = []
-        for case in CASES.values():
-            for shape in case.default_shapes():
-                entries += measure(case, shape)
-                entries += measure(case, shape, cuda_graph=True, with_reference=False)
-        results.write(folder / "run.json", entries, ceilings)
-        sections.append(("Default shapes (run.json)", report.results_table(entries)))
-        failed = [e["name"] for e in entries if e["extra_info"].get("verified") is False]
-        return f"{len(entries)} timings, {len(failed)} failed verification", not failed
 
-    timed("default-shapes", lambda: _in_process_step("default-shapes", folder, default_shapes))
+def _failures(entries: list[dict]) -> list[str]:
+    from bench.commands.run import failures
 
-    timed(
-        "pytest-benchmark",
-        lambda: _subprocess_step(
-            "pytest-benchmark",
-            folder,
-            [*py, "bench", "--sweep", "default", f"--benchmark-json={folder / 'benchmarks.json'}"],
-            timeout=max(30.0, min(150.0, deadline - time.monotonic() - 60)),
-        ),
+    return failures(entries)
+
+
+def step_default_shapes(run: CheckRun) -> StepResult:
+    shapes = (lambda case: case.small_shapes()[:1]) if run.dry_run else (lambda case: case.default_shapes())
+    return _measure_into(run, "Default shapes", "run.json", shapes, graph=True)
+
+
+def step_static(run: CheckRun) -> StepResult:
+    rows, left = [], []
+    for case in CASES.values():
+        if run.out_of_time():
+            left.append(case.name)
+            continue
+        rows += runner.static_rows([case], real=not run.dry_run, timeout=run.left())
+        (run.folder / "static.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+    source = "AOT compile here for sm_90/sm_80" if run.dry_run else "the compile of a real launch"
+    run.sections[f"Static, from {source} (static.json)"] = report.static_table(rows)
+    spills = sorted({f"{r.kernel} {r.shape}" for r in rows if r.spill_bytes})
+    detail = f"{len(rows)} launches, {len(spills)} with spills" + (
+        f"; not reached: {', '.join(left)}" if left else ""
     )
+    return StepResult("failed" if spills else ("partial" if left else "ok"), detail)
 
-    def nsight():
-        """ncu summaries of every kernel (measured DRAM bytes beside each byte model), where ncu exists."""
-        if not shutil.which("ncu"):
-            return "ncu not on PATH: no Nsight Compute summaries", True
-        return _subprocess_step(
-            "ncu",
-            folder,
-            [
-                sys.executable,
-                "-m",
-                "bench",
-                "profile",
-                "all",
-                "--tool",
-                "ncu",
-                "--shape",
-                "1",
-                "--calls",
-                "3",
-                "--out",
-                str(folder / "profiles"),
-            ],
-            timeout=max(30.0, min(150.0, deadline - time.monotonic() - 90)),
-        )
 
-    timed("ncu", nsight)
-
-    def sweep():
-        """Every case's full sweep, in process, written after each shape; shapes left when the budget runs
-        out are counted, not silently dropped. Peers that compile per shape (FlexAttention) are timed at the
-        default shapes only."""
-        entries, done, left = [], 0, 0
-        for case in CASES.values():
-            for shape in case.sweep():
-                if deadline - time.monotonic() < 20:
-                    left += 1
-                    continue
-                entries += measure(case, shape, peers=SWEEP_PEERS)
-                done += 1
-                results.write(folder / "sweep.json", entries, ceilings)
-        if entries:
-            sections.append(("Sweep (sweep.json)", report.results_table(entries)))
-        failed = [e["name"] for e in entries if e["extra_info"].get("verified") is False]
-        return f"{done} shapes measured, {left} left for lack of time, {len(failed)} failed verification", (
-            not failed
-        )
-
-    timed("sweep", lambda: _in_process_step("sweep", folder, sweep))
-
-    summary = [
-        f"# gpu-check on {info.gpu}",
-        "",
-        f"- {info.capability}, {info.sm_count} SMs, {info.memory_gib} GiB, driver {info.driver}, "
-        f"CUDA {info.cuda}, torch {info.torch}, triton {info.triton}, {stamp} UTC",
-        f"- copy bandwidth measured: {peak:.0f} GB/s (read + write); bf16 matmul: "
-        f"{ceilings['matmul_tflops']:.0f} TFLOP/s",
-        "",
-        "## Steps",
-        "",
-        *(f"- {name}: {'ok' if ok else 'FAILED'}, {status}" for name, (status, ok) in steps.items()),
+def step_ncu(run: CheckRun) -> StepResult:
+    if not shutil.which("ncu"):
+        return StepResult("skipped", "ncu not on PATH: no Nsight Compute summaries")
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "profile",
+        "all",
+        "--tool",
+        "ncu",
+        "--shape",
+        "1",
+        "--calls",
+        "3",
     ]
-    for title, text in sections:
-        summary += ["", f"## {title}", "", text]
-    (folder / "summary.md").write_text("\n".join(summary) + "\n")
-    print("\n".join(summary))
-    print(f"\nwritten: {folder}")
-    return 0 if all(ok for _, ok in steps.values()) else 1
+    return run.subprocess("ncu", [*command, "--out", str(run.folder / "profiles")])
+
+
+def step_tune(run: CheckRun) -> StepResult:
+    from bench.commands import tune
+
+    text, ok = tune.run(
+        list(CASES.values()), out=run.folder / "tune", deadline=run.deadline, dry_run=run.dry_run
+    )
+    run.sections["Tuned launch configurations (tune/)"] = text
+    return StepResult("ok" if ok else "failed", "see tune/")
+
+
+def step_sanitizer(run: CheckRun) -> StepResult:
+    tool = shutil.which("compute-sanitizer")
+    if not tool:
+        return StepResult("skipped", "compute-sanitizer not on PATH")
+    static = {}
+    if (run.folder / "static.json").exists():
+        for row in json.loads((run.folder / "static.json").read_text()):
+            static.setdefault(row["kernel"], []).append(row)
+    lines, errors = [], 0
+    for case in CASES.values():
+        checks = ["memcheck"] + (["racecheck"] if _shares_or_atomics(case, static) else [])
+        for check in checks:
+            if run.out_of_time(10.0):
+                lines.append(f"- {case.name} {check}: not reached")
+                continue
+            name = f"sanitizer-{check}-{case.name}"
+            target = [sys.executable, "-m", "bench", "sanitize-target", case.name]
+            result = run.subprocess(name, [tool, "--tool", check, "--error-exitcode", "9", *target])
+            log = (run.folder / f"{name}.txt").read_text(errors="replace")
+            summary = next((line for line in log.splitlines() if "ERROR SUMMARY" in line), result.detail)
+            errors += result.state != "ok"
+            lines.append(f"- {case.name} {check}: {result.state}, {summary.strip()}")
+    run.sections["compute-sanitizer (sanitizer-*.txt)"] = "\n".join(lines)
+    return StepResult("failed" if errors else "ok", f"{errors} runs with errors")
+
+
+def _shares_or_atomics(case, static: dict) -> bool:
+    """racecheck where a kernel of the case keeps tiles in shared memory or uses atomics (by its compile)."""
+    from bench.measure.static import capture
+
+    names = {launch.kernel for shape in case.small_shapes()[:1] for launch in capture(case, shape)}
+    rows = [row for kernel in names for row in static.get(kernel, [])]
+    return any((row.get("shared_bytes") or 0) > 0 or row.get("atomics") for row in rows)
+
+
+def _pytest(run: CheckRun, name: str, *args: str) -> StepResult:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    return run.subprocess(name, [*command, f"--junitxml={run.folder / (name + '.xml')}"])
+
+
+def step_tests_gpu_only(run: CheckRun) -> StepResult:
+    return _pytest(run, "tests-gpu-only", "tests", "-m", "gpu")
+
+
+def step_sweep(run: CheckRun) -> StepResult:
+    shapes = (lambda case: case.small_shapes()) if run.dry_run else (lambda case: case.sweep())
+    return _measure_into(run, "Sweep", "sweep.json", shapes, graph=False, peers=SWEEP_PEERS)
+
+
+def step_benchmarks(run: CheckRun) -> StepResult:
+    return _pytest(
+        run, "benchmarks", "bench", "--sweep", "default", f"--benchmark-json={run.folder / 'benchmarks.json'}"
+    )
+
+
+def step_tests(run: CheckRun) -> StepResult:
+    return _pytest(run, "tests", "tests", "-m", "not gpu")
+
+
+STEP_FUNCTIONS: dict[str, Callable[[CheckRun], StepResult]] = {
+    "machine": step_machine,
+    "default-shapes": step_default_shapes,
+    "static": step_static,
+    "ncu": step_ncu,
+    "tune": step_tune,
+    "sanitizer": step_sanitizer,
+    "tests-gpu-only": step_tests_gpu_only,
+    "sweep": step_sweep,
+    "benchmarks": step_benchmarks,
+    "tests": step_tests,
+}
+
+
+def parse_only(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return STEPS
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in STEPS]
+    if unknown:
+        raise SystemExit(f"--only: unknown step {', '.join(unknown)}; steps: {', '.join(STEPS)}")
+    return names
+
+
+def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_run: bool = False) -> int:
+    """Runs the selected steps within ``budget_s`` seconds of wall clock; returns 0 when no step failed, 1
+    otherwise, 2 when there is no GPU and this is not a dry run."""
+    started = time.monotonic()
+    info = machine_info()
+    if info.gpu == "cpu" and not dry_run:
+        print(
+            "gpu-check needs a CUDA device; on this machine use `decodebench run` (or gpu-check --dry-run)",
+            file=sys.stderr,
+        )
+        return 2
+    selected = parse_only(only)
+    stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
+    if out:
+        folder = Path(out)
+    elif dry_run:  # not a GPU result: kept out of bench/results/
+        folder = Path(tempfile.mkdtemp(prefix=f"gpu-check-dry-run-{stamp}-"))
+    else:
+        folder = results.results_dir_for(info.slug) / stamp
+    folder.mkdir(parents=True, exist_ok=True)
+    check = CheckRun(folder, started + budget_s, dry_run, selected)
+    check.machine.update(info.as_dict(), started=stamp, budget_s=budget_s, dry_run=dry_run)
+    for name in STEPS:
+        if name not in selected:
+            check.steps[name] = StepResult("not selected")
+    check.write_summary()  # from the first second on, the folder says what ran and what did not
+    for name in (step for step in STEPS if step in selected):
+        if check.out_of_time(MIN_START_S):
+            check.steps[name] = StepResult("not reached", "the budget ran out first")
+            continue
+        begin = time.monotonic()
+        print(f"{name}: running ({check.left():.0f} s left)", flush=True)
+        try:
+            result = STEP_FUNCTIONS[name](check)
+        except Exception:
+            (folder / f"{name}-error.txt").write_text(traceback.format_exc())
+            result = StepResult("failed", f"crashed: see {name}-error.txt")
+        result.seconds = time.monotonic() - begin
+        check.steps[name] = result
+        print(f"{name}: {result.state} ({result.seconds:.0f} s) {result.detail}", flush=True)
+        check.write_summary()
+    check.write_summary()
+    print((folder / "summary.md").read_text())
+    print(f"written: {folder} ({time.monotonic() - started:.0f} s)")
+    return 1 if any(s.state == "failed" for s in check.steps.values()) else 0

@@ -103,3 +103,29 @@ def matmul_tflops() -> float:
     b = torch.randn_like(a)
     timing = time_cuda(lambda: a @ b, label="peak: bf16 matmul", flush=False, rep_ms=100)
     return 2 * 8192**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+def host_ceilings() -> dict:
+    """The dry run's stand-ins for the ceilings, on the host's wall clock: a 256 MiB copy and a 1024^3 fp32
+    matmul on the CPU. They prove the plumbing; they are no GPU figure, and say so."""
+    import time
+
+    src = torch.ones(1 << 26)
+    dst = torch.empty_like(src)
+    a = torch.randn(1024, 1024)
+
+    def best(fn, reps=5):
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return {
+        "copy_gbps": 2 * src.nbytes / best(lambda: dst.copy_(src)) / 1e9,
+        "matmul_tflops": 2 * 1024**3 / best(lambda: a @ a) / 1e12,
+        "matmul_label": "fp32 1024^3 matmul on the CPU",
+        "clock": "host wall clock, dry run",
+    }

@@ -63,6 +63,7 @@ class StaticRow:
     widest_store: int | None = None
     load_widths: dict = field(default_factory=dict)  # width in bytes -> instruction count
     store_widths: dict = field(default_factory=dict)
+    atomics: int = 0  # global atomic and reduction instructions (ATOMG, RED): racecheck's business
     error: str | None = None  # why it could not compile (fp8 e4m3 on sm_80, say)
 
     def __post_init__(self):  # JSON turns the width keys into strings
@@ -166,6 +167,7 @@ def _dump(cubin: bytes, flag: str) -> str:
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 # LDGSTS is cp.async: a global load straight into shared memory (how Triton pipelines a loop's loads).
 _ACCESS = re.compile(r"\b(LDGSTS|LDG|STG)(?![A-Z])((?:\.[A-Z0-9_]+)*)")
+_ATOMIC = re.compile(r"\b(ATOMG|ATOM|RED)(?:\.[A-Z0-9_]+)+")
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
 
@@ -188,7 +190,8 @@ def access_widths(sass: str) -> tuple[Counter, Counter]:
 
 def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warps: int) -> StaticRow:
     cubin = compiled.asm["cubin"]
-    loads, stores = access_widths(_dump(cubin, "--dump-sass"))
+    sass = _dump(cubin, "--dump-sass")
+    loads, stores = access_widths(sass)
     usage = resource_usage(cubin)
     # cuobjdump counts static shared memory only; Triton's tiles live in dynamic shared memory.
     usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
@@ -203,6 +206,7 @@ def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warp
         widest_store=max(stores, default=None),
         load_widths=dict(sorted(loads.items())),
         store_widths=dict(sorted(stores.items())),
+        atomics=len(_ATOMIC.findall(sass)),
     )
 
 

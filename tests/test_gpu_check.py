@@ -1,0 +1,157 @@
+"""gpu-check's orchestration, proved on this machine: the dry run on the CPU under a budget too small for
+every step, the step bookkeeping with the steps faked (crashes, the deadline, --only), subprocesses killed
+at the deadline, and the L2 flush that reads."""
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.commands import gpu_check
+from bench.commands.gpu_check import STEPS, StepResult, run_subprocess
+from bench.measure import results
+
+STATES = ("ok", "failed", "partial", "timed out", "skipped", "not reached", "not selected")
+
+
+def _states(summary: str) -> dict[str, str]:
+    """step -> state, from summary.md's step list."""
+    found = dict(
+        re.findall(
+            r"^- ([a-z-]+): (ok|failed|partial|timed out|skipped|not reached|not selected)",
+            summary,
+            flags=re.M,
+        )
+    )
+    return {name: found.get(name) for name in STEPS}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU's stand-in for a GPU run")
+def test_dry_run_keeps_its_budget_and_lists_every_step(tmp_path):
+    """A budget too small for every step: what finished is on disk, what did not is listed as such."""
+    budget = 12.0
+    start = time.monotonic()
+    status = gpu_check.run(str(tmp_path), budget_s=budget, dry_run=True)
+    elapsed = time.monotonic() - start
+    assert elapsed < budget + 15, f"overran its {budget} s budget by {elapsed - budget:.0f} s"
+    summary = (tmp_path / "summary.md").read_text()
+    states = _states(summary)
+    assert all(states[name] in STATES for name in STEPS), states
+    assert "dry run" in summary and "no GPU figure" in summary
+    assert states["machine"] == "ok" and (tmp_path / "machine.json").exists()
+    assert states["default-shapes"] in ("ok", "partial")
+    assert results.load(tmp_path / "run.json")["benchmarks"], "the first shapes measured are written"
+    for entry in results.load(tmp_path / "run.json")["benchmarks"]:
+        assert entry["extra_info"]["clock"].startswith("wall-clock"), (
+            "a dry run must not pass as a GPU figure"
+        )
+    assert states["tests"] == "not reached", "12 s cannot hold the whole suite: it must say so"
+    assert list(states.values()).count("not reached") >= 1
+    assert status == (1 if "failed" in states.values() else 0)
+
+
+def _fake_steps(monkeypatch, behaviour: dict):
+    calls = []
+
+    def make(name):
+        def step(run):
+            calls.append(name)
+            assert (run.folder / "summary.md").exists(), "summary.md from the start, rewritten after every step"
+            action = behaviour.get(name, "ok")
+            if action == "crash":
+                raise RuntimeError(f"{name} blew up")
+            if action == "sleep":
+                while not run.out_of_time(0.5):
+                    time.sleep(0.05)
+                return StepResult("partial", "stopped at the deadline")
+            return StepResult(action, f"{name} did its work")
+
+        return step
+
+    monkeypatch.setattr(gpu_check, "STEP_FUNCTIONS", {name: make(name) for name in STEPS})
+    return calls
+
+
+def test_a_crashing_step_leaves_the_others_and_fails_the_run(tmp_path, monkeypatch):
+    calls = _fake_steps(monkeypatch, {"static": "crash", "ncu": "skipped"})
+    assert gpu_check.run(str(tmp_path), budget_s=30, dry_run=True) == 1
+    assert calls == list(STEPS)
+    assert "static blew up" in (tmp_path / "static-error.txt").read_text()
+    states = _states((tmp_path / "summary.md").read_text())
+    assert states["static"] == "failed" and states["ncu"] == "skipped" and states["tests"] == "ok"
+
+
+def test_the_deadline_stops_the_run_and_what_was_not_reached_is_listed(tmp_path, monkeypatch):
+    calls = _fake_steps(monkeypatch, {"static": "sleep"})
+    start = time.monotonic()
+    assert gpu_check.run(str(tmp_path), budget_s=5, dry_run=True) == 0  # the budget ending is no failure
+    assert time.monotonic() - start < 8
+    assert calls == ["machine", "default-shapes", "static"]
+    states = _states((tmp_path / "summary.md").read_text())
+    assert states["static"] == "partial"
+    assert all(states[name] == "not reached" for name in STEPS[3:]), states
+
+
+def test_only_runs_the_named_steps(tmp_path, monkeypatch):
+    calls = _fake_steps(monkeypatch, {})
+    assert gpu_check.run(str(tmp_path), budget_s=30, only="static,tune", dry_run=True) == 0
+    assert calls == ["static", "tune"]
+    states = _states((tmp_path / "summary.md").read_text())
+    assert [name for name, state in states.items() if state == "not selected"] == [
+        name for name in STEPS if name not in ("static", "tune")
+    ]
+    with pytest.raises(SystemExit, match="unknown step nope"):
+        gpu_check.run(str(tmp_path), only="static,nope", dry_run=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_only_the_dry_run_runs(tmp_path, capsys):
+    assert gpu_check.run(str(tmp_path)) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_subprocess_steps_log_and_are_killed_at_the_deadline(tmp_path):
+    done = run_subprocess("hello", tmp_path, [sys.executable, "-c", "print('hi')"], timeout=60)
+    assert (
+        done.state == "ok"
+        and done.detail.startswith("exit 0")
+        and (tmp_path / "hello.txt").read_text() == "hi\n"
+    )
+    failed = run_subprocess("bad", tmp_path, [sys.executable, "-c", "raise SystemExit(3)"], timeout=60)
+    assert failed.state == "failed" and "exit 3" in failed.detail
+    start = time.monotonic()
+    slow = run_subprocess(
+        "slow",
+        tmp_path,
+        [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(30)"],
+        1.0,
+    )
+    assert time.monotonic() - start < 10
+    assert slow.state == "timed out"
+    log = (tmp_path / "slow.txt").read_text()
+    assert "started" in log and "KILLED at the deadline" in log
+
+
+def test_the_l2_flush_reads_and_writes_nothing_but_its_sum():
+    from bench.measure.timing import read_through
+
+    buffer = torch.arange(4096, dtype=torch.float32)
+    before, version = buffer.clone(), buffer._version
+    total = torch.zeros(())
+    read_through(buffer, total)
+    assert buffer._version == version and torch.equal(buffer, before), "the flush wrote its buffer"
+    assert total.item() == before.sum().item(), "the flush did not read the whole buffer"
+
+
+def test_no_l2_clearing_by_writing_anywhere_in_bench():
+    """A flush that writes leaves dirty lines to be written back inside the next timed call."""
+    root = Path(__file__).resolve().parents[1] / "bench"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"(flush|l2|cache_clear).*\.(zero_|fill_|copy_|normal_|uniform_)\(", line, re.I):
+                offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not offenders, offenders
