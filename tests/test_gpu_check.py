@@ -155,3 +155,10 @@ def test_no_l2_clearing_by_writing_anywhere_in_bench():
             if re.search(r"(flush|l2|cache_clear).*\.(zero_|fill_|copy_|normal_|uniform_)\(", line, re.I):
                 offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_the_sanitizer_target_verifies_one_small_shape(capsys):
+    from bench.commands import cli
+
+    assert cli.main(["sanitize-target", "copy_blocks"]) == 0
+    assert "copy_blocks" in capsys.readouterr().out
