@@ -59,7 +59,7 @@ def _fake_steps(monkeypatch, behaviour: dict):
     def make(name):
         def step(run):
             calls.append(name)
-            assert (run.folder / "summary.md").exists(), "summary.md from the start, rewritten after every step"
+            assert (run.folder / "summary.md").exists(), "summary.md from the start, then after each step"
             action = behaviour.get(name, "ok")
             if action == "crash":
                 raise RuntimeError(f"{name} blew up")
