@@ -203,5 +203,83 @@ def test_implementations_list_the_peers_that_run_and_why_others_do_not():
     shape = next(s for s in case.small_shapes() if len(set(s.lengths)) > 1)
     ready, skipped = implementations(case, shape, case.build(shape, "cpu", 0))
     assert [name for name, _ in ready][:2] == ["triton", "reference"]
+    assert all(callable(prepared.call) for _, prepared in ready)
     assert set(skipped) | {name for name, _ in ready} == {"triton", "reference", *case.peers}
     assert "sdpa-contiguous" in skipped and "one nonzero length" in skipped["sdpa-contiguous"]
+
+
+def _with_peer(prepare, check=None):
+    """paged_decode's case with one made-up peer, for the peer plumbing's failure paths."""
+    import dataclasses
+
+    from bench.peers import Peer
+
+    case = CASES["paged_decode"]
+    shape = case.small_shapes()[0]
+    peer = Peer("made-up", prepare, check or (lambda result, expected, shape: 0.0))
+    return dataclasses.replace(case, peers={"made-up": peer}), shape, case.build(shape, "cpu", 0)
+
+
+def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
+    """Only PeerUnavailable means 'cannot run here'; any other error of a peer's set-up propagates out of
+    the runner, verify_and_prepare and the benchmarks' prepare_peer (no pytest.skip)."""
+    from bench.benchmarks.conftest import prepare_peer
+    from bench.measure.runner import implementations
+    from bench.peers import verify_and_prepare
+
+    def broken(inputs, shape):
+        raise RuntimeError("the peer's own bug")
+
+    case, shape, inputs = _with_peer(broken)
+    with pytest.raises(RuntimeError, match="own bug"):
+        implementations(case, shape, inputs)
+    with pytest.raises(RuntimeError, match="own bug"):
+        verify_and_prepare(case, "made-up", inputs, shape, None)
+    with pytest.raises(RuntimeError, match="own bug"):
+        prepare_peer(case, shape, "made-up", inputs, None)
+
+
+def test_a_wrong_peer_fails_its_check():
+    from bench.benchmarks.conftest import prepare_peer
+    from bench.peers import Prepared
+    from bench.peers.paged_attention import flex_check
+
+    def off_by_one(inputs, shape):  # right layout, wrong values
+        q = inputs.args["q"]
+        return Prepared(lambda: torch.ones_like(q)[:, :, None, :])
+
+    case, shape, inputs = _with_peer(off_by_one, flex_check)
+    expected = inputs.clone()
+    case.run_reference(expected)
+    with pytest.raises(AssertionError, match="out"):
+        prepare_peer(case, shape, "made-up", inputs, expected)
+
+
+def test_an_unavailable_peer_is_skipped_with_its_reason():
+    from bench.benchmarks.conftest import prepare_peer
+    from bench.measure.runner import implementations
+    from bench.peers import PeerUnavailable
+
+    def absent(inputs, shape):
+        raise PeerUnavailable("not installed: pip install made-up")
+
+    case, shape, inputs = _with_peer(absent)
+    _, skipped = implementations(case, shape, inputs)
+    assert skipped == {"made-up": "not installed: pip install made-up"}
+    with pytest.raises(pytest.skip.Exception, match="made-up: not installed: pip install made-up"):
+        prepare_peer(case, shape, "made-up", inputs, None)
+
+
+def test_a_verified_peer_records_what_it_was_checked_against():
+    from bench.benchmarks.conftest import prepare_peer
+
+    case = CASES["paged_decode"]
+    shape = next(
+        s for s in case.small_shapes() if len(set(s.lengths)) == 1 and s.cache_dtype != torch.float8_e4m3fn
+    )
+    inputs = case.build(shape, "cpu", 0)
+    expected = inputs.clone()
+    case.run_reference(expected)
+    prepared, info = prepare_peer(case, shape, "sdpa-contiguous", inputs, expected)
+    assert info["verified"] is True and info["checked_against"] == "reference" and info["max_error"] < 0.1
+    assert prepared.call().shape == (shape.batch, shape.num_q_heads, 1, shape.head_dim)

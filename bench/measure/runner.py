@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.cases.base import Case, Inputs, PeerUnavailable
+from bench.cases.base import Case, Inputs
 from bench.measure import results
 from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps
 from bench.measure.timing import time_cuda
 from bench.measure.traffic import measure as measure_traffic
+from bench.peers import PeerUnavailable, Prepared
 from bench.testing import seed_of
 
 #: The traffic ratio a bandwidth kernel must stay within (bytes it moves / bytes its model says must move).
@@ -88,18 +89,18 @@ def projection(case: Case, shape) -> dict:
 
 
 def implementations(case: Case, shape, inputs: Inputs, with_reference: bool = True, peers=None):
-    """(name, zero-argument callable) for the kernel, its reference and each peer that can run here (of
-    ``peers``, default all), and {peer: reason} for those that cannot or were left out."""
-    ready = [("triton", lambda: case.kernel(**inputs.args))]
+    """(name, Prepared) for the kernel, its reference and each peer that can run here (of ``peers``,
+    default all), and {peer: reason} for those that cannot or were left out."""
+    ready = [("triton", Prepared(lambda: case.kernel(**inputs.args), inputs.reset))]
     if with_reference:
-        ready.append(("reference", lambda: case.reference(**inputs.args)))
+        ready.append(("reference", Prepared(lambda: case.reference(**inputs.args), inputs.reset)))
     skipped = {}
-    for name, factory in case.peers.items():
+    for name, peer in case.peers.items():
         if peers is not None and name not in peers:
             skipped[name] = "left out of this run"
             continue
         try:
-            ready.append((name, factory(inputs, shape)))
+            ready.append((name, peer.prepare(inputs, shape)))
         except PeerUnavailable as why:
             skipped[name] = str(why)
     return ready, skipped
@@ -118,10 +119,10 @@ def measure(
     inputs = case.build(shape, "cuda", seed_of(f"{case.name}/{shape.label}"))
     ready, skipped = implementations(case, shape, inputs, with_reference and affordable, peers)
     entries = []
-    for impl, fn in ready:
+    for impl, prepared in ready:
         label = f"{case.name}[{impl}] {shape.label}"
         graph = cuda_graph and impl == "triton"  # references and peers may sync: never captured
-        timing = time_cuda(fn, label=label, cuda_graph=graph, setup=inputs.reset)
+        timing = time_cuda(prepared.call, label=label, cuda_graph=graph, setup=prepared.reset)
         info = {
             **results.cost_info(case, shape, timing.median_ms * 1e-3, peak),
             "impl": impl,
