@@ -283,3 +283,40 @@ def test_a_verified_peer_records_what_it_was_checked_against():
     prepared, info = prepare_peer(case, shape, "sdpa-contiguous", inputs, expected)
     assert info["verified"] is True and info["checked_against"] == "reference" and info["max_error"] < 0.1
     assert prepared.call().shape == (shape.batch, shape.num_q_heads, 1, shape.head_dim)
+
+
+def test_moe_layer_names_its_expert_path_and_falls_back_only_when_refused(monkeypatch):
+    """bench_moe's experts: grouped_mm where torch takes it (same rows as the per-expert loop); the loop,
+    with the reason, only where torch._grouped_mm is missing or refuses the dtype or shape; any other error
+    of grouped_mm propagates."""
+    import kernels.moe as moe
+    from bench.benchmarks import bench_moe
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (10, 1), generator=gen).int()
+    ids = torch.cat([ids, (ids + 1) % 4], dim=1)
+
+    def layer(hidden):
+        x_sorted, plan = moe.dispatch(torch.randn(10, hidden, generator=gen).bfloat16(), ids, 4, align=16)
+        w13 = (torch.randn(4, hidden, 96, generator=gen) * 0.05).bfloat16()
+        w2 = (torch.randn(4, 48, hidden, generator=gen) * 0.05).bfloat16()
+        return x_sorted, plan, w13, w2
+
+    args = layer(64)
+    assert bench_moe.expert_path(*args) == (bench_moe.GROUPED_MM, None)
+    real = args[1].row_token >= 0
+    grouped = bench_moe.expert_matmuls(*args, bench_moe.GROUPED_MM)[real]
+    looped = bench_moe.expert_matmuls(*args, bench_moe.PER_EXPERT)[real]
+    torch.testing.assert_close(grouped.float(), looped.float(), rtol=1.6e-2, atol=1e-3)
+    path, why = bench_moe.expert_path(*layer(60))  # rows of 120 bytes: not 16-byte strides
+    assert path == bench_moe.PER_EXPERT and "16 bytes" in why
+
+    def crashes(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "_grouped_mm", crashes)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_moe.expert_path(*args)
+    monkeypatch.delattr(torch, "_grouped_mm")
+    path, why = bench_moe.expert_path(*args)
+    assert path == bench_moe.PER_EXPERT and "has no torch._grouped_mm" in why
