@@ -183,12 +183,13 @@ def test_fork_then_copy_gives_the_destination_the_sources_tokens():
     pools = Pools(num_blocks=10, block_size=4)
     assert pools.allocate([0], [10])  # 2 full blocks and a partial one
     copies, ok = kv_alloc.fork(pools.device, ids([0]), ids([1]))
-    reference.fork(pools.host, [0], [1])
-    assert bool(ok) and copies[0, 0].item() >= 0
+    assert pools.check("fork", (copies, ok), reference.fork(pools.host, [0], [1]))
+    tables = pools.device.block_tables
+    assert copies.tolist() == [[int(tables[0, 2]), int(tables[1, 2])]]  # source's partial block -> fresh one
+    assert int(tables[1, 2]) != int(tables[0, 2])
     k = torch.arange(10 * 4 * 1 * 8, dtype=torch.float32, device=DEVICE).view(10, 4, 1, 8)
     v = -k
     kv_alloc.copy_blocks(k, v, copies)
-    tables = pools.device.block_tables
     for position in range(10):
         page, offset = divmod(position, 4)
         assert torch.equal(k[tables[1, page], offset], k[tables[0, page], offset])
