@@ -21,6 +21,15 @@ def test_nsys_kernel_summary_parser():
     assert rows[0].dram_bytes is None
 
 
+def test_example_files_say_they_are_hand_written_and_the_parser_skips_that():
+    for path in DATA.glob("*.csv"):
+        assert path.read_text().startswith("# Hand-written example"), path.name
+    text = (DATA / "nsys_cuda_gpu_kern_sum.csv").read_text()
+    header = next(line for line in text.splitlines() if line.startswith('"'))
+    commented = text.replace(header, f"{header}\n# a comment between the header and the rows")
+    assert profile.parse_nsys_kernel_summary(commented) == profile.parse_nsys_kernel_summary(text)
+
+
 def test_ncu_metrics_parser_folds_rows_and_converts_units():
     rows = profile.parse_ncu_metrics((DATA / "ncu_metrics.csv").read_text())
     decode, merge = rows
