@@ -137,5 +137,152 @@ def test_time_cuda_and_copy_bandwidth():
     timing = time_cuda(lambda: x.mul_(1.0), rep_ms=10)
     assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
     graphed = time_cuda(lambda: x.mul_(1.0), rep_ms=10, cuda_graph=True)
-    assert graphed.median_ms > 0
-    assert copy_bandwidth_gbps() > 100
+    copy = copy_bandwidth_gbps()
+    assert copy > 100
+    # x.mul_ reads and writes 64 MiB, as the copy does: its implied bandwidth must be the copy's order. Far
+    # above it, the events timed nothing (an empty graph, another stream); far below, they timed more than
+    # the call (the L2 flush, a host sync).
+    moved = 2 * x.numel() * x.element_size()
+    for what, t in (("eager", timing), ("graph", graphed)):
+        gbps = moved / (t.median_ms * 1e-3) / 1e9
+        assert 0.2 * copy < gbps < 1.5 * copy, (what, gbps, copy)
+
+
+def _kernel_entry(entries):
+    return next(e for e in entries if e["extra_info"]["impl"] == "triton")
+
+
+def test_measure_verifies_times_and_says_why_a_peer_did_not_run():
+    """The runner on the CPU (wall clock, as gpu-check's dry run): the kernel verified on the inputs it
+    times, the reference timed, and every peer either timed after its check or listed with its reason."""
+    from bench.measure.runner import measure
+
+    case = CASES["paged_decode"]
+    shape = next(s for s in case.small_shapes() if len(set(s.lengths)) > 1)
+    entries = measure(case, shape, device="cpu")
+    info = _kernel_entry(entries)["extra_info"]
+    assert info["verified"] is True and info["clock"].startswith("wall-clock") and info["setup_s"] >= 0
+    impls = {e["extra_info"]["impl"] for e in entries}
+    assert {"triton", "reference"} <= impls and not info["peers_failed"]
+    assert impls | set(info["peers_skipped"]) == {"triton", "reference", *case.peers}
+    assert "one nonzero length" in info["peers_skipped"]["sdpa-contiguous"]
+    for entry in entries:
+        if entry["extra_info"]["impl"] in case.peers:
+            assert entry["extra_info"]["verified"] is True
+            assert entry["extra_info"]["checked_against"] == "reference"
+
+
+def _with_peer(prepare, check=None):
+    """paged_decode's case with one made-up peer, for the peer plumbing's failure paths."""
+    import dataclasses
+
+    from bench.peers import Peer
+
+    case = CASES["paged_decode"]
+    shape = case.small_shapes()[0]
+    peer = Peer("made-up", prepare, check or (lambda result, expected, shape: 0.0))
+    return dataclasses.replace(case, peers={"made-up": peer}), shape, case.build(shape, "cpu", 0)
+
+
+def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
+    """Only PeerUnavailable means 'cannot run here'; any other error of a peer's set-up propagates out of
+    the runner, verify_and_prepare and the benchmarks' prepare_peer (no pytest.skip)."""
+    from bench.benchmarks.conftest import prepare_peer
+    from bench.measure.runner import measure
+    from bench.peers import verify_and_prepare
+
+    def broken(inputs, shape):
+        raise RuntimeError("the peer's own bug")
+
+    case, shape, inputs = _with_peer(broken)
+    info = _kernel_entry(measure(case, shape, device="cpu"))["extra_info"]
+    assert (
+        info["peers_failed"] == {"made-up": "RuntimeError: the peer's own bug"} and not info["peers_skipped"]
+    )
+    with pytest.raises(RuntimeError, match="own bug"):
+        verify_and_prepare(case, "made-up", inputs, shape, None)
+    with pytest.raises(RuntimeError, match="own bug"):
+        prepare_peer(case, shape, "made-up", inputs, None)
+
+
+def test_a_wrong_peer_fails_its_check():
+    from bench.benchmarks.conftest import prepare_peer
+    from bench.peers import Prepared
+    from bench.peers.paged_attention import flex_check
+
+    def off_by_one(inputs, shape):  # right layout, wrong values
+        q = inputs.args["q"]
+        return Prepared(lambda: torch.ones_like(q)[:, :, None, :])
+
+    case, shape, inputs = _with_peer(off_by_one, flex_check)
+    expected = inputs.clone()
+    case.run_reference(expected)
+    with pytest.raises(AssertionError, match="out"):
+        prepare_peer(case, shape, "made-up", inputs, expected)
+
+
+def test_an_unavailable_peer_is_skipped_with_its_reason():
+    from bench.benchmarks.conftest import prepare_peer
+    from bench.measure.runner import measure
+    from bench.peers import PeerUnavailable
+
+    def absent(inputs, shape):
+        raise PeerUnavailable("not installed: pip install made-up")
+
+    case, shape, inputs = _with_peer(absent)
+    info = _kernel_entry(measure(case, shape, device="cpu"))["extra_info"]
+    assert info["peers_skipped"] == {"made-up": "not installed: pip install made-up"}
+    with pytest.raises(pytest.skip.Exception, match="made-up: not installed: pip install made-up"):
+        prepare_peer(case, shape, "made-up", inputs, None)
+
+
+def test_a_verified_peer_records_what_it_was_checked_against():
+    from bench.benchmarks.conftest import prepare_peer
+
+    case = CASES["paged_decode"]
+    shape = next(
+        s for s in case.small_shapes() if len(set(s.lengths)) == 1 and s.cache_dtype != torch.float8_e4m3fn
+    )
+    inputs = case.build(shape, "cpu", 0)
+    expected = inputs.clone()
+    case.run_reference(expected)
+    prepared, info = prepare_peer(case, shape, "sdpa-contiguous", inputs, expected)
+    assert info["verified"] is True and info["checked_against"] == "reference" and info["max_error"] < 0.1
+    assert prepared.call().shape == (shape.batch, shape.num_q_heads, 1, shape.head_dim)
+
+
+def test_moe_layer_names_its_expert_path_and_falls_back_only_when_refused(monkeypatch):
+    """bench_moe's experts: grouped_mm where torch takes it (same rows as the per-expert loop); the loop,
+    with the reason, only where torch._grouped_mm is missing or refuses the dtype or shape; any other error
+    of grouped_mm propagates."""
+    import kernels.moe as moe
+    from bench.benchmarks import bench_moe
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (10, 1), generator=gen).int()
+    ids = torch.cat([ids, (ids + 1) % 4], dim=1)
+
+    def layer(hidden):
+        x_sorted, plan = moe.dispatch(torch.randn(10, hidden, generator=gen).bfloat16(), ids, 4, align=16)
+        w13 = (torch.randn(4, hidden, 96, generator=gen) * 0.05).bfloat16()
+        w2 = (torch.randn(4, 48, hidden, generator=gen) * 0.05).bfloat16()
+        return x_sorted, plan, w13, w2
+
+    args = layer(64)
+    assert bench_moe.expert_path(*args) == (bench_moe.GROUPED_MM, None)
+    real = args[1].row_token >= 0
+    grouped = bench_moe.expert_matmuls(*args, bench_moe.GROUPED_MM)[real]
+    looped = bench_moe.expert_matmuls(*args, bench_moe.PER_EXPERT)[real]
+    torch.testing.assert_close(grouped.float(), looped.float(), rtol=1.6e-2, atol=1e-3)
+    path, why = bench_moe.expert_path(*layer(60))  # rows of 120 bytes: not 16-byte strides
+    assert path == bench_moe.PER_EXPERT and "16 bytes" in why
+
+    def crashes(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "_grouped_mm", crashes)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_moe.expert_path(*args)
+    monkeypatch.delattr(torch, "_grouped_mm")
+    path, why = bench_moe.expert_path(*args)
+    assert path == bench_moe.PER_EXPERT and "has no torch._grouped_mm" in why

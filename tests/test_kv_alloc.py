@@ -183,12 +183,13 @@ def test_fork_then_copy_gives_the_destination_the_sources_tokens():
     pools = Pools(num_blocks=10, block_size=4)
     assert pools.allocate([0], [10])  # 2 full blocks and a partial one
     copies, ok = kv_alloc.fork(pools.device, ids([0]), ids([1]))
-    reference.fork(pools.host, [0], [1])
-    assert bool(ok) and copies[0, 0].item() >= 0
+    assert pools.check("fork", (copies, ok), reference.fork(pools.host, [0], [1]))
+    tables = pools.device.block_tables
+    assert copies.tolist() == [[int(tables[0, 2]), int(tables[1, 2])]]  # source's partial block -> fresh one
+    assert int(tables[1, 2]) != int(tables[0, 2])
     k = torch.arange(10 * 4 * 1 * 8, dtype=torch.float32, device=DEVICE).view(10, 4, 1, 8)
     v = -k
     kv_alloc.copy_blocks(k, v, copies)
-    tables = pools.device.block_tables
     for position in range(10):
         page, offset = divmod(position, 4)
         assert torch.equal(k[tables[1, page], offset], k[tables[0, page], offset])
@@ -237,3 +238,54 @@ def test_decode_step_allocation_has_no_host_sync():
         kv_alloc.free(pool, seqs[:10])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    "num_seqs, max_len, block_size",
+    [(1, 1, 16), (5, 40, 4), (70, 100, 16), (33, 300, 1), (9, 4096, 128)],
+)
+def test_prefilled_pool_is_the_state_the_reference_lays_down(num_seqs, max_len, block_size):
+    """The benchmarks' vectorized prefill against the host reference's allocate, replayed token by token
+    from an empty pool: every field equal, the whole free stack included (stale entries too)."""
+    from bench.cases.kv_alloc import AllocateShape, prefill_lengths, prefilled_pool
+
+    shape = AllocateShape("prefill", num_seqs, 1, max_len=max_len, block_size=block_size)
+    pool = prefilled_pool(shape, DEVICE, seed=11)
+    host = reference.KVBlockPool(pool.num_blocks, block_size, num_seqs, shape.max_blocks_per_seq)
+    _, ok = reference.allocate(host, list(range(num_seqs)), prefill_lengths(shape, 11).tolist())
+    assert bool(ok)
+    for name in host.STATE:
+        assert torch.equal(getattr(pool, name).cpu(), getattr(host, name)), name
+    assert_invariants(pool)
+    again = prefilled_pool(shape, DEVICE, seed=11)  # from the cache: an independent copy
+    again.seq_lens.zero_()
+    assert torch.equal(prefilled_pool(shape, DEVICE, seed=11).seq_lens, pool.seq_lens)
+
+
+def test_host_pool_peer_steps_like_the_kernel_and_resets_outside_its_call():
+    """The host-pool peer as the benchmarks run it: prepared once (host copy, id list), checked against the
+    kernel's own step (the reference is the peer here), and its reset puts the host pool back, so every
+    timed call does the same step. A host pool one step ahead fails the check."""
+    from bench.cases import CASES
+    from bench.peers import kernel_expected, verify_and_prepare
+
+    case = CASES["allocate"]
+    shape = case.small_shapes()[0]
+    inputs = case.build(shape, DEVICE, 4)
+    prepared, _ = verify_and_prepare(case, "host-pool", inputs, shape, None)
+    expected = kernel_expected(case, inputs)
+    for _ in range(2):
+        prepared.reset()
+        case.peers["host-pool"].check(prepared.call(), expected, shape)
+    with pytest.raises(AssertionError):
+        case.peers["host-pool"].check(prepared.call(), expected, shape)  # no reset: a second step
+
+
+def test_host_pool_peer_is_unavailable_past_its_size_with_the_reason():
+    from bench.cases import CASES
+    from bench.cases.kv_alloc import AllocateShape
+    from bench.peers import PeerUnavailable
+
+    shape = AllocateShape("big", 4096, 1)
+    with pytest.raises(PeerUnavailable, match="past 1024 sequences"):
+        CASES["allocate"].peers["host-pool"].prepare(None, shape)

@@ -50,8 +50,22 @@ def test_grouped_sigmoid_routing(groups, kept, top_k, experts, request):
         logits, top_k, scoring="sigmoid", num_groups=groups, topk_groups=kept, bias=bias, scale=2.5
     )
     assert torch.allclose(weights.sum(-1), torch.full((19,), 2.5, device=DEVICE), atol=1e-5)
-    chosen_groups = (ids.long() // (experts // groups)).unique(dim=None)
-    assert chosen_groups.numel() <= kept * 19
+    # The rule itself (shared/facts.md), not the reference's code: a group's score is the sum of its two
+    # best biased scores; the `kept` best groups win, ties to the lower group id (a stable sort); the top_k
+    # biased scores inside them are chosen, ties to the lower expert id.
+    biased = torch.sigmoid(logits.float().cpu()) + bias.cpu()
+    group_scores = biased.view(19, groups, -1).topk(2, dim=-1).values.sum(-1)
+    best_groups = torch.sort(-group_scores, dim=-1, stable=True).indices[:, :kept]
+    size = experts // groups
+    for token, row in enumerate(ids.long().cpu().tolist()):
+        winners = set(best_groups[token].tolist())
+        chosen = {e // size for e in row}
+        assert len(chosen) <= kept and chosen <= winners, (token, sorted(chosen), sorted(winners))
+        allowed = torch.full((experts,), float("-inf"))
+        for g in winners:
+            allowed[g * size : (g + 1) * size] = biased[token, g * size : (g + 1) * size]
+        want = torch.sort(-allowed, stable=True).indices[:top_k].tolist()
+        assert row == want, (token, row, want)
 
 
 def test_bias_chooses_but_does_not_weigh():

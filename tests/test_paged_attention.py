@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.cases.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
-from bench.testing import assert_close, seed_of
+from bench.testing import seed_of
 from kernels import paged_attention
 from kernels.paged_attention import check_paged_inputs, max_splits_for
 from reference import paged_attention as reference
@@ -286,19 +286,27 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables():
             "flex-attention-paged",
             PagedDecodeShape("peer", (90, 40, 64), 8, 1, 64, block_size=16, shared_pages=2),
         ),
+        ("flex-attention-paged", PagedDecodeShape("peer", (37, 0, 9), 4, 2, 64, block_size=8)),
     ],
-    ids=["sdpa", "flex", "flex-shared-mqa"],
+    ids=["sdpa", "flex", "flex-shared-mqa", "flex-empty-sequence"],
 )
 def test_peers_compute_the_same_attention(peer, shape):
-    """A peer's time means something only if it does the same work: its output matches the reference."""
-    from bench.cases.paged_attention import PEERS
+    """A peer's time means something only if it does the same work: verify_and_prepare (what the
+    benchmarks run before timing a peer) checks its output against the reference through Peer.check."""
+    from bench.peers import verify_and_prepare
 
     inputs = build(shape, DEVICE, 9)
+    expected = inputs.clone()
+    PAGED_DECODE.run_reference(expected)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
-        got = PEERS[peer](inputs, shape)()[:, :, 0, :]
-    want = reference.paged_decode(**inputs.args)
-    assert_close(got, want, peer, dtype=shape.dtype)
+        prepared, _ = verify_and_prepare(PAGED_DECODE, peer, inputs, shape, expected)
+        verify_and_prepare(PAGED_DECODE, peer, inputs, shape, None)  # against the kernel: raises if apart
+        out = prepared.call()
+    wrong = out.clone()
+    wrong.view(-1)[0] += 1.0  # one element off: the check must see it
+    with pytest.raises(AssertionError, match="out"):
+        PAGED_DECODE.peers[peer].check(wrong, expected, shape)
 
 
 @pytest.mark.parametrize(
@@ -307,11 +315,23 @@ def test_peers_compute_the_same_attention(peer, shape):
         ("sdpa-contiguous", PagedDecodeShape("p", (5, 9), 4, 2, 64), "one nonzero length"),
         ("sdpa-contiguous", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
         ("flex-attention-paged", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
+        ("flex-attention-paged", PagedDecodeShape("p", (0, 0), 4, 2, 64), "at least one key"),
     ],
 )
 def test_peers_that_cannot_run_say_why(peer, shape, reason):
-    from bench.cases.base import PeerUnavailable
-    from bench.cases.paged_attention import PEERS
+    from bench.peers import PeerUnavailable
 
     with pytest.raises(PeerUnavailable, match=reason):
-        PEERS[peer](build(shape, DEVICE, 1), shape)
+        PAGED_DECODE.peers[peer].prepare(build(shape, DEVICE, 1), shape)
+
+
+def test_compiled_flex_attention_limits_are_decided_up_front():
+    """On a GPU, the shapes the compiled FlexAttention cannot take are named before anything runs, so no
+    compile error is ever turned into a skip."""
+    from bench.peers.paged_attention import _flex_unsupported
+
+    cuda = torch.device("cuda")
+    assert _flex_unsupported(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=16), cuda) is None
+    assert "pages of 16" in _flex_unsupported(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=8), cuda)
+    assert "power-of-two" in _flex_unsupported(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=16), cuda)
+    assert _flex_unsupported(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=8), torch.device("cpu")) is None

@@ -5,6 +5,7 @@ ones; their numbers are illustrations, not measurements)."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.cases import CASES
 from bench.commands import cli
@@ -18,6 +19,15 @@ def test_nsys_kernel_summary_parser():
     assert [r.name for r in rows] == ["_paged_decode_kernel", "_merge_splits_kernel"]
     assert rows[0].launches == 10 and rows[0].seconds == pytest.approx(1.25184e-3)
     assert rows[0].dram_bytes is None
+
+
+def test_example_files_say_they_are_hand_written_and_the_parser_skips_that():
+    for path in DATA.glob("*.csv"):
+        assert path.read_text().startswith("# Hand-written example"), path.name
+    text = (DATA / "nsys_cuda_gpu_kern_sum.csv").read_text()
+    header = next(line for line in text.splitlines() if line.startswith('"'))
+    commented = text.replace(header, f"{header}\n# a comment between the header and the rows")
+    assert profile.parse_nsys_kernel_summary(commented) == profile.parse_nsys_kernel_summary(text)
 
 
 def test_ncu_metrics_parser_folds_rows_and_converts_units():
@@ -39,6 +49,8 @@ def test_summary_sets_measured_dram_beside_the_byte_model():
 
 
 def test_torch_tool_runs_without_nsight(tmp_path, capsys):
+    """The profile holds the calls made: without a GPU, one row for the case's calls, 2 of them (one a
+    call in the table), with time; on a GPU, the kernel's own launches."""
     assert (
         cli.main(
             ["profile", "write_kv", "--shape", "0", "--tool", "torch", "--calls", "2", "--out", str(tmp_path)]
@@ -46,8 +58,16 @@ def test_torch_tool_runs_without_nsight(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "write_kv" in out and "byte model" in out
-    assert (tmp_path / "write_kv-0-torch.md").exists()
+    assert "byte model" in out and (tmp_path / "write_kv-0-torch.md").read_text().strip() in out
+    case = CASES["write_kv"]
+    rows, _ = profile.profile_torch(case, case.default_shapes()[0], calls=2)
+    if torch.cuda.is_available():
+        kernel = next(r for r in rows if "write_kv" in r.name)
+    else:
+        (kernel,) = rows
+        assert kernel.name == "write_kv call"
+        assert "| write_kv call | 1 " in out
+    assert kernel.launches == 2 and kernel.seconds > 0
 
 
 def test_a_missing_tool_is_named():
@@ -59,8 +79,28 @@ def test_a_missing_tool_is_named():
         profile.profile_ncu("write_kv", 0, 1, Path("."))
 
 
-def test_profile_target_runs_the_calls():
+def test_profile_target_runs_the_calls(monkeypatch):
+    """One warm-up call outside the NVTX range ncu selects, then exactly --calls calls inside it."""
+    from contextlib import contextmanager
+
+    from bench.cases.base import Case
+
+    inside, calls = [False], []
+
+    @contextmanager
+    def recorded_range(name):
+        assert name == profile.PROFILE_RANGE
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    run_kernel = Case.run_kernel
+    monkeypatch.setattr(profile, "nvtx_range", recorded_range)
+    monkeypatch.setattr(
+        Case, "run_kernel", lambda self, inputs: (calls.append(inside[0]), run_kernel(self, inputs))
+    )
     assert cli.main(["profile-target", "copy_blocks", "--shape", "0", "--calls", "2"]) == 0
+    assert calls == [False, True, True]
 
 
 def test_report_plots_a_roofline_and_decode_bandwidth(tmp_path):

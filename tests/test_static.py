@@ -1,5 +1,13 @@
 """CPU-side performance proxies from the sm_90/sm_80 compile: no spills, 16-byte global accesses. The compile
-is also the proof, on a machine with no GPU, that each kernel compiles for one at all."""
+is also the proof, on a machine with no GPU, that each kernel compiles for one at all.
+
+"Compiles" and "no spills" hold under any Triton. The exact access widths (and compile error texts) are what
+the Triton that wrote bench/baselines/cpu-proxies.json produces: under another Triton (the GPU boxes run 3.6)
+those checks are report-only, skipped with what they found. The AOT compile specializes arguments with
+Triton's private API (bench/measure/static.py ``_specialize``); where that is not importable, the tests that
+compile ahead of time skip with the reason, and "compiles" and "no spills" read a real launch's cubin on a
+GPU instead (without either, they fail: nothing would prove the kernels compile).
+"""
 
 import functools
 import os
@@ -8,14 +16,55 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from bench.cases import CASES
+from bench.measure import proxies
 from bench.measure.static import access_widths, capture, static_report
+
+BASELINE_TRITON = proxies.load()["triton"]
+
+
+def _missing_specialization_api() -> str | None:
+    try:
+        from triton.backends.compiler import BaseBackend  # noqa: F401
+        from triton.runtime.jit import native_specialize_impl  # noqa: F401
+    except ImportError as error:
+        return (
+            f"Triton {triton.__version__} lacks the private specialization API the AOT compile uses: {error}"
+        )
+    return None
+
+
+MISSING_API = _missing_specialization_api()
+needs_aot = pytest.mark.skipif(MISSING_API is not None, reason=MISSING_API or "")
+
+
+def hold_or_report(problems: list[str]) -> None:
+    """Exact-width expectations: held under the baseline's Triton, reported (as a skip) under another."""
+    if triton.__version__ == BASELINE_TRITON:
+        assert not problems, "\n".join(problems)
+        return
+    found = "; ".join(problems) if problems else "all as under the baseline's Triton"
+    pytest.skip(
+        f"report only: widths hold for Triton {BASELINE_TRITON} (the baseline's), this is Triton "
+        f"{triton.__version__}: {found}"
+    )
+
+
+def compiled_rows(name: str) -> list:
+    """Rows that prove ``name`` compiles for sm_90: the AOT compile, or without its private API a real
+    launch on this GPU (sm_90 on the lent machines)."""
+    if MISSING_API is None:
+        return static_report(CASES[name])
+    if torch.cuda.is_available():
+        return static_report(CASES[name], real=True)
+    pytest.fail(f"nothing can compile {name} here: {MISSING_API}, and no GPU to launch it")
 
 
 @functools.cache
 def write_kv_rows():
-    return static_report(CASES["write_kv"])
+    return compiled_rows("write_kv")
 
 
 def test_every_launch_configuration_compiles_for_sm90():
@@ -30,21 +79,27 @@ def test_no_spills_at_sm90():
             assert row.spill_bytes == 0 and row.stack_bytes == 0, row
 
 
+@needs_aot
 def test_16_byte_global_accesses_for_cache_rows():
     """Every store is 16 bytes wide; the only narrower loads are the slot index (8 B) and fp8's two
     per-tensor scales (4 B each)."""
+    problems = []
     for row in write_kv_rows():
         if row.error:
             continue
-        assert set(row.store_widths) == {16}, row
         narrow = {width: count for width, count in row.load_widths.items() if width != 16}
-        assert narrow == ({8: 1, 4: 2} if "fp8" in row.shape else {8: 1}), row
-        assert row.load_widths.get(16), row
+        if set(row.store_widths) != {16}:
+            problems.append(f"{row.shape} {row.arch}: stores {row.store_widths}")
+        if narrow != ({8: 1, 4: 2} if "fp8" in row.shape else {8: 1}) or not row.load_widths.get(16):
+            problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}")
+    hold_or_report(problems)
 
 
+@needs_aot
 def test_fp8_at_sm80_is_reported_not_raised():
     fp8_sm80 = [r for r in write_kv_rows() if "fp8" in r.shape and r.arch == "sm_80"]
-    assert fp8_sm80 and all("fp8e4nv" in r.error for r in fp8_sm80)
+    assert fp8_sm80 and all(r.error for r in fp8_sm80)  # a row with the reason, not an exception
+    hold_or_report([f"{r.shape}: {r.error}" for r in fp8_sm80 if "fp8e4nv" not in r.error])
 
 
 def test_capture_sees_the_launch_the_launcher_makes():
@@ -71,6 +126,7 @@ def test_access_width_parser():
     assert dict(stores) == {16: 1, 1: 1}
 
 
+@needs_aot
 @pytest.mark.gpu
 def test_real_launch_matches_the_aot_compile():
     """On a GPU: the cubin a real launch compiles has the same registers and access widths as the AOT one."""
@@ -82,6 +138,7 @@ def test_real_launch_matches_the_aot_compile():
         assert (row.load_widths, row.store_widths) == (same.load_widths, same.store_widths)
 
 
+@needs_aot
 def test_static_report_compiles_what_a_gpu_runs():
     """Without a GPU the launchers run in the interpreter, where write_kv rounds fp8 by hand; the static
     report's compile (made with TRITON_INTERPRET=0) must hold the hardware's saturating cvt and none of the
@@ -103,7 +160,7 @@ def test_static_report_compiles_what_a_gpu_runs():
 
 @functools.cache
 def paged_rows():
-    return static_report(CASES["paged_decode"])
+    return compiled_rows("paged_decode")
 
 
 def test_paged_decode_compiles_without_spills_at_sm90():
@@ -113,12 +170,14 @@ def test_paged_decode_compiles_without_spills_at_sm90():
         assert row.error is None and row.spill_bytes == 0 and row.stack_bytes == 0, row
 
 
+@needs_aot
 def test_paged_decode_moves_k_and_v_16_bytes_a_lane():
     """Per loop iteration a thread must load its share of a K and a V tile; 16-byte loads (LDG.128 or
     cp.async .128) must cover all of it, and no load is narrower than a 4-byte block id."""
     from kernels.paged_attention import paged_decode_launch_config
 
     shapes = {s.label: s for s in CASES["paged_decode"].static_shapes()}
+    problems = []
     for row in paged_rows():
         if row.kernel != "_paged_decode_kernel" or row.error:
             continue
@@ -128,16 +187,22 @@ def test_paged_decode_moves_k_and_v_16_bytes_a_lane():
         )
         tile_bytes = config["BLOCK_N"] * shape.head_dim * shape.cache_dtype.itemsize
         per_lane = 2 * tile_bytes // (32 * config["num_warps"])
-        assert row.load_widths.get(16, 0) * 16 >= per_lane, row
-        assert min(row.load_widths) >= 4, row
+        if row.load_widths.get(16, 0) * 16 < per_lane or min(row.load_widths) < 4:
+            problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}, {per_lane} B a lane to cover")
+    hold_or_report(problems)
 
 
 @pytest.mark.parametrize("name", ["allocate", "copy_blocks", "route"])
 def test_kernels_compile_without_spills_at_sm90(name):
-    rows = [r for r in static_report(CASES[name]) if r.arch == "sm_90"]
+    rows = [r for r in compiled_rows(name) if r.arch == "sm_90"]
     assert rows and all(r.error is None and r.spill_bytes == 0 and r.stack_bytes == 0 for r in rows), rows
 
 
+@needs_aot
 def test_copy_blocks_moves_16_bytes_a_lane():
-    for row in static_report(CASES["copy_blocks"]):
-        assert row.store_widths == {16: row.store_widths[16]} and row.load_widths.get(16), row
+    problems = [
+        f"{row.shape} {row.arch}: loads {row.load_widths}, stores {row.store_widths}"
+        for row in static_report(CASES["copy_blocks"])
+        if set(row.store_widths) != {16} or not row.load_widths.get(16)
+    ]
+    hold_or_report(problems)

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import reference.kv_alloc
-from bench.cases.kv_alloc import ALLOCATE, AllocateShape, host_copy, prefilled_pool
+from bench.cases.kv_alloc import ALLOCATE, AllocateShape, prefilled_pool
 from bench.cases.kv_cache import WriteKVShape
 from bench.cases.kv_cache import build as write_kv_inputs
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, flush_l2
+from bench.peers.kv_alloc import host_copy
 from kernels import kv_alloc, kv_cache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
@@ -35,6 +36,19 @@ def _time(benchmark, call, reset, label, **info):
     benchmark.extra_info.update(info, gpu=machine_info().gpu)
 
 
+def _host_agrees(host, reset, host_call, pool, device_call, what):
+    """Before a host baseline is timed: one host step leaves the same pool state, field by field, as the
+    kernel's step on a copy of the device pool (so the two time the same work); the host is put back."""
+    device = pool.clone()
+    device_call(device)
+    reset()
+    host_call()
+    theirs = host.state()
+    for name, value in device.state().items():
+        assert torch.equal(value, theirs[name]), f"{what}: host pool's {name} differs from the kernel's"
+    reset()
+
+
 @pytest.mark.parametrize("impl", ["triton", "host-pool"])
 @pytest.mark.parametrize("samples", [16, 64])
 def test_fork_parallel_samples(benchmark, samples, impl):
@@ -49,7 +63,9 @@ def test_fork_parallel_samples(benchmark, samples, impl):
     v = torch.zeros_like(k)
     if impl == "host-pool":
         host, reset = host_copy(pool)
-        call = lambda: reference.kv_alloc.fork(host, src.tolist(), dst.tolist())  # noqa: E731
+        sources, targets = src.tolist(), dst.tolist()  # host lists once: a scheduler holds them there
+        call = lambda: reference.kv_alloc.fork(host, sources, targets)  # noqa: E731
+        _host_agrees(host, reset, call, pool, lambda p: kv_alloc.fork(p, src, dst), "fork")
     else:
         reset = lambda: pool.copy_(built)  # noqa: E731
 
@@ -77,7 +93,9 @@ def test_free(benchmark, num_seqs, impl):
         if num_seqs > 1024:
             pytest.skip("host-pool: over a second a call past 1024 sequences")
         host, reset = host_copy(pool)
-        call = lambda: reference.kv_alloc.free(host, seqs.tolist())  # noqa: E731
+        ids = seqs.tolist()  # host list once: a scheduler holds its ids there
+        call = lambda: reference.kv_alloc.free(host, ids)  # noqa: E731
+        _host_agrees(host, reset, call, pool, lambda p: kv_alloc.free(p, seqs), "free")
     else:
         built = pool.clone()
         reset = lambda: pool.copy_(built)  # noqa: E731

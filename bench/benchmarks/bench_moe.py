@@ -1,8 +1,12 @@
 """MoE routing on a GPU: route, dispatch and combine for DeepSeek-R1 (256 experts, top-8, grouped sigmoid),
 Qwen3-30B-A3B and Qwen3-235B-A22B (128, top-8), Mixtral-8x7B (8, top-2) and gpt-oss-120b (128, top-4 then
 softmax), 1 to 16384 tokens, uniform and Zipf loads, each against its torch reference; and a whole MoE
-layer (route, dispatch, the experts' matmuls on the dispatched rows, combine) to show routing's share.
+layer (route, dispatch, the experts' matmuls on the dispatched rows, combine) to show routing's share; its
+extra_info names the experts' path (torch's grouped matmul, or a per-expert loop that syncs, and why).
 Run: ``pytest bench/benchmarks/bench_moe.py --benchmark-json out.json`` on a GPU."""
+
+import re
+import warnings
 
 import pytest
 import torch
@@ -31,28 +35,51 @@ def test_dispatch_and_combine(gpu_benchmark, layer_shape, step, impl):
     gpu_benchmark({"dispatch": DISPATCH, "combine": COMBINE}[step], layer_shape, impl)
 
 
-def expert_matmuls(x_sorted, plan, w13, w2):
-    """The experts' SwiGLU MLP on their rows (a host read of the offsets, so outside any routing time):
-    torch's grouped matmul where this torch has one, else one matmul pair per expert."""
-    inter = w2.shape[1]
-    ends = (plan.expert_offsets[1:]).to(torch.int32)
-    grouped = getattr(torch, "_grouped_mm", None)
-    if grouped is not None:
-        try:
-            h = grouped(x_sorted, w13, offs=ends)
-            return grouped(
-                (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).contiguous(), w2, offs=ends
-            )
-        except (RuntimeError, TypeError):
-            pass
+GROUPED_MM = "grouped_mm"
+PER_EXPERT = "per-expert loop (host sync)"
+# torch._grouped_mm's own refusals (its checks in aten's Blas.cpp and their meta twins): the dtype, 16-byte
+# strides, a GPU architecture it has no kernel for. Only these fall back; any other error is a failure.
+_REFUSED = re.compile(r"16 bytes|bf16|bfloat16|dtype|\bsm_?\d{2,3}\b|compute capability|not supported", re.I)
+
+
+def _swiglu(h, inter):
+    return (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).contiguous()
+
+
+def _grouped(x_sorted, plan, w13, w2):
+    ends = plan.expert_offsets[1:].to(torch.int32)
+    h = torch._grouped_mm(x_sorted, w13, offs=ends)
+    return torch._grouped_mm(_swiglu(h, w2.shape[1]), w2, offs=ends)
+
+
+def _per_expert(x_sorted, plan, w13, w2):
+    """One matmul pair per expert; reading the segment bounds on the host syncs."""
     y = torch.zeros_like(x_sorted)
-    for e, (start, end) in enumerate(
-        zip(plan.expert_offsets[:-1].tolist(), plan.expert_offsets[1:].tolist())
-    ):
+    bounds = zip(plan.expert_offsets[:-1].tolist(), plan.expert_offsets[1:].tolist())
+    for e, (start, end) in enumerate(bounds):
         if end > start:
-            h = x_sorted[start:end] @ w13[e]
-            y[start:end] = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e]
+            y[start:end] = _swiglu(x_sorted[start:end] @ w13[e], w2.shape[1]) @ w2[e]
     return y
+
+
+def expert_path(x_sorted, plan, w13, w2) -> tuple[str, str | None]:
+    """The path the experts' SwiGLU MLP takes on this torch, tried once outside any timing, and why it is
+    not grouped_mm (None when it is): torch._grouped_mm missing, or refusing this dtype or shape."""
+    if getattr(torch, "_grouped_mm", None) is None:
+        return PER_EXPERT, f"torch {torch.__version__} has no torch._grouped_mm"
+    try:
+        _grouped(x_sorted, plan, w13, w2)
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[0][:200]
+        if not _REFUSED.search(message):
+            raise
+        return PER_EXPERT, f"torch._grouped_mm refused: {message}"
+    return GROUPED_MM, None
+
+
+def expert_matmuls(x_sorted, plan, w13, w2, path: str = GROUPED_MM):
+    """The experts' SwiGLU MLP on their rows, by ``path`` (expert_path's choice)."""
+    return (_grouped if path == GROUPED_MM else _per_expert)(x_sorted, plan, w13, w2)
 
 
 @pytest.mark.parametrize("tokens", [1, 64, 4096])
@@ -80,11 +107,14 @@ def test_moe_layer_share(benchmark, model_name, tokens):
     }
     weights, ids = moe.route(logits, m.top_k, **kw)
     x_sorted, plan = moe.dispatch(x, ids, m.num_experts, align=16)
-    y_sorted = expert_matmuls(x_sorted, plan, w13, w2)
+    path, why = expert_path(x_sorted, plan, w13, w2)
+    if why:
+        warnings.warn(f"moe layer {model_name}: experts run as a {path}: {why}", stacklevel=1)
+    y_sorted = expert_matmuls(x_sorted, plan, w13, w2, path)
     stages = {
         "route": lambda: moe.route(logits, m.top_k, **kw),
         "dispatch": lambda: moe.dispatch(x, ids, m.num_experts, align=16),
-        "experts": lambda: expert_matmuls(x_sorted, plan, w13, w2),
+        "experts": lambda: expert_matmuls(x_sorted, plan, w13, w2, path),
         "combine": lambda: moe.combine(y_sorted, weights, plan),
     }
     median_us = {
@@ -96,7 +126,7 @@ def test_moe_layer_share(benchmark, model_name, tokens):
     def layer():
         w, i = moe.route(logits, m.top_k, **kw)
         rows, p = moe.dispatch(x, i, m.num_experts, align=16)
-        moe.combine(expert_matmuls(rows, p, w13, w2), w, p)
+        moe.combine(expert_matmuls(rows, p, w13, w2, path), w, p)
 
     benchmark.pedantic(
         CUDA_CLOCK.timed(layer, label=f"moe layer {model_name} tokens={tokens}"), rounds=10, warmup_rounds=2
@@ -106,6 +136,8 @@ def test_moe_layer_share(benchmark, model_name, tokens):
         shape=f"{model_name} tokens={tokens}",
         gpu=machine_info().gpu,
         stage_median_us={k: round(v, 2) for k, v in median_us.items()},
+        expert_path=path,
+        expert_path_error=why,
         routing_share=round(routing / sum(median_us.values()), 3),
         routing_launches=1 + (1 if tokens * m.top_k <= moe._FUSED_PAIRS else 3) + 1,
         load=load_statistics(ids, m.num_experts, 16),

@@ -3,15 +3,18 @@
 ``gpu_benchmark(case, shape, impl)`` times one kernel (or its reference) at one shape with the CUDA-event
 clock, L2 flushed before every round (in pedantic's untimed setup), an NVTX range around every call, and
 writes bytes, FLOPs, GB/s and % of the copy bandwidth measured in this session into extra_info, so that
-``--benchmark-json`` and ``--benchmark-autosave`` keep them with the times.
+``--benchmark-json`` and ``--benchmark-autosave`` keep them with the times. A peer is prepared and verified
+at the shape it is timed (bench.peers.verify_and_prepare) before its rounds: a wrong peer fails its test, one
+that cannot run here is skipped with the reason, and extra_info records ``verified``, ``checked_against``
+and ``max_error``.
 """
 
 import pytest
 
-from bench.cases.base import PeerUnavailable
 from bench.measure.device import copy_bandwidth_gbps, machine_info
 from bench.measure.results import cost_info
 from bench.measure.timing import CUDA_CLOCK, flush_l2
+from bench.peers import PeerUnavailable, Prepared, verify_and_prepare
 from bench.testing import seed_of
 
 ROUNDS = 30
@@ -41,6 +44,37 @@ def _inputs(case, shape):
     return _built[key]
 
 
+_expected: dict = {}
+
+
+def expected_of(case, shape, inputs):
+    """The reference's run on a copy of ``inputs`` as built (once per shape, shared by the peers), or None
+    where the reference is too slow for the shape (peers are then checked against the kernel)."""
+    if not case.reference_affordable(shape):
+        return None
+    key = (case.name, shape)
+    if key not in _expected:
+        _expected.clear()
+        if inputs.reset:
+            inputs.reset()
+        expected = inputs.clone()
+        case.run_reference(expected)
+        _expected[key] = expected
+    return _expected[key]
+
+
+def prepare_peer(case, shape, impl, inputs, expected) -> tuple[Prepared, dict]:
+    """The peer verified at this shape and ready to time, and what extra_info records of the check. Skips
+    (with the reason) a peer that cannot run here; a wrong result (AssertionError) or any other error of
+    the peer propagates and fails the test."""
+    try:
+        prepared, error = verify_and_prepare(case, impl, inputs, shape, expected)
+    except PeerUnavailable as why:
+        pytest.skip(f"{impl}: {why}")
+    against = "reference" if expected is not None else "kernel (the reference is too slow at this shape)"
+    return prepared, {"verified": True, "checked_against": against, "max_error": error}
+
+
 @pytest.fixture
 def gpu_benchmark(benchmark):
     def run(case, shape, impl: str = "triton"):
@@ -49,17 +83,16 @@ def gpu_benchmark(benchmark):
                 f"reference: too slow above {case.reference_max_bytes / 1e9:.1f} GB of modelled traffic"
             )
         inputs = _inputs(case, shape)
+        info = {}
         if impl in case.peers:
-            try:
-                call = case.peers[impl](inputs, shape)
-            except PeerUnavailable as why:
-                pytest.skip(f"{impl}: {why}")
+            expected = expected_of(case, shape, inputs)
+            prepared, info = prepare_peer(case, shape, impl, inputs, expected)
         else:
             fn = {"triton": case.kernel, "reference": case.reference}[impl]
-            call = lambda: fn(**inputs.args)  # noqa: E731
-        timed = CUDA_CLOCK.timed(call, label=f"{case.name}[{impl}] {shape.label}")
+            prepared = Prepared(lambda: fn(**inputs.args), inputs.reset)
+        timed = CUDA_CLOCK.timed(prepared.call, label=f"{case.name}[{impl}] {shape.label}")
         benchmark.group = f"{case.name} {shape.label}"
-        reset = inputs.reset or (lambda: None)
+        reset = prepared.reset or (lambda: None)
 
         def setup():
             reset()
@@ -68,6 +101,6 @@ def gpu_benchmark(benchmark):
         benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
         median_s = benchmark.stats.stats.median
         benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps()))
-        benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu)
+        benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, **info)
 
     return run

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from bench.peers import Peer, PeerUnavailable
 from bench.testing import Guarded
 
 
@@ -32,10 +33,6 @@ class Inputs:
         return Inputs(cloned, self.outputs)
 
 
-class PeerUnavailable(Exception):
-    """A peer cannot run for this shape or on this machine; the message says why (it is reported)."""
-
-
 @dataclass(frozen=True)
 class Case:
     """One kernel: its launcher, its reference, how to build inputs for a shape, and its cost models.
@@ -57,9 +54,8 @@ class Case:
     traffic_shapes: Callable[[], Sequence[Any]]  # interpreter: bytes moved held against the byte model
     # (kernel's inputs, reference's inputs, shape) -> max error; raises AssertionError when wrong
     compare: Callable[[Inputs, Inputs, Any], float]
-    # Other implementations timed beside the kernel: name -> factory(inputs, shape) that does its setup and
-    # returns a zero-argument callable, or raises PeerUnavailable with the reason.
-    peers: dict[str, Callable[[Inputs, Any], Callable[[], object]]] = field(default_factory=dict)
+    # Other implementations timed beside the kernel (bench/peers/<module>.py), by name.
+    peers: dict[str, Peer] = field(default_factory=dict)
     # Above this many modelled bytes the reference is too slow to time or to verify against (None: never).
     reference_max_bytes: int | None = None
     # The traffic ratio its traffic shapes must stay within; None: reported, not held to a limit (a
@@ -80,3 +76,6 @@ class Case:
 
     def run_reference(self, inputs: Inputs) -> None:
         inputs.result = self.reference(**inputs.args)
+
+
+__all__ = ["Case", "Inputs", "PeerUnavailable"]  # PeerUnavailable lives in bench.peers; kept here for callers

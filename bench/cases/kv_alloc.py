@@ -7,8 +7,9 @@ import torch
 
 import kernels.kv_alloc
 import reference.kv_alloc
-from bench.cases.base import Case, Inputs, PeerUnavailable
+from bench.cases.base import Case, Inputs
 from bench.models import DEFAULT_BLOCK_SIZE
+from bench.peers.kv_alloc import PEERS
 from bench.testing import Guarded, assert_bitwise_equal, generator, randn
 
 # --- allocate -----------------------------------------------------------------------------------------------
@@ -35,18 +36,54 @@ class AllocateShape:
         return -(-(self.max_len + self.new_tokens) // self.block_size)
 
 
-def prefilled_pool(shape: AllocateShape, device, seed: int) -> kernels.kv_alloc.KVBlockPool:
-    """A pool whose sequences hold random lengths, laid down by the host reference (not by the kernel
-    under test) and copied to the device."""
+def prefill_lengths(shape: AllocateShape, seed: int) -> torch.Tensor:
+    """Each sequence's cached tokens before the timed call: uniform in 1..max_len, seeded."""
+    return torch.randint(1, shape.max_len + 1, (shape.num_seqs,), generator=generator(seed))
+
+
+def _prefilled_state(shape: AllocateShape, seed: int) -> dict[str, torch.Tensor]:
+    """The state the host reference's ``allocate(pool, range(num_seqs), lengths)`` leaves on an empty pool,
+    computed in a few tensor operations instead of token by token: it pops blocks 0, 1, 2, ... off the top of
+    the free stack in (sequence, page) order, so sequence s owns the blocks from the sum of the earlier
+    sequences' page counts on; each holds one reference; the free stack's entries are untouched (its count
+    drops by the blocks taken)."""
     num_blocks = 2 * shape.num_seqs * shape.max_blocks_per_seq
-    sizes = (num_blocks, shape.block_size, shape.num_seqs, shape.max_blocks_per_seq)
-    host = reference.kv_alloc.KVBlockPool(*sizes)
-    lengths = torch.randint(1, shape.max_len + 1, (shape.num_seqs,), generator=generator(seed))
-    reference.kv_alloc.allocate(host, list(range(shape.num_seqs)), lengths.tolist())
-    pool = kernels.kv_alloc.KVBlockPool(*sizes, device=device)
-    for name in host.STATE:
-        getattr(pool, name).copy_(getattr(host, name))
-    return pool
+    lengths = prefill_lengths(shape, seed)
+    pages = (lengths + shape.block_size - 1) // shape.block_size
+    first = torch.cumsum(pages, 0) - pages
+    column = torch.arange(shape.max_blocks_per_seq)
+    owned = column[None, :] < pages[:, None]
+    taken = int(pages.sum())
+    ref_counts = torch.zeros(num_blocks, dtype=torch.int32)
+    ref_counts[:taken] = 1
+    return {
+        "block_tables": torch.where(owned, first[:, None] + column[None, :], -1).to(torch.int32),
+        "seq_lens": lengths.to(torch.int32),
+        "ref_counts": ref_counts,
+        "free_stack": torch.arange(num_blocks - 1, -1, -1, dtype=torch.int32),
+        "free_count": torch.tensor([num_blocks - taken], dtype=torch.int32),
+    }
+
+
+_prefilled: dict = {}  # (shape, seed, device) -> pool: a few, so measure, static and benchmarks share them
+_PREFILLED_KEPT = 4
+
+
+def prefilled_pool(shape: AllocateShape, device, seed: int) -> kernels.kv_alloc.KVBlockPool:
+    """A pool whose sequences hold random lengths, in the state the host reference's allocate lays down
+    (not the kernel under test's); built once per (shape, seed, device), a fresh clone each call."""
+    key = (shape, seed, str(torch.device(device)))
+    if key not in _prefilled:
+        if len(_prefilled) >= _PREFILLED_KEPT:
+            _prefilled.pop(next(iter(_prefilled)))
+        num_blocks = 2 * shape.num_seqs * shape.max_blocks_per_seq
+        pool = kernels.kv_alloc.KVBlockPool(
+            num_blocks, shape.block_size, shape.num_seqs, shape.max_blocks_per_seq, device=device
+        )
+        for name, value in _prefilled_state(shape, seed).items():
+            getattr(pool, name).copy_(value)
+        _prefilled[key] = pool
+    return _prefilled[key].clone()
 
 
 def allocate_build(shape: AllocateShape, device, seed: int, guarded: bool = False) -> Inputs:
@@ -77,37 +114,6 @@ def allocate_compare(actual: Inputs, expected: Inputs, shape) -> float:
     return 0.0
 
 
-def host_copy(pool: kernels.kv_alloc.KVBlockPool):
-    """The host pool a serving scheduler would keep, in ``pool``'s state, and a function that puts it back
-    in that state (before each timed call)."""
-    host = reference.kv_alloc.KVBlockPool(
-        pool.num_blocks, pool.block_size, pool.max_seqs, pool.max_blocks_per_seq
-    )
-    snapshot = {name: getattr(pool, name).cpu() for name in host.STATE}
-
-    def reset():
-        for name, value in snapshot.items():
-            getattr(host, name).copy_(value)
-
-    reset()
-    return host, reset
-
-
-def host_pool(inputs: Inputs, shape):
-    """The reference pool on the host, as a serving scheduler keeps it: its decode-step cost, in Python."""
-    if shape.num_seqs > 1024:
-        raise PeerUnavailable("the host pool takes over a second a step past 1024 sequences")
-    a = inputs.args
-    host, reset = host_copy(a["pool"])
-    seq_ids = a["seq_ids"].tolist()
-
-    def step():
-        reset()
-        return reference.kv_alloc.allocate(host, seq_ids, a["num_new_tokens"])
-
-    return step
-
-
 def allocate_shapes(sizes=(1, 4, 16, 64, 256, 1024, 4096)) -> list[AllocateShape]:
     return [AllocateShape("reasoning", n, 1) for n in sizes]
 
@@ -130,7 +136,7 @@ ALLOCATE = Case(
     static_shapes=lambda: [AllocateShape("reasoning", 1024, 1), AllocateShape("reasoning", 4, 2048)],
     traffic_shapes=lambda: [AllocateShape("small", 70, 1, max_len=100, block_size=16)],
     compare=allocate_compare,
-    peers={"host-pool": host_pool},
+    peers=PEERS,  # bench/peers/kv_alloc.py: the host pool
     reference_max_bytes=0,  # the reference walks device tensors element by element: the host pool is its peer
     traffic_limit=None,  # several passes over a few kilobytes: latency, not bandwidth, decides its time
 )

@@ -7,8 +7,9 @@ import torch
 
 import kernels.paged_attention
 import reference.paged_attention
-from bench.cases.base import Case, Inputs, PeerUnavailable
+from bench.cases.base import Case, Inputs
 from bench.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
+from bench.peers.paged_attention import PEERS
 from bench.testing import Guarded, assert_close, generator, max_error, randn
 
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
@@ -246,139 +247,6 @@ def static_shapes() -> list[PagedDecodeShape]:
     ]
 
 
-# --- peers: the same decode step by other implementations ---------------------------------------------
-
-
-def sdpa_contiguous(inputs: Inputs, shape: PagedDecodeShape):
-    """torch's scaled_dot_product_attention over the same tokens stored contiguously per sequence: what
-    paging costs. The contiguous copy is made here, outside the timing."""
-    if shape.cache_dtype == FP8:
-        raise PeerUnavailable("scaled_dot_product_attention takes no fp8 K/V")
-    if len(set(shape.lengths)) != 1 or shape.lengths[0] == 0:
-        raise PeerUnavailable("needs one nonzero length for all sequences (padding would add bytes)")
-    import torch.nn.functional as F
-
-    a, length = inputs.args, shape.lengths[0]
-    pages = a["block_tables"][:, : shape.pages[0]].long()
-
-    def contiguous(cache):  # [batch, kv_heads, length, head_dim]
-        return cache[pages].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
-
-    k, v, q = contiguous(a["k_cache"]), contiguous(a["v_cache"]), a["q"][:, :, None, :]
-    scale = shape.head_dim**-0.5
-    return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-
-
-def flashinfer_batch_decode(inputs: Inputs, shape: PagedDecodeShape):
-    """FlashInfer's batch decode over the same paged cache (its NHD layout is ours), planned outside the
-    timing as a serving engine plans once per step."""
-    try:
-        import flashinfer
-    except ImportError:
-        raise PeerUnavailable("flashinfer is not installed (pip install 'decodebench[flashinfer]')") from None
-    if 0 in shape.lengths:
-        raise PeerUnavailable("FlashInfer's page tables cannot express a zero-length sequence")
-    a, device = inputs.args, inputs.args["q"].device
-    pages = torch.tensor(shape.pages, dtype=torch.int32)
-    indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages.cumsum(0).to(torch.int32)]).to(device)
-    indices = torch.cat([a["block_tables"][b, :n] for b, n in enumerate(shape.pages)]).to(torch.int32)
-    last_page_len = torch.tensor(
-        [n - (p - 1) * shape.block_size for n, p in zip(shape.lengths, shape.pages)], dtype=torch.int32
-    ).to(device)
-    try:
-        workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
-        wrapper.plan(
-            indptr,
-            indices,
-            last_page_len,
-            shape.num_q_heads,
-            shape.num_kv_heads,
-            shape.head_dim,
-            shape.block_size,
-            q_data_type=shape.dtype,
-            kv_data_type=shape.cache_dtype,
-        )
-        scales = {}
-        if shape.cache_dtype == FP8:
-            scales = {"k_scale": float(a["k_scale"]), "v_scale": float(a["v_scale"])}
-        wrapper.run(a["q"], (a["k_cache"], a["v_cache"]), **scales)
-    except Exception as error:  # an API or build this FlashInfer does not offer: say so, do not fake
-        raise PeerUnavailable(
-            f"flashinfer {getattr(flashinfer, '__version__', '?')} failed: {error}"
-        ) from None
-    return lambda: wrapper.run(a["q"], (a["k_cache"], a["v_cache"]), **scales)
-
-
-_compiled_flex = None
-
-
-def flex_attention_paged(inputs: Inputs, shape: PagedDecodeShape):
-    """torch's FlexAttention over the same pages through its experimental PagedAttention: the cache is copied
-    once into its physical layout [1, kv_heads, blocks x page, head_dim] (same block ids), its page table
-    is set from the block tables, and the logical block mask (key < length) is converted to pages. On a
-    GPU flex_attention is compiled (once per process, dynamic shapes); its first call pays the compile,
-    outside the timing. FlexAttention reads whole pages, so slots past a length must not hold NaN: its
-    copy of the cache has them zeroed."""
-    global _compiled_flex
-    try:
-        from torch.nn.attention.experimental._paged_attention import PagedAttention
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as error:
-        raise PeerUnavailable(f"this torch has no FlexAttention paged decode ({error})") from None
-    if shape.cache_dtype == FP8:
-        raise PeerUnavailable("FlexAttention takes no fp8 K/V")
-    a = inputs.args
-    device = a["q"].device
-    num_blocks, block_size, num_kv_heads, head_dim = a["k_cache"].shape
-    paged = PagedAttention(num_blocks, block_size, shape.batch, device=str(device))
-    table = torch.full((shape.batch, num_blocks), -1, dtype=torch.int64, device=device)
-    to_logical = torch.full((shape.batch, num_blocks), -1, dtype=torch.int64, device=device)
-    for b, pages in enumerate(shape.pages):
-        ids = a["block_tables"][b, :pages].long()
-        table[b, :pages] = ids
-        to_logical[b, ids] = torch.arange(pages, device=device)
-    paged.page_table, paged.physical_to_logical = table, to_logical
-    lengths = a["seq_lens"].long()
-
-    def within_length(b, h, q_idx, kv_idx):
-        return kv_idx < lengths[b]
-
-    def physical(cache):
-        flat = cache.nan_to_num(0.0).permute(2, 0, 1, 3).reshape(1, num_kv_heads, -1, head_dim)
-        return flat.contiguous()
-
-    k, v, q = physical(a["k_cache"]), physical(a["v_cache"]), a["q"][:, :, None, :]
-    scale = shape.head_dim**-0.5
-    try:
-        logical = create_block_mask(
-            within_length,
-            shape.batch,
-            None,
-            1,
-            max(shape.pages) * block_size,
-            device=str(device),
-            BLOCK_SIZE=(1, block_size),
-        )
-        mask = paged.convert_logical_block_mask(logical, kv_len=lengths)
-        attend = flex_attention
-        if device.type == "cuda":
-            if _compiled_flex is None:
-                _compiled_flex = torch.compile(flex_attention, dynamic=True)
-            attend = _compiled_flex
-        attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-    except Exception as error:  # a page size or shape this FlexAttention cannot take: say so
-        raise PeerUnavailable(f"FlexAttention failed: {str(error).strip().splitlines()[0][:200]}") from None
-    return lambda: attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-
-
-PEERS = {
-    "sdpa-contiguous": sdpa_contiguous,
-    "flex-attention-paged": flex_attention_paged,
-    "flashinfer": flashinfer_batch_decode,
-}
-
-
 def traffic_shapes() -> list[PagedDecodeShape]:
     """Shapes whose traffic should meet the byte model: not the forced-split stress shapes, whose short
     sequences cut many ways spend more on partial results than on K and V (by design of the test)."""
@@ -399,7 +267,7 @@ PAGED_DECODE = Case(
     static_shapes=static_shapes,
     traffic_shapes=traffic_shapes,
     compare=compare,
-    peers=PEERS,
+    peers=PEERS,  # bench/peers/paged_attention.py
     # The reference loops over sequences in Python and gathers every page in fp32: past ~1 GB of cache
     # (256K tokens of Llama-3.1-8B) one call takes seconds.
     reference_max_bytes=1 << 30,

@@ -175,8 +175,9 @@ def profile_ncu(case_name, shape_index, calls, out: Path, timeout=600.0) -> list
 
 
 def _csv_rows(text: str) -> list[dict]:
-    """The CSV part of a tool's output (tools print banner lines before the header)."""
-    lines = text.splitlines()
+    """The CSV part of a tool's output (tools print banner lines before the header). Lines starting with
+    '#' are comments wherever they stand (tests/data's hand-written examples say so in one)."""
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
     start = next((i for i, line in enumerate(lines) if line.startswith('"') and "," in line), None)
     if start is None:
         return []

@@ -11,6 +11,7 @@ from bench.measure import results
 from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps
 from bench.measure.timing import time_cuda, time_wall
 from bench.measure.traffic import measure as measure_traffic
+from bench.peers import PeerUnavailable, verify_and_prepare
 from bench.testing import seed_of
 
 #: The traffic ratio a bandwidth kernel must stay within (bytes it moves / bytes its model says must move).
@@ -156,8 +157,6 @@ def measure(
     not timed. On ``device="cpu"`` (``gpu-check --dry-run``) every time is wall-clock, labelled as such,
     with no graphs. Returns pytest-benchmark entries with GB/s and % of the copy bandwidth in extra_info.
     """
-    from bench.peers import PeerUnavailable, verify_and_prepare
-
     on_gpu = device == "cuda"
     clock = time_cuda if on_gpu else time_wall
     peak = copy_bandwidth_gbps() if on_gpu else None
@@ -168,14 +167,12 @@ def measure(
     kernel_info = {"verified": verified, "max_error": error, "setup_s": round(setup_s, 4)}
     if message:
         kernel_info["verify_message"] = message[:300]
-    if case.launch_config is not None:
-        kernel_info["launch_config"] = case.launch_config(inputs)
 
     timed = []  # (impl, callable, reset, graph, extra info)
     if graph and on_gpu:
         timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, True, kernel_info))
     timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, False, kernel_info))
-    if with_reference and expected is not None:
+    if with_reference and expected is not None and inputs.reset is None:  # stateful inputs: not re-runnable
         reference_inputs = inputs.clone()
         timed.append(("reference", lambda: case.reference(**reference_inputs.args), None, False, {}))
     skipped, failed = {}, {}
