@@ -105,7 +105,12 @@ class CheckRun:
         m = self.machine
         title = "gpu-check --dry-run (CPU, wall clock: no GPU figure here)" if self.dry_run else "gpu-check"
         lines = [f"# {title} on {m.get('gpu', '?')}", ""]
-        if m:
+        if m.get("gpu") == "cpu":
+            lines.append(
+                f"- no CUDA device: kernels in Triton's interpreter; torch {m.get('torch')}, triton "
+                f"{m.get('triton')}, {m.get('started')} UTC"
+            )
+        elif m:
             lines.append(
                 f"- {m.get('capability')}, {m.get('sm_count')} SMs, {m.get('memory_gib')} GiB, driver "
                 f"{m.get('driver')}, CUDA {m.get('cuda')}, torch {m.get('torch')}, triton {m.get('triton')}, "
@@ -207,7 +212,11 @@ def step_static(run: CheckRun) -> StepResult:
         if run.out_of_time():
             left.append(case.name)
             continue
-        rows += runner.static_rows([case], real=not run.dry_run, timeout=run.left())
+        try:
+            rows += runner.static_rows([case], real=not run.dry_run, timeout=run.left())
+        except subprocess.TimeoutExpired:  # the compiling child killed at the deadline
+            left.append(case.name)
+            continue
         (run.folder / "static.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
     source = "AOT compile here for sm_90/sm_80" if run.dry_run else "the compile of a real launch"
     run.sections[f"Static, from {source} (static.json)"] = report.static_table(rows)
