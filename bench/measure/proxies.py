@@ -27,12 +27,13 @@ TRAFFIC_SLACK = 0.01
 
 def collect(cases) -> dict:
     """The proxies of every case, as a JSON-ready dict."""
-    from bench.measure.runner import traffic
-    from bench.measure.static import static_report
+    from bench.measure.runner import static_rows, traffic
 
     static, traffic_ratios = {}, {}
+    cases = list(cases)
+    static_rows(cases)  # every case's compile at once (a child per core); the loop below reads the cache
     for case in cases:
-        for row in static_report(case):
+        for row in static_rows([case]):
             key = f"{case.name} | {row.kernel} | {row.shape} | {row.arch}"
             static[key] = (
                 {"error": row.error}

@@ -13,6 +13,7 @@ from bench.measure.timing import time_cuda, time_wall
 from bench.measure.traffic import measure as measure_traffic
 from bench.peers import PeerUnavailable, verify_and_prepare
 from bench.testing import seed_of
+from kernels import INTERPRETED
 
 #: The traffic ratio a bandwidth kernel must stay within (bytes it moves / bytes its model says must move).
 TRAFFIC_LIMIT = 1.05
@@ -116,8 +117,11 @@ def projections(cases) -> list[dict]:
 def static_rows(cases, real: bool = False, timeout: float | None = None):
     """The static report of every case: the AOT compile for sm_90/sm_80 or, with ``real``, the cubin a
     launch on this GPU compiled."""
-    from bench.measure.static import static_report
+    from bench.measure.static import compile_in_children, static_report
 
+    cases = list(cases)
+    if INTERPRETED and not real:  # compile every case's report at once, a child per core
+        compile_in_children([case.name for case in cases], timeout=timeout)
     return [row for case in cases for row in static_report(case, real=real, timeout=timeout)]
 
 

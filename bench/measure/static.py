@@ -17,7 +17,6 @@ and LOCAL (local memory per thread: spills), ``--dump-sass`` the LDG/STG instruc
 This compile is also the only proof, on a machine with no GPU, that a kernel compiles for one at all.
 """
 
-import functools
 import json
 import os
 import re
@@ -258,16 +257,52 @@ def _launched(case: Case) -> list[StaticRow]:
     return rows
 
 
-@functools.cache
+# Rows compiled in child processes, by (case name, archs): a compile is a pure function of the kernel source
+# and the launch, and the CLI, the proxy check and the static tests ask for the same cases.
+_compiled: dict[tuple[str, tuple[int, ...]], list[StaticRow]] = {}
+
+
 def _in_compiling_process(case_name: str, archs: tuple[int, ...], timeout: float | None) -> list[StaticRow]:
-    command = [sys.executable, "-m", "bench.measure.static", case_name, *map(str, archs)]
+    compile_in_children([case_name], archs, timeout)
+    return _compiled[(case_name, archs)]
+
+
+def compiled(case_name: str, archs=ARCHS) -> bool:
+    """Whether this process already holds ``case_name``'s static report from a child's compile."""
+    return (case_name, tuple(archs)) in _compiled
+
+
+def compile_in_children(case_names, archs=ARCHS, timeout: float | None = None) -> None:
+    """Compiles the static reports of ``case_names`` not compiled yet, one child process per case
+    (TRITON_INTERPRET=0) and as many at once as there are cores: the compiles are independent, and
+    single-threaded each. Raises subprocess.TimeoutExpired (children killed) past ``timeout`` seconds."""
+    import time
+
+    todo = [name for name in dict.fromkeys(case_names) if (name, archs) not in _compiled]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"static report for {case_name} failed:\n{done.stderr[-3000:]}")
-    return [StaticRow(**row) for row in json.loads(done.stdout)]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    running: dict[str, subprocess.Popen] = {}
+    try:
+        while todo or running:
+            while todo and len(running) < max(1, os.cpu_count() or 1):
+                name = todo.pop(0)
+                command = [sys.executable, "-m", "bench.measure.static", name, *map(str, archs)]
+                running[name] = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                )
+            name, child = next(iter(running.items()))
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
+            out, err = child.communicate(timeout=left)
+            del running[name]
+            if child.returncode != 0:
+                raise RuntimeError(f"static report for {name} failed:\n{err[-3000:]}")
+            _compiled[(name, archs)] = [StaticRow(**row) for row in json.loads(out)]
+    finally:
+        for child in running.values():
+            child.kill()
+            child.communicate()
 
 
 def _main(argv: list[str]) -> None:
