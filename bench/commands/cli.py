@@ -12,6 +12,10 @@ decodebench compare BASE NEW [--fail median:10%]   timing deltas, non-zero exit 
 decodebench proxies [--update]      registers, spills, widths, traffic against the committed baseline
 decodebench capacity [--plot PNG]   KV memory holding tokens per allocation policy, reasoning loads
 decodebench gpu-check [--out DIR]   on a lent GPU: tests, benchmark sweep, static report, all under DIR
+decodebench tune [CASE...] [--dry-run] [--out DIR] [--budget S] [--install]
+    GPU: time candidate launch configurations per kernel and shape key; write DIR/tuned-configs.json.
+    --dry-run (no GPU): the candidates with their sm_90 static figures, spilling ones dropped.
+    --install: merge DIR/tuned-configs.json into kernels/configs/<gpu>.json (a human's step).
 """
 
 import argparse
@@ -167,6 +171,36 @@ def cmd_proxies(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_tune(args) -> int:
+    from bench.commands import tune
+
+    if args.install:
+        if not args.out:
+            raise SystemExit("--install: name the folder a tune run wrote with --out DIR")
+        print(f"installed: {tune.install(Path(args.out))}")
+        return 0
+    cases = _cases(args.cases)
+    info = machine_info()
+    if args.out:
+        out = Path(args.out)
+    elif args.dry_run:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="decodebench-tune-"))
+    else:
+        from bench.measure import results
+
+        out = results.results_dir_for(info.slug) / time.strftime("tune-%Y-%m-%d-%H%M", time.gmtime())
+    deadline = time.monotonic() + args.budget if args.budget else None
+    start = time.perf_counter()
+    text, ok = tune.run(cases, out=out, deadline=deadline, dry_run=args.dry_run)
+    print(text)
+    print(f"{time.perf_counter() - start:.1f} s; written: {out}")
+    if not args.dry_run and ok:
+        print(f"to commit the table: decodebench tune --install --out {out}")
+    return 0 if ok else 1
+
+
 def _shape_of(case, index: int):
     shapes = list(case.default_shapes())
     if not 0 <= index < len(shapes):
@@ -280,6 +314,24 @@ def main(argv=None) -> int:
     )
     check.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget (default 7 minutes)")
     check.set_defaults(func=lambda args: gpu_check.run(args.out, args.budget_s))
+
+    tune = sub.add_parser("tune", help="launch configurations chosen by timing candidates (per-GPU table)")
+    tune.add_argument("cases", nargs="*", help="kernels to tune (default: every tunable one)")
+    tune.add_argument(
+        "--dry-run", action="store_true", help="no timing: candidates, sm_90 static figures, spills dropped"
+    )
+    tune.add_argument(
+        "--out",
+        help="folder for tune.md, tune-timings.json, tuned-configs.json "
+        "(default bench/results/<gpu>/tune-<UTC time>; a temporary folder for --dry-run)",
+    )
+    tune.add_argument("--budget", type=float, help="wall-clock seconds; stops cleanly between candidates")
+    tune.add_argument(
+        "--install",
+        action="store_true",
+        help="merge --out DIR's tuned-configs.json into kernels/configs/<gpu>.json (no tuning)",
+    )
+    tune.set_defaults(func=cmd_tune)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -129,6 +129,7 @@ def measure(
         }
         if impl == "triton":
             info.update(verified=checked.ok if checked else None, peers_skipped=skipped)
+            info["launch_config"] = case.launch_config(inputs) if case.launch_config else None
         entries.append(results.entry(label, case.name, timing, info))
     torch.cuda.synchronize()
     return entries
