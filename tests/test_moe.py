@@ -249,6 +249,14 @@ def test_dispatch_into_a_workspace_allocates_nothing_and_matches(tokens, monkeyp
     assert torch.equal(x_sorted[real], want_rows[real])
 
 
+def test_references_take_the_same_arguments():
+    import inspect
+
+    for name in ("route", "dispatch", "combine"):
+        kernel, twin = inspect.signature(getattr(moe, name)), inspect.signature(getattr(reference, name))
+        assert kernel.parameters.keys() == twin.parameters.keys(), name
+
+
 def test_a_dispatch_workspace_that_does_not_fit_names_the_argument():
     x, ids, _ = _routed(300, 16, 8, "uniform", 1, hidden=24)
     good = moe.DispatchWorkspace.for_shape(300, 8, 16, 24, dtype=x.dtype, device=DEVICE)

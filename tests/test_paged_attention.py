@@ -178,6 +178,14 @@ def test_a_workspace_for_more_sequences_and_splits_serves_a_smaller_call():
     assert torch.equal(got, paged_attention.paged_decode(**inputs.args))
 
 
+def test_the_reference_takes_the_same_arguments():
+    import inspect
+
+    assert inspect.signature(reference.paged_decode).parameters.keys() == (
+        inspect.signature(paged_attention.paged_decode).parameters.keys()
+    )
+
+
 BAD_WORKSPACES = {
     "too few splits": lambda: paged_attention.paged_decode_workspace(2, 8, 64, max_splits=1, device=DEVICE),
     "too few heads": lambda: paged_attention.paged_decode_workspace(2, 4, 64, max_splits=4, device=DEVICE),

@@ -250,3 +250,15 @@ def test_cli_has_a_tune_command(monkeypatch, tmp_path, capsys):
     assert seen["cases"] == ["write_kv"] and seen["dry_run"] and seen["out"] == tmp_path
     assert seen["deadline"] > time.monotonic()
     assert "summary" in capsys.readouterr().out
+
+
+def test_ptx_load_widths():
+    ptx = """
+        @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+        ld.global.L1::evict_last.b16 { %rs1 }, [ %rd2 + 0 ];
+        cp.async.cg.shared.global [ %r16 + 0 ], [ %rd21 + 0 ], 0x10, %r97;
+    """
+    assert tune.ptx_widest_load(ptx) == 16
+    assert tune.ptx_widest_load("ld.global.b16 { %rs1 }, [ %rd2 + 0 ];") == 2
+    assert tune.ptx_widest_load("ld.global.v2.b64 { %rd1, %rd2 }, [ %rd3 + 0 ];") == 16
+    assert tune.ptx_widest_load("st.global.b32 [ %rd1 + 0 ], { %r1 };") is None

@@ -532,7 +532,8 @@ def run(cases, *, out: Path, deadline: float | None, dry_run: bool) -> tuple[str
     if not dry_run and not on_gpu:
         return "tune: timing needs a CUDA device; without one use --dry-run", False
     tunable = [case for case in cases if case.name in SPECS and case.launch_config is not None]
-    skipped = [case.name for case in cases if case not in tunable]
+    no_knobs = [case.name for case in cases if case.launch_config is None]
+    left_out = [case.name for case in cases if case not in tunable and case.name not in no_knobs]
     arch = _arch()
     groups: list[Group] = []
     for case in tunable:
@@ -556,8 +557,10 @@ def run(cases, *, out: Path, deadline: float | None, dry_run: bool) -> tuple[str
         text = summary(done, arch, dry_run, left)
         _write(out, done, text, dry_run)
     text = summary(done, arch, dry_run, left)
-    if skipped:
-        text += f"\nNot tunable (no launch knobs): {', '.join(skipped)}\n"
+    if no_knobs:
+        text += f"\nNot tunable (no launch knobs): {', '.join(no_knobs)}\n"
+    if left_out:
+        text += f"\nLeft out of tuning (see SPECS in bench/commands/tune.py): {', '.join(left_out)}\n"
     _write(out, done, text, dry_run)
     return text, ok
 
