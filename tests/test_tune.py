@@ -262,3 +262,54 @@ def test_ptx_load_widths():
     assert tune.ptx_widest_load("ld.global.b16 { %rs1 }, [ %rd2 + 0 ];") == 2
     assert tune.ptx_widest_load("ld.global.v2.b64 { %rd1, %rd2 }, [ %rd3 + 0 ];") == 16
     assert tune.ptx_widest_load("st.global.b32 [ %rd1 + 0 ], { %r1 };") is None
+
+
+def test_timing_picks_the_fastest_verified_candidate(monkeypatch):
+    """The GPU path with the clock faked: every kept candidate is verified (in the interpreter here) and
+    timed at every shape of its key; the lowest geometric mean of time over the fastest wins; a candidate
+    that fails verification is dropped and reported; the table holds the winner."""
+    from bench.cases.kv_cache import WriteKVShape
+    from bench.measure import runner, timing
+
+    case = CASES["write_kv"]
+    shapes = [WriteKVShape("t", "decode", n, 2, 64, 64) for n in (3, 40)]
+    (group,) = {g.key: g for g in _groups(case, shapes)}.values()
+    fast = {"TOKENS": group.heuristic["TOKENS"] * 2}
+    wrong = {"num_warps": group.heuristic["num_warps"] * 2}
+
+    def fake_time(fn, **kw):
+        fn()
+        knobs = _configs._forced["write_kv"]
+        ms = 1.0 if knobs["TOKENS"] == fast["TOKENS"] else 2.0
+        return timing.Timing.from_samples([ms, ms])
+
+    real_verify = runner.verify
+
+    def verify(case, shape, device):
+        result = real_verify(case, shape, device)
+        if _configs._forced["write_kv"]["num_warps"] == wrong["num_warps"]:
+            result.ok, result.message = False, "made up"
+        return result
+
+    monkeypatch.setattr(timing, "time_cuda", fake_time)
+    monkeypatch.setattr(runner, "verify", verify)
+    for candidate in group.candidates:
+        candidate.static = row(registers=32, spill_bytes=0, stack_bytes=0, shared_bytes=0)
+    tune.apply_filter(group.candidates, 90)
+    assert tune._time_group(group, None, device="cpu")
+    assert (
+        group.winner["TOKENS"] == fast["TOKENS"] and group.winner["num_warps"] == group.heuristic["num_warps"]
+    )
+    failed = [c for c in group.candidates if c.dropped]
+    assert failed and all("FAILED verification" in c.dropped for c in failed)
+    assert all(len(c.medians_ms) == 2 for c in group.candidates if not c.dropped)
+    document = tune.table_document([group])
+    assert document["kernels"] == {"write_kv": {group.key: group.winner}} and document["slug"]
+    assert "chosen" in tune.group_table(group)
+
+
+def _groups(case, shapes):
+    """groups_of for the given shapes instead of the case's defaults."""
+    import dataclasses
+
+    return tune.groups_of(dataclasses.replace(case, default_shapes=lambda: shapes))

@@ -369,7 +369,7 @@ def _static_child(argv: list[str]) -> None:
 # --- timing on a GPU ---------------------------------------------------------------------------------------
 
 
-def _time_group(group: Group, deadline: float | None) -> bool:
+def _time_group(group: Group, deadline: float | None, device: str = "cuda") -> bool:
     """Verifies and times the group's kept candidates at its shapes; picks the winner. False when the
     deadline cut it short (no winner then: an unfinished comparison is not evidence)."""
     from bench.measure.runner import verify
@@ -379,14 +379,14 @@ def _time_group(group: Group, deadline: float | None) -> bool:
     kept = [c for c in group.candidates if c.dropped is None]
     checked = sorted((s for s in group.shapes if case.reference_affordable(s)), key=case.byte_model)
     checked = checked[:VERIFY_SHAPES]
-    built = {s.label: case.build(s, "cuda", seed_of(f"{case.name}/{s.label}")) for s in group.shapes}
+    built = {s.label: case.build(s, device, seed_of(f"{case.name}/{s.label}")) for s in group.shapes}
     try:
         for candidate in kept:
             if deadline is not None and time.monotonic() > deadline:
                 group.note = "stopped at the deadline"
                 return False
             with _configs.forced(case.name, candidate.knobs):
-                failures = [v for v in (verify(case, s, "cuda") for s in checked) if not v.ok]
+                failures = [v for v in (verify(case, s, device) for s in checked) if not v.ok]
                 candidate.verified = not failures if checked else None
                 if failures:
                     candidate.dropped = (
