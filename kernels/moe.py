@@ -519,12 +519,12 @@ class DispatchWorkspace:
     (empty where one launch does it all).
     """
 
-    x_sorted: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    expert_offsets: torch.Tensor
-    row_token: torch.Tensor
-    slot_row: torch.Tensor
-    chunk_prefix: torch.Tensor
+    x_sorted: torch.Tensor  # [max_rows, hidden] in x's dtype
+    tokens_per_expert: torch.Tensor  # int32 [num_experts]
+    expert_offsets: torch.Tensor  # int32 [num_experts + 1]
+    row_token: torch.Tensor  # int32 [max_rows]
+    slot_row: torch.Tensor  # int32 [num_tokens, top_k]
+    chunk_prefix: torch.Tensor  # int32 flat, >= cdiv(num_tokens, MIN_CHUNK_TOKENS) x experts_pad; or empty
 
     @classmethod
     def for_shape(
