@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRETED
+from kernels import INTERPRETED, _configs
 from kernels._checks import check_contiguous, check_fp8_scales, check_shape, check_tensor, dtype_name
 
 #: Cache dtypes write_kv stores, and the input dtypes it takes. A non-fp8 cache has its input's dtype.
@@ -135,6 +135,26 @@ def write_kv_launch_config(row: int, input_bytes: int, cache_bytes: int) -> dict
     return {"TOKENS": tokens, "BLOCK": block, "num_warps": num_warps}
 
 
+#: Knobs of write_kv_launch_config a per-GPU table (kernels/configs/) may override.
+TUNABLE = ("TOKENS", "BLOCK", "num_warps")
+
+
+def write_kv_config_key(input_dtype: torch.dtype, cache_dtype: torch.dtype, row: int, has_value: bool) -> str:
+    """The shape key of a launch in the per-GPU tables: dtypes, the widest row, and whether V is written."""
+    side = "" if has_value else " key-only"
+    return f"in={dtype_name(input_dtype)} cache={dtype_name(cache_dtype)} row={row}{side}"
+
+
+def write_kv_choice(key, value, k_cache) -> _configs.LaunchChoice:
+    """The launch configuration write_kv takes for these inputs (metadata only) and where it came from."""
+    k_row = key.shape[1] * key.shape[2]
+    v_row = value.shape[1] * value.shape[2] if value is not None else 0
+    row = max(k_row, v_row)
+    heuristic = write_kv_launch_config(row, key.element_size(), k_cache.element_size())
+    shape_key = write_kv_config_key(key.dtype, k_cache.dtype, row, value is not None)
+    return _configs.choose("write_kv", shape_key, key.device, heuristic, TUNABLE)
+
+
 def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
     """Checks one of (key, k_cache) or (value, v_cache); num_tokens comes from key when side is 'value'."""
     x_name, cache_name = side, f"{side[0]}_cache"
@@ -200,7 +220,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
 
     k_row = key.shape[1] * key.shape[2]
     v_row = value.shape[1] * value.shape[2] if has_value else 0
-    config = write_kv_launch_config(max(k_row, v_row), key.element_size(), k_cache.element_size())
+    config = write_kv_choice(key, value if has_value else None, k_cache).config
     grid = (triton.cdiv(num_tokens, config["TOKENS"]), triton.cdiv(max(k_row, v_row), config["BLOCK"]))
     _write_kv_kernel[grid](
         key,

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_contiguous, check_tensor
+from kernels import _configs
+from kernels._checks import check_contiguous, check_tensor, dtype_name
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORINGS = ("softmax", "sigmoid")
@@ -43,6 +44,8 @@ ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Up to this many (token, choice) pairs, dispatch is one launch (each program reads every id).
 _FUSED_PAIRS = 2048
 _CHUNK_TOKENS = 16  # tokens per dispatch program (and per counted chunk)
+# The fewest tokens a chunk may hold under any configuration: DispatchWorkspace sizes chunk_prefix for it.
+MIN_CHUNK_TOKENS = 8
 _HIDDEN_TILE = 256  # row elements per inner step
 
 
@@ -157,6 +160,21 @@ def _route_kernel(
     tl.store(ids_ptr + out, chosen_ids, mask=mask)
 
 
+def route_launch_config(num_experts: int) -> dict:
+    """Tokens per program and warps: a program holds BLOCK_T whole rows of logits padded to a power of two,
+    4096 scores at most (16 tokens of 256 experts), so the k passes over them stay in registers."""
+    return {"BLOCK_T": max(1, min(16, 4096 // triton.next_power_of_2(num_experts))), "num_warps": 4}
+
+
+def route_choice(logits: torch.Tensor, top_k: int, num_groups: int) -> _configs.LaunchChoice:
+    """route's launch configuration for these logits (metadata only) and where it came from."""
+    num_experts = logits.shape[1]
+    key = f"logits={dtype_name(logits.dtype)} experts={num_experts} top_k={top_k} groups={num_groups}"
+    return _configs.choose(
+        "route", key, logits.device, route_launch_config(num_experts), ("BLOCK_T", "num_warps")
+    )
+
+
 def route(
     logits,
     top_k,
@@ -209,7 +227,8 @@ def route(
     if num_tokens == 0:
         return weights, ids
     experts_pad = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(16, 4096 // experts_pad))
+    config = route_choice(logits, top_k, groups).config
+    block_t = config["BLOCK_T"]
     _route_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits,
         bias if bias is not None else weights,
@@ -230,7 +249,7 @@ def route(
         RENORMALIZE=renormalize,
         HAS_BIAS=bias is not None,
         BLOCK_T=block_t,
-        num_warps=4,
+        num_warps=config["num_warps"],
     )
     return weights, ids
 
@@ -459,12 +478,130 @@ def check_ids_in_range(ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"ids: expected expert ids in [0, {num_experts}), got {bad}")
 
 
-def dispatch(x, ids, num_experts, *, align=1):
+#: Knobs of dispatch_launch_config a per-GPU table (kernels/configs/) may override.
+DISPATCH_TUNABLE = ("CHUNK_TOKENS", "HIDDEN_TILE", "num_warps")
+
+
+def dispatch_launch_config(hidden: int) -> dict:
+    """Tokens per program (and per counted chunk), row elements per copy step, warps. A program keeps its
+    tokens' [CHUNK_TOKENS, experts] layout in registers while it copies their rows a HIDDEN_TILE at a time."""
+    return {
+        "CHUNK_TOKENS": _CHUNK_TOKENS,
+        "HIDDEN_TILE": min(_HIDDEN_TILE, triton.next_power_of_2(hidden)),
+        "num_warps": 4,
+    }
+
+
+def _fused(num_tokens: int, top_k: int) -> bool:
+    return num_tokens * top_k <= _FUSED_PAIRS
+
+
+def dispatch_choice(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> _configs.LaunchChoice:
+    """dispatch's launch configuration for these inputs (metadata only) and where it came from. One launch
+    (a decode step) and three (count, scan, copy) are keyed apart: their best tiles differ."""
+    num_tokens, top_k = ids.shape
+    launches = "one-launch" if _fused(num_tokens, top_k) else "three-launches"
+    key = f"x={dtype_name(x.dtype)} hidden={x.shape[1]} experts={num_experts} top_k={top_k} {launches}"
+    heuristic = dispatch_launch_config(x.shape[1])
+    return _configs.choose("dispatch", key, x.device, heuristic, DISPATCH_TUNABLE)
+
+
+@dataclass(frozen=True)
+class DispatchWorkspace:
+    """dispatch's outputs and scratch, owned by the caller: a serving engine allocates one per captured
+    batch size, so a decode step (and the CUDA graph around it) allocates nothing. dispatch writes into it
+    and returns its tensors (x_sorted, and a plan over the others): each call overwrites the last one's.
+
+    Invariants (for num_tokens, top_k, num_experts, hidden, align and x's dtype, all contiguous, on x's
+    device): x_sorted [max_rows, hidden]; tokens_per_expert int32 [num_experts]; expert_offsets int32
+    [num_experts + 1]; row_token int32 [max_rows]; slot_row int32 [num_tokens, top_k]; chunk_prefix int32,
+    flat, room for one row of next_power_of_2(num_experts) counts per chunk of MIN_CHUNK_TOKENS tokens
+    (empty where one launch does it all).
+    """
+
+    x_sorted: torch.Tensor  # [max_rows, hidden] in x's dtype
+    tokens_per_expert: torch.Tensor  # int32 [num_experts]
+    expert_offsets: torch.Tensor  # int32 [num_experts + 1]
+    row_token: torch.Tensor  # int32 [max_rows]
+    slot_row: torch.Tensor  # int32 [num_tokens, top_k]
+    chunk_prefix: torch.Tensor  # int32 flat, >= cdiv(num_tokens, MIN_CHUNK_TOKENS) x experts_pad; or empty
+
+    @classmethod
+    def for_shape(
+        cls,
+        num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        hidden: int,
+        *,
+        align: int = 1,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> "DispatchWorkspace":
+        rows = max_rows(num_tokens, top_k, num_experts, align)
+        prefix = 0
+        if not _fused(num_tokens, top_k):
+            prefix = triton.cdiv(num_tokens, MIN_CHUNK_TOKENS) * triton.next_power_of_2(num_experts)
+
+        def ints(*size):
+            return torch.empty(*size, dtype=torch.int32, device=device)
+
+        return cls(
+            torch.empty(rows, hidden, dtype=dtype, device=device),
+            ints(num_experts),
+            ints(num_experts + 1),
+            ints(rows),
+            ints(num_tokens, top_k),
+            ints(prefix),
+        )
+
+
+def _check_dispatch_workspace(workspace, expected: dict, prefix_needed: int, device) -> None:
+    """Every buffer of a given workspace has the shape and dtype this call needs (metadata only)."""
+    if not isinstance(workspace, DispatchWorkspace):
+        raise ValueError(
+            "workspace: expected a DispatchWorkspace (see DispatchWorkspace.for_shape), got "
+            f"{type(workspace).__name__}"
+        )
+    for name, (shape, dtype) in expected.items():
+        tensor = getattr(workspace, name)
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or tuple(tensor.shape) != shape
+            or tensor.dtype != dtype
+            or tensor.device != device
+            or not tensor.is_contiguous()
+        ):
+            got = (
+                f"{tuple(tensor.shape)} {dtype_name(tensor.dtype)} on {tensor.device}"
+                if isinstance(tensor, torch.Tensor)
+                else type(tensor).__name__
+            )
+            raise ValueError(
+                f"workspace: expected {name} contiguous {shape} {dtype_name(dtype)} on {device} "
+                f"(DispatchWorkspace.for_shape sizes it), got {got}"
+            )
+    prefix = workspace.chunk_prefix
+    if (
+        not isinstance(prefix, torch.Tensor)
+        or prefix.dtype != torch.int32
+        or prefix.device != device
+        or not prefix.is_contiguous()
+        or prefix.numel() < prefix_needed
+    ):
+        raise ValueError(
+            f"workspace: expected chunk_prefix contiguous int32 on {device} with room for {prefix_needed} "
+            "counts (DispatchWorkspace.for_shape sizes it)"
+        )
+
+
+def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     """Copies each token's row once per choice into expert-contiguous order; returns (x_sorted [max_rows,
     hidden], plan). Rows of one expert are in (token, choice) order; each expert's segment starts at a
     multiple of ``align``; padding rows are marked -1 in plan.row_token. No host sync: x_sorted has
     max_rows(...) rows, the most the padding can need. ids must lie in [0, num_experts) (see
-    check_ids_in_range)."""
+    check_ids_in_range). With ``workspace`` (DispatchWorkspace.for_shape) the outputs are its buffers and
+    the call allocates nothing."""
     check_tensor("x", x, ndim=2, dtypes=ROW_DTYPES)
     _check_ids(ids, num_experts, x.device)
     if x.stride(1) != 1:
@@ -479,23 +616,43 @@ def dispatch(x, ids, num_experts, *, align=1):
     hidden = x.shape[1]
     device = x.device
     rows = max_rows(num_tokens, top_k, num_experts, align)
-    x_sorted = torch.empty(rows, hidden, dtype=x.dtype, device=device)
-    tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
-    expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-    row_token = torch.empty(rows, dtype=torch.int32, device=device)
-    slot_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
-    plan = DispatchPlan(tokens_per_expert, expert_offsets, row_token, slot_row, align)
+    config = dispatch_choice(x, ids, num_experts).config
+    chunk_tokens = config["CHUNK_TOKENS"]
     experts_pad = triton.next_power_of_2(num_experts)
-    pairs_pad = triton.next_power_of_2(_CHUNK_TOKENS * top_k)
-    chunks = triton.cdiv(num_tokens, _CHUNK_TOKENS)
+    pairs_pad = triton.next_power_of_2(chunk_tokens * top_k)
+    chunks = triton.cdiv(num_tokens, chunk_tokens)
     align_pad = triton.next_power_of_2(align)
-    fused = num_tokens * top_k <= _FUSED_PAIRS
+    fused = _fused(num_tokens, top_k)
     if num_tokens == 0:
-        fused = True
         chunks = 1
-    chunk_prefix = expert_offsets  # unread when fused
-    if not fused:
-        chunk_prefix = torch.empty(chunks, experts_pad, dtype=torch.int32, device=device)
+    if workspace is None:
+        x_sorted = torch.empty(rows, hidden, dtype=x.dtype, device=device)
+        tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
+        expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+        row_token = torch.empty(rows, dtype=torch.int32, device=device)
+        slot_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
+        chunk_prefix = None
+    else:
+        expected = {
+            "x_sorted": ((rows, hidden), x.dtype),
+            "tokens_per_expert": ((num_experts,), torch.int32),
+            "expert_offsets": ((num_experts + 1,), torch.int32),
+            "row_token": ((rows,), torch.int32),
+            "slot_row": ((num_tokens, top_k), torch.int32),
+        }
+        _check_dispatch_workspace(workspace, expected, 0 if fused else chunks * experts_pad, device)
+        x_sorted, tokens_per_expert, expert_offsets = (
+            workspace.x_sorted,
+            workspace.tokens_per_expert,
+            workspace.expert_offsets,
+        )
+        row_token, slot_row, chunk_prefix = workspace.row_token, workspace.slot_row, workspace.chunk_prefix
+    plan = DispatchPlan(tokens_per_expert, expert_offsets, row_token, slot_row, align)
+    if fused:
+        chunk_prefix = expert_offsets  # unread when fused
+    else:
+        if chunk_prefix is None:
+            chunk_prefix = torch.empty(chunks, experts_pad, dtype=torch.int32, device=device)
         _count_chunks_kernel[(chunks,)](
             ids,
             chunk_prefix,
@@ -503,7 +660,7 @@ def dispatch(x, ids, num_experts, *, align=1):
             num_experts,
             TOP_K=top_k,
             EXPERTS_PAD=experts_pad,
-            CHUNK_TOKENS=_CHUNK_TOKENS,
+            CHUNK_TOKENS=chunk_tokens,
             PAIRS_PAD=pairs_pad,
             num_warps=4,
         )
@@ -539,14 +696,31 @@ def dispatch(x, ids, num_experts, *, align=1):
         TOP_K=top_k,
         K_PAD=triton.next_power_of_2(top_k),
         EXPERTS_PAD=experts_pad,
-        CHUNK_TOKENS=_CHUNK_TOKENS,
+        CHUNK_TOKENS=chunk_tokens,
         FUSED=fused,
         ALL_PAIRS_PAD=triton.next_power_of_2(max(1, num_tokens * top_k)) if fused else 1,
         ALIGN_PAD=align_pad,
-        HIDDEN_TILE=min(_HIDDEN_TILE, triton.next_power_of_2(hidden)),
-        num_warps=4,
+        HIDDEN_TILE=config["HIDDEN_TILE"],
+        num_warps=config["num_warps"],
     )
     return x_sorted, plan
+
+
+#: Knobs of combine_launch_config a per-GPU table (kernels/configs/) may override.
+COMBINE_TUNABLE = ("TOKENS", "HIDDEN_TILE", "num_warps")
+
+
+def combine_launch_config(hidden: int) -> dict:
+    """Tokens and row elements per program, warps: 4 tokens x 256 elements, so a decode step of a few
+    tokens still spreads its rows over hidden / 256 programs."""
+    return {"TOKENS": 4, "HIDDEN_TILE": min(_HIDDEN_TILE, triton.next_power_of_2(hidden)), "num_warps": 4}
+
+
+def combine_choice(y_sorted: torch.Tensor, weights: torch.Tensor) -> _configs.LaunchChoice:
+    """combine's launch configuration for these inputs (metadata only) and where it came from."""
+    hidden, top_k = y_sorted.shape[1], weights.shape[1]
+    key = f"y={dtype_name(y_sorted.dtype)} hidden={hidden} top_k={top_k}"
+    return _configs.choose("combine", key, y_sorted.device, combine_launch_config(hidden), COMBINE_TUNABLE)
 
 
 def combine(y_sorted, weights, plan: DispatchPlan):
@@ -571,8 +745,8 @@ def combine(y_sorted, weights, plan: DispatchPlan):
     out = torch.empty(num_tokens, hidden, dtype=y_sorted.dtype, device=y_sorted.device)
     if num_tokens == 0:
         return out
-    tile = min(_HIDDEN_TILE, triton.next_power_of_2(hidden))
-    tokens = 4
+    config = combine_choice(y_sorted, weights).config
+    tile, tokens = config["HIDDEN_TILE"], config["TOKENS"]
     _combine_kernel[(triton.cdiv(num_tokens, tokens), triton.cdiv(hidden, tile))](
         y_sorted,
         weights,
@@ -583,6 +757,6 @@ def combine(y_sorted, weights, plan: DispatchPlan):
         TOP_K=top_k,
         TOKENS=tokens,
         HIDDEN_TILE=tile,
-        num_warps=4,
+        num_warps=config["num_warps"],
     )
     return out

@@ -25,12 +25,13 @@ into the final normalisation (V), so the inner loop only widens fp8 to q's dtype
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRETED
+from kernels import INTERPRETED, _configs
 from kernels._checks import check_contiguous, check_fp8_scales, check_shape, check_tensor, dtype_name
 
 Q_DTYPES = (torch.float16, torch.bfloat16)
@@ -236,6 +237,89 @@ def paged_decode_launch_config(group: int, head_dim: int, cache_bytes: int) -> d
     }
 
 
+#: Knobs of paged_decode_launch_config a per-GPU table (kernels/configs/) may override.
+TUNABLE = ("BLOCK_N", "num_warps", "num_stages")
+
+
+def paged_decode_config_key(q_dtype: torch.dtype, cache_dtype: torch.dtype, group: int, head_dim: int) -> str:
+    """The shape key of a launch in the per-GPU tables: what the launch configuration depends on (lengths,
+    batch and page size do not change the best tile; the split count follows from them on its own)."""
+    return f"q={dtype_name(q_dtype)} kv={dtype_name(cache_dtype)} group={group} head_dim={head_dim}"
+
+
+def paged_decode_choice(q: torch.Tensor, k_cache: torch.Tensor) -> _configs.LaunchChoice:
+    """The launch configuration paged_decode takes for these inputs (metadata only) and where it came from:
+    the running GPU's tuned table when it has an entry for the key, the heuristic otherwise."""
+    group = q.shape[1] // max(1, k_cache.shape[2])
+    head_dim = q.shape[2]
+    heuristic = paged_decode_launch_config(group, head_dim, k_cache.element_size())
+    key = paged_decode_config_key(q.dtype, k_cache.dtype, group, head_dim)
+    return _configs.choose("paged_decode", key, q.device, heuristic, TUNABLE)
+
+
+@dataclass(frozen=True)
+class PagedDecodeWorkspace:
+    """Split-KV scratch owned by the caller: a serving engine allocates it once and passes it to every
+    step, so a decode step (and a CUDA graph captured around it) allocates nothing.
+
+    Invariants: both fp32, contiguous, on one device; room for ``batch x num_q_heads x max_splits`` partial
+    rows of head_dim (partial_out) and as many log-sum-exps (partial_lse). A launch uses the leading part
+    for its own split count, so a workspace sized for more sequences, heads or splits serves smaller calls.
+    """
+
+    partial_out: torch.Tensor  # fp32 [batch, num_q_heads, max_splits, head_dim]
+    partial_lse: torch.Tensor  # fp32 [batch, num_q_heads, max_splits]
+
+    @property
+    def rows(self) -> int:
+        """Partial rows (one per sequence, query head and split) it holds."""
+        return self.partial_lse.numel()
+
+
+def paged_decode_workspace(
+    batch: int, num_q_heads: int, head_dim: int, *, max_splits: int = MAX_SPLITS, device=None
+) -> PagedDecodeWorkspace:
+    """A workspace for up to ``batch`` sequences of ``num_q_heads`` heads. The launcher takes at most
+    MAX_SPLITS splits; ``max_splits_for(batch, num_kv_heads, block_table_width * block_size, sm_count)``
+    gives the count it takes for a block table of that width (or pass num_splits to the call), which a
+    caller may size for instead to hold less."""
+    for name, value in (("batch", batch), ("num_q_heads", num_q_heads), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    if isinstance(max_splits, bool) or not isinstance(max_splits, int) or not 1 <= max_splits <= MAX_SPLITS:
+        raise ValueError(f"max_splits: expected an integer in [1, {MAX_SPLITS}], got {max_splits!r}")
+    return PagedDecodeWorkspace(
+        torch.empty(batch, num_q_heads, max_splits, head_dim, dtype=torch.float32, device=device),
+        torch.empty(batch, num_q_heads, max_splits, dtype=torch.float32, device=device),
+    )
+
+
+def _check_workspace(workspace, rows: int, head_dim: int, device: torch.device) -> None:
+    """A given workspace holds ``rows`` partial rows of ``head_dim`` fp32 on ``device`` (metadata only)."""
+    if not isinstance(workspace, PagedDecodeWorkspace):
+        raise ValueError(
+            "workspace: expected a PagedDecodeWorkspace (see paged_decode_workspace), got "
+            f"{type(workspace).__name__}"
+        )
+    for name, tensor, needed in (
+        ("partial_out", workspace.partial_out, rows * head_dim),
+        ("partial_lse", workspace.partial_lse, rows),
+    ):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tensor.device != device:
+            got = (
+                f"{dtype_name(tensor.dtype)} on {tensor.device}"
+                if isinstance(tensor, torch.Tensor)
+                else type(tensor).__name__
+            )
+            raise ValueError(f"workspace: expected {name} an fp32 tensor on {device}, got {got}")
+        if not tensor.is_contiguous() or tensor.numel() < needed:
+            raise ValueError(
+                f"workspace: {name} holds {tensor.numel()} elements (contiguous: {tensor.is_contiguous()}); "
+                f"this call needs {needed} contiguous (batch x num_q_heads x splits"
+                f"{' x head_dim' if name == 'partial_out' else ''})"
+            )
+
+
 def paged_decode(
     q,
     k_cache,
@@ -248,11 +332,13 @@ def paged_decode(
     v_scale=None,
     num_splits=None,
     out=None,
+    workspace=None,
 ) -> torch.Tensor:
     """Decode attention of q against each sequence's paged K/V; returns out [batch, num_q_heads, head_dim].
 
     Validates metadata only; ``check_paged_inputs`` checks lengths and block ids against the cache (it reads
-    device data, so call it outside timed and captured paths).
+    device data, so call it outside timed and captured paths). ``workspace`` (paged_decode_workspace) holds
+    the split partials; with it and ``out`` given, the call allocates nothing (a serving engine's graph path).
     """
     check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     batch, num_q_heads, head_dim = q.shape
@@ -283,7 +369,7 @@ def paged_decode(
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
     check_shape("seq_lens", seq_lens, (batch,), "[batch]")
     check_contiguous("seq_lens", seq_lens)
-    config = paged_decode_launch_config(group, head_dim, k_cache.element_size())
+    config = paged_decode_choice(q, k_cache).config
     if config["GROUP_PAD"] * config["HEAD_DIM_PAD"] > _MAX_GROUP_X_HEAD_DIM:
         raise ValueError(
             f"q: {group} query heads per KV head of head_dim {head_dim} exceed what one program holds "
@@ -304,16 +390,19 @@ def paged_decode(
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         check_shape("out", out, tuple(q.shape), "like q")
         check_contiguous("out", out)
-    if batch == 0:
-        return out
-
     if num_splits is None:
         max_context = block_tables.shape[1] * block_size
         splits = max_splits_for(batch, num_kv_heads, max_context, sm_count(q.device))
         forced = 0
     else:
         splits, forced = num_splits, num_splits
-    if splits > 1:
+    if workspace is not None:
+        _check_workspace(workspace, batch * num_q_heads * splits, head_dim, q.device)
+    if batch == 0:
+        return out
+    if splits > 1 and workspace is not None:
+        partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
+    elif splits > 1:
         partial_out = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=q.device)
     else:

@@ -70,10 +70,11 @@ def max_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
     return num_tokens * top_k + num_experts * (align - 1)
 
 
-def dispatch(x, ids, num_experts, *, align=1):
+def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     """Copies token t's row to one row per choice, grouped by expert in (token, choice) order, each expert's
     segment starting at a multiple of ``align``; returns (x_sorted [max_rows, hidden], plan). Padding rows
-    are zero here (the kernel leaves them unwritten)."""
+    are zero here (the kernel leaves them unwritten). ``workspace`` (the kernel's caller-owned buffers) is
+    ignored: the reference allocates its own."""
     tokens, top_k = ids.shape
     flat = ids.reshape(-1).long()
     counts = torch.bincount(flat, minlength=num_experts)

@@ -2,7 +2,8 @@
 
 Same signature and semantics. Each sequence's pages are gathered through its block table, dequantised
 (fp8 caches: times k_scale / v_scale), and attended to with a softmax in fp32; a zero-length sequence gives
-zeros. ``num_splits`` changes how the kernel divides the work, not the result, so it is ignored here.
+zeros. ``num_splits`` and ``workspace`` change how the kernel divides the work and where it keeps its
+partials, not the result, so they are ignored here.
 It reads lengths on the host (a loop over sequences): a reference, not a fast path.
 """
 
@@ -27,6 +28,7 @@ def paged_decode(
     v_scale=None,
     num_splits=None,
     out=None,
+    workspace=None,
 ) -> torch.Tensor:
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

@@ -2,6 +2,8 @@
 odd token counts, ties; alignments 1 to 128, empty experts, skewed loads, one launch and three; combine of
 an identity expert gives x times the weight sum; bad input names the argument."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -237,6 +239,55 @@ def test_routing_generators_and_load_statistics():
     }
 
 
+class _NoAllocation:
+    """Stands in for ``torch`` inside kernels.moe: every allocating call fails the test."""
+
+    def __getattr__(self, name):
+        if name in ("empty", "empty_like", "zeros", "zeros_like", "full", "ones", "tensor"):
+            raise AssertionError(f"dispatch called torch.{name} with a workspace given")
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("tokens", [5, moe._FUSED_PAIRS // 8 + 3], ids=["one-launch", "three-launches"])
+def test_dispatch_into_a_workspace_allocates_nothing_and_matches(tokens, monkeypatch, request):
+    x, ids, _ = _routed(tokens, 64, 8, "zipf", seed_of(request.node.name), hidden=24)
+    want_rows, want = moe.dispatch(x, ids, 64, align=16)
+    workspace = moe.DispatchWorkspace.for_shape(tokens, 8, 64, 24, align=16, dtype=x.dtype, device=DEVICE)
+    monkeypatch.setattr(moe, "torch", _NoAllocation())
+    x_sorted, plan = moe.dispatch(x, ids, 64, align=16, workspace=workspace)
+    monkeypatch.undo()
+    assert x_sorted is workspace.x_sorted and plan.slot_row is workspace.slot_row
+    for field in ("tokens_per_expert", "expert_offsets", "row_token", "slot_row"):
+        assert torch.equal(getattr(plan, field), getattr(want, field)), field
+    real = want.row_token >= 0
+    assert torch.equal(x_sorted[real], want_rows[real])
+
+
+def test_references_take_the_same_arguments():
+    import inspect
+
+    for name in ("route", "dispatch", "combine"):
+        kernel, twin = inspect.signature(getattr(moe, name)), inspect.signature(getattr(reference, name))
+        assert kernel.parameters.keys() == twin.parameters.keys(), name
+
+
+def test_a_dispatch_workspace_that_does_not_fit_names_the_argument():
+    x, ids, _ = _routed(300, 16, 8, "uniform", 1, hidden=24)
+    good = moe.DispatchWorkspace.for_shape(300, 8, 16, 24, dtype=x.dtype, device=DEVICE)
+    bad = {
+        "other hidden": moe.DispatchWorkspace.for_shape(300, 8, 16, 32, dtype=x.dtype, device=DEVICE),
+        "other align": moe.DispatchWorkspace.for_shape(300, 8, 16, 24, align=4, dtype=x.dtype, device=DEVICE),
+        "fp32 rows": moe.DispatchWorkspace.for_shape(300, 8, 16, 24, dtype=torch.float32, device=DEVICE),
+        "no chunk room": dataclasses.replace(good, chunk_prefix=good.chunk_prefix[:10]),
+        "int64 slots": dataclasses.replace(good, slot_row=good.slot_row.long()),
+        "a dict": vars(good),
+    }
+    for name, workspace in bad.items():
+        with pytest.raises(ValueError, match=r"^workspace: "):
+            moe.dispatch(x, ids, 16, workspace=workspace)
+            pytest.fail(name)
+
+
 DISPATCH_BAD = {
     "x 1-D": ("x", lambda x, ids: moe.dispatch(x[0], ids, 8)),
     "x int": ("x", lambda x, ids: moe.dispatch(x.to(torch.int32), ids, 8)),
@@ -286,3 +337,26 @@ def test_opt_in_id_check():
     moe.check_ids_in_range(torch.tensor([[0, 7]], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="^ids: .* got 8"):
         moe.check_ids_in_range(torch.tensor([[0, 8]], dtype=torch.int32), 8)
+
+
+@pytest.mark.gpu
+def test_dispatch_and_combine_replay_in_a_cuda_graph_with_a_workspace():
+    """A decode step's MoE shuffle under a CUDA graph: dispatch writes into a workspace allocated once;
+    replays with new ids and rows give the reference's layout."""
+    tokens, experts, top_k, hidden = 64, 256, 8, 512
+    x, ids, weights = _routed(tokens, experts, top_k, "uniform", 1, hidden=hidden)
+    workspace = moe.DispatchWorkspace.for_shape(tokens, top_k, experts, hidden, align=16, device="cuda")
+    moe.dispatch(x, ids, experts, align=16, workspace=workspace)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x_sorted, plan = moe.dispatch(x, ids, experts, align=16, workspace=workspace)
+    for seed in (2, 3):
+        new_x, new_ids, _ = _routed(tokens, experts, top_k, "zipf", seed, hidden=hidden)
+        x.copy_(new_x)
+        ids.copy_(new_ids)
+        graph.replay()
+        want_rows, want = reference.dispatch(x, ids, experts, align=16)
+        for field in ("tokens_per_expert", "expert_offsets", "row_token", "slot_row"):
+            assert torch.equal(getattr(plan, field), getattr(want, field)), field
+        real = want.row_token >= 0
+        assert torch.equal(x_sorted[real], want_rows[real])

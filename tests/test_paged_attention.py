@@ -145,6 +145,70 @@ def test_max_splits_follow_the_sm_count_and_the_table_width():
     assert max_splits_for(batch=4, num_kv_heads=1, max_context=1 << 20, sms=132) == 64
 
 
+# --- caller-owned workspace ---------------------------------------------------------------------------------
+
+
+class _NoAllocation:
+    """Stands in for ``torch`` inside a kernel module: every allocating call fails the test."""
+
+    def __getattr__(self, name):
+        if name in ("empty", "empty_like", "zeros", "zeros_like", "full", "ones", "tensor"):
+            raise AssertionError(f"the launcher called torch.{name} with a workspace given")
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3], ids=["derived", "forced"])
+def test_a_workspace_gives_the_same_result_and_allocates_nothing(num_splits, monkeypatch):
+    shape = PagedDecodeShape("ws", (300, 17, 0), 32, 8, 128, spare_pages=40, num_splits=num_splits)
+    inputs = build(shape, DEVICE, 4)
+    fresh = paged_attention.paged_decode(**{**inputs.args, "out": None})
+    workspace = paged_attention.paged_decode_workspace(3, 32, 128, device=DEVICE)
+    out = torch.full_like(fresh, float("nan"))
+    monkeypatch.setattr(paged_attention, "torch", _NoAllocation())
+    assert paged_attention.paged_decode(**{**inputs.args, "out": out, "workspace": workspace}) is out
+    monkeypatch.undo()
+    assert torch.equal(out, fresh)
+
+
+def test_a_workspace_for_more_sequences_and_splits_serves_a_smaller_call():
+    shape = PagedDecodeShape("ws", (300, 40), 8, 2, 64, num_splits=2)
+    inputs = build(shape, DEVICE, 5)
+    workspace = paged_attention.paged_decode_workspace(16, 8, 64, max_splits=8, device=DEVICE)
+    got = paged_attention.paged_decode(**inputs.args, workspace=workspace)
+    assert torch.equal(got, paged_attention.paged_decode(**inputs.args))
+
+
+def test_the_reference_takes_the_same_arguments():
+    import inspect
+
+    assert inspect.signature(reference.paged_decode).parameters.keys() == (
+        inspect.signature(paged_attention.paged_decode).parameters.keys()
+    )
+
+
+BAD_WORKSPACES = {
+    "too few splits": lambda: paged_attention.paged_decode_workspace(2, 8, 64, max_splits=1, device=DEVICE),
+    "too few heads": lambda: paged_attention.paged_decode_workspace(2, 4, 64, max_splits=4, device=DEVICE),
+    "fp16": lambda: paged_attention.PagedDecodeWorkspace(
+        torch.empty(2, 8, 4, 64, dtype=torch.float16, device=DEVICE), torch.empty(2, 8, 4, device=DEVICE)
+    ),
+    "other device": lambda: paged_attention.PagedDecodeWorkspace(
+        torch.empty(2, 8, 4, 64, device="meta"), torch.empty(2, 8, 4, device="meta")
+    ),
+    "strided": lambda: paged_attention.PagedDecodeWorkspace(
+        torch.empty(2, 8, 64, 8, device=DEVICE).transpose(2, 3), torch.empty(2, 8, 4, device=DEVICE)
+    ),
+    "a tuple": lambda: (torch.empty(2, 8, 4, 64), torch.empty(2, 8, 4)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_WORKSPACES, ids=list(BAD_WORKSPACES))
+def test_a_workspace_that_does_not_fit_names_the_argument(case):
+    args = build(PagedDecodeShape("ws", (20, 5), 8, 2, 64, num_splits=4), DEVICE, 1).args
+    with pytest.raises(ValueError, match=r"^workspace: "):
+        paged_attention.paged_decode(**args, workspace=BAD_WORKSPACES[case]())
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
@@ -252,6 +316,8 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables():
     """Capture once at a capacity; replay with other lengths and tables (the splits follow the lengths)."""
     base = PagedDecodeShape("graph", (3000, 3000, 3000, 3000), 32, 8, 128, spare_pages=8)
     inputs = build(base, "cuda", 3, guarded=True)
+    # A serving engine's graph path: the split partials live in a workspace allocated once, outside.
+    inputs.args["workspace"] = paged_attention.paged_decode_workspace(base.batch, 32, 128, device="cuda")
     paged_attention.paged_decode(**inputs.args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -102,5 +102,7 @@ def gpu_benchmark(benchmark):
         median_s = benchmark.stats.stats.median
         benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps()))
         benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, **info)
+        if impl == "triton":
+            benchmark.extra_info["launch_config"] = case.launch_config(inputs) if case.launch_config else None
 
     return run

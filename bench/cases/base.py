@@ -61,6 +61,9 @@ class Case:
     # The traffic ratio its traffic shapes must stay within; None: reported, not held to a limit (a
     # latency-bound kernel that makes several passes over a few kilobytes).
     traffic_limit: float | None = 1.05
+    # (inputs) -> the launch configuration the kernel takes for them and where it came from (a per-GPU
+    # table, "tuned:<gpu>", or "heuristic"), as LaunchChoice.as_info() gives it; None: nothing tunable.
+    launch_config: Callable[[Inputs], dict] | None = None
 
     def reference_affordable(self, shape) -> bool:
         return self.reference_max_bytes is None or self.byte_model(shape) <= self.reference_max_bytes

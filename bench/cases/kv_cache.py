@@ -229,6 +229,11 @@ def static_shapes() -> list[WriteKVShape]:
     ]
 
 
+def launch_config(inputs: Inputs) -> dict:
+    a = inputs.args
+    return kernels.kv_cache.write_kv_choice(a["key"], a["value"], a["k_cache"]).as_info()
+
+
 WRITE_KV = Case(
     name="write_kv",
     module="kv_cache",
@@ -243,4 +248,5 @@ WRITE_KV = Case(
     static_shapes=static_shapes,
     traffic_shapes=lambda: small_shapes() + static_shapes(),
     compare=compare,
+    launch_config=launch_config,
 )

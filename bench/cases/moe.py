@@ -88,6 +88,11 @@ def small_shapes() -> list[RouteShape]:
     ]
 
 
+def launch_config(inputs: Inputs) -> dict:
+    a = inputs.args
+    return kernels.moe.route_choice(a["logits"], a["top_k"], a.get("num_groups") or 1).as_info()
+
+
 ROUTE = Case(
     name="route",
     module="moe",
@@ -111,6 +116,7 @@ ROUTE = Case(
     # Reported, not held: DeepSeek's 1 KB bias is read by every 16-token program (from L2; the model counts
     # it once), which puts its ratio near 1.10; softmax routing moves exactly its model (tested).
     traffic_limit=None,
+    launch_config=launch_config,
 )
 
 
@@ -260,6 +266,16 @@ def _decode(name):
     return _dispatch_shape(name, 64)
 
 
+def dispatch_launch_config(inputs: Inputs) -> dict:
+    a = inputs.args
+    return kernels.moe.dispatch_choice(a["x"], a["ids"], a["num_experts"]).as_info()
+
+
+def combine_launch_config(inputs: Inputs) -> dict:
+    a = inputs.args
+    return kernels.moe.combine_choice(a["y_sorted"], a["weights"]).as_info()
+
+
 DISPATCH = Case(
     name="dispatch",
     module="moe",
@@ -278,6 +294,7 @@ DISPATCH = Case(
     ],
     traffic_shapes=dispatch_traffic,
     compare=dispatch_compare,
+    launch_config=dispatch_launch_config,
 )
 
 COMBINE = Case(
@@ -294,4 +311,5 @@ COMBINE = Case(
     static_shapes=lambda: [_decode("DeepSeek-R1"), _decode("Mixtral-8x7B")],
     traffic_shapes=dispatch_traffic,
     compare=combine_compare,
+    launch_config=combine_launch_config,
 )

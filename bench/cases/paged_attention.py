@@ -253,6 +253,11 @@ def traffic_shapes() -> list[PagedDecodeShape]:
     return [s for s in small_shapes() if s.num_splits is None] + static_shapes()
 
 
+def launch_config(inputs: Inputs) -> dict:
+    a = inputs.args
+    return kernels.paged_attention.paged_decode_choice(a["q"], a["k_cache"]).as_info()
+
+
 PAGED_DECODE = Case(
     name="paged_decode",
     module="paged_attention",
@@ -271,4 +276,5 @@ PAGED_DECODE = Case(
     # The reference loops over sequences in Python and gathers every page in fp32: past ~1 GB of cache
     # (256K tokens of Llama-3.1-8B) one call takes seconds.
     reference_max_bytes=1 << 30,
+    launch_config=launch_config,
 )

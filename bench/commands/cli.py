@@ -1,9 +1,9 @@
 """decodebench's command line (also ``python -m bench`` from the repo root).
 
-decodebench run [--kernel NAME] [--graph] [--out FILE]
-    GPU: time each kernel and its reference at default shapes; table of time, GB/s, % of the copy
-    bandwidth measured in the same run, speedup. No GPU: verify every kernel against its reference in
-    the interpreter, then the static, traffic and projection reports.
+decodebench run [--kernel NAME] [--no-graph] [--out FILE]
+    GPU: verify, then time each kernel (graph and eager), reference and peers at default shapes; time,
+    GB/s, % of the copy bandwidth measured in the same run, speedups. No GPU: verify every kernel against
+    its reference in the interpreter, then the static, traffic and projection reports.
 decodebench report FILE...          tables from saved results (decodebench or pytest-benchmark JSON)
 decodebench static [--json FILE]    registers, spills, shared memory, access widths at sm_90 and sm_80
 decodebench traffic                 bytes moved under the interpreter against each byte model
@@ -14,11 +14,16 @@ decodebench capacity [--plot PNG]   KV memory holding tokens per allocation poli
 decodebench gpu-check [--out DIR] [--budget S] [--only STEP,...] [--dry-run]
                                     on a lent GPU, within a budget: ceilings, default shapes, static,
                                     ncu, tune, sanitizer, tests, sweep; --dry-run proves it on a CPU
+decodebench tune [CASE...] [--dry-run] [--out DIR] [--budget S] [--install]
+    GPU: time candidate launch configurations per kernel and shape key; write DIR/tuned-configs.json.
+    --dry-run (no GPU): the candidates with their sm_90 static figures, spilling ones dropped.
+    --install: merge DIR/tuned-configs.json into kernels/configs/<gpu>.json (a human's step).
 """
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from bench.cases import CASES
@@ -130,6 +135,36 @@ def cmd_proxies(args) -> int:
         f"{proxies.BASELINE.name}: {len(problems)} regressions"
     )
     return 1 if problems else 0
+
+
+def cmd_tune(args) -> int:
+    from bench.commands import tune
+
+    if args.install:
+        if not args.out:
+            raise SystemExit("--install: name the folder a tune run wrote with --out DIR")
+        print(f"installed: {tune.install(Path(args.out))}")
+        return 0
+    cases = _cases(args.cases)
+    info = machine_info()
+    if args.out:
+        out = Path(args.out)
+    elif args.dry_run:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="decodebench-tune-"))
+    else:
+        from bench.measure import results
+
+        out = results.results_dir_for(info.slug) / time.strftime("tune-%Y-%m-%d-%H%M", time.gmtime())
+    deadline = time.monotonic() + args.budget if args.budget else None
+    start = time.perf_counter()
+    text, ok = tune.run(cases, out=out, deadline=deadline, dry_run=args.dry_run)
+    print(text)
+    print(f"{time.perf_counter() - start:.1f} s; written: {out}")
+    if not args.dry_run and ok:
+        print(f"to commit the table: decodebench tune --install --out {out}")
+    return 0 if ok else 1
 
 
 def _shape_of(case, index: int):
@@ -272,6 +307,24 @@ def main(argv=None) -> int:
         help="every step on this CPU (interpreter, smallest shapes, wall clock)",
     )
     check.set_defaults(func=lambda args: gpu_check.run(args.out, args.budget, args.only, args.dry_run))
+
+    tune = sub.add_parser("tune", help="launch configurations chosen by timing candidates (per-GPU table)")
+    tune.add_argument("cases", nargs="*", help="kernels to tune (default: every tunable one)")
+    tune.add_argument(
+        "--dry-run", action="store_true", help="no timing: candidates, sm_90 static figures, spills dropped"
+    )
+    tune.add_argument(
+        "--out",
+        help="folder for tune.md, tune-timings.json, tuned-configs.json "
+        "(default bench/results/<gpu>/tune-<UTC time>; a temporary folder for --dry-run)",
+    )
+    tune.add_argument("--budget", type=float, help="wall-clock seconds; stops cleanly between candidates")
+    tune.add_argument(
+        "--install",
+        action="store_true",
+        help="merge --out DIR's tuned-configs.json into kernels/configs/<gpu>.json (no tuning)",
+    )
+    tune.set_defaults(func=cmd_tune)
 
     args = parser.parse_args(argv)
     from bench.measure.results import ResultFileError

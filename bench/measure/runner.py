@@ -171,6 +171,8 @@ def measure(
     kernel_info = {"verified": verified, "max_error": error, "setup_s": round(setup_s, 4)}
     if message:
         kernel_info["verify_message"] = message[:300]
+    if case.launch_config is not None:  # which configuration ran, and from where (tuned table or heuristic)
+        kernel_info["launch_config"] = case.launch_config(inputs)
 
     timed = []  # (impl, callable, reset, graph, extra info)
     if graph and on_gpu:
