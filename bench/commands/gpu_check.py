@@ -103,7 +103,7 @@ class CheckRun:
 
     def write_summary(self) -> None:
         m = self.machine
-        title = "gpu-check --dry-run (CPU, wall clock: no GPU figure here)" if self.dry_run else "gpu-check"
+        title = "gpu-check dry run (CPU, wall clock: no GPU figure here)" if self.dry_run else "gpu-check"
         lines = [f"# {title} on {m.get('gpu', '?')}", ""]
         if m.get("gpu") == "cpu":
             lines.append(
@@ -116,11 +116,11 @@ class CheckRun:
                 f"{m.get('driver')}, CUDA {m.get('cuda')}, torch {m.get('torch')}, triton {m.get('triton')}, "
                 f"{m.get('started')} UTC"
             )
-            if "copy_gbps" in m:
-                lines.append(
-                    f"- copy bandwidth measured: {m['copy_gbps']:.0f} GB/s (read + write); "
-                    f"{m['matmul_label']}: {m['matmul_tflops']:.3g} TFLOP/s ({m['clock']})"
-                )
+        if "copy_gbps" in m:
+            lines.append(
+                f"- copy bandwidth measured: {m['copy_gbps']:.0f} GB/s (read + write); "
+                f"{m['matmul_label']}: {m['matmul_tflops']:.3g} TFLOP/s ({m['clock']})"
+            )
         lines += ["", "## Steps", ""]
         for name in STEPS:
             step = self.steps.get(name, StepResult("not reached"))
