@@ -138,11 +138,29 @@ def test_float_and_tensor_fp8_scales_agree():
     assert torch.equal(as_tensors, as_floats)
 
 
-def test_max_splits_follow_the_sm_count_and_the_table_width():
-    assert max_splits_for(batch=1, num_kv_heads=8, max_context=65536, sms=132) == 64
-    assert max_splits_for(batch=256, num_kv_heads=8, max_context=8192, sms=132) == 1
-    assert max_splits_for(batch=1, num_kv_heads=8, max_context=512, sms=132) == 2  # 2 x 256 tokens
-    assert max_splits_for(batch=4, num_kv_heads=1, max_context=1 << 20, sms=132) == 64
+@pytest.mark.parametrize("sms", [1, 78, 132])
+def test_max_splits_fill_the_machine_without_splitting_past_what_a_context_fills(sms):
+    """Invariants, not the heuristic's own numbers: a power of two within [1, MAX_SPLITS]; never more
+    splits than the widest context fills with MIN_SPLIT_TOKENS each (beyond the power of two's rounding);
+    and, where the context allows, enough (sequence, KV head, split) programs for two per SM, but not
+    twice the splits that would take."""
+    from kernels.paged_attention import MAX_SPLITS, MIN_SPLIT_TOKENS
+
+    for batch in (1, 3, 32, 256):
+        for heads in (1, 8):
+            for context in (16, 300, 4096, 65536, 1 << 20):
+                splits = max_splits_for(batch=batch, num_kv_heads=heads, max_context=context, sms=sms)
+                label = (batch, heads, context, sms, splits)
+                assert 1 <= splits <= MAX_SPLITS and splits & (splits - 1) == 0, label
+                fillable = -(-context // MIN_SPLIT_TOKENS)
+                assert splits < 2 * fillable, label
+                programs = batch * heads
+                if programs >= 2 * sms:
+                    assert splits == 1, label  # the machine is full without splitting
+                elif fillable >= MAX_SPLITS:
+                    wanted = -(-2 * sms // programs)
+                    assert programs * splits >= min(2 * sms, programs * MAX_SPLITS), label
+                    assert splits < 2 * wanted, label
 
 
 # --- caller-owned workspace ---------------------------------------------------------------------------------

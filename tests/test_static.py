@@ -103,11 +103,17 @@ def test_fp8_at_sm80_is_reported_not_raised():
 
 
 def test_capture_sees_the_launch_the_launcher_makes():
-    shape = CASES["write_kv"].static_shapes()[0]
-    (launch,) = capture(CASES["write_kv"], shape)
-    assert launch.kernel == "_write_kv_kernel"
-    assert launch.kwargs["BLOCK"] * launch.kwargs["TOKENS"] >= 1024 and launch.kwargs["num_warps"] == 4
-    assert isinstance(launch.args[0], torch.Tensor)
+    """The captured launch is the one the launcher makes for these inputs: the same tensors, and a grid
+    whose programs cover every token and every element of the widest row (not a restated heuristic)."""
+    for shape in CASES["write_kv"].static_shapes():
+        inputs = CASES["write_kv"].build(shape, "cpu", seed=0)
+        (launch,) = capture(CASES["write_kv"], shape)
+        assert launch.kernel == "_write_kv_kernel"
+        assert isinstance(launch.args[0], torch.Tensor) and launch.args[0].shape == inputs.args["key"].shape
+        tokens, row = inputs.args["key"].shape[0], inputs.args["key"][0].numel()
+        assert launch.grid[0] * launch.kwargs["TOKENS"] >= tokens, (shape.label, launch.grid)
+        assert launch.grid[1] * launch.kwargs["BLOCK"] >= row, (shape.label, launch.grid)
+        assert launch.kwargs["num_warps"] in (1, 2, 4, 8, 16)
 
 
 def test_access_width_parser():
