@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from bench.cases import CASES
-from bench.measure.runner import TRAFFIC_LIMIT, traffic
+from bench.measure.runner import TRAFFIC_LIMIT, count_traffic, traffic
 from bench.measure.traffic import measure
 from kernels import INTERPRETED
 
@@ -35,9 +35,7 @@ def test_write_kv_touches_exactly_its_byte_model(shape):
 def test_paged_decode_reads_each_live_kv_byte_once(shape):
     """Bytes loaded from the caches are exactly the live tokens' K and V, once per sequence (shared pages
     once per sequence that uses them): no re-reads, no slot past a length, whatever the splits."""
-    paged = CASES["paged_decode"]
-    inputs = paged.build(shape, "cpu", 0)
-    counted = measure(lambda: paged.run_kernel(inputs))
+    inputs, counted = count_traffic(CASES["paged_decode"], shape)  # the run the traffic check counted
     live = sum(shape.lengths) * shape.num_kv_heads * shape.head_dim * shape.cache_dtype.itemsize
     assert counted.loaded_from(inputs.args["k_cache"]) == live
     assert counted.loaded_from(inputs.args["v_cache"]) == live

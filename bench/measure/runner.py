@@ -10,6 +10,7 @@ from bench.cases.base import Case, Inputs
 from bench.measure import results
 from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps
 from bench.measure.timing import time_cuda, time_wall
+from bench.measure.traffic import Traffic
 from bench.measure.traffic import measure as measure_traffic
 from bench.peers import PeerUnavailable, verify_and_prepare
 from bench.testing import seed_of
@@ -66,19 +67,20 @@ class TrafficRow:
 
 # Counted once per process: the count is a pure function of the case's program and its seeded inputs, and
 # the CLI, the proxy baseline check and the traffic tests all ask for the same shapes.
-_traffic_counted: dict[tuple, TrafficRow] = {}
+_traffic_counted: dict[tuple, tuple[Inputs, Traffic]] = {}
 
 
-def traffic(case: Case, shape) -> TrafficRow:
+def count_traffic(case: Case, shape) -> tuple[Inputs, Traffic]:
+    """The inputs a case's kernel ran on under the traffic counter, and every access it counted."""
     key = (case.name, shape)
     if key not in _traffic_counted:
-        _traffic_counted[key] = _count_traffic(case, shape)
+        inputs = case.build(shape, "cpu", seed_of(f"{case.name}/{shape.label}"))
+        _traffic_counted[key] = inputs, measure_traffic(lambda: case.run_kernel(inputs))
     return _traffic_counted[key]
 
 
-def _count_traffic(case: Case, shape) -> TrafficRow:
-    inputs = case.build(shape, "cpu", seed_of(f"{case.name}/{shape.label}"))
-    counted = measure_traffic(lambda: case.run_kernel(inputs))
+def traffic(case: Case, shape) -> TrafficRow:
+    _, counted = count_traffic(case, shape)
     return TrafficRow(
         case.name,
         shape.label,
