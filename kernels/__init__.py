@@ -20,6 +20,11 @@ def _interpret_without_gpu() -> bool:
 #: True when kernels run in Triton's interpreter (no GPU, or TRITON_INTERPRET=1 set by the user).
 INTERPRETED = _interpret_without_gpu()
 
+if INTERPRETED:
+    from kernels._interpreter import speed_up
+
+    speed_up()
+
 # Triton 3.9 warns that its default for fusing multiply-adds flips in 3.10. Keep it on, explicitly, so the
 # same kernels round the same way on every Triton version the GPU boxes and CI run.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
