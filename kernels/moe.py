@@ -14,10 +14,16 @@ Layouts:
 Routing rules (as reference/moe.py states them): softmax top-k (Mixtral, Qwen3), top-k then softmax
 (gpt-oss), and DeepSeek-V3/R1's grouped sigmoid routing (groups ranked by the sum of their top-2 biased
 scores, the best ``topk_groups`` kept, experts chosen by biased score, weighted by unbiased score,
-renormalised, times ``scale``). Ties go to the lower expert (and group) id: Triton's argmax keeps the first.
+renormalised, times ``scale``). The choice order is the reference's: higher selection score first, NaN
+after -inf, equal scores (-inf and NaN included; -0.0 equals 0.0) to the lower expert (and group) id.
+
+Selection sorts keys that carry the expert id: each score's order-preserving bits and the id packed into one
+int64 (_order_keys), so keys are distinct, a token's k ids cannot repeat, and the tie order is the key's own.
+One tl.topk per tile chooses all k (and, for DeepSeek, one per group of a [tokens, groups, group size] view
+its best two, and one the kept groups), where k argmax passes used to sweep the tile k times.
 
 Byte story: each token's logits are read once and its choices written once; a program holds BLOCK_T tokens'
-whole rows (its experts padded to a power of two), so choosing k experts is k passes over registers.
+whole rows (its experts padded to a power of two) and chooses in registers.
 
 dispatch copies each token's row once per choice into expert-contiguous order (experts' segments aligned
 for block-tiled expert GEMMs); combine weighs each token's rows back together. Byte story: dispatch reads
@@ -44,6 +50,7 @@ ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FUSED_PAIRS = 2048
 _CHUNK_TOKENS = 16  # tokens per dispatch program (and per counted chunk)
 _HIDDEN_TILE = 256  # row elements per inner step
+_LOWEST_KEY = tl.constexpr(-(2**63))  # below every routing key: padding columns
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,35 @@ def max_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
 
 
 @triton.jit
-def _pick(values, index, at):
-    """values[row, at[row]] for each row of a [rows, cols] tile (index: the column ids)."""
-    return tl.sum(tl.where(index[None, :] == at[:, None], values, 0.0), axis=1)
+def _order_keys(values, index, INDEX_BITS: tl.constexpr):
+    """int64 keys whose descending order is the documented choice order of ``values``: larger first, NaN
+    after -inf, -0.0 equal to 0.0, and equal values (NaN and -inf included) to the lower ``index``. The key
+    is the value's order-preserving bits << 32 | (2^INDEX_BITS - 1 - index): distinct indices give distinct
+    keys, so a top-k of keys cannot repeat an index, and its tie order needs no second pass."""
+    values = tl.where(values == 0.0, 0.0, values)  # -0.0 ties with 0.0, as torch compares them
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative: more magnitude, smaller key
+    ordered = tl.where(values != values, -2147483648, ordered)  # NaN (either sign) below -inf
+    return (ordered.to(tl.int64) << 32) | ((1 << INDEX_BITS) - 1 - index).to(tl.int64)
+
+
+@triton.jit
+def _key_values(keys):
+    """The fp32 value a key of _order_keys was made from (NaN for NaN, 0.0 for -0.0)."""
+    ordered = (keys >> 32).to(tl.int32)
+    return tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_index(keys, INDEX_BITS: tl.constexpr):
+    return ((1 << INDEX_BITS) - 1 - (keys & ((1 << INDEX_BITS) - 1))).to(tl.int32)
+
+
+@triton.jit
+def _finite_max(x, axis: tl.constexpr):
+    """Max over ``axis`` ignoring NaN (-inf where all are NaN), as a GPU's max does, with no all-NaN slice
+    for the interpreter's numpy to warn about."""
+    return tl.max(tl.where(x == x, x, float("-inf")), axis=axis)
 
 
 @triton.jit
@@ -82,71 +115,85 @@ def _route_kernel(
     stride_logits,
     scale,
     NUM_EXPERTS: tl.constexpr,
-    EXPERTS_PAD: tl.constexpr,  # power of two >= NUM_EXPERTS
+    INDEX_BITS: tl.constexpr,  # 2^INDEX_BITS > NUM_EXPERTS (and > NUM_GROUPS): keys' index field
     TOP_K: tl.constexpr,
     K_PAD: tl.constexpr,  # power of two >= TOP_K
     NUM_GROUPS: tl.constexpr,  # 1: no group stage
-    GROUPS_PAD: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,  # power of two >= NUM_GROUPS
+    GROUP_SIZE: tl.constexpr,  # NUM_EXPERTS // NUM_GROUPS
+    GROUP_SIZE_PAD: tl.constexpr,  # power of two >= GROUP_SIZE
     TOPK_GROUPS: tl.constexpr,
+    TOPK_GROUPS_PAD: tl.constexpr,  # power of two >= TOPK_GROUPS
     SIGMOID: tl.constexpr,  # scores = sigmoid(logits); else softmax(logits)
     SOFTMAX_AFTER_TOPK: tl.constexpr,  # choose on logits, softmax over the chosen (gpt-oss)
     RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    # The tile is [BLOCK_T, GROUPS_PAD * GROUP_SIZE_PAD]: group g's j-th expert (id g * GROUP_SIZE + j) in
+    # column g * GROUP_SIZE_PAD + j, so a reshape gives the [tokens, groups, group size] view the group stage
+    # ranks (without groups: one group of every expert).
+    TILE: tl.constexpr = GROUPS_PAD * GROUP_SIZE_PAD
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    experts = tl.arange(0, EXPERTS_PAD)
     live = tokens < num_tokens
-    real = experts < NUM_EXPERTS
+    column = tl.arange(0, TILE)
+    if GROUP_SIZE == GROUP_SIZE_PAD:
+        experts = column
+    else:
+        experts = column // GROUP_SIZE_PAD * GROUP_SIZE + column % GROUP_SIZE_PAD
+    real = (column // GROUP_SIZE_PAD < NUM_GROUPS) & (column % GROUP_SIZE_PAD < GROUP_SIZE)
     rows = logits_ptr + tokens.to(tl.int64)[:, None] * stride_logits + experts[None, :]
     # Upcast right after the load: bf16 arithmetic is wrong in the interpreter, and routing is fp32.
     x = tl.load(rows, mask=live[:, None] & real[None, :], other=0.0).to(tl.float32)
-    x = tl.where(real[None, :], x, float("-inf"))  # padding experts never win; rows past the tokens hold 0s
+    x = tl.where(real[None, :], x, float("-inf"))  # padding adds nothing to a softmax
 
     if SOFTMAX_AFTER_TOPK:
         scores = x
     elif SIGMOID:
         scores = 1.0 / (1.0 + tl.exp(-x))
     else:
-        shifted = tl.exp(x - tl.max(x, axis=1)[:, None])
+        shifted = tl.exp(x - _finite_max(x, 1)[:, None])  # a NaN or +inf logit makes the row NaN, as in torch
         scores = shifted / tl.sum(shifted, axis=1)[:, None]
     choice = scores
     if HAS_BIAS:
         choice = scores + tl.load(bias_ptr + experts, mask=real, other=0.0)[None, :]
-    choice = tl.where(real[None, :], choice, float("-inf"))
+    # Padding columns sort below every expert, NaN included (their index field is 0, a real one's is not).
+    keys = tl.where(real[None, :], _order_keys(choice, experts, INDEX_BITS), _LOWEST_KEY)
 
     if NUM_GROUPS > 1:
-        # Rank groups by the sum of their two best biased scores; keep the best TOPK_GROUPS.
-        group_of = experts // (NUM_EXPERTS // NUM_GROUPS)
+        # Groups ranked by the sum of their two best biased scores (in the same order, NaN last); the best
+        # TOPK_GROUPS kept: those whose key is at least the TOPK_GROUPS-th best (keys are distinct).
+        best_two = tl.topk(tl.reshape(keys, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD]), 2)
+        group_scores = tl.sum(_key_values(best_two), axis=2)
         groups = tl.arange(0, GROUPS_PAD)
-        group_scores = tl.full([BLOCK_T, GROUPS_PAD], float("-inf"), tl.float32)
-        for g in tl.static_range(NUM_GROUPS):
-            member = tl.where((group_of == g)[None, :], choice, float("-inf"))
-            best = tl.argmax(member, axis=1, tie_break_left=True)
-            second = tl.max(tl.where(experts[None, :] == best[:, None], float("-inf"), member), axis=1)
-            top2 = tl.max(member, axis=1) + second
-            group_scores = tl.where(groups[None, :] == g, top2[:, None], group_scores)
-        kept = tl.zeros([BLOCK_T, EXPERTS_PAD], dtype=tl.int1)
-        for _ in tl.static_range(TOPK_GROUPS):
-            best_group = tl.argmax(group_scores, axis=1, tie_break_left=True)
-            kept = kept | (group_of[None, :] == best_group[:, None])
-            group_scores = tl.where(groups[None, :] == best_group[:, None], float("-inf"), group_scores)
-        choice = tl.where(kept, choice, float("-inf"))
-
-    slots = tl.arange(0, K_PAD)
-    chosen_ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    chosen = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        best = tl.argmax(choice, axis=1, tie_break_left=True)
-        chosen_ids = tl.where(slots[None, :] == k, best[:, None], chosen_ids)
-        chosen = tl.where(slots[None, :] == k, _pick(scores, experts, best)[:, None], chosen)
-        choice = tl.where(experts[None, :] == best[:, None], float("-inf"), choice)
-
-    in_k = slots[None, :] < TOP_K
-    if SOFTMAX_AFTER_TOPK:
-        chosen = tl.where(
-            in_k, tl.exp(chosen - tl.max(tl.where(in_k, chosen, float("-inf")), axis=1)[:, None]), 0.0
+        group_keys = tl.where(
+            (groups < NUM_GROUPS)[None, :], _order_keys(group_scores, groups, INDEX_BITS), _LOWEST_KEY
         )
+        ranked = tl.topk(group_keys, TOPK_GROUPS_PAD)
+        last = tl.arange(0, TOPK_GROUPS_PAD)[None, :] == TOPK_GROUPS - 1
+        last_kept = tl.sum(tl.where(last, ranked, 0), axis=1)
+        kept = (group_keys >= last_kept[:, None])[:, :, None]
+        kept = tl.reshape(tl.broadcast_to(kept, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD]), [BLOCK_T, TILE])
+        # The other groups' experts choose as -inf, as in the reference.
+        choice = tl.where(kept, choice, float("-inf"))
+        keys = tl.where(real[None, :], _order_keys(choice, experts, INDEX_BITS), _LOWEST_KEY)
+
+    top = tl.topk(keys, K_PAD)  # [BLOCK_T, K_PAD], best first
+    slots = tl.arange(0, K_PAD)
+    in_k = slots[None, :] < TOP_K
+    chosen_ids = _key_index(top, INDEX_BITS)
+    if HAS_BIAS or NUM_GROUPS > 1:
+        # The weight is the unbiased score (and an expert of a dropped group chose as -inf).
+        at = tl.where(in_k, chosen_ids, 0)
+        if GROUP_SIZE != GROUP_SIZE_PAD:
+            at = at // GROUP_SIZE * GROUP_SIZE_PAD + at % GROUP_SIZE
+        chosen = tl.gather(scores, at, axis=1)
+    else:
+        chosen = _key_values(top)
+
+    if SOFTMAX_AFTER_TOPK:
+        top_logit = _finite_max(tl.where(in_k, chosen, float("-inf")), 1)
+        chosen = tl.where(in_k, tl.exp(chosen - top_logit[:, None]), 0.0)
         chosen = chosen / tl.sum(chosen, axis=1)[:, None]
     elif RENORMALIZE:
         chosen = tl.where(in_k, chosen, 0.0)
@@ -170,7 +217,12 @@ def route(
     softmax_after_topk=False,
 ):
     """Chooses top_k experts per token; returns (weights fp32 [tokens, top_k], ids int32 [tokens, top_k]),
-    best first, ties to the lower id. No host sync."""
+    best first, ties to the lower id, no host sync.
+
+    A token's ids are always distinct, whatever its logits: ranked by selection score, NaN after -inf, equal
+    scores (-inf and NaN included) to the lower id, so -inf-masked experts come after the others in id order.
+    Weights are the reference's: a +inf or NaN logit under softmax makes that token's scores, and weights,
+    NaN; it never changes another token or fails the call."""
     check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
     num_tokens, num_experts = logits.shape
     if logits.stride(1) != 1:
@@ -208,8 +260,9 @@ def route(
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return weights, ids
-    experts_pad = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(16, 4096 // experts_pad))
+    group_size = num_experts // groups
+    groups_pad, group_size_pad = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
+    block_t = max(1, min(16, 4096 // (groups_pad * group_size_pad)))
     _route_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits,
         bias if bias is not None else weights,
@@ -219,12 +272,15 @@ def route(
         logits.stride(0),
         float(scale),
         NUM_EXPERTS=num_experts,
-        EXPERTS_PAD=experts_pad,
+        INDEX_BITS=num_experts.bit_length(),
         TOP_K=top_k,
         K_PAD=triton.next_power_of_2(top_k),
         NUM_GROUPS=groups,
-        GROUPS_PAD=triton.next_power_of_2(groups),
+        GROUPS_PAD=groups_pad,
+        GROUP_SIZE=group_size,
+        GROUP_SIZE_PAD=group_size_pad,
         TOPK_GROUPS=topk_groups or 1,
+        TOPK_GROUPS_PAD=triton.next_power_of_2(topk_groups or 1),
         SIGMOID=scoring == "sigmoid",
         SOFTMAX_AFTER_TOPK=softmax_after_topk,
         RENORMALIZE=renormalize,

@@ -1,7 +1,11 @@
 """Plain-torch twin of kernels/moe.py: MoE top-k routing, in fp32.
 
 Same signature and semantics as the kernel. Choices are ranked by their selection score, highest first,
-ties to the lower expert id (a stable sort, so runs are deterministic):
+NaN after -inf, equal scores (-inf and NaN included; -0.0 equals 0.0) to the lower expert id, so a token's
+top_k ids are always distinct and runs deterministic. A NaN score is never preferred to a number: a token
+with fewer than top_k scores that are numbers takes the rest in id order among the NaNs. Weights follow the
+scores as computed (a +inf or NaN logit makes every softmax score of its token NaN, its weights too); a token
+never changes another token's result.
 
 - softmax top-k (Mixtral, Qwen3): scores = softmax(logits); the top_k scores, renormalised to sum to 1.
 - top-k then softmax (gpt-oss, ``softmax_after_topk``): the top_k logits, softmaxed among themselves.
@@ -17,8 +21,12 @@ import torch
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values along the last axis, ties to the lower index."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    """Indices of the k largest values along the last axis, NaN after -inf, ties to the lower index."""
+    nan = values.isnan()
+    # torch sorts NaN first when descending: rank NaN as -inf, then move the NaNs behind (stable sorts).
+    order = torch.sort(values.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+    nan_last = torch.sort(nan.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices
+    return order.gather(-1, nan_last)[..., :k]
 
 
 def route(
@@ -44,7 +52,7 @@ def route(
     if num_groups is not None and num_groups > 1:
         tokens, experts = choice.shape
         grouped = choice.view(tokens, num_groups, experts // num_groups)
-        group_scores = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
+        group_scores = torch.gather(grouped, -1, _top(grouped, 2)).sum(-1)  # in the same order, NaN last
         kept = torch.zeros(tokens, num_groups, dtype=torch.bool, device=x.device)
         kept.scatter_(1, _top(group_scores, topk_groups), True)
         choice = choice.masked_fill(~kept.repeat_interleave(experts // num_groups, dim=1), float("-inf"))
