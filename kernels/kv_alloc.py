@@ -484,15 +484,20 @@ def _free_kernel(
 def _copy_blocks_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
     v_cache_ptr,  # same
-    copies_ptr,  # [num_pairs, 2] int32: (src_block, dst_block); src < 0 skips the row
+    copies_ptr,  # [num_pairs, 2] int32: (src_block, dst_block); either outside [0, num_blocks) skips it
+    num_blocks,
     BLOCK_ELEMENTS: tl.constexpr,  # block_size * num_kv_heads * head_dim
     TILE: tl.constexpr,
 ):
-    pair = tl.program_id(0)
+    pair = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * TILE + tl.arange(0, TILE)
     src = tl.load(copies_ptr + pair * 2).to(tl.int64)
     dst = tl.load(copies_ptr + pair * 2 + 1).to(tl.int64)
-    mask = offs < tl.where(src >= 0, BLOCK_ELEMENTS, 0)  # a row with src < 0 copies nothing
+    # Pairs are device data: one naming a block outside the caches copies nothing, and forms no address.
+    valid = (src >= 0) & (src < num_blocks) & (dst >= 0) & (dst < num_blocks)
+    src = tl.where(valid, src, 0)
+    dst = tl.where(valid, dst, 0)
+    mask = offs < tl.where(valid, BLOCK_ELEMENTS, 0)
     k = tl.load(k_cache_ptr + src * BLOCK_ELEMENTS + offs, mask=mask)
     tl.store(k_cache_ptr + dst * BLOCK_ELEMENTS + offs, k, mask=mask)
     v = tl.load(v_cache_ptr + src * BLOCK_ELEMENTS + offs, mask=mask)
@@ -638,7 +643,9 @@ def free(pool: KVBlockPool, seq_ids) -> None:
 
 def copy_blocks(k_cache, v_cache, copies) -> None:
     """k_cache[dst] = k_cache[src] and v_cache[dst] = v_cache[src] for each (src, dst) row of copies (as fork
-    returns them); rows with src < 0 are skipped. One launch, no host sync."""
+    returns them). A row with either id outside [0, num_blocks) is skipped, (-1, -1) among them: the ids are
+    device data, never read here, so the kernel checks them and touches no memory outside the caches. One
+    launch, no host sync."""
     check_tensor("k_cache", k_cache, ndim=4)
     check_contiguous("k_cache", k_cache)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=k_cache.device)
@@ -656,5 +663,5 @@ def copy_blocks(k_cache, v_cache, copies) -> None:
     elements = k_cache[0].numel()
     tile = min(triton.next_power_of_2(elements), 4096)
     _copy_blocks_kernel[(copies.shape[0], triton.cdiv(elements, tile))](
-        k_cache, v_cache, copies, BLOCK_ELEMENTS=elements, TILE=tile, num_warps=4
+        k_cache, v_cache, copies, k_cache.shape[0], BLOCK_ELEMENTS=elements, TILE=tile, num_warps=4
     )
