@@ -5,6 +5,7 @@ syncs. A failed check raises ValueError that names the argument and says what wa
 before any launch, a rejected call leaves every buffer as it was.
 """
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -45,6 +46,16 @@ def check_contiguous(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
 
 
+def is_positive_finite(value) -> bool:
+    """A Python int or float (not a bool) in (0, inf); NaN, inf and ints past float's range are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:
+        return False
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -58,9 +69,11 @@ def _check_scale(name: str, scale, device: torch.device):
         if scale.numel() != 1:
             raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
         return scale
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+    if is_positive_finite(scale):
         return float(scale)
-    raise ValueError(f"{name}: expected None, a positive float or a one-element fp32 tensor, got {scale!r}")
+    raise ValueError(
+        f"{name}: expected None, a positive finite float or a one-element fp32 tensor, got {scale!r}"
+    )
 
 
 def check_fp8_scales(k_scale, v_scale, cache_dtype: torch.dtype, device: torch.device):

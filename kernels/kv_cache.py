@@ -66,7 +66,9 @@ def _quantize_fp8(
     x = x.to(tl.float32) / scale
     x = tl.clamp(x, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     if INTERPRETER_FP8_ROUNDING:
-        x = _round_to_e4m3_grid(x)
+        # The interpreter's fp8 cast also maps NaN to 0x7C (384); a GPU's gives NaN (0x7F): cast here.
+        nan = tl.full(x.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
+        x = tl.where(x != x, nan, _round_to_e4m3_grid(x).to(tl.float8e4nv))
     return x
 
 
