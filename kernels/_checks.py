@@ -2,13 +2,21 @@
 
 Every check reads shapes, dtypes, strides and devices, never tensor data, so the launchers stay free of host
 syncs. A failed check raises ValueError that names the argument and says what was expected; since checks run
-before any launch, a rejected call leaves every buffer as it was.
+before any launch, a rejected call leaves every buffer as it was. The first tensor a launcher checks (device
+None) must be on a device the kernels run on; the others on its device.
 """
 
 import math
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from kernels import INTERPRETED
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether kernels run on tensors of ``device``: CUDA; also the CPU in Triton's interpreter."""
+    return device.type == "cuda" or (INTERPRETED and device.type == "cpu")
 
 
 def check_tensor(
@@ -32,6 +40,9 @@ def check_tensor(
             )
     if device is not None and x.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {x.device}")
+    if device is None and not runs_on(x.device):
+        kinds = "a CUDA or CPU" if INTERPRETED else "a CUDA"
+        raise ValueError(f"{name}: expected a tensor on {kinds} device, got one on {x.device}")
 
 
 def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None], what: str) -> None:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_contiguous, check_tensor
+from kernels._checks import check_contiguous, check_tensor, is_positive_finite
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORINGS = ("softmax", "sigmoid")
@@ -239,7 +239,11 @@ def route(
     if groups > 1:
         if num_experts // groups < 2:
             raise ValueError("num_groups: groups rank by their top-2 scores, so each needs 2 experts or more")
-        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= groups:
+        if (
+            isinstance(topk_groups, bool)
+            or not isinstance(topk_groups, int)
+            or not 1 <= topk_groups <= groups
+        ):
             raise ValueError(f"topk_groups: expected an integer in [1, {groups}], got {topk_groups!r}")
         if topk_groups * (num_experts // groups) < top_k:
             raise ValueError(
@@ -251,10 +255,13 @@ def route(
         check_tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
         if bias.shape[0] != num_experts or bias.stride(0) != 1:
             raise ValueError(f"bias: expected a contiguous [{num_experts}] tensor, got {tuple(bias.shape)}")
+    for name, flag in (("renormalize", renormalize), ("softmax_after_topk", softmax_after_topk)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}: expected a bool, got {flag!r}")
     if softmax_after_topk and (scoring != "softmax" or groups > 1 or bias is not None):
         raise ValueError("softmax_after_topk: chooses on raw logits; it takes no sigmoid, groups or bias")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: expected a float, got {scale!r}")
+    if not is_positive_finite(scale):
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
 
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
@@ -510,6 +517,11 @@ def _check_ids(ids, num_experts, device) -> None:
 def check_ids_in_range(ids: torch.Tensor, num_experts: int) -> None:
     """Opt-in check that reads the ids (it syncs): every id in [0, num_experts). dispatch does not read
     ids on the host; one out of range is dropped there (slot_row -1, nothing written, combine skips it)."""
+    check_tensor("ids", ids, dtypes=(torch.int32, torch.int64), device=getattr(ids, "device", None))
+    if ids.is_meta:
+        raise ValueError("ids: expected a tensor holding data (CPU or CUDA), got one on meta")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise ValueError(f"num_experts: expected an int, got {num_experts!r}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         bad = ids[(ids < 0) | (ids >= num_experts)][0].item()
         raise ValueError(f"ids: expected expert ids in [0, {num_experts}), got {bad}")
@@ -533,6 +545,10 @@ def dispatch(x, ids, num_experts, *, align=1):
         raise ValueError(f"align: expected an integer in [1, 1024], got {align!r}")
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
+    if top_k == 0:
+        raise ValueError(f"ids: expected [tokens, top_k] with top_k >= 1, got {tuple(ids.shape)}")
+    if hidden == 0:
+        raise ValueError(f"x: expected [tokens, hidden] with hidden >= 1, got {tuple(x.shape)}")
     device = x.device
     rows = max_rows(num_tokens, top_k, num_experts, align)
     x_sorted = torch.empty(rows, hidden, dtype=x.dtype, device=device)
@@ -614,6 +630,8 @@ def combine(y_sorted, weights, plan: DispatchPlan):
     check_contiguous("weights", weights)
     if not isinstance(plan, DispatchPlan):
         raise ValueError(f"plan: expected the DispatchPlan dispatch returned, got {type(plan).__name__}")
+    check_tensor("plan", plan.slot_row, ndim=2, dtypes=(torch.int32,), device=y_sorted.device)
+    check_contiguous("plan", plan.slot_row)
     if weights.shape != plan.slot_row.shape:
         raise ValueError(
             f"weights: expected {tuple(plan.slot_row.shape)} like the plan, got {tuple(weights.shape)}"
@@ -624,6 +642,8 @@ def combine(y_sorted, weights, plan: DispatchPlan):
         )
     num_tokens, top_k = weights.shape
     hidden = y_sorted.shape[1]
+    if hidden == 0:
+        raise ValueError(f"y_sorted: expected [rows, hidden] with hidden >= 1, got {tuple(y_sorted.shape)}")
     out = torch.empty(num_tokens, hidden, dtype=y_sorted.dtype, device=y_sorted.device)
     if num_tokens == 0:
         return out

@@ -173,6 +173,15 @@ BAD = {
         "softmax_after_topk",
         lambda x: moe.route(x, 2, num_groups=2, topk_groups=1, softmax_after_topk=True),
     ),
+    # Issue 10, item 6: these were accepted.
+    "scale nan": ("scale", lambda x: moe.route(x, 2, scale=float("nan"))),
+    "scale negative": ("scale", lambda x: moe.route(x, 2, scale=-1.0)),
+    "scale inf": ("scale", lambda x: moe.route(x, 2, scale=float("inf"))),
+    "topk_groups a bool": ("topk_groups", lambda x: moe.route(x, 2, num_groups=2, topk_groups=True)),
+    "renormalize a string": ("renormalize", lambda x: moe.route(x, 2, renormalize="no")),
+    "softmax_after_topk an int": ("softmax_after_topk", lambda x: moe.route(x, 2, softmax_after_topk=1)),
+    "top_k a bool": ("top_k", lambda x: moe.route(x, True)),
+    "logits on meta": ("logits", lambda x: moe.route(x.to("meta"), 2)),
 }
 
 
@@ -294,13 +303,19 @@ DISPATCH_BAD = {
     "weights dtype": ("weights", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w.half()))),
     "plan type": ("plan", lambda x, ids: moe.combine(x, torch.ones(3, 2, device=DEVICE), "plan")),
     "y_sorted rows": ("y_sorted", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w, rows=3))),
+    # Issue 10, item 4: these failed inside the kernel.
+    "top_k zero": ("ids", lambda x, ids: moe.dispatch(x, ids[:, :0], 8)),
+    "hidden zero": ("x", lambda x, ids: moe.dispatch(x[:, :0], ids, 8)),
+    "y_sorted hidden zero": ("y_sorted", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w, hidden=0))),
+    "num_experts a bool": ("num_experts", lambda x, ids: moe.dispatch(x, ids, True)),
+    "align a bool": ("align", lambda x, ids: moe.dispatch(x, ids, 8, align=True)),
 }
 
 
-def _plan(x, ids, change_weights, rows=None):
+def _plan(x, ids, change_weights, rows=None, hidden=None):
     x_sorted, plan = moe.dispatch(x, ids, 8)
     weights = change_weights(torch.full(ids.shape, 0.5, device=DEVICE))
-    return (x_sorted if rows is None else x_sorted[:rows]), weights, plan
+    return x_sorted[:rows, :hidden], weights, plan
 
 
 @pytest.mark.parametrize("case", DISPATCH_BAD, ids=list(DISPATCH_BAD))
@@ -332,3 +347,9 @@ def test_opt_in_id_check():
     moe.check_ids_in_range(torch.tensor([[0, 7]], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="^ids: .* got 8"):
         moe.check_ids_in_range(torch.tensor([[0, 8]], dtype=torch.int32), 8)
+    # Issue 10, item 6: float ids passed, a list raised AttributeError.
+    for bad in (torch.tensor([[0.5, 7.0]]), [[0, 7]], torch.zeros(1, 2, dtype=torch.int32, device="meta")):
+        with pytest.raises(ValueError, match="^ids: "):
+            moe.check_ids_in_range(bad, 8)
+    with pytest.raises(ValueError, match="^num_experts: "):
+        moe.check_ids_in_range(torch.tensor([[0, 7]], dtype=torch.int32), 8.0)
