@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_contiguous, check_tensor
+from kernels._checks import check_contiguous, check_tensor, runs_on
 
 _MAX_TILE = 4096  # elements of one [sequences x pages-or-tokens] tile
 _NEVER: tl.constexpr = 2**31 - 1  # offsets marks below zero, so the smallest listing index wins
@@ -67,9 +67,23 @@ class KVBlockPool:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        # Block ids, lengths and positions are int32 on the device.
+        if num_blocks >= 2**31:
+            raise ValueError(
+                f"num_blocks: block ids are int32, so expected fewer than 2^31, got {num_blocks}"
+            )
         if max_seqs * max_blocks_per_seq >= 2**31:
             raise ValueError("max_blocks_per_seq: max_seqs x max_blocks_per_seq must stay below 2^31")
+        if max_blocks_per_seq * block_size >= 2**31:
+            raise ValueError(
+                f"block_size: a sequence's length (max_blocks_per_seq x block_size) is int32, so their "
+                f"product must stay below 2^31, got {max_blocks_per_seq} x {block_size}"
+            )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not runs_on(device):
+            raise ValueError(
+                f"device: expected one the kernels run on (CUDA, or the CPU interpreted), got {device}"
+            )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_seqs, self.max_blocks_per_seq = max_seqs, max_blocks_per_seq
         self.block_tables = torch.full((max_seqs, max_blocks_per_seq), -1, dtype=torch.int32, device=device)

@@ -255,6 +255,12 @@ BAD = {
         ),
     ),
     "pool size": ("num_blocks", lambda p: kv_alloc.KVBlockPool(0, 16, 4, 4)),
+    # Issue 10, item 5: block ids and lengths are int32 on the device; these were accepted.
+    "num_blocks 2^31": ("num_blocks", lambda p: kv_alloc.KVBlockPool(2**31, 16, 4, 4, device="meta")),
+    "block_size 2^31": ("block_size", lambda p: kv_alloc.KVBlockPool(16, 2**31, 4, 1, device="meta")),
+    "sequence length past int32": ("block_size", lambda p: kv_alloc.KVBlockPool(16, 2**20, 4, 2**11)),
+    "num_blocks a bool": ("num_blocks", lambda p: kv_alloc.KVBlockPool(True, 16, 4, 4)),
+    "pool on meta": ("device", lambda p: kv_alloc.KVBlockPool(16, 16, 4, 4, device="meta")),
 }
 
 
