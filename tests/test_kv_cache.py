@@ -278,6 +278,16 @@ BAD_INPUTS = {
     "k_cache other device": ("k_cache", _valid_args, _replace(k_cache=lambda a: a["k_cache"].to("meta"))),
     "scale on a bf16 cache": ("k_scale", _valid_args, _replace(k_scale=lambda a: 0.5)),
     "scale negative": ("k_scale", _fp8_args, _replace(k_scale=lambda a: -1.0)),
+    "key heads zero": (
+        "key",
+        _valid_args,
+        _replace(key=lambda a: a["key"][:, :0], k_cache=lambda a: a["k_cache"][:, :, :0]),
+    ),
+    "value head_dim zero": (
+        "value",
+        _valid_args,
+        _replace(value=lambda a: a["value"][..., :0], v_cache=lambda a: a["v_cache"][..., :0]),
+    ),
     "scale inf": ("k_scale", _fp8_args, _replace(k_scale=lambda a: float("inf"))),
     "scale nan": ("v_scale", _fp8_args, _replace(v_scale=lambda a: float("nan"))),
     "scale a bool": ("k_scale", _fp8_args, _replace(k_scale=lambda a: True)),
