@@ -348,8 +348,8 @@ def _fork_kernel(
             copy_src = tl.where(partial, last, -1)
             copy_dst = tl.where(partial, fresh, -1)
             carry += tl.sum(partial.to(tl.int32), axis=0)
-        tl.store(copies_ptr + offs * 2, copy_src, mask=live)
-        tl.store(copies_ptr + offs * 2 + 1, copy_dst, mask=live)
+        tl.store(copies_ptr + offs.to(tl.int64) * 2, copy_src, mask=live)
+        tl.store(copies_ptr + offs.to(tl.int64) * 2 + 1, copy_dst, mask=live)
     if ok:
         tl.store(free_count_ptr, free - need_total)
 

@@ -96,7 +96,7 @@ def _write_kv_kernel(
     INTERPRETER_FP8_ROUNDING: tl.constexpr,  # interpreter only: see _round_to_e4m3_grid
 ):
     # Each program copies a [TOKENS, BLOCK] tile: TOKENS tokens, BLOCK elements of each one's row.
-    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
 
     slot = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)

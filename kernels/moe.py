@@ -134,7 +134,7 @@ def _route_kernel(
     # column g * GROUP_SIZE_PAD + j, so a reshape gives the [tokens, groups, group size] view the group stage
     # ranks (without groups: one group of every expert).
     TILE: tl.constexpr = GROUPS_PAD * GROUP_SIZE_PAD
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     live = tokens < num_tokens
     column = tl.arange(0, TILE)
     if GROUP_SIZE == GROUP_SIZE_PAD:
@@ -312,7 +312,7 @@ def _count_chunks_kernel(
     CHUNK_TOKENS: tl.constexpr,
     PAIRS_PAD: tl.constexpr,  # power of two >= CHUNK_TOKENS * TOP_K
 ):
-    chunk = tl.program_id(0)
+    chunk = tl.program_id(0).to(tl.int64)
     pairs = chunk * CHUNK_TOKENS * TOP_K + tl.arange(0, PAIRS_PAD)
     mask = (tl.arange(0, PAIRS_PAD) < CHUNK_TOKENS * TOP_K) & (pairs < num_pairs)
     ids = tl.load(ids_ptr + pairs, mask=mask, other=0)
@@ -339,7 +339,7 @@ def _scan_chunks_kernel(
     running = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
     for start in range(0, num_chunks, SCAN_BLOCK):
         chunks = start + tl.arange(0, SCAN_BLOCK)
-        where = chunk_counts_ptr + chunks[:, None] * EXPERTS_PAD + experts[None, :]
+        where = chunk_counts_ptr + chunks.to(tl.int64)[:, None] * EXPERTS_PAD + experts[None, :]
         counts = tl.load(where, mask=(chunks < num_chunks)[:, None], other=0)
         inclusive = tl.cumsum(counts, axis=0) + running[None, :]
         tl.store(where, inclusive - counts, mask=(chunks < num_chunks)[:, None])
@@ -412,7 +412,7 @@ def _dispatch_kernel(
     ALIGN_PAD: tl.constexpr,
     HIDDEN_TILE: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
+    chunk = tl.program_id(0).to(tl.int64)
     tokens = chunk * CHUNK_TOKENS + tl.arange(0, CHUNK_TOKENS)
     live = tokens < num_tokens
     experts = tl.arange(0, EXPERTS_PAD)
@@ -462,7 +462,7 @@ def _dispatch_kernel(
         first_row += ((expert[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
         rows = tl.where(choices[None, :] == c, row[:, None], rows)
         tl.store(slot_row_ptr + tokens * TOP_K + c, row, mask=live)
-        tl.store(row_token_ptr + row, tokens, mask=live & valid)
+        tl.store(row_token_ptr + row, tokens.to(tl.int32), mask=live & valid)
 
     # Copy: each token's row is read once and written to its TOP_K rows.
     for start in range(0, hidden, HIDDEN_TILE):
@@ -487,7 +487,7 @@ def _combine_kernel(
     TOKENS: tl.constexpr,
     HIDDEN_TILE: tl.constexpr,
 ):
-    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
     live = tokens < num_tokens
     mask = live[:, None] & (cols < hidden)[None, :]
@@ -551,6 +551,8 @@ def dispatch(x, ids, num_experts, *, align=1):
         raise ValueError(f"x: expected [tokens, hidden] with hidden >= 1, got {tuple(x.shape)}")
     device = x.device
     rows = max_rows(num_tokens, top_k, num_experts, align)
+    if rows >= 2**31:
+        raise ValueError(f"ids: {tuple(ids.shape)} make {rows} rows with padding; row ids are int32 (< 2^31)")
     x_sorted = torch.empty(rows, hidden, dtype=x.dtype, device=device)
     tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
     expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)

@@ -68,7 +68,7 @@ def _splits_of(seq_len, forced_splits, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKEN
 
 @triton.jit
 def _store_output(out_ptr, head_rows, dims, result, mask, HEAD_DIM: tl.constexpr):
-    offsets = head_rows[:, None] * HEAD_DIM + dims[None, :]
+    offsets = head_rows.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
