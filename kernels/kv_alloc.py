@@ -82,7 +82,7 @@ class KVBlockPool:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if not runs_on(device):
             raise ValueError(
-                f"device: expected one the kernels run on (CUDA, or the CPU interpreted), got {device}"
+                f"device: expected one the kernels take tensors of (CUDA, or the CPU), got {device}"
             )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_seqs, self.max_blocks_per_seq = max_seqs, max_blocks_per_seq
@@ -184,7 +184,7 @@ def _allocate_kernel(
     # Pass 1: validity, duplicates, and the totals the all-or-nothing check needs.
     bad = tl.zeros([SEQ_BLOCK], dtype=tl.int1)
     need_total = 0
-    token_total = 0
+    token_total = tl.full((), 0, tl.int64)
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
         live, ids, counts, invalid = _load_requests(
@@ -192,11 +192,14 @@ def _allocate_kernel(
         )
         tl.atomic_add(marks_ptr + ids, 1, mask=live & ~invalid)  # counted twice: listed twice
         lens = tl.load(seq_lens_ptr + ids, mask=live & ~invalid, other=0)
+        # Counts are device data: one past its row's room is refused before lens + counts can wrap int32
+        # (the pool keeps max_blocks x BLOCK_SIZE below 2^31), and the total is summed in int64.
+        too_many = live & ~invalid & (counts > max_blocks * BLOCK_SIZE - lens)
         old_pages = tl.cdiv(lens, BLOCK_SIZE)
-        new_pages = tl.cdiv(lens + counts, BLOCK_SIZE)
-        bad = bad | invalid | (live & (new_pages > max_blocks))
+        new_pages = tl.cdiv(tl.where(too_many, lens, lens + counts), BLOCK_SIZE)
+        bad = bad | invalid | too_many | (live & (new_pages > max_blocks))
         need_total += tl.sum(tl.where(live & ~invalid, new_pages - old_pages, 0))
-        token_total += tl.sum(counts)
+        token_total += tl.sum(counts.to(tl.int64))
     tl.debug_barrier()
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)

@@ -115,6 +115,22 @@ def test_refused_allocations_change_nothing(seqs, counts):
 
 
 @pytest.mark.parametrize(
+    "counts, num_tokens",
+    [([2**31 - 1, 2**31 - 1, 2], 0), ([2**31 - 1, 2**31 - 1, 5], 3)],
+    ids=["sum wraps to 0", "sum wraps to num_tokens"],
+)
+def test_counts_that_overflow_int32_are_refused(counts, num_tokens):
+    """Counts are device data: huge ones, or ones whose int32 sum wraps to num_tokens, wrote past
+    slot_mapping (a crash in the interpreter). Now refused like any that outgrow their row."""
+    pools = Pools()
+    assert pools.allocate([2], [3])
+    before = pools.device.state()
+    slots, ok = kv_alloc.allocate(pools.device, ids([0, 1, 2]), ids(counts), num_tokens=num_tokens)
+    assert not bool(ok) and (slots == -1).all()
+    assert all(torch.equal(before[k], v) for k, v in pools.device.state().items())
+
+
+@pytest.mark.parametrize(
     "src, dst",
     [([0], [0]), ([0, 1], [2, 2]), ([0], [1]), ([0, 2], [2, 3]), ([0], [9])],
     ids=["self", "dst twice", "dst not empty", "dst also a source", "dst out of range"],
