@@ -41,7 +41,8 @@ class KVBlockPool:
 
     Invariants: each block is on the free stack (free_stack[:free_count]) with ref_count 0, or referenced by
     ref_count > 0 table entries, never both; sequence s's pages are block_tables[s, :cdiv(seq_lens[s],
-    block_size)] and its entries past them are -1.
+    block_size)] and its entries past them are -1. Block ids and lengths are int32 on the device, so
+    num_blocks and max_blocks_per_seq x block_size stay below 2^31 (the constructor checks).
     """
 
     num_blocks: int
@@ -675,9 +676,9 @@ def copy_blocks(k_cache, v_cache, copies) -> None:
     check_contiguous("copies", copies)
     if copies.shape[1] != 2:
         raise ValueError(f"copies: expected [n, 2] (src_block, dst_block) rows, got {tuple(copies.shape)}")
-    if copies.shape[0] == 0:
-        return
-    elements = k_cache[0].numel()
+    elements = k_cache[0].numel() if k_cache.shape[0] else 0
+    if copies.shape[0] == 0 or elements == 0:
+        return  # no block to copy into (every pair is out of range) or blocks of zero elements
     tile = min(triton.next_power_of_2(elements), 4096)
     _copy_blocks_kernel[(copies.shape[0], triton.cdiv(elements, tile))](
         k_cache, v_cache, copies, k_cache.shape[0], BLOCK_ELEMENTS=elements, TILE=tile, num_warps=4

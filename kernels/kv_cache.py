@@ -146,7 +146,7 @@ def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
         check_shape(x_name, x, (num_tokens, None, None), "[num_tokens, num_kv_heads, head_dim] like key")
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(f"{x_name}: expected num_kv_heads and head_dim >= 1, got shape {tuple(x.shape)}")
-    if x.stride(2) != 1 or (x.shape[1] > 1 and x.stride(1) != x.shape[2]):
+    if (x.shape[2] > 1 and x.stride(2) != 1) or (x.shape[1] > 1 and x.stride(1) != x.shape[2]):
         raise ValueError(
             f"{x_name}: expected heads and head_dim packed (strides (*, {x.shape[2]}, 1)), got {x.stride()}"
         )

@@ -225,7 +225,7 @@ def route(
     NaN; it never changes another token or fails the call."""
     check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
     num_tokens, num_experts = logits.shape
-    if logits.stride(1) != 1:
+    if logits.stride(1) != 1 and logits.shape[1] > 1:  # a size-1 dimension's stride is never used
         raise ValueError(f"logits: expected experts contiguous (stride 1), got strides {logits.stride()}")
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts, got {num_experts}")
@@ -253,7 +253,7 @@ def route(
         raise ValueError("topk_groups: applies only with num_groups > 1")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
-        if bias.shape[0] != num_experts or bias.stride(0) != 1:
+        if bias.shape[0] != num_experts or (bias.stride(0) != 1 and num_experts > 1):
             raise ValueError(f"bias: expected a contiguous [{num_experts}] tensor, got {tuple(bias.shape)}")
     for name, flag in (("renormalize", renormalize), ("softmax_after_topk", softmax_after_topk)):
         if not isinstance(flag, bool):
@@ -535,7 +535,7 @@ def dispatch(x, ids, num_experts, *, align=1):
     check_ids_in_range)."""
     check_tensor("x", x, ndim=2, dtypes=ROW_DTYPES)
     _check_ids(ids, num_experts, x.device)
-    if x.stride(1) != 1:
+    if x.stride(1) != 1 and x.shape[1] > 1:
         raise ValueError(f"x: expected rows contiguous (stride 1), got strides {x.stride()}")
     if ids.shape[0] != x.shape[0]:
         raise ValueError(

@@ -263,7 +263,7 @@ def paged_decode(
     """
     check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     batch, num_q_heads, head_dim = q.shape
-    if q.stride(2) != 1:
+    if q.stride(2) != 1 and head_dim > 1:  # a size-1 dimension's stride is never used
         raise ValueError(f"q: expected head_dim contiguous (stride 1), got strides {q.stride()}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, cache, ndim=4, dtypes=(q.dtype, torch.float8_e4m3fn), device=q.device)
@@ -289,7 +289,7 @@ def paged_decode(
     group = num_q_heads // num_kv_heads
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
     check_shape("block_tables", block_tables, (batch, None), "[batch, max_blocks]")
-    if block_tables.stride(1) != 1:
+    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
         raise ValueError(
             f"block_tables: expected rows contiguous (stride 1), got strides {block_tables.stride()}"
         )

@@ -81,23 +81,28 @@ def max_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
 def dispatch(x, ids, num_experts, *, align=1):
     """Copies token t's row to one row per choice, grouped by expert in (token, choice) order, each expert's
     segment starting at a multiple of ``align``; returns (x_sorted [max_rows, hidden], plan). Padding rows
-    are zero here (the kernel leaves them unwritten)."""
+    are zero here (the kernel leaves them unwritten). A choice whose id is outside [0, num_experts) is
+    dropped: slot_row -1, no row."""
     tokens, top_k = ids.shape
     flat = ids.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=num_experts)
+    valid = (flat >= 0) & (flat < num_experts)
+    experts = torch.where(valid, flat, num_experts)  # dropped choices sort after every expert
+    counts = torch.bincount(flat[valid], minlength=num_experts)
     padded = (counts + align - 1) // align * align
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
     offsets[1:] = torch.cumsum(padded, 0)
-    order = torch.sort(flat, stable=True).indices  # pairs by expert, then by (token, choice)
+    order = torch.sort(experts, stable=True).indices  # pairs by expert, then by (token, choice)
+    order = order[valid[order]]
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
-    rows = torch.empty_like(flat)
+    rank = torch.arange(order.numel(), device=ids.device) - starts[flat[order]]
+    rows = torch.full_like(flat, -1)
     rows[order] = offsets[flat[order]] + rank
     total = max_rows(tokens, top_k, num_experts, align)
     row_token = torch.full((total,), -1, dtype=torch.int32, device=ids.device)
-    row_token[rows] = (torch.arange(flat.numel(), device=ids.device) // top_k).to(torch.int32)
+    pair_token = torch.arange(flat.numel(), device=ids.device) // top_k
+    row_token[rows[valid]] = pair_token[valid].to(torch.int32)
     x_sorted = torch.zeros(total, x.shape[1], dtype=x.dtype, device=x.device)
-    x_sorted[rows] = x[torch.arange(flat.numel(), device=ids.device) // top_k]
+    x_sorted[rows[valid]] = x[pair_token[valid]]
     plan = DispatchPlan(
         counts.to(torch.int32),
         offsets.to(torch.int32),
@@ -109,6 +114,9 @@ def dispatch(x, ids, num_experts, *, align=1):
 
 
 def combine(y_sorted, weights, plan):
-    """out[t] = sum over choices c of weights[t, c] * y_sorted[slot_row[t, c]], in fp32, in y's dtype."""
-    rows = y_sorted[plan.slot_row.long()].float()  # [tokens, top_k, hidden]
+    """out[t] = sum over choices c of weights[t, c] * y_sorted[slot_row[t, c]], in fp32, in y's dtype; a
+    dropped choice (slot_row -1) adds weights[t, c] * 0."""
+    slot_row = plan.slot_row.long()
+    rows = y_sorted[slot_row.clamp(min=0)].float()  # [tokens, top_k, hidden]
+    rows = rows.masked_fill((slot_row < 0)[..., None], 0.0)
     return (rows * weights.float()[..., None]).sum(1).to(y_sorted.dtype)
