@@ -11,7 +11,8 @@ never changes another token's result.
 - top-k then softmax (gpt-oss, ``softmax_after_topk``): the top_k logits, softmaxed among themselves.
 - DeepSeek-V3/R1 grouped (``scoring="sigmoid"``, ``num_groups``, ``topk_groups``, ``bias``): scores =
   sigmoid(logits); bias is added only to choose; groups are ranked by the sum of their top-2 biased scores
-  and the best ``topk_groups`` kept; the top_k biased scores among them choose the experts; the weights are
+  and the best ``topk_groups`` kept; the top_k biased scores among them choose the experts (the other
+  groups' experts choose as -inf: after every kept expert scoring above -inf, ties by id); the weights are
   the unbiased scores, renormalised, times ``scale``.
 """
 
