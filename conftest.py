@@ -19,6 +19,8 @@ try:
     # (a second or two, and random shapes are mostly new): keep examples few, and drop the deadline.
     settings.register_profile("interpreter", max_examples=25, deadline=None)
     settings.register_profile("gpu", max_examples=10, deadline=None)
+    # pytest --fuzz: the long campaign (a night in the interpreter), every property and fuzz test.
+    settings.register_profile("fuzz", max_examples=5000, deadline=None)
     settings.load_profile("interpreter" if kernels.INTERPRETED else "gpu")
 except ImportError:  # hypothesis is a dev extra; the property tests skip without it
     pass
@@ -49,6 +51,19 @@ def pytest_addoption(parser):
         default="full",
         help="bench/: every shape of each case's sweep (full) or its default shapes only",
     )
+    parser.addoption(
+        "--fuzz",
+        action="store_true",
+        help="the long fuzz campaign: hypothesis profile 'fuzz' (many examples) for tests/test_fuzz.py and "
+        "every other property test; without it each stays within CI's budget",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz"):
+        from hypothesis import settings
+
+        settings.load_profile("fuzz")
 
 
 def pytest_collection_modifyitems(config, items):

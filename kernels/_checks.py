@@ -2,12 +2,24 @@
 
 Every check reads shapes, dtypes, strides and devices, never tensor data, so the launchers stay free of host
 syncs. A failed check raises ValueError that names the argument and says what was expected; since checks run
-before any launch, a rejected call leaves every buffer as it was.
+before any launch, a rejected call leaves every buffer as it was. The first tensor a launcher checks (device
+None) must be on a device the kernels run on; the others on its device.
 """
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from kernels import INTERPRETED
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether kernels take tensors of ``device``: CUDA; the CPU too in Triton's interpreter, and on a machine
+    with no GPU at all (where the static report captures launches with CPU tensors and launches nothing)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (INTERPRETED or not torch.cuda.is_available())
 
 
 def check_tensor(
@@ -31,6 +43,9 @@ def check_tensor(
             )
     if device is not None and x.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {x.device}")
+    if device is None and not runs_on(x.device):
+        kinds = "a CUDA or CPU" if runs_on(torch.device("cpu")) else "a CUDA"
+        raise ValueError(f"{name}: expected a tensor on {kinds} device, got one on {x.device}")
 
 
 def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None], what: str) -> None:
@@ -43,6 +58,16 @@ def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None], what
 def check_contiguous(name: str, x: torch.Tensor) -> None:
     if not x.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
+
+
+def is_positive_finite(value) -> bool:
+    """A Python int or float (not a bool) in (0, inf); NaN, inf and ints past float's range are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:
+        return False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -58,9 +83,11 @@ def _check_scale(name: str, scale, device: torch.device):
         if scale.numel() != 1:
             raise ValueError(f"{name}: expected one per-tensor scale, got shape {tuple(scale.shape)}")
         return scale
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+    if is_positive_finite(scale):
         return float(scale)
-    raise ValueError(f"{name}: expected None, a positive float or a one-element fp32 tensor, got {scale!r}")
+    raise ValueError(
+        f"{name}: expected None, a positive finite float or a one-element fp32 tensor, got {scale!r}"
+    )
 
 
 def check_fp8_scales(k_scale, v_scale, cache_dtype: torch.dtype, device: torch.device):

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_contiguous, check_tensor
+from kernels._checks import check_contiguous, check_tensor, runs_on
 
 _MAX_TILE = 4096  # elements of one [sequences x pages-or-tokens] tile
 _NEVER: tl.constexpr = 2**31 - 1  # offsets marks below zero, so the smallest listing index wins
@@ -41,7 +41,8 @@ class KVBlockPool:
 
     Invariants: each block is on the free stack (free_stack[:free_count]) with ref_count 0, or referenced by
     ref_count > 0 table entries, never both; sequence s's pages are block_tables[s, :cdiv(seq_lens[s],
-    block_size)] and its entries past them are -1.
+    block_size)] and its entries past them are -1. Block ids and lengths are int32 on the device, so
+    num_blocks and max_blocks_per_seq x block_size stay below 2^31 (the constructor checks).
     """
 
     num_blocks: int
@@ -67,9 +68,23 @@ class KVBlockPool:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        # Block ids, lengths and positions are int32 on the device.
+        if num_blocks >= 2**31:
+            raise ValueError(
+                f"num_blocks: block ids are int32, so expected fewer than 2^31, got {num_blocks}"
+            )
         if max_seqs * max_blocks_per_seq >= 2**31:
             raise ValueError("max_blocks_per_seq: max_seqs x max_blocks_per_seq must stay below 2^31")
+        if max_blocks_per_seq * block_size >= 2**31:
+            raise ValueError(
+                f"block_size: a sequence's length (max_blocks_per_seq x block_size) is int32, so their "
+                f"product must stay below 2^31, got {max_blocks_per_seq} x {block_size}"
+            )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not runs_on(device):
+            raise ValueError(
+                f"device: expected one the kernels take tensors of (CUDA, or the CPU), got {device}"
+            )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_seqs, self.max_blocks_per_seq = max_seqs, max_blocks_per_seq
         self.block_tables = torch.full((max_seqs, max_blocks_per_seq), -1, dtype=torch.int32, device=device)
@@ -170,7 +185,7 @@ def _allocate_kernel(
     # Pass 1: validity, duplicates, and the totals the all-or-nothing check needs.
     bad = tl.zeros([SEQ_BLOCK], dtype=tl.int1)
     need_total = 0
-    token_total = 0
+    token_total = tl.full((), 0, tl.int64)
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
         live, ids, counts, invalid = _load_requests(
@@ -178,11 +193,14 @@ def _allocate_kernel(
         )
         tl.atomic_add(marks_ptr + ids, 1, mask=live & ~invalid)  # counted twice: listed twice
         lens = tl.load(seq_lens_ptr + ids, mask=live & ~invalid, other=0)
+        # Counts are device data: one past its row's room is refused before lens + counts can wrap int32
+        # (the pool keeps max_blocks x BLOCK_SIZE below 2^31), and the total is summed in int64.
+        too_many = live & ~invalid & (counts > max_blocks * BLOCK_SIZE - lens)
         old_pages = tl.cdiv(lens, BLOCK_SIZE)
-        new_pages = tl.cdiv(lens + counts, BLOCK_SIZE)
-        bad = bad | invalid | (live & (new_pages > max_blocks))
+        new_pages = tl.cdiv(tl.where(too_many, lens, lens + counts), BLOCK_SIZE)
+        bad = bad | invalid | too_many | (live & (new_pages > max_blocks))
         need_total += tl.sum(tl.where(live & ~invalid, new_pages - old_pages, 0))
-        token_total += tl.sum(counts)
+        token_total += tl.sum(counts.to(tl.int64))
     tl.debug_barrier()
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
@@ -334,8 +352,8 @@ def _fork_kernel(
             copy_src = tl.where(partial, last, -1)
             copy_dst = tl.where(partial, fresh, -1)
             carry += tl.sum(partial.to(tl.int32), axis=0)
-        tl.store(copies_ptr + offs * 2, copy_src, mask=live)
-        tl.store(copies_ptr + offs * 2 + 1, copy_dst, mask=live)
+        tl.store(copies_ptr + offs.to(tl.int64) * 2, copy_src, mask=live)
+        tl.store(copies_ptr + offs.to(tl.int64) * 2 + 1, copy_dst, mask=live)
     if ok:
         tl.store(free_count_ptr, free - need_total)
 
@@ -484,15 +502,20 @@ def _free_kernel(
 def _copy_blocks_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
     v_cache_ptr,  # same
-    copies_ptr,  # [num_pairs, 2] int32: (src_block, dst_block); src < 0 skips the row
+    copies_ptr,  # [num_pairs, 2] int32: (src_block, dst_block); either outside [0, num_blocks) skips it
+    num_blocks,
     BLOCK_ELEMENTS: tl.constexpr,  # block_size * num_kv_heads * head_dim
     TILE: tl.constexpr,
 ):
-    pair = tl.program_id(0)
+    pair = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * TILE + tl.arange(0, TILE)
     src = tl.load(copies_ptr + pair * 2).to(tl.int64)
     dst = tl.load(copies_ptr + pair * 2 + 1).to(tl.int64)
-    mask = offs < tl.where(src >= 0, BLOCK_ELEMENTS, 0)  # a row with src < 0 copies nothing
+    # Pairs are device data: one naming a block outside the caches copies nothing, and forms no address.
+    valid = (src >= 0) & (src < num_blocks) & (dst >= 0) & (dst < num_blocks)
+    src = tl.where(valid, src, 0)
+    dst = tl.where(valid, dst, 0)
+    mask = offs < tl.where(valid, BLOCK_ELEMENTS, 0)
     k = tl.load(k_cache_ptr + src * BLOCK_ELEMENTS + offs, mask=mask)
     tl.store(k_cache_ptr + dst * BLOCK_ELEMENTS + offs, k, mask=mask)
     v = tl.load(v_cache_ptr + src * BLOCK_ELEMENTS + offs, mask=mask)
@@ -638,7 +661,9 @@ def free(pool: KVBlockPool, seq_ids) -> None:
 
 def copy_blocks(k_cache, v_cache, copies) -> None:
     """k_cache[dst] = k_cache[src] and v_cache[dst] = v_cache[src] for each (src, dst) row of copies (as fork
-    returns them); rows with src < 0 are skipped. One launch, no host sync."""
+    returns them). A row with either id outside [0, num_blocks) is skipped, (-1, -1) among them: the ids are
+    device data, never read here, so the kernel checks them and touches no memory outside the caches. One
+    launch, no host sync."""
     check_tensor("k_cache", k_cache, ndim=4)
     check_contiguous("k_cache", k_cache)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=k_cache.device)
@@ -651,10 +676,10 @@ def copy_blocks(k_cache, v_cache, copies) -> None:
     check_contiguous("copies", copies)
     if copies.shape[1] != 2:
         raise ValueError(f"copies: expected [n, 2] (src_block, dst_block) rows, got {tuple(copies.shape)}")
-    if copies.shape[0] == 0:
-        return
-    elements = k_cache[0].numel()
+    elements = k_cache[0].numel() if k_cache.shape[0] else 0
+    if copies.shape[0] == 0 or elements == 0:
+        return  # no block to copy into (every pair is out of range) or blocks of zero elements
     tile = min(triton.next_power_of_2(elements), 4096)
     _copy_blocks_kernel[(copies.shape[0], triton.cdiv(elements, tile))](
-        k_cache, v_cache, copies, BLOCK_ELEMENTS=elements, TILE=tile, num_warps=4
+        k_cache, v_cache, copies, k_cache.shape[0], BLOCK_ELEMENTS=elements, TILE=tile, num_warps=4
     )

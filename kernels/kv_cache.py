@@ -66,7 +66,9 @@ def _quantize_fp8(
     x = x.to(tl.float32) / scale
     x = tl.clamp(x, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     if INTERPRETER_FP8_ROUNDING:
-        x = _round_to_e4m3_grid(x)
+        # The interpreter's fp8 cast also maps NaN to 0x7C (384); a GPU's gives NaN (0x7F): cast here.
+        nan = tl.full(x.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
+        x = tl.where(x != x, nan, _round_to_e4m3_grid(x).to(tl.float8e4nv))
     return x
 
 
@@ -94,7 +96,7 @@ def _write_kv_kernel(
     INTERPRETER_FP8_ROUNDING: tl.constexpr,  # interpreter only: see _round_to_e4m3_grid
 ):
     # Each program copies a [TOKENS, BLOCK] tile: TOKENS tokens, BLOCK elements of each one's row.
-    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
 
     slot = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
@@ -162,7 +164,9 @@ def _check_side(side: str, x, cache, num_tokens: int | None) -> None:
     check_tensor(cache_name, cache, ndim=4, dtypes=CACHE_DTYPES, device=x.device)
     if num_tokens is not None:
         check_shape(x_name, x, (num_tokens, None, None), "[num_tokens, num_kv_heads, head_dim] like key")
-    if x.stride(2) != 1 or (x.shape[1] > 1 and x.stride(1) != x.shape[2]):
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{x_name}: expected num_kv_heads and head_dim >= 1, got shape {tuple(x.shape)}")
+    if (x.shape[2] > 1 and x.stride(2) != 1) or (x.shape[1] > 1 and x.stride(1) != x.shape[2]):
         raise ValueError(
             f"{x_name}: expected heads and head_dim packed (strides (*, {x.shape[2]}, 1)), got {x.stride()}"
         )

@@ -14,10 +14,16 @@ Layouts:
 Routing rules (as reference/moe.py states them): softmax top-k (Mixtral, Qwen3), top-k then softmax
 (gpt-oss), and DeepSeek-V3/R1's grouped sigmoid routing (groups ranked by the sum of their top-2 biased
 scores, the best ``topk_groups`` kept, experts chosen by biased score, weighted by unbiased score,
-renormalised, times ``scale``). Ties go to the lower expert (and group) id: Triton's argmax keeps the first.
+renormalised, times ``scale``). The choice order is the reference's: higher selection score first, NaN
+after -inf, equal scores (-inf and NaN included; -0.0 equals 0.0) to the lower expert (and group) id.
+
+Selection sorts keys that carry the expert id: each score's order-preserving bits and the id packed into one
+int64 (_order_keys), so keys are distinct, a token's k ids cannot repeat, and the tie order is the key's own.
+One tl.topk per tile chooses all k (and, for DeepSeek, one per group of a [tokens, groups, group size] view
+its best two, and one the kept groups), where k argmax passes used to sweep the tile k times.
 
 Byte story: each token's logits are read once and its choices written once; a program holds BLOCK_T tokens'
-whole rows (its experts padded to a power of two), so choosing k experts is k passes over registers.
+whole rows (its experts padded to a power of two) and chooses in registers.
 
 dispatch copies each token's row once per choice into expert-contiguous order (experts' segments aligned
 for block-tiled expert GEMMs); combine weighs each token's rows back together. Byte story: dispatch reads
@@ -35,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels import _configs
-from kernels._checks import check_contiguous, check_tensor, dtype_name
+from kernels._checks import check_contiguous, check_tensor, dtype_name, is_positive_finite
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORINGS = ("softmax", "sigmoid")
@@ -47,6 +53,7 @@ _CHUNK_TOKENS = 16  # tokens per dispatch program (and per counted chunk)
 # The fewest tokens a chunk may hold under any configuration: DispatchWorkspace sizes chunk_prefix for it.
 MIN_CHUNK_TOKENS = 8
 _HIDDEN_TILE = 256  # row elements per inner step
+_LOWEST_KEY = tl.constexpr(-(2**63))  # below every routing key: padding columns
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,35 @@ def max_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
 
 
 @triton.jit
-def _pick(values, index, at):
-    """values[row, at[row]] for each row of a [rows, cols] tile (index: the column ids)."""
-    return tl.sum(tl.where(index[None, :] == at[:, None], values, 0.0), axis=1)
+def _order_keys(values, index, INDEX_BITS: tl.constexpr):
+    """int64 keys whose descending order is the documented choice order of ``values``: larger first, NaN
+    after -inf, -0.0 equal to 0.0, and equal values (NaN and -inf included) to the lower ``index``. The key
+    is the value's order-preserving bits << 32 | (2^INDEX_BITS - 1 - index): distinct indices give distinct
+    keys, so a top-k of keys cannot repeat an index, and its tie order needs no second pass."""
+    values = tl.where(values == 0.0, 0.0, values)  # -0.0 ties with 0.0, as torch compares them
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative: more magnitude, smaller key
+    ordered = tl.where(values != values, -2147483648, ordered)  # NaN (either sign) below -inf
+    return (ordered.to(tl.int64) << 32) | ((1 << INDEX_BITS) - 1 - index).to(tl.int64)
+
+
+@triton.jit
+def _key_values(keys):
+    """The fp32 value a key of _order_keys was made from (NaN for NaN, 0.0 for -0.0)."""
+    ordered = (keys >> 32).to(tl.int32)
+    return tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_index(keys, INDEX_BITS: tl.constexpr):
+    return ((1 << INDEX_BITS) - 1 - (keys & ((1 << INDEX_BITS) - 1))).to(tl.int32)
+
+
+@triton.jit
+def _finite_max(x, axis: tl.constexpr):
+    """Max over ``axis`` ignoring NaN (-inf where all are NaN), as a GPU's max does, with no all-NaN slice
+    for the interpreter's numpy to warn about."""
+    return tl.max(tl.where(x == x, x, float("-inf")), axis=axis)
 
 
 @triton.jit
@@ -85,71 +118,85 @@ def _route_kernel(
     stride_logits,
     scale,
     NUM_EXPERTS: tl.constexpr,
-    EXPERTS_PAD: tl.constexpr,  # power of two >= NUM_EXPERTS
+    INDEX_BITS: tl.constexpr,  # 2^INDEX_BITS > NUM_EXPERTS (and > NUM_GROUPS): keys' index field
     TOP_K: tl.constexpr,
     K_PAD: tl.constexpr,  # power of two >= TOP_K
     NUM_GROUPS: tl.constexpr,  # 1: no group stage
-    GROUPS_PAD: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,  # power of two >= NUM_GROUPS
+    GROUP_SIZE: tl.constexpr,  # NUM_EXPERTS // NUM_GROUPS
+    GROUP_SIZE_PAD: tl.constexpr,  # power of two >= GROUP_SIZE
     TOPK_GROUPS: tl.constexpr,
+    TOPK_GROUPS_PAD: tl.constexpr,  # power of two >= TOPK_GROUPS
     SIGMOID: tl.constexpr,  # scores = sigmoid(logits); else softmax(logits)
     SOFTMAX_AFTER_TOPK: tl.constexpr,  # choose on logits, softmax over the chosen (gpt-oss)
     RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    experts = tl.arange(0, EXPERTS_PAD)
+    # The tile is [BLOCK_T, GROUPS_PAD * GROUP_SIZE_PAD]: group g's j-th expert (id g * GROUP_SIZE + j) in
+    # column g * GROUP_SIZE_PAD + j, so a reshape gives the [tokens, groups, group size] view the group stage
+    # ranks (without groups: one group of every expert).
+    TILE: tl.constexpr = GROUPS_PAD * GROUP_SIZE_PAD
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     live = tokens < num_tokens
-    real = experts < NUM_EXPERTS
+    column = tl.arange(0, TILE)
+    if GROUP_SIZE == GROUP_SIZE_PAD:
+        experts = column
+    else:
+        experts = column // GROUP_SIZE_PAD * GROUP_SIZE + column % GROUP_SIZE_PAD
+    real = (column // GROUP_SIZE_PAD < NUM_GROUPS) & (column % GROUP_SIZE_PAD < GROUP_SIZE)
     rows = logits_ptr + tokens.to(tl.int64)[:, None] * stride_logits + experts[None, :]
     # Upcast right after the load: bf16 arithmetic is wrong in the interpreter, and routing is fp32.
     x = tl.load(rows, mask=live[:, None] & real[None, :], other=0.0).to(tl.float32)
-    x = tl.where(real[None, :], x, float("-inf"))  # padding experts never win; rows past the tokens hold 0s
+    x = tl.where(real[None, :], x, float("-inf"))  # padding adds nothing to a softmax
 
     if SOFTMAX_AFTER_TOPK:
         scores = x
     elif SIGMOID:
         scores = 1.0 / (1.0 + tl.exp(-x))
     else:
-        shifted = tl.exp(x - tl.max(x, axis=1)[:, None])
+        shifted = tl.exp(x - _finite_max(x, 1)[:, None])  # a NaN or +inf logit makes the row NaN, as in torch
         scores = shifted / tl.sum(shifted, axis=1)[:, None]
     choice = scores
     if HAS_BIAS:
         choice = scores + tl.load(bias_ptr + experts, mask=real, other=0.0)[None, :]
-    choice = tl.where(real[None, :], choice, float("-inf"))
+    # Padding columns sort below every expert, NaN included (their index field is 0, a real one's is not).
+    keys = tl.where(real[None, :], _order_keys(choice, experts, INDEX_BITS), _LOWEST_KEY)
 
     if NUM_GROUPS > 1:
-        # Rank groups by the sum of their two best biased scores; keep the best TOPK_GROUPS.
-        group_of = experts // (NUM_EXPERTS // NUM_GROUPS)
+        # Groups ranked by the sum of their two best biased scores (in the same order, NaN last); the best
+        # TOPK_GROUPS kept: those whose key is at least the TOPK_GROUPS-th best (keys are distinct).
+        best_two = tl.topk(tl.reshape(keys, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD]), 2)
+        group_scores = tl.sum(_key_values(best_two), axis=2)
         groups = tl.arange(0, GROUPS_PAD)
-        group_scores = tl.full([BLOCK_T, GROUPS_PAD], float("-inf"), tl.float32)
-        for g in tl.static_range(NUM_GROUPS):
-            member = tl.where((group_of == g)[None, :], choice, float("-inf"))
-            best = tl.argmax(member, axis=1, tie_break_left=True)
-            second = tl.max(tl.where(experts[None, :] == best[:, None], float("-inf"), member), axis=1)
-            top2 = tl.max(member, axis=1) + second
-            group_scores = tl.where(groups[None, :] == g, top2[:, None], group_scores)
-        kept = tl.zeros([BLOCK_T, EXPERTS_PAD], dtype=tl.int1)
-        for _ in tl.static_range(TOPK_GROUPS):
-            best_group = tl.argmax(group_scores, axis=1, tie_break_left=True)
-            kept = kept | (group_of[None, :] == best_group[:, None])
-            group_scores = tl.where(groups[None, :] == best_group[:, None], float("-inf"), group_scores)
-        choice = tl.where(kept, choice, float("-inf"))
-
-    slots = tl.arange(0, K_PAD)
-    chosen_ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    chosen = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        best = tl.argmax(choice, axis=1, tie_break_left=True)
-        chosen_ids = tl.where(slots[None, :] == k, best[:, None], chosen_ids)
-        chosen = tl.where(slots[None, :] == k, _pick(scores, experts, best)[:, None], chosen)
-        choice = tl.where(experts[None, :] == best[:, None], float("-inf"), choice)
-
-    in_k = slots[None, :] < TOP_K
-    if SOFTMAX_AFTER_TOPK:
-        chosen = tl.where(
-            in_k, tl.exp(chosen - tl.max(tl.where(in_k, chosen, float("-inf")), axis=1)[:, None]), 0.0
+        group_keys = tl.where(
+            (groups < NUM_GROUPS)[None, :], _order_keys(group_scores, groups, INDEX_BITS), _LOWEST_KEY
         )
+        ranked = tl.topk(group_keys, TOPK_GROUPS_PAD)
+        last = tl.arange(0, TOPK_GROUPS_PAD)[None, :] == TOPK_GROUPS - 1
+        last_kept = tl.sum(tl.where(last, ranked, 0), axis=1)
+        kept = (group_keys >= last_kept[:, None])[:, :, None]
+        kept = tl.reshape(tl.broadcast_to(kept, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD]), [BLOCK_T, TILE])
+        # The other groups' experts choose as -inf, as in the reference.
+        choice = tl.where(kept, choice, float("-inf"))
+        keys = tl.where(real[None, :], _order_keys(choice, experts, INDEX_BITS), _LOWEST_KEY)
+
+    top = tl.topk(keys, K_PAD)  # [BLOCK_T, K_PAD], best first
+    slots = tl.arange(0, K_PAD)
+    in_k = slots[None, :] < TOP_K
+    chosen_ids = _key_index(top, INDEX_BITS)
+    if HAS_BIAS or NUM_GROUPS > 1:
+        # The weight is the unbiased score (and an expert of a dropped group chose as -inf).
+        at = tl.where(in_k, chosen_ids, 0)
+        if GROUP_SIZE != GROUP_SIZE_PAD:
+            at = at // GROUP_SIZE * GROUP_SIZE_PAD + at % GROUP_SIZE
+        chosen = tl.gather(scores, at, axis=1)
+    else:
+        chosen = _key_values(top)
+
+    if SOFTMAX_AFTER_TOPK:
+        top_logit = _finite_max(tl.where(in_k, chosen, float("-inf")), 1)
+        chosen = tl.where(in_k, tl.exp(chosen - top_logit[:, None]), 0.0)
         chosen = chosen / tl.sum(chosen, axis=1)[:, None]
     elif RENORMALIZE:
         chosen = tl.where(in_k, chosen, 0.0)
@@ -160,10 +207,12 @@ def _route_kernel(
     tl.store(ids_ptr + out, chosen_ids, mask=mask)
 
 
-def route_launch_config(num_experts: int) -> dict:
-    """Tokens per program and warps: a program holds BLOCK_T whole rows of logits padded to a power of two,
-    4096 scores at most (16 tokens of 256 experts), so the k passes over them stay in registers."""
-    return {"BLOCK_T": max(1, min(16, 4096 // triton.next_power_of_2(num_experts))), "num_warps": 4}
+def route_launch_config(num_experts: int, num_groups: int = 1) -> dict:
+    """Tokens per program and warps: a program holds BLOCK_T whole rows of logits in their [groups, experts
+    per group] view, each side padded to a power of two, 4096 scores at most (16 tokens of 256 experts), so
+    the selection over them stays in registers."""
+    view = triton.next_power_of_2(num_groups) * triton.next_power_of_2(num_experts // num_groups)
+    return {"BLOCK_T": max(1, min(16, 4096 // view)), "num_warps": 4}
 
 
 def route_choice(logits: torch.Tensor, top_k: int, num_groups: int) -> _configs.LaunchChoice:
@@ -171,7 +220,7 @@ def route_choice(logits: torch.Tensor, top_k: int, num_groups: int) -> _configs.
     num_experts = logits.shape[1]
     key = f"logits={dtype_name(logits.dtype)} experts={num_experts} top_k={top_k} groups={num_groups}"
     return _configs.choose(
-        "route", key, logits.device, route_launch_config(num_experts), ("BLOCK_T", "num_warps")
+        "route", key, logits.device, route_launch_config(num_experts, num_groups), ("BLOCK_T", "num_warps")
     )
 
 
@@ -188,10 +237,15 @@ def route(
     softmax_after_topk=False,
 ):
     """Chooses top_k experts per token; returns (weights fp32 [tokens, top_k], ids int32 [tokens, top_k]),
-    best first, ties to the lower id. No host sync."""
+    best first, ties to the lower id, no host sync.
+
+    A token's ids are always distinct, whatever its logits: ranked by selection score, NaN after -inf, equal
+    scores (-inf and NaN included) to the lower id, so -inf-masked experts come after the others in id order.
+    Weights are the reference's: a +inf or NaN logit under softmax makes that token's scores, and weights,
+    NaN; it never changes another token or fails the call."""
     check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
     num_tokens, num_experts = logits.shape
-    if logits.stride(1) != 1:
+    if logits.stride(1) != 1 and logits.shape[1] > 1:  # a size-1 dimension's stride is never used
         raise ValueError(f"logits: expected experts contiguous (stride 1), got strides {logits.stride()}")
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"logits: expected 1 to {MAX_EXPERTS} experts, got {num_experts}")
@@ -205,7 +259,11 @@ def route(
     if groups > 1:
         if num_experts // groups < 2:
             raise ValueError("num_groups: groups rank by their top-2 scores, so each needs 2 experts or more")
-        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= groups:
+        if (
+            isinstance(topk_groups, bool)
+            or not isinstance(topk_groups, int)
+            or not 1 <= topk_groups <= groups
+        ):
             raise ValueError(f"topk_groups: expected an integer in [1, {groups}], got {topk_groups!r}")
         if topk_groups * (num_experts // groups) < top_k:
             raise ValueError(
@@ -215,18 +273,22 @@ def route(
         raise ValueError("topk_groups: applies only with num_groups > 1")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
-        if bias.shape[0] != num_experts or bias.stride(0) != 1:
+        if bias.shape[0] != num_experts or (bias.stride(0) != 1 and num_experts > 1):
             raise ValueError(f"bias: expected a contiguous [{num_experts}] tensor, got {tuple(bias.shape)}")
+    for name, flag in (("renormalize", renormalize), ("softmax_after_topk", softmax_after_topk)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}: expected a bool, got {flag!r}")
     if softmax_after_topk and (scoring != "softmax" or groups > 1 or bias is not None):
         raise ValueError("softmax_after_topk: chooses on raw logits; it takes no sigmoid, groups or bias")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: expected a float, got {scale!r}")
+    if not is_positive_finite(scale):
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
 
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return weights, ids
-    experts_pad = triton.next_power_of_2(num_experts)
+    group_size = num_experts // groups
+    groups_pad, group_size_pad = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
     config = route_choice(logits, top_k, groups).config
     block_t = config["BLOCK_T"]
     _route_kernel[(triton.cdiv(num_tokens, block_t),)](
@@ -238,12 +300,15 @@ def route(
         logits.stride(0),
         float(scale),
         NUM_EXPERTS=num_experts,
-        EXPERTS_PAD=experts_pad,
+        INDEX_BITS=num_experts.bit_length(),
         TOP_K=top_k,
         K_PAD=triton.next_power_of_2(top_k),
         NUM_GROUPS=groups,
-        GROUPS_PAD=triton.next_power_of_2(groups),
+        GROUPS_PAD=groups_pad,
+        GROUP_SIZE=group_size,
+        GROUP_SIZE_PAD=group_size_pad,
         TOPK_GROUPS=topk_groups or 1,
+        TOPK_GROUPS_PAD=triton.next_power_of_2(topk_groups or 1),
         SIGMOID=scoring == "sigmoid",
         SOFTMAX_AFTER_TOPK=softmax_after_topk,
         RENORMALIZE=renormalize,
@@ -268,7 +333,7 @@ def _count_chunks_kernel(
     CHUNK_TOKENS: tl.constexpr,
     PAIRS_PAD: tl.constexpr,  # power of two >= CHUNK_TOKENS * TOP_K
 ):
-    chunk = tl.program_id(0)
+    chunk = tl.program_id(0).to(tl.int64)
     pairs = chunk * CHUNK_TOKENS * TOP_K + tl.arange(0, PAIRS_PAD)
     mask = (tl.arange(0, PAIRS_PAD) < CHUNK_TOKENS * TOP_K) & (pairs < num_pairs)
     ids = tl.load(ids_ptr + pairs, mask=mask, other=0)
@@ -295,7 +360,7 @@ def _scan_chunks_kernel(
     running = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
     for start in range(0, num_chunks, SCAN_BLOCK):
         chunks = start + tl.arange(0, SCAN_BLOCK)
-        where = chunk_counts_ptr + chunks[:, None] * EXPERTS_PAD + experts[None, :]
+        where = chunk_counts_ptr + chunks.to(tl.int64)[:, None] * EXPERTS_PAD + experts[None, :]
         counts = tl.load(where, mask=(chunks < num_chunks)[:, None], other=0)
         inclusive = tl.cumsum(counts, axis=0) + running[None, :]
         tl.store(where, inclusive - counts, mask=(chunks < num_chunks)[:, None])
@@ -368,7 +433,7 @@ def _dispatch_kernel(
     ALIGN_PAD: tl.constexpr,
     HIDDEN_TILE: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
+    chunk = tl.program_id(0).to(tl.int64)
     tokens = chunk * CHUNK_TOKENS + tl.arange(0, CHUNK_TOKENS)
     live = tokens < num_tokens
     experts = tl.arange(0, EXPERTS_PAD)
@@ -418,7 +483,7 @@ def _dispatch_kernel(
         first_row += ((expert[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
         rows = tl.where(choices[None, :] == c, row[:, None], rows)
         tl.store(slot_row_ptr + tokens * TOP_K + c, row, mask=live)
-        tl.store(row_token_ptr + row, tokens, mask=live & valid)
+        tl.store(row_token_ptr + row, tokens.to(tl.int32), mask=live & valid)
 
     # Copy: each token's row is read once and written to its TOP_K rows.
     for start in range(0, hidden, HIDDEN_TILE):
@@ -443,7 +508,7 @@ def _combine_kernel(
     TOKENS: tl.constexpr,
     HIDDEN_TILE: tl.constexpr,
 ):
-    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
     live = tokens < num_tokens
     mask = live[:, None] & (cols < hidden)[None, :]
@@ -473,6 +538,11 @@ def _check_ids(ids, num_experts, device) -> None:
 def check_ids_in_range(ids: torch.Tensor, num_experts: int) -> None:
     """Opt-in check that reads the ids (it syncs): every id in [0, num_experts). dispatch does not read
     ids on the host; one out of range is dropped there (slot_row -1, nothing written, combine skips it)."""
+    check_tensor("ids", ids, dtypes=(torch.int32, torch.int64), device=getattr(ids, "device", None))
+    if ids.is_meta:
+        raise ValueError("ids: expected a tensor holding data (CPU or CUDA), got one on meta")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise ValueError(f"num_experts: expected an int, got {num_experts!r}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         bad = ids[(ids < 0) | (ids >= num_experts)][0].item()
         raise ValueError(f"ids: expected expert ids in [0, {num_experts}), got {bad}")
@@ -604,7 +674,7 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     the call allocates nothing."""
     check_tensor("x", x, ndim=2, dtypes=ROW_DTYPES)
     _check_ids(ids, num_experts, x.device)
-    if x.stride(1) != 1:
+    if x.stride(1) != 1 and x.shape[1] > 1:
         raise ValueError(f"x: expected rows contiguous (stride 1), got strides {x.stride()}")
     if ids.shape[0] != x.shape[0]:
         raise ValueError(
@@ -614,8 +684,14 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
         raise ValueError(f"align: expected an integer in [1, 1024], got {align!r}")
     num_tokens, top_k = ids.shape
     hidden = x.shape[1]
+    if top_k == 0:
+        raise ValueError(f"ids: expected [tokens, top_k] with top_k >= 1, got {tuple(ids.shape)}")
+    if hidden == 0:
+        raise ValueError(f"x: expected [tokens, hidden] with hidden >= 1, got {tuple(x.shape)}")
     device = x.device
     rows = max_rows(num_tokens, top_k, num_experts, align)
+    if rows >= 2**31:
+        raise ValueError(f"ids: {tuple(ids.shape)} make {rows} rows with padding; row ids are int32 (< 2^31)")
     config = dispatch_choice(x, ids, num_experts).config
     chunk_tokens = config["CHUNK_TOKENS"]
     experts_pad = triton.next_power_of_2(num_experts)
@@ -732,6 +808,8 @@ def combine(y_sorted, weights, plan: DispatchPlan):
     check_contiguous("weights", weights)
     if not isinstance(plan, DispatchPlan):
         raise ValueError(f"plan: expected the DispatchPlan dispatch returned, got {type(plan).__name__}")
+    check_tensor("plan", plan.slot_row, ndim=2, dtypes=(torch.int32,), device=y_sorted.device)
+    check_contiguous("plan", plan.slot_row)
     if weights.shape != plan.slot_row.shape:
         raise ValueError(
             f"weights: expected {tuple(plan.slot_row.shape)} like the plan, got {tuple(weights.shape)}"
@@ -742,6 +820,8 @@ def combine(y_sorted, weights, plan: DispatchPlan):
         )
     num_tokens, top_k = weights.shape
     hidden = y_sorted.shape[1]
+    if hidden == 0:
+        raise ValueError(f"y_sorted: expected [rows, hidden] with hidden >= 1, got {tuple(y_sorted.shape)}")
     out = torch.empty(num_tokens, hidden, dtype=y_sorted.dtype, device=y_sorted.device)
     if num_tokens == 0:
         return out

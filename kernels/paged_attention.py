@@ -32,7 +32,14 @@ import triton
 import triton.language as tl
 
 from kernels import INTERPRETED, _configs
-from kernels._checks import check_contiguous, check_fp8_scales, check_shape, check_tensor, dtype_name
+from kernels._checks import (
+    check_contiguous,
+    check_fp8_scales,
+    check_shape,
+    check_tensor,
+    dtype_name,
+    is_positive_finite,
+)
 
 Q_DTYPES = (torch.float16, torch.bfloat16)
 LOG2_E = 1.4426950408889634
@@ -62,7 +69,7 @@ def _splits_of(seq_len, forced_splits, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKEN
 
 @triton.jit
 def _store_output(out_ptr, head_rows, dims, result, mask, HEAD_DIM: tl.constexpr):
-    offsets = head_rows[:, None] * HEAD_DIM + dims[None, :]
+    offsets = head_rows.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -342,12 +349,18 @@ def paged_decode(
     """
     check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     batch, num_q_heads, head_dim = q.shape
-    if q.stride(2) != 1:
+    if q.stride(2) != 1 and head_dim > 1:  # a size-1 dimension's stride is never used
         raise ValueError(f"q: expected head_dim contiguous (stride 1), got strides {q.stride()}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, cache, ndim=4, dtypes=(q.dtype, torch.float8_e4m3fn), device=q.device)
         check_contiguous(name, cache)
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if num_q_heads == 0 or head_dim == 0:
+        raise ValueError(f"q: expected num_q_heads and head_dim >= 1, got shape {tuple(q.shape)}")
+    if block_size == 0 or num_kv_heads == 0:
+        raise ValueError(
+            f"k_cache: expected block_size and num_kv_heads >= 1, got shape {tuple(k_cache.shape)}"
+        )
     if cache_head_dim != head_dim:
         raise ValueError(f"k_cache: expected head_dim {head_dim} (as q), got shape {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
@@ -362,7 +375,7 @@ def paged_decode(
     group = num_q_heads // num_kv_heads
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
     check_shape("block_tables", block_tables, (batch, None), "[batch, max_blocks]")
-    if block_tables.stride(1) != 1:
+    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
         raise ValueError(
             f"block_tables: expected rows contiguous (stride 1), got strides {block_tables.stride()}"
         )
@@ -377,8 +390,8 @@ def paged_decode(
         )
     if scale is None:
         scale = head_dim**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale: expected a positive float, got {scale!r}")
+    elif not is_positive_finite(scale):
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     k_scale, v_scale, scales_in_memory = check_fp8_scales(k_scale, v_scale, k_cache.dtype, q.device)
     if num_splits is not None and (
         isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS
@@ -459,7 +472,13 @@ def paged_decode(
 def check_paged_inputs(k_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
     """Opt-in checks that read device data (so they sync): every length fits the block table's width and
     every block id a sequence uses lies in [0, num_blocks). Keep it off timed and captured paths."""
+    check_tensor("k_cache", k_cache, ndim=4)
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=k_cache.device)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=k_cache.device)
+    check_shape("seq_lens", seq_lens, (block_tables.shape[0],), "[batch] like block_tables")
     num_blocks, block_size = k_cache.shape[:2]
+    if block_size == 0:
+        raise ValueError(f"k_cache: expected block_size >= 1, got shape {tuple(k_cache.shape)}")
     capacity = block_tables.shape[1] * block_size
     lens = seq_lens.long()
     if bool((lens < 0).any()) or bool((lens > capacity).any()):

@@ -160,8 +160,10 @@ def free(pool, seq_ids) -> None:
 
 
 def copy_blocks(k_cache, v_cache, copies) -> None:
-    """k_cache[dst] = k_cache[src] (and v) for each (src, dst) row of copies; rows with src < 0 skipped."""
+    """k_cache[dst] = k_cache[src] (and v) for each (src, dst) row of copies; a row with either id outside
+    [0, num_blocks) is skipped."""
+    num_blocks = k_cache.shape[0]
     for src_block, dst_block in copies.tolist():
-        if src_block >= 0:
+        if 0 <= src_block < num_blocks and 0 <= dst_block < num_blocks:
             k_cache[dst_block] = k_cache[src_block]
             v_cache[dst_block] = v_cache[src_block]

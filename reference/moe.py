@@ -1,13 +1,18 @@
 """Plain-torch twin of kernels/moe.py: MoE top-k routing, in fp32.
 
 Same signature and semantics as the kernel. Choices are ranked by their selection score, highest first,
-ties to the lower expert id (a stable sort, so runs are deterministic):
+NaN after -inf, equal scores (-inf and NaN included; -0.0 equals 0.0) to the lower expert id, so a token's
+top_k ids are always distinct and runs deterministic. A NaN score is never preferred to a number: a token
+with fewer than top_k scores that are numbers takes the rest in id order among the NaNs. Weights follow the
+scores as computed (a +inf or NaN logit makes every softmax score of its token NaN, its weights too); a token
+never changes another token's result.
 
 - softmax top-k (Mixtral, Qwen3): scores = softmax(logits); the top_k scores, renormalised to sum to 1.
 - top-k then softmax (gpt-oss, ``softmax_after_topk``): the top_k logits, softmaxed among themselves.
 - DeepSeek-V3/R1 grouped (``scoring="sigmoid"``, ``num_groups``, ``topk_groups``, ``bias``): scores =
   sigmoid(logits); bias is added only to choose; groups are ranked by the sum of their top-2 biased scores
-  and the best ``topk_groups`` kept; the top_k biased scores among them choose the experts; the weights are
+  and the best ``topk_groups`` kept; the top_k biased scores among them choose the experts (the other
+  groups' experts choose as -inf: after every kept expert scoring above -inf, ties by id); the weights are
   the unbiased scores, renormalised, times ``scale``.
 """
 
@@ -17,8 +22,12 @@ import torch
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values along the last axis, ties to the lower index."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    """Indices of the k largest values along the last axis, NaN after -inf, ties to the lower index."""
+    nan = values.isnan()
+    # torch sorts NaN first when descending: rank NaN as -inf, then move the NaNs behind (stable sorts).
+    order = torch.sort(values.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+    nan_last = torch.sort(nan.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices
+    return order.gather(-1, nan_last)[..., :k]
 
 
 def route(
@@ -44,7 +53,7 @@ def route(
     if num_groups is not None and num_groups > 1:
         tokens, experts = choice.shape
         grouped = choice.view(tokens, num_groups, experts // num_groups)
-        group_scores = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
+        group_scores = torch.gather(grouped, -1, _top(grouped, 2)).sum(-1)  # in the same order, NaN last
         kept = torch.zeros(tokens, num_groups, dtype=torch.bool, device=x.device)
         kept.scatter_(1, _top(group_scores, topk_groups), True)
         choice = choice.masked_fill(~kept.repeat_interleave(experts // num_groups, dim=1), float("-inf"))
@@ -73,24 +82,29 @@ def max_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
 def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     """Copies token t's row to one row per choice, grouped by expert in (token, choice) order, each expert's
     segment starting at a multiple of ``align``; returns (x_sorted [max_rows, hidden], plan). Padding rows
-    are zero here (the kernel leaves them unwritten). ``workspace`` (the kernel's caller-owned buffers) is
-    ignored: the reference allocates its own."""
+    are zero here (the kernel leaves them unwritten). A choice whose id is outside [0, num_experts) is
+    dropped: slot_row -1, no row. ``workspace`` (the kernel's caller-owned buffers) is ignored: the
+    reference allocates its own."""
     tokens, top_k = ids.shape
     flat = ids.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=num_experts)
+    valid = (flat >= 0) & (flat < num_experts)
+    experts = torch.where(valid, flat, num_experts)  # dropped choices sort after every expert
+    counts = torch.bincount(flat[valid], minlength=num_experts)
     padded = (counts + align - 1) // align * align
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
     offsets[1:] = torch.cumsum(padded, 0)
-    order = torch.sort(flat, stable=True).indices  # pairs by expert, then by (token, choice)
+    order = torch.sort(experts, stable=True).indices  # pairs by expert, then by (token, choice)
+    order = order[valid[order]]
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
-    rows = torch.empty_like(flat)
+    rank = torch.arange(order.numel(), device=ids.device) - starts[flat[order]]
+    rows = torch.full_like(flat, -1)
     rows[order] = offsets[flat[order]] + rank
     total = max_rows(tokens, top_k, num_experts, align)
     row_token = torch.full((total,), -1, dtype=torch.int32, device=ids.device)
-    row_token[rows] = (torch.arange(flat.numel(), device=ids.device) // top_k).to(torch.int32)
+    pair_token = torch.arange(flat.numel(), device=ids.device) // top_k
+    row_token[rows[valid]] = pair_token[valid].to(torch.int32)
     x_sorted = torch.zeros(total, x.shape[1], dtype=x.dtype, device=x.device)
-    x_sorted[rows] = x[torch.arange(flat.numel(), device=ids.device) // top_k]
+    x_sorted[rows[valid]] = x[pair_token[valid]]
     plan = DispatchPlan(
         counts.to(torch.int32),
         offsets.to(torch.int32),
@@ -102,6 +116,9 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
 
 
 def combine(y_sorted, weights, plan):
-    """out[t] = sum over choices c of weights[t, c] * y_sorted[slot_row[t, c]], in fp32, in y's dtype."""
-    rows = y_sorted[plan.slot_row.long()].float()  # [tokens, top_k, hidden]
+    """out[t] = sum over choices c of weights[t, c] * y_sorted[slot_row[t, c]], in fp32, in y's dtype; a
+    dropped choice (slot_row -1) adds weights[t, c] * 0."""
+    slot_row = plan.slot_row.long()
+    rows = y_sorted[slot_row.clamp(min=0)].float()  # [tokens, top_k, hidden]
+    rows = rows.masked_fill((slot_row < 0)[..., None], 0.0)
     return (rows * weights.float()[..., None]).sum(1).to(y_sorted.dtype)

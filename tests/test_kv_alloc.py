@@ -1,6 +1,8 @@
 """The device block pool against the host reference: random runs of allocate / fork / free compared state
 for state after every call, the pool's invariants, all-or-nothing failures, copy_blocks, bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -113,6 +115,22 @@ def test_refused_allocations_change_nothing(seqs, counts):
 
 
 @pytest.mark.parametrize(
+    "counts, num_tokens",
+    [([2**31 - 1, 2**31 - 1, 2], 0), ([2**31 - 1, 2**31 - 1, 5], 3)],
+    ids=["sum wraps to 0", "sum wraps to num_tokens"],
+)
+def test_counts_that_overflow_int32_are_refused(counts, num_tokens):
+    """Counts are device data: huge ones, or ones whose int32 sum wraps to num_tokens, wrote past
+    slot_mapping (a crash in the interpreter). Now refused like any that outgrow their row."""
+    pools = Pools()
+    assert pools.allocate([2], [3])
+    before = pools.device.state()
+    slots, ok = kv_alloc.allocate(pools.device, ids([0, 1, 2]), ids(counts), num_tokens=num_tokens)
+    assert not bool(ok) and (slots == -1).all()
+    assert all(torch.equal(before[k], v) for k, v in pools.device.state().items())
+
+
+@pytest.mark.parametrize(
     "src, dst",
     [([0], [0]), ([0, 1], [2, 2]), ([0], [1]), ([0, 2], [2, 3]), ([0], [9])],
     ids=["self", "dst twice", "dst not empty", "dst also a source", "dst out of range"],
@@ -179,6 +197,48 @@ def test_copy_blocks_copies_whole_blocks_and_skips_minus_one():
     assert torch.equal(k[4], k[1]) and not torch.equal(k[3], k[1])
 
 
+def guarded_caches(num_blocks, block_shape, dtype=torch.float32, guard_blocks=2, seed=0):
+    """k and v caches viewed inside one buffer, each with guard_blocks blocks of sentinel before and after it
+    (guard | k | guard | v | guard): a write or read one block outside either cache lands in a guard."""
+    block = math.prod(block_shape)
+    guard, cache = guard_blocks * block, num_blocks * block
+    buffer = torch.full((3 * guard + 2 * cache,), -7.0, dtype=dtype, device=DEVICE)
+    k = buffer[guard : guard + cache].view(num_blocks, *block_shape)
+    v = buffer[2 * guard + cache : 2 * guard + 2 * cache].view(num_blocks, *block_shape)
+    gen = torch.Generator().manual_seed(seed)
+    k.copy_(torch.randn(k.shape, generator=gen).to(dtype))
+    v.copy_(torch.randn(v.shape, generator=gen).to(dtype))
+    guards = torch.ones_like(buffer, dtype=torch.bool)
+    guards[guard : guard + cache] = False
+    guards[2 * guard + cache : 2 * guard + 2 * cache] = False
+    return buffer, k, v, guards
+
+
+def check_copy_blocks_stays_inside(pairs, num_blocks=5, block_shape=(2, 1, 8)):
+    buffer, k, v, guards = guarded_caches(num_blocks, block_shape)
+    k_ref, v_ref = k.clone(), v.clone()
+    copies = ids(pairs).view(-1, 2)
+    kv_alloc.copy_blocks(k, v, copies)
+    assert (buffer[guards] == -7.0).all(), "copy_blocks wrote outside the caches"
+    reference.copy_blocks(k_ref, v_ref, copies.cpu())
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [[[0, -1]], [[1, 5]], [[5, 2]], [[-1, 3]], [[2, -1], [3, 4], [0, 5], [6, 1]]],
+    ids=["dst -1", "dst num_blocks", "src num_blocks", "src -1", "mixed"],
+)
+def test_copy_blocks_skips_pairs_outside_the_caches(pairs):
+    """Issue 10, item 1: a pair naming a block outside [0, num_blocks), either side, copies nothing; the
+    guard memory around both caches stays untouched and the valid pairs still copy."""
+    check_copy_blocks_stays_inside(pairs)
+
+
+def test_copy_blocks_never_forms_an_address_for_far_ids():
+    check_copy_blocks_stays_inside([[0, 2**31 - 1], [-(2**31), 1], [2**30, -(2**30)], [4, 0]])
+
+
 def test_fork_then_copy_gives_the_destination_the_sources_tokens():
     pools = Pools(num_blocks=10, block_size=4)
     assert pools.allocate([0], [10])  # 2 full blocks and a partial one
@@ -212,6 +272,12 @@ BAD = {
         ),
     ),
     "pool size": ("num_blocks", lambda p: kv_alloc.KVBlockPool(0, 16, 4, 4)),
+    # Issue 10, item 5: block ids and lengths are int32 on the device; these were accepted.
+    "num_blocks 2^31": ("num_blocks", lambda p: kv_alloc.KVBlockPool(2**31, 16, 4, 4, device="meta")),
+    "block_size 2^31": ("block_size", lambda p: kv_alloc.KVBlockPool(16, 2**31, 4, 1, device="meta")),
+    "sequence length past int32": ("block_size", lambda p: kv_alloc.KVBlockPool(16, 2**20, 4, 2**11)),
+    "num_blocks a bool": ("num_blocks", lambda p: kv_alloc.KVBlockPool(True, 16, 4, 4)),
+    "pool on meta": ("device", lambda p: kv_alloc.KVBlockPool(16, 16, 4, 4, device="meta")),
 }
 
 

@@ -151,6 +151,27 @@ def test_fp8_saturates_and_scales():
     assert torch.signbit(k_cache.float().flatten()[3])  # -0.0 keeps its sign
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+def test_fp8_keeps_nan_and_saturates_inf(dtype):
+    """Issue 10, item 7: NaN stays NaN in an fp8 e4m3 cache (the interpreter's cast made it +-384), as on a
+    GPU and in the reference; +-inf saturate to +-448; the finite values beside them are untouched."""
+    nan = float("nan")
+    row = [nan, -nan, float("inf"), -float("inf"), 1.0, -3.0, 0.0, 448.0]
+    key = torch.tensor([[row]], device=DEVICE).to(dtype)
+    key[0, 0, 1] = -key[0, 0, 0]  # a NaN with the sign bit set
+    k_cache = torch.zeros(2, 1, 1, 8, dtype=FP8, device=DEVICE)
+    expected = k_cache.clone()
+    kv_cache.write_kv(key, None, k_cache, None, torch.tensor([1], device=DEVICE))
+    reference.write_kv(key, None, expected, None, torch.tensor([1], device=DEVICE))
+    got, want = k_cache[1].float().flatten(), expected[1].float().flatten()
+    assert got.isnan().tolist() == [True, True] + [False] * 6, got
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    assert got[2:].tolist() == [448.0, -448.0, 1.0, -3.0, 0.0, 448.0]
+    assert (k_cache[0].view(torch.uint8) == 0).all()
+
+
 def test_float_scale_equals_tensor_scale():
     shape = WriteKVShape("scale", "prefill", 9, 2, 64, 64, block_size=8, cache_dtype=FP8)
     a = build(shape, DEVICE, 11)
@@ -257,6 +278,19 @@ BAD_INPUTS = {
     "k_cache other device": ("k_cache", _valid_args, _replace(k_cache=lambda a: a["k_cache"].to("meta"))),
     "scale on a bf16 cache": ("k_scale", _valid_args, _replace(k_scale=lambda a: 0.5)),
     "scale negative": ("k_scale", _fp8_args, _replace(k_scale=lambda a: -1.0)),
+    "key heads zero": (
+        "key",
+        _valid_args,
+        _replace(key=lambda a: a["key"][:, :0], k_cache=lambda a: a["k_cache"][:, :, :0]),
+    ),
+    "value head_dim zero": (
+        "value",
+        _valid_args,
+        _replace(value=lambda a: a["value"][..., :0], v_cache=lambda a: a["v_cache"][..., :0]),
+    ),
+    "scale inf": ("k_scale", _fp8_args, _replace(k_scale=lambda a: float("inf"))),
+    "scale nan": ("v_scale", _fp8_args, _replace(v_scale=lambda a: float("nan"))),
+    "scale a bool": ("k_scale", _fp8_args, _replace(k_scale=lambda a: True)),
     "scale two elements": ("v_scale", _fp8_args, _replace(v_scale=lambda a: torch.ones(2, device=DEVICE))),
     "scale fp16": ("k_scale", _fp8_args, _replace(k_scale=lambda a: torch.ones(1, device=DEVICE).half())),
     "scale a string": ("k_scale", _fp8_args, _replace(k_scale=lambda a: "1.0")),

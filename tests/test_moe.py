@@ -84,6 +84,66 @@ def test_ties_go_to_the_lower_expert():
     assert ids.tolist() == [[1, 2, 4, 0]]
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+def _masked_bias():
+    bias = torch.full((16,), -INF, device=DEVICE)
+    bias[[1, 6, 13]] = 0.0  # three experts choosable, the rest masked
+    return bias
+
+
+# Fewer than top_k experts with a finite (or any non-NaN) selection score: ids must still be distinct.
+FEW_FINITE = {
+    "-inf masked, softmax top-k": ([[-INF, -INF, 3.0, -INF, 0.5, -INF, -INF, -INF]], 4, {}),
+    "-inf masked, top-k then softmax": (
+        [[-INF, -INF, 3.0, -INF, 0.5, -INF, -INF, -INF]],
+        4,
+        {"softmax_after_topk": True},
+    ),
+    "all -inf, top-k then softmax": ([[-INF] * 8], 3, {"softmax_after_topk": True}),
+    "+inf logit, softmax (scores NaN)": ([[0.0, 1.0, INF, 2.0, 0.0, 1.0, 2.0, 3.0]], 3, {}),
+    "NaN logit, softmax": ([[0.0, 1.0, NAN, 2.0, 0.0, 1.0, 2.0, 3.0]], 3, {}),
+    "NaN logits, sigmoid": ([[NAN, 1.0, NAN, 2.0, NAN, NAN, NAN, NAN]], 4, {"scoring": "sigmoid"}),
+    "NaN logits, top-k then softmax": (
+        [[NAN, 1.0, NAN, -INF, 2.0, NAN, NAN, NAN]],
+        4,
+        {"softmax_after_topk": True},
+    ),
+    "-inf bias, grouped sigmoid": (
+        [[0.5 * i - 3.0 for i in range(16)]],
+        6,
+        {"scoring": "sigmoid", "num_groups": 4, "topk_groups": 2, "bias": "masked"},
+    ),
+    "-0.0 ties 0.0": ([[0.0, -0.0, 0.0, -0.0]], 3, {"softmax_after_topk": True}),
+}
+
+
+@pytest.mark.parametrize("case", FEW_FINITE, ids=list(FEW_FINITE))
+def test_ids_stay_distinct_with_masked_inf_and_nan_scores(case):
+    """Issue 10, item 2: -inf-masked experts, a -inf bias, +inf or NaN logits: each token's ids are distinct,
+    in the documented order (NaN after -inf, ties to the lower id), weights as the reference gives them, and a
+    bad token changes no other token (nor fails the call)."""
+    rows, top_k, kw = FEW_FINITE[case]
+    if kw.get("bias") == "masked":
+        kw = {**kw, "bias": _masked_bias()}
+    clean = [[float((7 * i) % 5) - 2.0 for i in range(len(rows[0]))]]  # a healthy token beside the bad one
+    logits = torch.tensor(rows + clean + rows, device=DEVICE)
+    weights, ids = moe.route(logits, top_k, **kw)
+    want_weights, want_ids = reference.route(logits, top_k, **kw)
+    assert all(len(set(row)) == top_k for row in ids.tolist()), ids
+    assert torch.equal(ids.cpu(), want_ids.cpu()), (ids, want_ids)
+    torch.testing.assert_close(weights.cpu(), want_weights.cpu(), equal_nan=True, rtol=1e-6, atol=1e-6)
+    alone_weights, alone_ids = moe.route(logits[1:2], top_k, **kw)
+    assert torch.equal(ids[1], alone_ids[0]) and torch.equal(weights[1], alone_weights[0])
+
+
+def test_the_documented_order_ranks_nan_last():
+    logits = torch.tensor([[NAN, -INF, 1.0, NAN, -INF, 2.0]], device=DEVICE)
+    _, ids = moe.route(logits, 6, softmax_after_topk=True)
+    assert ids.tolist() == [[5, 2, 1, 4, 0, 3]]
+
+
 def test_case_shapes_verify():
     for shape in ROUTE.small_shapes():
         outcome = verify(ROUTE, shape, DEVICE)
@@ -129,6 +189,15 @@ BAD = {
         "softmax_after_topk",
         lambda x: moe.route(x, 2, num_groups=2, topk_groups=1, softmax_after_topk=True),
     ),
+    # Issue 10, item 6: these were accepted.
+    "scale nan": ("scale", lambda x: moe.route(x, 2, scale=float("nan"))),
+    "scale negative": ("scale", lambda x: moe.route(x, 2, scale=-1.0)),
+    "scale inf": ("scale", lambda x: moe.route(x, 2, scale=float("inf"))),
+    "topk_groups a bool": ("topk_groups", lambda x: moe.route(x, 2, num_groups=2, topk_groups=True)),
+    "renormalize a string": ("renormalize", lambda x: moe.route(x, 2, renormalize="no")),
+    "softmax_after_topk an int": ("softmax_after_topk", lambda x: moe.route(x, 2, softmax_after_topk=1)),
+    "top_k a bool": ("top_k", lambda x: moe.route(x, True)),
+    "logits on meta": ("logits", lambda x: moe.route(x.to("meta"), 2)),
 }
 
 
@@ -299,13 +368,19 @@ DISPATCH_BAD = {
     "weights dtype": ("weights", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w.half()))),
     "plan type": ("plan", lambda x, ids: moe.combine(x, torch.ones(3, 2, device=DEVICE), "plan")),
     "y_sorted rows": ("y_sorted", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w, rows=3))),
+    # Issue 10, item 4: these failed inside the kernel.
+    "top_k zero": ("ids", lambda x, ids: moe.dispatch(x, ids[:, :0], 8)),
+    "hidden zero": ("x", lambda x, ids: moe.dispatch(x[:, :0], ids, 8)),
+    "y_sorted hidden zero": ("y_sorted", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w, hidden=0))),
+    "num_experts a bool": ("num_experts", lambda x, ids: moe.dispatch(x, ids, True)),
+    "align a bool": ("align", lambda x, ids: moe.dispatch(x, ids, 8, align=True)),
 }
 
 
-def _plan(x, ids, change_weights, rows=None):
+def _plan(x, ids, change_weights, rows=None, hidden=None):
     x_sorted, plan = moe.dispatch(x, ids, 8)
     weights = change_weights(torch.full(ids.shape, 0.5, device=DEVICE))
-    return (x_sorted if rows is None else x_sorted[:rows]), weights, plan
+    return x_sorted[:rows, :hidden], weights, plan
 
 
 @pytest.mark.parametrize("case", DISPATCH_BAD, ids=list(DISPATCH_BAD))
@@ -337,6 +412,12 @@ def test_opt_in_id_check():
     moe.check_ids_in_range(torch.tensor([[0, 7]], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="^ids: .* got 8"):
         moe.check_ids_in_range(torch.tensor([[0, 8]], dtype=torch.int32), 8)
+    # Issue 10, item 6: float ids passed, a list raised AttributeError.
+    for bad in (torch.tensor([[0.5, 7.0]]), [[0, 7]], torch.zeros(1, 2, dtype=torch.int32, device="meta")):
+        with pytest.raises(ValueError, match="^ids: "):
+            moe.check_ids_in_range(bad, 8)
+    with pytest.raises(ValueError, match="^num_experts: "):
+        moe.check_ids_in_range(torch.tensor([[0, 7]], dtype=torch.int32), 8.0)
 
 
 @pytest.mark.gpu

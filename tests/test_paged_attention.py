@@ -270,6 +270,20 @@ BAD_INPUTS = {
     "num_splits float": ("num_splits", {}, lambda a: {"num_splits": 2.0}),
     "out dtype": ("out", {}, lambda a: {"out": torch.empty_like(a["q"], dtype=torch.float32)}),
     "out shape": ("out", {}, lambda a: {"out": torch.empty_like(a["q"])[:, :4]}),
+    # Issue 10, item 3: block_size 0 crashed the interpreter's process; 0 KV heads or head_dim 0 raised
+    # ZeroDivisionError.
+    "block_size zero": ("k_cache", {}, lambda a: {n: a[n][:, :0] for n in ("k_cache", "v_cache")}),
+    "kv heads zero": ("k_cache", {}, lambda a: {n: a[n][:, :, :0] for n in ("k_cache", "v_cache")}),
+    "head_dim zero": (
+        "q",
+        {},
+        lambda a: {n: a[n][..., :0].contiguous() for n in ("q", "k_cache", "v_cache")},
+    ),
+    "q heads zero": ("q", {}, lambda a: {"q": a["q"][:, :0]}),
+    "scale inf": ("scale", {}, lambda a: {"scale": float("inf")}),
+    "scale nan": ("scale", {}, lambda a: {"scale": float("nan")}),
+    "scale a bool": ("scale", {}, lambda a: {"scale": True}),
+    "k_scale inf": ("k_scale", {"cache_dtype": FP8}, lambda a: {"k_scale": float("inf"), "v_scale": 1.0}),
 }
 
 
@@ -307,6 +321,16 @@ def test_opt_in_checks_catch_lengths_and_block_ids():
     bad[1, 0] = 0
     bad[1, -1] = -5  # a column past the sequence's pages is never read, so never checked
     check_paged_inputs(args["k_cache"], bad, args["seq_lens"])
+    # Issue 10, item 3: a 1-D block table raised IndexError.
+    for name, call in (
+        ("block_tables", lambda: check_paged_inputs(args["k_cache"], bad[0], args["seq_lens"])),
+        ("block_tables", lambda: check_paged_inputs(args["k_cache"], bad.long(), args["seq_lens"])),
+        ("seq_lens", lambda: check_paged_inputs(args["k_cache"], bad, args["seq_lens"][:1])),
+        ("k_cache", lambda: check_paged_inputs(args["k_cache"][0], bad, args["seq_lens"])),
+        ("k_cache", lambda: check_paged_inputs(args["k_cache"][:, :0], bad, args["seq_lens"])),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            call()
 
 
 # --- GPU only ----------------------------------------------------------------------------------------------
