@@ -25,11 +25,16 @@ def check(logits, top_k, **kw):
     return weights, ids
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 257])
-@pytest.mark.parametrize("experts", [8, 60, 128, 256])
-@pytest.mark.parametrize("top_k", [1, 2, 4, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# Every experts x top_k x dtype at 3 tokens (a partial tile); 1 and 257 tokens (one row, several tiles) at
+# the real models' geometries. tests/test_fuzz.py draws the rest of the space.
+_SOFTMAX_GRID = [(3, e, k, d) for e in (8, 60, 128, 256) for k in (1, 2, 4, 8) for d in ("fp32", "bf16")] + [
+    (t, e, k, d) for t in (1, 257) for e, k in ((8, 2), (128, 8)) for d in ("fp32", "bf16")
+]
+
+
+@pytest.mark.parametrize("tokens, experts, top_k, dtype", _SOFTMAX_GRID)
 def test_softmax_top_k(tokens, experts, top_k, dtype, request):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     logits = randn((tokens, experts), dtype, DEVICE, generator(seed_of(request.node.name)), scale=2.0)
     weights, ids = check(logits, top_k)
     assert torch.allclose(weights.sum(-1), torch.ones(tokens, device=DEVICE), atol=1e-6)
@@ -239,9 +244,15 @@ def check_dispatch(x, ids, experts, align):
     return x_sorted, plan
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 257])
-@pytest.mark.parametrize("experts, top_k", [(8, 2), (60, 4), (128, 8), (256, 8), (256, 1)])
-@pytest.mark.parametrize("align", [1, 16, 64, 128])
+# Every geometry x align at 3 tokens; 1 and 257 tokens (an empty-ish and a many-program layout) at two
+# geometries and the aligns that pad most and least. tests/test_fuzz.py draws the rest of the space.
+_DISPATCH_GRID = [
+    (3, e, k, a) for e, k in ((8, 2), (60, 4), (128, 8), (256, 8), (256, 1)) for a in (1, 16, 64, 128)
+]
+_DISPATCH_GRID += [(t, e, k, a) for t in (1, 257) for e, k in ((60, 4), (256, 8)) for a in (1, 128)]
+
+
+@pytest.mark.parametrize("tokens, experts, top_k, align", _DISPATCH_GRID)
 def test_dispatch_matches_reference(tokens, experts, top_k, align, request):
     x, ids, _ = _routed(tokens, experts, top_k, "zipf", seed_of(request.node.name))
     check_dispatch(x, ids, experts, align)
