@@ -6,10 +6,9 @@ memory, and global accesses by width (from bench/measure/static.py); per traffic
 (from bench/measure/traffic.py). ``bench/baselines/cpu-proxies.json`` holds them with the Triton version
 that compiled them. A check fails on: more spill bytes; a global access narrower than before (fewer 16-byte
 accesses, or a new narrower width); shared memory up by more than 10%; registers up by more than 16 (a
-change in
-occupancy class); a traffic ratio up by more than 0.01; a launch or shape that disappeared. Registers,
-shared memory and access widths are compared only when the Triton version matches the baseline's (CI pins
-it; other compilers move them); spills and traffic always.
+change in occupancy class); a traffic ratio up by more than 0.01; a launch or shape that disappeared.
+Registers, shared memory and access widths are compared only when the Triton version matches the
+baseline's (CI pins it; other compilers move them); spills and traffic always.
 An intended change updates the baseline in the same commit: ``decodebench proxies --update``.
 """
 
