@@ -162,3 +162,26 @@ def test_the_sanitizer_target_verifies_one_small_shape(capsys):
 
     assert cli.main(["sanitize-target", "copy_blocks"]) == 0
     assert "copy_blocks" in capsys.readouterr().out
+
+
+def test_a_shape_that_raises_costs_only_itself(tmp_path, monkeypatch):
+    """One bad shape is logged and failed; every other shape of the step is still measured and written."""
+    from bench.measure import runner
+    from bench.measure.timing import Timing
+
+    def measure(case, shape, **kw):
+        if case.name == "paged_decode":
+            raise RuntimeError("illegal memory access (pretend)")
+        info = {**results.cost_info(case, shape, 1e-3, None), "impl": "triton", "verified": True}
+        return [results.entry(f"{case.name} {shape.label}", case.name, Timing.from_samples([1.0, 1.1]), info)]
+
+    monkeypatch.setattr(runner, "measure", measure)
+    assert gpu_check.run(str(tmp_path), budget_s=30, only="default-shapes", dry_run=True) == 1
+    measured = {e["extra_info"]["kernel"] for e in results.load(tmp_path / "run.json")["benchmarks"]}
+    assert measured == {name for name in gpu_check.CASES if name != "paged_decode"}
+    assert "illegal memory access" in (tmp_path / "run-errors.txt").read_text()
+    assert "paged_decode" in _states_detail((tmp_path / "summary.md").read_text(), "default-shapes")
+
+
+def _states_detail(summary: str, step: str) -> str:
+    return next(line for line in summary.splitlines() if line.startswith(f"- {step}:"))

@@ -176,21 +176,27 @@ def step_machine(run: CheckRun) -> StepResult:
 
 def _measure_into(run: CheckRun, name: str, file: str, shapes_of: Callable, **measure_kw) -> StepResult:
     """Measures shape after shape into <folder>/<file>, written after each; stops at the deadline and says
-    how many shapes were left."""
-    entries, done, left, longest = [], 0, 0, 0.0
+    how many shapes were left. A shape that raises is logged to <file>-errors.txt and counted as a failure;
+    the shapes after it still run (one bad shape must not cost the rest of a lease)."""
+    entries, done, left, longest, crashed = [], 0, 0, 0.0, []
     for case in CASES.values():
         for shape in shapes_of(case):
             if run.out_of_time(max(SHAPE_RESERVE_S, longest)):  # the longest shape so far must still fit
                 left += 1
                 continue
             begin = time.monotonic()
-            entries += runner.measure(case, shape, device=run.device, **measure_kw)
+            try:
+                entries += runner.measure(case, shape, device=run.device, **measure_kw)
+            except Exception:
+                crashed.append(f"{case.name} {shape.label}")
+                with open(run.folder / f"{Path(file).stem}-errors.txt", "a") as log:
+                    log.write(f"## {case.name} {shape.label}\n{traceback.format_exc()}\n")
             longest = max(longest, time.monotonic() - begin)
             done += 1
             results.write(run.folder / file, entries, run.machine)
     if entries:
         run.sections[f"{name} ({file})"] = report.results_table(entries)
-    failed = _failures(entries)
+    failed = [f"{label} (raised)" for label in crashed] + _failures(entries)
     detail = f"{done} shapes measured, {left} left for lack of time, {len(failed)} failures"
     if failed:
         detail += ": " + ", ".join(failed[:5])
