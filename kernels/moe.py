@@ -799,9 +799,11 @@ def combine_choice(y_sorted: torch.Tensor, weights: torch.Tensor) -> _configs.La
     return _configs.choose("combine", key, y_sorted.device, combine_launch_config(hidden), COMBINE_TUNABLE)
 
 
-def combine(y_sorted, weights, plan: DispatchPlan):
+def combine(y_sorted, weights, plan: DispatchPlan, *, out=None):
     """out[t] = sum over choices c of weights[t, c] * y_sorted[plan.slot_row[t, c]], accumulated in fp32 in
-    a fixed order, returned in y's dtype. One launch, no atomics, no host sync."""
+    a fixed order, returned in y's dtype. One launch, no atomics, no host sync. ``out``: a caller-owned
+    [tokens, hidden] tensor in y's dtype to write (and return), so a decode step under a CUDA graph
+    allocates nothing; None allocates it."""
     check_tensor("y_sorted", y_sorted, ndim=2, dtypes=ROW_DTYPES)
     check_contiguous("y_sorted", y_sorted)
     check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=y_sorted.device)
@@ -822,7 +824,13 @@ def combine(y_sorted, weights, plan: DispatchPlan):
     hidden = y_sorted.shape[1]
     if hidden == 0:
         raise ValueError(f"y_sorted: expected [rows, hidden] with hidden >= 1, got {tuple(y_sorted.shape)}")
-    out = torch.empty(num_tokens, hidden, dtype=y_sorted.dtype, device=y_sorted.device)
+    if out is None:
+        out = torch.empty(num_tokens, hidden, dtype=y_sorted.dtype, device=y_sorted.device)
+    else:
+        check_tensor("out", out, ndim=2, dtypes=(y_sorted.dtype,), device=y_sorted.device)
+        check_contiguous("out", out)
+        if tuple(out.shape) != (num_tokens, hidden):
+            raise ValueError(f"out: expected {(num_tokens, hidden)} (tokens, hidden), got {tuple(out.shape)}")
     if num_tokens == 0:
         return out
     config = combine_choice(y_sorted, weights).config

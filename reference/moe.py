@@ -115,10 +115,14 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     return x_sorted, plan
 
 
-def combine(y_sorted, weights, plan):
+def combine(y_sorted, weights, plan, *, out=None):
     """out[t] = sum over choices c of weights[t, c] * y_sorted[slot_row[t, c]], in fp32, in y's dtype; a
-    dropped choice (slot_row -1) adds weights[t, c] * 0."""
+    dropped choice (slot_row -1) adds weights[t, c] * 0. With ``out``, written there and returned."""
     slot_row = plan.slot_row.long()
     rows = y_sorted[slot_row.clamp(min=0)].float()  # [tokens, top_k, hidden]
     rows = rows.masked_fill((slot_row < 0)[..., None], 0.0)
-    return (rows * weights.float()[..., None]).sum(1).to(y_sorted.dtype)
+    result = (rows * weights.float()[..., None]).sum(1).to(y_sorted.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

@@ -345,6 +345,30 @@ def test_dispatch_into_a_workspace_allocates_nothing_and_matches(tokens, monkeyp
     assert torch.equal(x_sorted[real], want_rows[real])
 
 
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_combine_into_out_allocates_nothing_and_matches(tokens, monkeypatch, request):
+    x, ids, weights = _routed(max(tokens, 1), 16, 4, "zipf", seed_of(request.node.name), hidden=24)
+    x, ids, weights = x[:tokens], ids[:tokens], weights[:tokens]
+    x_sorted, plan = moe.dispatch(x, ids, 16, align=8)
+    want = moe.combine(x_sorted, weights, plan)
+    out = torch.full_like(want, float("nan"))
+    monkeypatch.setattr(moe, "torch", _NoAllocation())
+    got = moe.combine(x_sorted, weights, plan, out=out)
+    monkeypatch.undo()
+    assert got is out and torch.equal(out, want)
+    assert torch.equal(
+        reference.combine(x_sorted, weights, plan, out=torch.empty_like(want)),
+        reference.combine(x_sorted, weights, plan),
+    )
+    for bad, why in (
+        (torch.empty(tokens, 25, dtype=x.dtype, device=DEVICE), "out: expected"),
+        (torch.empty(tokens, 24, dtype=torch.float32, device=DEVICE), "out: "),
+        (torch.empty(24, max(tokens, 2), dtype=x.dtype, device=DEVICE).t()[: max(tokens, 2)], "out: "),
+    ):
+        with pytest.raises(ValueError, match=f"^{why}"):
+            moe.combine(x_sorted, weights, plan, out=bad)
+
+
 def test_references_take_the_same_arguments():
     import inspect
 
@@ -440,10 +464,13 @@ def test_dispatch_and_combine_replay_in_a_cuda_graph_with_a_workspace():
     tokens, experts, top_k, hidden = 64, 256, 8, 512
     x, ids, weights = _routed(tokens, experts, top_k, "uniform", 1, hidden=hidden)
     workspace = moe.DispatchWorkspace.for_shape(tokens, top_k, experts, hidden, align=16, device="cuda")
-    moe.dispatch(x, ids, experts, align=16, workspace=workspace)  # compile outside the capture
+    out = torch.empty_like(x)
+    rows, first = moe.dispatch(x, ids, experts, align=16, workspace=workspace)  # compile outside the capture
+    moe.combine(rows, weights, first, out=out)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         x_sorted, plan = moe.dispatch(x, ids, experts, align=16, workspace=workspace)
+        moe.combine(x_sorted, weights, plan, out=out)  # identity experts: rows straight back
     for seed in (2, 3):
         new_x, new_ids, _ = _routed(tokens, experts, top_k, "zipf", seed, hidden=hidden)
         x.copy_(new_x)
@@ -454,3 +481,4 @@ def test_dispatch_and_combine_replay_in_a_cuda_graph_with_a_workspace():
             assert torch.equal(getattr(plan, field), getattr(want, field)), field
         real = want.row_token >= 0
         assert torch.equal(x_sorted[real], want_rows[real])
+        assert_close(out, reference.combine(want_rows, weights, want), "out", dtype=torch.bfloat16)
