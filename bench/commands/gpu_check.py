@@ -41,6 +41,7 @@ from pathlib import Path
 
 from bench.cases import CASES
 from bench.commands import report
+from bench.commands.run import failures
 from bench.measure import results, runner
 from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
 
@@ -196,17 +197,11 @@ def _measure_into(run: CheckRun, name: str, file: str, shapes_of: Callable, **me
             results.write(run.folder / file, entries, run.machine)
     if entries:
         run.sections[f"{name} ({file})"] = report.results_table(entries)
-    failed = [f"{label} (raised)" for label in crashed] + _failures(entries)
+    failed = [f"{label} (raised)" for label in crashed] + failures(entries)
     detail = f"{done} shapes measured, {left} left for lack of time, {len(failed)} failures"
     if failed:
         detail += ": " + ", ".join(failed[:5])
     return StepResult("failed" if failed else ("partial" if left else "ok"), detail)
-
-
-def _failures(entries: list[dict]) -> list[str]:
-    from bench.commands.run import failures
-
-    return failures(entries)
 
 
 def step_default_shapes(run: CheckRun) -> StepResult:

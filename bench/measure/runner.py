@@ -34,16 +34,8 @@ def verify(case: Case, shape, device) -> Verification:
     """Runs kernel and reference on the same fresh inputs (outputs poisoned, fenced by sentinels)."""
     start = time.perf_counter()
     inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"), guarded=True)
-    expected = inputs.clone()
-    try:
-        case.run_kernel(inputs)
-        case.run_reference(expected)
-        error = case.compare(inputs, expected, shape)
-    except AssertionError as failure:
-        return Verification(
-            case.name, shape.label, False, float("nan"), time.perf_counter() - start, str(failure)
-        )
-    return Verification(case.name, shape.label, True, error, time.perf_counter() - start)
+    _, ok, error, message = _verified(case, inputs, shape, with_reference=True)
+    return Verification(case.name, shape.label, bool(ok), error, time.perf_counter() - start, message)
 
 
 @dataclass
@@ -127,12 +119,15 @@ def static_rows(cases, real: bool = False, timeout: float | None = None):
     return [row for case in cases for row in static_report(case, real=real, timeout=timeout)]
 
 
-def _verified(case: Case, inputs: Inputs, shape) -> tuple[Inputs | None, bool | None, float, str]:
-    """Runs the kernel on ``inputs`` (built guarded: outputs poisoned inside sentinel fences) and, where the
-    reference is affordable at this shape, the reference on a clone, and compares them. Returns (the
-    reference's inputs after its run or None, verified or None when not checked, max error, message)."""
+def _verified(
+    case: Case, inputs: Inputs, shape, with_reference: bool | None = None
+) -> tuple[Inputs | None, bool | None, float, str]:
+    """Runs the kernel on ``inputs`` (built guarded: outputs poisoned inside sentinel fences) and the
+    reference on a clone (``with_reference``; default: where it is affordable at this shape), and compares
+    them. Returns (the reference's inputs after its run or None, verified or None when not checked, max
+    error, message)."""
     expected = None
-    if case.reference_affordable(shape):
+    if case.reference_affordable(shape) if with_reference is None else with_reference:
         expected = inputs.clone()
         case.run_reference(expected)
     case.run_kernel(inputs)
