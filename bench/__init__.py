@@ -19,6 +19,15 @@ def configure_triton() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process of bench's (a compile, a test run, a profiled target): this
+    one's, with the repo root on PYTHONPATH so ``python -m bench...`` imports this checkout, and
+    ``overrides`` (``TRITON_INTERPRET="0"`` for a compiling child, say)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **overrides}
+
+
 configure_triton()
 
 import kernels  # noqa: E402  (after the environment is set: @triton.jit reads it at decoration)

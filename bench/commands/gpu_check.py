@@ -28,7 +28,6 @@ so the orchestration is proved where CI runs; nothing it writes is a GPU figure,
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import child_env
 from bench.cases import CASES
 from bench.commands import report
 from bench.commands.run import failures
@@ -136,8 +136,7 @@ def run_subprocess(name: str, folder: Path, command: list[str], timeout: float) 
     """Runs one command, its output to folder/<name>.txt; killed at ``timeout`` seconds (what it printed
     so far is kept)."""
     log = folder / f"{name}.txt"
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 0.1), env=env)
     except subprocess.TimeoutExpired as expired:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from bench import child_env
 from bench.cases.base import Case
 from bench.measure.static import StaticRow, capture_launches, compile_aot, resource_usage
 from bench.testing import seed_of
@@ -287,9 +288,7 @@ def compile_candidates(groups: list[Group], arch: int, deadline: float | None = 
     if not groups:
         return
     names = sorted({g.case.name for g in groups})
-    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = child_env(TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "bench.commands.tune", "--static-child", str(arch), *names]
     timeout = None if deadline is None else max(0.1, deadline - time.monotonic())
     try:

@@ -32,6 +32,7 @@ from types import ModuleType
 import triton
 from triton.runtime.jit import JITFunction
 
+from bench import child_env
 from bench.cases.base import Case
 from kernels import INTERPRETED
 
@@ -279,9 +280,7 @@ def compile_in_children(case_names, archs=ARCHS, timeout: float | None = None) -
     import time
 
     todo = [name for name in dict.fromkeys(case_names) if (name, archs) not in _compiled]
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = child_env(TRITON_INTERPRET="0")
     deadline = None if timeout is None else time.monotonic() + timeout
     running: dict[str, subprocess.Popen] = {}
     try:
