@@ -52,14 +52,14 @@ _MAX_GROUP_X_HEAD_DIM = 64 * 256
 
 
 @triton.jit
-def _scale_value(scale, IN_MEMORY: tl.constexpr):
+def scale_value(scale, IN_MEMORY: tl.constexpr):
     if IN_MEMORY:
         scale = tl.load(scale)
     return scale
 
 
 @triton.jit
-def _splits_of(seq_len, forced_splits, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr):
+def splits_of(seq_len, forced_splits, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr):
     """A sequence's split count: forced, or one per MIN_SPLIT_TOKENS tokens up to MAX_SPLITS. The decode
     and merge kernels derive it alike, from the length on the device."""
     if forced_splits > 0:
@@ -107,7 +107,7 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_splits = _splits_of(seq_len, forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
+    num_splits = splits_of(seq_len, forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
     if split >= num_splits:
         return
     # Splits are whole tiles, so only a split's last tile is ragged.
@@ -125,7 +125,7 @@ def _paged_decode_kernel(
     if INTERPRETER_UPCAST:
         q = q.to(tl.float32)
     dot_dtype = q.dtype
-    qk_scale = softmax_scale_log2 * _scale_value(k_scale, SCALES_IN_MEMORY)
+    qk_scale = softmax_scale_log2 * scale_value(k_scale, SCALES_IN_MEMORY)
 
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # running max of scaled scores (log2)
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp2(score - m)
@@ -153,7 +153,7 @@ def _paged_decode_kernel(
 
     # An empty sequence (or split) has denom == 0: its output is 0 and its log-sum-exp -inf, never NaN.
     safe_denom = tl.where(denom > 0, denom, 1.0)
-    result = acc * (_scale_value(v_scale, SCALES_IN_MEMORY) / safe_denom)[:, None]
+    result = acc * (scale_value(v_scale, SCALES_IN_MEMORY) / safe_denom)[:, None]
     out_mask = group_mask[:, None] & dim_mask[None, :]
     head_rows = seq.to(tl.int64) * (NUM_KV_HEADS * GROUP) + heads
     if MAX_SPLITS == 1:
@@ -176,19 +176,20 @@ def _merge_splits_kernel(
     forced_splits,
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    DIM_BLOCK: tl.constexpr,  # head_dim columns a program merges (grid axis 2 covers head_dim)
     MAX_SPLITS: tl.constexpr,  # splits per sequence in the partial buffers
     SPLITS_PAD: tl.constexpr,  # power of two >= MAX_SPLITS
     MIN_SPLIT_TOKENS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    num_splits = _splits_of(tl.load(seq_lens_ptr + seq), forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
+    dim_block = tl.program_id(2)
+    num_splits = splits_of(tl.load(seq_lens_ptr + seq), forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
     if num_splits == 1:
         return  # the decode kernel wrote this sequence's output itself
 
     splits = tl.arange(0, SPLITS_PAD)
-    dims = tl.arange(0, HEAD_DIM_PAD)
+    dims = dim_block * DIM_BLOCK + tl.arange(0, DIM_BLOCK)
     row = seq.to(tl.int64) * NUM_Q_HEADS + head
     lse = tl.load(partial_lse_ptr + row * MAX_SPLITS + splits, mask=splits < num_splits, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
@@ -202,6 +203,17 @@ def _merge_splits_kernel(
     partial = tl.load(partial_out_ptr + offsets, mask=live[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     merged = tl.sum(partial * weights[:, None], axis=0)
     tl.store(out_ptr + row * HEAD_DIM + dims, merged.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+# Largest [splits x head_dim columns] tile of fp32 partials one merge program holds (64 registers a thread).
+_MAX_MERGE_TILE = 8192
+
+
+def merge_dim_block(splits: int, head_dim: int) -> int:
+    """Head_dim columns one merge program takes: all of a head up to 8K partial elements, fewer (a grid axis
+    over the columns) for many splits of wide heads (MLA's 512-wide output under 64 splits)."""
+    splits_pad = triton.next_power_of_2(splits)
+    return max(16, min(triton.next_power_of_2(head_dim), _MAX_MERGE_TILE // splits_pad))
 
 
 @functools.cache
@@ -301,7 +313,7 @@ def paged_decode_workspace(
     )
 
 
-def _check_workspace(workspace, rows: int, head_dim: int, device: torch.device) -> None:
+def check_workspace(workspace, rows: int, head_dim: int, device: torch.device) -> None:
     """A given workspace holds ``rows`` partial rows of ``head_dim`` fp32 on ``device`` (metadata only)."""
     if not isinstance(workspace, PagedDecodeWorkspace):
         raise ValueError(
@@ -410,7 +422,7 @@ def paged_decode(
     else:
         splits, forced = num_splits, num_splits
     if workspace is not None:
-        _check_workspace(workspace, batch * num_q_heads * splits, head_dim, q.device)
+        check_workspace(workspace, batch * num_q_heads * splits, head_dim, q.device)
     if batch == 0:
         return out
     if splits > 1 and workspace is not None:
@@ -452,7 +464,8 @@ def paged_decode(
         num_stages=config["num_stages"],
     )
     if splits > 1:
-        _merge_splits_kernel[(batch, num_q_heads)](
+        dim_block = merge_dim_block(splits, head_dim)
+        _merge_splits_kernel[(batch, num_q_heads, triton.cdiv(head_dim, dim_block))](
             seq_lens,
             partial_out,
             partial_lse,
@@ -460,7 +473,7 @@ def paged_decode(
             forced,
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=config["HEAD_DIM_PAD"],
+            DIM_BLOCK=dim_block,
             MAX_SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
             MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,

@@ -1,0 +1,371 @@
+"""MLA paged decode: DeepSeek's multi-head latent attention in its absorbed form, one new token per sequence.
+
+Layouts:
+    q             [batch, num_heads, qk_dim]   fp16 or bf16: the absorbed query, latent part then rope part
+    kv_cache      [num_blocks, block_size, 1, qk_dim]   one latent row per token, as write_kv writes a
+                  latent-only cache; q's dtype or fp8 e4m3 with a per-tensor kv_scale
+    block_tables  [batch, max_blocks] int32: page i of sequence b is block block_tables[b, i]
+    seq_lens      [batch] int32: tokens in each sequence's cache (0 gives zeros)
+    out           [batch, num_heads, v_head_dim] in q's dtype
+
+    out = softmax(q . kv^T * scale) @ kv[..., :v_head_dim]
+
+The first v_head_dim columns of a cached row are both key (with the rope columns after them) and value:
+the kernel loads them once and uses them in both dots. For DeepSeek-R1, qk_dim = 576 (512 latent + 64 rope)
+and v_head_dim = 512.
+
+Byte story: every query head attends over the same cached rows, so a program serves a tile of HEAD_BLOCK
+heads (16 to 64) of one sequence and split, with the heads as the M dimension of tl.dot: each cached byte
+is read once per head tile, not once per head. Past 64 heads (DeepSeek-R1 at TP 1 and 2) a sequence has
+several head tiles; they are neighbours in the grid (axis 0), so they run together and the later tiles
+find the rows in L2: DRAM sees each live byte about once. Slots past a sequence's length are masked at
+the load, never read (they may hold NaN).
+
+Where the time goes: per cached token, 2 x heads x (qk_dim + v_head_dim) FLOPs against qk_dim cache bytes,
+about 240 FLOP/byte at 128 bf16 heads (compute-bound on an H100/H200), 30 at 16 heads (bandwidth-bound).
+
+Long contexts and small batches split each sequence's tokens (split-KV) exactly as paged_decode does: the
+launcher bounds the splits from shapes only, each program derives its sequence's split count from its length
+on the device, and paged_decode's merge kernel combines the partials by their log-sum-exp. No host read, so
+a CUDA graph captured once stays right for any lengths and block tables.
+
+fp8 e4m3 caches: kv_scale is folded into the softmax scale (keys) and into the final normalisation (values),
+so the inner loop only widens fp8 to q's dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import INTERPRETED, _configs
+from kernels._checks import (
+    check_contiguous,
+    check_fp8_scales,
+    check_shape,
+    check_tensor,
+    dtype_name,
+    is_positive_finite,
+)
+
+# Split-KV is paged_decode's: the same split rule on the device, the same partial layout and merge kernel.
+from kernels.paged_attention import (
+    LOG2_E,
+    MAX_SPLITS,
+    MIN_SPLIT_TOKENS,
+    PagedDecodeWorkspace,
+    _merge_splits_kernel,
+    check_workspace,
+    max_splits_for,
+    merge_dim_block,
+    paged_decode_workspace,
+    scale_value,
+    sm_count,
+    splits_of,
+)
+
+Q_DTYPES = (torch.float16, torch.bfloat16)
+# Largest fp32 accumulator [head tile x padded value width] one program keeps in registers.
+_MAX_ACCUMULATOR = 64 * 512
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_ptr,  # [batch, num_heads, QK_DIM], strides (stride_q_seq, stride_q_head, 1)
+    kv_cache_ptr,  # [num_blocks, block_size, 1, QK_DIM], contiguous: value/latent columns, then rope
+    block_tables_ptr,  # [batch, max_blocks] int32, row stride stride_table
+    seq_lens_ptr,  # [batch] int32
+    out_ptr,  # [batch, num_heads, V_DIM], contiguous: sequences with one split
+    partial_out_ptr,  # [batch, num_heads, MAX_SPLITS, V_DIM] fp32: normalised output of each split
+    partial_lse_ptr,  # [batch, num_heads, MAX_SPLITS] fp32: log2-sum-exp2 of each split's scores
+    softmax_scale_log2,  # scale * log2(e): scores go through exp2
+    kv_scale,  # fp32 per-tensor scale: a value, or a [1] fp32 pointer when SCALE_IN_MEMORY
+    forced_splits,  # > 0: every sequence takes this many splits; 0: each derives its own from its length
+    stride_q_seq,
+    stride_q_head,
+    stride_table,
+    NUM_HEADS: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr,  # heads a program serves, the dots' M (power of two >= 16)
+    QK_DIM: tl.constexpr,  # cached row width (576 for DeepSeek)
+    V_DIM: tl.constexpr,  # leading columns that are also the value (512)
+    V_PAD: tl.constexpr,  # power of two >= max(V_DIM, 16)
+    ROPE_PAD: tl.constexpr,  # power of two >= max(QK_DIM - V_DIM, 16); 0 when the row is all value
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache page
+    BLOCK_N: tl.constexpr,  # tokens per loop iteration
+    MAX_SPLITS: tl.constexpr,  # splits the grid provides per sequence; 1 compiles the merge out
+    MIN_SPLIT_TOKENS: tl.constexpr,
+    SCALE_IN_MEMORY: tl.constexpr,
+    INTERPRETER_UPCAST: tl.constexpr,  # interpreter only: bf16 dots are wrong there, so dot in fp32
+):
+    head_tile = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_splits = splits_of(seq_len, forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
+    if split >= num_splits:
+        return
+    # Splits are whole tiles, so only a split's last tile is ragged.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    heads = head_tile * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
+    head_mask = heads < NUM_HEADS
+    v_dims = tl.arange(0, V_PAD)
+    v_mask = v_dims < V_DIM
+    q_rows = q_ptr + seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head
+    q_value = tl.load(q_rows + v_dims[None, :], mask=head_mask[:, None] & v_mask[None, :], other=0.0)
+    if INTERPRETER_UPCAST:
+        q_value = q_value.to(tl.float32)
+    dot_dtype = q_value.dtype
+    if ROPE_PAD > 0:
+        rope_dims = V_DIM + tl.arange(0, ROPE_PAD)
+        rope_mask = rope_dims < QK_DIM
+        q_rope = tl.load(q_rows + rope_dims[None, :], mask=head_mask[:, None] & rope_mask[None, :], other=0.0)
+        q_rope = q_rope.to(dot_dtype)
+    kv_scale = scale_value(kv_scale, SCALE_IN_MEMORY)
+    qk_scale = softmax_scale_log2 * kv_scale
+
+    m = tl.full([HEAD_BLOCK], float("-inf"), dtype=tl.float32)  # running max of scaled scores (log2)
+    denom = tl.zeros([HEAD_BLOCK], dtype=tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([HEAD_BLOCK, V_PAD], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table
+    for tile in range(start, end, BLOCK_N):
+        tokens = tile + tl.arange(0, BLOCK_N)
+        live = tokens < end
+        # Lanes of one page name the same table entry: one transaction per page.
+        block = tl.load(table + tokens // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+        rows = kv_cache_ptr + (block * BLOCK_SIZE + tokens % BLOCK_SIZE)[:, None] * QK_DIM
+        # The value columns: read once, the keys' leading part here and the values below.
+        kv = tl.load(rows + v_dims[None, :], mask=live[:, None] & v_mask[None, :], other=0.0).to(dot_dtype)
+        scores = tl.dot(q_value, tl.trans(kv))  # [HEAD_BLOCK, BLOCK_N] fp32
+        if ROPE_PAD > 0:
+            k_rope = tl.load(rows + rope_dims[None, :], mask=live[:, None] & rope_mask[None, :], other=0.0)
+            scores = tl.dot(q_rope, tl.trans(k_rope.to(dot_dtype)), scores)
+        scores = tl.where(live[None, :], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), kv)
+        m = m_new
+
+    # An empty sequence (or split) has denom == 0: its output is 0 and its log-sum-exp -inf, never NaN.
+    safe_denom = tl.where(denom > 0, denom, 1.0)
+    result = acc * (kv_scale / safe_denom)[:, None]
+    out_mask = head_mask[:, None] & v_mask[None, :]
+    head_rows = seq.to(tl.int64) * NUM_HEADS + heads
+    if MAX_SPLITS == 1:
+        tl.store(
+            out_ptr + head_rows[:, None] * V_DIM + v_dims[None, :],
+            result.to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+    elif num_splits == 1:
+        tl.store(
+            out_ptr + head_rows[:, None] * V_DIM + v_dims[None, :],
+            result.to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+    else:
+        partial_rows = head_rows * MAX_SPLITS + split
+        tl.store(partial_out_ptr + partial_rows[:, None] * V_DIM + v_dims[None, :], result, mask=out_mask)
+        lse = tl.where(denom > 0, m + tl.log2(safe_denom), float("-inf"))
+        tl.store(partial_lse_ptr + partial_rows, lse, mask=head_mask)
+
+
+def mla_decode_launch_config(num_heads: int, qk_dim: int, v_head_dim: int, cache_bytes: int) -> dict:
+    """Head tile, token tile, warps and pipeline depth.
+
+    Up to 64 heads share a program (the dots' M). Warps are sized so the fp32 accumulator [heads x value
+    width] is 32 elements a thread (16 warps at most): at DeepSeek's 512 columns, 8 warps for 16 heads (106
+    registers, two programs an SM) and 16 for 32 and 64 (104 and 128 registers); 4 warps at 32 heads
+    compiled to 255 registers. 32 tokens a tile keep a 576-wide bf16 row tile at 36 KB, two deep in shared
+    memory. fp8 caches load directly, as in paged_decode.
+    """
+    v_pad = max(16, triton.next_power_of_2(v_head_dim))
+    rope = qk_dim - v_head_dim
+    head_block = min(64, max(16, triton.next_power_of_2(num_heads)))
+    while head_block > 16 and head_block * v_pad > _MAX_ACCUMULATOR:
+        head_block //= 2
+    return {
+        "HEAD_BLOCK": head_block,
+        "V_PAD": v_pad,
+        "ROPE_PAD": max(16, triton.next_power_of_2(rope)) if rope > 0 else 0,
+        "BLOCK_N": 32,
+        "num_warps": min(16, max(4, head_block * v_pad // (32 * 32))),
+        "num_stages": 1 if cache_bytes == 1 else 2,
+    }
+
+
+#: Knobs of mla_decode_launch_config a per-GPU table (kernels/configs/) may override.
+TUNABLE = ("HEAD_BLOCK", "BLOCK_N", "num_warps", "num_stages")
+
+
+def mla_decode_config_key(
+    q_dtype: torch.dtype, cache_dtype: torch.dtype, num_heads: int, qk_dim: int, v_head_dim: int
+) -> str:
+    """The shape key of a launch in the per-GPU tables (lengths, batch and page size do not change the best
+    tile; the split count follows from them on its own)."""
+    return (
+        f"q={dtype_name(q_dtype)} kv={dtype_name(cache_dtype)} heads={num_heads} qk_dim={qk_dim} "
+        f"v_head_dim={v_head_dim}"
+    )
+
+
+def mla_decode_choice(q: torch.Tensor, kv_cache: torch.Tensor, v_head_dim: int) -> _configs.LaunchChoice:
+    """The launch configuration mla_decode takes for these inputs (metadata only) and where it came from."""
+    num_heads, qk_dim = q.shape[1], q.shape[2]
+    heuristic = mla_decode_launch_config(num_heads, qk_dim, v_head_dim, kv_cache.element_size())
+    key = mla_decode_config_key(q.dtype, kv_cache.dtype, num_heads, qk_dim, v_head_dim)
+    return _configs.choose("mla_decode", key, q.device, heuristic, TUNABLE)
+
+
+def mla_decode_workspace(
+    batch: int, num_heads: int, v_head_dim: int = 512, *, max_splits: int = MAX_SPLITS, device=None
+) -> PagedDecodeWorkspace:
+    """Split-KV scratch for up to ``batch`` sequences of ``num_heads`` heads: paged_decode's workspace with
+    the value width as its head_dim (the two kernels share the merge and its partial layout)."""
+    return paged_decode_workspace(batch, num_heads, v_head_dim, max_splits=max_splits, device=device)
+
+
+def mla_decode(
+    q,
+    kv_cache,
+    block_tables,
+    seq_lens,
+    *,
+    v_head_dim=512,
+    scale=None,
+    kv_scale=None,
+    num_splits=None,
+    out=None,
+    workspace=None,
+) -> torch.Tensor:
+    """Absorbed MLA decode of q against each sequence's paged latent cache; returns out
+    [batch, num_heads, v_head_dim].
+
+    Validates metadata only; ``kernels.paged_attention.check_paged_inputs(kv_cache, block_tables, seq_lens)``
+    checks lengths and block ids against the cache (it reads device data: keep it off timed and captured
+    paths). With ``workspace`` (mla_decode_workspace) and ``out`` given, the call allocates nothing.
+    """
+    check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
+    batch, num_heads, qk_dim = q.shape
+    if q.stride(2) != 1 and qk_dim > 1:  # a size-1 dimension's stride is never used
+        raise ValueError(f"q: expected the last dimension contiguous (stride 1), got strides {q.stride()}")
+    if num_heads == 0 or qk_dim == 0:
+        raise ValueError(f"q: expected num_heads and qk_dim >= 1, got shape {tuple(q.shape)}")
+    check_tensor("kv_cache", kv_cache, ndim=4, dtypes=(q.dtype, torch.float8_e4m3fn), device=q.device)
+    check_contiguous("kv_cache", kv_cache)
+    num_blocks, block_size, latent_heads, cache_dim = kv_cache.shape
+    if block_size == 0 or latent_heads != 1:
+        raise ValueError(
+            "kv_cache: expected [num_blocks, block_size >= 1, 1, qk_dim] (one latent row per token), got "
+            f"shape {tuple(kv_cache.shape)}"
+        )
+    if cache_dim != qk_dim:
+        raise ValueError(
+            f"q: expected its width {qk_dim} to equal the cache's row width, got kv_cache of shape "
+            f"{tuple(kv_cache.shape)}"
+        )
+    if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= qk_dim:
+        raise ValueError(f"v_head_dim: expected an integer in [1, {qk_dim}] (q's width), got {v_head_dim!r}")
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
+    check_shape("block_tables", block_tables, (batch, None), "[batch, max_blocks]")
+    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
+        raise ValueError(
+            f"block_tables: expected rows contiguous (stride 1), got strides {block_tables.stride()}"
+        )
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    check_shape("seq_lens", seq_lens, (batch,), "[batch]")
+    check_contiguous("seq_lens", seq_lens)
+    config = mla_decode_choice(q, kv_cache, v_head_dim).config
+    if config["HEAD_BLOCK"] * config["V_PAD"] > _MAX_ACCUMULATOR:
+        raise ValueError(
+            f"v_head_dim: {v_head_dim} is wider than one program's accumulator holds at 16 heads "
+            f"({_MAX_ACCUMULATOR // 16} columns)"
+        )
+    if scale is None:
+        scale = qk_dim**-0.5
+    elif not is_positive_finite(scale):
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    try:
+        kv_scale, _, scale_in_memory = check_fp8_scales(kv_scale, None, kv_cache.dtype, q.device)
+    except ValueError as error:  # the shared check names its first argument k_scale
+        raise ValueError(str(error).replace("k_scale", "kv_scale", 1)) from None
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS
+    ):
+        raise ValueError(f"num_splits: expected None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if out is None:
+        out = q.new_empty(batch, num_heads, v_head_dim)
+    else:
+        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
+        check_shape("out", out, (batch, num_heads, v_head_dim), "[batch, num_heads, v_head_dim]")
+        check_contiguous("out", out)
+    head_tiles = triton.cdiv(num_heads, config["HEAD_BLOCK"])
+    if num_splits is None:
+        max_context = block_tables.shape[1] * block_size
+        splits = max_splits_for(batch, head_tiles, max_context, sm_count(q.device))
+        forced = 0
+    else:
+        splits, forced = num_splits, num_splits
+    if workspace is not None:
+        check_workspace(workspace, batch * num_heads * splits, v_head_dim, q.device)
+    if batch == 0:
+        return out
+    if splits > 1 and workspace is not None:
+        partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
+    elif splits > 1:
+        partial_out = torch.empty(batch, num_heads, splits, v_head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out  # never touched: MAX_SPLITS == 1 compiles the partial stores out
+
+    # Head tiles of one (sequence, split) are neighbours on axis 0: they share every row through L2.
+    _mla_decode_kernel[(head_tiles, splits, batch)](
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        out,
+        partial_out,
+        partial_lse,
+        scale * LOG2_E,
+        kv_scale,
+        forced,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        HEAD_BLOCK=config["HEAD_BLOCK"],
+        QK_DIM=qk_dim,
+        V_DIM=v_head_dim,
+        V_PAD=config["V_PAD"],
+        ROPE_PAD=config["ROPE_PAD"],
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config["BLOCK_N"],
+        MAX_SPLITS=splits,
+        MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
+        SCALE_IN_MEMORY=scale_in_memory,
+        INTERPRETER_UPCAST=INTERPRETED,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    if splits > 1:
+        dim_block = merge_dim_block(splits, v_head_dim)
+        _merge_splits_kernel[(batch, num_heads, triton.cdiv(v_head_dim, dim_block))](
+            seq_lens,
+            partial_out,
+            partial_lse,
+            out,
+            forced,
+            NUM_Q_HEADS=num_heads,
+            HEAD_DIM=v_head_dim,
+            DIM_BLOCK=dim_block,
+            MAX_SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
+            num_warps=4,
+        )
+    return out
