@@ -57,6 +57,38 @@ MODELS: dict[str, AttentionModel] = {
     )
 }
 
+
+@dataclass(frozen=True)
+class MLAGeometry:
+    """Multi-head latent attention as decode runs it, absorbed (shared/facts.md): q_nope is multiplied by
+    W_UK first, so every head's query is kv_lora_rank + qk_rope_head_dim wide, attends over the cached
+    latent rows, and its kv_lora_rank-wide output goes through W_UV afterwards. Fields are the model's
+    config.json names."""
+
+    kv_lora_rank: int  # the compressed KV: the cached latent, and the value width of absorbed decode
+    qk_rope_head_dim: int  # the decoupled rope key, cached after the latent
+    qk_nope_head_dim: int
+    rope_factor: float = 1.0  # rope_scaling.factor (YaRN)
+    mscale_all_dim: float = 0.0  # rope_scaling.mscale_all_dim
+
+    @property
+    def cached_width(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk_nope + qk_rope) times YaRN's attention factor squared, as DeepSeek's modelling code
+        computes it (0.1 x mscale_all_dim x ln(factor) + 1, when the factor is above 1)."""
+        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        if self.rope_factor > 1 and self.mscale_all_dim:
+            mscale = 0.1 * self.mscale_all_dim * math.log(self.rope_factor) + 1.0
+            scale *= mscale * mscale
+        return scale
+
+
+#: DeepSeek-R1 (= V3's attention): kv_lora_rank 512, rope 64, nope 128, YaRN factor 40, mscale_all_dim 1.
+MLA_MODELS: dict[str, MLAGeometry] = {"DeepSeek-R1": MLAGeometry(512, 64, 128, 40.0, 1.0)}
+
 #: Decode: one new token per sequence, batch 1 to 256.
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Prefill: chunks of new tokens, up to 8192.

@@ -90,6 +90,17 @@ def _check_scale(name: str, scale, device: torch.device):
     )
 
 
+def check_fp8_scale(name: str, scale, cache_dtype: torch.dtype, device: torch.device):
+    """One per-tensor scale, ready for a kernel: (scale, scale_in_memory). fp8 e4m3 caches take a float
+    (passed by value) or a one-element fp32 device tensor (read by the kernel); other caches take none."""
+    if cache_dtype != torch.float8_e4m3fn:
+        if scale is not None:
+            raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {scale!r}")
+        return 1.0, False
+    scale = _check_scale(name, scale, device)
+    return scale, isinstance(scale, torch.Tensor)
+
+
 def check_fp8_scales(k_scale, v_scale, cache_dtype: torch.dtype, device: torch.device):
     """Per-tensor K and V scales, ready for a kernel: (k_scale, v_scale, scales_in_memory).
 

@@ -24,10 +24,12 @@ the load, never read (they may hold NaN).
 Where the time goes: per cached token, 2 x heads x (qk_dim + v_head_dim) FLOPs against qk_dim cache bytes,
 about 240 FLOP/byte at 128 bf16 heads (compute-bound on an H100/H200), 30 at 16 heads (bandwidth-bound).
 
-Long contexts and small batches split each sequence's tokens (split-KV) exactly as paged_decode does: the
-launcher bounds the splits from shapes only, each program derives its sequence's split count from its length
-on the device, and paged_decode's merge kernel combines the partials by their log-sum-exp. No host read, so
-a CUDA graph captured once stays right for any lengths and block tables.
+Long contexts and small batches split each sequence's tokens (split-KV) as paged_decode does: the launcher
+bounds the splits from shapes only, each program derives its sequence's split count from its length on the
+device, and paged_decode's merge kernel combines the partials by their log-sum-exp. No host read, so a CUDA
+graph captured once stays right for any lengths and block tables. One difference: a split's partials are a
+512-wide fp32 row per head, so a split takes enough tokens to read 32 times those bytes
+(mla_min_split_tokens), where paged_decode takes 256.
 
 fp8 e4m3 caches: kv_scale is folded into the softmax scale (keys) and into the final normalisation (values),
 so the inner loop only widens fp8 to q's dtype.
@@ -40,7 +42,7 @@ import triton.language as tl
 from kernels import INTERPRETED, _configs
 from kernels._checks import (
     check_contiguous,
-    check_fp8_scales,
+    check_fp8_scale,
     check_shape,
     check_tensor,
     dtype_name,
@@ -198,6 +200,25 @@ def mla_decode_launch_config(num_heads: int, qk_dim: int, v_head_dim: int, cache
     }
 
 
+# A split reads at least this many times the bytes of its partials (its fp32 output rows written, then read
+# back by the merge), so split-KV adds at most 1/32 to the traffic. The price is parallelism for a lone long
+# sequence: at 16 heads a 64K-token sequence takes 36 splits, not 64.
+_SPLIT_READ_OVER_PARTIALS = 32
+
+
+def mla_min_split_tokens(
+    num_heads: int, head_block: int, qk_dim: int, v_head_dim: int, cache_bytes: int
+) -> int:
+    """Fewest tokens a split takes. paged_decode's 256 suits a few query heads per KV head; here a split
+    writes a v_head_dim-wide fp32 row per head of its tile (32 KB for 16 of DeepSeek's heads) against
+    qk_dim cache bytes per token, so the floor grows with the heads and the value width: 1,824 tokens at
+    16 heads over a bf16 576-wide cache, 7,296 at 64."""
+    heads = min(num_heads, head_block)
+    partial_bytes = heads * (v_head_dim * 4 + 4) * 2  # out row and log-sum-exp, written and read back
+    tokens = triton.cdiv(_SPLIT_READ_OVER_PARTIALS * partial_bytes, qk_dim * cache_bytes)
+    return max(MIN_SPLIT_TOKENS, triton.cdiv(tokens, 16) * 16)
+
+
 #: Knobs of mla_decode_launch_config a per-GPU table (kernels/configs/) may override.
 TUNABLE = ("HEAD_BLOCK", "BLOCK_N", "num_warps", "num_stages")
 
@@ -289,10 +310,7 @@ def mla_decode(
         scale = qk_dim**-0.5
     elif not is_positive_finite(scale):
         raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
-    try:
-        kv_scale, _, scale_in_memory = check_fp8_scales(kv_scale, None, kv_cache.dtype, q.device)
-    except ValueError as error:  # the shared check names its first argument k_scale
-        raise ValueError(str(error).replace("k_scale", "kv_scale", 1)) from None
+    kv_scale, scale_in_memory = check_fp8_scale("kv_scale", kv_scale, kv_cache.dtype, q.device)
     if num_splits is not None and (
         isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS
     ):
@@ -304,9 +322,12 @@ def mla_decode(
         check_shape("out", out, (batch, num_heads, v_head_dim), "[batch, num_heads, v_head_dim]")
         check_contiguous("out", out)
     head_tiles = triton.cdiv(num_heads, config["HEAD_BLOCK"])
+    min_split_tokens = mla_min_split_tokens(
+        num_heads, config["HEAD_BLOCK"], qk_dim, v_head_dim, kv_cache.element_size()
+    )
     if num_splits is None:
         max_context = block_tables.shape[1] * block_size
-        splits = max_splits_for(batch, head_tiles, max_context, sm_count(q.device))
+        splits = max_splits_for(batch, head_tiles, max_context, sm_count(q.device), min_split_tokens)
         forced = 0
     else:
         splits, forced = num_splits, num_splits
@@ -346,7 +367,7 @@ def mla_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=config["BLOCK_N"],
         MAX_SPLITS=splits,
-        MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
+        MIN_SPLIT_TOKENS=min_split_tokens,
         SCALE_IN_MEMORY=scale_in_memory,
         INTERPRETER_UPCAST=INTERPRETED,
         num_warps=config["num_warps"],
@@ -365,7 +386,7 @@ def mla_decode(
             DIM_BLOCK=dim_block,
             MAX_SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits),
-            MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
+            MIN_SPLIT_TOKENS=min_split_tokens,
             num_warps=4,
         )
     return out

@@ -228,12 +228,14 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def max_splits_for(batch: int, num_kv_heads: int, max_context: int, sms: int) -> int:
+def max_splits_for(
+    batch: int, num_kv_heads: int, max_context: int, sms: int, min_split_tokens: int = MIN_SPLIT_TOKENS
+) -> int:
     """Splits per sequence the grid provides: enough (sequence, KV head, split) programs for two per SM,
-    no more than the widest possible context can fill with MIN_SPLIT_TOKENS each; a power of two, so few
-    variants compile. Shapes only: the lengths themselves stay on the device."""
+    no more than the widest possible context can fill with ``min_split_tokens`` each; a power of two, so
+    few variants compile. Shapes only: the lengths themselves stay on the device."""
     wanted = triton.cdiv(2 * sms, max(1, batch * num_kv_heads))
-    fillable = max(1, triton.cdiv(max_context, MIN_SPLIT_TOKENS))
+    fillable = max(1, triton.cdiv(max_context, min_split_tokens))
     return min(triton.next_power_of_2(min(wanted, fillable)), MAX_SPLITS)
 
 

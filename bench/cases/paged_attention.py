@@ -72,8 +72,9 @@ def flop_model(shape: PagedDecodeShape) -> int:
     return 4 * shape.num_q_heads * shape.head_dim * sum(shape.lengths)
 
 
-def _block_tables(shape: PagedDecodeShape, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Fragmented block tables (blocks in random order), the first ``shared_pages`` shared by all."""
+def fragmented_block_tables(shape, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Fragmented block tables (blocks in random order), the first ``shared_pages`` shared by all; and the
+    block count. ``shape`` has batch, pages, shared_pages and spare_pages (the decode cases' shapes)."""
     width = max(shape.pages) + shape.spare_pages
     own = [max(0, p - shape.shared_pages) for p in shape.pages]
     num_blocks = shape.shared_pages + sum(own) + 1  # one block no sequence owns: stays NaN
@@ -89,22 +90,25 @@ def _block_tables(shape: PagedDecodeShape, gen: torch.Generator) -> tuple[torch.
     return table, num_blocks
 
 
+def live_slots(table: torch.Tensor, lengths, block_size: int, num_blocks: int, device) -> torch.Tensor:
+    """[num_blocks x block_size] bool: the cache slots some sequence owns (the rest get NaN)."""
+    live = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=device)
+    for b, length in enumerate(lengths):
+        token = torch.arange(length, device=device)
+        live[table[b].to(device).long()[token // block_size] * block_size + token % block_size] = True
+    return live
+
+
 def build(shape: PagedDecodeShape, device, seed: int, guarded: bool = False) -> Inputs:
     """Random q and caches; every cache slot past a sequence's length (and every block nobody owns) holds NaN,
     so a kernel that reads one shows it. With ``guarded``, out starts poisoned inside sentinel fences."""
     gen = generator(seed, device if torch.device(device).type == "cuda" else "cpu")
-    table, num_blocks = _block_tables(shape, generator(seed))
+    table, num_blocks = fragmented_block_tables(shape, generator(seed))
     cache_shape = (num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
     caches = []
     for _ in range(2):
         cache = randn(cache_shape, torch.float32, device, gen, scale=2.0 if shape.cache_dtype == FP8 else 1.0)
-        live = torch.zeros(num_blocks * shape.block_size, dtype=torch.bool, device=device)
-        for b, length in enumerate(shape.lengths):
-            token = torch.arange(length, device=device)
-            live[
-                table[b].to(device).long()[token // shape.block_size] * shape.block_size
-                + token % shape.block_size
-            ] = True
+        live = live_slots(table, shape.lengths, shape.block_size, num_blocks, device)
         cache.view(-1, shape.num_kv_heads, shape.head_dim)[~live] = float("nan")
         caches.append(cache.to(shape.cache_dtype))
     args = {
@@ -125,23 +129,27 @@ def build(shape: PagedDecodeShape, device, seed: int, guarded: bool = False) -> 
     return Inputs(args, ("out",), guards)
 
 
-def compare(actual: Inputs, expected: Inputs, shape: PagedDecodeShape) -> float:
-    """Output within q's dtype tolerance of the fp32 reference, finite everywhere (zero-length sequences
-    give zeros), returned and written to ``out`` alike, sentinels intact."""
+def check_decode_output(actual: Inputs, expected: Inputs, lengths, dtype: torch.dtype, kernel: str) -> float:
+    """A decode kernel's output within ``dtype``'s tolerance of the fp32 reference, finite everywhere
+    (zero-length sequences give zeros), returned and written to ``out`` alike, sentinels intact."""
     for name, guard in actual.guards.items():
         guard.check(name)
     out = actual.args["out"] if actual.args.get("out") is not None else actual.result
     if actual.result is not None and actual.result.data_ptr() != out.data_ptr():
-        raise AssertionError("paged_decode: returned a tensor other than out")
+        raise AssertionError(f"{kernel}: returned a tensor other than out")
     if not torch.isfinite(out.float()).all():
         raise AssertionError(
             "out: holds NaN or inf (a masked slot leaked, or an empty sequence divided by 0)"
         )
-    empty = torch.tensor(shape.lengths, device=out.device) == 0
+    empty = torch.tensor(lengths, device=out.device) == 0
     if empty.any() and out[empty].abs().max() != 0:
         raise AssertionError("out: a zero-length sequence did not give zeros")
-    assert_close(out, expected.result, "out", dtype=shape.dtype)
+    assert_close(out, expected.result, "out", dtype=dtype)
     return max_error(out, expected.result)
+
+
+def compare(actual: Inputs, expected: Inputs, shape: PagedDecodeShape) -> float:
+    return check_decode_output(actual, expected, shape.lengths, shape.dtype, "paged_decode")
 
 
 def _model(name: str, tp: int = 1) -> tuple[str, int, int, int]:
@@ -156,7 +164,7 @@ PRESETS = [_model("Llama-3.1-8B"), _model("Llama-3.1-70B", tp=8), _model("Qwen3-
 
 # Reasoning lengths (shared/facts.md): MATH-500-like outputs of 1K to 3K tokens, AIME-like of 10K to 12K
 # with a tail to 32K; prompts are short beside them. A fixed spread, so runs compare.
-_MIXED = (
+REASONING_MIX = (
     1024,
     1536,
     2048,
@@ -191,7 +199,7 @@ def sweep() -> list[PagedDecodeShape]:
         for cache_dtype in dtypes:
             shapes += [_shape(preset, [n] * b, cache_dtype=cache_dtype) for b, n in grid]
             shapes.append(_shape(preset, [65536], cache_dtype=cache_dtype))
-            shapes.append(_shape(preset, _MIXED * 2, cache_dtype=cache_dtype))
+            shapes.append(_shape(preset, REASONING_MIX * 2, cache_dtype=cache_dtype))
     shapes += [_shape(PRESETS[0], [8192] * 32, block_size=size) for size in BLOCK_SIZES]
     return list(dict.fromkeys(shapes))
 
@@ -207,7 +215,7 @@ def default_shapes() -> list[PagedDecodeShape]:
         _shape(llama8, [65536], cache_dtype=FP8),
         _shape(PRESETS[1], [8192] * 32),
         _shape(PRESETS[3], [8192] * 32),
-        _shape(llama8, _MIXED * 2),
+        _shape(llama8, REASONING_MIX * 2),
     ]
 
 

@@ -57,71 +57,61 @@ def sdpa_check(result, expected, shape) -> float:
 _compiled_flex = None
 
 
-def _flex_unsupported(shape, device: torch.device) -> str | None:
-    """Why FlexAttention cannot take this shape, or None. On a GPU the compiled kernel (torch's inductor
+def flex_unsupported(cache_dtype, lengths, block_size: int, head_dim: int, group: int, device) -> str | None:
+    """Why FlexAttention cannot take this decode, or None. On a GPU the compiled kernel (torch's inductor
     lowering of flex decoding) tiles one page per key block with tl.dot, which needs 16 columns and 16-wide
     heads, and serves a group of query heads per KV head only when the group is a power of two (the general
     kernel cannot take our one-row query blocks)."""
-    if shape.cache_dtype == FP8:
+    if cache_dtype == FP8:
         return "FlexAttention takes no fp8 K/V"
-    if max(shape.lengths) == 0:
+    if max(lengths) == 0:
         return "FlexAttention needs at least one key"
     if device.type == "cuda":
-        group = shape.num_q_heads // shape.num_kv_heads
-        if shape.block_size < 16:
-            return f"compiled FlexAttention takes pages of 16 tokens or more, not {shape.block_size}"
-        if shape.head_dim < 16:
-            return f"compiled FlexAttention takes head_dim 16 or more, not {shape.head_dim}"
+        if block_size < 16:
+            return f"compiled FlexAttention takes pages of 16 tokens or more, not {block_size}"
+        if head_dim < 16:
+            return f"compiled FlexAttention takes head_dim 16 or more, not {head_dim}"
         if group & (group - 1):
             return f"compiled FlexAttention decode needs a power-of-two query group, not {group}"
     return None
 
 
-def flex_prepare(inputs, shape) -> Prepared:
-    """The cache is copied once into FlexAttention's physical layout [1, kv_heads, blocks x page, head_dim]
-    (same block ids), its page table is set from the block tables, and the logical block mask (key <
-    length) is converted to pages. On a GPU flex_attention is compiled (once per process, dynamic shapes);
-    the first call, which pays the compile, is verify_and_prepare's untimed one. FlexAttention reads whole
-    pages, so slots past a length must not hold NaN: its copy of the cache has them zeroed."""
+def flex_physical(cache: torch.Tensor) -> torch.Tensor:
+    """A paged cache [num_blocks, block_size, kv_heads, dim] as FlexAttention's physical layout [1, kv_heads,
+    blocks x page, dim] (same block ids). FlexAttention reads whole pages, so slots past a length must not
+    hold NaN: the copy has them zeroed."""
+    num_blocks, block_size, num_kv_heads, dim = cache.shape
+    return cache.nan_to_num(0.0).permute(2, 0, 1, 3).reshape(1, num_kv_heads, -1, dim).contiguous()
+
+
+def flex_paged_prepare(q, k, v, block_tables, seq_lens, pages, block_size: int, scale: float) -> Prepared:
+    """FlexAttention's paged decode of q [batch, heads, dim] over physical k and v (flex_physical): its page
+    table is set from the block tables and the logical block mask (key < length) converted to pages. On a
+    GPU flex_attention is compiled (once per process, dynamic shapes); the first call, which pays the
+    compile, is verify_and_prepare's untimed one."""
     global _compiled_flex
     try:
         from torch.nn.attention.experimental._paged_attention import PagedAttention
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as error:
         raise PeerUnavailable(f"this torch has no FlexAttention paged decode ({error})") from None
-    a = inputs.args
-    device = a["q"].device
-    reason = _flex_unsupported(shape, device)
-    if reason:
-        raise PeerUnavailable(reason)
-    num_blocks, block_size, num_kv_heads, head_dim = a["k_cache"].shape
-    paged = PagedAttention(num_blocks, block_size, shape.batch, device=str(device))
-    table = torch.full((shape.batch, num_blocks), -1, dtype=torch.int64, device=device)
-    to_logical = torch.full((shape.batch, num_blocks), -1, dtype=torch.int64, device=device)
-    for b, pages in enumerate(shape.pages):
-        ids = a["block_tables"][b, :pages].long()
-        table[b, :pages] = ids
-        to_logical[b, ids] = torch.arange(pages, device=device)
+    device, batch = q.device, q.shape[0]
+    num_blocks = k.shape[2] // block_size
+    paged = PagedAttention(num_blocks, block_size, batch, device=str(device))
+    table = torch.full((batch, num_blocks), -1, dtype=torch.int64, device=device)
+    to_logical = torch.full((batch, num_blocks), -1, dtype=torch.int64, device=device)
+    for b, count in enumerate(pages):
+        ids = block_tables[b, :count].long()
+        table[b, :count] = ids
+        to_logical[b, ids] = torch.arange(count, device=device)
     paged.page_table, paged.physical_to_logical = table, to_logical
-    lengths = a["seq_lens"].long()
+    lengths = seq_lens.long()
 
     def within_length(b, h, q_idx, kv_idx):
         return kv_idx < lengths[b]
 
-    def physical(cache):
-        flat = cache.nan_to_num(0.0).permute(2, 0, 1, 3).reshape(1, num_kv_heads, -1, head_dim)
-        return flat.contiguous()
-
-    k, v, q = physical(a["k_cache"]), physical(a["v_cache"]), a["q"][:, :, None, :]
-    scale = shape.head_dim**-0.5
     logical = create_block_mask(
-        within_length,
-        shape.batch,
-        None,
-        1,
-        max(shape.pages) * block_size,
-        device=str(device),
-        BLOCK_SIZE=(1, block_size),
+        within_length, batch, None, 1, max(pages) * block_size, device=str(device), BLOCK_SIZE=(1, block_size)
     )
     mask = paged.convert_logical_block_mask(logical, kv_len=lengths)
     attend = flex_attention
@@ -129,7 +119,23 @@ def flex_prepare(inputs, shape) -> Prepared:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=True)
         attend = _compiled_flex
+    q = q[:, :, None, :]
     return Prepared(lambda: attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True))
+
+
+def flex_prepare(inputs, shape) -> Prepared:
+    """The caches copied once into FlexAttention's physical layout, outside the timing."""
+    a = inputs.args
+    group = shape.num_q_heads // shape.num_kv_heads
+    reason = flex_unsupported(
+        shape.cache_dtype, shape.lengths, shape.block_size, shape.head_dim, group, a["q"].device
+    )
+    if reason:
+        raise PeerUnavailable(reason)
+    k, v = flex_physical(a["k_cache"]), flex_physical(a["v_cache"])
+    return flex_paged_prepare(
+        a["q"], k, v, a["block_tables"], a["seq_lens"], shape.pages, shape.block_size, shape.head_dim**-0.5
+    )
 
 
 def flex_check(result, expected, shape) -> float:
@@ -139,10 +145,11 @@ def flex_check(result, expected, shape) -> float:
 # --- FlashInfer batch decode --------------------------------------------------------------------------------
 
 
-def flashinfer_prepare(inputs, shape) -> Prepared:
-    """Its NHD layout is ours; planned here, outside the timing, as a serving engine plans once per step."""
+def flashinfer_page_lists(inputs, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's CSR page lists of a decode case's inputs: (indptr, indices, last_page_len) on q's
+    device; raises PeerUnavailable where FlashInfer cannot run or express the batch."""
     try:
-        import flashinfer
+        import flashinfer  # noqa: F401
     except ImportError:
         raise PeerUnavailable("flashinfer is not installed (pip install 'decodebench[flashinfer]')") from None
     if 0 in shape.lengths:
@@ -156,6 +163,15 @@ def flashinfer_prepare(inputs, shape) -> Prepared:
     last_page_len = torch.tensor(
         [n - (p - 1) * shape.block_size for n, p in zip(shape.lengths, shape.pages)], dtype=torch.int32
     ).to(device)
+    return indptr, indices, last_page_len
+
+
+def flashinfer_prepare(inputs, shape) -> Prepared:
+    """Its NHD layout is ours; planned here, outside the timing, as a serving engine plans once per step."""
+    indptr, indices, last_page_len = flashinfer_page_lists(inputs, shape)
+    import flashinfer
+
+    a, device = inputs.args, inputs.args["q"].device
     workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
     wrapper.plan(

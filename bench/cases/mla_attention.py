@@ -1,0 +1,253 @@
+"""mla_decode's case: DeepSeek-R1's absorbed MLA decode at each tensor-parallel degree, paged latent caches
+with NaN in every slot no sequence owns, byte and FLOP models, and the check against the reference.
+
+MLA sits near the ridge point: per cached token, 2 x heads x (qk_dim + v_head_dim) FLOPs against qk_dim
+cache bytes. At TP 8 (16 heads a rank) that is 30 FLOP/byte in bf16, bandwidth-bound; at TP 1 (128 heads)
+about 240, compute-bound on an H100/H200. Reports put each shape's arithmetic intensity beside the measured
+ridge (matmul ceiling / copy bandwidth) and say which one binds.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+import kernels.mla_attention
+import reference.mla_attention
+from bench.cases.base import Case, Inputs
+from bench.cases.paged_attention import (
+    REASONING_MIX,
+    check_decode_output,
+    fragmented_block_tables,
+    live_slots,
+)
+from bench.models import MLA_MODELS, MODELS
+from bench.peers.mla_attention import PEERS
+from bench.testing import Guarded, generator, randn
+
+_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
+FP8 = torch.float8_e4m3fn
+DEEPSEEK = MLA_MODELS["DeepSeek-R1"]
+#: FlashMLA's page size, and DeepSeek's serving engines'.
+MLA_BLOCK_SIZE = 64
+
+
+@dataclass(frozen=True)
+class MLADecodeShape:
+    """One decode step of a batch. ``lengths`` holds each sequence's cached tokens.
+
+    ``shared_pages``: the first pages of every sequence are the same blocks. ``num_splits`` is passed through
+    (None: the launcher chooses). fp8 caches get a one-element tensor kv_scale, or a float with
+    ``float_scale``. ``scale`` None: the kernel's default, qk_dim ** -0.5.
+    """
+
+    name: str
+    lengths: tuple[int, ...]
+    num_heads: int
+    qk_dim: int = DEEPSEEK.cached_width
+    v_head_dim: int = DEEPSEEK.kv_lora_rank
+    block_size: int = MLA_BLOCK_SIZE
+    dtype: torch.dtype = torch.bfloat16
+    cache_dtype: torch.dtype = torch.bfloat16
+    scale: float | None = None
+    float_scale: bool = False
+    shared_pages: int = 0
+    num_splits: int | None = None
+    spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def pages(self) -> list[int]:
+        return [-(-n // self.block_size) for n in self.lengths]
+
+    @property
+    def label(self) -> str:
+        lengths = set(self.lengths)
+        context = f"ctx={self.lengths[0]}" if len(lengths) == 1 else f"ctx={min(lengths)}..{max(lengths)}"
+        splits = f" splits={self.num_splits}" if self.num_splits else ""
+        table = (
+            f" table={(max(self.pages) + self.spare_pages) * self.block_size}" if self.spare_pages > 1 else ""
+        )
+        return (
+            f"{self.name} b={self.batch} {context} h={self.num_heads} {self.qk_dim}/{self.v_head_dim} "
+            f"page={self.block_size} {_SHORT[self.cache_dtype]}{splits}{table}"
+        )
+
+
+def byte_model(shape: MLADecodeShape) -> int:
+    """What must move: each live token's latent row once per sequence (all heads share it), q in and out
+    back in q's dtype, and fp8's per-tensor scale when it lives in memory."""
+    q_bytes = shape.dtype.itemsize
+    per_sequence = shape.num_heads * (shape.qk_dim + shape.v_head_dim) * q_bytes
+    cache = sum(shape.lengths) * shape.qk_dim * shape.cache_dtype.itemsize
+    scale = 4 if shape.cache_dtype == FP8 and not shape.float_scale else 0
+    return shape.batch * per_sequence + cache + scale
+
+
+def flop_model(shape: MLADecodeShape) -> int:
+    """q.kv over qk_dim and p.v over v_head_dim: two FLOPs a multiply-add, per head and token."""
+    return 2 * shape.num_heads * (shape.qk_dim + shape.v_head_dim) * sum(shape.lengths)
+
+
+def build(shape: MLADecodeShape, device, seed: int, guarded: bool = False) -> Inputs:
+    """Random q and latent cache; every slot past a sequence's length (and every block nobody owns) holds
+    NaN. With ``guarded``, out starts poisoned inside sentinel fences."""
+    gen = generator(seed, device if torch.device(device).type == "cuda" else "cpu")
+    table, num_blocks = fragmented_block_tables(shape, generator(seed))
+    cache_shape = (num_blocks, shape.block_size, 1, shape.qk_dim)
+    cache = randn(cache_shape, torch.float32, device, gen, scale=2.0 if shape.cache_dtype == FP8 else 1.0)
+    live = live_slots(table, shape.lengths, shape.block_size, num_blocks, device)
+    cache.view(-1, shape.qk_dim)[~live] = float("nan")
+    args = {
+        "q": randn((shape.batch, shape.num_heads, shape.qk_dim), shape.dtype, device, gen),
+        "kv_cache": cache.to(shape.cache_dtype),
+        "block_tables": table.to(device),
+        "seq_lens": torch.tensor(shape.lengths, dtype=torch.int32, device=device),
+        "v_head_dim": shape.v_head_dim,
+        "scale": shape.scale,
+        "num_splits": shape.num_splits,
+    }
+    if shape.cache_dtype == FP8:
+        args["kv_scale"] = 0.5 if shape.float_scale else torch.tensor([0.5], device=device)
+    guards = {}
+    if guarded:
+        guards["out"] = Guarded.empty((shape.batch, shape.num_heads, shape.v_head_dim), shape.dtype, device)
+        args["out"] = guards["out"].tensor
+    return Inputs(args, ("out",), guards)
+
+
+def compare(actual: Inputs, expected: Inputs, shape: MLADecodeShape) -> float:
+    return check_decode_output(actual, expected, shape.lengths, shape.dtype, "mla_decode")
+
+
+def deepseek(tp: int, lengths, **kw) -> MLADecodeShape:
+    """DeepSeek-R1's attention on one rank of TP ``tp``: 128 / tp heads over the whole latent (replicated),
+    with the model's softmax scale."""
+    name = "DeepSeek-R1" if tp == 1 else f"DeepSeek-R1 TP{tp}"
+    heads = MODELS["DeepSeek-R1"].q_heads_per_rank(tp)
+    return MLADecodeShape(name, tuple(lengths), heads, scale=DEEPSEEK.softmax_scale, **kw)
+
+
+TPS = (1, 2, 4, 8)
+
+
+def sweep() -> list[MLADecodeShape]:
+    """bf16 caches at every TP degree over batch x context (at most 2M cached tokens: 2.4 GB of latent),
+    a 64K stream and a reasoning mix; fp8 at TP 8 (bandwidth-bound) and TP 1 (compute-bound); pages of 16
+    beside 64."""
+    shapes = []
+    grid = [(b, n) for b in (1, 8, 32, 128, 256) for n in (1024, 8192, 32768, 65536) if b * n <= 2 * 1024**2]
+    for tp in TPS:
+        for cache_dtype in (torch.bfloat16, FP8) if tp in (1, 8) else (torch.bfloat16,):
+            shapes += [deepseek(tp, [n] * b, cache_dtype=cache_dtype) for b, n in grid]
+            shapes.append(deepseek(tp, REASONING_MIX * 2, cache_dtype=cache_dtype))
+        shapes += [deepseek(tp, [8192] * 32, block_size=16), deepseek(tp, [65536], block_size=16)]
+    return list(dict.fromkeys(shapes))
+
+
+def default_shapes() -> list[MLADecodeShape]:
+    """The issue's targets: TP 8 at batch 32 and 8K / 32K (bandwidth), TP 1 (compute), fp8 beside bf16 at
+    both ends, one 64K stream (split-KV), TP 2 and 4, the reasoning mix, pages of 16."""
+    return [
+        deepseek(8, [8192] * 32),
+        deepseek(8, [8192] * 32, cache_dtype=FP8),
+        deepseek(8, [32768] * 32),
+        deepseek(8, [65536]),
+        deepseek(4, [8192] * 32),
+        deepseek(2, [8192] * 32),
+        deepseek(1, [8192] * 32),
+        deepseek(1, [8192] * 32, cache_dtype=FP8),
+        deepseek(8, REASONING_MIX * 2),
+        deepseek(8, [8192] * 32, block_size=16),
+    ]
+
+
+def small_shapes() -> list[MLADecodeShape]:
+    """Interpreter sizes: DeepSeek's widths at 16 heads, odd head counts, widths that are not powers of two
+    and rows that are all value, page sizes 1 to 64, empty and ragged sequences, shared blocks, fp8 with
+    tensor and float scales, forced and derived splits, two head tiles (128 heads)."""
+    S = MLADecodeShape
+    return [
+        S("deepseek tp8", (37, 100, 0), 16, block_size=16, scale=DEEPSEEK.softmax_scale),
+        S(
+            "odd",
+            (41, 9),
+            20,
+            qk_dim=100,
+            v_head_dim=72,
+            block_size=8,
+            dtype=torch.float16,
+            cache_dtype=torch.float16,
+        ),
+        S("page1", (5, 20), 3, qk_dim=64, v_head_dim=64, block_size=1),
+        S("shared", (70, 33, 64), 16, qk_dim=96, v_head_dim=64, block_size=32, shared_pages=2),
+        S("fp8", (90, 1), 16, block_size=64, cache_dtype=FP8),
+        S(
+            "fp8 float",
+            (50,),
+            8,
+            qk_dim=144,
+            v_head_dim=128,
+            block_size=16,
+            cache_dtype=FP8,
+            float_scale=True,
+        ),
+        S("split", (300, 17, 0), 16, qk_dim=80, v_head_dim=64, block_size=16, num_splits=3),
+        S("long", (1200,), 4, qk_dim=72, v_head_dim=64, block_size=64),
+        S("128 heads", (40, 7), 128, block_size=16),
+    ]
+
+
+def static_shapes() -> list[MLADecodeShape]:
+    """The benchmarks' launch configurations at 16, 32, 64 and 128 heads, pages of 16 and 64, bf16 and fp8.
+    Launches depend on shapes and the block table's width, not on lengths, so each keeps its table width
+    (and so its split count) with 16-token sequences."""
+
+    def launch(tp, batch, context, block_size=MLA_BLOCK_SIZE, **kw):
+        pages = -(-context // block_size)
+        return deepseek(tp, [16] * batch, block_size=block_size, spare_pages=pages - 1, **kw)
+
+    return [
+        launch(8, 32, 8192),
+        launch(8, 32, 8192, cache_dtype=FP8, block_size=16),
+        launch(8, 1, 65536),
+        launch(4, 32, 8192, block_size=16),
+        launch(2, 32, 8192, cache_dtype=FP8),
+        launch(1, 32, 8192),
+        launch(1, 32, 8192, cache_dtype=FP8, block_size=16),
+    ]
+
+
+def traffic_shapes() -> list[MLADecodeShape]:
+    """Shapes whose traffic should meet the byte model: up to 64 heads, one head tile a sequence. Past 64
+    heads each tile requests the rows again (the byte story: they come from L2, which the interpreter's
+    count cannot see), and the forced-split shape is a stress test of the partials, not of the rows."""
+    return [s for s in small_shapes() + static_shapes() if s.num_heads <= 64 and s.num_splits is None]
+
+
+def launch_config(inputs: Inputs) -> dict:
+    a = inputs.args
+    return kernels.mla_attention.mla_decode_choice(a["q"], a["kv_cache"], a["v_head_dim"]).as_info()
+
+
+MLA_DECODE = Case(
+    name="mla_decode",
+    module="mla_attention",
+    kernel=kernels.mla_attention.mla_decode,
+    reference=reference.mla_attention.mla_decode,
+    build=build,
+    byte_model=byte_model,
+    flop_model=flop_model,
+    sweep=sweep,
+    default_shapes=default_shapes,
+    small_shapes=small_shapes,
+    static_shapes=static_shapes,
+    traffic_shapes=traffic_shapes,
+    compare=compare,
+    peers=PEERS,  # bench/peers/mla_attention.py
+    # The reference loops over sequences and gathers every page in fp32: past ~1 GB it takes seconds.
+    reference_max_bytes=1 << 30,
+    launch_config=launch_config,
+)
