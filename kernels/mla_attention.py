@@ -180,9 +180,9 @@ def mla_decode_launch_config(num_heads: int, qk_dim: int, v_head_dim: int, cache
     """Head tile, token tile, warps and pipeline depth.
 
     Up to 64 heads share a program (the dots' M). Warps are sized so the fp32 accumulator [heads x value
-    width] is 32 elements a thread (16 warps at most): at DeepSeek's 512 columns, 8 warps for 16 heads (106
-    registers, two programs an SM) and 16 for 32 and 64 (104 and 128 registers); 4 warps at 32 heads
-    compiled to 255 registers. 32 tokens a tile keep a 576-wide bf16 row tile at 36 KB, two deep in shared
+    width] is 32 elements a thread, 16 warps at most (64 elements at the 64-head tile): at DeepSeek's 512
+    columns, 8 warps for 16 heads (106 registers in the sm_90 compile, two programs an SM) and 16 for 32
+    and 64 (104 and 128 registers); 4 warps at 32 heads compiled to 255 registers. 32 tokens a tile keep a 576-wide bf16 row tile at 36 KB, two deep in shared
     memory. fp8 caches load directly, as in paged_decode.
     """
     v_pad = max(16, triton.next_power_of_2(v_head_dim))
@@ -316,7 +316,7 @@ def mla_decode(
     ):
         raise ValueError(f"num_splits: expected None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
     if out is None:
-        out = q.new_empty(batch, num_heads, v_head_dim)
+        out = torch.empty(batch, num_heads, v_head_dim, dtype=q.dtype, device=q.device)
     else:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         check_shape("out", out, (batch, num_heads, v_head_dim), "[batch, num_heads, v_head_dim]")

@@ -436,10 +436,15 @@ def test_peers_that_cannot_run_say_why(peer, shape, reason):
 def test_compiled_flex_attention_limits_are_decided_up_front():
     """On a GPU, the shapes the compiled FlexAttention cannot take are named before anything runs, so no
     compile error is ever turned into a skip."""
-    from bench.peers.paged_attention import _flex_unsupported
+    from bench.peers.paged_attention import flex_unsupported
 
-    cuda = torch.device("cuda")
-    assert _flex_unsupported(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=16), cuda) is None
-    assert "pages of 16" in _flex_unsupported(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=8), cuda)
-    assert "power-of-two" in _flex_unsupported(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=16), cuda)
-    assert _flex_unsupported(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=8), torch.device("cpu")) is None
+    def why(shape, device):
+        group = shape.num_q_heads // shape.num_kv_heads
+        return flex_unsupported(
+            shape.cache_dtype, shape.lengths, shape.block_size, shape.head_dim, group, torch.device(device)
+        )
+
+    assert why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=16), "cuda") is None
+    assert "pages of 16" in why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=8), "cuda")
+    assert "power-of-two" in why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=16), "cuda")
+    assert why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=8), "cpu") is None

@@ -2,7 +2,8 @@
 
 ``gpu_benchmark(case, shape, impl)`` times one kernel (or its reference) at one shape with the CUDA-event
 clock, L2 flushed before every round (in pedantic's untimed setup), an NVTX range around every call, and
-writes bytes, FLOPs, GB/s and % of the copy bandwidth measured in this session into extra_info, so that
+writes bytes, FLOPs, GB/s, TFLOP/s, % of the copy bandwidth and of the bf16 matmul ceiling measured in this
+session, and which of the two binds, into extra_info, so that
 ``--benchmark-json`` and ``--benchmark-autosave`` keep them with the times. A peer is prepared and verified
 at the shape it is timed (bench.peers.verify_and_prepare) before its rounds: a wrong peer fails its test, one
 that cannot run here is skipped with the reason, and extra_info records ``verified``, ``checked_against``
@@ -11,7 +12,7 @@ and ``max_error``.
 
 import pytest
 
-from bench.measure.device import copy_bandwidth_gbps, machine_info
+from bench.measure.device import copy_bandwidth_gbps, machine_info, matmul_tflops
 from bench.measure.results import cost_info
 from bench.measure.timing import CUDA_CLOCK, flush_l2
 from bench.peers import PeerUnavailable, Prepared, verify_and_prepare
@@ -113,7 +114,9 @@ def gpu_benchmark(benchmark):
 
         benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
         median_s = benchmark.stats.stats.median
-        benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps()))
+        benchmark.extra_info.update(
+            cost_info(case, shape, median_s, copy_bandwidth_gbps(), matmul_tflops())
+        )
         benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, **info)
         if impl == "triton":
             benchmark.extra_info["launch_config"] = case.launch_config(inputs) if case.launch_config else None

@@ -40,6 +40,7 @@ from bench.measure.static import StaticRow, capture_launches, compile_aot, resou
 from bench.testing import seed_of
 from kernels import INTERPRETED, _configs
 from kernels import kv_cache as _kv_cache
+from kernels import mla_attention as _mla
 from kernels import moe as _moe
 from kernels import paged_attention as _paged
 
@@ -123,6 +124,29 @@ SPECS = {
             {
                 "BLOCK_N": _pow2_between(16, 128),
                 "num_warps": _pow2_between(2, 8),
+                "num_stages": range(1, 4).__contains__,
+            },
+            _cheap_paged,
+        ),
+        Spec(
+            "mla_decode",
+            "_mla_decode_kernel",
+            _mla.TUNABLE,
+            (
+                # Bandwidth-bound (16 heads) wants more bytes in flight; compute-bound (64-head tiles) wants
+                # the tile shape that keeps the tensor cores fed.
+                lambda h: {"num_stages": 3},
+                lambda h: {"num_stages": 1},
+                lambda h: {"BLOCK_N": 64},
+                lambda h: {"BLOCK_N": 16},
+                lambda h: {"num_warps": 16},
+                lambda h: {"num_warps": 8},
+                lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] // 2},
+            ),
+            {
+                "HEAD_BLOCK": _pow2_between(16, 64),
+                "BLOCK_N": _pow2_between(16, 64),
+                "num_warps": _pow2_between(4, 16),
                 "num_stages": range(1, 4).__contains__,
             },
             _cheap_paged,

@@ -22,21 +22,36 @@ def results_dir_for(gpu_slug: str) -> Path:
     return RESULTS_DIR / gpu_slug
 
 
-def cost_info(case, shape, seconds: float, peak_gbps: float | None) -> dict:
-    """Bytes and FLOPs from the case's models, turned into GB/s, TFLOP/s and % of the measured peak."""
+def cost_info(
+    case, shape, seconds: float, peak_gbps: float | None, peak_tflops: float | None = None
+) -> dict:
+    """Bytes and FLOPs from the case's models, turned into GB/s, TFLOP/s and % of the measured ceilings.
+    With both ceilings, also the roofline's verdict: the shape's arithmetic intensity (FLOP/byte) against
+    the ridge (matmul ceiling / copy bandwidth) names the ceiling that binds, and ``pct_of_bound`` is the
+    share of that ceiling reached (what a bandwidth-bound and a compute-bound shape are each held to)."""
     nbytes, flops = case.byte_model(shape), case.flop_model(shape)
     gbps = nbytes / seconds / 1e9
+    tflops = flops / seconds / 1e12
     info = {
         "kernel": case.name,
         "shape": shape.label,
         "bytes": nbytes,
         "flops": flops,
         "gbps": round(gbps, 2),
-        "tflops": round(flops / seconds / 1e12, 4),
+        "tflops": round(tflops, 4),
+        "intensity": round(flops / nbytes, 2) if nbytes else None,
     }
     if peak_gbps:
         info["peak_gbps"] = round(peak_gbps, 1)
         info["pct_of_peak"] = round(100 * gbps / peak_gbps, 1)
+    if peak_tflops:
+        info["peak_tflops"] = round(peak_tflops, 1)
+        info["pct_of_matmul"] = round(100 * tflops / peak_tflops, 1)
+    if peak_gbps and peak_tflops and nbytes:
+        ridge = peak_tflops * 1e12 / (peak_gbps * 1e9)
+        info["ridge"] = round(ridge, 1)
+        info["bound"] = "compute" if flops / nbytes > ridge else "bandwidth"
+        info["pct_of_bound"] = info["pct_of_matmul"] if info["bound"] == "compute" else info["pct_of_peak"]
     return info
 
 

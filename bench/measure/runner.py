@@ -8,7 +8,7 @@ import torch
 
 from bench.cases.base import Case, Inputs
 from bench.measure import results
-from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps
+from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps, matmul_tflops
 from bench.measure.timing import time_cuda, time_wall
 from bench.measure.traffic import Traffic
 from bench.measure.traffic import measure as measure_traffic
@@ -161,6 +161,7 @@ def measure(
     on_gpu = device == "cuda"
     clock = time_cuda if on_gpu else time_wall
     peak = copy_bandwidth_gbps() if on_gpu else None
+    peak_tflops = matmul_tflops() if on_gpu else None
     start = time.perf_counter()
     inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"), guarded=True)
     setup_s = time.perf_counter() - start
@@ -215,7 +216,7 @@ def measure(
             kernel_info["graph_error"] = f"{type(failure).__name__}: {str(failure).strip()[:300]}"
             continue
         info = {
-            **results.cost_info(case, shape, timing.median_ms * 1e-3, peak),
+            **results.cost_info(case, shape, timing.median_ms * 1e-3, peak, peak_tflops),
             **extra,
             "impl": impl,
             "cuda_graph": as_graph,

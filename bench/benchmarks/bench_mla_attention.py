@@ -1,0 +1,20 @@
+"""mla_decode over DeepSeek-R1's absorbed MLA at TP 1, 2, 4 and 8 (128, 64, 32, 16 heads over one 576-wide
+latent): batch 1 to 256, context 1K to 64K, a reasoning mix of lengths, pages of 16 and 64, bf16 and fp8
+caches; against the torch reference and the peers (eager gather + dense, contiguous SDPA, FlexAttention,
+FlashInfer MLA), each skipped with its reason where it cannot run. extra_info carries TFLOP/s beside GB/s and
+which ceiling binds at each shape.
+Run: ``pytest bench/benchmarks/bench_mla_attention.py --benchmark-json out.json`` on a GPU."""
+
+import pytest
+
+from bench.cases.mla_attention import MLA_DECODE
+from bench.measure.timing import CUDA_CLOCK
+
+pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
+# conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)
+CASE = MLA_DECODE
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference", *MLA_DECODE.peers])
+def test_mla_decode(gpu_benchmark, shape, impl):
+    gpu_benchmark(MLA_DECODE, shape, impl)

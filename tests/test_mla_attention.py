@@ -1,0 +1,369 @@
+"""mla_decode against its reference: DeepSeek's widths and widths that are not powers of two, odd head counts
+and several head tiles, page sizes 1 to 64, empty, ragged and shared sequences, NaN past every length, fp8
+with float and tensor scales, forced and derived splits, out= and a caller's workspace, bad input; and on a
+GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
+
+import dataclasses
+import inspect
+import warnings
+
+import pytest
+import torch
+
+from bench.cases.mla_attention import DEEPSEEK, MLA_DECODE, MLADecodeShape, build, compare, deepseek
+from bench.testing import seed_of
+from kernels import mla_attention
+from kernels.mla_attention import mla_decode_launch_config, mla_min_split_tokens
+from reference import mla_attention as reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
+S = MLADecodeShape
+
+
+def check_against_reference(shape: MLADecodeShape, seed: int) -> None:
+    inputs = build(shape, DEVICE, seed, guarded=True)
+    expected = inputs.clone()
+    inputs.result = mla_attention.mla_decode(**inputs.args)
+    expected.result = reference.mla_decode(**{**expected.args, "out": None})
+    compare(inputs, expected, shape)
+
+
+@pytest.mark.parametrize("num_heads", [1, 5, 16, 20, 64, 72], ids=lambda h: f"h{h}")
+@pytest.mark.parametrize(
+    "qk_dim, v_head_dim",
+    [(576, 512), (100, 72), (64, 64), (48, 40)],
+    ids=["deepseek", "odd", "all-value", "narrow"],
+)
+def test_head_counts_and_widths(num_heads, qk_dim, v_head_dim, request):
+    """Head counts under, at and over one tile (72 heads: two tiles, the second mostly masked); widths that
+    are not powers of two; rows that are all value (no rope part)."""
+    shape = S("heads", (19, 0, 40), num_heads, qk_dim=qk_dim, v_head_dim=v_head_dim, block_size=16)
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16, 64])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_page_sizes_and_fp8(block_size, cache_dtype, request):
+    shape = S(
+        "pages", (1, 130, 47, 0), 16, qk_dim=96, v_head_dim=64, block_size=block_size, cache_dtype=cache_dtype
+    )
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_splits_and_q_dtypes(dtype, num_splits, request):
+    """Forced splits (more than some sequences have tiles) and derived ones agree with the reference."""
+    shape = S(
+        "splits",
+        (700, 3, 0, 300),
+        4,
+        qk_dim=64,
+        v_head_dim=48,
+        block_size=16,
+        dtype=dtype,
+        cache_dtype=dtype,
+        num_splits=num_splits,
+    )
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+def test_derived_splits_cover_a_long_sequence(request):
+    """Lengths past the split floor take several splits, derived on the device, and still agree."""
+    shape = S("long", (1300, 5), 4, qk_dim=72, v_head_dim=64, block_size=64)
+    assert shape.lengths[0] > 2 * mla_min_split_tokens(4, 16, 72, 64, 2)
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+def test_deepseek_at_tp1_two_head_tiles_and_a_shared_prompt(request):
+    shape = deepseek(1, (40, 70, 9), block_size=16, shared_pages=2)
+    assert mla_decode_launch_config(128, 576, 512, 2)["HEAD_BLOCK"] == 64
+    check_against_reference(shape, seed_of(request.node.name))
+
+
+def test_small_shapes_of_the_case(request):
+    for shape in MLA_DECODE.small_shapes():
+        check_against_reference(shape, seed_of(f"{request.node.name}/{shape.label}"))
+
+
+def test_the_value_is_the_leading_columns_of_the_cached_row():
+    """out = softmax(q . kv^T * scale) @ kv[..., :v_head_dim]: with one token, every head returns that
+    token's first v_head_dim columns, whatever the rope columns hold."""
+    shape = S("one", (1,), 16, qk_dim=80, v_head_dim=64, block_size=16)
+    inputs = build(shape, DEVICE, 3)
+    out = mla_attention.mla_decode(**inputs.args)
+    row = inputs.args["kv_cache"][inputs.args["block_tables"][0, 0].long(), 0, 0, :64]
+    torch.testing.assert_close(out[0], row.expand(16, 64), rtol=0, atol=0)
+
+
+def test_returns_out_when_given_and_a_new_tensor_otherwise():
+    shape = S("out", (10, 20), 16, qk_dim=96, v_head_dim=64)
+    inputs = build(shape, DEVICE, 1)
+    fresh = mla_attention.mla_decode(**{**inputs.args, "out": None})
+    out = torch.empty(2, 16, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert mla_attention.mla_decode(**{**inputs.args, "out": out}) is out
+    assert torch.equal(out, fresh) and fresh.shape == (2, 16, 64) and fresh.dtype == torch.bfloat16
+
+
+def test_scale_argument_is_the_softmax_scale():
+    shape = S("scale", (33,), 16, qk_dim=64, v_head_dim=64)
+    inputs = build(shape, DEVICE, 2)
+    got = mla_attention.mla_decode(**{**inputs.args, "scale": DEEPSEEK.softmax_scale})
+    want = reference.mla_decode(**{**inputs.args, "scale": DEEPSEEK.softmax_scale})
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+    default = reference.mla_decode(**{**inputs.args, "scale": None})
+    assert not torch.allclose(got.float(), default.float(), atol=1e-3)
+
+
+def test_deepseek_softmax_scale_from_its_config():
+    """1/sqrt(128 + 64) times YaRN's (0.1 ln 40 + 1)^2, as DeepSeek-V3's modelling code computes it."""
+    assert DEEPSEEK.softmax_scale == pytest.approx(192**-0.5 * (0.1 * 3.6888794541139363 + 1) ** 2)
+
+
+def test_float_and_tensor_fp8_scales_agree():
+    shape = S("fp8", (50, 9), 16, qk_dim=64, v_head_dim=64, cache_dtype=FP8)
+    inputs = build(shape, DEVICE, 3)
+    as_tensor = mla_attention.mla_decode(**inputs.args)
+    as_float = mla_attention.mla_decode(**{**inputs.args, "kv_scale": 0.5})
+    assert torch.equal(as_tensor, as_float)
+
+
+def test_split_floor_bounds_the_partials_traffic():
+    """A split reads at least 32 times the bytes of its partials (written, then read by the merge)."""
+    for heads, qk, v, nbytes in ((16, 576, 512, 2), (16, 576, 512, 1), (128, 576, 512, 2), (4, 72, 64, 2)):
+        head_block = mla_decode_launch_config(heads, qk, v, nbytes)["HEAD_BLOCK"]
+        tokens = mla_min_split_tokens(heads, head_block, qk, v, nbytes)
+        partials = min(heads, head_block) * (v * 4 + 4) * 2
+        assert tokens * qk * nbytes >= 32 * partials and tokens >= 256 and tokens % 16 == 0
+
+
+def test_launch_config_keeps_the_accumulator_within_registers():
+    """At most 64 heads a program and 64 fp32 accumulator elements a thread at DeepSeek's width, 32 below the
+    64-head tile (the static report holds the compile to 0 spills)."""
+    for heads in (1, 16, 32, 64, 128):
+        config = mla_decode_launch_config(heads, 576, 512, 2)
+        assert 16 <= config["HEAD_BLOCK"] <= 64
+        per_thread = config["HEAD_BLOCK"] * config["V_PAD"] // (32 * config["num_warps"])
+        assert per_thread <= (64 if config["HEAD_BLOCK"] == 64 else 32), config
+        assert config["ROPE_PAD"] == 64
+    assert mla_decode_launch_config(16, 64, 64, 2)["ROPE_PAD"] == 0
+
+
+# --- caller-owned workspace ---------------------------------------------------------------------------------
+
+
+class _NoAllocation:
+    """Stands in for ``torch`` inside the kernel module: every allocating call fails the test."""
+
+    def __getattr__(self, name):
+        if name in ("empty", "empty_like", "zeros", "zeros_like", "full", "ones", "tensor"):
+            raise AssertionError(f"the launcher called torch.{name} with a workspace given")
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3], ids=["derived", "forced"])
+def test_a_workspace_gives_the_same_result_and_allocates_nothing(num_splits, monkeypatch):
+    shape = S("ws", (700, 17, 0), 16, qk_dim=64, v_head_dim=64, spare_pages=40, num_splits=num_splits)
+    inputs = build(shape, DEVICE, 4)
+    fresh = mla_attention.mla_decode(**{**inputs.args, "out": None})
+    workspace = mla_attention.mla_decode_workspace(3, 16, 64, device=DEVICE)
+    out = torch.full_like(fresh, float("nan"))
+    monkeypatch.setattr(mla_attention, "torch", _NoAllocation())
+    assert mla_attention.mla_decode(**{**inputs.args, "out": out, "workspace": workspace}) is out
+    monkeypatch.undo()
+    assert torch.equal(out, fresh)
+
+
+def test_a_workspace_too_small_names_the_argument():
+    args = build(S("ws", (20, 5), 16, qk_dim=64, v_head_dim=64, num_splits=4), DEVICE, 1).args
+    small = mla_attention.mla_decode_workspace(2, 16, 64, max_splits=2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^workspace: "):
+        mla_attention.mla_decode(**args, workspace=small)
+    narrow = mla_attention.mla_decode_workspace(2, 16, 32, max_splits=4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^workspace: "):
+        mla_attention.mla_decode(**args, workspace=narrow)
+
+
+def test_the_reference_takes_the_same_arguments():
+    assert inspect.signature(reference.mla_decode).parameters.keys() == (
+        inspect.signature(mla_attention.mla_decode).parameters.keys()
+    )
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def _args(cache_dtype=torch.bfloat16):
+    shape = S("bad", (20, 5), 16, qk_dim=96, v_head_dim=64, cache_dtype=cache_dtype)
+    return build(shape, DEVICE, 1).args
+
+
+BAD_INPUTS = {
+    "q 2-D": ("q", {}, lambda a: {"q": a["q"][0]}),
+    "q fp32": ("q", {}, lambda a: {"q": a["q"].float()}),
+    "q width strided": ("q", {}, lambda a: {"q": a["q"].transpose(1, 2).contiguous().transpose(1, 2)}),
+    "q width against the cache's": ("q", {}, lambda a: {"q": a["q"][..., :80].contiguous()}),
+    "q heads zero": ("q", {}, lambda a: {"q": a["q"][:, :0]}),
+    "kv_cache two latent heads": (
+        "kv_cache",
+        {},
+        lambda a: {"kv_cache": a["kv_cache"].expand(-1, -1, 2, -1)},
+    ),
+    "kv_cache 3-D": ("kv_cache", {}, lambda a: {"kv_cache": a["kv_cache"][:, :, 0]}),
+    "kv_cache dtype": ("kv_cache", {}, lambda a: {"kv_cache": a["kv_cache"].half()}),
+    "kv_cache strided": (
+        "kv_cache",
+        {},
+        lambda a: {"kv_cache": a["kv_cache"].transpose(0, 1).contiguous().transpose(0, 1)},
+    ),
+    "kv_cache other device": ("kv_cache", {}, lambda a: {"kv_cache": a["kv_cache"].to("meta")}),
+    "kv_cache block_size zero": ("kv_cache", {}, lambda a: {"kv_cache": a["kv_cache"][:, :0]}),
+    "v_head_dim wider than the row": ("v_head_dim", {}, lambda a: {"v_head_dim": 97}),
+    "v_head_dim zero": ("v_head_dim", {}, lambda a: {"v_head_dim": 0}),
+    "v_head_dim a float": ("v_head_dim", {}, lambda a: {"v_head_dim": 64.0}),
+    "block_tables int64": ("block_tables", {}, lambda a: {"block_tables": a["block_tables"].long()}),
+    "block_tables batch": ("block_tables", {}, lambda a: {"block_tables": a["block_tables"][:1]}),
+    "seq_lens int64": ("seq_lens", {}, lambda a: {"seq_lens": a["seq_lens"].long()}),
+    "seq_lens batch": ("seq_lens", {}, lambda a: {"seq_lens": a["seq_lens"][:1]}),
+    "scale negative": ("scale", {}, lambda a: {"scale": -1.0}),
+    "scale nan": ("scale", {}, lambda a: {"scale": float("nan")}),
+    "kv_scale on bf16": ("kv_scale", {}, lambda a: {"kv_scale": 0.5}),
+    "kv_scale two elements": (
+        "kv_scale",
+        {"cache_dtype": FP8},
+        lambda a: {"kv_scale": torch.ones(2, device=DEVICE)},
+    ),
+    "kv_scale inf": ("kv_scale", {"cache_dtype": FP8}, lambda a: {"kv_scale": float("inf")}),
+    "kv_scale fp16 tensor": (
+        "kv_scale",
+        {"cache_dtype": FP8},
+        lambda a: {"kv_scale": torch.ones(1, dtype=torch.float16, device=DEVICE)},
+    ),
+    "num_splits zero": ("num_splits", {}, lambda a: {"num_splits": 0}),
+    "num_splits too many": ("num_splits", {}, lambda a: {"num_splits": 1000}),
+    "out dtype": ("out", {}, lambda a: {"out": torch.empty(2, 16, 64, device=DEVICE)}),
+    "out shape (q's, not the value's)": ("out", {}, lambda a: {"out": torch.empty_like(a["q"])}),
+    "out strided": (
+        "out",
+        {},
+        lambda a: {"out": torch.empty(2, 64, 16, dtype=a["q"].dtype, device=DEVICE).transpose(1, 2)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_names_the_argument_and_writes_nothing(case):
+    argument, build_kw, change = BAD_INPUTS[case]
+    args = _args(**build_kw)
+    args.update(change(args))
+    out = args.get("out")
+    before = out.clone() if isinstance(out, torch.Tensor) and out.device.type != "meta" else None
+    with pytest.raises(ValueError, match=rf"^{argument}: "):
+        mla_attention.mla_decode(**args)
+    if before is not None:
+        assert torch.equal(out.nan_to_num(), before.nan_to_num())
+
+
+def test_a_value_too_wide_for_one_program_is_refused():
+    args = build(S("huge", (4,), 16, qk_dim=4096, v_head_dim=4096), DEVICE, 1).args
+    with pytest.raises(ValueError, match="^v_head_dim: 4096 is wider"):
+        mla_attention.mla_decode(**args)
+
+
+# --- GPU only ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_no_host_sync(cache_dtype, num_splits):
+    shape = deepseek(8, (9000, 10, 0), cache_dtype=cache_dtype, num_splits=num_splits)
+    inputs = build(shape, "cuda", 2)
+    mla_attention.mla_decode(**inputs.args)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mla_attention.mla_decode(**inputs.args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", [8, 1])
+def test_cuda_graph_replay_with_new_lengths_and_block_tables(tp):
+    """Capture once at a capacity; replay with other lengths and tables (the splits follow the lengths)."""
+    base = deepseek(tp, (6000, 6000, 6000, 6000), spare_pages=8)
+    inputs = build(base, "cuda", 3, guarded=True)
+    inputs.args["workspace"] = mla_attention.mla_decode_workspace(base.batch, base.num_heads, device="cuda")
+    mla_attention.mla_decode(**inputs.args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mla_attention.mla_decode(**inputs.args)
+    for seed, lengths in ((4, (10, 6100, 0, 2500)), (5, (256, 1900, 4096, 1))):
+        shape = dataclasses.replace(
+            base,
+            lengths=lengths,
+            spare_pages=base.spare_pages + (max(base.pages) - max(-(-n // base.block_size) for n in lengths)),
+        )
+        fresh = build(shape, "cuda", seed)
+        assert fresh.args["block_tables"].shape == inputs.args["block_tables"].shape
+        for name in ("q", "seq_lens", "block_tables"):
+            inputs.args[name].copy_(fresh.args[name])
+        inputs.args["kv_cache"][: fresh.args["kv_cache"].shape[0]].copy_(fresh.args["kv_cache"])
+        inputs.args["out"].fill_(float("nan"))
+        graph.replay()
+        expected = inputs.clone()
+        expected.result = reference.mla_decode(**{**expected.args, "out": None})
+        inputs.result = inputs.args["out"]
+        compare(inputs, expected, shape)
+
+
+# --- peers -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "peer, shape",
+    [
+        ("torch-gather-dense", S("peer", (77, 77), 16, qk_dim=96, v_head_dim=64, block_size=16)),
+        ("torch-gather-dense", S("peer", (40, 40), 8, qk_dim=64, v_head_dim=48, cache_dtype=FP8)),
+        ("sdpa-contiguous", S("peer", (77, 77), 16, qk_dim=96, v_head_dim=64, block_size=16)),
+        (
+            "flex-attention-paged",
+            S("peer", (37, 100, 0), 16, qk_dim=96, v_head_dim=64, block_size=16, shared_pages=1),
+        ),
+    ],
+    ids=["gather", "gather-fp8", "sdpa", "flex-ragged-shared"],
+)
+def test_peers_compute_the_same_attention(peer, shape):
+    """verify_and_prepare (what the benchmarks run before timing a peer) checks each peer's output against
+    the reference; a check that cannot see one wrong element would make that meaningless."""
+    from bench.peers import verify_and_prepare
+
+    inputs = build(shape, DEVICE, 9)
+    expected = inputs.clone()
+    MLA_DECODE.run_reference(expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
+        prepared, _ = verify_and_prepare(MLA_DECODE, peer, inputs, shape, expected)
+        out = prepared.call()
+    wrong = out.clone()
+    wrong.view(-1)[0] += 1.0
+    with pytest.raises(AssertionError, match="out"):
+        MLA_DECODE.peers[peer].check(wrong, expected, shape)
+
+
+@pytest.mark.parametrize(
+    "peer, shape, reason",
+    [
+        ("torch-gather-dense", S("p", (5, 9), 16, qk_dim=64, v_head_dim=64), "one nonzero length"),
+        ("sdpa-contiguous", S("p", (5, 5), 16, qk_dim=64, v_head_dim=64, cache_dtype=FP8), "fp8"),
+        ("flex-attention-paged", S("p", (5, 5), 16, qk_dim=64, v_head_dim=64, cache_dtype=FP8), "fp8"),
+        ("flashinfer-mla", S("p", (5, 5), 16, qk_dim=64, v_head_dim=64), "flashinfer|CUDA|512"),
+    ],
+)
+def test_peers_that_cannot_run_say_why(peer, shape, reason):
+    from bench.peers import PeerUnavailable
+
+    with pytest.raises(PeerUnavailable, match=reason):
+        MLA_DECODE.peers[peer].prepare(build(shape, DEVICE, 1), shape)
