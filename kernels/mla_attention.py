@@ -15,11 +15,13 @@ the kernel loads them once and uses them in both dots. For DeepSeek-R1, qk_dim =
 and v_head_dim = 512.
 
 Byte story: every query head attends over the same cached rows, so a program serves a tile of HEAD_BLOCK
-heads (16 to 64) of one sequence and split, with the heads as the M dimension of tl.dot: each cached byte
-is read once per head tile, not once per head. Past 64 heads (DeepSeek-R1 at TP 1 and 2) a sequence has
+heads (16 or 32) of one sequence and split, with the heads as the M dimension of tl.dot: each cached byte
+is read once per head tile, not once per head. Past 32 heads (DeepSeek-R1 at TP 1 and 2) a sequence has
 several head tiles; they are neighbours in the grid (axis 0), so they run together and the later tiles
-find the rows in L2: DRAM sees each live byte about once. Slots past a sequence's length are masked at
-the load, never read (they may hold NaN).
+find the rows in L2: DRAM sees each live byte about once. (A 64-head tile, which would halve those L2
+reads, spills at sm_90: its [64 x 512] fp32 accumulator took all 128 registers of a 16-warp program and
+ptxas spilled 244 to 276 bytes a thread through the stack; tune may still try it.) Slots past a
+sequence's length are masked at the load, never read (they may hold NaN).
 
 Where the time goes: per cached token, 2 x heads x (qk_dim + v_head_dim) FLOPs against qk_dim cache bytes,
 about 240 FLOP/byte at 128 bf16 heads (compute-bound on an H100/H200), 30 at 16 heads (bandwidth-bound).
@@ -67,7 +69,7 @@ from kernels.paged_attention import (
 
 Q_DTYPES = (torch.float16, torch.bfloat16)
 # Largest fp32 accumulator [head tile x padded value width] one program keeps in registers.
-_MAX_ACCUMULATOR = 64 * 512
+_MAX_ACCUMULATOR = 32 * 512
 
 
 @triton.jit
@@ -111,7 +113,7 @@ def _mla_decode_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    heads = head_tile * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
+    heads = head_tile.to(tl.int64) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
     head_mask = heads < NUM_HEADS
     v_dims = tl.arange(0, V_PAD)
     v_mask = v_dims < V_DIM
@@ -179,15 +181,17 @@ def _mla_decode_kernel(
 def mla_decode_launch_config(num_heads: int, qk_dim: int, v_head_dim: int, cache_bytes: int) -> dict:
     """Head tile, token tile, warps and pipeline depth.
 
-    Up to 64 heads share a program (the dots' M). Warps are sized so the fp32 accumulator [heads x value
-    width] is 32 elements a thread, 16 warps at most (64 elements at the 64-head tile): at DeepSeek's 512
-    columns, 8 warps for 16 heads (106 registers in the sm_90 compile, two programs an SM) and 16 for 32
-    and 64 (104 and 128 registers); 4 warps at 32 heads compiled to 255 registers. 32 tokens a tile keep a 576-wide bf16 row tile at 36 KB, two deep in shared
-    memory. fp8 caches load directly, as in paged_decode.
+    Up to 32 heads share a program (the dots' M). Warps are sized so the fp32 accumulator [heads x value
+    width] is 32 elements a thread, 16 warps at most: at DeepSeek's 512 columns, 8 warps for 16 heads (103
+    registers in the sm_90 compile, two programs an SM) and 16 for 32 (103); 4 warps at 32 heads compiled
+    to 255 registers, and a 64-head tile spilled. fp8 caches stop at 8 warps: widening the tile to bf16 in
+    registers left a 16-warp program (128 registers at most) 16 bytes of stack at 32 heads; 8 warps take
+    179. 32 tokens a tile keep a 576-wide bf16 row tile at 36 KB, two deep in shared memory. fp8 caches
+    load directly, as in paged_decode.
     """
     v_pad = max(16, triton.next_power_of_2(v_head_dim))
     rope = qk_dim - v_head_dim
-    head_block = min(64, max(16, triton.next_power_of_2(num_heads)))
+    head_block = min(32, max(16, triton.next_power_of_2(num_heads)))
     while head_block > 16 and head_block * v_pad > _MAX_ACCUMULATOR:
         head_block //= 2
     return {
@@ -195,7 +199,7 @@ def mla_decode_launch_config(num_heads: int, qk_dim: int, v_head_dim: int, cache
         "V_PAD": v_pad,
         "ROPE_PAD": max(16, triton.next_power_of_2(rope)) if rope > 0 else 0,
         "BLOCK_N": 32,
-        "num_warps": min(16, max(4, head_block * v_pad // (32 * 32))),
+        "num_warps": min(16 if cache_bytes > 1 else 8, max(4, head_block * v_pad // (32 * 32))),
         "num_stages": 1 if cache_bytes == 1 else 2,
     }
 

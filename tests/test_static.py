@@ -212,3 +212,42 @@ def test_copy_blocks_moves_16_bytes_a_lane():
         if set(row.store_widths) != {16} or not row.load_widths.get(16)
     ]
     hold_or_report(problems)
+
+
+@functools.cache
+def mla_rows():
+    return compiled_rows("mla_decode")
+
+
+def test_mla_decode_compiles_without_spills_at_16_to_128_heads():
+    """The issue's bar: 0 spills at 16, 32, 64 and 128 heads, pages of 16 and 64, bf16 and fp8 caches (the
+    static shapes cover each value; the fp32 accumulator [heads x 512] must fit in registers)."""
+    shapes = CASES["mla_decode"].static_shapes()
+    assert {s.num_heads for s in shapes} == {16, 32, 64, 128}
+    assert {s.block_size for s in shapes} == {16, 64}
+    assert {s.cache_dtype for s in shapes} == {torch.bfloat16, torch.float8_e4m3fn}
+    rows = [r for r in mla_rows() if r.arch == "sm_90"]
+    assert {r.kernel for r in rows} == {"_mla_decode_kernel", "_merge_splits_kernel"}
+    assert len([r for r in rows if r.kernel == "_mla_decode_kernel"]) == len(shapes)
+    for row in rows:
+        assert row.error is None and row.spill_bytes == 0 and row.stack_bytes == 0, row
+
+
+@needs_aot
+def test_mla_decode_moves_the_latent_16_bytes_a_lane():
+    """Per loop iteration a thread loads its share of a [BLOCK_N x qk_dim] latent tile; 16-byte loads (LDG.128
+    or cp.async .128) must cover all of it, and no load is narrower than a 4-byte block id."""
+    from kernels.mla_attention import mla_decode_launch_config
+
+    shapes = {s.label: s for s in CASES["mla_decode"].static_shapes()}
+    problems = []
+    for row in mla_rows():
+        if row.kernel != "_mla_decode_kernel" or row.error:
+            continue
+        shape = shapes[row.shape]
+        nbytes = shape.cache_dtype.itemsize
+        config = mla_decode_launch_config(shape.num_heads, shape.qk_dim, shape.v_head_dim, nbytes)
+        per_lane = config["BLOCK_N"] * shape.qk_dim * nbytes // (32 * config["num_warps"])
+        if row.load_widths.get(16, 0) * 16 < per_lane or min(row.load_widths) < 4:
+            problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}, {per_lane} B a lane to cover")
+    hold_or_report(problems)

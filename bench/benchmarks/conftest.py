@@ -114,9 +114,7 @@ def gpu_benchmark(benchmark):
 
         benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
         median_s = benchmark.stats.stats.median
-        benchmark.extra_info.update(
-            cost_info(case, shape, median_s, copy_bandwidth_gbps(), matmul_tflops())
-        )
+        benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps(), matmul_tflops()))
         benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, **info)
         if impl == "triton":
             benchmark.extra_info["launch_config"] = case.launch_config(inputs) if case.launch_config else None

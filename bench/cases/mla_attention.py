@@ -220,10 +220,10 @@ def static_shapes() -> list[MLADecodeShape]:
 
 
 def traffic_shapes() -> list[MLADecodeShape]:
-    """Shapes whose traffic should meet the byte model: up to 64 heads, one head tile a sequence. Past 64
+    """Shapes whose traffic should meet the byte model: up to 32 heads, one head tile a sequence. Past 32
     heads each tile requests the rows again (the byte story: they come from L2, which the interpreter's
     count cannot see), and the forced-split shape is a stress test of the partials, not of the rows."""
-    return [s for s in small_shapes() + static_shapes() if s.num_heads <= 64 and s.num_splits is None]
+    return [s for s in small_shapes() + static_shapes() if s.num_heads <= 32 and s.num_splits is None]
 
 
 def launch_config(inputs: Inputs) -> dict:

@@ -22,9 +22,7 @@ def results_dir_for(gpu_slug: str) -> Path:
     return RESULTS_DIR / gpu_slug
 
 
-def cost_info(
-    case, shape, seconds: float, peak_gbps: float | None, peak_tflops: float | None = None
-) -> dict:
+def cost_info(case, shape, seconds: float, peak_gbps: float | None, peak_tflops: float | None = None) -> dict:
     """Bytes and FLOPs from the case's models, turned into GB/s, TFLOP/s and % of the measured ceilings.
     With both ceilings, also the roofline's verdict: the shape's arithmetic intensity (FLOP/byte) against
     the ridge (matmul ceiling / copy bandwidth) names the ceiling that binds, and ``pct_of_bound`` is the
