@@ -1,14 +1,15 @@
 """CPU-side performance proxies kept as a committed baseline, so a change that adds spills or traffic fails
 CI on a machine with no GPU.
 
-The proxies, per kernel launch configuration and architecture: registers, spill (local) bytes, shared
-memory, and global accesses by width (from bench/measure/static.py); per traffic shape: the traffic ratio
-(from bench/measure/traffic.py). ``bench/baselines/cpu-proxies.json`` holds them with the Triton version
-that compiled them. A check fails on: more spill bytes; a global access narrower than before (fewer 16-byte
-accesses, or a new narrower width); shared memory up by more than 10%; registers up by more than 16 (a
-change in occupancy class); a traffic ratio up by more than 0.01; a launch or shape that disappeared.
-Registers, shared memory and access widths are compared only when the Triton version matches the
-baseline's (CI pins it; other compilers move them); spills and traffic always.
+The proxies, per kernel launch configuration and architecture: registers, spill (local) and stack bytes
+(ptxas spills through the stack frame as well), shared memory, and global accesses by width (from
+bench/measure/static.py); per traffic shape: the traffic ratio (from bench/measure/traffic.py).
+``bench/baselines/cpu-proxies.json`` holds them with the Triton version that compiled them. A check fails
+on: more spill or stack bytes; a global access narrower than before (fewer 16-byte accesses, or a new
+narrower width); shared memory up by more than 10%; registers up by more than 16 (a change in occupancy
+class); a traffic ratio up by more than 0.01; a launch or shape that disappeared. Registers, shared memory
+and access widths are compared only when the Triton version matches the baseline's (CI pins it; other
+compilers move them); spills, stack and traffic always.
 An intended change updates the baseline in the same commit: ``decodebench proxies --update``.
 """
 
@@ -40,6 +41,7 @@ def collect(cases) -> dict:
                 else {
                     "registers": row.registers,
                     "spill_bytes": row.spill_bytes,
+                    "stack_bytes": row.stack_bytes,
                     "shared_bytes": row.shared_bytes,
                     "load_widths": {str(k): v for k, v in row.load_widths.items()},
                     "store_widths": {str(k): v for k, v in row.store_widths.items()},
@@ -77,6 +79,9 @@ def check(current: dict, baseline: dict) -> list[str]:
             continue
         if after["spill_bytes"] > before["spill_bytes"]:
             problems.append(f"{key}: spills {before['spill_bytes']} -> {after['spill_bytes']} bytes")
+        # ptxas spills through the stack frame too (LOCAL stays 0): seen at mla_decode's 64-head tile.
+        if after.get("stack_bytes", 0) > before.get("stack_bytes", 0):
+            problems.append(f"{key}: stack {before.get('stack_bytes', 0)} -> {after['stack_bytes']} bytes")
         if same_compiler:
             for kind in ("load_widths", "store_widths"):
                 narrower = _narrower(before[kind], after[kind])
