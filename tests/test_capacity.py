@@ -70,3 +70,19 @@ def test_light_arrivals_leave_memory_free_and_need_no_preemption():
 
     light = simulate(WORKLOADS["MATH-500-like"], MODELS["Llama-3.1-8B"], 80, 1, "paged-16", arrival_rate=0.05)
     assert light.free > 0.5 and light.preemptions == 0 and light.questions_done > 0
+
+
+def test_mla_latent_replication_costs_all_but_one_pool_per_tp_group():
+    """DeepSeek-R1 on 8 x H200 in fp8: only TP 8 fits a rank's weights; its 8 ranks hold the same tokens,
+    so the node holds one pool's worth, an eighth of what a split latent would hold."""
+    from bench.systems.capacity import latent_replication, replication_report
+
+    rows = latent_replication()
+    assert [r.tp for r in rows] == [8]
+    (row,) = rows
+    assert row.tokens_held == row.pool_tokens and row.tokens_if_split == 8 * row.pool_tokens
+    budget = 141e9 * 0.9 - 671e9 / 8 - 2 * 2**30
+    assert row.pool_tokens == int(budget // (61 * 576 * 2))
+    two_nodes = latent_replication(gpus=16, tps=(8,))
+    assert two_nodes[0].tokens_held == 2 * row.tokens_held  # two DP groups hold two pools
+    assert "copies" in replication_report(rows)

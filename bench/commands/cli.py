@@ -100,6 +100,8 @@ def cmd_capacity(args) -> int:
             workload, args.model, args.gpu_gib, tuple(args.tp), arrival_rate=args.arrival_rate
         )
     print(capacity.report(rows, args.gpu_gib))
+    print()
+    print(capacity.replication_report(capacity.latent_replication()))
     if args.plot:
         print(capacity.plot(rows, args.plot))
     return 0

@@ -53,9 +53,10 @@ class CapacityRow:
         return (self.slack + self.reserved_unused) / allocated if allocated else 0.0
 
 
-def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int) -> int:
-    """Token slots one rank's KV pool holds (0 when the weights do not fit)."""
-    weights = model.params_b * 1e9 * 2 / tp
+def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: int = 2) -> int:
+    """Token slots one rank's KV pool holds (0 when the weights do not fit); weights of ``weight_bytes`` a
+    parameter (2: bf16; DeepSeek-R1 ships fp8, 1)."""
+    weights = model.params_b * 1e9 * weight_bytes / tp
     budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
     return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
 
@@ -288,3 +289,81 @@ def plot(rows: list[CapacityRow], path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"plot written: {path}"
+
+
+@dataclass
+class ReplicationRow:
+    """One TP degree on a node of ``gpus`` GPUs for an MLA model, whose one latent per token is on every TP
+    rank: ``tokens_held`` is what the node's KV holds (each group of ``tp`` ranks holds the same tokens),
+    ``tokens_if_split`` what it would hold were the latent split across ranks as GQA heads are."""
+
+    tp: int
+    groups: int  # data-parallel groups of tp ranks on the node
+    pool_tokens: int  # one rank's pool
+    tokens_held: int
+    tokens_if_split: int
+    sequences_held: int  # at the mean context
+    sequences_if_split: int
+
+
+def latent_replication(
+    model_name: str = "DeepSeek-R1",
+    gpu_gib: float = 141e9 / 2**30,
+    gpus: int = 8,
+    weight_bytes: int = 1,
+    mean_context: int = 16384,
+    tps=(1, 2, 4, 8),
+) -> list[ReplicationRow]:
+    """What replicating an MLA latent across tensor-parallel ranks costs in sequences held, per TP degree
+    whose weights fit (DeepSeek-R1 on 8 x H200 in fp8 by default; 16K tokens of context a sequence, an
+    AIME-like mid-generation length). Each DP group of tp ranks holds one pool's worth of tokens."""
+    model = MODELS[model_name]
+    if not model.is_mla:
+        raise ValueError(f"model_name: {model_name} caches per-head K/V, not one latent (no replication)")
+    rows = []
+    for tp in tps:
+        pool = kv_pool_tokens(model, gpu_gib, tp, weight_bytes)
+        if pool == 0 or gpus % tp:
+            continue
+        groups = gpus // tp
+        held, split = pool * groups, pool * gpus
+        rows.append(
+            ReplicationRow(tp, groups, pool, held, split, held // mean_context, split // mean_context)
+        )
+    return rows
+
+
+def replication_report(
+    rows: list[ReplicationRow], model_name: str = "DeepSeek-R1", mean_context: int = 16384
+) -> str:
+    from bench.commands.report import table
+
+    body = [
+        [
+            r.tp,
+            r.groups,
+            r.pool_tokens,
+            r.tokens_held,
+            r.sequences_held,
+            r.sequences_if_split,
+            f"{100 * (1 - r.tokens_held / r.tokens_if_split):.0f}%",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "TP",
+        "DP groups",
+        "pool tokens/rank",
+        "tokens held (all GPUs)",
+        f"sequences at {mean_context}",
+        "if the latent were split",
+        "KV memory spent on copies",
+    ]
+    token_bytes = MODELS[model_name].kv_bytes_per_token(2)
+    note = (
+        f"{model_name}: every TP rank holds every token's latent ({token_bytes} B "
+        "a token, all layers, bf16), so a TP group of t ranks holds one rank's pool, not t pools: (t-1)/t of "
+        "its KV memory holds copies. Weights counted at 1 byte a parameter (the released fp8); TP degrees "
+        "whose weights do not fit a rank are left out."
+    )
+    return "\n".join([table(body, headers), "", note]) if rows else note + "\n(no TP degree fits)"
