@@ -29,11 +29,9 @@ def check_against_reference(shape: MLADecodeShape, seed: int) -> None:
     compare(inputs, expected, shape)
 
 
-@pytest.mark.parametrize("num_heads", [1, 5, 16, 20, 40, 72], ids=lambda h: f"h{h}")
+@pytest.mark.parametrize("num_heads", [5, 16, 40, 72], ids=lambda h: f"h{h}")
 @pytest.mark.parametrize(
-    "qk_dim, v_head_dim",
-    [(576, 512), (100, 72), (64, 64), (48, 40)],
-    ids=["deepseek", "odd", "all-value", "narrow"],
+    "qk_dim, v_head_dim", [(576, 512), (100, 72), (64, 64)], ids=["deepseek", "odd", "all-value"]
 )
 def test_head_counts_and_widths(num_heads, qk_dim, v_head_dim, request):
     """Head counts under, at and over one tile (72 heads: three tiles, the last mostly masked); widths that

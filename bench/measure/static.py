@@ -274,42 +274,53 @@ def compiled(case_name: str, archs=ARCHS) -> bool:
 
 
 def compile_in_children(case_names, archs=ARCHS, timeout: float | None = None) -> None:
-    """Compiles the static reports of ``case_names`` not compiled yet, one child process per case
-    (TRITON_INTERPRET=0) and as many at once as there are cores: the compiles are independent, and
-    single-threaded each. Raises subprocess.TimeoutExpired (children killed) past ``timeout`` seconds."""
+    """Compiles the static reports of ``case_names`` not compiled yet in child processes (TRITON_INTERPRET=0),
+    one per core, each taking its share of the cases in turn: the compiles are independent and
+    single-threaded, and a child pays torch's import (seconds) once, not once a case. Raises
+    subprocess.TimeoutExpired (children killed) past ``timeout`` seconds."""
     import time
 
     todo = [name for name in dict.fromkeys(case_names) if (name, archs) not in _compiled]
+    if not todo:
+        return
     env = child_env(TRITON_INTERPRET="0")
     deadline = None if timeout is None else time.monotonic() + timeout
-    running: dict[str, subprocess.Popen] = {}
+    shares = [
+        todo[i :: max(1, os.cpu_count() or 1)] for i in range(min(len(todo), max(1, os.cpu_count() or 1)))
+    ]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.measure.static", ",".join(share), *map(str, archs)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for share in shares
+    ]
     try:
-        while todo or running:
-            while todo and len(running) < max(1, os.cpu_count() or 1):
-                name = todo.pop(0)
-                command = [sys.executable, "-m", "bench.measure.static", name, *map(str, archs)]
-                running[name] = subprocess.Popen(
-                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-                )
-            name, child = next(iter(running.items()))
+        for share, child in zip(shares, children):
             left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
             out, err = child.communicate(timeout=left)
-            del running[name]
             if child.returncode != 0:
-                raise RuntimeError(f"static report for {name} failed:\n{err[-3000:]}")
-            _compiled[(name, archs)] = [StaticRow(**row) for row in json.loads(out)]
+                raise RuntimeError(f"static report for {', '.join(share)} failed:\n{err[-3000:]}")
+            for name, rows in json.loads(out).items():
+                _compiled[(name, archs)] = [StaticRow(**row) for row in rows]
     finally:
-        for child in running.values():
-            child.kill()
-            child.communicate()
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m bench.measure.static CASE [ARCH...]``: the rows as JSON (static_report's child process)."""
+    """``python -m bench.measure.static CASE[,CASE...] [ARCH...]``: each case's rows, as JSON keyed by case
+    (static_report's child process)."""
     from bench.cases import CASES
 
     archs = tuple(int(a) for a in argv[1:]) or ARCHS
-    print(json.dumps([row.as_dict() for row in static_report(CASES[argv[0]], archs)]))
+    names = argv[0].split(",")
+    print(json.dumps({name: [row.as_dict() for row in static_report(CASES[name], archs)] for name in names}))
 
 
 if __name__ == "__main__":
