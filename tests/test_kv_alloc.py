@@ -153,7 +153,7 @@ def test_random_runs_property():
         st.tuples(st.just("free"), st.lists(seq, max_size=4)),
     )
 
-    @hypothesis.settings(max_examples=150 if INTERPRETED else 25)  # fast here: a few small programs a run
+    @hypothesis.settings(max_examples=60 if INTERPRETED else 25)  # `pytest --fuzz` runs the long search
     @hypothesis.given(
         steps=st.lists(step, min_size=1, max_size=12),
         num_blocks=st.integers(1, 30),
