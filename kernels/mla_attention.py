@@ -48,7 +48,6 @@ from kernels._checks import (
     check_shape,
     check_tensor,
     dtype_name,
-    is_positive_finite,
 )
 
 # Split-KV is paged_decode's: the same split rule on the device, the same partial layout and merge kernel.
@@ -57,13 +56,13 @@ from kernels.paged_attention import (
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
     PagedDecodeWorkspace,
-    _merge_splits_kernel,
-    check_workspace,
-    max_splits_for,
-    merge_dim_block,
+    check_softmax_scale,
+    check_tables,
+    merge_splits,
     paged_decode_workspace,
+    plan_splits,
     scale_value,
-    sm_count,
+    split_partials,
     splits_of,
 )
 
@@ -295,57 +294,30 @@ def mla_decode(
         )
     if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= qk_dim:
         raise ValueError(f"v_head_dim: expected an integer in [1, {qk_dim}] (q's width), got {v_head_dim!r}")
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
-    check_shape("block_tables", block_tables, (batch, None), "[batch, max_blocks]")
-    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
-        raise ValueError(
-            f"block_tables: expected rows contiguous (stride 1), got strides {block_tables.stride()}"
-        )
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
-    check_shape("seq_lens", seq_lens, (batch,), "[batch]")
-    check_contiguous("seq_lens", seq_lens)
+    check_tables(block_tables, seq_lens, batch, q.device)
     config = mla_decode_choice(q, kv_cache, v_head_dim).config
     if config["HEAD_BLOCK"] * config["V_PAD"] > _MAX_ACCUMULATOR:
         raise ValueError(
             f"v_head_dim: {v_head_dim} is wider than one program's accumulator holds at 16 heads "
             f"({_MAX_ACCUMULATOR // 16} columns)"
         )
-    if scale is None:
-        scale = qk_dim**-0.5
-    elif not is_positive_finite(scale):
-        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    scale = check_softmax_scale(scale, qk_dim)
     kv_scale, scale_in_memory = check_fp8_scale("kv_scale", kv_scale, kv_cache.dtype, q.device)
-    if num_splits is not None and (
-        isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS
-    ):
-        raise ValueError(f"num_splits: expected None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
+    head_tiles = triton.cdiv(num_heads, config["HEAD_BLOCK"])
+    min_split_tokens = mla_min_split_tokens(
+        num_heads, config["HEAD_BLOCK"], qk_dim, v_head_dim, kv_cache.element_size()
+    )
+    max_context = block_tables.shape[1] * block_size
+    splits, forced = plan_splits(num_splits, batch, head_tiles, max_context, q.device, min_split_tokens)
     if out is None:
         out = torch.empty(batch, num_heads, v_head_dim, dtype=q.dtype, device=q.device)
     else:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         check_shape("out", out, (batch, num_heads, v_head_dim), "[batch, num_heads, v_head_dim]")
         check_contiguous("out", out)
-    head_tiles = triton.cdiv(num_heads, config["HEAD_BLOCK"])
-    min_split_tokens = mla_min_split_tokens(
-        num_heads, config["HEAD_BLOCK"], qk_dim, v_head_dim, kv_cache.element_size()
-    )
-    if num_splits is None:
-        max_context = block_tables.shape[1] * block_size
-        splits = max_splits_for(batch, head_tiles, max_context, sm_count(q.device), min_split_tokens)
-        forced = 0
-    else:
-        splits, forced = num_splits, num_splits
-    if workspace is not None:
-        check_workspace(workspace, batch * num_heads * splits, v_head_dim, q.device)
+    partial_out, partial_lse = split_partials(workspace, out, splits)
     if batch == 0:
         return out
-    if splits > 1 and workspace is not None:
-        partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
-    elif splits > 1:
-        partial_out = torch.empty(batch, num_heads, splits, v_head_dim, dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
-    else:
-        partial_out = partial_lse = out  # never touched: MAX_SPLITS == 1 compiles the partial stores out
 
     # Head tiles of one (sequence, split) are neighbours on axis 0: they share every row through L2.
     _mla_decode_kernel[(head_tiles, splits, batch)](
@@ -378,19 +350,5 @@ def mla_decode(
         num_stages=config["num_stages"],
     )
     if splits > 1:
-        dim_block = merge_dim_block(splits, v_head_dim)
-        _merge_splits_kernel[(batch, num_heads, triton.cdiv(v_head_dim, dim_block))](
-            seq_lens,
-            partial_out,
-            partial_lse,
-            out,
-            forced,
-            NUM_Q_HEADS=num_heads,
-            HEAD_DIM=v_head_dim,
-            DIM_BLOCK=dim_block,
-            MAX_SPLITS=splits,
-            SPLITS_PAD=triton.next_power_of_2(splits),
-            MIN_SPLIT_TOKENS=min_split_tokens,
-            num_warps=4,
-        )
+        merge_splits(seq_lens, partial_out, partial_lse, out, forced, splits, min_split_tokens)
     return out

@@ -341,6 +341,79 @@ def check_workspace(workspace, rows: int, head_dim: int, device: torch.device) -
             )
 
 
+def check_tables(block_tables, seq_lens, batch: int, device: torch.device) -> None:
+    """Metadata of a decode batch's block tables [batch, max_blocks] int32 (rows contiguous) and lengths
+    [batch] int32 (contiguous), on ``device``; no device data read."""
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=device)
+    check_shape("block_tables", block_tables, (batch, None), "[batch, max_blocks]")
+    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
+        raise ValueError(
+            f"block_tables: expected rows contiguous (stride 1), got strides {block_tables.stride()}"
+        )
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=device)
+    check_shape("seq_lens", seq_lens, (batch,), "[batch]")
+    check_contiguous("seq_lens", seq_lens)
+
+
+def check_softmax_scale(scale, width: int) -> float:
+    """The softmax scale: ``width ** -0.5`` when None, else a positive finite float."""
+    if scale is None:
+        return width**-0.5
+    if not is_positive_finite(scale):
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    return scale
+
+
+def plan_splits(
+    num_splits, batch: int, programs: int, max_context: int, device, min_split_tokens: int = MIN_SPLIT_TOKENS
+) -> tuple[int, int]:
+    """(splits the grid provides, forced splits or 0) for a decode of ``batch`` sequences of ``programs``
+    programs each: ``num_splits`` forces a count (checked), None derives it from shapes (max_splits_for)."""
+    if num_splits is None:
+        return max_splits_for(batch, programs, max_context, sm_count(device), min_split_tokens), 0
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
+    return num_splits, num_splits
+
+
+def split_partials(workspace, out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial_out, partial_lse) for ``out`` [batch, heads, head_dim] under ``splits``: the caller's
+    workspace (checked, metadata only), fresh fp32 buffers without one, or ``out`` itself for one split
+    (never touched: MAX_SPLITS == 1 compiles the partial stores out)."""
+    batch, heads, head_dim = out.shape
+    if workspace is not None:
+        check_workspace(workspace, batch * heads * splits, head_dim, out.device)
+    if splits == 1:
+        return out, out
+    if workspace is not None:
+        return workspace.partial_out, workspace.partial_lse
+    return (
+        torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=out.device),
+        torch.empty(batch, heads, splits, dtype=torch.float32, device=out.device),
+    )
+
+
+def merge_splits(seq_lens, partial_out, partial_lse, out, forced: int, splits: int, min_split_tokens: int):
+    """Launches the merge of a split decode's partials into ``out`` [batch, heads, head_dim] (sequences
+    with one split were written by the decode kernel and are skipped on the device)."""
+    batch, heads, head_dim = out.shape
+    dim_block = merge_dim_block(splits, head_dim)
+    _merge_splits_kernel[(batch, heads, triton.cdiv(head_dim, dim_block))](
+        seq_lens,
+        partial_out,
+        partial_lse,
+        out,
+        forced,
+        NUM_Q_HEADS=heads,
+        HEAD_DIM=head_dim,
+        DIM_BLOCK=dim_block,
+        MAX_SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits),
+        MIN_SPLIT_TOKENS=min_split_tokens,
+        num_warps=4,
+    )
+
+
 def paged_decode(
     q,
     k_cache,
@@ -387,53 +460,27 @@ def paged_decode(
             f"q: num_q_heads {num_q_heads} is not a multiple of the caches' num_kv_heads {num_kv_heads}"
         )
     group = num_q_heads // num_kv_heads
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
-    check_shape("block_tables", block_tables, (batch, None), "[batch, max_blocks]")
-    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
-        raise ValueError(
-            f"block_tables: expected rows contiguous (stride 1), got strides {block_tables.stride()}"
-        )
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
-    check_shape("seq_lens", seq_lens, (batch,), "[batch]")
-    check_contiguous("seq_lens", seq_lens)
+    check_tables(block_tables, seq_lens, batch, q.device)
     config = paged_decode_choice(q, k_cache).config
     if config["GROUP_PAD"] * config["HEAD_DIM_PAD"] > _MAX_GROUP_X_HEAD_DIM:
         raise ValueError(
             f"q: {group} query heads per KV head of head_dim {head_dim} exceed what one program holds "
             f"({_MAX_GROUP_X_HEAD_DIM} accumulator elements)"
         )
-    if scale is None:
-        scale = head_dim**-0.5
-    elif not is_positive_finite(scale):
-        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    scale = check_softmax_scale(scale, head_dim)
     k_scale, v_scale, scales_in_memory = check_fp8_scales(k_scale, v_scale, k_cache.dtype, q.device)
-    if num_splits is not None and (
-        isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS
-    ):
-        raise ValueError(f"num_splits: expected None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
+    splits, forced = plan_splits(
+        num_splits, batch, num_kv_heads, block_tables.shape[1] * block_size, q.device
+    )
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         check_shape("out", out, tuple(q.shape), "like q")
         check_contiguous("out", out)
-    if num_splits is None:
-        max_context = block_tables.shape[1] * block_size
-        splits = max_splits_for(batch, num_kv_heads, max_context, sm_count(q.device))
-        forced = 0
-    else:
-        splits, forced = num_splits, num_splits
-    if workspace is not None:
-        check_workspace(workspace, batch * num_q_heads * splits, head_dim, q.device)
+    partial_out, partial_lse = split_partials(workspace, out, splits)
     if batch == 0:
         return out
-    if splits > 1 and workspace is not None:
-        partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
-    elif splits > 1:
-        partial_out = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=q.device)
-    else:
-        partial_out = partial_lse = out  # never touched: MAX_SPLITS == 1 compiles the partial stores out
 
     _paged_decode_kernel[(batch, num_kv_heads, splits)](
         q,
@@ -466,21 +513,7 @@ def paged_decode(
         num_stages=config["num_stages"],
     )
     if splits > 1:
-        dim_block = merge_dim_block(splits, head_dim)
-        _merge_splits_kernel[(batch, num_q_heads, triton.cdiv(head_dim, dim_block))](
-            seq_lens,
-            partial_out,
-            partial_lse,
-            out,
-            forced,
-            NUM_Q_HEADS=num_q_heads,
-            HEAD_DIM=head_dim,
-            DIM_BLOCK=dim_block,
-            MAX_SPLITS=splits,
-            SPLITS_PAD=triton.next_power_of_2(splits),
-            MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
-            num_warps=4,
-        )
+        merge_splits(seq_lens, partial_out, partial_lse, out, forced, splits, MIN_SPLIT_TOKENS)
     return out
 
 

@@ -46,6 +46,7 @@ class Launch:
     grid: tuple
     args: tuple
     kwargs: dict
+    jit: object = None  # the @triton.jit kernel itself (to launch it for real)
 
 
 @dataclass
@@ -86,23 +87,31 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
-            self.launches.append(Launch(self.name, self.kernel.fn, tuple(grid), args, kwargs))
+            self.launches.append(Launch(self.name, self.kernel.fn, tuple(grid), args, kwargs, self.kernel))
 
         return record
 
 
 @contextmanager
 def capture_launches(module: ModuleType):
-    """Inside the block, every @triton.jit kernel of ``module`` records its launches instead of running."""
+    """Inside the block, every @triton.jit kernel of ``module`` and of the kernel modules it builds on (any
+    loaded ``kernels.*`` module: mla_decode launches paged_decode's merge through paged_attention) records
+    its launches instead of running."""
+    import sys
+
     launches: list[Launch] = []
-    originals = {name: obj for name, obj in vars(module).items() if _is_triton_kernel(obj)}
+    modules = {module.__name__: module}
+    modules.update((name, m) for name, m in list(sys.modules.items()) if name.startswith("kernels.") and m)
+    originals = [
+        (m, name, obj) for m in modules.values() for name, obj in vars(m).items() if _is_triton_kernel(obj)
+    ]
     try:
-        for name, kernel in originals.items():
-            setattr(module, name, _Recorder(name, kernel, launches))
+        for m, name, kernel in originals:
+            setattr(m, name, _Recorder(name, kernel, launches))
         yield launches
     finally:
-        for name, kernel in originals.items():
-            setattr(module, name, kernel)
+        for m, name, kernel in originals:
+            setattr(m, name, kernel)
 
 
 def _bind(jit: JITFunction, launch: Launch) -> tuple[dict, dict]:
@@ -250,7 +259,7 @@ def _launched(case: Case) -> list[StaticRow]:
     rows = []
     for shape in case.static_shapes():
         for launch in capture(case, shape, device="cuda"):
-            compiled = getattr(case.kernel_module, launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
+            compiled = launch.jit[launch.grid](*launch.args, **launch.kwargs)
             num_warps = launch.kwargs.get("num_warps", 4)
             rows.append(
                 describe(compiled, launch.kernel, shape.label, f"sm_{major}{minor}", "launch", num_warps)
