@@ -123,3 +123,21 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.float(), expected.float()
     finite = torch.isfinite(a) & torch.isfinite(e)
     return float((a[finite] - e[finite]).abs().max()) if finite.any() else 0.0
+
+
+class NoAllocation:
+    """Stands in for ``torch`` inside kernel modules under test: every allocating call fails the test."""
+
+    ALLOCATING = ("empty", "empty_like", "zeros", "zeros_like", "full", "ones", "tensor")
+
+    def __getattr__(self, name):
+        if name in self.ALLOCATING:
+            raise AssertionError(f"a launcher called torch.{name} with a workspace given")
+        return getattr(torch, name)
+
+
+def forbid_allocation(monkeypatch, *modules) -> None:
+    """Until ``monkeypatch.undo()``, the ``torch`` of each kernel module (a launcher's, and those of the
+    modules whose helpers it calls) refuses to allocate."""
+    for module in modules:
+        monkeypatch.setattr(module, "torch", NoAllocation())

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bench.cases.mla_attention import DEEPSEEK, MLA_DECODE, MLADecodeShape, build, compare, deepseek
-from bench.testing import seed_of
-from kernels import mla_attention
+from bench.testing import forbid_allocation, seed_of
+from kernels import mla_attention, paged_attention
 from kernels.mla_attention import mla_decode_launch_config, mla_min_split_tokens
 from reference import mla_attention as reference
 
@@ -151,15 +151,6 @@ def test_launch_config_keeps_the_accumulator_within_registers():
 # --- caller-owned workspace ---------------------------------------------------------------------------------
 
 
-class _NoAllocation:
-    """Stands in for ``torch`` inside the kernel module: every allocating call fails the test."""
-
-    def __getattr__(self, name):
-        if name in ("empty", "empty_like", "zeros", "zeros_like", "full", "ones", "tensor"):
-            raise AssertionError(f"the launcher called torch.{name} with a workspace given")
-        return getattr(torch, name)
-
-
 @pytest.mark.parametrize("num_splits", [None, 3], ids=["derived", "forced"])
 def test_a_workspace_gives_the_same_result_and_allocates_nothing(num_splits, monkeypatch):
     shape = S("ws", (700, 17, 0), 16, qk_dim=64, v_head_dim=64, spare_pages=40, num_splits=num_splits)
@@ -167,7 +158,7 @@ def test_a_workspace_gives_the_same_result_and_allocates_nothing(num_splits, mon
     fresh = mla_attention.mla_decode(**{**inputs.args, "out": None})
     workspace = mla_attention.mla_decode_workspace(3, 16, 64, device=DEVICE)
     out = torch.full_like(fresh, float("nan"))
-    monkeypatch.setattr(mla_attention, "torch", _NoAllocation())
+    forbid_allocation(monkeypatch, mla_attention, paged_attention)  # split_partials lives there
     assert mla_attention.mla_decode(**{**inputs.args, "out": out, "workspace": workspace}) is out
     monkeypatch.undo()
     assert torch.equal(out, fresh)

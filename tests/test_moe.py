@@ -11,7 +11,7 @@ import kernels.moe as moe
 from bench.cases.moe import ROUTE, RouteShape
 from bench.measure.runner import verify
 from bench.models import MOE_MODELS
-from bench.testing import assert_close, generator, randn, seed_of
+from bench.testing import assert_close, forbid_allocation, generator, randn, seed_of
 from reference import moe as reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -321,21 +321,12 @@ def test_routing_generators_and_load_statistics():
     }
 
 
-class _NoAllocation:
-    """Stands in for ``torch`` inside kernels.moe: every allocating call fails the test."""
-
-    def __getattr__(self, name):
-        if name in ("empty", "empty_like", "zeros", "zeros_like", "full", "ones", "tensor"):
-            raise AssertionError(f"dispatch called torch.{name} with a workspace given")
-        return getattr(torch, name)
-
-
 @pytest.mark.parametrize("tokens", [5, moe._FUSED_PAIRS // 8 + 3], ids=["one-launch", "three-launches"])
 def test_dispatch_into_a_workspace_allocates_nothing_and_matches(tokens, monkeypatch, request):
     x, ids, _ = _routed(tokens, 64, 8, "zipf", seed_of(request.node.name), hidden=24)
     want_rows, want = moe.dispatch(x, ids, 64, align=16)
     workspace = moe.DispatchWorkspace.for_shape(tokens, 8, 64, 24, align=16, dtype=x.dtype, device=DEVICE)
-    monkeypatch.setattr(moe, "torch", _NoAllocation())
+    forbid_allocation(monkeypatch, moe)
     x_sorted, plan = moe.dispatch(x, ids, 64, align=16, workspace=workspace)
     monkeypatch.undo()
     assert x_sorted is workspace.x_sorted and plan.slot_row is workspace.slot_row
@@ -352,7 +343,7 @@ def test_combine_into_out_allocates_nothing_and_matches(tokens, monkeypatch, req
     x_sorted, plan = moe.dispatch(x, ids, 16, align=8)
     want = moe.combine(x_sorted, weights, plan)
     out = torch.full_like(want, float("nan"))
-    monkeypatch.setattr(moe, "torch", _NoAllocation())
+    forbid_allocation(monkeypatch, moe)
     got = moe.combine(x_sorted, weights, plan, out=out)
     monkeypatch.undo()
     assert got is out and torch.equal(out, want)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.cases.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
-from bench.testing import seed_of
+from bench.testing import forbid_allocation, seed_of
 from kernels import paged_attention
 from kernels.paged_attention import check_paged_inputs, max_splits_for
 from reference import paged_attention as reference
@@ -166,15 +166,6 @@ def test_max_splits_fill_the_machine_without_splitting_past_what_a_context_fills
 # --- caller-owned workspace ---------------------------------------------------------------------------------
 
 
-class _NoAllocation:
-    """Stands in for ``torch`` inside a kernel module: every allocating call fails the test."""
-
-    def __getattr__(self, name):
-        if name in ("empty", "empty_like", "zeros", "zeros_like", "full", "ones", "tensor"):
-            raise AssertionError(f"the launcher called torch.{name} with a workspace given")
-        return getattr(torch, name)
-
-
 @pytest.mark.parametrize("num_splits", [None, 3], ids=["derived", "forced"])
 def test_a_workspace_gives_the_same_result_and_allocates_nothing(num_splits, monkeypatch):
     shape = PagedDecodeShape("ws", (300, 17, 0), 32, 8, 128, spare_pages=40, num_splits=num_splits)
@@ -182,7 +173,7 @@ def test_a_workspace_gives_the_same_result_and_allocates_nothing(num_splits, mon
     fresh = paged_attention.paged_decode(**{**inputs.args, "out": None})
     workspace = paged_attention.paged_decode_workspace(3, 32, 128, device=DEVICE)
     out = torch.full_like(fresh, float("nan"))
-    monkeypatch.setattr(paged_attention, "torch", _NoAllocation())
+    forbid_allocation(monkeypatch, paged_attention)
     assert paged_attention.paged_decode(**{**inputs.args, "out": out, "workspace": workspace}) is out
     monkeypatch.undo()
     assert torch.equal(out, fresh)
