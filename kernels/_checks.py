@@ -102,17 +102,11 @@ def check_fp8_scale(name: str, scale, cache_dtype: torch.dtype, device: torch.de
 
 
 def check_fp8_scales(k_scale, v_scale, cache_dtype: torch.dtype, device: torch.device):
-    """Per-tensor K and V scales, ready for a kernel: (k_scale, v_scale, scales_in_memory).
-
-    fp8 e4m3 caches take floats (passed by value) or one-element fp32 device tensors (read by the kernel),
-    both of one kind; other caches take none. Neither way reads the device or allocates.
-    """
-    if cache_dtype != torch.float8_e4m3fn:
-        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if scale is not None:
-                raise ValueError(f"{name}: a scale applies only to float8_e4m3fn caches, got {scale!r}")
-        return 1.0, 1.0, False
-    k_scale, v_scale = _check_scale("k_scale", k_scale, device), _check_scale("v_scale", v_scale, device)
-    if isinstance(k_scale, torch.Tensor) != isinstance(v_scale, torch.Tensor):
+    """Per-tensor K and V scales, ready for a kernel: (k_scale, v_scale, scales_in_memory). Each as
+    check_fp8_scale takes it, both of one kind (floats, or tensors). Neither way reads the device or
+    allocates."""
+    k_scale, k_in_memory = check_fp8_scale("k_scale", k_scale, cache_dtype, device)
+    v_scale, v_in_memory = check_fp8_scale("v_scale", v_scale, cache_dtype, device)
+    if k_in_memory != v_in_memory:
         raise ValueError("v_scale: expected the same kind as k_scale (both floats or both tensors)")
-    return k_scale, v_scale, isinstance(k_scale, torch.Tensor)
+    return k_scale, v_scale, k_in_memory
