@@ -16,6 +16,7 @@ import reference.mla_attention
 from bench.cases.base import Case, Inputs
 from bench.cases.paged_attention import (
     REASONING_MIX,
+    PagedBatch,
     check_decode_output,
     fragmented_block_tables,
     live_slots,
@@ -32,7 +33,7 @@ MLA_BLOCK_SIZE = 64
 
 
 @dataclass(frozen=True)
-class MLADecodeShape:
+class MLADecodeShape(PagedBatch):
     """One decode step of a batch. ``lengths`` holds each sequence's cached tokens.
 
     ``shared_pages``: the first pages of every sequence are the same blocks. ``num_splits`` is passed through
@@ -55,24 +56,10 @@ class MLADecodeShape:
     spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
 
     @property
-    def batch(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def pages(self) -> list[int]:
-        return [-(-n // self.block_size) for n in self.lengths]
-
-    @property
     def label(self) -> str:
-        lengths = set(self.lengths)
-        context = f"ctx={self.lengths[0]}" if len(lengths) == 1 else f"ctx={min(lengths)}..{max(lengths)}"
-        splits = f" splits={self.num_splits}" if self.num_splits else ""
-        table = (
-            f" table={(max(self.pages) + self.spare_pages) * self.block_size}" if self.spare_pages > 1 else ""
-        )
         return (
-            f"{self.name} b={self.batch} {context} h={self.num_heads} {self.qk_dim}/{self.v_head_dim} "
-            f"page={self.block_size} {_SHORT[self.cache_dtype]}{splits}{table}"
+            f"{self.name} b={self.batch} {self.context_label()} h={self.num_heads} {self.qk_dim}/"
+            f"{self.v_head_dim} page={self.block_size} {_SHORT[self.cache_dtype]}{self.launch_label()}"
         )
 
 

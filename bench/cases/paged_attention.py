@@ -16,8 +16,32 @@ _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "f
 FP8 = torch.float8_e4m3fn
 
 
+class PagedBatch:
+    """What the decode shapes over a paged cache share, from their fields ``lengths`` (each sequence's
+    cached tokens), ``block_size``, ``num_splits`` and ``spare_pages`` (block-table columns past the
+    longest sequence)."""
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def pages(self) -> list[int]:
+        return [-(-n // self.block_size) for n in self.lengths]
+
+    def context_label(self) -> str:
+        lengths = set(self.lengths)
+        return f"ctx={self.lengths[0]}" if len(lengths) == 1 else f"ctx={min(lengths)}..{max(lengths)}"
+
+    def launch_label(self) -> str:
+        """Forced splits and a block table wider than the lengths need (what changes the launch)."""
+        splits = f" splits={self.num_splits}" if self.num_splits else ""
+        wide = self.spare_pages > 1
+        return splits + (f" table={(max(self.pages) + self.spare_pages) * self.block_size}" if wide else "")
+
+
 @dataclass(frozen=True)
-class PagedDecodeShape:
+class PagedDecodeShape(PagedBatch):
     """One decode step of a batch. ``lengths`` holds each sequence's cached tokens.
 
     ``shared_pages``: the first pages of every sequence are the same blocks (a shared prompt, as parallel
@@ -37,25 +61,11 @@ class PagedDecodeShape:
     spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
 
     @property
-    def batch(self) -> int:
-        return len(self.lengths)
-
-    @property
     def label(self) -> str:
-        lengths = set(self.lengths)
-        context = f"ctx={self.lengths[0]}" if len(lengths) == 1 else f"ctx={min(lengths)}..{max(lengths)}"
-        splits = f" splits={self.num_splits}" if self.num_splits else ""
-        table = (
-            f" table={(max(self.pages) + self.spare_pages) * self.block_size}" if self.spare_pages > 1 else ""
-        )
         return (
-            f"{self.name} b={self.batch} {context} {self.num_q_heads}/{self.num_kv_heads}x{self.head_dim} "
-            f"page={self.block_size} {_SHORT[self.cache_dtype]}{splits}{table}"
+            f"{self.name} b={self.batch} {self.context_label()} {self.num_q_heads}/{self.num_kv_heads}x"
+            f"{self.head_dim} page={self.block_size} {_SHORT[self.cache_dtype]}{self.launch_label()}"
         )
-
-    @property
-    def pages(self) -> list[int]:
-        return [-(-n // self.block_size) for n in self.lengths]
 
 
 def byte_model(shape: PagedDecodeShape) -> int:
