@@ -63,7 +63,8 @@ from kernels.paged_attention import (
     plan_splits,
     scale_value,
     split_partials,
-    splits_of,
+    split_range,
+    store_split,
 )
 
 Q_DTYPES = (torch.float16, torch.bfloat16)
@@ -104,13 +105,9 @@ def _mla_decode_kernel(
     seq = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_splits = splits_of(seq_len, forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
+    num_splits, start, end = split_range(seq_len, split, forced_splits, BLOCK_N, MAX_SPLITS, MIN_SPLIT_TOKENS)
     if split >= num_splits:
         return
-    # Splits are whole tiles, so only a split's last tile is ragged.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
 
     heads = head_tile.to(tl.int64) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
     head_mask = heads < NUM_HEADS
@@ -153,28 +150,24 @@ def _mla_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), kv)
         m = m_new
 
-    # An empty sequence (or split) has denom == 0: its output is 0 and its log-sum-exp -inf, never NaN.
-    safe_denom = tl.where(denom > 0, denom, 1.0)
-    result = acc * (kv_scale / safe_denom)[:, None]
-    out_mask = head_mask[:, None] & v_mask[None, :]
     head_rows = seq.to(tl.int64) * NUM_HEADS + heads
-    if MAX_SPLITS == 1:
-        tl.store(
-            out_ptr + head_rows[:, None] * V_DIM + v_dims[None, :],
-            result.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
-    elif num_splits == 1:
-        tl.store(
-            out_ptr + head_rows[:, None] * V_DIM + v_dims[None, :],
-            result.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
-    else:
-        partial_rows = head_rows * MAX_SPLITS + split
-        tl.store(partial_out_ptr + partial_rows[:, None] * V_DIM + v_dims[None, :], result, mask=out_mask)
-        lse = tl.where(denom > 0, m + tl.log2(safe_denom), float("-inf"))
-        tl.store(partial_lse_ptr + partial_rows, lse, mask=head_mask)
+    store_split(
+        out_ptr,
+        partial_out_ptr,
+        partial_lse_ptr,
+        acc,
+        m,
+        denom,
+        kv_scale,
+        head_rows,
+        v_dims,
+        head_mask,
+        v_mask,
+        split,
+        num_splits,
+        V_DIM,
+        MAX_SPLITS,
+    )
 
 
 def mla_decode_launch_config(num_heads: int, qk_dim: int, v_head_dim: int, cache_bytes: int) -> dict:

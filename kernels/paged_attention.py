@@ -68,9 +68,61 @@ def splits_of(seq_len, forced_splits, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS
 
 
 @triton.jit
+def split_range(
+    seq_len,
+    split,
+    forced_splits,
+    BLOCK_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
+    MIN_SPLIT_TOKENS: tl.constexpr,
+):
+    """(num_splits, start, end): this split's tokens of a sequence. Splits are whole tiles of BLOCK_N, so
+    only a split's last tile is ragged; a split at or past num_splits has nothing (the caller returns)."""
+    num_splits = splits_of(seq_len, forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    return num_splits, start, tl.minimum(start + split_len, seq_len)
+
+
+@triton.jit
 def _store_output(out_ptr, head_rows, dims, result, mask, HEAD_DIM: tl.constexpr):
     offsets = head_rows.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_split(
+    out_ptr,  # [batch, heads, HEAD_DIM] in q's dtype: sequences with one split
+    partial_out_ptr,  # [batch, heads, MAX_SPLITS, HEAD_DIM] fp32
+    partial_lse_ptr,  # [batch, heads, MAX_SPLITS] fp32
+    acc,  # [rows, dims] fp32: sum of exp2(score - m) x value
+    m,  # [rows]: running max of the scaled scores (log2)
+    denom,  # [rows]: sum of exp2(score - m)
+    value_scale,  # fp8 caches' value scale (1.0 otherwise)
+    head_rows,  # [rows]: seq x heads + head
+    dims,  # [dims]
+    row_mask,
+    dim_mask,
+    split,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
+):
+    """A split's normalised result: into out when its sequence has one split, else into the partials with
+    its log2-sum-exp2 for the merge. An empty sequence (or split) has denom == 0: its output is 0 and its
+    log-sum-exp -inf, never NaN."""
+    safe_denom = tl.where(denom > 0, denom, 1.0)
+    result = acc * (value_scale / safe_denom)[:, None]
+    mask = row_mask[:, None] & dim_mask[None, :]
+    if MAX_SPLITS == 1:
+        _store_output(out_ptr, head_rows, dims, result, mask, HEAD_DIM)
+    elif num_splits == 1:
+        _store_output(out_ptr, head_rows, dims, result, mask, HEAD_DIM)
+    else:
+        partial_rows = head_rows.to(tl.int64) * MAX_SPLITS + split
+        tl.store(partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :], result, mask=mask)
+        lse = tl.where(denom > 0, m + tl.log2(safe_denom), float("-inf"))
+        tl.store(partial_lse_ptr + partial_rows, lse, mask=row_mask)
 
 
 @triton.jit
@@ -107,13 +159,9 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_splits = splits_of(seq_len, forced_splits, MAX_SPLITS, MIN_SPLIT_TOKENS)
+    num_splits, start, end = split_range(seq_len, split, forced_splits, BLOCK_N, MAX_SPLITS, MIN_SPLIT_TOKENS)
     if split >= num_splits:
         return
-    # Splits are whole tiles, so only a split's last tile is ragged.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
 
     group = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -151,20 +199,25 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v)
         m = m_new
 
-    # An empty sequence (or split) has denom == 0: its output is 0 and its log-sum-exp -inf, never NaN.
-    safe_denom = tl.where(denom > 0, denom, 1.0)
-    result = acc * (scale_value(v_scale, SCALES_IN_MEMORY) / safe_denom)[:, None]
-    out_mask = group_mask[:, None] & dim_mask[None, :]
     head_rows = seq.to(tl.int64) * (NUM_KV_HEADS * GROUP) + heads
-    if MAX_SPLITS == 1:
-        _store_output(out_ptr, head_rows, dims, result, out_mask, HEAD_DIM)
-    elif num_splits == 1:
-        _store_output(out_ptr, head_rows, dims, result, out_mask, HEAD_DIM)
-    else:
-        partial_rows = head_rows * MAX_SPLITS + split
-        tl.store(partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :], result, mask=out_mask)
-        lse = tl.where(denom > 0, m + tl.log2(safe_denom), float("-inf"))
-        tl.store(partial_lse_ptr + partial_rows, lse, mask=group_mask)
+    v_scale = scale_value(v_scale, SCALES_IN_MEMORY)
+    store_split(
+        out_ptr,
+        partial_out_ptr,
+        partial_lse_ptr,
+        acc,
+        m,
+        denom,
+        v_scale,
+        head_rows,
+        dims,
+        group_mask,
+        dim_mask,
+        split,
+        num_splits,
+        HEAD_DIM,
+        MAX_SPLITS,
+    )
 
 
 @triton.jit

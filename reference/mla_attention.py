@@ -9,11 +9,7 @@ It reads lengths on the host (a loop over sequences): a reference, not a fast pa
 
 import torch
 
-
-def _scale(scale) -> torch.Tensor | float:
-    if scale is None:
-        return 1.0
-    return scale.reshape(()).float() if isinstance(scale, torch.Tensor) else float(scale)
+from reference.paged_attention import per_tensor_scale
 
 
 def mla_decode(
@@ -37,7 +33,7 @@ def mla_decode(
         if length == 0:
             continue
         pages = block_tables[b, : -(-length // block_size)].long()
-        rows = kv_cache[pages].flatten(0, 2)[:length].float() * _scale(kv_scale)  # [length, qk_dim]
+        rows = kv_cache[pages].flatten(0, 2)[:length].float() * per_tensor_scale(kv_scale)  # [length, qk_dim]
         weights = torch.softmax(q[b].float() @ rows.T * scale, dim=-1)  # [num_heads, length]
         result[b] = weights @ rows[:, :v_head_dim]
     result = result.to(q.dtype)

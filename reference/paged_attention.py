@@ -10,7 +10,8 @@ It reads lengths on the host (a loop over sequences): a reference, not a fast pa
 import torch
 
 
-def _scale(scale) -> torch.Tensor | float:
+def per_tensor_scale(scale) -> torch.Tensor | float:
+    """An fp8 cache's per-tensor scale as a factor (None: 1)."""
     if scale is None:
         return 1.0
     return scale.reshape(()).float() if isinstance(scale, torch.Tensor) else float(scale)
@@ -39,8 +40,10 @@ def paged_decode(
         if length == 0:
             continue
         pages = block_tables[b, : -(-length // block_size)].long()
-        k = k_cache[pages].flatten(0, 1)[:length].float() * _scale(k_scale)  # [length, kv_heads, head_dim]
-        v = v_cache[pages].flatten(0, 1)[:length].float() * _scale(v_scale)
+        k = k_cache[pages].flatten(0, 1)[:length].float() * per_tensor_scale(
+            k_scale
+        )  # [length, kv_heads, head_dim]
+        v = v_cache[pages].flatten(0, 1)[:length].float() * per_tensor_scale(v_scale)
         queries = q[b].float().view(num_kv_heads, group, head_dim)
         scores = torch.einsum("hgd,nhd->hgn", queries, k) * scale
         weights = torch.softmax(scores, dim=-1)
