@@ -75,3 +75,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The tests that read the static report (the sm_90/sm_80 AOT compile of every case: a minute or two of CPU
+# in child processes). Its compile starts as soon as one of them is collected, so that it runs on the cores
+# the interpreted tests leave idle instead of after them.
+STATIC_READERS = {"test_static.py", "test_regressions.py", "test_harness.py"}
+
+
+def pytest_collection_finish(session):
+    if torch.cuda.is_available() or not kernels.INTERPRETED:
+        return
+    if any(item.path.name in STATIC_READERS for item in session.items):
+        from bench.cases import CASES
+        from bench.measure import static
+
+        static.start_compiles(list(CASES))
+
+
+def pytest_sessionfinish(session):
+    import sys
+
+    static = sys.modules.get("bench.measure.static")
+    if static is not None:
+        static.stop_compiles()

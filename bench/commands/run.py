@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from bench.commands import report
-from bench.measure import results, runner
+from bench.measure import results, runner, static
 from bench.measure.device import copy_bandwidth_gbps, machine_info
 
 
@@ -44,6 +44,7 @@ def run_cpu(cases) -> int:
     start = time.perf_counter()
     print("No CUDA device: kernels run in Triton's interpreter; no timings. Verification, static and traffic")
     print("reports, and projections from each byte model.\n")
+    static.start_compiles([case.name for case in cases])  # on the cores the interpreter leaves idle
     verified, verified_ok = report.verification_table(runner.verify_all(cases, "cpu"))
     print("## Verified against the reference (interpreter, small odd shapes)\n")
     print(verified)

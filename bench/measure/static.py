@@ -282,44 +282,85 @@ def compiled(case_name: str, archs=ARCHS) -> bool:
     return (case_name, tuple(archs)) in _compiled
 
 
+@dataclass
+class _Compiling:
+    """A child process compiling its share of the cases; its output goes to files, so that a child started
+    in the background never blocks on a full pipe."""
+
+    share: list[str]
+    archs: tuple[int, ...]
+    child: subprocess.Popen
+    out: object  # temporary files
+    err: object
+
+
+_running: list[_Compiling] = []
+
+
+def _start(case_names, archs) -> list[_Compiling]:
+    busy = {(name, job.archs) for job in _running for name in job.share}
+    todo = [n for n in dict.fromkeys(case_names) if (n, archs) not in _compiled and (n, archs) not in busy]
+    cores = max(1, os.cpu_count() or 1)
+    env = child_env(TRITON_INTERPRET="0")
+    started = []
+    for share in (todo[i::cores] for i in range(min(len(todo), cores))):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        command = [sys.executable, "-m", "bench.measure.static", ",".join(share), *map(str, archs)]
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        started.append(_Compiling(share, archs, child, out, err))
+    _running.extend(started)
+    return started
+
+
+def _stop(jobs) -> None:
+    for job in list(jobs):
+        if job.child.poll() is None:
+            job.child.kill()
+            job.child.wait()
+        job.out.close()
+        job.err.close()
+        _running.remove(job)
+
+
+def start_compiles(case_names, archs=ARCHS) -> None:
+    """Starts compiling the static reports of ``case_names`` (those neither compiled nor being compiled) and
+    returns at once: the interpreter's work (verification, traffic, the other tests) runs beside the
+    compile, which uses the cores it leaves idle. compile_in_children collects them; stop_compiles ends
+    them unread."""
+    _start(case_names, archs)
+
+
+def stop_compiles() -> None:
+    _stop(_running)
+
+
 def compile_in_children(case_names, archs=ARCHS, timeout: float | None = None) -> None:
     """Compiles the static reports of ``case_names`` not compiled yet in child processes (TRITON_INTERPRET=0),
-    one per core, each taking its share of the cases in turn: the compiles are independent and
-    single-threaded, and a child pays torch's import (seconds) once, not once a case. Raises
-    subprocess.TimeoutExpired (children killed) past ``timeout`` seconds."""
+    one per core, each taking its share of the cases in turn (the compiles are independent and
+    single-threaded; a child pays torch's import once, not once a case), and collects those started
+    earlier by start_compiles. Past ``timeout`` seconds it raises subprocess.TimeoutExpired, having killed
+    the children this call started; those started in the background run on, for a later call."""
     import time
 
-    todo = [name for name in dict.fromkeys(case_names) if (name, archs) not in _compiled]
-    if not todo:
-        return
-    env = child_env(TRITON_INTERPRET="0")
+    wanted = {(name, archs) for name in case_names}
+    started = _start(case_names, archs)
     deadline = None if timeout is None else time.monotonic() + timeout
-    shares = [
-        todo[i :: max(1, os.cpu_count() or 1)] for i in range(min(len(todo), max(1, os.cpu_count() or 1)))
-    ]
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "bench.measure.static", ",".join(share), *map(str, archs)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for share in shares
-    ]
     try:
-        for share, child in zip(shares, children):
+        for job in [j for j in _running if any((n, j.archs) in wanted for n in j.share)]:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
-            out, err = child.communicate(timeout=left)
-            if child.returncode != 0:
-                raise RuntimeError(f"static report for {', '.join(share)} failed:\n{err[-3000:]}")
+            job.child.wait(timeout=left)
+            job.out.seek(0)
+            job.err.seek(0)
+            out, err = job.out.read(), job.err.read()
+            failed = job.child.returncode != 0
+            _stop([job])
+            if failed:
+                raise RuntimeError(f"static report for {', '.join(job.share)} failed:\n{err[-3000:]}")
             for name, rows in json.loads(out).items():
-                _compiled[(name, archs)] = [StaticRow(**row) for row in rows]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.communicate()
+                _compiled[(name, job.archs)] = [StaticRow(**row) for row in rows]
+    except BaseException:
+        _stop([job for job in started if job in _running])
+        raise
 
 
 def _main(argv: list[str]) -> None:
