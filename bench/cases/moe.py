@@ -125,15 +125,21 @@ ROUTE = Case(
 LOADS = ("uniform", "zipf", "hot")
 
 
+def log_popularity(experts: int, load: str, gen: torch.Generator) -> torch.Tensor:
+    """fp32 [experts]: each expert's log-popularity, 0 everywhere (uniform, hot) or Zipf's -1.2 log(rank) over
+    a shuffled ranking. Added to router logits, it skews which experts the router picks."""
+    if load not in LOADS:
+        raise ValueError(f"load: expected one of {LOADS}, got {load!r}")
+    if load != "zipf":
+        return torch.zeros(experts)
+    rank = torch.randperm(experts, generator=gen).float() + 1
+    return -1.2 * rank.log()
+
+
 def routing_ids(tokens: int, experts: int, top_k: int, load: str, gen: torch.Generator) -> torch.Tensor:
     """int32 [tokens, top_k] distinct experts per token: uniform, Zipf-skewed (popularity ~ 1/rank^1.2 over
     a shuffled ranking) or one hot expert every token picks first. Gumbel top-k: no expert twice a token."""
-    if load not in LOADS:
-        raise ValueError(f"load: expected one of {LOADS}, got {load!r}")
-    log_p = torch.zeros(experts)
-    if load == "zipf":
-        rank = torch.randperm(experts, generator=gen).float() + 1
-        log_p = -1.2 * rank.log()
+    log_p = log_popularity(experts, load, gen)
     gumbel = -torch.log(-torch.log(torch.rand(tokens, experts, generator=gen).clamp_min(1e-20)))
     scores = log_p[None, :] + gumbel
     if load == "hot":

@@ -217,6 +217,18 @@ def cmd_profile_target(args) -> int:
     return 0
 
 
+def dist_models() -> tuple[str, ...]:
+    from bench.cases.ep import MODELS
+
+    return MODELS
+
+
+def cmd_dist(args, argv: list[str]) -> int:
+    from bench.commands import dist
+
+    return dist.main(args, argv)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decodebench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +339,23 @@ def main(argv=None) -> int:
         help="merge --out DIR's tuned-configs.json into kernels/configs/<gpu>.json (no tuning)",
     )
     tune.set_defaults(func=cmd_tune)
+
+    multi = sub.add_parser(
+        "dist", help="multi-rank benchmarks under torchrun: EP dispatch/combine, all-reduce"
+    )
+    multi.add_argument("case", choices=("ep", "allreduce", "check"))
+    multi.add_argument("--nproc", type=int, help="start torchrun with this many ranks on this host")
+    multi.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, else gloo")
+    multi.add_argument("--tokens", help="ep: tokens per rank, comma-separated (default: 1..4096; CPU 1,16)")
+    multi.add_argument("--models", default=",".join(dist_models()), help="ep: MoE presets, comma-separated")
+    multi.add_argument("--loads", default="uniform,zipf", help="ep: routing loads (uniform, zipf)")
+    multi.add_argument("--modes", default="exact,capacity", help="ep: exact, capacity")
+    multi.add_argument("--sizes", help="allreduce: bytes, comma-separated (default 8 KB .. 64 MB)")
+    multi.add_argument("--reps", type=int, default=None, help="timed calls per point (default 20; CPU 3)")
+    multi.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; CPU 1)")
+    multi.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, seconds")
+    multi.add_argument("--out", help="rank 0 writes the results (the suite's JSON schema) here")
+    multi.set_defaults(func=lambda args: cmd_dist(args, sys.argv[2:] if argv is None else argv[1:]))
 
     args = parser.parse_args(argv)
     from bench.measure.results import ResultFileError

@@ -1,0 +1,284 @@
+"""`decodebench dist`: the multi-rank benchmarks, run under torchrun.
+
+    torchrun --nproc-per-node N -m bench dist ep|allreduce|check [--backend nccl|gloo] [options]
+    decodebench dist --nproc N ep|allreduce|check [options]     (starts torchrun on this host for you)
+
+Across nodes, torchrun's own rendezvous does it: the same command on every node with ``--nnodes M
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT``. Each rank times its own stages (CUDA events on a GPU, the
+host clock on a CPU); rank 0 gathers them, reports the slowest rank per call (a collective ends when its
+last rank does) beside the ranks' mean, prints the tables and writes the JSON (the suite's schema, with world
+size, backend, NCCL version and the interconnect in machine_info).
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from bench.cases import all_reduce, ep
+from bench.measure import distributed, results
+from bench.measure.timing import Timing
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Starts torchrun with ``nproc`` ranks on this host (rendezvous on 127.0.0.1), running this command
+    without --nproc in each."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{distributed.free_port()}",
+        "-m",
+        "bench",
+        "dist",
+        *argv,
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
+    if "--backend" in argv and argv[argv.index("--backend") + 1] == "gloo" or not _has_cuda():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    print("$ " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command, env=env)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part for part in text.split(",") if part)
+
+
+def _machine(rank: distributed.Rank) -> dict:
+    return {
+        "world_size": rank.world,
+        "backend": rank.backend,
+        "nccl": distributed.nccl_version(),
+        "interconnect": distributed.interconnect(),
+    }
+
+
+def _wire_note(rank: distributed.Rank) -> str:
+    if rank.world == 1:
+        return "world size 1: every row stays on this rank, so no wire was measured (the GPU path was)"
+    if rank.device.type == "cpu":
+        return "gloo on CPU processes with kernels interpreted: the path and its bytes, not GPU timings"
+    return "measured"
+
+
+# --- ep -----------------------------------------------------------------------------------------------------
+
+
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:,.1f}"
+
+
+def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[list], list[dict]]:
+    """A table row and a results entry per stage the shape ran: the slowest rank per call, the mean."""
+    rows, entries = [], []
+    stages = [s for s in ep.STAGES if any(r["samples"][0][ep.STAGES.index(s)] for r in everyone)]
+    totals = [[sum(sample) for sample in r["samples"]] for r in everyone]
+    slowest_total = statistics.median(max(t[i] for t in totals) for i in range(reps))
+    mean_total = statistics.median(statistics.fmean(t[i] for t in totals) for i in range(reps))
+    skew = slowest_total / mean_total if mean_total else 1.0
+    verified = all(r["verified"] for r in everyone)
+    for stage in stages:
+        column = ep.STAGES.index(stage)
+        per_call = [max(r["samples"][i][column] for r in everyone) for i in range(reps)]
+        mean = statistics.median(
+            statistics.fmean(r["samples"][i][column] for r in everyone) for i in range(reps)
+        )
+        slowest = statistics.median(per_call)
+        figures = [r["bytes"][stage] for r in everyone]
+        nbytes = max(f["bytes"] for f in figures)
+        useful = max(f.get("useful", f["bytes"]) for f in figures)
+        kind = "host" if figures[0].get("host") else ("wire" if figures[0].get("wire") else "memory")
+        gbps = nbytes / (slowest * 1e-3) / 1e9 if slowest else 0.0
+        dedup = max(f.get("dedup", 0) for f in figures)
+        rows.append(
+            [
+                stage,
+                _us(slowest),
+                _us(mean),
+                f"{slowest / mean:.2f}" if mean else "-",
+                f"{nbytes:,}",
+                f"{useful:,}" if kind == "wire" else "",
+                f"{dedup:,}" if dedup else "",
+                kind,
+                f"{gbps:.2f}",
+            ]
+        )
+        info = {
+            "kernel": "ep",
+            "stage": stage,
+            "shape": shape.label,
+            "mode": shape.mode,
+            "world_size": shape.world,
+            "tokens_per_rank": shape.tokens,
+            "load": shape.load,
+            "bytes": nbytes,
+            "bytes_kind": kind,
+            "useful_bytes": useful,
+            "dedup_wire_bytes": dedup or None,
+            "gbps": round(gbps, 3),
+            "mean_rank_s": mean * 1e-3,
+            "stage_skew": round(slowest / mean, 3) if mean else None,
+            "call_skew": round(skew, 3),
+            "verified": verified,
+        }
+        entries.append(results.entry(f"ep[{shape.label}] {stage}", "ep", Timing.from_samples(per_call), info))
+    rows.append(["total", _us(slowest_total), _us(mean_total), f"{skew:.2f}"] + [""] * 5)
+    return rows, entries
+
+
+def run_ep(rank: distributed.Rank, args) -> list[dict]:
+    tokens = (
+        _ints(args.tokens)
+        if args.tokens
+        else (ep.CPU_TOKENS_PER_RANK if rank.device.type == "cpu" else ep.TOKENS_PER_RANK)
+    )
+    shapes = ep.shapes(rank.world, tokens, _names(args.models), _names(args.loads), _names(args.modes))
+    if not shapes:
+        raise SystemExit(f"no shape: no model's experts divide over {rank.world} ranks")
+    entries = []
+    for shape in shapes:
+        mine = ep.run_shape(rank, shape, reps=args.reps, warmup=args.warmup)
+        everyone = _gather(rank, mine)
+        if rank.rank != 0:
+            continue
+        rows, shape_entries = _ep_rows(shape, everyone, args.reps)
+        entries += shape_entries
+        check = "verified" if shape_entries[0]["extra_info"]["verified"] else "WRONG RESULT"
+        print(f"\n### {shape.label} ({check})\n")
+        headers = ["stage", "slowest us", "mean us", "skew", "bytes", "useful", "dedup", "kind", "GB/s"]
+        print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), flush=True)
+    return entries
+
+
+def _gather(rank: distributed.Rank, mine: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    everyone = [None] * rank.world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+# --- allreduce ----------------------------------------------------------------------------------------------
+
+
+def run_allreduce(rank: distributed.Rank, args) -> list[dict]:
+    sizes = (
+        _ints(args.sizes)
+        if args.sizes
+        else (all_reduce.CPU_SIZES if rank.device.type == "cpu" else all_reduce.SIZES)
+    )
+    found, skipped = all_reduce.run(rank, sizes, reps=args.reps, warmup=args.warmup)
+    if rank.rank != 0:
+        return []
+    rows, entries = [], []
+    for result in found:
+        figures = result.figures(rank.world)
+        rows.append(
+            [
+                result.impl,
+                result.size,
+                figures["latency_us"],
+                figures["algbw_gbps"],
+                figures["busbw_gbps"],
+                "yes" if result.verified else "WRONG",
+            ]
+        )
+        info = {
+            "kernel": "all_reduce",
+            "impl": result.impl,
+            "shape": f"{result.size} B",
+            "bytes": result.size,
+            "world_size": rank.world,
+            "mean_rank_s": result.mean_rank_ms * 1e-3,
+            "verified": result.verified,
+            **figures,
+        }
+        timing = Timing.from_samples(result.samples_ms)
+        entries.append(
+            results.entry(f"all_reduce[{result.impl} {result.size} B]", "all_reduce", timing, info)
+        )
+    headers = ["impl", "bytes", "latency us", "algbw GB/s", "busbw GB/s", "verified"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    for impl, reason in skipped.items():
+        print(f"skipped {impl}: {reason}")
+    return entries
+
+
+def checks(rank: distributed.Rank) -> list[str]:
+    """EP against its reference (every scenario, both modes, bad input) and the all-reduce's sums."""
+    return ep.check(rank) + all_reduce.check(rank)
+
+
+def run_check(rank: distributed.Rank, args) -> list[dict]:
+    lines = checks(rank)
+    everyone = _gather(rank, lines)
+    if rank.rank == 0:
+        for rank_lines in everyone:
+            print("\n".join(rank_lines))
+        print(f"\nep: every check passed on {rank.world} ranks ({rank.backend})")
+    return []
+
+
+CASES = {"ep": run_ep, "allreduce": run_allreduce, "check": run_check}
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def main(args, argv: list[str]) -> int:
+    if not distributed.under_torchrun():
+        if not args.nproc:
+            raise SystemExit(
+                "dist: run it under torchrun (torchrun --nproc-per-node N -m bench dist ...) or "
+                "give --nproc N to have it started"
+            )
+        return launch(args.nproc, _without_nproc(argv))
+    rank = distributed.init_from_env(args.backend, timeout_s=args.timeout)
+    cpu = rank.device.type == "cpu"
+    args.reps = args.reps or (3 if cpu else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    try:
+        if rank.rank == 0:
+            print(
+                f"{args.case}: {rank.world} ranks, {rank.backend} on {rank.device.type}; {_wire_note(rank)}",
+                flush=True,
+            )
+        entries = CASES[args.case](rank, args)
+        if rank.rank == 0 and args.out and entries:
+            path = results.write(Path(args.out), entries, _machine(rank))
+            print(f"\nwritten: {path}")
+    finally:
+        rank.close()
+    return 0

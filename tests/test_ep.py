@@ -1,0 +1,179 @@
+"""kernels/ep.py against reference/ep.py: on real gloo groups of 2 and 4 spawned processes (127.0.0.1, a
+free port, a group timeout), and in this process on a group of one, where workspaces, host syncs and bad
+input are cheap to check. Spawned runs are few (each costs seconds of imports on CI's two cores)."""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import kernels.ep as ep
+import kernels.moe as moe
+from bench.cases import ep as ep_case
+from bench.measure.distributed import spawn
+from bench.testing import assert_bitwise_equal, assert_close, forbid_allocation, generator, randn, seed_of
+from reference import ep as reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _passed(outcomes, world):
+    assert len(outcomes) == world
+    for outcome in outcomes:
+        assert outcome.error is None and outcome.exitcode == 0, f"rank {outcome.rank}: {outcome.error}"
+    return [line for outcome in outcomes for line in outcome.result]
+
+
+def test_two_ranks_match_the_reference_and_reject_bad_input_everywhere():
+    from bench.commands.dist import checks
+
+    lines = _passed(spawn(checks, 2), 2)
+    # Both ranks ran every scenario in both modes, each bad input raised on both, the all-reduce summed.
+    for scenario in ep_case.SCENARIOS:
+        for mode in ep.MODES:
+            assert sum(f"{scenario.name} {mode}:" in line for line in lines) == 2
+    assert sum("bad num_experts" in line for line in lines) == 2
+    assert sum("all-reduce gloo" in line for line in lines) == 4
+
+
+def test_four_ranks_with_uneven_tokens_match_the_reference():
+    # 5, 17, 0 and 9 tokens: a rank with none, the others different.
+    lines = _passed(spawn(ep_case.check, 4, args=(ep_case.SCENARIOS[:1],)), 4)
+    assert sum("uneven exact:" in line for line in lines) == 4
+
+
+def test_a_dead_rank_is_named_by_the_survivor_and_nothing_hangs():
+    outcomes = spawn(ep_case.dispatch_with_a_dead_rank, 2, timeout_s=10, deadline_s=60)
+    survivor, victim = outcomes
+    assert victim.exitcode not in (0, None) and victim.error  # killed, reported by the launcher
+    assert survivor.exitcode == 1, survivor
+    assert "PeerFailure" in survivor.error and "rank 1 stopped responding" in survivor.error, survivor.error
+
+
+# --- one rank, in this process ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def group():
+    dist.init_process_group(
+        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def _inputs(tokens, experts, top_k, hidden, seed, dtype=torch.float32, load="zipf"):
+    gen = generator(seed)
+    ids = ep_case.routing_ids(tokens, experts, top_k, load, gen)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=1)
+    x = randn((tokens, hidden), dtype, "cpu", gen)
+    return x, weights, ids
+
+
+@pytest.mark.parametrize("mode", ep.MODES)
+@pytest.mark.parametrize("align", [1, 16])
+def test_one_rank_matches_the_reference(group, mode, align, request):
+    x, weights, ids = _inputs(11, 6, 3, 20, seed_of(request.node.name))
+    ((want_x, want),) = reference.ep_dispatch([x], [weights], [ids], 6, align=align)
+    extra = {"max_tokens_per_rank": 16} if mode == "capacity" else {}
+    recv_x, handle = ep.ep_dispatch(x, weights, ids, 6, align=align, mode=mode, **extra)
+    assert_bitwise_equal(handle.expert_offsets, want.expert_offsets, "offsets")
+    for e, count in enumerate(want.tokens_per_expert.tolist()):
+        start = want.expert_offsets[e]
+        assert_bitwise_equal(recv_x[start : start + count], want_x[start : start + count], f"expert {e}")
+    offsets = handle.expert_offsets.tolist()
+    y = ep_case.expert_outputs(recv_x, offsets, 0)
+    out = ep.ep_combine(y, handle)
+    (expected,) = reference.ep_combine([ep_case.expert_outputs(want_x, offsets, 0)], [want], [weights])
+    assert_close(out, expected, "out", dtype=x.dtype)
+
+
+def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_the_host(group, monkeypatch):
+    x, weights, ids = _inputs(9, 8, 2, 24, 5, dtype=torch.bfloat16)
+    want_x, want_handle = ep.ep_dispatch(x, weights, ids, 8, align=4, mode="capacity", max_tokens_per_rank=12)
+    want = ep.ep_combine(want_x, want_handle)
+    workspace = ep.EPWorkspace.for_shape(
+        9, 2, 8, 24, world_size=1, max_tokens_per_rank=12, align=4, dtype=torch.bfloat16
+    )
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("capacity mode read a device value on the host")
+
+    forbid_allocation(monkeypatch, ep, moe)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    recv_x, handle = ep.ep_dispatch(
+        x, weights, ids, 8, align=4, mode="capacity", max_tokens_per_rank=12, workspace=workspace
+    )
+    out = ep.ep_combine(recv_x, handle)
+    monkeypatch.undo()
+    assert recv_x is workspace.recv_x and out is workspace.out
+    assert_bitwise_equal(handle.expert_offsets, want_handle.expert_offsets, "offsets")
+    assert_bitwise_equal(out, want, "out")
+
+
+def test_bad_input_names_the_argument(group):
+    x, weights, ids = _inputs(4, 4, 2, 8, 3)
+    recv_x, handle = ep.ep_dispatch(x, weights, ids, 4)
+    bad = {
+        "align": lambda: ep.ep_dispatch(x, weights, ids, 4, align=0),
+        "mode": lambda: ep.ep_dispatch(x, weights, ids, 4, mode="dropping"),
+        "x": lambda: ep.ep_dispatch(x, weights, ids, 4, mode="capacity", max_tokens_per_rank=3),
+        "max_tokens_per_rank": lambda: ep.ep_dispatch(x, weights, ids, 4, max_tokens_per_rank=8),
+        "workspace": lambda: ep.ep_dispatch(
+            x, weights, ids, 4, mode="capacity", max_tokens_per_rank=8, workspace=1
+        ),
+        "workspace.recv_x": lambda: ep.ep_dispatch(
+            x,
+            weights,
+            ids,
+            4,
+            mode="capacity",
+            max_tokens_per_rank=8,
+            workspace=ep.EPWorkspace.for_shape(
+                4, 2, 4, 8, world_size=1, max_tokens_per_rank=8, align=2, dtype=x.dtype
+            ),
+        ),
+        "handle": lambda: ep.ep_combine(recv_x, object()),
+        "y": lambda: ep.ep_combine(recv_x[1:], handle),
+    }
+    for name, call in bad.items():
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            call()
+    with pytest.raises(ValueError, match="^y:"):
+        ep.ep_combine(recv_x.double(), handle)
+
+
+def test_without_a_process_group_the_error_names_group():
+    x, weights, ids = _inputs(2, 2, 1, 4, 1)
+    with pytest.raises(ValueError, match="^group:"):
+        ep.ep_dispatch(x, weights, ids, 2)
+
+
+def test_stage_bytes_by_hand():
+    # Qwen3-235B on 2 ranks, 3 tokens: this rank (0) sends 10 rows to rank 1, receives 7 from it.
+    shape = ep_case.EPShape(ep_case.MOE_MODELS["Qwen3-235B-A22B"], 2, 3)
+    row = 4096 * 2
+    got = ep_case.stage_bytes(shape, 0, sent=[14, 10], received=[14, 7], distinct=3)
+    assert got["rows"]["bytes"] == 10 * row and got["return"]["bytes"] == 7 * row
+    assert got["rows"]["dedup"] == 3 * row
+    assert got["layout"]["bytes"] == 2 * 21 * row
+    assert got["pack"]["bytes"] == 3 * row + 24 * row + 24 * 12
+    padded = ep_case.stage_bytes(ep_case.EPShape(shape.model, 2, 3, mode="capacity"), 0, [14, 10], [14, 7], 3)
+    assert padded["rows"]["bytes"] == 3 * 8 * row and padded["rows"]["useful"] == 10 * row
+
+
+def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
+    from bench.commands import cli
+    from bench.commands import dist as dist_command
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match="torchrun"):
+        cli.main(["dist", "ep"])
+    assert dist_command._without_nproc(["ep", "--nproc", "2", "--reps", "2", "--nproc=4"]) == [
+        "ep",
+        "--reps",
+        "2",
+    ]
