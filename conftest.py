@@ -87,10 +87,10 @@ def pytest_collection_finish(session):
     if torch.cuda.is_available() or not kernels.INTERPRETED:
         return
     if any(item.path.name in STATIC_READERS for item in session.items):
-        from bench.cases import CASES
+        from bench.cases import static_cases
         from bench.measure import static
 
-        static.start_compiles(list(CASES))
+        static.start_compiles([case.name for case in static_cases()])
 
 
 def pytest_sessionfinish(session):

@@ -108,7 +108,9 @@ def _regroup_kernel(
 
     # Its segment b within a, and its place within the segment.
     a_counts = tl.load(
-        counts_ptr + a[:, None] * num_b + bb[None, :], mask=live[:, None] & (bb < num_b)[None, :], other=0
+        counts_ptr + a.to(tl.int64)[:, None] * num_b + bb[None, :],
+        mask=live[:, None] & (bb < num_b)[None, :],
+        other=0,
     )  # [ROWS, B_PAD]: row a of the matrix, per row
     b_ends = tl.cumsum(a_counts, axis=1)
     b = tl.sum((b_ends <= within_a[:, None]).to(tl.int32), axis=1)

@@ -19,22 +19,28 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _passed(outcomes, world):
+    """Every rank exited cleanly and reported; their lines, all ranks together."""
     assert len(outcomes) == world
     for outcome in outcomes:
         assert outcome.error is None and outcome.exitcode == 0, f"rank {outcome.rank}: {outcome.error}"
     return [line for outcome in outcomes for line in outcome.result]
 
 
-def test_two_ranks_match_the_reference_and_reject_bad_input_everywhere():
-    from bench.commands.dist import checks
+def test_two_ranks_match_the_reference_and_reject_bad_input_everywhere(capsys):
+    """What ``decodebench run`` shows on a CPU: 2 gloo ranks, every scenario in both modes against the
+    reference, each bad input raising on both ranks, the all-reduce summing."""
+    from bench.commands.run import _across_ranks
 
-    lines = _passed(spawn(checks, 2), 2)
-    # Both ranks ran every scenario in both modes, each bad input raised on both, the all-reduce summed.
+    assert _across_ranks()
+    out = capsys.readouterr().out
+    passed = [line for line in out.splitlines() if line.startswith("rank ") and "checks passed" in line]
+    assert len(passed) == 2 and passed[0].split(":")[1] == passed[1].split(":")[1], out
     for scenario in ep_case.SCENARIOS:
         for mode in ep.MODES:
-            assert sum(f"{scenario.name} {mode}:" in line for line in lines) == 2
-    assert sum("bad num_experts" in line for line in lines) == 2
-    assert sum("all-reduce gloo" in line for line in lines) == 4
+            assert f"rank 0 {scenario.name} {mode}: " in out
+    for name in ("num_experts", "x", "ids", "weights", "max_tokens_per_rank"):
+        assert f"rank 0 bad {name}: ValueError" in out
+    assert out.count("all-reduce gloo") == 2
 
 
 def test_four_ranks_with_uneven_tokens_match_the_reference():

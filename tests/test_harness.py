@@ -108,11 +108,18 @@ def test_slug_names_a_results_folder():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU report; on a GPU `run` times instead")
-def test_run_without_gpu_verifies_and_reports(capsys):
+def test_run_without_gpu_verifies_and_reports(capsys, monkeypatch):
+    from bench.commands import run
+
+    # The multi-rank section spawns processes: tests/test_ep.py runs it for real; here, that run uses it.
+    ranks = []
+    monkeypatch.setattr(run, "_across_ranks", lambda: ranks.append(True) or True)
     assert cli.main(["run"]) == 0
+    assert ranks == [True]
     out = capsys.readouterr().out
     for heading in ("Verified against the reference", "Static", "Traffic", "Projections, not measurements"):
         assert heading in out
+    assert "_regroup_kernel" in out, "the static-only EP kernel is in the static table"
     shapes = sum(len(case.small_shapes()) for case in CASES.values())
     assert "FAILED" not in out and out.count("verified") == shapes
 

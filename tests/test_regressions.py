@@ -7,7 +7,7 @@ import functools
 import pytest
 import triton
 
-from bench.cases import CASES
+from bench.cases import static_cases
 from bench.commands import cli, compare
 from bench.measure import proxies, results
 from bench.measure.timing import Timing
@@ -48,7 +48,7 @@ def test_thresholds_parse_percent_and_time():
 
 @functools.cache
 def current():
-    return proxies.collect(list(CASES.values()))
+    return proxies.collect(static_cases())
 
 
 # The proxies are the interpreter's traffic and the pinned compiler's cubins: CI's setting. On a GPU the

@@ -251,3 +251,22 @@ def test_mla_decode_moves_the_latent_16_bytes_a_lane():
         if row.load_widths.get(16, 0) * 16 < per_lane or min(row.load_widths) < 4:
             problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}, {per_lane} B a lane to cover")
     hold_or_report(problems)
+
+
+@needs_aot
+def test_ep_regroup_moves_rows_16_bytes_a_lane_without_spills():
+    """EP's regroup (no single-process case: STATIC_ONLY) at DeepSeek-R1's EP8 shape: no spills, no stack,
+    and its row copies 16 bytes a lane both ways (the counts matrix it reads may take narrower loads)."""
+    from bench.cases import STATIC_ONLY
+
+    rows = static_report(STATIC_ONLY["ep"])
+    assert {r.shape.split()[2] for r in rows} == {"layout", "pack"}
+    for row in rows:
+        assert row.error is None and row.spill_bytes == 0 and row.stack_bytes == 0, row
+    hold_or_report(
+        [
+            f"{r.shape} {r.arch}: {r.load_widths} / {r.store_widths}"
+            for r in rows
+            if r.widest_load != 16 or r.widest_store != 16
+        ]
+    )

@@ -81,4 +81,22 @@ class Case:
         inputs.result = self.reference(**inputs.args)
 
 
-__all__ = ["Case", "Inputs", "PeerUnavailable"]  # PeerUnavailable lives in bench.peers; kept here for callers
+@dataclass(frozen=True)
+class StaticOnly:
+    """A kernel the single-process registry cannot drive (EP's regroup needs a process group around it):
+    only its static report, from the launches its launcher makes at each static shape."""
+
+    name: str
+    module: str
+    static_shapes: Callable[[], Sequence[Any]]
+    # (shape, device) -> the launches, captured (bench.measure.static.capture_launches) with real tensors
+    launches: Callable[[Any, str], list]
+    traffic_shapes: Callable[[], Sequence[Any]] = tuple
+
+
+__all__ = [
+    "Case",
+    "Inputs",
+    "PeerUnavailable",
+    "StaticOnly",
+]  # PeerUnavailable lives in bench.peers; kept here for callers

@@ -17,9 +17,10 @@ import torch
 import kernels.ep
 import kernels.moe
 import reference.ep
+from bench.cases.base import StaticOnly
 from bench.cases.moe import log_popularity, routing_ids
 from bench.measure.distributed import Rank, guard
-from bench.measure.timing import flush_l2
+from bench.measure.timing import flush_l2, time_cuda
 from bench.models import MOE_MODELS, MoEModel
 from bench.testing import assert_bitwise_equal, assert_close, generator, randn
 
@@ -318,6 +319,12 @@ def run_shape(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int =
             times = clock.durations_ms()
             samples.append([times.get(stage, 0.0) for stage in STAGES])
     verified = _identity_experts_ok(out, x, weights)
+    if shape.mode == "exact":
+        graph, graph_error = None, "none: exact mode reads the counts on the host"
+    elif rank.device.type != "cuda":
+        graph, graph_error = None, "none: no CUDA device"
+    else:
+        graph, graph_error = _graph_replay_ms(rank, shape, logits, x, route_kwargs, reps)
     owners = (ids.long() // shape.local_experts).cpu()
     sent = torch.bincount(owners.reshape(-1), minlength=shape.world).tolist()
     received = handle.recv_counts.sum(1).tolist()
@@ -326,7 +333,53 @@ def run_shape(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int =
         "samples": samples,
         "bytes": stage_bytes(shape, rank.rank, sent, received, distinct),
         "verified": verified,
+        "graph_samples": graph,
+        "graph_note": graph_error,
     }
+
+
+def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, reps: int):
+    """Capacity mode end to end (route, ep_dispatch, ep_combine into an EPWorkspace) captured in one CUDA
+    graph and replayed: (samples in ms, None), or (None, why it could not be captured). Every rank makes
+    the same number of calls (one warm-up, fixed reps): their collectives pair up."""
+    m = shape.model
+    workspace = kernels.ep.EPWorkspace.for_shape(
+        shape.tokens,
+        m.top_k,
+        m.num_experts,
+        m.hidden,
+        world_size=shape.world,
+        max_tokens_per_rank=shape.tokens,
+        dtype=shape.dtype,
+        device=rank.device,
+    )
+
+    def call():
+        weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
+        recv_x, handle = kernels.ep.ep_dispatch(
+            x,
+            weights,
+            ids,
+            m.num_experts,
+            mode="capacity",
+            max_tokens_per_rank=shape.tokens,
+            workspace=workspace,
+        )
+        kernels.ep.ep_combine(recv_x, handle)
+
+    try:
+        with guard(rank, f"{shape.label} (CUDA graph)"):
+            timing = time_cuda(
+                call,
+                label=f"ep graph {shape.label}",
+                warmup_ms=0,
+                min_reps=reps,
+                max_reps=reps,
+                cuda_graph=True,
+            )
+    except Exception as error:  # capture refused (an NCCL or driver without graph support): say why
+        return None, f"not captured: {type(error).__name__}: {str(error)[:160]}"
+    return list(timing.samples_ms), None
 
 
 def dispatch_with_a_dead_rank(rank: Rank, victim: int = 1) -> None:
@@ -339,3 +392,60 @@ def dispatch_with_a_dead_rank(rank: Rank, victim: int = 1) -> None:
     with guard(rank, "ep_dispatch"):
         recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, 2 * rank.world)
         kernels.ep.ep_combine(recv_x, handle)
+
+
+# --- static report: the regroup kernel compiled at EP8 DeepSeek-R1 -----------------------------------------
+
+
+@dataclass(frozen=True)
+class RegroupShape:
+    """One regroup launch: ``variant`` "layout" (received rows to per-expert segments, exact mode) or "pack"
+    (rows by owner rank into capacity mode's slabs); the way back compiles to the mirror of each."""
+
+    model: MoEModel
+    world: int
+    variant: str
+    tokens: int = 256
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name} EP{self.world} {self.variant} hidden={self.model.hidden}"
+
+
+def _regroup_launches(shape: RegroupShape, device="cpu") -> list:
+    from bench.measure.static import capture_launches
+
+    m, world = shape.model, shape.world
+    local = m.num_experts // world
+    rows = shape.tokens * m.top_k
+    slab = kernels.ep.slab_rows(shape.tokens, m.top_k, m.num_experts, world)
+    packed = torch.empty(world * slab, m.hidden, dtype=torch.bfloat16, device=device)
+    grouped = torch.empty(
+        kernels.ep.recv_x_rows(world * slab, local, 128), m.hidden, dtype=torch.bfloat16, device=device
+    )
+    counts = torch.zeros(world, local, dtype=torch.int32, device=device)  # a real launch moves nothing
+    tokens_per_expert = torch.empty(local, dtype=torch.int32, device=device)
+    offsets = torch.empty(local + 1, dtype=torch.int32, device=device)
+    with capture_launches(kernels.ep) as launches:
+        if shape.variant == "layout":
+            kernels.ep._regroup(
+                packed,
+                grouped,
+                counts,
+                packed_rows=rows,
+                align=128,
+                by_column=True,
+                tokens_per_expert=tokens_per_expert,
+                expert_offsets=offsets,
+            )
+        else:
+            kernels.ep._regroup(packed, grouped, counts, packed_rows=rows, grouped_slab=slab)
+    return launches
+
+
+EP_STATIC = StaticOnly(
+    name="ep",
+    module="ep",
+    static_shapes=lambda: [RegroupShape(MOE_MODELS["DeepSeek-R1"], 8, v) for v in ("layout", "pack")],
+    launches=_regroup_launches,
+)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.cases import CASES
+from bench.cases import CASES, STATIC_ONLY, static_cases
 from bench.commands import gpu_check, report
 from bench.measure.device import machine_info
 
@@ -40,12 +40,19 @@ def _cases(names):
     return [CASES[n] for n in names]
 
 
+def _static_cases(names):
+    """Cases and static-only kernels (EP's regroup) by name, all of them without names."""
+    if not names:
+        return static_cases()
+    return [STATIC_ONLY[n] if n in STATIC_ONLY else _cases([n])[0] for n in names]
+
+
 def cmd_run(args) -> int:
     from bench.commands import run
 
     cases = _cases(args.kernel)
     if machine_info().gpu == "cpu":
-        return run.run_cpu(cases)
+        return run.run_cpu(cases, () if args.kernel else list(STATIC_ONLY.values()))
     return run.run_gpu(cases, graph=not args.no_graph, out=args.out)
 
 
@@ -76,7 +83,7 @@ def cmd_report(args) -> int:
 def cmd_static(args) -> int:
     from bench.measure.runner import static_rows
 
-    rows = static_rows(_cases(args.kernel))
+    rows = static_rows(_static_cases(args.kernel))
     print(report.static_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
@@ -125,7 +132,7 @@ def cmd_compare(args) -> int:
 def cmd_proxies(args) -> int:
     from bench.measure import proxies
 
-    current = proxies.collect(_cases(args.kernel))
+    current = proxies.collect(_static_cases(args.kernel))
     if args.update:
         print(f"baseline written: {proxies.save(current)}")
         return 0

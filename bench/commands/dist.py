@@ -146,6 +146,27 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         }
         entries.append(results.entry(f"ep[{shape.label}] {stage}", "ep", Timing.from_samples(per_call), info))
     rows.append(["total", _us(slowest_total), _us(mean_total), f"{skew:.2f}"] + [""] * 5)
+    graphs = [r["graph_samples"] for r in everyone]
+    if all(graphs):
+        per_call = [max(g[i] for g in graphs) for i in range(min(map(len, graphs)))]
+        graph_mean = statistics.median(statistics.fmean(g[i] for g in graphs) for i in range(len(per_call)))
+        rows.append(["total, CUDA graph", _us(statistics.median(per_call)), _us(graph_mean), ""] + [""] * 5)
+        info = {
+            "kernel": "ep",
+            "stage": "total (CUDA graph)",
+            "shape": shape.label,
+            "mode": shape.mode,
+            "world_size": shape.world,
+            "tokens_per_rank": shape.tokens,
+            "load": shape.load,
+            "verified": verified,
+            "mean_rank_s": graph_mean * 1e-3,
+        }
+        entries.append(
+            results.entry(f"ep[{shape.label}] total (CUDA graph)", "ep", Timing.from_samples(per_call), info)
+        )
+    else:
+        rows.append(["total, CUDA graph", "", "", ""] + [""] * 4 + [everyone[0]["graph_note"] or ""])
     return rows, entries
 
 

@@ -8,6 +8,8 @@ the others' results. The steps, in order:
 2. ``default-shapes``: every kernel at its default shapes, each verified once, then timed as a CUDA-graph
    replay and eagerly, beside its reference and its peers (run.json, written after every shape).
 3. ``static``: the static report of the real compile (registers, spills, shared memory, access widths).
+   ``dist``: EP dispatch/combine stage by stage under torchrun on this machine's one GPU (world size 1:
+   the GPU path and the CUDA graph measured, no wire; dist-ep.json).
 4. ``ncu``: Nsight Compute summaries (measured DRAM bytes beside each byte model), where ncu is on PATH.
 5. ``tune``: candidate launch configurations timed and verified at the default shapes (a per-GPU table).
 6. ``sanitizer``: compute-sanitizer memcheck over one small shape per kernel, racecheck where a kernel uses
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import child_env
-from bench.cases import CASES
+from bench.cases import CASES, static_cases
 from bench.commands import report
 from bench.commands.run import failures
 from bench.measure import results, runner
@@ -49,6 +51,7 @@ STEPS = (
     "machine",
     "default-shapes",
     "static",
+    "dist",
     "ncu",
     "tune",
     "sanitizer",
@@ -214,10 +217,10 @@ def step_static(run: CheckRun) -> StepResult:
     rows, left = [], []
     if run.dry_run:  # every case's AOT compile at once, a child per core; what the deadline cuts is left
         try:
-            static.compile_in_children(list(CASES), timeout=run.left())
+            static.compile_in_children([case.name for case in static_cases()], timeout=run.left())
         except subprocess.TimeoutExpired:
             pass
-    for case in CASES.values():
+    for case in static_cases():
         if run.out_of_time() or (run.dry_run and not static.compiled(case.name)):
             left.append(case.name)
             continue
@@ -234,6 +237,19 @@ def step_static(run: CheckRun) -> StepResult:
         f"; not reached: {', '.join(left)}" if left else ""
     )
     return StepResult("failed" if spills else ("partial" if left else "ok"), detail)
+
+
+def step_dist(run: CheckRun) -> StepResult:
+    """torchrun with one rank per GPU here (the lent machines have one), or 2 gloo ranks in a dry run."""
+    import torch
+
+    out = str(run.folder / "dist-ep.json")
+    if run.dry_run:
+        args = ["--nproc", "2", "ep", "--backend", "gloo", "--tokens", "1", "--models", "Qwen3-235B-A22B"]
+        args += ["--loads", "uniform", "--reps", "1", "--warmup", "0"]
+    else:
+        args = ["--nproc", str(torch.cuda.device_count()), "ep", "--tokens", "1,64,4096", "--reps", "10"]
+    return run.subprocess("dist", [sys.executable, "-m", "bench", "dist", *args, "--out", out])
 
 
 def step_ncu(run: CheckRun) -> StepResult:
@@ -333,6 +349,7 @@ STEP_FUNCTIONS: dict[str, Callable[[CheckRun], StepResult]] = {
     "machine": step_machine,
     "default-shapes": step_default_shapes,
     "static": step_static,
+    "dist": step_dist,
     "ncu": step_ncu,
     "tune": step_tune,
     "sanitizer": step_sanitizer,

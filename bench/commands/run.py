@@ -40,27 +40,52 @@ def run_gpu(cases, graph: bool = True, out: str | None = None) -> int:
     return 1 if failed else 0
 
 
-def run_cpu(cases) -> int:
+def run_cpu(cases, static_only=()) -> int:
+    """``static_only``: kernels with a static report but no single-process case (EP's regroup)."""
     start = time.perf_counter()
     print("No CUDA device: kernels run in Triton's interpreter; no timings. Verification, static and traffic")
     print("reports, and projections from each byte model.\n")
-    static.start_compiles([case.name for case in cases])  # on the cores the interpreter leaves idle
+    static.start_compiles(
+        [case.name for case in [*cases, *static_only]]
+    )  # on the cores the interpreter leaves idle
     verified, verified_ok = report.verification_table(runner.verify_all(cases, "cpu"))
     print("## Verified against the reference (interpreter, small odd shapes)\n")
     print(verified)
     print(
         "\n## Static: compiled here for sm_90 and sm_80 (no GPU), the launch configurations benchmarks use\n"
     )
-    print(report.static_table(runner.static_rows(cases)))
+    print(report.static_table(runner.static_rows([*cases, *static_only])))
     traffic, traffic_ok = report.traffic_table(runner.traffic_rows(cases))
     print("\n## Traffic: bytes loaded + stored under the interpreter against the byte model\n")
     print(traffic)
     print("\n## Projections, not measurements: modelled bytes / copy bandwidth measured on the lent GPUs\n")
     print(report.projection_table(runner.projections(cases)))
     print("\n(A launch costs a few microseconds more; small decode steps are bound by that, not by bytes.)")
+    ranks_ok = _across_ranks()
     print(f"\n{time.perf_counter() - start:.1f} s")
     if not verified_ok:
         print("\nFAILED: a kernel disagrees with its reference", file=sys.stderr)
     if not traffic_ok:
         print("\nFAILED: a kernel moves more than its byte model allows", file=sys.stderr)
-    return 0 if verified_ok and traffic_ok else 1
+    if not ranks_ok:
+        print("\nFAILED: a multi-rank check failed (above)", file=sys.stderr)
+    return 0 if verified_ok and traffic_ok and ranks_ok else 1
+
+
+def _across_ranks(world: int = 2) -> bool:
+    """The multi-rank path on this machine: ``world`` gloo processes on 127.0.0.1 run EP dispatch/combine
+    against its reference (both modes, bad input on every rank) and the all-reduce. Per-stage times and
+    bytes: ``decodebench dist --nproc 2 ep``."""
+    from bench.commands.dist import checks
+    from bench.measure.distributed import spawn
+
+    print(f"\n## Across ranks: {world} gloo processes on 127.0.0.1 (EP against its reference, all-reduce)\n")
+    outcomes = spawn(checks, world)
+    for outcome in outcomes:
+        if outcome.error:
+            print(f"rank {outcome.rank}: FAILED: {outcome.error}")
+        else:
+            print(f"rank {outcome.rank}: {len(outcome.result)} checks passed")
+    if outcomes and outcomes[0].result:
+        print("\n".join(f"  {line}" for line in outcomes[0].result))
+    return all(o.error is None and o.exitcode == 0 for o in outcomes)

@@ -220,6 +220,8 @@ def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warp
 
 
 def capture(case: Case, shape, device="cpu") -> list[Launch]:
+    if hasattr(case, "launches"):  # a StaticOnly kernel captures its own
+        return case.launches(shape, device)
     inputs = case.build(shape, device, seed=0)
     with capture_launches(case.kernel_module) as launches:
         case.run_kernel(inputs)
@@ -366,11 +368,12 @@ def compile_in_children(case_names, archs=ARCHS, timeout: float | None = None) -
 def _main(argv: list[str]) -> None:
     """``python -m bench.measure.static CASE[,CASE...] [ARCH...]``: each case's rows, as JSON keyed by case
     (static_report's child process)."""
-    from bench.cases import CASES
+    from bench.cases import CASES, STATIC_ONLY
 
     archs = tuple(int(a) for a in argv[1:]) or ARCHS
     names = argv[0].split(",")
-    print(json.dumps({name: [row.as_dict() for row in static_report(CASES[name], archs)] for name in names}))
+    known = {**CASES, **STATIC_ONLY}
+    print(json.dumps({name: [row.as_dict() for row in static_report(known[name], archs)] for name in names}))
 
 
 if __name__ == "__main__":
