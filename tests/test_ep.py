@@ -11,6 +11,7 @@ import torch.distributed as dist
 import kernels.ep as ep
 import kernels.moe as moe
 from bench.cases import ep as ep_case
+from bench.measure import collectives
 from bench.measure.distributed import spawn
 from bench.testing import assert_bitwise_equal, assert_close, forbid_allocation, generator, randn, seed_of
 from reference import ep as reference
@@ -45,12 +46,12 @@ def test_two_ranks_match_the_reference_and_reject_bad_input_everywhere(capsys):
 
 def test_four_ranks_with_uneven_tokens_match_the_reference():
     # 5, 17, 0 and 9 tokens: a rank with none, the others different.
-    lines = _passed(spawn(ep_case.check, 4, args=(ep_case.SCENARIOS[:1],)), 4)
+    lines = _passed(spawn(collectives.ep_check, 4, args=(ep_case.SCENARIOS[:1],)), 4)
     assert sum("uneven exact:" in line for line in lines) == 4
 
 
 def test_a_dead_rank_is_named_by_the_survivor_and_nothing_hangs():
-    outcomes = spawn(ep_case.dispatch_with_a_dead_rank, 2, timeout_s=10, deadline_s=60)
+    outcomes = spawn(collectives.dispatch_with_a_dead_rank, 2, timeout_s=10, deadline_s=60)
     survivor, victim = outcomes
     assert victim.exitcode not in (0, None) and victim.error  # killed, reported by the launcher
     assert survivor.exitcode == 1, survivor

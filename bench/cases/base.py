@@ -89,9 +89,16 @@ class StaticOnly:
     name: str
     module: str
     static_shapes: Callable[[], Sequence[Any]]
-    # (shape, device) -> the launches, captured (bench.measure.static.capture_launches) with real tensors
-    launches: Callable[[Any, str], list]
+    # launch(shape, device): calls the launcher (or its helper) as the kernel's users do; the static report
+    # captures the launches it makes (bench.measure.static.capture_launches)
+    launch: Callable[[Any, str], None]
     traffic_shapes: Callable[[], Sequence[Any]] = tuple
+
+    @property
+    def kernel_module(self) -> ModuleType:
+        import importlib
+
+        return importlib.import_module(f"kernels.{self.module}")
 
 
 __all__ = [

@@ -19,7 +19,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from bench.cases import all_reduce, ep
-from bench.measure import distributed, results
+from bench.measure import collectives, distributed, results
 from bench.measure.timing import Timing
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +181,7 @@ def run_ep(rank: distributed.Rank, args) -> list[dict]:
         raise SystemExit(f"no shape: no model's experts divide over {rank.world} ranks")
     entries = []
     for shape in shapes:
-        mine = ep.run_shape(rank, shape, reps=args.reps, warmup=args.warmup)
+        mine = collectives.time_ep(rank, shape, reps=args.reps, warmup=args.warmup)
         everyone = _gather(rank, mine)
         if rank.rank != 0:
             continue
@@ -211,7 +211,7 @@ def run_allreduce(rank: distributed.Rank, args) -> list[dict]:
         if args.sizes
         else (all_reduce.CPU_SIZES if rank.device.type == "cpu" else all_reduce.SIZES)
     )
-    found, skipped = all_reduce.run(rank, sizes, reps=args.reps, warmup=args.warmup)
+    found, skipped = collectives.time_all_reduce(rank, sizes, reps=args.reps, warmup=args.warmup)
     if rank.rank != 0:
         return []
     rows, entries = [], []
@@ -250,7 +250,7 @@ def run_allreduce(rank: distributed.Rank, args) -> list[dict]:
 
 def checks(rank: distributed.Rank) -> list[str]:
     """EP against its reference (every scenario, both modes, bad input) and the all-reduce's sums."""
-    return ep.check(rank) + all_reduce.check(rank)
+    return collectives.ep_check(rank) + collectives.all_reduce_check(rank)
 
 
 def run_check(rank: distributed.Rank, args) -> list[dict]:
@@ -288,7 +288,7 @@ def main(args, argv: list[str]) -> int:
         return launch(args.nproc, _without_nproc(argv))
     rank = distributed.init_from_env(args.backend, timeout_s=args.timeout)
     cpu = rank.device.type == "cpu"
-    args.reps = args.reps or (3 if cpu else 20)
+    args.reps = args.reps or (2 if cpu else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
     try:
         if rank.rank == 0:

@@ -1,0 +1,351 @@
+"""The multi-rank runners: what each rank of a group does to check and to time EP dispatch/combine and the
+TP all-reduce (``decodebench dist``, ``decodebench run`` on CPU, tests/test_ep.py). The shapes, scenarios
+and byte models they run are the cases' (bench/cases/ep.py, bench/cases/all_reduce.py).
+
+Timing follows the single-GPU harness: on a GPU, CUDA events on each rank around each stage, every call
+after a barrier and an L2 flush (by reading), and the CUDA-graph replay beside eager where the path can be
+captured; on a CPU, the host clock (gloo, interpreted kernels: the path, not a measurement).
+"""
+
+import functools
+import os
+import signal
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+import kernels.ep
+import kernels.moe
+import reference.ep
+from bench.cases.all_reduce import SIZES, AllReduceResult
+from bench.cases.ep import (
+    SCENARIOS,
+    STAGES,
+    EPShape,
+    expert_outputs,
+    route_inputs,
+    stage_bytes,
+)
+from bench.measure.distributed import Rank, gather_floats, guard
+from bench.measure.timing import flush_l2, time_cuda
+from bench.testing import assert_bitwise_equal, assert_close
+
+# --- EP: correctness on every rank ------------------------------------------------------------------------
+
+
+def ep_check(rank: Rank, scenarios=SCENARIOS, seed: int = 7) -> list[str]:
+    """Every scenario in both modes against the reference, reruns bit-identical, then bad input raising
+    ValueError on every rank before any collective. Returns a line per check; raises on a mismatch."""
+    lines = []
+    for scenario in scenarios:
+        xs, weights, ids = scenario.inputs(rank.world, seed)
+        experts = scenario.experts_per_rank * rank.world
+        expected = reference.ep.ep_dispatch(xs, weights, ids, experts, align=scenario.align)
+        ref_offsets = [h.expert_offsets.tolist() for _, h in expected]
+        first = rank.rank * scenario.experts_per_rank
+        ref_ys = [
+            expert_outputs(x, off, r * scenario.experts_per_rank)
+            for r, ((x, _), off) in enumerate(zip(expected, ref_offsets))
+        ]
+        want = reference.ep.ep_combine(ref_ys, [h for _, h in expected], weights)[rank.rank]
+        ref_x, ref_handle = expected[rank.rank]
+        me = rank.rank
+        for mode in kernels.ep.MODES:
+            kwargs = {"max_tokens_per_rank": max(scenario.tokens)} if mode == "capacity" else {}
+            runs = []
+            for _ in range(2):
+                with guard(rank, f"{scenario.name} {mode}"):
+                    recv_x, handle = kernels.ep.ep_dispatch(
+                        xs[me], weights[me], ids[me], experts, align=scenario.align, mode=mode, **kwargs
+                    )
+                    offsets = handle.expert_offsets.tolist()
+                    y = expert_outputs(recv_x, offsets, first)
+                    out = kernels.ep.ep_combine(y, handle)
+                runs.append((recv_x, handle, out))
+            recv_x, handle, out = runs[0]
+            where = f"rank {me} {scenario.name} {mode}"
+            assert_bitwise_equal(handle.tokens_per_expert, ref_handle.tokens_per_expert, f"{where} counts")
+            assert_bitwise_equal(handle.expert_offsets, ref_handle.expert_offsets, f"{where} offsets")
+            for e, count in enumerate(ref_handle.tokens_per_expert.tolist()):
+                start = offsets[e]
+                assert_bitwise_equal(
+                    recv_x[start : start + count], ref_x[start : start + count], f"{where} rows"
+                )
+            assert_close(out, want, f"{where} out", dtype=scenario.dtype)
+            again = runs[1]
+            assert_bitwise_equal(again[2], out, f"{where} rerun")
+            lines.append(f"{where}: {sum(ref_handle.tokens_per_expert.tolist())} rows in, out matches")
+    lines += ep_check_bad_input(rank)
+    return lines
+
+
+def ep_check_bad_input(rank: Rank) -> list[str]:
+    """Each bad call raises ValueError naming the argument on every rank; a good exchange afterwards shows
+    that no rank was left inside a collective."""
+    x = torch.randn(3, 8)
+    weights = torch.full((3, 2), 0.5)
+    ids = torch.zeros(3, 2, dtype=torch.int32)
+    ids[:, 1] = 1
+    experts = 2 * rank.world
+    bad = {
+        "num_experts": lambda: kernels.ep.ep_dispatch(x, weights, ids, experts + 1),
+        "x": lambda: kernels.ep.ep_dispatch(x.to(torch.int32), weights, ids, experts),
+        "ids": lambda: kernels.ep.ep_dispatch(x, weights, ids[:2], experts),
+        "weights": lambda: kernels.ep.ep_dispatch(x, weights.double(), ids, experts),
+        "max_tokens_per_rank": lambda: kernels.ep.ep_dispatch(x, weights, ids, experts, mode="capacity"),
+    }
+    lines = []
+    for name, call in bad.items():
+        try:
+            call()
+        except ValueError as error:
+            if not str(error).startswith(f"{name}:"):
+                raise AssertionError(
+                    f"rank {rank.rank}: expected an error naming {name}, got {error}"
+                ) from None
+            lines.append(f"rank {rank.rank} bad {name}: ValueError ({str(error)[:60]}...)")
+        else:
+            raise AssertionError(f"rank {rank.rank}: bad {name} was accepted")
+    recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, experts)
+    kernels.ep.ep_combine(recv_x, handle)
+    return lines
+
+
+class StageClock:
+    """Each stage's duration in one call: CUDA events around it on a GPU (the device time between them,
+    including any wait on a peer inside a collective), the host clock on a CPU. Pass it as stage_hook."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self.marks.append((name, start, end))
+
+    def durations_ms(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {name: start.elapsed_time(end) for name, start, end in self.marks}
+        return {name: (end - start) * 1e3 for name, start, end in self.marks}
+
+
+def _identity_experts_ok(out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """With identity experts every token comes back as its row times the sum of its weights."""
+    want = (x.float() * weights.sum(1, keepdim=True)).to(out.dtype)
+    try:
+        assert_close(out.cpu(), want.cpu(), "ep out", dtype=x.dtype)
+    except AssertionError:
+        return False
+    return True
+
+
+def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 11) -> dict:
+    """Times every stage of route + ep_dispatch + ep_combine (the experts: identity) on this rank, ``reps``
+    times after ``warmup`` calls, each call after a barrier and, on a GPU, an L2 flush. Verifies the result
+    (identity experts: out = x times the sum of its weights). Returns this rank's samples and bytes."""
+    m = shape.model
+    logits, bias, x = route_inputs(shape, rank.rank, rank.device, seed)
+    route_kwargs = {
+        "scoring": m.scoring,
+        "num_groups": m.num_groups,
+        "topk_groups": m.topk_groups,
+        "scale": m.scale,
+        "softmax_after_topk": m.softmax_after_topk,
+        "bias": bias,
+    }
+    capacity = {"max_tokens_per_rank": shape.tokens} if shape.mode == "capacity" else {}
+    samples = []
+    for i in range(warmup + reps):
+        torch.distributed.barrier()
+        if rank.device.type == "cuda":
+            flush_l2()
+        clock = StageClock(rank.device)
+        with guard(rank, shape.label):
+            with clock("route"):
+                weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
+            recv_x, handle = kernels.ep.ep_dispatch(
+                x, weights, ids, m.num_experts, mode=shape.mode, stage_hook=clock, **capacity
+            )
+            out = kernels.ep.ep_combine(recv_x, handle)
+        if i >= warmup:
+            times = clock.durations_ms()
+            samples.append([times.get(stage, 0.0) for stage in STAGES])
+    verified = _identity_experts_ok(out, x, weights)
+    if shape.mode == "exact":
+        graph, graph_error = None, "none: exact mode reads the counts on the host"
+    elif rank.device.type != "cuda":
+        graph, graph_error = None, "none: no CUDA device"
+    else:
+        graph, graph_error = _graph_replay_ms(rank, shape, logits, x, route_kwargs, reps)
+    owners = (ids.long() // shape.local_experts).cpu()
+    sent = torch.bincount(owners.reshape(-1), minlength=shape.world).tolist()
+    received = handle.recv_counts.sum(1).tolist()
+    distinct = sum(len(set(row) - {rank.rank}) for row in owners.tolist())
+    return {
+        "samples": samples,
+        "bytes": stage_bytes(shape, rank.rank, sent, received, distinct),
+        "verified": verified,
+        "graph_samples": graph,
+        "graph_note": graph_error,
+    }
+
+
+def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, reps: int):
+    """Capacity mode end to end (route, ep_dispatch, ep_combine into an EPWorkspace) captured in one CUDA
+    graph and replayed: (samples in ms, None), or (None, why it could not be captured). Every rank makes
+    the same number of calls (one warm-up, fixed reps): their collectives pair up."""
+    m = shape.model
+    workspace = kernels.ep.EPWorkspace.for_shape(
+        shape.tokens,
+        m.top_k,
+        m.num_experts,
+        m.hidden,
+        world_size=shape.world,
+        max_tokens_per_rank=shape.tokens,
+        dtype=shape.dtype,
+        device=rank.device,
+    )
+
+    def call():
+        weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
+        recv_x, handle = kernels.ep.ep_dispatch(
+            x,
+            weights,
+            ids,
+            m.num_experts,
+            mode="capacity",
+            max_tokens_per_rank=shape.tokens,
+            workspace=workspace,
+        )
+        kernels.ep.ep_combine(recv_x, handle)
+
+    try:
+        with guard(rank, f"{shape.label} (CUDA graph)"):
+            timing = time_cuda(
+                call,
+                label=f"ep graph {shape.label}",
+                warmup_ms=0,
+                min_reps=reps,
+                max_reps=reps,
+                cuda_graph=True,
+            )
+    except Exception as error:  # capture refused (an NCCL or driver without graph support): say why
+        return None, f"not captured: {type(error).__name__}: {str(error)[:160]}"
+    return list(timing.samples_ms), None
+
+
+def dispatch_with_a_dead_rank(rank: Rank, victim: int = 1) -> None:
+    """A fault drill: ``victim`` is killed (SIGKILL, no goodbye) just before ep_dispatch; every other rank
+    must end with a PeerFailure naming it, not wait forever."""
+    x, weights = torch.randn(4, 8), torch.full((4, 2), 0.5)
+    ids = torch.tensor([[0, 1]] * 4, dtype=torch.int32) + 2 * ((rank.rank + 1) % rank.world)
+    if rank.rank == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    with guard(rank, "ep_dispatch"):
+        recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, 2 * rank.world)
+        kernels.ep.ep_combine(recv_x, handle)
+
+
+# --- the TP all-reduce -------------------------------------------------------------------------------------
+
+
+def _timer(rank: Rank):
+    if rank.device.type == "cuda":
+
+        def timed(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+    else:
+
+        def timed(fn):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+
+    return timed
+
+
+def _one_shot(rank: Rank, numel: int):
+    """torch's symmetric-memory one-shot all-reduce on a buffer of ``numel`` bf16, or the reason it cannot
+    run here."""
+    if rank.device.type != "cuda":
+        return None, "needs CUDA devices (symmetric memory maps peers' GPU buffers)"
+    if rank.world < 2:
+        return None, "needs 2+ GPUs connected by NVLink (world size 1)"
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buffer = symm_mem.empty(numel, dtype=torch.bfloat16, device=rank.device)
+        group = dist.group.WORLD
+        symm_mem.rendezvous(buffer, group.group_name)
+        op = torch.ops.symm_mem.one_shot_all_reduce
+
+        def call():
+            return op(buffer, "sum", group.group_name)
+
+        call()
+        return (buffer, call), None
+    except Exception as error:  # alpha API: absent, or the machine lacks the links it needs
+        return None, f"symmetric memory unavailable: {type(error).__name__}: {str(error)[:120]}"
+
+
+def time_all_reduce(
+    rank: Rank, sizes=SIZES, *, reps: int = 20, warmup: int = 5
+) -> tuple[list[AllReduceResult], dict]:
+    """Every size with the backend's all-reduce and with the one-shot one; returns the results and the
+    reasons any implementation was skipped."""
+    timed = _timer(rank)
+    results, skipped = [], {}
+    for size in sizes:
+        numel = size // 2
+        data = torch.empty(numel, dtype=torch.bfloat16, device=rank.device)
+        impls = {rank.backend: (data, functools.partial(dist.all_reduce, data))}
+        one_shot, reason = _one_shot(rank, numel)
+        if one_shot is None:
+            skipped["symm-mem one-shot"] = reason
+        else:
+            impls["symm-mem one-shot"] = one_shot
+        for impl, (buffer, call) in impls.items():
+            with guard(rank, f"all-reduce {impl} {size} B"):
+                buffer.fill_(rank.rank + 1)
+                result = call()
+                summed = result if isinstance(result, torch.Tensor) else buffer
+                verified = bool((summed == rank.world * (rank.world + 1) / 2).all())
+                mine = []
+                for i in range(warmup + reps):
+                    dist.barrier()
+                    ms = timed(call)
+                    if i >= warmup:
+                        mine.append(ms)
+                everyone = gather_floats(rank, mine + [float(verified)])
+            per_call = [max(r[i] for r in everyone) for i in range(reps)]
+            means = sorted(sum(r[i] for r in everyone) / rank.world for i in range(reps))
+            ok = all(r[-1] == 1.0 for r in everyone)
+            results.append(AllReduceResult(impl, size, per_call, means[reps // 2], ok))
+    return results, skipped
+
+
+def all_reduce_check(rank: Rank, sizes=(8 * 1024, 100_002)) -> list[str]:
+    """The backend's all-reduce sums correctly at a few sizes (one odd), timed path included."""
+    found, _ = time_all_reduce(rank, sizes, reps=1, warmup=0)
+    wrong = [f"{r.impl} {r.size} B" for r in found if not r.verified]
+    if wrong:
+        raise AssertionError(f"rank {rank.rank}: all-reduce summed wrong at {', '.join(wrong)}")
+    return [f"rank {rank.rank} all-reduce {r.impl} {r.size} B: sums match" for r in found]
