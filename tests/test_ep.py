@@ -184,3 +184,92 @@ def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
         "--reps",
         "2",
     ]
+
+
+# --- the regroup kernel alone: any counts matrix, one process ---------------------------------------------
+
+
+def _segments(counts, packed_slab, align):
+    """Where each segment (a, b) starts in the packed buffer and, grouped by column, in recv_x."""
+    num_a, num_b = len(counts), len(counts[0])
+    packed, start = {}, 0
+    for a in range(num_a):
+        start = a * packed_slab if packed_slab else start
+        for b in range(num_b):
+            packed[a, b] = start
+            start += counts[a][b]
+    grouped, start = {}, 0
+    for b in range(num_b):
+        column = start
+        for a in range(num_a):
+            grouped[a, b] = start
+            start += counts[a][b]
+        start = column + -(-(start - column) // align) * align
+    return packed, grouped, start
+
+
+def test_regroup_property():
+    """Packed -> grouped by column and back, for any counts matrix, align and slab: every row lands where
+    reference/ep.py's layout puts it, the counts and offsets are the column sums, nothing else is written."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=20)  # `pytest --fuzz` runs the long search
+    @hypothesis.given(
+        counts=st.integers(1, 4).flatmap(
+            lambda b: st.lists(st.lists(st.integers(0, 5), min_size=b, max_size=b), min_size=1, max_size=4)
+        ),
+        align=st.sampled_from([1, 2, 3, 8]),
+        slab_extra=st.sampled_from([None, 0, 3]),  # None: packed (exact mode); else slabs (capacity mode)
+        hidden=st.sampled_from([1, 5, 33]),
+    )
+    def run(counts, align, slab_extra, hidden):
+        num_a, num_b = len(counts), len(counts[0])
+        slab = 0 if slab_extra is None else max(map(sum, counts)) + slab_extra
+        packed_at, grouped_at, grouped_rows = _segments(counts, slab, align)
+        packed_rows = num_a * slab if slab else sum(map(sum, counts))
+        packed = torch.arange(max(packed_rows, 1) * hidden, dtype=torch.float32).view(-1, hidden)
+        grouped = torch.full((grouped_rows + 2, hidden), float("nan"))
+        tokens, offsets = (
+            torch.full((num_b,), -7, dtype=torch.int32),
+            torch.full((num_b + 1,), -7, dtype=torch.int32),
+        )
+        matrix = torch.tensor(counts, dtype=torch.int32)
+        ep._regroup(
+            packed,
+            grouped,
+            matrix,
+            packed_rows=packed_rows,
+            packed_slab=slab,
+            align=align,
+            by_column=True,
+            tokens_per_expert=tokens,
+            expert_offsets=offsets,
+        )
+        assert tokens.tolist() == [sum(c[b] for c in counts) for b in range(num_b)]
+        ends = [grouped_at[num_a - 1, b] + counts[num_a - 1][b] for b in range(num_b)]
+        assert offsets.tolist()[1:] == [
+            -(-(e - grouped_at[0, b]) // align) * align + grouped_at[0, b] for b, e in enumerate(ends)
+        ]
+        written = torch.zeros(grouped.shape[0], dtype=torch.bool)
+        for (a, b), start in grouped_at.items():
+            n = counts[a][b]
+            assert torch.equal(grouped[start : start + n], packed[packed_at[a, b] : packed_at[a, b] + n])
+            written[start : start + n] = True
+        assert grouped[~written].isnan().all(), "a row outside every segment was written"
+        back = torch.full_like(packed, float("nan"))
+        ep._regroup(
+            back,
+            grouped,
+            matrix,
+            packed_rows=packed_rows,
+            packed_slab=slab,
+            align=align,
+            by_column=True,
+            to_packed=True,
+        )
+        for (a, b), start in packed_at.items():
+            n = counts[a][b]
+            assert torch.equal(back[start : start + n], packed[start : start + n])
+
+    run()
