@@ -129,7 +129,7 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         info = {
             "kernel": "ep",
             "stage": stage,
-            "shape": shape.label,
+            "shape": f"{shape.label} [{stage}]",
             "mode": shape.mode,
             "world_size": shape.world,
             "tokens_per_rank": shape.tokens,
@@ -154,7 +154,7 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         info = {
             "kernel": "ep",
             "stage": "total (CUDA graph)",
-            "shape": shape.label,
+            "shape": f"{shape.label} [total, CUDA graph]",
             "mode": shape.mode,
             "world_size": shape.world,
             "tokens_per_rank": shape.tokens,
