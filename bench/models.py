@@ -110,10 +110,12 @@ class ReasoningWorkload:
     output_sigma: float  # log-normal spread of the output length
     max_output: int  # the evaluation's generation cap: what a contiguous reservation must hold
     samples: int
+    prompt_sigma: float = 0.4
 
     def draw(self, questions: int, rng) -> tuple:
         """(prompt lengths [questions], output lengths [questions, samples]) as numpy int arrays."""
-        prompts = rng.lognormal(math.log(self.prompt_median), 0.4, questions).clip(32, 2048).astype(int)
+        prompts = rng.lognormal(math.log(self.prompt_median), self.prompt_sigma, questions)
+        prompts = prompts.clip(32, 2048).astype(int)
         outputs = rng.lognormal(math.log(self.output_median), self.output_sigma, (questions, self.samples))
         return prompts, outputs.clip(64, self.max_output).astype(int)
 
@@ -124,6 +126,9 @@ WORKLOADS: dict[str, ReasoningWorkload] = {
     for w in (
         ReasoningWorkload("MATH-500-like", 200, 2000, 0.6, 32768, samples=4),
         ReasoningWorkload("AIME-like", 250, 10500, 0.55, 32768, samples=16),
+        # The paper's: 77% of prompts 50 to 150 tokens, 45% of responses over 5,000 tokens (median 4,470,
+        # sigma 0.9: P(> 5,000) = 0.45; prompts median 95, sigma 0.45: P(50..150) = 0.77). One answer each.
+        ReasoningWorkload("NaturalReasoning-like", 95, 4470, 0.9, 32768, samples=1, prompt_sigma=0.45),
     )
 }
 
@@ -158,3 +163,208 @@ MOE_MODELS: dict[str, MoEModel] = {
 
 #: Tokens through one MoE layer: decode batches and prefill chunks.
 MOE_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 8192, 16384)
+
+
+# --- whole models: what the decode-step model and the advisor need -----------------------------------------
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A model's MoE layers: routed experts, top-k, each expert's MLP width, shared experts (always run),
+    and the dense layers before the first MoE one (DeepSeek's first_k_dense_replace)."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    shared_experts: int = 0
+    first_dense_layers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only model as its config.json describes it: enough for weight bytes, KV bytes per token per
+    rank, and each decode stage's bytes and FLOPs. Attention is GQA (num_kv_heads x head_dim cached twice)
+    or, with ``mla``, DeepSeek's latent attention (one kv_lora_rank + rope latent per token, all heads)."""
+
+    name: str
+    layers: int
+    hidden: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int  # the dense MLP's width (gate, up, down)
+    vocab: int
+    tied_embeddings: bool = False
+    weight_bytes: int = 2  # 1: fp8 weights (DeepSeek-R1 as released)
+    mla: MLAGeometry | None = None
+    q_lora_rank: int | None = None  # MLA: the query's low-rank width (None: a full projection)
+    v_head_dim: int | None = None  # MLA: each head's value width after W_UV
+    moe: MoESpec | None = None
+
+    # -- shapes per layer ------------------------------------------------------------------------------------
+
+    @property
+    def moe_layers(self) -> int:
+        return 0 if self.moe is None else self.layers - self.moe.first_dense_layers
+
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    def attention_params(self) -> int:
+        """Projection parameters of one attention layer (q, k, v, o; MLA's down and up projections)."""
+        h = self.hidden
+        if self.mla is None:
+            q = self.num_q_heads * self.head_dim
+            kv = self.num_kv_heads * self.head_dim
+            return h * q + 2 * h * kv + q * h
+        g, heads = self.mla, self.num_q_heads
+        qk = g.qk_nope_head_dim + g.qk_rope_head_dim
+        q = (h * self.q_lora_rank + self.q_lora_rank * heads * qk) if self.q_lora_rank else h * heads * qk
+        kv = h * g.cached_width + g.kv_lora_rank * heads * (g.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + heads * self.v_head_dim * h
+
+    def mlp_params(self, width: int) -> int:
+        return 3 * self.hidden * width  # gate, up, down
+
+    def expert_params(self) -> int:
+        return self.mlp_params(self.moe.expert_intermediate)
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    def params(self) -> int:
+        """Every parameter: attention, dense MLPs, routed and shared experts, routers, embeddings."""
+        total = self.layers * self.attention_params() + self.dense_layers * self.mlp_params(self.intermediate)
+        if self.moe is not None:
+            m = self.moe
+            per_layer = (
+                m.num_experts + m.shared_experts
+            ) * self.expert_params() + self.hidden * m.num_experts
+            total += self.moe_layers * per_layer
+        return total + self.embedding_params()
+
+    def weight_total_bytes(self) -> int:
+        return self.params() * self.weight_bytes
+
+    # -- the KV cache ----------------------------------------------------------------------------------------
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """GQA KV heads split across ranks only up to their count; MLA's latent is on every rank."""
+        return 1 if self.mla is not None else max(1, self.num_kv_heads // tp)
+
+    def kv_bytes_per_token_layer(self, tp: int = 1, kv_bytes: int = 2) -> int:
+        """Cache bytes one token holds in one layer on one tensor-parallel rank."""
+        if self.mla is not None:
+            return self.mla.cached_width * kv_bytes
+        return 2 * self.kv_heads_per_rank(tp) * self.head_dim * kv_bytes
+
+    def attention_model(self) -> AttentionModel:
+        """The attention geometry the capacity study and the decode cases use."""
+        latent = self.mla.cached_width if self.mla is not None else None
+        return AttentionModel(
+            self.name,
+            self.layers,
+            self.hidden,
+            self.num_q_heads,
+            1 if latent else self.num_kv_heads,
+            latent or self.head_dim,
+            latent_dim=latent,
+            params_b=self.params() / 1e9,
+        )
+
+
+def _llama(name, layers, hidden, heads, kv_heads, intermediate, vocab=128256) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, heads, kv_heads, 128, intermediate, vocab)
+
+
+#: Every model of shared/facts.md, the paper's distills under their published names included.
+MODEL_SPECS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        _llama("Llama-3.1-8B", 32, 4096, 32, 8, 14336),
+        _llama("Llama-3.1-70B", 80, 8192, 64, 8, 28672),
+        _llama("Llama-3.1-405B", 126, 16384, 128, 8, 53248),
+        _llama("DeepSeek-R1-Distill-Llama-8B", 32, 4096, 32, 8, 14336),
+        _llama("DeepSeek-R1-Distill-Llama-70B", 80, 8192, 64, 8, 28672),
+        _llama("DeepSeek-R1-Distill-Qwen-14B", 48, 5120, 40, 8, 13824, vocab=152064),
+        _llama("DeepSeek-R1-Distill-Qwen-32B", 64, 5120, 40, 8, 27648, vocab=152064),
+        _llama("Qwen3-32B", 64, 5120, 64, 8, 25600, vocab=151936),
+        ModelSpec("Qwen3-30B-A3B", 48, 2048, 32, 4, 128, 6144, 151936, moe=MoESpec(128, 8, 768)),
+        ModelSpec("Qwen3-235B-A22B", 94, 4096, 64, 4, 128, 12288, 151936, moe=MoESpec(128, 8, 1536)),
+        ModelSpec("Mixtral-8x7B", 32, 4096, 32, 8, 128, 14336, 32000, moe=MoESpec(8, 2, 14336)),
+        ModelSpec("gpt-oss-120b", 36, 2880, 64, 8, 64, 2880, 201088, moe=MoESpec(128, 4, 2880)),
+        ModelSpec(
+            "DeepSeek-R1",
+            61,
+            7168,
+            128,
+            128,
+            192,
+            18432,
+            129280,
+            weight_bytes=1,
+            mla=MLA_MODELS["DeepSeek-R1"],
+            q_lora_rank=1536,
+            v_head_dim=128,
+            moe=MoESpec(256, 8, 2048, shared_experts=1, first_dense_layers=3),
+        ),
+    )
+}
+
+
+def model_from_hf_config(path, name: str | None = None) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json (the fields a model already ships with): Llama, Qwen,
+    Mixtral, gpt-oss and DeepSeek-V3/R1 naming. fp8 weights when its quantization_config says so."""
+    import json
+    from pathlib import Path
+
+    config = json.loads(Path(path).read_text())
+
+    def field(*names, default=None):
+        for key in names:
+            if config.get(key) is not None:
+                return config[key]
+        if default is None:
+            raise ValueError(f"config: {path} names none of {', '.join(names)}")
+        return default
+
+    heads = field("num_attention_heads")
+    hidden = field("hidden_size")
+    experts = field("n_routed_experts", "num_experts", "num_local_experts", default=0)
+    moe = None
+    if experts:
+        moe = MoESpec(
+            experts,
+            field("num_experts_per_tok", "num_experts_per_token", "experts_per_token"),
+            field("moe_intermediate_size", "intermediate_size"),
+            shared_experts=field("n_shared_experts", default=0),
+            first_dense_layers=field("first_k_dense_replace", default=0),
+        )
+    mla = None
+    if config.get("kv_lora_rank"):
+        rope = config.get("rope_scaling") or {}
+        mla = MLAGeometry(
+            config["kv_lora_rank"],
+            config["qk_rope_head_dim"],
+            config["qk_nope_head_dim"],
+            float(rope.get("factor", 1.0)),
+            float(rope.get("mscale_all_dim", 0.0)),
+        )
+    quant = (config.get("quantization_config") or {}).get("quant_method", "")
+    return ModelSpec(
+        name or config.get("_name_or_path") or Path(path).parent.name,
+        field("num_hidden_layers"),
+        hidden,
+        heads,
+        field("num_key_value_heads", default=heads),
+        field("head_dim", default=hidden // heads),
+        field("intermediate_size"),
+        field("vocab_size"),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        weight_bytes=1 if "fp8" in str(quant).lower() else 2,
+        mla=mla,
+        q_lora_rank=config.get("q_lora_rank"),
+        v_head_dim=config.get("v_head_dim"),
+        moe=moe,
+    )

@@ -347,6 +347,10 @@ def main(argv=None) -> int:
     )
     tune.set_defaults(func=cmd_tune)
 
+    from bench.commands import advise as advise_command
+
+    advise_command.add_parsers(sub)
+
     multi = sub.add_parser(
         "dist", help="multi-rank benchmarks under torchrun: EP dispatch/combine, all-reduce"
     )

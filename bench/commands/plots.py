@@ -111,3 +111,45 @@ def decode_bandwidth(document: dict, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"plot written: {path}"
+
+
+def step_bars(stages, title: str, path) -> str:
+    """A decode step's time as one bar stacked by stage (bench/systems/step.py), ms."""
+    plt = _pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    left = 0.0
+    for stage in sorted(stages, key=lambda s: -s.step_seconds):
+        width = stage.step_seconds * 1e3
+        ax.barh([0], [width], left=left, label=f"{stage.name} ({stage.bound})")
+        left += width
+    ax.set_yticks([])
+    ax.set_xlabel("ms per decode step (projected)")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return f"plot written: {path}"
+
+
+def advise_bars(outcomes, title: str, path) -> str:
+    """Each fitting layout's simulated makespan, stacked by the bound its time went to."""
+    plt = _pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(outcomes) + 1.5))
+    labels = [o.layout.label for o in outcomes]
+    bounds = [b for b in (outcomes[0].by_bound or {}) if any((o.by_bound or {}).get(b) for o in outcomes)]
+    left = [0.0] * len(outcomes)
+    for bound in bounds:
+        widths = [(o.by_bound or {}).get(bound, 0.0) for o in outcomes]
+        ax.barh(labels, widths, left=left, label=bound)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("simulated seconds (projected), by what bound them")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot written: {path}"

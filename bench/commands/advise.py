@@ -1,0 +1,200 @@
+"""`decodebench step` and `decodebench advise`: a whole decode step stage by stage, and the parallel layout
+that serves a reasoning workload fastest (bench/systems/step.py, bench/systems/advisor.py).
+
+    decodebench step MODEL [--tp T] [--ep E] [--dp D] [--pp P] [--batch B] [--context L] [--kv bf16|fp8]
+                           [--gpu h100|h200|RESULTS] [--interconnect nvlink|pcie|ib] [--config PATH]
+                           [--plot PNG]
+    decodebench advise MODEL --gpus N [--gpu ...] [--interconnect ...] [--workload NAME] [--requests R]
+                           [--json FILE] [--plot PNG] [--config PATH]
+
+MODEL is a preset (bench/models.py: MODEL_SPECS) or, with --config, a name for a Hugging Face config.json.
+--gpu RESULTS: a gpu-check result folder; its measured ceilings and kernel efficiencies replace the anchors.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from bench.models import MODEL_SPECS, WORKLOADS, ModelSpec, model_from_hf_config
+from bench.systems import advisor
+from bench.systems.step import GPUS, INTERCONNECTS, Hardware, Layout, seconds_by_bound, step_stages
+
+
+def model_of(name: str, config: str | None) -> ModelSpec:
+    if config:
+        return model_from_hf_config(config, name)
+    if name not in MODEL_SPECS:
+        raise SystemExit(f"MODEL: unknown {name}; presets: {', '.join(MODEL_SPECS)} (or --config PATH)")
+    return MODEL_SPECS[name]
+
+
+def hardware_of(gpu: str) -> Hardware:
+    """A preset's anchors, or a result folder's measurements over the anchors of the GPU it names."""
+    if gpu in GPUS:
+        return GPUS[gpu]
+    folder = Path(gpu)
+    if not (folder / "machine.json").exists():
+        raise SystemExit(f"--gpu: expected {', '.join(GPUS)} or a gpu-check result folder, got {gpu}")
+    name = json.loads((folder / "machine.json").read_text()).get("gpu", "").lower()
+    base = GPUS["h200"] if "h200" in name else GPUS["h100"]
+    return Hardware.from_results(folder, base)
+
+
+def _sources(hw: Hardware, link_name: str) -> str:
+    lines = [f"- {key}: {value}" for key, value in hw.sources.items()]
+    lines.append(f"- interconnect: {INTERCONNECTS[link_name].source}")
+    if hw.kernel_efficiency:
+        lines.append(f"- kernel efficiencies measured: {', '.join(sorted(hw.kernel_efficiency))}")
+    return "\n".join(lines)
+
+
+def cmd_step(args) -> int:
+    spec = model_of(args.model, args.config)
+    hw, link = hardware_of(args.gpu), INTERCONNECTS[args.interconnect]
+    layout = Layout(args.dp, args.tp, args.pp, args.ep)
+    kv_bytes = 1 if args.kv == "fp8" else 2
+    stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)
+    total = sum(s.step_seconds for s in stages)
+    rows = [
+        [
+            s.name,
+            f"{s.seconds * 1e6:,.1f}",
+            s.per_step,
+            f"{s.step_seconds * 1e3:,.3f}",
+            f"{s.bytes:,.0f}",
+            f"{s.flops:,.0f}",
+            f"{100 * s.step_seconds / total:.1f}",
+            s.bound,
+            s.source,
+        ]
+        for s in stages
+    ]
+    print(
+        f"{spec.name}, {layout.label}, batch {args.batch} (per replica), context {args.context}, "
+        f"KV {args.kv}, "
+        f"on {hw.name} over {link.name}"
+    )
+    print("Projected from each stage's bytes and FLOPs against the ceilings below (not timed on a GPU).\n")
+    headers = [
+        "stage",
+        "us a run",
+        "runs/step",
+        "ms/step",
+        "bytes a run",
+        "FLOPs a run",
+        "% step",
+        "bound",
+        "eff.",
+    ]
+    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    by_bound = {k: v for k, v in seconds_by_bound(stages).items() if v}
+    print(
+        f"\nstep: {total * 1e3:.2f} ms, {args.batch * layout.dp / total:,.0f} tokens/s on {layout.gpus} GPUs"
+    )
+    print("by bound: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in by_bound.items()))
+    print(f"\nceilings:\n{_sources(hw, args.interconnect)}")
+    if args.plot:
+        from bench.commands import plots
+
+        print(
+            plots.step_bars(
+                stages, f"{spec.name} {layout.label} b={args.batch} ctx={args.context}", args.plot
+            )
+        )
+    return 0
+
+
+def cmd_advise(args) -> int:
+    spec = model_of(args.model, args.config)
+    hw, link = hardware_of(args.gpu), INTERCONNECTS[args.interconnect]
+    workload = WORKLOADS[args.workload]
+    start = time.perf_counter()
+    outcomes = advisor.advise(spec, args.gpus, hw, link, workload, args.requests)
+    seconds = time.perf_counter() - start
+    print(
+        f"{spec.name} on {args.gpus} x {hw.name} over {link.name}: {args.requests} {workload.name} requests, "
+        f"all arriving at once; each layout at its best max_num_seqs of {list(advisor.MAX_NUM_SEQS)}\n"
+    )
+    rows = []
+    for o in outcomes:
+        r = o.row()
+        rows.append(
+            [
+                r["layout"],
+                r["max_num_seqs"] or "",
+                f"{o.seconds:,.0f}" if o.fits else "-",
+                f"{o.tokens_per_s:,.0f}" if o.fits else "-",
+                f"{o.tpot_ms:.1f}" if o.fits else "-",
+                o.peak_sequences if o.fits else "-",
+                f"{r.get('weights_gb_per_rank', 0):.0f}",
+                f"{r.get('kv_pool_tokens', 0):,}",
+                o.bound if o.fits else f"does not fit: {o.why}",
+            ]
+        )
+    headers = [
+        "layout",
+        "max seqs",
+        "makespan s",
+        "tokens/s",
+        "TPOT ms",
+        "peak seqs",
+        "weights GB/rank",
+        "KV pool tokens",
+        "binding constraint",
+    ]
+    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    fitting = [o for o in outcomes if o.fits]
+    if len(fitting) > 1:
+        print(
+            f"\nbest: {fitting[0].layout.label}; runner-up {fitting[1].layout.label} takes "
+            f"{fitting[1].seconds / fitting[0].seconds:.2f}x as long"
+        )
+    print(f"\nprojected, not measured; ceilings:\n{_sources(hw, args.interconnect)}\n({seconds:.1f} s)")
+    if args.json:
+        document = advisor.as_json(
+            outcomes,
+            model=spec.name,
+            gpus=args.gpus,
+            gpu=hw.name,
+            interconnect=link.name,
+            workload=workload.name,
+            requests=args.requests,
+            sources=hw.sources,
+            projected=True,
+        )
+        Path(args.json).write_text(json.dumps(document, indent=1))
+        print(f"written: {args.json}")
+    if args.plot:
+        from bench.commands import plots
+
+        print(plots.advise_bars(fitting, f"{spec.name} on {args.gpus} GPUs", args.plot))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    step = sub.add_parser("step", help="one decode step of a whole model, stage by stage (projected)")
+    step.add_argument("model")
+    step.add_argument("--config", help="a Hugging Face config.json describing MODEL")
+    for flag in ("--dp", "--tp", "--pp", "--ep"):
+        step.add_argument(flag, type=int, default=1)
+    step.add_argument("--batch", type=int, default=64, help="sequences a replica decodes per step")
+    step.add_argument("--context", type=int, default=8192, help="mean tokens in each sequence's KV cache")
+    step.add_argument("--kv", choices=("bf16", "fp8"), default="bf16")
+    step.add_argument("--gpu", default="h200", help="h100, h200, or a gpu-check result folder")
+    step.add_argument("--interconnect", choices=list(INTERCONNECTS), default="nvlink")
+    step.add_argument("--plot", help="also a stacked bar of the step's time by stage (plot extra)")
+    step.set_defaults(func=cmd_step)
+
+    advise = sub.add_parser("advise", help="the fastest parallel layout for a model, workload and GPU count")
+    advise.add_argument("model")
+    advise.add_argument("--config", help="a Hugging Face config.json describing MODEL")
+    advise.add_argument("--gpus", type=int, required=True)
+    advise.add_argument("--gpu", default="h200", help="h100, h200, or a gpu-check result folder")
+    advise.add_argument("--interconnect", choices=list(INTERCONNECTS), default="nvlink")
+    advise.add_argument("--workload", choices=list(WORKLOADS), default="NaturalReasoning-like")
+    advise.add_argument("--requests", type=int, default=2048)
+    advise.add_argument("--json", help="write the ranked layouts here")
+    advise.add_argument("--plot", help="also the layouts' makespans as bars (plot extra)")
+    advise.set_defaults(func=cmd_advise)
