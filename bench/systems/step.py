@@ -178,6 +178,7 @@ class Layout:
 
 #: What binds a stage, and so what the advisor calls the constraint when its time dominates.
 BOUNDS = ("HBM bandwidth", "compute", "interconnect", "routing/synchronization", "pipeline bubbles", "launch")
+SYNC = "routing/synchronization"
 
 
 @dataclass(frozen=True)
@@ -242,19 +243,20 @@ def layer_stages(
     per_step: int = 1,
 ) -> list[Stage]:
     """One decoder layer's stages on one rank: ``batch`` sequences of this replica at mean ``context``
-    tokens; ``moe``: the layer's MLP is the MoE path."""
+    tokens; ``moe``: the layer's MLP is the MoE path (its stages named moe:<stage>)."""
+    prefix = "moe:" if moe else ""
     tp, h, wb = layout.tp, spec.hidden, spec.weight_bytes
     act = batch * h * 2  # one bf16 activation row per sequence
     heads = spec.num_q_heads / tp
     out = []
 
     def comp(name, nbytes, flops, launches=1, kernel=None):
-        out.append(_compute(name, nbytes, flops, hw, per_step, launches, kernel))
+        out.append(_compute(prefix + name, nbytes, flops, hw, per_step, launches, kernel))
 
     def all_reduce(name):
         if tp > 1:
             latency, transfer = link.all_reduce_s(act, tp)
-            out.append(_collective(name, act, latency, transfer, per_step))
+            out.append(_collective(prefix + name, act, latency, transfer, per_step))
 
     comp("attn_norm", 2 * act, 4 * batch * h)
     if spec.mla is not None:
@@ -298,20 +300,16 @@ def layer_stages(
         comp("dispatch", 2 * mine * h * 2, 0, kernel="dispatch")
         sent = mine * h * 2 * (ranks - 1) / ranks
         latency, transfer = link.all_to_all_s(sent, ranks)
-        out.append(
-            _collective("ep_dispatch_a2a", sent, latency, transfer, per_step, "routing/synchronization")
-        )
+        out.append(_collective(prefix + "ep_dispatch_a2a", sent, latency, transfer, per_step, SYNC))
         arriving = layout.dp * pairs / ranks  # rows a rank's experts receive, on average
         touched = expected_experts_touched(m.num_experts, m.top_k, layout.dp * batch) / ranks
         nbytes = touched * expert * wb + 4 * arriving * h * 2
-        stage = _compute("experts", nbytes, 2 * arriving * expert, hw, per_step, launches=3)
+        stage = _compute(prefix + "experts", nbytes, 2 * arriving * expert, hw, per_step, launches=3)
         skew = slowest_share(arriving, ranks)  # the busiest rank sets the pace
         split = dict(stage.split)
         split["routing/synchronization"] = stage.seconds * (skew - 1)
         out.append(replace(stage, seconds=stage.seconds * skew, split=split))
-        out.append(
-            _collective("ep_combine_a2a", sent, latency, transfer, per_step, "routing/synchronization")
-        )
+        out.append(_collective(prefix + "ep_combine_a2a", sent, latency, transfer, per_step, SYNC))
         comp("combine", mine * h * 2 + batch / tp * h * 2, 2 * mine * h, kernel="combine")
         all_reduce("moe_all_reduce")
     else:
@@ -348,20 +346,10 @@ def step_stages(
             spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, per_step=round(dense_layers * pp)
         )
     if moe_layers:
-        stages += [
-            replace(s, name=f"moe:{s.name}")
-            for s in layer_stages(
-                spec,
-                layout,
-                micro,
-                context,
-                hw,
-                link,
-                kv_bytes=kv_bytes,
-                moe=True,
-                per_step=round(moe_layers * pp),
-            )
-        ]
+        runs = round(moe_layers * pp)
+        stages += layer_stages(
+            spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, moe=True, per_step=runs
+        )
     h, wb, tp = spec.hidden, spec.weight_bytes, layout.tp
     head = spec.vocab * h / tp
     stages.append(_compute("lm_head", head * wb + batch * h * 2, 2 * batch * head, hw, 1))
