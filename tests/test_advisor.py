@@ -215,3 +215,46 @@ def test_deepseek_r1_picks_a_hybrid_over_tp8():
     best = fitting[0].layout
     assert best.dp > 1 and best.ep > 1, best  # data-parallel attention, experts spread
     assert seconds[best] < seconds[Layout(tp=8)]
+
+
+def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there():
+    """The GPU timing path of `decodebench step`, on this machine: the host clock and the interpreter, at a
+    tiny dense-then-MoE model with MLA and one with GQA (on a GPU the same calls run under CUDA graphs)."""
+    from bench.measure.timing import time_wall
+    from bench.models import MLAGeometry, ModelSpec, MoESpec
+    from bench.systems.step_timing import time_stages
+
+    moe = MoESpec(8, 2, 32, shared_experts=1, first_dense_layers=1)
+    gqa = ModelSpec("tiny-gqa", 2, 64, 4, 2, 16, 128, 256, moe=moe)
+    mla = ModelSpec(
+        "tiny-mla",
+        2,
+        64,
+        4,
+        4,
+        16,
+        128,
+        256,
+        mla=MLAGeometry(32, 16, 16),
+        q_lora_rank=32,
+        v_head_dim=16,
+        moe=moe,
+    )
+
+    def timer(fn, label):
+        return time_wall(fn, label=label, rep_ms=1, min_reps=1, max_reps=1)
+
+    for spec, layout in ((gqa, Layout(tp=2)), (mla, Layout(dp=2, ep=2))):
+        stages = step_stages(spec, layout, 3, 40, H200, NVLINK)
+        timed = time_stages(spec, layout, 3, 40, stages, device="cpu", timer=timer)
+        assert set(timed) == {s.name for s in stages}
+        for name, t in timed.items():
+            collective = name.endswith(("all_reduce", "_a2a"))
+            assert (t.seconds is None) == collective, (spec.name, name, t)
+        kernels = [
+            n
+            for n in timed
+            if n.removeprefix("moe:")
+            in ("write_kv", "paged_decode", "mla_decode", "route", "dispatch", "combine")
+        ]
+        assert kernels and all(timed[n].verified is True for n in kernels), {n: timed[n] for n in kernels}

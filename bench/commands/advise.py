@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from bench.models import MODEL_SPECS, WORKLOADS, ModelSpec, model_from_hf_config
@@ -57,8 +58,14 @@ def cmd_step(args) -> int:
     kv_bytes = 1 if args.kv == "fp8" else 2
     stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)
     total = sum(s.step_seconds for s in stages)
-    rows = [
-        [
+    timed = {}
+    if torch.cuda.is_available() and not args.project:
+        from bench.systems.step_timing import time_stages
+
+        timed = time_stages(spec, layout, args.batch, args.context, stages)
+    rows = []
+    for s in stages:
+        row = [
             s.name,
             f"{s.seconds * 1e6:,.1f}",
             s.per_step,
@@ -69,14 +76,27 @@ def cmd_step(args) -> int:
             s.bound,
             s.source,
         ]
-        for s in stages
-    ]
+        if timed:
+            t = timed[s.name]
+            measured = "-" if t.seconds is None else f"{t.seconds * 1e6:,.1f}"
+            checked = {True: "yes", False: "WRONG", None: ""}[t.verified]
+            row += [measured, checked, t.note]
+        rows.append(row)
     print(
         f"{spec.name}, {layout.label}, batch {args.batch} (per replica), context {args.context}, "
         f"KV {args.kv}, "
         f"on {hw.name} over {link.name}"
     )
-    print("Projected from each stage's bytes and FLOPs against the ceilings below (not timed on a GPU).\n")
+    if timed:
+        print(
+            "Projected from each stage's bytes and FLOPs, and measured here: one rank's stages run at their"
+        )
+        print(
+            "shapes (CUDA-graph replay, L2 cleared by reading; NVTX range step.<stage>), verified where the"
+        )
+        print("suite has a reference; collectives keep their projections on one GPU.\n")
+    else:
+        print("Projected from each stage's bytes and FLOPs against the ceilings below (not timed: no GPU).\n")
     headers = [
         "stage",
         "us a run",
@@ -88,6 +108,8 @@ def cmd_step(args) -> int:
         "bound",
         "eff.",
     ]
+    if timed:
+        headers += ["measured us", "verified", "note"]
     print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
     by_bound = {k: v for k, v in seconds_by_bound(stages).items() if v}
     print(
@@ -174,7 +196,9 @@ def cmd_advise(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    step = sub.add_parser("step", help="one decode step of a whole model, stage by stage (projected)")
+    step = sub.add_parser(
+        "step", help="one decode step of a whole model, stage by stage (projected; timed on a GPU)"
+    )
     step.add_argument("model")
     step.add_argument("--config", help="a Hugging Face config.json describing MODEL")
     for flag in ("--dp", "--tp", "--pp", "--ep"):
@@ -185,6 +209,7 @@ def add_parsers(sub) -> None:
     step.add_argument("--gpu", default="h200", help="h100, h200, or a gpu-check result folder")
     step.add_argument("--interconnect", choices=list(INTERCONNECTS), default="nvlink")
     step.add_argument("--plot", help="also a stacked bar of the step's time by stage (plot extra)")
+    step.add_argument("--project", action="store_true", help="on a GPU too: the projection only, nothing run")
     step.set_defaults(func=cmd_step)
 
     advise = sub.add_parser("advise", help="the fastest parallel layout for a model, workload and GPU count")

@@ -10,6 +10,8 @@ the others' results. The steps, in order:
 3. ``static``: the static report of the real compile (registers, spills, shared memory, access widths).
    ``dist``: EP dispatch/combine stage by stage under torchrun on this machine's one GPU (world size 1:
    the GPU path and the CUDA graph measured, no wire; dist-ep.json).
+   ``decode-step``: `decodebench step` for a dense and an MLA + MoE model: each stage one rank runs, timed
+   and verified at its shape beside its projection (decode-step.txt), the calibration the advisor reads.
 4. ``ncu``: Nsight Compute summaries (measured DRAM bytes beside each byte model), where ncu is on PATH.
 5. ``tune``: candidate launch configurations timed and verified at the default shapes (a per-GPU table).
 6. ``sanitizer``: compute-sanitizer memcheck over one small shape per kernel, racecheck where a kernel uses
@@ -52,6 +54,7 @@ STEPS = (
     "default-shapes",
     "static",
     "dist",
+    "decode-step",
     "ncu",
     "tune",
     "sanitizer",
@@ -252,6 +255,18 @@ def step_dist(run: CheckRun) -> StepResult:
     return run.subprocess("dist", [sys.executable, "-m", "bench", "dist", *args, "--out", out])
 
 
+def step_decode_step(run: CheckRun) -> StepResult:
+    commands = [
+        ["DeepSeek-R1-Distill-Llama-8B", "--batch", "64", "--context", "8192"],
+        ["DeepSeek-R1", "--tp", "8", "--batch", "32", "--context", "4096"],
+    ]
+    script = " && ".join(
+        " ".join([sys.executable, "-m", "bench", "step", *args, "--gpu", str(run.folder)])
+        for args in commands
+    )
+    return run.subprocess("decode-step", ["bash", "-c", script])
+
+
 def step_ncu(run: CheckRun) -> StepResult:
     if not shutil.which("ncu"):
         return StepResult("skipped", "ncu not on PATH: no Nsight Compute summaries")
@@ -350,6 +365,7 @@ STEP_FUNCTIONS: dict[str, Callable[[CheckRun], StepResult]] = {
     "default-shapes": step_default_shapes,
     "static": step_static,
     "dist": step_dist,
+    "decode-step": step_decode_step,
     "ncu": step_ncu,
     "tune": step_tune,
     "sanitizer": step_sanitizer,

@@ -127,7 +127,7 @@ def step_bars(stages, title: str, path) -> str:
     ax.set_yticks([])
     ax.set_xlabel("ms per decode step (projected)")
     ax.set_title(title)
-    ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.45))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return f"plot written: {path}"

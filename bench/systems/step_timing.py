@@ -1,0 +1,167 @@
+"""The decode step's stages run for real, one at a time, at the shapes the step model projects them at: the
+suite's kernels through their cases (write_kv, paged_decode, mla_decode, route, dispatch, combine; verified
+against their references at that shape where the reference is affordable), the norms and the projections as
+the torch calls a serving engine makes (rms_norm, matmuls; fp8 weights stand in as bf16, noted). What needs
+more GPUs than one (the all-reduces, the all-to-alls, the pipeline's hand-offs) keeps its projection, said so.
+
+On a GPU each stage is timed as ``decodebench run`` times a kernel: CUDA-graph replay, L2 cleared by reading
+before every call, inside an NVTX range ``step.<stage>`` so an nsys timeline reads stage by stage. On a CPU
+(tests) the same plumbing runs with the host clock and the interpreter at small shapes.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench.cases import CASES
+from bench.cases.kv_cache import WriteKVShape
+from bench.cases.mla_attention import MLADecodeShape
+from bench.cases.moe import DispatchShape, RouteShape
+from bench.cases.paged_attention import PagedDecodeShape
+from bench.measure.runner import verify
+from bench.models import ModelSpec, MoEModel
+from bench.systems.step import Layout, Stage, expected_experts_touched
+from bench.testing import generator, randn
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A stage's measured time (seconds per run), or why it kept its projection; verified: True/False
+    against the reference at this shape, None where none was run."""
+
+    seconds: float | None
+    verified: bool | None = None
+    note: str = ""
+
+
+def _gemm(rows: int, inner: int, outer: int, device, gen) -> Callable:
+    x = randn((rows, inner), torch.bfloat16, device, gen)
+    w = randn((inner, outer), torch.bfloat16, device, gen, scale=inner**-0.5)
+    return lambda: x @ w
+
+
+def _grouped_gemm(groups: int, rows: int, inner: int, outer: int, device, gen) -> Callable:
+    x = randn((groups, rows, inner), torch.bfloat16, device, gen)
+    w = randn((groups, inner, outer), torch.bfloat16, device, gen, scale=inner**-0.5)
+    return lambda: torch.bmm(x, w)
+
+
+def _chain(*calls: Callable) -> Callable:
+    def run():
+        for call in calls:
+            call()
+
+    return run
+
+
+def _case_call(name: str, shape, device, check: bool) -> tuple[Callable, bool | None]:
+    case = CASES[name]
+    inputs = case.build(shape, device, seed=0)
+    verified = None
+    if check and case.reference_affordable(shape):
+        verified = verify(case, shape, device).ok
+    return (lambda: case.run_kernel(inputs)), verified
+
+
+def stage_calls(
+    spec: ModelSpec, layout: Layout, batch: int, context: int, stage: Stage, device, *, check: bool = True
+):
+    """(call, verified, note) running ``stage`` at its shape on one rank, or (None, None, why not)."""
+    gen = generator(0, "cpu")
+    tp, h = layout.tp, spec.hidden
+    name = stage.name.removeprefix("moe:")
+    kind = "fp8 weights timed as bf16" if spec.weight_bytes == 1 else ""
+    micro = max(1, round(batch / layout.pp))
+    m = spec.moe
+    moe_model = None if m is None else MoEModel(spec.name, h, m.num_experts, m.top_k, m.expert_intermediate)
+    if name in ("attn_norm", "mlp_norm"):
+        x = randn((micro, h), torch.bfloat16, device, gen)
+        weight = torch.ones(h, dtype=torch.bfloat16, device=device)
+        return (lambda: torch.nn.functional.rms_norm(x, (h,), weight)), None, ""
+    if name == "qkv_proj":
+        return _gemm(micro, h, max(1, round(stage.flops / (2 * micro * h))), device, gen), None, kind
+    if name == "o_proj":
+        return _gemm(micro, max(1, round(stage.flops / (2 * micro * h))), h, device, gen), None, kind
+    if name in ("mlp", "shared_expert"):
+        width = spec.intermediate if name == "mlp" else m.shared_experts * m.expert_intermediate
+        width = max(1, width // tp)
+        up, down = _gemm(micro, h, 2 * width, device, gen), _gemm(micro, width, h, device, gen)
+        return _chain(up, down), None, kind
+    if name == "embedding":
+        table = randn((spec.vocab, h), torch.bfloat16, device, gen)
+        ids = torch.randint(spec.vocab, (batch,), generator=gen).to(device)
+        return (lambda: torch.nn.functional.embedding(ids, table)), None, ""
+    if name == "lm_head":
+        return _gemm(batch, h, max(1, spec.vocab // tp), device, gen), None, kind
+    if name == "experts":
+        width = m.expert_intermediate if layout.ep > 1 else max(1, m.expert_intermediate // tp)
+        tokens = micro * layout.dp if layout.ep > 1 else micro
+        groups = expected_experts_touched(m.num_experts, m.top_k, tokens) / max(layout.ep, 1)
+        groups = max(1, round(groups))
+        rows = max(1, math.ceil(tokens * m.top_k / max(layout.ep, 1) / groups))
+        up = _grouped_gemm(groups, rows, h, 2 * width, device, gen)
+        down = _grouped_gemm(groups, rows, width, h, device, gen)
+        return _chain(up, down), None, kind + (", " if kind else "") + f"{groups} experts x {rows} rows"
+    if name == "write_kv":
+        if spec.mla is not None:
+            shape = WriteKVShape(spec.name, "decode", micro, 1, spec.mla.cached_width, None)
+        else:
+            shape = WriteKVShape(
+                spec.name, "decode", micro, spec.kv_heads_per_rank(tp), spec.head_dim, spec.head_dim
+            )
+        return (*_case_call("write_kv", shape, device, check), "")
+    if name == "paged_decode":
+        shape = PagedDecodeShape(
+            spec.name, (context,) * micro, spec.num_q_heads // tp, spec.kv_heads_per_rank(tp), spec.head_dim
+        )
+        return (*_case_call("paged_decode", shape, device, check), "")
+    if name == "mla_decode":
+        g = spec.mla
+        shape = MLADecodeShape(
+            spec.name,
+            (context,) * micro,
+            spec.num_q_heads // tp,
+            qk_dim=g.cached_width,
+            v_head_dim=g.kv_lora_rank,
+            scale=g.softmax_scale,
+        )
+        return (*_case_call("mla_decode", shape, device, check), "")
+    if name == "route":
+        return (*_case_call("route", RouteShape(spec.name, micro, moe_model), device, check), "")
+    if name in ("dispatch", "combine"):
+        tokens = max(1, round(micro / (tp if layout.ep > 1 else 1)))
+        return (*_case_call(name, DispatchShape(spec.name, tokens, moe_model), device, check), "")
+    return None, None, "projected: a collective or the pipeline's, not run on one GPU"
+
+
+def time_stages(
+    spec: ModelSpec,
+    layout: Layout,
+    batch: int,
+    context: int,
+    stages: list[Stage],
+    *,
+    device: str = "cuda",
+    timer: Callable | None = None,
+    check: bool = True,
+) -> dict[str, Timed]:
+    """Every stage that one device can run, timed (``timer``: bench.measure.timing.time_cuda with a CUDA
+    graph on a GPU; pass time_wall on a CPU); the others keep their projections."""
+    from bench.measure.timing import time_cuda
+
+    timer = timer or (lambda fn, label: time_cuda(fn, label=label, cuda_graph=True))
+    found = {}
+    for stage in stages:
+        try:
+            call, verified, note = stage_calls(spec, layout, batch, context, stage, device, check=check)
+        except Exception as error:  # a shape a kernel refuses, out of memory: say so, keep the projection
+            found[stage.name] = Timed(None, None, f"not run: {type(error).__name__}: {str(error)[:100]}")
+            continue
+        if call is None:
+            found[stage.name] = Timed(None, None, note)
+            continue
+        timing = timer(call, f"step.{stage.name}")
+        found[stage.name] = Timed(timing.median_ms * 1e-3, verified, note)
+    return found
