@@ -20,7 +20,23 @@ from tabulate import tabulate
 
 from bench.models import MODEL_SPECS, WORKLOADS, ModelSpec, model_from_hf_config
 from bench.systems import advisor
-from bench.systems.step import GPUS, INTERCONNECTS, Hardware, Layout, seconds_by_bound, step_stages
+from bench.systems.step import (
+    GPUS,
+    INTERCONNECTS,
+    Hardware,
+    Interconnect,
+    Layout,
+    seconds_by_bound,
+    step_stages,
+)
+
+INTERCONNECT_HELP = "nvlink, pcie, ib, or a `decodebench dist allreduce --out` file measured on 2+ GPUs"
+#: The short names the command line takes for the workloads.
+WORKLOAD_ALIASES = {
+    "natural-reasoning": "NaturalReasoning-like",
+    "math500": "MATH-500-like",
+    "aime": "AIME-like",
+}
 
 
 def model_of(name: str, config: str | None) -> ModelSpec:
@@ -43,9 +59,21 @@ def hardware_of(gpu: str) -> Hardware:
     return Hardware.from_results(folder, base)
 
 
-def _sources(hw: Hardware, link_name: str) -> str:
+def interconnect_of(name: str) -> Interconnect:
+    """A preset's anchors, or alpha and beta fitted to an all-reduce result file (decodebench dist)."""
+    if name in INTERCONNECTS:
+        return INTERCONNECTS[name]
+    if not Path(name).is_file():
+        raise SystemExit(f"--interconnect: expected {', '.join(INTERCONNECTS)} or an all-reduce result file")
+    try:
+        return Interconnect.from_all_reduce(name)
+    except ValueError as error:
+        raise SystemExit(f"--interconnect: {error}") from None
+
+
+def _sources(hw: Hardware, link: Interconnect) -> str:
     lines = [f"- {key}: {value}" for key, value in hw.sources.items()]
-    lines.append(f"- interconnect: {INTERCONNECTS[link_name].source}")
+    lines.append(f"- interconnect: {link.source}")
     if hw.kernel_efficiency:
         lines.append(f"- kernel efficiencies measured: {', '.join(sorted(hw.kernel_efficiency))}")
     return "\n".join(lines)
@@ -53,7 +81,7 @@ def _sources(hw: Hardware, link_name: str) -> str:
 
 def cmd_step(args) -> int:
     spec = model_of(args.model, args.config)
-    hw, link = hardware_of(args.gpu), INTERCONNECTS[args.interconnect]
+    hw, link = hardware_of(args.gpu), interconnect_of(args.interconnect)
     layout = Layout(args.dp, args.tp, args.pp, args.ep)
     kv_bytes = 1 if args.kv == "fp8" else 2
     stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)
@@ -116,7 +144,7 @@ def cmd_step(args) -> int:
         f"\nstep: {total * 1e3:.2f} ms, {args.batch * layout.dp / total:,.0f} tokens/s on {layout.gpus} GPUs"
     )
     print("by bound: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in by_bound.items()))
-    print(f"\nceilings:\n{_sources(hw, args.interconnect)}")
+    print(f"\nceilings:\n{_sources(hw, link)}")
     if args.plot:
         from bench.commands import plots
 
@@ -130,8 +158,8 @@ def cmd_step(args) -> int:
 
 def cmd_advise(args) -> int:
     spec = model_of(args.model, args.config)
-    hw, link = hardware_of(args.gpu), INTERCONNECTS[args.interconnect]
-    workload = WORKLOADS[args.workload]
+    hw, link = hardware_of(args.gpu), interconnect_of(args.interconnect)
+    workload = WORKLOADS[WORKLOAD_ALIASES.get(args.workload, args.workload)]
     start = time.perf_counter()
     outcomes = advisor.advise(spec, args.gpus, hw, link, workload, args.requests)
     seconds = time.perf_counter() - start
@@ -152,6 +180,7 @@ def cmd_advise(args) -> int:
                 o.peak_sequences if o.fits else "-",
                 f"{r.get('weights_gb_per_rank', 0):.0f}",
                 f"{r.get('kv_pool_tokens', 0):,}",
+                f"{r.get('sequences_held', 0):,}",
                 o.bound if o.fits else f"does not fit: {o.why}",
             ]
         )
@@ -164,6 +193,7 @@ def cmd_advise(args) -> int:
         "peak seqs",
         "weights GB/rank",
         "KV pool tokens",
+        "seqs it holds",
         "binding constraint",
     ]
     print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
@@ -173,7 +203,7 @@ def cmd_advise(args) -> int:
             f"\nbest: {fitting[0].layout.label}; runner-up {fitting[1].layout.label} takes "
             f"{fitting[1].seconds / fitting[0].seconds:.2f}x as long"
         )
-    print(f"\nprojected, not measured; ceilings:\n{_sources(hw, args.interconnect)}\n({seconds:.1f} s)")
+    print(f"\nprojected, not measured; ceilings:\n{_sources(hw, link)}\n({seconds:.1f} s)")
     if args.json:
         document = advisor.as_json(
             outcomes,
@@ -207,7 +237,7 @@ def add_parsers(sub) -> None:
     step.add_argument("--context", type=int, default=8192, help="mean tokens in each sequence's KV cache")
     step.add_argument("--kv", choices=("bf16", "fp8"), default="bf16")
     step.add_argument("--gpu", default="h200", help="h100, h200, or a gpu-check result folder")
-    step.add_argument("--interconnect", choices=list(INTERCONNECTS), default="nvlink")
+    step.add_argument("--interconnect", default="nvlink", help=INTERCONNECT_HELP)
     step.add_argument("--plot", help="also a stacked bar of the step's time by stage (plot extra)")
     step.add_argument("--project", action="store_true", help="on a GPU too: the projection only, nothing run")
     step.set_defaults(func=cmd_step)
@@ -217,8 +247,13 @@ def add_parsers(sub) -> None:
     advise.add_argument("--config", help="a Hugging Face config.json describing MODEL")
     advise.add_argument("--gpus", type=int, required=True)
     advise.add_argument("--gpu", default="h200", help="h100, h200, or a gpu-check result folder")
-    advise.add_argument("--interconnect", choices=list(INTERCONNECTS), default="nvlink")
-    advise.add_argument("--workload", choices=list(WORKLOADS), default="NaturalReasoning-like")
+    advise.add_argument("--interconnect", default="nvlink", help=INTERCONNECT_HELP)
+    advise.add_argument(
+        "--workload",
+        choices=[*WORKLOADS, *WORKLOAD_ALIASES],
+        default="natural-reasoning",
+        help="the requests' lengths (default: NaturalReasoning-like, the paper's)",
+    )
     advise.add_argument("--requests", type=int, default=2048)
     advise.add_argument("--json", help="write the ranked layouts here")
     advise.add_argument("--plot", help="also the layouts' makespans as bars (plot extra)")

@@ -65,6 +65,7 @@ class MemoryPlan:
     pool_tokens: int  # tokens the replica's KV pool holds (each rank holds its share of each)
     fits: bool
     why: str = ""
+    sequences: int = 0  # of the workload's mean length (prompt + output), the pool holds at once
 
 
 def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: ReasoningWorkload, kv_bytes=2):
@@ -81,7 +82,8 @@ def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: Reasoni
         return MemoryPlan(weights, per_token, 0, False, f"weights {weights / 1e9:.0f} GB a rank do not fit")
     if pool < longest:
         return MemoryPlan(weights, per_token, pool, False, f"pool of {pool} tokens < one longest sequence")
-    return MemoryPlan(weights, per_token, pool, True)
+    mean = workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2)
+    return MemoryPlan(weights, per_token, pool, True, sequences=int(pool // mean))
 
 
 # -- simulation ----------------------------------------------------------------------------------------------

@@ -136,6 +136,32 @@ class Interconnect:
     def send_s(self, nbytes: float) -> tuple[float, float]:
         return self.hop_us * 1e-6, nbytes / (self.gbps * 1e9)
 
+    @classmethod
+    def from_all_reduce(cls, path) -> "Interconnect":
+        """Alpha and beta fitted to a ``decodebench dist allreduce --out`` result: the hop latency from the
+        smallest size's time (2 (n - 1) hops), the bandwidth from the largest size's bus bandwidth (what a
+        ring all-reduce's links carry per GPU)."""
+        document = json.loads(Path(path).read_text())
+        found = [
+            (b["extra_info"]["bytes"], b["stats"]["median"], b["extra_info"])
+            for b in document.get("benchmarks", [])
+            if b.get("extra_info", {}).get("kernel") == "all_reduce"
+            and b["extra_info"].get("impl") in ("nccl", "gloo")
+        ]
+        world = found[0][2].get("world_size", 1) if found else 1
+        if not found or world < 2:
+            raise ValueError(f"interconnect: {path} holds no all-reduce measured on 2 or more ranks")
+        small, large = min(found), max(found)
+        hop_us = small[1] * 1e6 / (2 * (world - 1))
+        busbw = large[0] / large[1] * 2 * (world - 1) / world / 1e9
+        machine = document.get("machine_info", {})
+        source = (
+            f"measured: {Path(path).name}, {world} ranks ({machine.get('gpu', '?')}): "
+            f"{small[1] * 1e6:.1f} us at "
+            f"{small[0]} B, bus bandwidth {busbw:.0f} GB/s at {large[0]} B"
+        )
+        return cls(f"measured ({Path(path).name})", busbw, hop_us, source)
+
 
 INTERCONNECTS = {
     "nvlink": Interconnect(
