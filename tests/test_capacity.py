@@ -20,7 +20,9 @@ def test_pool_is_memory_less_weights_over_kv_bytes():
 
 @functools.cache
 def rows(workload):
-    return {r.policy: r for r in capacity_table(workload, tps=(1,))}
+    # 32 tokens a simulated step (the CLI takes 16): shares and sequences held move by under 1%, in half the
+    # time CI has for it.
+    return {r.policy: r for r in capacity_table(workload, tps=(1,), stride=32)}
 
 
 @pytest.mark.parametrize("workload", ["AIME-like", "MATH-500-like"])
@@ -58,7 +60,7 @@ def test_cli_prints_the_comparison(capsys, monkeypatch):
 
     def table(workload, model_name, gpu_gib, tps, arrival_rate=None):
         # The simulation is the tests' above (rows() holds it); what is new here is the CLI's printing.
-        if (model_name, gpu_gib, tps, arrival_rate) == ("Llama-3.1-8B", 80.0, (1,), None):
+        if (model_name, gpu_gib, tps, arrival_rate) == ("Llama-3.1-8B", 80.0, (1,), None):  # rows()' table
             return list(rows(workload).values())
         return real(workload, model_name, gpu_gib, tps, arrival_rate=arrival_rate)
 
