@@ -20,7 +20,7 @@ class AttentionModel:
     num_kv_heads: int
     head_dim: int
     latent_dim: int | None = None  # MLA: cached width (512 + 64 rope for DeepSeek)
-    params_b: float = 0.0  # parameters, billions (the model's name); weights counted at 2 bytes each
+    params_b: float = 0.0  # parameters, billions (ModelSpec.params()); weights counted at 2 bytes each
 
     @property
     def is_mla(self) -> bool:
@@ -40,22 +40,6 @@ class AttentionModel:
         if self.is_mla:
             return self.layers * self.latent_dim * bytes_per_element
         return 2 * self.layers * self.kv_heads_per_rank(tp) * self.head_dim * bytes_per_element
-
-
-MODELS: dict[str, AttentionModel] = {
-    m.name: m
-    for m in (
-        AttentionModel("Llama-3.1-8B", 32, 4096, 32, 8, 128, params_b=8.0),
-        AttentionModel("Llama-3.1-70B", 80, 8192, 64, 8, 128, params_b=70.6),
-        AttentionModel("Llama-3.1-405B", 126, 16384, 128, 8, 128, params_b=405.0),
-        AttentionModel("Qwen3-32B", 64, 5120, 64, 8, 128, params_b=32.8),
-        AttentionModel("Qwen3-30B-A3B", 48, 2048, 32, 4, 128, params_b=30.5),
-        AttentionModel("Qwen3-235B-A22B", 94, 4096, 64, 4, 128, params_b=235.0),
-        AttentionModel("Mixtral-8x7B", 32, 4096, 32, 8, 128, params_b=46.7),
-        AttentionModel("gpt-oss-120b", 36, 2880, 64, 8, 64, params_b=117.0),
-        AttentionModel("DeepSeek-R1", 61, 7168, 128, 1, 576, latent_dim=576, params_b=671.0),
-    )
-}
 
 
 @dataclass(frozen=True)
@@ -368,3 +352,21 @@ def model_from_hf_config(path, name: str | None = None) -> ModelSpec:
         v_head_dim=config.get("v_head_dim"),
         moe=moe,
     )
+
+
+#: The attention view of the models the cases and the capacity study sweep, derived from MODEL_SPECS so each
+#: number is written once.
+MODELS: dict[str, AttentionModel] = {
+    name: MODEL_SPECS[name].attention_model()
+    for name in (
+        "Llama-3.1-8B",
+        "Llama-3.1-70B",
+        "Llama-3.1-405B",
+        "Qwen3-32B",
+        "Qwen3-30B-A3B",
+        "Qwen3-235B-A22B",
+        "Mixtral-8x7B",
+        "gpt-oss-120b",
+        "DeepSeek-R1",
+    )
+}

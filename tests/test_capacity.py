@@ -11,7 +11,7 @@ from bench.systems.capacity import POLICIES, capacity_table, kv_pool_tokens, plo
 
 def test_pool_is_memory_less_weights_over_kv_bytes():
     llama8 = MODELS["Llama-3.1-8B"]
-    budget = 80 * 2**30 * 0.9 - 8e9 * 2 - 2 * 2**30
+    budget = 80 * 2**30 * 0.9 - llama8.params_b * 1e9 * 2 - 2 * 2**30
     assert kv_pool_tokens(llama8, 80, 1) == int(budget // 131072)
     # Under TP 8 each rank keeps one of the 8 KV heads and an eighth of the weights.
     assert kv_pool_tokens(llama8, 80, 8) > 8 * kv_pool_tokens(llama8, 80, 1)
@@ -94,7 +94,7 @@ def test_mla_latent_replication_costs_all_but_one_pool_per_tp_group():
     assert [r.tp for r in rows] == [8]
     (row,) = rows
     assert row.tokens_held == row.pool_tokens and row.tokens_if_split == 8 * row.pool_tokens
-    budget = 141e9 * 0.9 - 671e9 / 8 - 2 * 2**30
+    budget = 141e9 * 0.9 - MODELS["DeepSeek-R1"].params_b * 1e9 / 8 - 2 * 2**30  # 671.0B at 1 byte
     assert row.pool_tokens == int(budget // (61 * 576 * 2))
     two_nodes = latent_replication(gpus=16, tps=(8,))
     assert two_nodes[0].tokens_held == 2 * row.tokens_held  # two DP groups hold two pools
