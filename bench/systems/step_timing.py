@@ -21,7 +21,7 @@ from bench.cases.mla_attention import MLADecodeShape
 from bench.cases.moe import DispatchShape, RouteShape
 from bench.cases.paged_attention import PagedDecodeShape
 from bench.measure.runner import verify
-from bench.models import ModelSpec, MoEModel
+from bench.models import MOE_MODELS, ModelSpec, MoEModel
 from bench.systems.step import Layout, Stage, expected_experts_touched
 from bench.testing import generator, randn
 
@@ -75,7 +75,12 @@ def stage_calls(
     kind = "fp8 weights timed as bf16" if spec.weight_bytes == 1 else ""
     micro = max(1, round(batch / layout.pp))
     m = spec.moe
-    moe_model = None if m is None else MoEModel(spec.name, h, m.num_experts, m.top_k, m.expert_intermediate)
+    # The preset's routing rule (DeepSeek's grouped sigmoid) where the suite has one; softmax top-k otherwise.
+    moe_model = None
+    if m is not None:
+        moe_model = MOE_MODELS.get(spec.name) or MoEModel(
+            spec.name, h, m.num_experts, m.top_k, m.expert_intermediate
+        )
     if name in ("attn_norm", "mlp_norm"):
         x = randn((micro, h), torch.bfloat16, device, gen)
         weight = torch.ones(h, dtype=torch.bfloat16, device=device)
