@@ -171,6 +171,7 @@ def test_cli_step_and_advise_write_what_they_promise(tmp_path, capsys):
     assert document["projected"] and document["requests"] == 32
     for row in document["layouts"]:
         assert {"dp", "tp", "pp", "ep", "seconds", "tokens_per_s", "bound", "fits"} <= set(row)
+        assert not row["fits"] or row["sequences_held"] > 0
     seconds = [row["seconds"] for row in document["layouts"] if row["fits"]]
     assert seconds == sorted(seconds)
 

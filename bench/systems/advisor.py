@@ -125,6 +125,7 @@ class Outcome:
             out.update(
                 weights_gb_per_rank=round(self.plan.weights_bytes / 1e9, 1),
                 kv_pool_tokens=self.plan.pool_tokens,
+                sequences_held=self.plan.sequences * self.layout.dp,
             )
         return out
 
