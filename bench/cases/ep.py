@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 import kernels.ep
-import kernels.moe
 from bench.cases.base import StaticOnly
 from bench.cases.moe import log_popularity, routing_ids
 from bench.models import MOE_MODELS, MoEModel
