@@ -3,6 +3,7 @@ free port, a group timeout), and in this process on a group of one, where worksp
 input are cheap to check. Spawned runs are few (each costs seconds of imports on CI's two cores)."""
 
 import datetime
+import os
 
 import pytest
 import torch
@@ -19,12 +20,17 @@ from reference import ep as reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _passed(outcomes, world):
-    """Every rank exited cleanly and reported; their lines, all ranks together."""
+def _passed_results(outcomes, world):
+    """Every rank exited cleanly and reported; each rank's result."""
     assert len(outcomes) == world
     for outcome in outcomes:
         assert outcome.error is None and outcome.exitcode == 0, f"rank {outcome.rank}: {outcome.error}"
-    return [line for outcome in outcomes for line in outcome.result]
+    return [outcome.result for outcome in outcomes]
+
+
+def _passed(outcomes, world):
+    """Every rank exited cleanly and reported; their lines, all ranks together."""
+    return [line for result in _passed_results(outcomes, world) for line in result]
 
 
 def test_two_ranks_match_the_reference_and_reject_bad_input_everywhere(capsys):
@@ -175,8 +181,7 @@ def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
     from bench.commands import cli
     from bench.commands import dist as dist_command
 
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("RANK", raising=False)  # not a torchrun rank
     with pytest.raises(SystemExit, match="torchrun"):
         cli.main(["dist", "ep"])
     assert dist_command._without_nproc(["ep", "--nproc", "2", "--reps", "2", "--nproc=4"]) == [
@@ -271,3 +276,37 @@ def test_regroup_property():
             assert torch.equal(back[start : start + n], packed[start : start + n])
 
     run()
+
+
+def _listening() -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket in this network namespace (/proc/net/tcp and tcp6)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                found.add(
+                    ("127.0.0.1" if address == "0100007F" else address.rjust(width, "0"), int(port, 16))
+                )
+    return found
+
+
+def listening_during_a_collective(rank, before):
+    dist.barrier()
+    during = _listening() - before if rank.rank == 0 else set()
+    dist.barrier()
+    return during
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp (Linux)")
+def test_spawned_ranks_listen_on_loopback_only():
+    before = _listening()
+    outcomes = spawn(listening_during_a_collective, 2, args=(before,))
+    new = _passed_results(outcomes, 2)[0]
+    assert new, "the store and gloo listen somewhere: the probe must see them"
+    assert all(address == "127.0.0.1" for address, _ in new), new

@@ -1,7 +1,9 @@
 """`decodebench dist`: the multi-rank benchmarks, run under torchrun.
 
     torchrun --nproc-per-node N -m bench dist ep|allreduce|check [--backend nccl|gloo] [options]
-    decodebench dist --nproc N ep|allreduce|check [options]     (starts torchrun on this host for you)
+    decodebench dist --nproc N ep|allreduce|check [options]     (starts the ranks on this host for you:
+                                                                 torchrun for NCCL, for gloo its own ranks
+                                                                 with every socket on 127.0.0.1)
 
 Across nodes, torchrun's own rendezvous does it: the same command on every node with ``--nnodes M
 --rdzv-backend c10d --rdzv-endpoint HOST:PORT``. Each rank times its own stages (CUDA events on a GPU, the
@@ -10,6 +12,7 @@ last rank does) beside the ranks' mean, prints the tables and writes the JSON (t
 size, backend, NCCL version and the interconnect in machine_info).
 """
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -47,8 +50,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
-    if "--backend" in argv and argv[argv.index("--backend") + 1] == "gloo" or not _has_cuda():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # One host: NCCL's and gloo's bootstrap sockets on the loopback interface.
+    env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     print("$ " + " ".join(command[1:]), flush=True)
     return subprocess.call(command, env=env)
 
@@ -279,27 +283,43 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def main(args, argv: list[str]) -> int:
-    if not distributed.under_torchrun():
-        if not args.nproc:
-            raise SystemExit(
-                "dist: run it under torchrun (torchrun --nproc-per-node N -m bench dist ...) or "
-                "give --nproc N to have it started"
-            )
+    if distributed.under_torchrun():
+        rank = distributed.init_from_env(args.backend, timeout_s=args.timeout)
+        try:
+            run_rank(rank, args)
+        finally:
+            rank.close()
+        return 0
+    if not args.nproc:
+        raise SystemExit(
+            "dist: run it under torchrun (torchrun --nproc-per-node N -m bench dist ...) or "
+            "give --nproc N to have it started"
+        )
+    if (args.backend or ("nccl" if _has_cuda() else "gloo")) == "nccl":
         return launch(args.nproc, _without_nproc(argv))
-    rank = distributed.init_from_env(args.backend, timeout_s=args.timeout)
+    # gloo ranks on this host: started here, every socket on 127.0.0.1 (torchrun's stores bind every
+    # interface); each rank runs what a torchrun rank would.
+    settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    outcomes = distributed.spawn(
+        run_rank, args.nproc, args=(settings,), timeout_s=args.timeout, deadline_s=24 * 3600.0
+    )
+    failed = [o for o in outcomes if o.error or o.exitcode != 0]
+    for outcome in failed:
+        print(f"rank {outcome.rank}: {outcome.error or f'exit code {outcome.exitcode}'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_rank(rank: distributed.Rank, args) -> None:
+    """One rank's part of ``decodebench dist CASE``: the case, then (rank 0) the tables and the JSON."""
     cpu = rank.device.type == "cpu"
     args.reps = args.reps or (2 if cpu else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
-    try:
-        if rank.rank == 0:
-            print(
-                f"{args.case}: {rank.world} ranks, {rank.backend} on {rank.device.type}; {_wire_note(rank)}",
-                flush=True,
-            )
-        entries = CASES[args.case](rank, args)
-        if rank.rank == 0 and args.out and entries:
-            path = results.write(Path(args.out), entries, _machine(rank))
-            print(f"\nwritten: {path}")
-    finally:
-        rank.close()
-    return 0
+    if rank.rank == 0:
+        print(
+            f"{args.case}: {rank.world} ranks, {rank.backend} on {rank.device.type}; {_wire_note(rank)}",
+            flush=True,
+        )
+    entries = CASES[args.case](rank, args)
+    if rank.rank == 0 and args.out and entries:
+        path = results.write(Path(args.out), entries, _machine(rank))
+        print(f"\nwritten: {path}", flush=True)

@@ -224,7 +224,17 @@ def spawn(
     thread state of this process is inherited) in a gloo group on 127.0.0.1, kernels interpreted; ``fn``
     must be importable by name. Returns each rank's outcome; a rank still running at ``deadline_s`` is
     killed and reported with exitcode None."""
-    store = dist.TCPStore(_LOCAL, 0, world_size=world, is_master=True, wait_for_workers=False)
+    listener = _loopback_listener()
+    store = dist.TCPStore(
+        _LOCAL,
+        listener.getsockname()[1],
+        world_size=world,
+        is_master=True,
+        wait_for_workers=False,
+        master_listen_fd=listener.fileno(),
+        use_libuv=True,
+    )
+    listener.detach()  # the store owns the descriptor now, and closes it
     context = _ranks_context()
     results = context.Queue()
     payload = pickle.dumps((fn, args))
@@ -262,6 +272,16 @@ def spawn(
         outcomes.append(RankOutcome(rank, exitcode, result, error))
     del store
     return outcomes
+
+
+def _loopback_listener() -> socket.socket:
+    """A listening socket on 127.0.0.1 for the store: given its descriptor, TCPStore serves on it instead of
+    binding every interface (its own bind takes the wildcard address whatever host it is given)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((_LOCAL, 0))
+    listener.listen(128)
+    return listener
 
 
 def free_port() -> int:
