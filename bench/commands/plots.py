@@ -8,10 +8,7 @@ from the anchors in shared/facts.md for the named GPU, and the legend says which
 import re
 from pathlib import Path
 
-from bench.measure.device import PROJECTION_GBPS
-
-# bf16 matrix-product throughput measured on the lent machines (shared/facts.md: H100 about 790 TFLOP/s).
-ANCHOR_TFLOPS = {"H100": 790.0}
+from bench.measure.device import ANCHOR_TFLOPS, PROJECTION_GBPS
 
 
 def _pyplot():

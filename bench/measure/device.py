@@ -18,6 +18,8 @@ _COPY_BYTES = 1 << 30
 
 #: Copy bandwidth measured on the lent machines (shared/facts.md), for projections where no GPU is present.
 PROJECTION_GBPS = {"H100": 3000.0, "H200": 4300.0}
+#: bf16 matrix-product throughput measured on the lent machines (shared/facts.md: H100 about 790 TFLOP/s).
+ANCHOR_TFLOPS = {"H100": 790.0}
 
 
 @dataclass(frozen=True)

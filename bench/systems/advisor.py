@@ -25,12 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.models import ModelSpec, ReasoningWorkload
+from bench.systems.capacity import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, WATERMARK
 from bench.systems.step import BOUNDS, Hardware, Interconnect, Layout, seconds_by_bound, step_stages
 
-MEMORY_UTILISATION = 0.9
-ACTIVATION_RESERVE_BYTES = 2 * 2**30
+ACTIVATION_RESERVE_BYTES = ACTIVATION_RESERVE_GIB * 2**30
 BLOCK = 16
-WATERMARK = 0.01
 MAX_NUM_SEQS = (64, 128, 256, 512, 1024)
 
 

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.measure.device import ANCHOR_TFLOPS, PROJECTION_GBPS
 from bench.models import ModelSpec
 
 # -- the machine ---------------------------------------------------------------------------------------------
@@ -83,8 +84,8 @@ GPUS = {
     "h100": Hardware(
         "H100 SXM (anchors)",
         80e9,
-        3000.0,
-        790.0,
+        PROJECTION_GBPS["H100"],
+        ANCHOR_TFLOPS["H100"],
         sources={
             "memory": "anchor: 80 GB",
             "copy_gbps": "anchor: copy measured on the lent H100 (facts: about 3.0 TB/s)",
@@ -94,8 +95,8 @@ GPUS = {
     "h200": Hardware(
         "H200 SXM (anchors)",
         141e9,
-        4300.0,
-        790.0,
+        PROJECTION_GBPS["H200"],
+        ANCHOR_TFLOPS["H100"],
         sources={
             "memory": "anchor: 141 GB (facts)",
             "copy_gbps": "anchor: copy measured on the lent H200 (facts: about 4.3 TB/s)",
