@@ -60,6 +60,28 @@ def check_contiguous(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
 
 
+def check_buffer(
+    name: str, tensor, shape: tuple, dtype: torch.dtype, device, *, what: str = "", hint: str = ""
+):
+    """A caller-owned (workspace) buffer: a contiguous tensor of exactly this shape, dtype and device."""
+    if (
+        isinstance(tensor, torch.Tensor)
+        and tuple(tensor.shape) == tuple(shape)
+        and tensor.dtype == dtype
+        and tensor.device == device
+        and tensor.is_contiguous()
+    ):
+        return
+    got = (
+        f"{tuple(tensor.shape)} {dtype_name(tensor.dtype)} on {tensor.device}"
+        if isinstance(tensor, torch.Tensor)
+        else type(tensor).__name__
+    )
+    raise ValueError(
+        f"{name}: expected {what}contiguous {shape} {dtype_name(dtype)} on {device}{hint}, got {got}"
+    )
+
+
 def is_positive_finite(value) -> bool:
     """A Python int or float (not a bool) in (0, inf); NaN, inf and ints past float's range are not."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

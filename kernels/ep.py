@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from kernels import moe
-from kernels._checks import check_contiguous, check_tensor, dtype_name
+from kernels._checks import check_buffer, check_contiguous, check_tensor
 
 MODES = ("exact", "capacity")
 #: Rows a regroup program moves.
@@ -344,22 +344,6 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return value
 
 
-def _check_rows_like(name: str, tensor, shape: tuple, dtype: torch.dtype, device) -> None:
-    if (
-        not isinstance(tensor, torch.Tensor)
-        or tuple(tensor.shape) != shape
-        or tensor.dtype != dtype
-        or tensor.device != device
-        or not tensor.is_contiguous()
-    ):
-        got = (
-            f"{tuple(tensor.shape)} {dtype_name(tensor.dtype)} on {tensor.device}"
-            if isinstance(tensor, torch.Tensor)
-            else type(tensor).__name__
-        )
-        raise ValueError(f"{name}: expected contiguous {shape} {dtype_name(dtype)} on {device}, got {got}")
-
-
 def _check_workspace(workspace, layout: dict, device) -> None:
     """Every buffer of the caller's workspace has the shape, dtype and device this call needs (metadata
     only); moe.dispatch checks the dispatch part itself."""
@@ -369,7 +353,7 @@ def _check_workspace(workspace, layout: dict, device) -> None:
             f"{type(workspace).__name__}"
         )
     for field, (shape, dtype) in layout.items():
-        _check_rows_like(f"workspace.{field}", getattr(workspace, field), shape, dtype, device)
+        check_buffer(f"workspace.{field}", getattr(workspace, field), shape, dtype, device)
 
 
 # --- dispatch and combine -----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels import _configs
-from kernels._checks import check_contiguous, check_tensor, dtype_name, is_positive_finite
+from kernels._checks import check_buffer, check_contiguous, check_tensor, dtype_name, is_positive_finite
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORINGS = ("softmax", "sigmoid")
@@ -634,23 +634,15 @@ def _check_dispatch_workspace(workspace, expected: dict, prefix_needed: int, dev
             f"{type(workspace).__name__}"
         )
     for name, (shape, dtype) in expected.items():
-        tensor = getattr(workspace, name)
-        if (
-            not isinstance(tensor, torch.Tensor)
-            or tuple(tensor.shape) != shape
-            or tensor.dtype != dtype
-            or tensor.device != device
-            or not tensor.is_contiguous()
-        ):
-            got = (
-                f"{tuple(tensor.shape)} {dtype_name(tensor.dtype)} on {tensor.device}"
-                if isinstance(tensor, torch.Tensor)
-                else type(tensor).__name__
-            )
-            raise ValueError(
-                f"workspace: expected {name} contiguous {shape} {dtype_name(dtype)} on {device} "
-                f"(DispatchWorkspace.for_shape sizes it), got {got}"
-            )
+        check_buffer(
+            "workspace",
+            getattr(workspace, name),
+            shape,
+            dtype,
+            device,
+            what=f"{name} ",
+            hint=" (DispatchWorkspace.for_shape sizes it)",
+        )
     prefix = workspace.chunk_prefix
     if (
         not isinstance(prefix, torch.Tensor)
