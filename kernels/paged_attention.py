@@ -13,6 +13,13 @@ Byte story: a program serves one (sequence, KV head, split) and all the query he
 length are masked at the load, never read (they may hold NaN). Beside q, K/V and out, a program reads one
 block id per page it visits and its sequence's length.
 
+Wide groups: a group whose fp32 accumulator [query heads x head_dim] exceeds one program's registers (64
+query heads per KV head of 512, as SGLang's grouped-decode test runs) is cut into head tiles, a power of two
+of the group's heads each (32 heads of 512, 64 of 256). Each tile reads its KV head's live rows; the tiles
+of one (sequence, KV head, split) are neighbours on grid axis 0, so they run together and the later ones
+find the rows in L2: DRAM should see each live byte about once (Nsight Compute can confirm it on a GPU), L2
+serves the (tiles - 1) further reads. A group that fits is one tile, launched as it always was.
+
 Long contexts: with few sequences, (sequence, KV head) pairs cannot fill the SMs, so each sequence's tokens
 are cut into splits, each program writes its split's normalised partial output and log-sum-exp, and a
 second kernel merges them. The launcher bounds the splits from the SM count and the block table's width
@@ -47,8 +54,11 @@ LOG2_E = 1.4426950408889634
 # A split covers at least this many tokens: below it, the merge costs more than the parallelism gains.
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
-# Largest [query-group x head_dim] accumulator one program keeps in registers.
+# Largest [query heads x head_dim] accumulator one program keeps in registers: a group that fits takes one
+# program of 4 warps; a wider one takes head tiles of this size on 16 warps (8 for fp8 caches).
 _MAX_GROUP_X_HEAD_DIM = 64 * 256
+# The dots' smallest M: no head tile is narrower, so a head wider than _MAX_GROUP_X_HEAD_DIM / 16 is refused.
+_MIN_HEAD_TILE = 16
 
 
 @triton.jit
@@ -144,7 +154,8 @@ def _paged_decode_kernel(
     stride_table,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
-    GROUP_PAD: tl.constexpr,  # power of two >= max(GROUP, 16), the dot's M
+    HEAD_TILE: tl.constexpr,  # query heads a program serves, the dots' M: a power of two >= 16
+    HEAD_TILES: tl.constexpr,  # head tiles per group, cdiv(GROUP, HEAD_TILE); 1 when the group fits
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # power of two >= max(HEAD_DIM, 16)
     BLOCK_SIZE: tl.constexpr,  # tokens per cache page
@@ -154,7 +165,9 @@ def _paged_decode_kernel(
     SCALES_IN_MEMORY: tl.constexpr,
     INTERPRETER_UPCAST: tl.constexpr,  # interpreter only: bf16 dots are wrong there, so dot in fp32
 ):
-    seq = tl.program_id(0)
+    # Axis 0 is (sequence, head tile), tiles innermost: the tiles of one KV head's rows run side by side.
+    seq = tl.program_id(0) // HEAD_TILES
+    head_tile = tl.program_id(0) % HEAD_TILES
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -163,7 +176,7 @@ def _paged_decode_kernel(
     if split >= num_splits:
         return
 
-    group = tl.arange(0, GROUP_PAD)
+    group = head_tile * HEAD_TILE + tl.arange(0, HEAD_TILE)
     dims = tl.arange(0, HEAD_DIM_PAD)
     heads = kv_head * GROUP + group
     group_mask = group < GROUP
@@ -175,9 +188,9 @@ def _paged_decode_kernel(
     dot_dtype = q.dtype
     qk_scale = softmax_scale_log2 * scale_value(k_scale, SCALES_IN_MEMORY)
 
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # running max of scaled scores (log2)
-    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp2(score - m)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    m = tl.full([HEAD_TILE], float("-inf"), dtype=tl.float32)  # running max of scaled scores (log2)
+    denom = tl.zeros([HEAD_TILE], dtype=tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([HEAD_TILE, HEAD_DIM_PAD], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
     head_offset = kv_head * HEAD_DIM
     for tile in range(start, end, BLOCK_N):
@@ -189,7 +202,7 @@ def _paged_decode_kernel(
         kv_offsets = rows[:, None] * (NUM_KV_HEADS * HEAD_DIM) + head_offset + dims[None, :]
         kv_mask = live[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(dot_dtype)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N] fp32
+        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [HEAD_TILE, BLOCK_N] fp32
         scores = tl.where(live[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp2(m - m_new)
@@ -293,21 +306,35 @@ def max_splits_for(
 
 
 def paged_decode_launch_config(group: int, head_dim: int, cache_bytes: int) -> dict:
-    """Tile sizes, warps and pipeline depth of the decode kernel.
+    """Head tile, token tile, warps and pipeline depth of the decode kernel.
 
-    64 tokens a tile keeps a 128-wide bf16 K tile at 16 KB; wider heads or groups take 32. 16-bit caches
-    pipeline their loads two deep (cp.async, 16 bytes a lane); fp8 caches load directly: pipelined, Triton
-    moves fp8 tiles 8 bytes a lane, unpipelined 16, and with fewer registers (see the static report).
+    A group whose [group x head_dim] fp32 accumulator fits _MAX_GROUP_X_HEAD_DIM is one head tile on 4
+    warps; 64 tokens a tile keeps a 128-wide bf16 K tile at 16 KB, wider heads or groups take 32. A wider
+    group takes head tiles of _MAX_GROUP_X_HEAD_DIM elements (32 heads of 512, 64 of 256) on 16 warps, 32
+    accumulator elements a thread as in mla_decode's 32-head tiles (102 registers at 128/2x512 in the sm_90
+    compile); fp8 caches stop at 8 warps, where 16 left 16 bytes of stack (174 registers at 8). 16-bit
+    caches pipeline their loads two deep (cp.async, 16 bytes a lane); fp8 caches load directly: pipelined,
+    Triton moves fp8 tiles 8 bytes a lane, unpipelined 16, and with fewer registers (see the static report).
     """
-    group_pad = max(16, triton.next_power_of_2(group))
+    group_pad = max(_MIN_HEAD_TILE, triton.next_power_of_2(group))
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if head_dim_pad <= 128 and group_pad <= 32 else 32
+    stages = 1 if cache_bytes == 1 else 2
+    if group_pad * head_dim_pad <= _MAX_GROUP_X_HEAD_DIM:
+        block_n = 64 if head_dim_pad <= 128 and group_pad <= 32 else 32
+        return {
+            "HEAD_TILE": group_pad,
+            "HEAD_DIM_PAD": head_dim_pad,
+            "BLOCK_N": block_n,
+            "num_warps": 4,
+            "num_stages": stages,
+        }
+    head_tile = max(_MIN_HEAD_TILE, _MAX_GROUP_X_HEAD_DIM // head_dim_pad)
     return {
-        "GROUP_PAD": group_pad,
+        "HEAD_TILE": head_tile,
         "HEAD_DIM_PAD": head_dim_pad,
-        "BLOCK_N": block_n,
-        "num_warps": 4,
-        "num_stages": 1 if cache_bytes == 1 else 2,
+        "BLOCK_N": 32,
+        "num_warps": 16 if cache_bytes > 1 else 8,
+        "num_stages": stages,
     }
 
 
@@ -355,8 +382,9 @@ def paged_decode_workspace(
 ) -> PagedDecodeWorkspace:
     """A workspace for up to ``batch`` sequences of ``num_q_heads`` heads. The launcher takes at most
     MAX_SPLITS splits; ``max_splits_for(batch, num_kv_heads, block_table_width * block_size, sm_count)``
-    gives the count it takes for a block table of that width (or pass num_splits to the call), which a
-    caller may size for instead to hold less."""
+    gives the count it takes for a block table of that width (a group served in head tiles, more programs
+    a sequence, takes at most that), or pass num_splits to the call; a caller may size for either instead
+    to hold less."""
     for name, value in (("batch", batch), ("num_q_heads", num_q_heads), ("head_dim", head_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
@@ -515,15 +543,16 @@ def paged_decode(
     group = num_q_heads // num_kv_heads
     check_tables(block_tables, seq_lens, batch, q.device)
     config = paged_decode_choice(q, k_cache).config
-    if config["GROUP_PAD"] * config["HEAD_DIM_PAD"] > _MAX_GROUP_X_HEAD_DIM:
+    if config["HEAD_TILE"] * config["HEAD_DIM_PAD"] > _MAX_GROUP_X_HEAD_DIM:
         raise ValueError(
-            f"q: {group} query heads per KV head of head_dim {head_dim} exceed what one program holds "
-            f"({_MAX_GROUP_X_HEAD_DIM} accumulator elements)"
+            f"q: head_dim {head_dim} exceeds what one program holds ({_MAX_GROUP_X_HEAD_DIM} accumulator "
+            f"elements at {_MIN_HEAD_TILE} query heads, the fewest a program serves)"
         )
+    head_tiles = triton.cdiv(group, config["HEAD_TILE"])
     scale = check_softmax_scale(scale, head_dim)
     k_scale, v_scale, scales_in_memory = check_fp8_scales(k_scale, v_scale, k_cache.dtype, q.device)
     splits, forced = plan_splits(
-        num_splits, batch, num_kv_heads, block_tables.shape[1] * block_size, q.device
+        num_splits, batch, num_kv_heads * head_tiles, block_tables.shape[1] * block_size, q.device
     )
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -535,7 +564,8 @@ def paged_decode(
     if batch == 0:
         return out
 
-    _paged_decode_kernel[(batch, num_kv_heads, splits)](
+    # Head tiles of one (sequence, KV head, split) are neighbours on axis 0: they share its rows through L2.
+    _paged_decode_kernel[(batch * head_tiles, num_kv_heads, splits)](
         q,
         k_cache,
         v_cache,
@@ -553,7 +583,8 @@ def paged_decode(
         block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
-        GROUP_PAD=config["GROUP_PAD"],
+        HEAD_TILE=config["HEAD_TILE"],
+        HEAD_TILES=head_tiles,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=config["HEAD_DIM_PAD"],
         BLOCK_SIZE=block_size,

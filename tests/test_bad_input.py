@@ -143,6 +143,7 @@ INT_TO_FLOAT = lambda x: x.float()  # noqa: E731
 TO_BOOL = lambda x: x.to(torch.bool)  # noqa: E731
 RANK_UP = lambda x: x.unsqueeze(0)  # noqa: E731
 META = lambda x: x.to("meta")  # noqa: E731
+HEAD_DIM_2048 = lambda x: x.repeat(*(1,) * (x.dim() - 1), 2048 // x.shape[-1])  # noqa: E731
 
 
 def _rows(table):
@@ -208,6 +209,8 @@ BAD = _rows(
                 "zero head_dim",
                 _map("q", lambda x: x[..., :0], k_cache=lambda c: c[..., :0], v_cache=lambda c: c[..., :0]),
             ),
+            # Head tiles serve any group; a head of 2048 is too wide even for a 16-head tile.
+            ("q", "head_dim 2048", _map("q", HEAD_DIM_2048, k_cache=HEAD_DIM_2048, v_cache=HEAD_DIM_2048)),
             ("k_cache", "dtype", _map("k_cache", FLOAT_TO_INT)),
             ("k_cache", "device", _map("k_cache", META)),
             ("k_cache", "contiguity", _map("k_cache", _strided)),

@@ -69,6 +69,31 @@ def test_shared_prefix_blocks(request):
     check_against_reference(shape, seed_of(request.node.name))
 
 
+# Issue 20, item 1: groups whose [group x head_dim] accumulator exceeds one program were refused. SGLang's
+# grouped-decode test (test/srt/test_triton_attention_kernels.py) runs 128 query heads over 2 KV heads of 512.
+WIDE_GROUPS = {
+    "peer-suite": PagedDecodeShape("wide", (5, 100), 128, 2, 512, block_size=16),
+    "peer-suite derived split": PagedDecodeShape("wide", (300, 37), 128, 2, 512, block_size=16),
+    "peer-suite fp8 forced split": PagedDecodeShape(
+        "wide", (70, 0), 128, 2, 512, block_size=32, cache_dtype=FP8, num_splits=2
+    ),
+    # 40 heads a KV head: a second tile that is partly past the group (its rows are the next KV head's).
+    "group 40 odd head_dim": PagedDecodeShape(
+        "wide", (45, 9), 80, 2, 320, block_size=8, dtype=torch.float16, cache_dtype=torch.float16
+    ),
+    "group 128 d256": PagedDecodeShape("wide", (33,), 128, 1, 256, block_size=16),
+}
+
+
+@pytest.mark.parametrize("case", WIDE_GROUPS, ids=list(WIDE_GROUPS))
+def test_groups_wider_than_one_program_are_served_by_head_tiles(case, request):
+    shape = WIDE_GROUPS[case]
+    check_against_reference(shape, seed_of(request.node.name))
+    group = shape.num_q_heads // shape.num_kv_heads
+    config = paged_attention.paged_decode_launch_config(group, shape.head_dim, shape.cache_dtype.itemsize)
+    assert config["HEAD_TILE"] < group  # the group took several programs
+
+
 def test_derived_splits_cover_a_long_sequence(request):
     """One long stream: the launcher provides several splits and the sequence takes them by its length."""
     shape = PagedDecodeShape("long", (2000,), 4, 1, 64, block_size=64)
@@ -287,10 +312,12 @@ def test_bad_input_names_the_argument(case):
         paged_attention.paged_decode(**args)
 
 
-def test_a_group_too_large_for_one_program_is_refused():
-    shape = PagedDecodeShape("huge", (4,), 128, 1, 256)
+def test_a_head_too_wide_for_one_program_is_refused():
+    """Head tiles split a wide group, never a head: 16 query heads (the dots' smallest M) of 2048 columns
+    exceed one program's accumulator, so the call is refused before anything runs."""
+    shape = PagedDecodeShape("huge", (4,), 2, 1, 2048)
     args = build(shape, DEVICE, 1).args
-    with pytest.raises(ValueError, match="^q: 128 query heads per KV head"):
+    with pytest.raises(ValueError, match="^q: head_dim 2048 exceeds"):
         paged_attention.paged_decode(**args)
 
 

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from bench.cases import CASES
+from bench.cases.paged_attention import PagedDecodeShape
 from bench.measure.runner import TRAFFIC_LIMIT, count_traffic, traffic
 from bench.measure.traffic import measure
 from kernels import INTERPRETED
@@ -39,6 +40,27 @@ def test_paged_decode_reads_each_live_kv_byte_once(shape):
     live = sum(shape.lengths) * shape.num_kv_heads * shape.head_dim * shape.cache_dtype.itemsize
     assert counted.loaded_from(inputs.args["k_cache"]) == live
     assert counted.loaded_from(inputs.args["v_cache"]) == live
+
+
+def test_paged_decode_head_tiles_reread_kv_only_from_l2():
+    """A group too wide for one program (64 query heads per KV head of 512) is served by head tiles, each
+    loading its KV head's live rows: the counter sees K and V once per tile, and at distinct addresses once.
+    The byte model states DRAM bytes; the tiles of one KV head are grid neighbours, so the later tiles'
+    reads are L2 hits. The traffic less exactly those re-reads must meet the model as any shape's does."""
+    from kernels.paged_attention import paged_decode_launch_config
+
+    case = CASES["paged_decode"]
+    shape = PagedDecodeShape("wide", (100, 37), 128, 2, 512, block_size=16)
+    inputs, counted = count_traffic(case, shape)
+    tiles = -(-64 // paged_decode_launch_config(64, 512, 2)["HEAD_TILE"])
+    assert tiles > 1
+    live = sum(shape.lengths) * shape.num_kv_heads * shape.head_dim * shape.cache_dtype.itemsize
+    for name in ("k_cache", "v_cache"):
+        assert counted.loaded_from(inputs.args[name]) == tiles * live, name
+    model = case.byte_model(shape)
+    assert counted.unique_bytes() <= model * case.traffic_limit
+    l2_rereads = 2 * (tiles - 1) * live  # K and V, every tile after a KV head's first
+    assert (counted.total_bytes - l2_rereads) / model <= case.traffic_limit
 
 
 def test_route_moves_exactly_its_byte_model_without_a_bias():

@@ -56,7 +56,7 @@ def test_candidates_start_at_the_heuristic_and_stay_few_and_valid(name):
 
 
 def test_fp8_paged_decode_tries_one_two_and_three_stages():
-    fp8 = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "GROUP_PAD": 16, "HEAD_DIM_PAD": 128}
+    fp8 = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "HEAD_TILE": 16, "HEAD_DIM_PAD": 128}
     stages = {c["num_stages"] for c in tune.SPECS["paged_decode"].candidates(fp8) if c["BLOCK_N"] == 64}
     assert stages == {1, 2, 3}
 
@@ -125,7 +125,7 @@ def test_a_table_for_the_running_gpu_changes_the_launch(fake_gpu):
     tuned = paged_launch(shape)
     assert (heuristic["BLOCK_N"], heuristic["num_warps"], heuristic["num_stages"]) == (64, 4, 2)
     assert (tuned["BLOCK_N"], tuned["num_warps"], tuned["num_stages"]) == (32, 8, 3)
-    assert tuned["GROUP_PAD"] == heuristic["GROUP_PAD"]  # not tunable: derived from the shape
+    assert tuned["HEAD_TILE"] == heuristic["HEAD_TILE"]  # not tunable: derived from the shape
     info = PAGED.launch_config(PAGED.build(shape, "cpu", seed=0))
     assert info["source"] == "tuned:fake-gpu-9000" and info["key"] == key
     assert info["config"]["BLOCK_N"] == 32
