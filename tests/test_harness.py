@@ -88,7 +88,7 @@ def test_report_prints_speedup_over_the_reference(tmp_path, capsys):
     [
         ("{}", "no 'benchmarks' list"),
         ("not json at all", "not JSON"),
-        ('{"benchmarks": [{"name": "x", "stats": {}}]}', "benchmarks[0] has no name or no stats.median"),
+        ('{"benchmarks": [{"name": "x", "stats": {}}]}', "benchmarks[0]: stats.median: expected"),
     ],
 )
 def test_report_and_compare_name_a_malformed_file_in_one_line(tmp_path, capsys, text, why):
