@@ -233,6 +233,17 @@ class ModelSpec:
 
     # -- the KV cache ----------------------------------------------------------------------------------------
 
+    def tensor_parallel_problem(self, tp: int) -> str | None:
+        """Why ``tp`` ranks cannot split this model's attention (None when they can): tp must divide the
+        query heads, and GQA's KV heads must either split evenly or be whole on each rank (tp a multiple of
+        them), as serving engines require."""
+        if tp < 1 or self.num_q_heads % tp:
+            return f"tp: expected a divisor of {self.name}'s {self.num_q_heads} query heads, got {tp}"
+        kv = self.num_kv_heads
+        if self.mla is None and kv % tp and tp % kv:
+            return f"tp: {tp} neither divides {self.name}'s {kv} KV heads nor is a multiple of them"
+        return None
+
     def kv_heads_per_rank(self, tp: int) -> int:
         """GQA KV heads split across ranks only up to their count; MLA's latent is on every rank."""
         return 1 if self.mla is not None else max(1, self.num_kv_heads // tp)
@@ -297,60 +308,135 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
-def model_from_hf_config(path, name: str | None = None) -> ModelSpec:
-    """A ModelSpec from a Hugging Face config.json (the fields a model already ships with): Llama, Qwen,
-    Mixtral, gpt-oss and DeepSeek-V3/R1 naming. fp8 weights when its quantization_config says so."""
-    import json
-    from pathlib import Path
+_REQUIRED = object()
 
-    config = json.loads(Path(path).read_text())
 
-    def field(*names, default=None):
-        for key in names:
-            if config.get(key) is not None:
-                return config[key]
-        if default is None:
-            raise ValueError(f"config: {path} names none of {', '.join(names)}")
+class _ConfigFields:
+    """A config.json's fields (or one of its objects), each checked as it is read: a ValueError names the
+    file and the field, and says what was expected."""
+
+    def __init__(self, path, fields: dict, prefix: str = ""):
+        self.path, self.fields, self.prefix = path, fields, prefix
+
+    def problem(self, name: str, expected: str, value) -> ValueError:
+        return ValueError(f"config: {self.path}: {self.prefix}{name}: expected {expected}, got {value!r:.60}")
+
+    def integer(self, *names: str, default=_REQUIRED, minimum: int = 1, maximum: int | None = None, of=""):
+        """The first of ``names`` set (null counts as unset): an int from ``minimum`` to ``maximum`` (``of``
+        says what the maximum is); ``default`` where none is set."""
+        for name in names:
+            value = self.fields.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise self.problem(name, "a positive integer" if minimum else "a non-negative integer", value)
+            if maximum is not None and value > maximum:
+                raise self.problem(name, f"at most {maximum} ({of})", value)
+            return value
+        if default is _REQUIRED:
+            raise ValueError(f"config: {self.path} names none of {', '.join(self.prefix + n for n in names)}")
         return default
 
-    heads = field("num_attention_heads")
-    hidden = field("hidden_size")
-    experts = field("n_routed_experts", "num_experts", "num_local_experts", default=0)
-    moe = None
-    if experts:
-        moe = MoESpec(
-            experts,
-            field("num_experts_per_tok", "num_experts_per_token", "experts_per_token"),
-            field("moe_intermediate_size", "intermediate_size"),
-            shared_experts=field("n_shared_experts", default=0),
-            first_dense_layers=field("first_k_dense_replace", default=0),
+    def number(self, name: str, default: float, positive: bool) -> float:
+        value = self.fields.get(name)
+        if value is None:
+            return default
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not numeric or value < 0 or (positive and value == 0):
+            raise self.problem(name, "a positive number" if positive else "a non-negative number", value)
+        return float(value)
+
+    def object(self, name: str) -> "_ConfigFields":
+        value = self.fields.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise self.problem(name, "an object or null", value)
+        return _ConfigFields(self.path, value or {}, f"{self.prefix}{name}.")
+
+    def choice(self, name: str, types: tuple, default):
+        value = self.fields.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, types):
+            raise self.problem(name, " or ".join(t.__name__ for t in types), value)
+        return value
+
+
+def _moe_of(config: _ConfigFields, layers: int) -> MoESpec | None:
+    experts = config.integer("n_routed_experts", "num_experts", "num_local_experts", default=0, minimum=0)
+    if not experts:
+        return None
+    return MoESpec(
+        experts,
+        config.integer(
+            "num_experts_per_tok",
+            "num_experts_per_token",
+            "experts_per_token",
+            maximum=experts,
+            of="the experts",
+        ),
+        config.integer("moe_intermediate_size", "intermediate_size"),
+        shared_experts=config.integer("n_shared_experts", default=0, minimum=0),
+        first_dense_layers=config.integer(
+            "first_k_dense_replace", default=0, minimum=0, maximum=layers - 1, of="the layers but one"
+        ),
+    )
+
+
+def _mla_of(config: _ConfigFields) -> MLAGeometry | None:
+    kv_lora_rank = config.integer("kv_lora_rank", default=None)
+    if kv_lora_rank is None:
+        return None
+    rope = config.object("rope_scaling")
+    return MLAGeometry(
+        kv_lora_rank,
+        config.integer("qk_rope_head_dim"),
+        config.integer("qk_nope_head_dim"),
+        rope.number("factor", 1.0, positive=True),
+        rope.number("mscale_all_dim", 0.0, positive=False),
+    )
+
+
+def model_from_hf_config(path, name: str | None = None) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json (the fields a model already ships with): Llama, Qwen,
+    Mixtral, gpt-oss and DeepSeek-V3/R1 naming. fp8 weights when its quantization_config says so. A config
+    no model could have (a field of the wrong type, zero heads, KV heads that do not divide the query heads,
+    top-k above the experts, ...) is a ValueError naming the file and the field."""
+    from pathlib import Path
+
+    from bench.measure.results import read_json_object
+
+    try:
+        config = _ConfigFields(path, read_json_object(path))
+    except ValueError as error:
+        raise ValueError(f"config: {error}") from None
+    layers = config.integer("num_hidden_layers")
+    hidden = config.integer("hidden_size")
+    heads = config.integer("num_attention_heads")
+    kv_heads = config.integer("num_key_value_heads", default=heads, maximum=heads, of="num_attention_heads")
+    if heads % kv_heads:
+        raise config.problem("num_key_value_heads", f"a divisor of num_attention_heads ({heads})", kv_heads)
+    if config.fields.get("head_dim") is None and hidden < heads:
+        raise config.problem(
+            "hidden_size", f"at least num_attention_heads ({heads}) without head_dim", hidden
         )
-    mla = None
-    if config.get("kv_lora_rank"):
-        rope = config.get("rope_scaling") or {}
-        mla = MLAGeometry(
-            config["kv_lora_rank"],
-            config["qk_rope_head_dim"],
-            config["qk_nope_head_dim"],
-            float(rope.get("factor", 1.0)),
-            float(rope.get("mscale_all_dim", 0.0)),
-        )
-    quant = (config.get("quantization_config") or {}).get("quant_method", "")
+    mla = _mla_of(config)
+    config.object("rope_scaling").number("factor", 1.0, positive=True)  # checked for every model
+    quant = config.object("quantization_config").choice("quant_method", (str,), "")
     return ModelSpec(
-        name or config.get("_name_or_path") or Path(path).parent.name,
-        field("num_hidden_layers"),
+        name or str(config.fields.get("_name_or_path") or Path(path).parent.name),
+        layers,
         hidden,
         heads,
-        field("num_key_value_heads", default=heads),
-        field("head_dim", default=hidden // heads),
-        field("intermediate_size"),
-        field("vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        weight_bytes=1 if "fp8" in str(quant).lower() else 2,
+        kv_heads,
+        config.integer("head_dim", default=hidden // heads),
+        config.integer("intermediate_size"),
+        config.integer("vocab_size"),
+        tied_embeddings=config.choice("tie_word_embeddings", (bool,), False),
+        weight_bytes=1 if "fp8" in quant.lower() else 2,
         mla=mla,
-        q_lora_rank=config.get("q_lora_rank"),
-        v_head_dim=config.get("v_head_dim"),
-        moe=moe,
+        q_lora_rank=config.integer("q_lora_rank", default=None) if mla else None,
+        v_head_dim=config.integer("v_head_dim") if mla else None,
+        moe=_moe_of(config, layers),
     )
 
 

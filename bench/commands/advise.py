@@ -18,6 +18,14 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from bench.commands.arguments import (
+    UsageError,
+    checked,
+    json_file,
+    output_file,
+    positive_int,
+    ready_to_write,
+)
 from bench.models import MODEL_SPECS, WORKLOADS, ModelSpec, model_from_hf_config
 from bench.systems import advisor
 from bench.systems.step import (
@@ -26,6 +34,8 @@ from bench.systems.step import (
     Hardware,
     Interconnect,
     Layout,
+    check_layout,
+    read_machine_json,
     seconds_by_bound,
     step_stages,
 )
@@ -41,9 +51,9 @@ WORKLOAD_ALIASES = {
 
 def model_of(name: str, config: str | None) -> ModelSpec:
     if config:
-        return model_from_hf_config(config, name)
+        return checked(model_from_hf_config, config, name)
     if name not in MODEL_SPECS:
-        raise SystemExit(f"MODEL: unknown {name}; presets: {', '.join(MODEL_SPECS)} (or --config PATH)")
+        raise UsageError(f"MODEL: unknown {name}; presets: {', '.join(MODEL_SPECS)} (or --config PATH)")
     return MODEL_SPECS[name]
 
 
@@ -52,11 +62,11 @@ def hardware_of(gpu: str) -> Hardware:
     if gpu in GPUS:
         return GPUS[gpu]
     folder = Path(gpu)
-    if not (folder / "machine.json").exists():
-        raise SystemExit(f"--gpu: expected {', '.join(GPUS)} or a gpu-check result folder, got {gpu}")
-    name = json.loads((folder / "machine.json").read_text()).get("gpu", "").lower()
+    if not (folder / "machine.json").is_file():
+        raise UsageError(f"--gpu: expected {', '.join(GPUS)} or a gpu-check result folder, got {gpu}")
+    name = checked(read_machine_json, folder / "machine.json").get("gpu", "").lower()
     base = GPUS["h200"] if "h200" in name else GPUS["h100"]
-    return Hardware.from_results(folder, base)
+    return checked(Hardware.from_results, folder, base)
 
 
 def interconnect_of(name: str) -> Interconnect:
@@ -64,11 +74,11 @@ def interconnect_of(name: str) -> Interconnect:
     if name in INTERCONNECTS:
         return INTERCONNECTS[name]
     if not Path(name).is_file():
-        raise SystemExit(f"--interconnect: expected {', '.join(INTERCONNECTS)} or an all-reduce result file")
+        raise UsageError(f"--interconnect: expected {', '.join(INTERCONNECTS)} or an all-reduce result file")
     try:
         return Interconnect.from_all_reduce(name)
-    except ValueError as error:
-        raise SystemExit(f"--interconnect: {error}") from None
+    except ValueError as error:  # ResultFileError included: the file named, one line
+        raise UsageError(f"--interconnect: {error}") from None
 
 
 def _sources(hw: Hardware, link: Interconnect) -> str:
@@ -83,6 +93,7 @@ def cmd_step(args) -> int:
     spec = model_of(args.model, args.config)
     hw, link = hardware_of(args.gpu), interconnect_of(args.interconnect)
     layout = Layout(args.dp, args.tp, args.pp, args.ep)
+    checked(check_layout, spec, layout)
     kv_bytes = 1 if args.kv == "fp8" else 2
     stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)
     total = sum(s.step_seconds for s in stages)
@@ -107,8 +118,8 @@ def cmd_step(args) -> int:
         if timed:
             t = timed[s.name]
             measured = "-" if t.seconds is None else f"{t.seconds * 1e6:,.1f}"
-            checked = {True: "yes", False: "WRONG", None: ""}[t.verified]
-            row += [measured, checked, t.note]
+            verdict = {True: "yes", False: "WRONG", None: ""}[t.verified]
+            row += [measured, verdict, t.note]
         rows.append(row)
     print(
         f"{spec.name}, {layout.label}, batch {args.batch} (per replica), context {args.context}, "
@@ -150,7 +161,9 @@ def cmd_step(args) -> int:
 
         print(
             plots.step_bars(
-                stages, f"{spec.name} {layout.label} b={args.batch} ctx={args.context}", args.plot
+                stages,
+                f"{spec.name} {layout.label} b={args.batch} ctx={args.context}",
+                ready_to_write(args.plot),
             )
         )
     return 0
@@ -216,12 +229,12 @@ def cmd_advise(args) -> int:
             sources=hw.sources,
             projected=True,
         )
-        Path(args.json).write_text(json.dumps(document, indent=1))
+        ready_to_write(args.json).write_text(json.dumps(document, indent=1))
         print(f"written: {args.json}")
     if args.plot:
         from bench.commands import plots
 
-        print(plots.advise_bars(fitting, f"{spec.name} on {args.gpus} GPUs", args.plot))
+        print(plots.advise_bars(fitting, f"{spec.name} on {args.gpus} GPUs", ready_to_write(args.plot)))
     return 0
 
 
@@ -230,22 +243,26 @@ def add_parsers(sub) -> None:
         "step", help="one decode step of a whole model, stage by stage (projected; timed on a GPU)"
     )
     step.add_argument("model")
-    step.add_argument("--config", help="a Hugging Face config.json describing MODEL")
+    step.add_argument("--config", type=json_file, help="a Hugging Face config.json describing MODEL")
     for flag in ("--dp", "--tp", "--pp", "--ep"):
-        step.add_argument(flag, type=int, default=1)
-    step.add_argument("--batch", type=int, default=64, help="sequences a replica decodes per step")
-    step.add_argument("--context", type=int, default=8192, help="mean tokens in each sequence's KV cache")
+        step.add_argument(flag, type=positive_int, default=1)
+    step.add_argument("--batch", type=positive_int, default=64, help="sequences a replica decodes per step")
+    step.add_argument(
+        "--context", type=positive_int, default=8192, help="mean tokens in each sequence's KV cache"
+    )
     step.add_argument("--kv", choices=("bf16", "fp8"), default="bf16")
     step.add_argument("--gpu", default="h200", help="h100, h200, or a gpu-check result folder")
     step.add_argument("--interconnect", default="nvlink", help=INTERCONNECT_HELP)
-    step.add_argument("--plot", help="also a stacked bar of the step's time by stage (plot extra)")
+    step.add_argument(
+        "--plot", type=output_file, help="also a stacked bar of the step's time by stage (plot extra)"
+    )
     step.add_argument("--project", action="store_true", help="on a GPU too: the projection only, nothing run")
     step.set_defaults(func=cmd_step)
 
     advise = sub.add_parser("advise", help="the fastest parallel layout for a model, workload and GPU count")
     advise.add_argument("model")
-    advise.add_argument("--config", help="a Hugging Face config.json describing MODEL")
-    advise.add_argument("--gpus", type=int, required=True)
+    advise.add_argument("--config", type=json_file, help="a Hugging Face config.json describing MODEL")
+    advise.add_argument("--gpus", type=positive_int, required=True)
     advise.add_argument("--gpu", default="h200", help="h100, h200, or a gpu-check result folder")
     advise.add_argument("--interconnect", default="nvlink", help=INTERCONNECT_HELP)
     advise.add_argument(
@@ -254,7 +271,7 @@ def add_parsers(sub) -> None:
         default="natural-reasoning",
         help="the requests' lengths (default: NaturalReasoning-like, the paper's)",
     )
-    advise.add_argument("--requests", type=int, default=2048)
-    advise.add_argument("--json", help="write the ranked layouts here")
-    advise.add_argument("--plot", help="also the layouts' makespans as bars (plot extra)")
+    advise.add_argument("--requests", type=positive_int, default=2048)
+    advise.add_argument("--json", type=output_file, help="write the ranked layouts here")
+    advise.add_argument("--plot", type=output_file, help="also the layouts' makespans as bars (plot extra)")
     advise.set_defaults(func=cmd_advise)

@@ -20,15 +20,36 @@ decodebench tune [CASE...] [--dry-run] [--out DIR] [--budget S] [--install]
     --install: merge DIR/tuned-configs.json into kernels/configs/<gpu>.json (a human's step).
 """
 
-import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 from bench.cases import CASES, STATIC_ONLY, static_cases
 from bench.commands import gpu_check, report
+from bench.commands.arguments import (
+    Parser,
+    UsageError,
+    checked,
+    names_from,
+    non_negative_int,
+    output_file,
+    output_folder,
+    positive_int,
+    positive_ints,
+    positive_number,
+    ready_to_write,
+)
 from bench.measure.device import machine_info
+from bench.measure.results import ResultFileError, read_json_object
+
+# Upper bounds past which a number is nonsense and would break the work, not just slow it: no GPU holds
+# 10 TiB; numpy's Poisson draw fails far below inf; timeouts and budgets become timedelta and select()
+# arguments, which overflow (1e6 s is eleven days).
+MAX_GPU_GIB = 1e4
+MAX_ARRIVAL_RATE = 1e6
+MAX_SECONDS = 1e6
 
 
 def _cases(names):
@@ -36,7 +57,7 @@ def _cases(names):
         return list(CASES.values())
     unknown = [n for n in names if n not in CASES]
     if unknown:
-        raise SystemExit(f"--kernel: unknown {', '.join(unknown)}; known: {', '.join(CASES)}")
+        raise UsageError(f"unknown kernel {', '.join(unknown)}; known: {', '.join(CASES)}")
     return [CASES[n] for n in names]
 
 
@@ -44,7 +65,11 @@ def _static_cases(names):
     """Cases and static-only kernels (EP's regroup) by name, all of them without names."""
     if not names:
         return static_cases()
-    return [STATIC_ONLY[n] if n in STATIC_ONLY else _cases([n])[0] for n in names]
+    unknown = [n for n in names if n not in STATIC_ONLY and n not in CASES]
+    if unknown:
+        known = [*CASES, *STATIC_ONLY]
+        raise UsageError(f"unknown kernel {', '.join(unknown)}; known: {', '.join(known)}")
+    return [STATIC_ONLY[n] if n in STATIC_ONLY else CASES[n] for n in names]
 
 
 def cmd_run(args) -> int:
@@ -59,8 +84,8 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from bench.measure import results
 
-    for path in args.files:
-        document = results.load(Path(path))
+    documents = [results.load(Path(path)) for path in args.files]  # every file checked before any output
+    for path, document in zip(args.files, documents):
         machine = document.get("machine_info", {})
         gpu = machine.get("gpu") or machine.get("node", "?")
         print(
@@ -86,7 +111,7 @@ def cmd_static(args) -> int:
     rows = static_rows(_static_cases(args.kernel))
     print(report.static_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        ready_to_write(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
     return 0
 
 
@@ -99,8 +124,18 @@ def cmd_traffic(args) -> int:
 
 
 def cmd_capacity(args) -> int:
+    from bench.models import MODEL_SPECS, MODELS
     from bench.systems import capacity
 
+    for tp in args.tp:
+        problem = MODEL_SPECS[args.model].tensor_parallel_problem(tp)
+        if problem:
+            raise UsageError(problem)
+    if not any(capacity.kv_pool_tokens(MODELS[args.model], args.gpu_gib, tp) for tp in args.tp):
+        raise UsageError(
+            f"--gpu-gib: {args.gpu_gib:g} GiB holds no KV cache beside {args.model}'s weights at TP "
+            f"{', '.join(map(str, args.tp))}"
+        )
     rows = []
     for workload in args.workload:
         rows += capacity.capacity_table(
@@ -110,14 +145,14 @@ def cmd_capacity(args) -> int:
     print()
     print(capacity.replication_report(capacity.latent_replication()))
     if args.plot:
-        print(capacity.plot(rows, args.plot))
+        print(capacity.plot(rows, ready_to_write(args.plot)))
     return 0
 
 
 def cmd_compare(args) -> int:
     from bench.commands import compare
 
-    threshold = compare.Threshold.parse(args.fail)
+    threshold = checked(compare.Threshold.parse, args.fail)
     deltas, only_base, only_new = compare.compare(Path(args.base), Path(args.new), threshold)
     print(compare.table(deltas, threshold.stat))
     for label, keys in (("only in BASE", only_base), ("only in NEW", only_new)):
@@ -151,7 +186,8 @@ def cmd_tune(args) -> int:
 
     if args.install:
         if not args.out:
-            raise SystemExit("--install: name the folder a tune run wrote with --out DIR")
+            raise UsageError("--install: name the folder a tune run wrote with --out DIR")
+        _check_tuned_configs(Path(args.out) / tune.RESULT_FILE)
         print(f"installed: {tune.install(Path(args.out))}")
         return 0
     cases = _cases(args.cases)
@@ -176,10 +212,21 @@ def cmd_tune(args) -> int:
     return 0 if ok else 1
 
 
+def _check_tuned_configs(path: Path) -> None:
+    """What ``tune --install`` merges: a tune run's table, its slug a file name (the target's)."""
+    document = checked(read_json_object, path)
+    kernels = document.get("kernels")
+    slug = document.get("slug")
+    if not isinstance(slug, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", slug):
+        raise UsageError(f"{path}: slug: expected a GPU's slug (a file name), got {slug!r:.60}")
+    if not isinstance(kernels, dict) or not all(isinstance(entries, dict) for entries in kernels.values()):
+        raise UsageError(f"{path}: kernels: expected an object of objects (kernel -> key -> configuration)")
+
+
 def _shape_of(case, index: int):
     shapes = list(case.default_shapes())
     if not 0 <= index < len(shapes):
-        raise SystemExit(f"--shape: expected 0 to {len(shapes) - 1} (the case's default shapes), got {index}")
+        raise UsageError(f"--shape: expected 0 to {len(shapes) - 1} (the case's default shapes), got {index}")
     return shapes[index]
 
 
@@ -187,11 +234,14 @@ def cmd_profile(args) -> int:
     from bench.measure import profile
 
     cases = list(CASES.values()) if args.case == "all" else _cases([args.case])
+    indices = [
+        min(args.shape, len(case.default_shapes()) - 1) if args.case == "all" else args.shape
+        for case in cases
+    ]
+    shapes = [_shape_of(case, index) for case, index in zip(cases, indices)]  # checked before anything runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        index = min(args.shape, len(case.default_shapes()) - 1) if args.case == "all" else args.shape
-        shape = _shape_of(case, index)
+    for case, index, shape in zip(cases, indices, shapes):
         note = ""
         if args.tool == "torch":
             profiles, note = profile.profile_torch(case, shape, args.calls)
@@ -236,10 +286,7 @@ def cmd_dist(args, argv: list[str]) -> int:
     return dist.main(args, argv)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="decodebench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_result_commands(sub) -> None:
     run = sub.add_parser("run", help="benchmark (GPU) or verify and report (no GPU)")
     run.add_argument("--kernel", action="append", help="limit to this kernel (repeatable)")
     run.add_argument(
@@ -247,17 +294,21 @@ def main(argv=None) -> int:
         action="store_true",
         help="time eager calls only (default: CUDA-graph replay beside eager)",
     )
-    run.add_argument("--out", help="write the results (pytest-benchmark JSON) to this file")
+    run.add_argument("--out", type=output_file, help="write the results (pytest-benchmark JSON) to this file")
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="tables from saved result files")
     report.add_argument("files", nargs="+")
-    report.add_argument("--plot", help="also write a roofline and decode GB/s-by-context PNGs to this folder")
+    report.add_argument(
+        "--plot",
+        type=output_folder,
+        help="also write a roofline and decode GB/s-by-context PNGs to this folder",
+    )
     report.set_defaults(func=cmd_report)
 
     static = sub.add_parser("static", help="AOT-compile for sm_90/sm_80: registers, spills, access widths")
     static.add_argument("--kernel", action="append")
-    static.add_argument("--json", help="also write the rows as JSON")
+    static.add_argument("--json", type=output_file, help="also write the rows as JSON")
     static.set_defaults(func=cmd_static)
 
     traffic = sub.add_parser("traffic", help="bytes moved under the interpreter vs the byte model")
@@ -271,30 +322,42 @@ def main(argv=None) -> int:
     )
     capacity.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     capacity.add_argument("--model", choices=list(MODELS), default="Llama-3.1-8B")
-    capacity.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory (default: an H100's 80)")
-    capacity.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    capacity.add_argument(
+        "--gpu-gib",
+        type=positive_number(MAX_GPU_GIB),
+        default=80.0,
+        help="GPU memory (default: an H100's 80)",
+    )
+    capacity.add_argument("--tp", type=positive_int, nargs="+", default=[1, 2, 4, 8])
     capacity.add_argument(
         "--arrival-rate",
-        type=float,
+        type=positive_number(MAX_ARRIVAL_RATE),
         help="questions arriving per 16 decoded tokens (Poisson); default: always a queue (saturated)",
     )
-    capacity.add_argument("--plot", help="also write the shares as a PNG (plot extra)")
+    capacity.add_argument("--plot", type=output_file, help="also write the shares as a PNG (plot extra)")
     capacity.set_defaults(func=cmd_capacity)
 
+
+def _add_profile_commands(sub) -> None:
     prof = sub.add_parser("profile", help="one benchmark shape under ncu, nsys or torch.profiler")
     prof.add_argument("case", help="a kernel (" + ", ".join(CASES) + "), or all")
     prof.add_argument(
-        "--shape", type=int, default=0, help="index into the case's default shapes (all: capped)"
+        "--shape",
+        type=non_negative_int,
+        default=0,
+        help="index into the case's default shapes (all: capped)",
     )
     prof.add_argument("--tool", choices=("torch", "nsys", "ncu"), default="torch")
-    prof.add_argument("--calls", type=int, default=10)
-    prof.add_argument("--out", default="profiles/out", help="folder for the reports and the summary")
+    prof.add_argument("--calls", type=positive_int, default=10)
+    prof.add_argument(
+        "--out", type=output_folder, default="profiles/out", help="folder for the reports and the summary"
+    )
     prof.set_defaults(func=cmd_profile)
 
     target = sub.add_parser("profile-target", help="(run by profile under nsys or ncu)")
     target.add_argument("case")
-    target.add_argument("--shape", type=int, default=0)
-    target.add_argument("--calls", type=int, default=10)
+    target.add_argument("--shape", type=non_negative_int, default=0)
+    target.add_argument("--calls", type=positive_int, default=10)
     target.set_defaults(func=cmd_profile_target)
 
     sanitize = sub.add_parser("sanitize-target", help="(run by gpu-check under compute-sanitizer)")
@@ -312,22 +375,32 @@ def main(argv=None) -> int:
     proxies.add_argument("--update", action="store_true", help="write the current proxies as the baseline")
     proxies.set_defaults(func=cmd_proxies)
 
+
+def _add_gpu_commands(sub) -> None:
     check = sub.add_parser(
         "gpu-check", help="everything a lent GPU should measure, in order, within a budget, to one folder"
     )
     check.add_argument(
-        "--out", help="folder for everything it writes (default bench/results/<gpu>/<UTC time>)"
+        "--out",
+        type=output_folder,
+        help="folder for everything it writes (default bench/results/<gpu>/<UTC time>)",
     )
     check.add_argument(
-        "--budget", "--budget-s", type=float, default=420.0, help="wall-clock budget in seconds (default 420)"
+        "--budget",
+        "--budget-s",
+        type=positive_number(MAX_SECONDS),
+        default=420.0,
+        help="wall-clock budget in seconds (default 420)",
     )
-    check.add_argument("--only", help="comma-separated steps: " + ",".join(gpu_check.STEPS))
+    check.add_argument(
+        "--only", type=names_from(gpu_check.STEPS), help="comma-separated steps: " + ",".join(gpu_check.STEPS)
+    )
     check.add_argument(
         "--dry-run",
         action="store_true",
         help="every step on this CPU (interpreter, smallest shapes, wall clock)",
     )
-    check.set_defaults(func=lambda args: gpu_check.run(args.out, args.budget, args.only, args.dry_run))
+    check.set_defaults(func=cmd_gpu_check)
 
     tune = sub.add_parser("tune", help="launch configurations chosen by timing candidates (per-GPU table)")
     tune.add_argument("cases", nargs="*", help="kernels to tune (default: every tunable one)")
@@ -336,10 +409,15 @@ def main(argv=None) -> int:
     )
     tune.add_argument(
         "--out",
+        type=output_folder,
         help="folder for tune.md, tune-timings.json, tuned-configs.json "
         "(default bench/results/<gpu>/tune-<UTC time>; a temporary folder for --dry-run)",
     )
-    tune.add_argument("--budget", type=float, help="wall-clock seconds; stops cleanly between candidates")
+    tune.add_argument(
+        "--budget",
+        type=positive_number(MAX_SECONDS),
+        help="wall-clock seconds; stops cleanly between candidates",
+    )
     tune.add_argument(
         "--install",
         action="store_true",
@@ -347,34 +425,80 @@ def main(argv=None) -> int:
     )
     tune.set_defaults(func=cmd_tune)
 
-    from bench.commands import advise as advise_command
 
-    advise_command.add_parsers(sub)
+def cmd_gpu_check(args) -> int:
+    only = ",".join(args.only) if args.only else None
+    return gpu_check.run(args.out, args.budget, only, args.dry_run)
+
+
+def _add_dist(sub, argv) -> None:
+    from bench.cases.ep import LOADS
+    from bench.models import MOE_MODELS
+    from kernels.ep import MODES
 
     multi = sub.add_parser(
         "dist", help="multi-rank benchmarks under torchrun: EP dispatch/combine, all-reduce"
     )
     multi.add_argument("case", choices=("ep", "allreduce", "check"))
-    multi.add_argument("--nproc", type=int, help="start torchrun with this many ranks on this host")
+    multi.add_argument("--nproc", type=positive_int, help="start torchrun with this many ranks on this host")
     multi.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, else gloo")
-    multi.add_argument("--tokens", help="ep: tokens per rank, comma-separated (default: 1..4096; CPU 1,8)")
-    multi.add_argument("--models", default=",".join(dist_models()), help="ep: MoE presets, comma-separated")
-    multi.add_argument("--loads", default="uniform,zipf", help="ep: routing loads (uniform, zipf)")
-    multi.add_argument("--modes", default="exact,capacity", help="ep: exact, capacity")
-    multi.add_argument("--sizes", help="allreduce: bytes, comma-separated (default 8 KB .. 64 MB)")
-    multi.add_argument("--reps", type=int, default=None, help="timed calls per point (default 20; CPU 2)")
-    multi.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; CPU 1)")
-    multi.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, seconds")
-    multi.add_argument("--out", help="rank 0 writes the results (the suite's JSON schema) here")
+    multi.add_argument(
+        "--tokens",
+        type=positive_ints,
+        help="ep: tokens per rank, comma-separated (default: 1..4096; CPU 1,8)",
+    )
+    multi.add_argument(
+        "--models",
+        type=names_from(MOE_MODELS),
+        default=",".join(dist_models()),
+        help="ep: MoE presets, comma-separated",
+    )
+    multi.add_argument(
+        "--loads", type=names_from(LOADS), default=",".join(LOADS), help="ep: routing loads (uniform, zipf)"
+    )
+    multi.add_argument("--modes", type=names_from(MODES), default=",".join(MODES), help="ep: exact, capacity")
+    multi.add_argument(
+        "--sizes", type=positive_ints, help="allreduce: bytes, comma-separated (default 8 KB .. 64 MB)"
+    )
+    multi.add_argument(
+        "--reps", type=positive_int, default=None, help="timed calls per point (default 20; CPU 2)"
+    )
+    multi.add_argument(
+        "--warmup", type=non_negative_int, default=None, help="untimed calls first (default 5; CPU 1)"
+    )
+    multi.add_argument(
+        "--timeout", type=positive_number(MAX_SECONDS), default=120.0, help="process-group timeout, seconds"
+    )
+    multi.add_argument(
+        "--out", type=output_file, help="rank 0 writes the results (the suite's JSON schema) here"
+    )
     multi.set_defaults(func=lambda args: cmd_dist(args, sys.argv[2:] if argv is None else argv[1:]))
 
-    args = parser.parse_args(argv)
-    from bench.measure.results import ResultFileError
 
+def build_parser(argv=None) -> Parser:
+    """Every command's parser; each argument's type rejects nonsense while parsing (bench/commands/
+    arguments.py). ``argv``: what ``dist`` hands on to the ranks it starts."""
+    parser = Parser(prog="decodebench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_result_commands(sub)
+    _add_profile_commands(sub)
+    _add_gpu_commands(sub)
+
+    from bench.commands import advise as advise_command
+
+    advise_command.add_parsers(sub)
+    _add_dist(sub, argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Runs one command. Bad input, whether argparse finds it or a command's own checks do (UsageError, an
+    unreadable or malformed file), is one line on stderr and exit status 2, before any work starts."""
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
-    except ResultFileError as error:  # a malformed file given to report or compare: one line, no traceback
-        print(f"decodebench {args.command}: {error}", file=sys.stderr)
+    except (UsageError, ResultFileError) as error:
+        print(f"decodebench {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 

@@ -23,7 +23,7 @@ class Threshold:
 
     @classmethod
     def parse(cls, text: str) -> "Threshold":
-        match = re.fullmatch(r"(\w+):([\d.]+)(%|s|ms|us|ns)", text.strip())
+        match = re.fullmatch(r"(\w+):(\d+(?:\.\d*)?|\.\d+)(%|s|ms|us|ns)", text.strip())
         if not match or match.group(1) not in STATS:
             raise ValueError(
                 f"--fail: expected STAT:LIMIT with STAT in {STATS} and LIMIT like 10% or 5us, got {text!r}"
@@ -62,8 +62,9 @@ def compare(
     base_path: Path, new_path: Path, threshold: Threshold
 ) -> tuple[list[Delta], list[tuple], list[tuple]]:
     """(paired deltas, keys only in base, keys only in new)."""
-    base = {_key(e): e for e in results.load(base_path)["benchmarks"]}
-    new = {_key(e): e for e in results.load(new_path)["benchmarks"]}
+    # Both files are read and checked before anything is compared (a stat a file lacks included).
+    base = {_key(e): e for e in results.load(base_path, stats=(threshold.stat,))["benchmarks"]}
+    new = {_key(e): e for e in results.load(new_path, stats=(threshold.stat,))["benchmarks"]}
     deltas = []
     for key in base.keys() & new.keys():
         b, n = base[key]["stats"][threshold.stat], new[key]["stats"][threshold.stat]

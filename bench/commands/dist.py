@@ -22,6 +22,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from bench.cases import all_reduce, ep
+from bench.commands.arguments import UsageError
 from bench.measure import collectives, distributed, results
 from bench.measure.timing import Timing
 
@@ -61,14 +62,6 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(",") if part)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part for part in text.split(",") if part)
 
 
 def _machine(rank: distributed.Rank) -> dict:
@@ -175,14 +168,8 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
 
 
 def run_ep(rank: distributed.Rank, args) -> list[dict]:
-    tokens = (
-        _ints(args.tokens)
-        if args.tokens
-        else (ep.CPU_TOKENS_PER_RANK if rank.device.type == "cpu" else ep.TOKENS_PER_RANK)
-    )
-    shapes = ep.shapes(rank.world, tokens, _names(args.models), _names(args.loads), _names(args.modes))
-    if not shapes:
-        raise SystemExit(f"no shape: no model's experts divide over {rank.world} ranks")
+    tokens = args.tokens or (ep.CPU_TOKENS_PER_RANK if rank.device.type == "cpu" else ep.TOKENS_PER_RANK)
+    shapes = ep.shapes(rank.world, tokens, args.models, args.loads, args.modes)  # not empty: check_args
     entries = []
     for shape in shapes:
         mine = collectives.time_ep(rank, shape, reps=args.reps, warmup=args.warmup)
@@ -210,11 +197,7 @@ def _gather(rank: distributed.Rank, mine: dict) -> list[dict]:
 
 
 def run_allreduce(rank: distributed.Rank, args) -> list[dict]:
-    sizes = (
-        _ints(args.sizes)
-        if args.sizes
-        else (all_reduce.CPU_SIZES if rank.device.type == "cpu" else all_reduce.SIZES)
-    )
+    sizes = args.sizes or (all_reduce.CPU_SIZES if rank.device.type == "cpu" else all_reduce.SIZES)
     found, skipped = collectives.time_all_reduce(rank, sizes, reps=args.reps, warmup=args.warmup)
     if rank.rank != 0:
         return []
@@ -282,8 +265,20 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
+def check_args(args, world: int) -> None:
+    """What parsing could not judge alone, checked before any rank starts: the backend against this
+    machine, and (ep) a model whose experts divide over ``world`` ranks."""
+    if args.backend == "nccl" and not _has_cuda():
+        raise UsageError("--backend nccl: no CUDA device here; use --backend gloo")
+    if args.case == "ep" and not ep.shapes(world, (1,), args.models, args.loads, args.modes):
+        raise UsageError(
+            f"--models: none of {', '.join(args.models)} has experts dividing over {world} ranks"
+        )
+
+
 def main(args, argv: list[str]) -> int:
     if distributed.under_torchrun():
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         rank = distributed.init_from_env(args.backend, timeout_s=args.timeout)
         try:
             run_rank(rank, args)
@@ -291,10 +286,11 @@ def main(args, argv: list[str]) -> int:
             rank.close()
         return 0
     if not args.nproc:
-        raise SystemExit(
-            "dist: run it under torchrun (torchrun --nproc-per-node N -m bench dist ...) or "
+        raise UsageError(
+            "run it under torchrun (torchrun --nproc-per-node N -m bench dist ...) or "
             "give --nproc N to have it started"
         )
+    check_args(args, args.nproc)
     if (args.backend or ("nccl" if _has_cuda() else "gloo")) == "nccl":
         return launch(args.nproc, _without_nproc(argv))
     # gloo ranks on this host: started here, every socket on 127.0.0.1 (torchrun's stores bind every

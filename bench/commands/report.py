@@ -157,8 +157,8 @@ def results_table(benchmarks: list[dict]) -> str:
                 info.get("tflops", "-"),
                 info.get("pct_of_matmul", "-"),
                 info.get("bound", "-"),
-                f"{reference / base:.2f}x" if reference else "-",
-                ", ".join(f"{peer} {t / base:.2f}x" for peer, t in sorted(others.items())) or "-",
+                f"{reference / base:.2f}x" if reference and base else "-",  # a zero median has no ratio
+                ", ".join(f"{peer} {t / base:.2f}x" for peer, t in sorted(others.items()) if base) or "-",
                 {True: "verified", False: "FAILED"}.get(info.get("verified"), "-"),
             ]
         )

@@ -8,6 +8,7 @@ peak_gbps (copy bandwidth measured in the same run), pct_of_peak, p20_s, p80_s, 
 
 import datetime
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -100,28 +101,95 @@ def write(path: Path, benchmarks: list[dict], extra_machine: dict | None = None)
 
 
 class ResultFileError(ValueError):
-    """A result file that cannot be read as one: the message is one line naming the file and why."""
+    """A JSON file (a result file, a model's config, a gpu-check machine.json) that cannot be read as one:
+    the message is one line naming the file and why."""
 
 
-def load(path: Path) -> dict:
-    """A result file (either writer), checked enough that reports and compare can trust its shape."""
+def read_json_object(path) -> dict:
+    """The JSON object a file holds; ResultFileError when it is missing, a folder, not UTF-8 JSON, or
+    holds something other than an object."""
     path = Path(path)
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ResultFileError(f"{path}: cannot read it ({error.strerror or error})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
         raise ResultFileError(f"{path}: not JSON ({str(error).splitlines()[0]})") from None
-    if not isinstance(document, dict) or not isinstance(document.get("benchmarks"), list):
+    if not isinstance(document, dict):
+        raise ResultFileError(f"{path}: expected a JSON object, found {type(document).__name__}")
+    return document
+
+
+def load(path: Path, stats: tuple[str, ...] = ("median",)) -> dict:
+    """A result file (either writer), checked enough that report, compare and the plots can trust every
+    field they read: each entry's name, its ``stats`` named here (non-negative seconds), its extra_info."""
+    path = Path(path)
+    document = read_json_object(path)
+    if not isinstance(document.get("benchmarks"), list):
         raise ResultFileError(
             f"{path}: not a pytest-benchmark or decodebench result file (no 'benchmarks' list)"
         )
+    if not isinstance(document.get("machine_info", {}), dict):
+        raise ResultFileError(f"{path}: machine_info: expected an object")
+    problem = _numbers_problem(document.get("machine_info", {}), ("copy_gbps", "matmul_tflops"))
+    if problem:
+        raise ResultFileError(f"{path}: machine_info.{problem}")
     for index, item in enumerate(document["benchmarks"]):
-        stats = item.get("stats") if isinstance(item, dict) else None
-        if (
-            not isinstance(stats, dict)
-            or not isinstance(stats.get("median"), (int, float))
-            or "name" not in item
-        ):
-            raise ResultFileError(f"{path}: benchmarks[{index}] has no name or no stats.median")
+        problem = _entry_problem(item, ("median", *stats))
+        if problem:
+            raise ResultFileError(f"{path}: benchmarks[{index}]: {problem}")
     return document
+
+
+#: extra_info fields report, compare and the plots read, by the types they must have where present.
+_INFO_TYPES = {
+    "kernel": str,
+    "impl": str,
+    "shape": str,
+    "cuda_graph": (bool, type(None)),
+    "verified": (bool, type(None)),
+    "peers_skipped": (dict, type(None)),
+    "peers_failed": (dict, type(None)),
+}
+_INFO_NUMBERS = ("bytes", "flops", "p20_s", "p80_s", "pct_of_peak")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers_problem(fields: dict, names) -> str | None:
+    """The first of ``names`` in ``fields`` that is neither null nor a finite non-negative number."""
+    for name in names:
+        value = fields.get(name)
+        if value is not None and not (_is_number(value) and value >= 0):
+            return f"{name}: expected a non-negative number, got {value!r:.60}"
+    return None
+
+
+def _entry_problem(item, stats: tuple[str, ...]) -> str | None:
+    if not isinstance(item, dict):
+        return f"expected an object, got {type(item).__name__}"
+    if not isinstance(item.get("name"), str):
+        return f"name: expected a string, got {item.get('name')!r:.60}"
+    if not isinstance(item.get("param"), (str, int, float, type(None))):
+        return f"param: expected a string or a number, got {type(item['param']).__name__}"
+    if not isinstance(item.get("stats"), dict):
+        return "stats: expected an object"
+    for stat in dict.fromkeys(stats):
+        value = item["stats"].get(stat)
+        if not (_is_number(value) and value >= 0):
+            return f"stats.{stat}: expected a non-negative number of seconds, got {value!r:.60}"
+    info = item.get("extra_info", {})
+    if not isinstance(info, dict):
+        return f"extra_info: expected an object, got {type(info).__name__}"
+    for field, types in _INFO_TYPES.items():
+        if field in info and not isinstance(info[field], types):
+            return f"extra_info.{field}: expected {_type_names(types)}, got {info[field]!r:.60}"
+    problem = _numbers_problem(info, _INFO_NUMBERS)
+    return f"extra_info.{problem}" if problem else None
+
+
+def _type_names(types) -> str:
+    names = {str: "a string", bool: "true or false", dict: "an object", type(None): "null"}
+    return " or ".join(names[t] for t in (types if isinstance(types, tuple) else (types,)))

@@ -37,11 +37,11 @@ MAX_NUM_SEQS = (64, 128, 256, 512, 1024)
 
 
 def layouts(spec: ModelSpec, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
-    """Every dp x tp x pp of ``gpus`` (tp within a node and dividing the query heads; pp at most the
-    layers), and for MoE models each with experts split tp ways (ep 1) and spread over dp x tp (ep)."""
+    """Every dp x tp x pp of ``gpus`` (tp within a node and splitting the heads; pp at most the layers),
+    and for MoE models each with experts split tp ways (ep 1) and spread over dp x tp (ep)."""
     found = []
     for tp in _divisors(gpus):
-        if tp > gpus_per_node or spec.num_q_heads % tp:
+        if tp > gpus_per_node or spec.tensor_parallel_problem(tp):
             continue
         for pp in _divisors(gpus // tp):
             if pp > spec.layers:

@@ -16,15 +16,28 @@ its nearest shape), anchors from shared/facts.md otherwise; every figure says wh
 projects: ``decodebench step`` on a GPU times the same stages instead (bench/commands/step.py).
 """
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.measure.device import ANCHOR_TFLOPS, PROJECTION_GBPS
+from bench.measure.results import load, read_json_object
 from bench.models import ModelSpec
 
 # -- the machine ---------------------------------------------------------------------------------------------
+
+
+def read_machine_json(path: Path) -> dict:
+    """A gpu-check machine.json, its ceilings checked: ValueError naming the file and the field."""
+    machine = read_json_object(path)
+    if not isinstance(machine.get("gpu", ""), str):
+        raise ValueError(f"{path}: gpu: expected a string, got {machine['gpu']!r:.60}")
+    for key in ("copy_gbps", "matmul_tflops", "memory_gib"):
+        value = machine.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if value is not None and not (number and value > 0):
+            raise ValueError(f"{path}: {key}: expected a positive number, got {value!r:.60}")
+    return machine
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,7 @@ class Hardware:
         """The ceilings a gpu-check result folder measured (machine.json) and each suite kernel's measured
         share of copy bandwidth (run.json, kept per shape: ``efficiency_for`` picks the nearest)."""
         folder = Path(folder)
-        machine = json.loads((folder / "machine.json").read_text())
+        machine = read_machine_json(folder / "machine.json")
         sources = dict(base.sources)
         hardware = base
         if machine.get("copy_gbps"):
@@ -62,10 +75,12 @@ class Hardware:
         kernels: dict[str, list] = {}
         run = folder / "run.json"
         if run.exists():
-            for entry in json.loads(run.read_text()).get("benchmarks", []):
+            for entry in load(run)["benchmarks"]:  # checked: a malformed run.json is a ValueError
                 info = entry.get("extra_info", {})
                 if info.get("impl", "triton") == "triton" and info.get("pct_of_peak") and info.get("bytes"):
-                    kernels.setdefault(info["kernel"], []).append((info["bytes"], info["pct_of_peak"] / 100))
+                    kernels.setdefault(info.get("kernel"), []).append(
+                        (info["bytes"], info["pct_of_peak"] / 100)
+                    )
         return replace(
             hardware, name=machine.get("gpu", hardware.name), kernel_efficiency=kernels, sources=sources
         )
@@ -142,15 +157,18 @@ class Interconnect:
         """Alpha and beta fitted to a ``decodebench dist allreduce --out`` result: the hop latency from the
         smallest size's time (2 (n - 1) hops), the bandwidth from the largest size's bus bandwidth (what a
         ring all-reduce's links carry per GPU)."""
-        document = json.loads(Path(path).read_text())
+        document = load(path)  # a ResultFileError (a ValueError) naming the file if it is no result file
         found = [
-            (b["extra_info"]["bytes"], b["stats"]["median"], b["extra_info"])
-            for b in document.get("benchmarks", [])
-            if b.get("extra_info", {}).get("kernel") == "all_reduce"
-            and b["extra_info"].get("impl") in ("nccl", "gloo")
+            (info["bytes"], b["stats"]["median"], info)
+            for b in document["benchmarks"]
+            for info in [b.get("extra_info", {})]
+            if info.get("kernel") == "all_reduce"
+            and info.get("impl") in ("nccl", "gloo")
+            and info.get("bytes")
+            and b["stats"]["median"] > 0
         ]
         world = found[0][2].get("world_size", 1) if found else 1
-        if not found or world < 2:
+        if not found or not isinstance(world, int) or world < 2:
             raise ValueError(f"interconnect: {path} holds no all-reduce measured on 2 or more ranks")
         small, large = min(found), max(found)
         hop_us = small[1] * 1e6 / (2 * (world - 1))
@@ -199,6 +217,34 @@ class Layout:
     def label(self) -> str:
         text = f"DP{self.dp} TP{self.tp} PP{self.pp}"
         return text + (f" EP{self.ep}" if self.ep > 1 else "")
+
+
+def check_layout(spec: ModelSpec, layout: Layout) -> None:
+    """ValueError naming the first of dp, tp, pp and ep that ``spec`` cannot run with: each a positive
+    integer, tp splitting the heads (ModelSpec.tensor_parallel_problem), pp at most the layers, and ep > 1
+    only on an MoE model, over a stage's dp x tp GPUs, dividing its experts."""
+    for name in ("dp", "tp", "pp", "ep"):
+        value = getattr(layout, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    problem = spec.tensor_parallel_problem(layout.tp)
+    if problem:
+        raise ValueError(problem)
+    if layout.pp > spec.layers:
+        raise ValueError(f"pp: expected at most {spec.name}'s {spec.layers} layers, got {layout.pp}")
+    if layout.ep == 1:
+        return
+    if spec.moe is None:
+        raise ValueError(f"ep: {spec.name} is dense (no experts to spread); expected 1, got {layout.ep}")
+    if layout.ep != layout.dp * layout.tp:
+        raise ValueError(
+            f"ep: expected 1 or dp x tp = {layout.dp * layout.tp} (whole experts over a pipeline stage's "
+            f"GPUs), got {layout.ep}"
+        )
+    if spec.moe.num_experts % layout.ep:
+        raise ValueError(
+            f"ep: expected a divisor of {spec.name}'s {spec.moe.num_experts} experts, got {layout.ep}"
+        )
 
 
 # -- stages --------------------------------------------------------------------------------------------------
