@@ -12,15 +12,22 @@ Layouts:
     out      [tokens, hidden]    combine's output, in y's dtype
 
 Routing rules (as reference/moe.py states them): softmax top-k (Mixtral, Qwen3), top-k then softmax
-(gpt-oss), and DeepSeek-V3/R1's grouped sigmoid routing (groups ranked by the sum of their top-2 biased
-scores, the best ``topk_groups`` kept, experts chosen by biased score, weighted by unbiased score,
-renormalised, times ``scale``). The choice order is the reference's: higher selection score first, NaN
-after -inf, equal scores (-inf and NaN included; -0.0 equals 0.0) to the lower expert (and group) id.
+(gpt-oss), and group-limited routing (``num_groups``, ``topk_groups``): the best ``topk_groups`` groups
+kept, the experts chosen among theirs, weighted by unbiased score, optionally renormalised, times
+``scale``. How groups rank depends on ``bias``:
+    with a bias (DeepSeek-V3/R1's sigmoid routing, arXiv 2412.19437, node-limited routing): by the sum of
+        each group's two best biased scores, as SGLang's biased_grouped_topk and vLLM's grouped_topk do
+        when given an e_score_correction_bias;
+    without (DeepSeek-V2's group_limited_greedy, arXiv 2405.04434, device-limited routing): by each
+        group's best score, as vLLM's grouped_topk and SGLang's grouped_topk do with no bias.
+The choice order is the reference's: higher selection score first, NaN after -inf, equal scores (-inf and
+NaN included; -0.0 equals 0.0) to the lower expert (and group) id.
 
 Selection sorts keys that carry the expert id: each score's order-preserving bits and the id packed into one
 int64 (_order_keys), so keys are distinct, a token's k ids cannot repeat, and the tie order is the key's own.
-One tl.topk per tile chooses all k (and, for DeepSeek, one per group of a [tokens, groups, group size] view
-its best two, and one the kept groups), where k argmax passes used to sweep the tile k times.
+One tl.topk per tile chooses all k (and, for grouped routing, one per group of a [tokens, groups, group size]
+view its best two, or a max its best one, and one the kept groups), where k argmax passes used to sweep the
+tile k times.
 
 Byte story: each token's logits are read once and its choices written once; a program holds BLOCK_T tokens'
 whole rows (its experts padded to a power of two) and chooses in registers.
@@ -164,10 +171,14 @@ def _route_kernel(
     keys = tl.where(real[None, :], _order_keys(choice, experts, INDEX_BITS), _LOWEST_KEY)
 
     if NUM_GROUPS > 1:
-        # Groups ranked by the sum of their two best biased scores (in the same order, NaN last); the best
-        # TOPK_GROUPS kept: those whose key is at least the TOPK_GROUPS-th best (keys are distinct).
-        best_two = tl.topk(tl.reshape(keys, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD]), 2)
-        group_scores = tl.sum(_key_values(best_two), axis=2)
+        # Groups ranked (in the same order, NaN last) by the sum of their two best biased scores with a bias
+        # (DeepSeek-V3/R1), by their best score without (DeepSeek-V2); the best TOPK_GROUPS kept: those whose
+        # key is at least the TOPK_GROUPS-th best (keys are distinct).
+        grouped = tl.reshape(keys, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD])
+        if HAS_BIAS:
+            group_scores = tl.sum(_key_values(tl.topk(grouped, 2)), axis=2)
+        else:
+            group_scores = _key_values(tl.max(grouped, axis=2))
         groups = tl.arange(0, GROUPS_PAD)
         group_keys = tl.where(
             (groups < NUM_GROUPS)[None, :], _order_keys(group_scores, groups, INDEX_BITS), _LOWEST_KEY
@@ -224,6 +235,28 @@ def route_choice(logits: torch.Tensor, top_k: int, num_groups: int) -> _configs.
     )
 
 
+def _check_groups(num_groups, topk_groups, num_experts: int, top_k: int, has_bias: bool) -> int:
+    """The number of groups (1: no group stage), checked with topk_groups against the experts and top_k."""
+    groups = 1 if num_groups is None else num_groups
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_experts % groups:
+        raise ValueError(f"num_groups: expected a divisor of the {num_experts} experts, got {num_groups!r}")
+    if groups == 1:
+        if topk_groups is not None:
+            raise ValueError("topk_groups: applies only with num_groups > 1")
+        return groups
+    if has_bias and num_experts // groups < 2:
+        raise ValueError(
+            "num_groups: with a bias, groups rank by the sum of their top-2 scores, so each needs 2 experts "
+            f"or more; got {num_groups} groups of {num_experts // groups}"
+        )
+    if isinstance(topk_groups, bool) or not isinstance(topk_groups, int) or not 1 <= topk_groups <= groups:
+        raise ValueError(f"topk_groups: expected an integer in [1, {groups}], got {topk_groups!r}")
+    if topk_groups * (num_experts // groups) < top_k:
+        size = num_experts // groups
+        raise ValueError(f"topk_groups: {topk_groups} groups of {size} hold fewer than top_k ({top_k})")
+    return groups
+
+
 def route(
     logits,
     top_k,
@@ -242,7 +275,11 @@ def route(
     A token's ids are always distinct, whatever its logits: ranked by selection score, NaN after -inf, equal
     scores (-inf and NaN included) to the lower id, so -inf-masked experts come after the others in id order.
     Weights are the reference's: a +inf or NaN logit under softmax makes that token's scores, and weights,
-    NaN; it never changes another token or fails the call."""
+    NaN; it never changes another token or fails the call.
+
+    Grouped (``num_groups`` > 1): the ``topk_groups`` best groups are kept. With ``bias`` (DeepSeek-V3/R1)
+    a group ranks by the sum of its two best biased scores (so it needs 2 experts or more); without
+    (DeepSeek-V2) by its best score, as vLLM's grouped_topk does (the module docstring has the sources)."""
     check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
     num_tokens, num_experts = logits.shape
     if logits.stride(1) != 1 and logits.shape[1] > 1:  # a size-1 dimension's stride is never used
@@ -253,24 +290,7 @@ def route(
         raise ValueError(f"top_k: expected an integer in [1, {num_experts}] (the experts), got {top_k!r}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
-    groups = 1 if num_groups is None else num_groups
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_experts % groups:
-        raise ValueError(f"num_groups: expected a divisor of the {num_experts} experts, got {num_groups!r}")
-    if groups > 1:
-        if num_experts // groups < 2:
-            raise ValueError("num_groups: groups rank by their top-2 scores, so each needs 2 experts or more")
-        if (
-            isinstance(topk_groups, bool)
-            or not isinstance(topk_groups, int)
-            or not 1 <= topk_groups <= groups
-        ):
-            raise ValueError(f"topk_groups: expected an integer in [1, {groups}], got {topk_groups!r}")
-        if topk_groups * (num_experts // groups) < top_k:
-            raise ValueError(
-                f"topk_groups: {topk_groups} groups of {num_experts // groups} hold fewer than top_k"
-            )
-    elif topk_groups is not None:
-        raise ValueError("topk_groups: applies only with num_groups > 1")
+    groups = _check_groups(num_groups, topk_groups, num_experts, top_k, bias is not None)
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
         if bias.shape[0] != num_experts or (bias.stride(0) != 1 and num_experts > 1):
