@@ -6,7 +6,8 @@ Ownership: of W ranks, rank r owns the global experts [r * L, (r + 1) * L), L = 
 
 Layouts (T: this rank's tokens, may differ between ranks; k: top_k; H: hidden):
     x         [T, H]       this rank's rows (fp32, fp16, bf16)
-    weights   [T, k] fp32  route's weights;  ids [T, k] int32: route's global expert ids, distinct per token
+    weights   [T, k] fp32  route's weights;  ids [T, k] int32: global expert ids (route's are distinct per
+                           token; a repeated id is a row per choice, as in moe.dispatch)
     recv_x    [R, H]       every row sent to this rank's experts: local expert e's rows are
                            recv_x[expert_offsets[e] : expert_offsets[e] + tokens_per_expert[e]], ordered by
                            source rank, then by the source's (token, choice) order; each segment starts on a
@@ -27,9 +28,10 @@ The stages (each in an NVTX range named ep.<stage>, and reported to ``stage_hook
 
 Modes. ``exact`` sends exactly the rows routed, at the cost of one host sync per call (the receiving side
 cannot size its buffer before it knows the counts). ``capacity`` sends fixed slabs of C = max_tokens_per_rank
-x min(k, L) rows per (source, destination) pair: an upper bound (a token's k distinct experts put at most
-min(k, L) rows on one rank), so no row is ever dropped, no count reaches the host, and the whole path can be
-captured in a CUDA graph; the wire carries the padding. With an EPWorkspace it allocates nothing.
+x k rows per (source, destination) pair: an upper bound (a token puts at most k rows on one rank, all k when
+its ids repeat or its experts share the rank), so no row is ever dropped, whatever the ids, no count reaches
+the host, and the whole path can be captured in a CUDA graph; the wire carries the padding. With an
+EPWorkspace it allocates nothing.
 
 Byte story: pack reads each row once and writes it k times; the wire carries k rows per token each way
 (exact) or W x C rows per rank (capacity); layout and unlayout read and write each received row once;
@@ -133,7 +135,7 @@ def _regroup_kernel(
             tl.store(expert_offsets_ptr, 0)
     else:
         grouped_row = a * grouped_slab + within_a
-        live = live & (within_a < grouped_slab)  # a slab never overflows (ids repeated within a token)
+        live = live & (within_a < grouped_slab)  # never false (slab_rows bounds every a's rows): no OOB
     if packed_slab > 0:
         live = live & (within_a < packed_slab)
 
@@ -194,10 +196,14 @@ def _regroup(
 # --- sizes --------------------------------------------------------------------------------------------------
 
 
-def slab_rows(max_tokens_per_rank: int, top_k: int, num_experts: int, world_size: int) -> int:
-    """Capacity mode's rows per (source, destination) slab: a token's top_k distinct experts put at most
-    min(top_k, local experts) of its rows on one rank, so no slab can overflow."""
-    return max_tokens_per_rank * min(top_k, num_experts // world_size)
+def slab_rows(max_tokens_per_rank: int, top_k: int) -> int:
+    """Capacity mode's rows per (source, destination) slab: max_tokens_per_rank x top_k, every row a rank
+    can send, so no slab can overflow whatever the ids. A token's top_k distinct experts would put at most
+    min(top_k, local experts) rows on one rank, but ids may repeat within a token (moe.dispatch and exact
+    mode take them: a row per choice), and telling the two apart would read the ids on the host. The bound
+    costs padding only where local experts < top_k: none for DeepSeek-R1 (256 experts, top-8) up to EP32,
+    nor for Qwen3-235B-A22B (128, top-8) up to EP16."""
+    return max_tokens_per_rank * top_k
 
 
 def recv_x_rows(received: int, local_experts: int, align: int) -> int:
@@ -242,7 +248,7 @@ class EPWorkspace:
         """{field: (shape, dtype)} of every buffer but dispatch's (what for_shape allocates, what a given
         workspace is checked against without allocating)."""
         local = num_experts // world_size
-        slabs = world_size * slab_rows(max_tokens_per_rank, top_k, num_experts, world_size)
+        slabs = world_size * slab_rows(max_tokens_per_rank, top_k)
         return {
             "send": ((slabs, hidden), dtype),
             "recv": ((slabs, hidden), dtype),
@@ -420,7 +426,7 @@ def ep_dispatch(
                 f"x: {num_tokens} tokens on this rank, more than max_tokens_per_rank={max_tokens_per_rank} "
                 "(the bound every rank sizes its slabs with)"
             )
-        capacity = slab_rows(max_tokens_per_rank, top_k, num_experts, world)
+        capacity = slab_rows(max_tokens_per_rank, top_k)
         if workspace is not None:
             layout = EPWorkspace.layout(
                 num_tokens,

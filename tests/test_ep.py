@@ -126,6 +126,38 @@ def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_t
     assert_bitwise_equal(out, want, "out")
 
 
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_capacity_mode_holds_ids_repeated_within_a_token(group, with_workspace):
+    """Issue 20, item 3: 2 experts, top-3, so a token repeats an id and sends 3 rows to a rank holding 2
+    experts. The slabs were sized for min(k, E/W) rows a token: the rows past them were dropped and combine
+    read rows never written (up to 1e28 off). Now capacity mode matches exact mode and the reference."""
+    gen = generator(11)
+    ids = torch.randint(2, (7, 3), generator=gen, dtype=torch.int32)
+    ids[:5] = torch.tensor([0, 0, 0], dtype=torch.int32)  # more rows to expert 0 than 7 x min(3, 2)
+    weights = torch.softmax(torch.randn(7, 3, generator=gen), dim=1)
+    x = randn((7, 12), torch.float32, "cpu", gen)
+    ((want_x, want),) = reference.ep_dispatch([x], [weights], [ids], 2, align=4)
+    offsets = want.expert_offsets.tolist()
+    (expected,) = reference.ep_combine([ep_case.expert_outputs(want_x, offsets, 0)], [want], [weights])
+    workspace = (
+        ep.EPWorkspace.for_shape(7, 3, 2, 12, world_size=1, max_tokens_per_rank=8, align=4, dtype=x.dtype)
+        if with_workspace
+        else None
+    )
+    recv_x, handle = ep.ep_dispatch(
+        x, weights, ids, 2, align=4, mode="capacity", max_tokens_per_rank=8, workspace=workspace
+    )
+    assert_bitwise_equal(handle.expert_offsets, want.expert_offsets, "offsets")
+    assert recv_x.shape[0] >= offsets[-1]
+    for e, count in enumerate(want.tokens_per_expert.tolist()):
+        start = offsets[e]
+        assert_bitwise_equal(recv_x[start : start + count], want_x[start : start + count], f"expert {e}")
+    out = ep.ep_combine(ep_case.expert_outputs(recv_x, offsets, 0), handle)
+    assert_close(out, expected, "out", dtype=x.dtype)
+    exact_x, exact = ep.ep_dispatch(x, weights, ids, 2, align=4)
+    assert_bitwise_equal(out, ep.ep_combine(ep_case.expert_outputs(exact_x, offsets, 0), exact), "exact")
+
+
 def test_bad_input_names_the_argument(group):
     x, weights, ids = _inputs(4, 4, 2, 8, 3)
     recv_x, handle = ep.ep_dispatch(x, weights, ids, 4)
