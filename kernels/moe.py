@@ -48,7 +48,16 @@ import triton
 import triton.language as tl
 
 from kernels import _configs
-from kernels._checks import check_buffer, check_contiguous, check_tensor, dtype_name, is_positive_finite
+from kernels._checks import (
+    check_buffer,
+    check_contiguous,
+    check_device,
+    check_disjoint,
+    check_int,
+    check_tensor,
+    dtype_name,
+    is_positive_finite,
+)
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORINGS = ("softmax", "sigmoid")
@@ -596,6 +605,23 @@ def dispatch_choice(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> _co
     return _configs.choose("dispatch", key, x.device, heuristic, DISPATCH_TUNABLE)
 
 
+def check_dispatch_sizes(num_tokens, top_k, num_experts, hidden, align, dtype) -> None:
+    """A workspace constructor's sizes: ones some dispatch call takes (ValueError naming the argument)."""
+    check_int("num_tokens", num_tokens, 0)
+    check_int("top_k", top_k, 1)
+    check_int("num_experts", num_experts, 1, MAX_EXPERTS)
+    check_int("hidden", hidden, 1)
+    check_int("align", align, 1, 1024)
+    if not isinstance(dtype, torch.dtype) or dtype not in ROW_DTYPES:
+        allowed = ", ".join(dtype_name(d) for d in ROW_DTYPES)
+        raise ValueError(f"dtype: expected one of ({allowed}), got {dtype!r}")
+    rows = max_rows(num_tokens, top_k, num_experts, align)
+    if rows >= 2**31:
+        raise ValueError(
+            f"num_tokens: {num_tokens} x top_k {top_k} make {rows} rows; row ids are int32 (< 2^31)"
+        )
+
+
 @dataclass(frozen=True)
 class DispatchWorkspace:
     """dispatch's outputs and scratch, owned by the caller: a serving engine allocates one per captured
@@ -606,7 +632,8 @@ class DispatchWorkspace:
     device): x_sorted [max_rows, hidden]; tokens_per_expert int32 [num_experts]; expert_offsets int32
     [num_experts + 1]; row_token int32 [max_rows]; slot_row int32 [num_tokens, top_k]; chunk_prefix int32,
     flat, room for one row of next_power_of_2(num_experts) counts per chunk of MIN_CHUNK_TOKENS tokens
-    (empty where one launch does it all).
+    (empty where one launch does it all); no two share memory. for_shape refuses (ValueError naming the
+    argument) sizes no dispatch call takes.
     """
 
     x_sorted: torch.Tensor  # [max_rows, hidden] in x's dtype
@@ -628,6 +655,8 @@ class DispatchWorkspace:
         dtype: torch.dtype = torch.bfloat16,
         device=None,
     ) -> "DispatchWorkspace":
+        check_dispatch_sizes(num_tokens, top_k, num_experts, hidden, align, dtype)
+        device = check_device("device", device)
         rows = max_rows(num_tokens, top_k, num_experts, align)
         prefix = 0
         if not _fused(num_tokens, top_k):
@@ -677,13 +706,33 @@ def _check_dispatch_workspace(workspace, expected: dict, prefix_needed: int, dev
         )
 
 
+def _dispatch_buffers(x, ids, num_experts: int, rows: int, prefix_needed: int, workspace) -> tuple:
+    """(x_sorted, tokens_per_expert, expert_offsets, row_token, slot_row, chunk_prefix): fresh ones
+    (chunk_prefix None: allocated when needed), or the workspace's, checked (metadata only) for shape and
+    for sharing no memory with each other or with x and ids."""
+    layout = {
+        "x_sorted": ((rows, x.shape[1]), x.dtype),
+        "tokens_per_expert": ((num_experts,), torch.int32),
+        "expert_offsets": ((num_experts + 1,), torch.int32),
+        "row_token": ((rows,), torch.int32),
+        "slot_row": (tuple(ids.shape), torch.int32),
+    }
+    if workspace is None:
+        return (*(torch.empty(shape, dtype=dtype, device=x.device) for shape, dtype in layout.values()), None)
+    _check_dispatch_workspace(workspace, layout, prefix_needed, x.device)
+    buffers = {name: getattr(workspace, name) for name in (*layout, "chunk_prefix")}
+    check_disjoint({f"workspace.{name}": buffer for name, buffer in buffers.items()}, {"x": x, "ids": ids})
+    return tuple(buffers.values())
+
+
 def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     """Copies each token's row once per choice into expert-contiguous order; returns (x_sorted [max_rows,
     hidden], plan). Rows of one expert are in (token, choice) order; each expert's segment starts at a
     multiple of ``align``; padding rows are marked -1 in plan.row_token. No host sync: x_sorted has
     max_rows(...) rows, the most the padding can need. ids must lie in [0, num_experts) (see
     check_ids_in_range). With ``workspace`` (DispatchWorkspace.for_shape) the outputs are its buffers and
-    the call allocates nothing."""
+    the call allocates nothing; its buffers may share no memory with each other or with x and ids (checked
+    from metadata: ValueError naming both)."""
     check_tensor("x", x, ndim=2, dtypes=ROW_DTYPES)
     _check_ids(ids, num_experts, x.device)
     if x.stride(1) != 1 and x.shape[1] > 1:
@@ -713,28 +762,9 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     fused = _fused(num_tokens, top_k)
     if num_tokens == 0:
         chunks = 1
-    if workspace is None:
-        x_sorted = torch.empty(rows, hidden, dtype=x.dtype, device=device)
-        tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
-        expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-        row_token = torch.empty(rows, dtype=torch.int32, device=device)
-        slot_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
-        chunk_prefix = None
-    else:
-        expected = {
-            "x_sorted": ((rows, hidden), x.dtype),
-            "tokens_per_expert": ((num_experts,), torch.int32),
-            "expert_offsets": ((num_experts + 1,), torch.int32),
-            "row_token": ((rows,), torch.int32),
-            "slot_row": ((num_tokens, top_k), torch.int32),
-        }
-        _check_dispatch_workspace(workspace, expected, 0 if fused else chunks * experts_pad, device)
-        x_sorted, tokens_per_expert, expert_offsets = (
-            workspace.x_sorted,
-            workspace.tokens_per_expert,
-            workspace.expert_offsets,
-        )
-        row_token, slot_row, chunk_prefix = workspace.row_token, workspace.slot_row, workspace.chunk_prefix
+    prefix_needed = 0 if fused else chunks * experts_pad
+    buffers = _dispatch_buffers(x, ids, num_experts, rows, prefix_needed, workspace)
+    x_sorted, tokens_per_expert, expert_offsets, row_token, slot_row, chunk_prefix = buffers
     plan = DispatchPlan(tokens_per_expert, expert_offsets, row_token, slot_row, align)
     if fused:
         chunk_prefix = expert_offsets  # unread when fused
@@ -815,7 +845,8 @@ def combine(y_sorted, weights, plan: DispatchPlan, *, out=None):
     """out[t] = sum over choices c of weights[t, c] * y_sorted[plan.slot_row[t, c]], accumulated in fp32 in
     a fixed order, returned in y's dtype. One launch, no atomics, no host sync. ``out``: a caller-owned
     [tokens, hidden] tensor in y's dtype to write (and return), so a decode step under a CUDA graph
-    allocates nothing; None allocates it."""
+    allocates nothing; None allocates it. It may share no memory with y_sorted, weights or the plan (checked
+    from metadata: ValueError naming both)."""
     check_tensor("y_sorted", y_sorted, ndim=2, dtypes=ROW_DTYPES)
     check_contiguous("y_sorted", y_sorted)
     check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=y_sorted.device)
@@ -843,6 +874,10 @@ def combine(y_sorted, weights, plan: DispatchPlan, *, out=None):
         check_contiguous("out", out)
         if tuple(out.shape) != (num_tokens, hidden):
             raise ValueError(f"out: expected {(num_tokens, hidden)} (tokens, hidden), got {tuple(out.shape)}")
+        # Rows of an out over y_sorted (or the plan) would be read after other programs wrote them.
+        check_disjoint(
+            {"out": out}, {"y_sorted": y_sorted, "weights": weights, "plan.slot_row": plan.slot_row}
+        )
     if num_tokens == 0:
         return out
     config = combine_choice(y_sorted, weights).config

@@ -2,6 +2,7 @@
 free port, a group timeout), and in this process on a group of one, where workspaces, host syncs and bad
 input are cheap to check. Spawned runs are few (each costs seconds of imports on CI's two cores)."""
 
+import dataclasses
 import datetime
 import os
 
@@ -182,6 +183,12 @@ def test_bad_input_names_the_argument(group):
         ),
         "handle": lambda: ep.ep_combine(recv_x, object()),
         "y": lambda: ep.ep_combine(recv_x[1:], handle),
+        # Issue 20, item 5: these failed later with AttributeError and TypeError.
+        "group": lambda: ep.ep_dispatch(x, weights, ids, 4, group="world"),
+        "stage_hook": lambda: ep.ep_dispatch(x, weights, ids, 4, stage_hook=5),
+        "workspace.dispatch": lambda: ep.ep_dispatch(
+            x, weights, ids, 4, mode="capacity", max_tokens_per_rank=8, workspace=_workspace(dispatch=None)
+        ),
     }
     for name, call in bad.items():
         with pytest.raises(ValueError, match=f"^{name}:"):
@@ -190,37 +197,41 @@ def test_bad_input_names_the_argument(group):
         ep.ep_combine(recv_x.double(), handle)
 
 
-def test_without_a_process_group_the_error_names_group():
-    x, weights, ids = _inputs(2, 2, 1, 4, 1)
-    with pytest.raises(ValueError, match="^group:"):
-        ep.ep_dispatch(x, weights, ids, 2)
+def _workspace(**replaced):
+    """A capacity-mode workspace for _inputs(4, 4, 2, 8, ...) with max_tokens_per_rank 8, some buffers
+    replaced (each a value, or f(workspace))."""
+    workspace = ep.EPWorkspace.for_shape(4, 2, 4, 8, world_size=1, max_tokens_per_rank=8, dtype=torch.float32)
+    fields = {name: value(workspace) if callable(value) else value for name, value in replaced.items()}
+    return dataclasses.replace(workspace, **fields)
 
 
-def test_stage_bytes_by_hand():
-    # Qwen3-235B on 2 ranks, 3 tokens: this rank (0) sends 10 rows to rank 1, receives 7 from it.
-    shape = ep_case.EPShape(ep_case.MOE_MODELS["Qwen3-235B-A22B"], 2, 3)
-    row = 4096 * 2
-    got = ep_case.stage_bytes(shape, 0, sent=[14, 10], received=[14, 7], distinct=3)
-    assert got["rows"]["bytes"] == 10 * row and got["return"]["bytes"] == 7 * row
-    assert got["rows"]["dedup"] == 3 * row
-    assert got["layout"]["bytes"] == 2 * 21 * row
-    assert got["pack"]["bytes"] == 3 * row + 24 * row + 24 * 12
-    padded = ep_case.stage_bytes(ep_case.EPShape(shape.model, 2, 3, mode="capacity"), 0, [14, 10], [14, 7], 3)
-    assert padded["rows"]["bytes"] == 3 * 8 * row and padded["rows"]["useful"] == 10 * row
-
-
-def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
-    from bench.commands import cli
-    from bench.commands import dist as dist_command
-
-    monkeypatch.delenv("RANK", raising=False)  # not a torchrun rank
-    with pytest.raises(SystemExit, match="torchrun"):
-        cli.main(["dist", "ep"])
-    assert dist_command._without_nproc(["ep", "--nproc", "2", "--reps", "2", "--nproc=4"]) == [
-        "ep",
-        "--reps",
-        "2",
-    ]
+def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
+    """Issue 20, item 4: workspace buffers over each other or over an input, and a y over a buffer
+    ep_combine writes, raise ValueError naming both, on the host, before any stage runs."""
+    x, weights, ids = _inputs(4, 4, 2, 8, 3)
+    capacity = {"mode": "capacity", "max_tokens_per_rank": 8}
+    over_x = _workspace()
+    bad = {
+        "workspace.send": (_workspace(recv=lambda w: w.send), x, "workspace.recv"),
+        "workspace.out": (
+            _workspace(out=lambda w: w.dispatch.x_sorted[:4]),
+            x,
+            "workspace.dispatch.x_sorted",
+        ),
+        "workspace.recv_x": (over_x, over_x.recv_x[:4], "x"),
+    }
+    stages = []
+    for name, (workspace, rows, other) in bad.items():
+        with pytest.raises(ValueError, match=f"^{name}: .*{other}"):
+            ep.ep_dispatch(
+                rows, weights, ids, 4, workspace=workspace, stage_hook=lambda s: stages.append(s), **capacity
+            )
+    assert not stages, stages
+    workspace = _workspace()
+    recv_x, handle = ep.ep_dispatch(x, weights, ids, 4, workspace=workspace, **capacity)
+    with pytest.raises(ValueError, match="^y: .*workspace.recv"):
+        ep.ep_combine(workspace.recv, handle)
+    ep.ep_combine(recv_x, handle)  # experts that wrote their outputs over recv_x: allowed
 
 
 # --- the regroup kernel alone: any counts matrix, one process ---------------------------------------------
