@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernels import ep, kv_alloc, kv_cache, mla_attention, moe, paged_attention
+from kernels import _checks, ep, kv_alloc, kv_cache, mla_attention, moe, paged_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -534,6 +534,26 @@ def _snapshot(args) -> dict:
                     tensor.detach().cpu().clone(memory_format=torch.contiguous_format).view(torch.uint8)
                 )
     return tensors
+
+
+def test_may_overlap_compares_byte_extents():
+    """The overlap check behind the 'over' rows: from data_ptr, sizes, strides and element size only."""
+    x = torch.zeros(4, 6)
+    cases = {
+        "adjacent rows": (x[:2], x[2:], False),
+        "a shared row": (x[:3], x[2:], True),
+        "a row inside a column's extent (conservative)": (x[:, 5], x[1, :1], True),
+        "a column past the row it spans": (x[1:, 0], x[0], False),
+        "interleaved columns (conservative)": (x[:, ::2], x[:, 1::2], True),
+        "another dtype's view": (x.view(torch.int32)[1, 5:], x[1, 5:], True),
+        "transposed": (x.t(), x[3], True),
+        "expanded": (x[:1].expand(3, 6), x[1], False),
+        "empty": (x[:0], x, False),
+        "separate tensors": (x, torch.zeros(4, 6), False),
+        "meta": (torch.zeros(4, device="meta"), torch.zeros(4, device="meta"), False),
+    }
+    for name, (a, b, want) in cases.items():
+        assert _checks.may_overlap(a, b) is want and _checks.may_overlap(b, a) is want, name
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
