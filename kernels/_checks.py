@@ -121,19 +121,26 @@ def _byte_extent(x: torch.Tensor) -> tuple[int, int] | None:
     return start, start + (reach + 1) * x.element_size()
 
 
+def _extents(named: dict) -> list[tuple[str, torch.device, int, int]]:
+    """(name, device, first byte, end byte) of each tensor holding memory; other values are skipped."""
+    found = []
+    for name, x in named.items():
+        extent = _byte_extent(x) if isinstance(x, torch.Tensor) else None
+        if extent is not None:
+            found.append((name, x.device, *extent))
+    return found
+
+
+def _meet(a: tuple, b: tuple) -> bool:
+    return a[1] == b[1] and a[2] < b[3] and b[2] < a[3]
+
+
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors' memory can overlap, from metadata only: their byte extents meet on one device.
     Conservative: interleaved views that share no element (x[::2], x[1::2]) count as overlapping. Tensors
     on different devices, or without memory, never overlap; different allocations have disjoint extents."""
-    if a.device != b.device:
-        return False
-    extent_a, extent_b = _byte_extent(a), _byte_extent(b)
-    return (
-        extent_a is not None
-        and extent_b is not None
-        and extent_a[0] < extent_b[1]
-        and extent_b[0] < extent_a[1]
-    )
+    found = _extents({"a": a, "b": b})
+    return len(found) == 2 and _meet(*found)
 
 
 def check_disjoint(tensors: dict, others: dict | None = None) -> None:
@@ -141,21 +148,16 @@ def check_disjoint(tensors: dict, others: dict | None = None) -> None:
     memory (may_overlap); ``others`` may share memory among themselves. A call passes what it writes as
     ``tensors`` and what it reads as ``others`` (or what it reads as ``tensors`` and what it writes as
     ``others``, to name the read one first). Raises ValueError naming both arguments. Non-tensors (checked
-    elsewhere) and None are skipped."""
-    firsts = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
-    seconds = [(name, t) for name, t in (others or {}).items() if isinstance(t, torch.Tensor)]
-    for i, (name, tensor) in enumerate(firsts):
-        for other, other_tensor in firsts[i + 1 :] + seconds:
-            if may_overlap(tensor, other_tensor):
+    elsewhere) and None are skipped. Each extent is computed once: a few microseconds a call."""
+    firsts, seconds = _extents(tensors), _extents(others or {})
+    for i, first in enumerate(firsts):
+        for second in firsts[i + 1 :] + seconds:
+            if _meet(first, second):
                 raise ValueError(
-                    f"{name}: expected no memory shared with {other}, got overlapping byte ranges "
-                    f"({_extent_text(tensor)} and {_extent_text(other_tensor)})"
+                    f"{first[0]}: expected no memory shared with {second[0]}, got overlapping byte ranges "
+                    f"({first[3] - first[2]} bytes at {first[2]:#x} and {second[3] - second[2]} bytes at "
+                    f"{second[2]:#x})"
                 )
-
-
-def _extent_text(x: torch.Tensor) -> str:
-    start, end = _byte_extent(x)
-    return f"{end - start} bytes at {start:#x}"
 
 
 def is_positive_finite(value) -> bool:
