@@ -119,7 +119,9 @@ WORKLOADS: dict[str, ReasoningWorkload] = {
 
 @dataclass(frozen=True)
 class MoEModel:
-    """An MoE layer's routing (shared/facts.md): experts, top-k, the expert MLP's width, and its rule."""
+    """An MoE layer's routing (the models' published configs): experts, top-k, the expert MLP's width, and
+    its rule. With groups, ``bias`` also picks how groups rank (kernels/moe.py): the sum of their top-2
+    biased scores with it (DeepSeek-V3/R1), their best score without (DeepSeek-V2)."""
 
     name: str
     hidden: int

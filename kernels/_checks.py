@@ -48,6 +48,34 @@ def check_tensor(
         raise ValueError(f"{name}: expected a tensor on {kinds} device, got one on {x.device}")
 
 
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """A Python int (not a bool) in [low, high] (high None: no upper bound)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an integer {span}, got {value!r}")
+    return value
+
+
+def check_device(name: str, device) -> torch.device:
+    """A constructor's device argument (None: torch's default device), resolved: one the kernels take
+    tensors of (runs_on) and that this machine has."""
+    try:
+        resolved = torch.get_default_device() if device is None else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}: expected a torch.device or a device string, got {device!r}") from None
+    if not runs_on(resolved) or (resolved.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(
+            f"{name}: expected a device the kernels take tensors of (CUDA, or the CPU where they are "
+            f"interpreted), got {resolved}"
+        )
+    return resolved
+
+
 def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None], what: str) -> None:
     """``expected`` holds a size per dimension, None for any size; ``what`` names the dimensions."""
     if len(expected) != x.dim() or any(e is not None and e != s for e, s in zip(expected, x.shape)):
@@ -80,6 +108,56 @@ def check_buffer(
     raise ValueError(
         f"{name}: expected {what}contiguous {shape} {dtype_name(dtype)} on {device}{hint}, got {got}"
     )
+
+
+def _byte_extent(x: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last + 1) bytes any element of ``x`` can occupy: data_ptr (the storage's address plus the
+    storage offset) up to the farthest element its sizes and strides reach. None when it holds no memory
+    (no elements, or on meta)."""
+    if x.numel() == 0 or x.device.type == "meta":
+        return None
+    start = x.data_ptr()
+    reach = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    return start, start + (reach + 1) * x.element_size()
+
+
+def _extents(named: dict) -> list[tuple[str, torch.device, int, int]]:
+    """(name, device, first byte, end byte) of each tensor holding memory; other values are skipped."""
+    found = []
+    for name, x in named.items():
+        extent = _byte_extent(x) if isinstance(x, torch.Tensor) else None
+        if extent is not None:
+            found.append((name, x.device, *extent))
+    return found
+
+
+def _meet(a: tuple, b: tuple) -> bool:
+    return a[1] == b[1] and a[2] < b[3] and b[2] < a[3]
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory can overlap, from metadata only: their byte extents meet on one device.
+    Conservative: interleaved views that share no element (x[::2], x[1::2]) count as overlapping. Tensors
+    on different devices, or without memory, never overlap; different allocations have disjoint extents."""
+    found = _extents({"a": a, "b": b})
+    return len(found) == 2 and _meet(*found)
+
+
+def check_disjoint(tensors: dict, others: dict | None = None) -> None:
+    """No two of ``tensors`` (argument name -> tensor), and none of them and one of ``others``, may share
+    memory (may_overlap); ``others`` may share memory among themselves. A call passes what it writes as
+    ``tensors`` and what it reads as ``others`` (or what it reads as ``tensors`` and what it writes as
+    ``others``, to name the read one first). Raises ValueError naming both arguments. Non-tensors (checked
+    elsewhere) and None are skipped. Each extent is computed once: a few microseconds a call."""
+    firsts, seconds = _extents(tensors), _extents(others or {})
+    for i, first in enumerate(firsts):
+        for second in firsts[i + 1 :] + seconds:
+            if _meet(first, second):
+                raise ValueError(
+                    f"{first[0]}: expected no memory shared with {second[0]}, got overlapping byte ranges "
+                    f"({first[3] - first[2]} bytes at {first[2]:#x} and {second[3] - second[2]} bytes at "
+                    f"{second[2]:#x})"
+                )
 
 
 def is_positive_finite(value) -> bool:

@@ -6,7 +6,8 @@ Ownership: of W ranks, rank r owns the global experts [r * L, (r + 1) * L), L = 
 
 Layouts (T: this rank's tokens, may differ between ranks; k: top_k; H: hidden):
     x         [T, H]       this rank's rows (fp32, fp16, bf16)
-    weights   [T, k] fp32  route's weights;  ids [T, k] int32: route's global expert ids, distinct per token
+    weights   [T, k] fp32  route's weights;  ids [T, k] int32: global expert ids (route's are distinct per
+                           token; a repeated id is a row per choice, as in moe.dispatch)
     recv_x    [R, H]       every row sent to this rank's experts: local expert e's rows are
                            recv_x[expert_offsets[e] : expert_offsets[e] + tokens_per_expert[e]], ordered by
                            source rank, then by the source's (token, choice) order; each segment starts on a
@@ -27,9 +28,10 @@ The stages (each in an NVTX range named ep.<stage>, and reported to ``stage_hook
 
 Modes. ``exact`` sends exactly the rows routed, at the cost of one host sync per call (the receiving side
 cannot size its buffer before it knows the counts). ``capacity`` sends fixed slabs of C = max_tokens_per_rank
-x min(k, L) rows per (source, destination) pair: an upper bound (a token's k distinct experts put at most
-min(k, L) rows on one rank), so no row is ever dropped, no count reaches the host, and the whole path can be
-captured in a CUDA graph; the wire carries the padding. With an EPWorkspace it allocates nothing.
+x k rows per (source, destination) pair: an upper bound (a token puts at most k rows on one rank, all k when
+its ids repeat or its experts share the rank), so no row is ever dropped, whatever the ids, no count reaches
+the host, and the whole path can be captured in a CUDA graph; the wire carries the padding. With an
+EPWorkspace it allocates nothing.
 
 Byte story: pack reads each row once and writes it k times; the wire carries k rows per token each way
 (exact) or W x C rows per rank (capacity); layout and unlayout read and write each received row once;
@@ -41,13 +43,15 @@ Accumulation: combine sums each token's choices in fp32 in choice order, as moe.
 bit-identical and the result does not depend on the world size.
 
 Checks are metadata only and run on every rank before the first collective: bad input of the same shape on
-every rank raises ValueError everywhere and leaves no rank waiting. A rank whose input differs from its
-peers' (or that dies) leaves them in a collective until the process group's timeout ends it.
+every rank raises ValueError everywhere and leaves no rank waiting. Buffers sharing memory (a workspace's
+with each other or with x, weights and ids; y with a buffer ep_combine writes) are bad input too. A rank
+whose input differs from its peers' (or that dies) leaves them in a collective until the process group's
+timeout ends it.
 """
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -55,7 +59,14 @@ import triton
 import triton.language as tl
 
 from kernels import moe
-from kernels._checks import check_buffer, check_contiguous, check_tensor
+from kernels._checks import (
+    check_buffer,
+    check_contiguous,
+    check_device,
+    check_disjoint,
+    check_int,
+    check_tensor,
+)
 
 MODES = ("exact", "capacity")
 #: Rows a regroup program moves.
@@ -133,7 +144,7 @@ def _regroup_kernel(
             tl.store(expert_offsets_ptr, 0)
     else:
         grouped_row = a * grouped_slab + within_a
-        live = live & (within_a < grouped_slab)  # a slab never overflows (ids repeated within a token)
+        live = live & (within_a < grouped_slab)  # never false (slab_rows bounds every a's rows): no OOB
     if packed_slab > 0:
         live = live & (within_a < packed_slab)
 
@@ -194,10 +205,14 @@ def _regroup(
 # --- sizes --------------------------------------------------------------------------------------------------
 
 
-def slab_rows(max_tokens_per_rank: int, top_k: int, num_experts: int, world_size: int) -> int:
-    """Capacity mode's rows per (source, destination) slab: a token's top_k distinct experts put at most
-    min(top_k, local experts) of its rows on one rank, so no slab can overflow."""
-    return max_tokens_per_rank * min(top_k, num_experts // world_size)
+def slab_rows(max_tokens_per_rank: int, top_k: int) -> int:
+    """Capacity mode's rows per (source, destination) slab: max_tokens_per_rank x top_k, every row a rank
+    can send, so no slab can overflow whatever the ids. A token's top_k distinct experts would put at most
+    min(top_k, local experts) rows on one rank, but ids may repeat within a token (moe.dispatch and exact
+    mode take them: a row per choice), and telling the two apart would read the ids on the host. The bound
+    costs padding only where local experts < top_k: none for DeepSeek-R1 (256 experts, top-8) up to EP32,
+    nor for Qwen3-235B-A22B (128, top-8) up to EP16."""
+    return max_tokens_per_rank * top_k
 
 
 def recv_x_rows(received: int, local_experts: int, align: int) -> int:
@@ -214,8 +229,9 @@ class EPWorkspace:
     x's dtype; L = num_experts / W, C = slab_rows(...); all contiguous, on x's device): dispatch is
     moe.DispatchWorkspace.for_shape(num_tokens, top_k, num_experts, hidden, align=1); send and recv
     [W * C, hidden]; recv_x [recv_x_rows(W * C, L, align), hidden]; recv_counts int32 [W, L];
-    tokens_per_expert int32 [L]; expert_offsets int32 [L + 1]; out [num_tokens, hidden]. Each call
-    overwrites the last one's contents.
+    tokens_per_expert int32 [L]; expert_offsets int32 [L + 1]; out [num_tokens, hidden]; no two buffers
+    (dispatch's included) share memory. Each call overwrites the last one's contents. for_shape refuses
+    (ValueError naming the argument) sizes no call takes, num_tokens > max_tokens_per_rank among them.
     """
 
     dispatch: moe.DispatchWorkspace  # pack's rows; unpack writes the returned outputs back over them
@@ -242,7 +258,7 @@ class EPWorkspace:
         """{field: (shape, dtype)} of every buffer but dispatch's (what for_shape allocates, what a given
         workspace is checked against without allocating)."""
         local = num_experts // world_size
-        slabs = world_size * slab_rows(max_tokens_per_rank, top_k, num_experts, world_size)
+        slabs = world_size * slab_rows(max_tokens_per_rank, top_k)
         return {
             "send": ((slabs, hidden), dtype),
             "recv": ((slabs, hidden), dtype),
@@ -267,6 +283,20 @@ class EPWorkspace:
         dtype: torch.dtype = torch.bfloat16,
         device=None,
     ) -> "EPWorkspace":
+        moe.check_dispatch_sizes(num_tokens, top_k, num_experts, hidden, align, dtype)
+        check_int("world_size", world_size, 1)
+        if num_experts % world_size:
+            raise ValueError(
+                f"num_experts: expected a multiple of world_size {world_size} (each rank owns as many "
+                f"experts), got {num_experts}"
+            )
+        check_int("max_tokens_per_rank", max_tokens_per_rank, 1)
+        if num_tokens > max_tokens_per_rank:
+            raise ValueError(
+                f"max_tokens_per_rank: expected at least num_tokens ({num_tokens}; a call's tokens must fit "
+                f"the slabs), got {max_tokens_per_rank}"
+            )
+        device = check_device("device", device)
         layout = cls.layout(
             num_tokens,
             top_k,
@@ -334,26 +364,103 @@ def _stage(name: str, hook: StageHook | None, device: torch.device):
 def _world_size(group) -> int:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: expected an initialized torch.distributed process group, got none")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(
+            "group: expected None (the default group) or a torch.distributed.ProcessGroup, got "
+            f"{type(group).__name__}"
+        )
     return dist.get_world_size(group)
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
-        span = f"[{low}, {high}]" if high else f">= {low}"
-        raise ValueError(f"{name}: expected an integer {span}, got {value!r}")
-    return value
-
-
-def _check_workspace(workspace, layout: dict, device) -> None:
-    """Every buffer of the caller's workspace has the shape, dtype and device this call needs (metadata
-    only); moe.dispatch checks the dispatch part itself."""
+def _check_workspace(workspace, layout: dict, device, inputs: dict) -> None:
+    """Every buffer of the caller's workspace has the shape, dtype and device this call needs, and shares no
+    memory with another (its dispatch part's included) or with the ``inputs`` (metadata only); moe.dispatch
+    checks the dispatch part's shapes itself."""
     if not isinstance(workspace, EPWorkspace):
         raise ValueError(
             "workspace: expected an EPWorkspace (EPWorkspace.for_shape sizes it), got "
             f"{type(workspace).__name__}"
         )
+    if not isinstance(workspace.dispatch, moe.DispatchWorkspace):
+        raise ValueError(
+            "workspace.dispatch: expected a moe.DispatchWorkspace (EPWorkspace.for_shape sizes it), got "
+            f"{type(workspace.dispatch).__name__}"
+        )
     for field, (shape, dtype) in layout.items():
         check_buffer(f"workspace.{field}", getattr(workspace, field), shape, dtype, device)
+    check_disjoint(_workspace_buffers(workspace), inputs)
+
+
+def _workspace_buffers(workspace: EPWorkspace) -> dict:
+    """Every buffer of an EPWorkspace by its name, the dispatch part's as workspace.dispatch.<field>."""
+    buffers = {f"workspace.{field.name}": getattr(workspace, field.name) for field in fields(workspace)}
+    del buffers["workspace.dispatch"]
+    for field in fields(workspace.dispatch):
+        buffers[f"workspace.dispatch.{field.name}"] = getattr(workspace.dispatch, field.name)
+    return buffers
+
+
+def _check_inputs(x, weights, ids, num_experts, world: int, align, mode, group) -> None:
+    """ep_dispatch's rows, routing and shared settings (metadata only)."""
+    check_tensor("x", x, ndim=2, dtypes=moe.ROW_DTYPES)
+    device = x.device
+    check_tensor("ids", ids, ndim=2, dtypes=(torch.int32,), device=device)
+    check_contiguous("ids", ids)
+    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=device)
+    check_contiguous("weights", weights)
+    if ids.shape[0] != x.shape[0] or ids.shape[1] == 0:
+        raise ValueError(
+            f"ids: expected [{x.shape[0]}, top_k >= 1] (a row per token of x), got {tuple(ids.shape)}"
+        )
+    if weights.shape != ids.shape:
+        raise ValueError(f"weights: expected {tuple(ids.shape)} like ids, got {tuple(weights.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"x: expected [tokens, hidden] with hidden >= 1, got {tuple(x.shape)}")
+    check_int("num_experts", num_experts, 1, moe.MAX_EXPERTS)
+    if num_experts % world:
+        raise ValueError(
+            f"num_experts: expected a multiple of the world size {world} (each rank owns as many experts), "
+            f"got {num_experts}"
+        )
+    check_int("align", align, 1, 1024)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        raise ValueError(f"x: the group's backend is NCCL, which moves CUDA tensors; got one on {device}")
+
+
+def _check_mode(
+    x, weights, ids, num_experts, world, align, mode, max_tokens_per_rank, workspace
+) -> int | None:
+    """Capacity mode's slab rows C (None in exact mode), its bound and workspace checked (metadata only)."""
+    if mode == "exact":
+        if max_tokens_per_rank is not None:
+            raise ValueError("max_tokens_per_rank: sizes capacity mode's slabs; exact mode takes none")
+        if workspace is not None:
+            raise ValueError(
+                "workspace: capacity mode's; exact mode sizes its buffers from the exchanged counts"
+            )
+        return None
+    num_tokens, top_k = ids.shape
+    check_int("max_tokens_per_rank", max_tokens_per_rank, 1)
+    if num_tokens > max_tokens_per_rank:
+        raise ValueError(
+            f"x: {num_tokens} tokens on this rank, more than max_tokens_per_rank={max_tokens_per_rank} "
+            "(the bound every rank sizes its slabs with)"
+        )
+    if workspace is not None:
+        layout = EPWorkspace.layout(
+            num_tokens,
+            top_k,
+            num_experts,
+            x.shape[1],
+            world_size=world,
+            max_tokens_per_rank=max_tokens_per_rank,
+            align=align,
+            dtype=x.dtype,
+        )
+        _check_workspace(workspace, layout, x.device, {"x": x, "weights": weights, "ids": ids})
+    return slab_rows(max_tokens_per_rank, top_k)
 
 
 # --- dispatch and combine -----------------------------------------------------------------------------------
@@ -377,62 +484,17 @@ def ep_dispatch(
     same num_experts, align, mode and max_tokens_per_rank. ``stage_hook(name)``, if given, returns a context
     manager entered around each stage (the benchmarks time them with it)."""
     world = _world_size(group)
-    check_tensor("x", x, ndim=2, dtypes=moe.ROW_DTYPES)
+    if stage_hook is not None and not callable(stage_hook):
+        raise ValueError(
+            f"stage_hook: expected None or a callable taking a stage name and returning a context manager, "
+            f"got {type(stage_hook).__name__}"
+        )
+    _check_inputs(x, weights, ids, num_experts, world, align, mode, group)
+    capacity = _check_mode(x, weights, ids, num_experts, world, align, mode, max_tokens_per_rank, workspace)
     device = x.device
-    check_tensor("ids", ids, ndim=2, dtypes=(torch.int32,), device=device)
-    check_contiguous("ids", ids)
-    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=device)
-    check_contiguous("weights", weights)
     num_tokens, top_k = ids.shape
-    if ids.shape[0] != x.shape[0] or top_k == 0:
-        raise ValueError(
-            f"ids: expected [{x.shape[0]}, top_k >= 1] (a row per token of x), got {tuple(ids.shape)}"
-        )
-    if weights.shape != ids.shape:
-        raise ValueError(f"weights: expected {tuple(ids.shape)} like ids, got {tuple(weights.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"x: expected [tokens, hidden] with hidden >= 1, got {tuple(x.shape)}")
-    _check_int("num_experts", num_experts, 1, moe.MAX_EXPERTS)
-    if num_experts % world:
-        raise ValueError(
-            f"num_experts: expected a multiple of the world size {world} (each rank owns as many experts), "
-            f"got {num_experts}"
-        )
-    _check_int("align", align, 1, 1024)
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
-        raise ValueError(f"x: the group's backend is NCCL, which moves CUDA tensors; got one on {device}")
     local = num_experts // world
     hidden = x.shape[1]
-    if mode == "exact":
-        if max_tokens_per_rank is not None:
-            raise ValueError("max_tokens_per_rank: sizes capacity mode's slabs; exact mode takes none")
-        if workspace is not None:
-            raise ValueError(
-                "workspace: capacity mode's; exact mode sizes its buffers from the exchanged counts"
-            )
-        capacity = None
-    else:
-        _check_int("max_tokens_per_rank", max_tokens_per_rank, 1)
-        if num_tokens > max_tokens_per_rank:
-            raise ValueError(
-                f"x: {num_tokens} tokens on this rank, more than max_tokens_per_rank={max_tokens_per_rank} "
-                "(the bound every rank sizes its slabs with)"
-            )
-        capacity = slab_rows(max_tokens_per_rank, top_k, num_experts, world)
-        if workspace is not None:
-            layout = EPWorkspace.layout(
-                num_tokens,
-                top_k,
-                num_experts,
-                hidden,
-                world_size=world,
-                max_tokens_per_rank=max_tokens_per_rank,
-                align=align,
-                dtype=x.dtype,
-            )
-            _check_workspace(workspace, layout, device)
 
     def stage(name):
         return _stage(name, stage_hook, device)
@@ -528,6 +590,10 @@ def ep_combine(y: torch.Tensor, handle: EPHandle) -> torch.Tensor:
     if tuple(y.shape) != (handle.recv_rows, hidden):
         raise ValueError(f"y: expected {(handle.recv_rows, hidden)} (recv_x's shape), got {tuple(y.shape)}")
     _world_size(handle.group)
+    if workspace is not None:  # y is read while these are written (recv_x, not among them, may be y)
+        written = ("recv", "send", "out", "dispatch.x_sorted")
+        buffers = _workspace_buffers(workspace)
+        check_disjoint({"y": y}, {f"workspace.{name}": buffers[f"workspace.{name}"] for name in written})
     local = handle.tokens_per_expert.shape[0]
 
     def stage(name):

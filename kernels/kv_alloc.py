@@ -525,6 +525,11 @@ def _copy_blocks_kernel(
 # --- launchers ----------------------------------------------------------------------------------------------
 
 
+def _check_pool(pool) -> None:
+    if not isinstance(pool, KVBlockPool):
+        raise ValueError(f"pool: expected a KVBlockPool, got {type(pool).__name__}")
+
+
 def _check_ids(name: str, ids, pool: KVBlockPool) -> None:
     check_tensor(name, ids, ndim=1, dtypes=(torch.int32,), device=pool.device)
     check_contiguous(name, ids)
@@ -546,6 +551,7 @@ def allocate(pool: KVBlockPool, seq_ids, num_new_tokens, *, num_tokens: int | No
     blocks, or an id is out of range or repeated, or a sequence would outgrow its table row, nothing changes,
     ``ok`` is False and every slot is -1 (write_kv skips them).
     """
+    _check_pool(pool)
     _check_ids("seq_ids", seq_ids, pool)
     num_seqs = seq_ids.shape[0]
     if isinstance(num_new_tokens, torch.Tensor):
@@ -604,6 +610,7 @@ def fork(pool: KVBlockPool, src, dst):
     """Each (empty) dst[i] takes src[i]'s tokens: full blocks shared by reference count, a partly filled last
     block copied into a fresh one. Returns (copies int32 [n, 2] for copy_blocks, ok bool [1]); out of
     blocks, or on a bad pair (id out of range, dst not empty, listed twice, or a source), nothing changes."""
+    _check_pool(pool)
     _check_ids("src", src, pool)
     _check_ids("dst", dst, pool)
     if dst.shape != src.shape:
@@ -637,6 +644,7 @@ def fork(pool: KVBlockPool, src, dst):
 def free(pool: KVBlockPool, seq_ids) -> None:
     """Drops the listed sequences' references; blocks reaching zero return to the free stack. Ids out of
     range are skipped; a sequence listed twice is freed once."""
+    _check_pool(pool)
     _check_ids("seq_ids", seq_ids, pool)
     num_seqs = seq_ids.shape[0]
     seq_block, page_block = _tiles(num_seqs, pool.max_blocks_per_seq)

@@ -45,7 +45,7 @@ from kernels import INTERPRETED, _configs
 from kernels._checks import (
     check_contiguous,
     check_fp8_scale,
-    check_shape,
+    check_int,
     check_tensor,
     dtype_name,
 )
@@ -56,8 +56,11 @@ from kernels.paged_attention import (
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
     PagedDecodeWorkspace,
+    check_decode_memory,
     check_softmax_scale,
     check_tables,
+    check_workspace_args,
+    decode_out,
     merge_splits,
     paged_decode_workspace,
     plan_splits,
@@ -243,6 +246,8 @@ def mla_decode_workspace(
 ) -> PagedDecodeWorkspace:
     """Split-KV scratch for up to ``batch`` sequences of ``num_heads`` heads: paged_decode's workspace with
     the value width as its head_dim (the two kernels share the merge and its partial layout)."""
+    check_workspace_args(batch, ("num_heads", num_heads), ("v_head_dim", v_head_dim), max_splits, device)
+    check_int("v_head_dim", v_head_dim, 1, _MAX_ACCUMULATOR // 16)  # what mla_decode takes at 16 heads
     return paged_decode_workspace(batch, num_heads, v_head_dim, max_splits=max_splits, device=device)
 
 
@@ -302,13 +307,10 @@ def mla_decode(
     )
     max_context = block_tables.shape[1] * block_size
     splits, forced = plan_splits(num_splits, batch, head_tiles, max_context, q.device, min_split_tokens)
-    if out is None:
-        out = torch.empty(batch, num_heads, v_head_dim, dtype=q.dtype, device=q.device)
-    else:
-        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
-        check_shape("out", out, (batch, num_heads, v_head_dim), "[batch, num_heads, v_head_dim]")
-        check_contiguous("out", out)
+    out = decode_out(out, (batch, num_heads, v_head_dim), q, "[batch, num_heads, v_head_dim]")
     partial_out, partial_lse = split_partials(workspace, out, splits)
+    inputs = {"q": q, "kv_cache": kv_cache, "block_tables": block_tables, "seq_lens": seq_lens}
+    check_decode_memory(out, workspace, inputs)
     if batch == 0:
         return out
 

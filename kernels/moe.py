@@ -12,15 +12,22 @@ Layouts:
     out      [tokens, hidden]    combine's output, in y's dtype
 
 Routing rules (as reference/moe.py states them): softmax top-k (Mixtral, Qwen3), top-k then softmax
-(gpt-oss), and DeepSeek-V3/R1's grouped sigmoid routing (groups ranked by the sum of their top-2 biased
-scores, the best ``topk_groups`` kept, experts chosen by biased score, weighted by unbiased score,
-renormalised, times ``scale``). The choice order is the reference's: higher selection score first, NaN
-after -inf, equal scores (-inf and NaN included; -0.0 equals 0.0) to the lower expert (and group) id.
+(gpt-oss), and group-limited routing (``num_groups``, ``topk_groups``): the best ``topk_groups`` groups
+kept, the experts chosen among theirs, weighted by unbiased score, optionally renormalised, times
+``scale``. How groups rank depends on ``bias``:
+    with a bias (DeepSeek-V3/R1's sigmoid routing, arXiv 2412.19437, node-limited routing): by the sum of
+        each group's two best biased scores, as SGLang's biased_grouped_topk and vLLM's grouped_topk do
+        when given an e_score_correction_bias;
+    without (DeepSeek-V2's group_limited_greedy, arXiv 2405.04434, device-limited routing): by each
+        group's best score, as vLLM's grouped_topk and SGLang's grouped_topk do with no bias.
+The choice order is the reference's: higher selection score first, NaN after -inf, equal scores (-inf and
+NaN included; -0.0 equals 0.0) to the lower expert (and group) id.
 
 Selection sorts keys that carry the expert id: each score's order-preserving bits and the id packed into one
 int64 (_order_keys), so keys are distinct, a token's k ids cannot repeat, and the tie order is the key's own.
-One tl.topk per tile chooses all k (and, for DeepSeek, one per group of a [tokens, groups, group size] view
-its best two, and one the kept groups), where k argmax passes used to sweep the tile k times.
+One tl.topk per tile chooses all k (and, for grouped routing, one per group of a [tokens, groups, group size]
+view its best two, or a max its best one, and one the kept groups), where k argmax passes used to sweep the
+tile k times.
 
 Byte story: each token's logits are read once and its choices written once; a program holds BLOCK_T tokens'
 whole rows (its experts padded to a power of two) and chooses in registers.
@@ -41,7 +48,16 @@ import triton
 import triton.language as tl
 
 from kernels import _configs
-from kernels._checks import check_buffer, check_contiguous, check_tensor, dtype_name, is_positive_finite
+from kernels._checks import (
+    check_buffer,
+    check_contiguous,
+    check_device,
+    check_disjoint,
+    check_int,
+    check_tensor,
+    dtype_name,
+    is_positive_finite,
+)
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORINGS = ("softmax", "sigmoid")
@@ -164,10 +180,14 @@ def _route_kernel(
     keys = tl.where(real[None, :], _order_keys(choice, experts, INDEX_BITS), _LOWEST_KEY)
 
     if NUM_GROUPS > 1:
-        # Groups ranked by the sum of their two best biased scores (in the same order, NaN last); the best
-        # TOPK_GROUPS kept: those whose key is at least the TOPK_GROUPS-th best (keys are distinct).
-        best_two = tl.topk(tl.reshape(keys, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD]), 2)
-        group_scores = tl.sum(_key_values(best_two), axis=2)
+        # Groups ranked (in the same order, NaN last) by the sum of their two best biased scores with a bias
+        # (DeepSeek-V3/R1), by their best score without (DeepSeek-V2); the best TOPK_GROUPS kept: those whose
+        # key is at least the TOPK_GROUPS-th best (keys are distinct).
+        grouped = tl.reshape(keys, [BLOCK_T, GROUPS_PAD, GROUP_SIZE_PAD])
+        if HAS_BIAS:
+            group_scores = tl.sum(_key_values(tl.topk(grouped, 2)), axis=2)
+        else:
+            group_scores = _key_values(tl.max(grouped, axis=2))
         groups = tl.arange(0, GROUPS_PAD)
         group_keys = tl.where(
             (groups < NUM_GROUPS)[None, :], _order_keys(group_scores, groups, INDEX_BITS), _LOWEST_KEY
@@ -224,6 +244,28 @@ def route_choice(logits: torch.Tensor, top_k: int, num_groups: int) -> _configs.
     )
 
 
+def _check_groups(num_groups, topk_groups, num_experts: int, top_k: int, has_bias: bool) -> int:
+    """The number of groups (1: no group stage), checked with topk_groups against the experts and top_k."""
+    groups = 1 if num_groups is None else num_groups
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_experts % groups:
+        raise ValueError(f"num_groups: expected a divisor of the {num_experts} experts, got {num_groups!r}")
+    if groups == 1:
+        if topk_groups is not None:
+            raise ValueError("topk_groups: applies only with num_groups > 1")
+        return groups
+    if has_bias and num_experts // groups < 2:
+        raise ValueError(
+            "num_groups: with a bias, groups rank by the sum of their top-2 scores, so each needs 2 experts "
+            f"or more; got {num_groups} groups of {num_experts // groups}"
+        )
+    if isinstance(topk_groups, bool) or not isinstance(topk_groups, int) or not 1 <= topk_groups <= groups:
+        raise ValueError(f"topk_groups: expected an integer in [1, {groups}], got {topk_groups!r}")
+    if topk_groups * (num_experts // groups) < top_k:
+        size = num_experts // groups
+        raise ValueError(f"topk_groups: {topk_groups} groups of {size} hold fewer than top_k ({top_k})")
+    return groups
+
+
 def route(
     logits,
     top_k,
@@ -242,7 +284,11 @@ def route(
     A token's ids are always distinct, whatever its logits: ranked by selection score, NaN after -inf, equal
     scores (-inf and NaN included) to the lower id, so -inf-masked experts come after the others in id order.
     Weights are the reference's: a +inf or NaN logit under softmax makes that token's scores, and weights,
-    NaN; it never changes another token or fails the call."""
+    NaN; it never changes another token or fails the call.
+
+    Grouped (``num_groups`` > 1): the ``topk_groups`` best groups are kept. With ``bias`` (DeepSeek-V3/R1)
+    a group ranks by the sum of its two best biased scores (so it needs 2 experts or more); without
+    (DeepSeek-V2) by its best score, as vLLM's grouped_topk does (the module docstring has the sources)."""
     check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
     num_tokens, num_experts = logits.shape
     if logits.stride(1) != 1 and logits.shape[1] > 1:  # a size-1 dimension's stride is never used
@@ -253,24 +299,7 @@ def route(
         raise ValueError(f"top_k: expected an integer in [1, {num_experts}] (the experts), got {top_k!r}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
-    groups = 1 if num_groups is None else num_groups
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_experts % groups:
-        raise ValueError(f"num_groups: expected a divisor of the {num_experts} experts, got {num_groups!r}")
-    if groups > 1:
-        if num_experts // groups < 2:
-            raise ValueError("num_groups: groups rank by their top-2 scores, so each needs 2 experts or more")
-        if (
-            isinstance(topk_groups, bool)
-            or not isinstance(topk_groups, int)
-            or not 1 <= topk_groups <= groups
-        ):
-            raise ValueError(f"topk_groups: expected an integer in [1, {groups}], got {topk_groups!r}")
-        if topk_groups * (num_experts // groups) < top_k:
-            raise ValueError(
-                f"topk_groups: {topk_groups} groups of {num_experts // groups} hold fewer than top_k"
-            )
-    elif topk_groups is not None:
-        raise ValueError("topk_groups: applies only with num_groups > 1")
+    groups = _check_groups(num_groups, topk_groups, num_experts, top_k, bias is not None)
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
         if bias.shape[0] != num_experts or (bias.stride(0) != 1 and num_experts > 1):
@@ -576,6 +605,23 @@ def dispatch_choice(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> _co
     return _configs.choose("dispatch", key, x.device, heuristic, DISPATCH_TUNABLE)
 
 
+def check_dispatch_sizes(num_tokens, top_k, num_experts, hidden, align, dtype) -> None:
+    """A workspace constructor's sizes: ones some dispatch call takes (ValueError naming the argument)."""
+    check_int("num_tokens", num_tokens, 0)
+    check_int("top_k", top_k, 1)
+    check_int("num_experts", num_experts, 1, MAX_EXPERTS)
+    check_int("hidden", hidden, 1)
+    check_int("align", align, 1, 1024)
+    if not isinstance(dtype, torch.dtype) or dtype not in ROW_DTYPES:
+        allowed = ", ".join(dtype_name(d) for d in ROW_DTYPES)
+        raise ValueError(f"dtype: expected one of ({allowed}), got {dtype!r}")
+    rows = max_rows(num_tokens, top_k, num_experts, align)
+    if rows >= 2**31:
+        raise ValueError(
+            f"num_tokens: {num_tokens} x top_k {top_k} make {rows} rows; row ids are int32 (< 2^31)"
+        )
+
+
 @dataclass(frozen=True)
 class DispatchWorkspace:
     """dispatch's outputs and scratch, owned by the caller: a serving engine allocates one per captured
@@ -586,7 +632,8 @@ class DispatchWorkspace:
     device): x_sorted [max_rows, hidden]; tokens_per_expert int32 [num_experts]; expert_offsets int32
     [num_experts + 1]; row_token int32 [max_rows]; slot_row int32 [num_tokens, top_k]; chunk_prefix int32,
     flat, room for one row of next_power_of_2(num_experts) counts per chunk of MIN_CHUNK_TOKENS tokens
-    (empty where one launch does it all).
+    (empty where one launch does it all); no two share memory. for_shape refuses (ValueError naming the
+    argument) sizes no dispatch call takes.
     """
 
     x_sorted: torch.Tensor  # [max_rows, hidden] in x's dtype
@@ -608,6 +655,8 @@ class DispatchWorkspace:
         dtype: torch.dtype = torch.bfloat16,
         device=None,
     ) -> "DispatchWorkspace":
+        check_dispatch_sizes(num_tokens, top_k, num_experts, hidden, align, dtype)
+        device = check_device("device", device)
         rows = max_rows(num_tokens, top_k, num_experts, align)
         prefix = 0
         if not _fused(num_tokens, top_k):
@@ -657,13 +706,33 @@ def _check_dispatch_workspace(workspace, expected: dict, prefix_needed: int, dev
         )
 
 
+def _dispatch_buffers(x, ids, num_experts: int, rows: int, prefix_needed: int, workspace) -> tuple:
+    """(x_sorted, tokens_per_expert, expert_offsets, row_token, slot_row, chunk_prefix): fresh ones
+    (chunk_prefix None: allocated when needed), or the workspace's, checked (metadata only) for shape and
+    for sharing no memory with each other or with x and ids."""
+    layout = {
+        "x_sorted": ((rows, x.shape[1]), x.dtype),
+        "tokens_per_expert": ((num_experts,), torch.int32),
+        "expert_offsets": ((num_experts + 1,), torch.int32),
+        "row_token": ((rows,), torch.int32),
+        "slot_row": (tuple(ids.shape), torch.int32),
+    }
+    if workspace is None:
+        return (*(torch.empty(shape, dtype=dtype, device=x.device) for shape, dtype in layout.values()), None)
+    _check_dispatch_workspace(workspace, layout, prefix_needed, x.device)
+    buffers = {name: getattr(workspace, name) for name in (*layout, "chunk_prefix")}
+    check_disjoint({f"workspace.{name}": buffer for name, buffer in buffers.items()}, {"x": x, "ids": ids})
+    return tuple(buffers.values())
+
+
 def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     """Copies each token's row once per choice into expert-contiguous order; returns (x_sorted [max_rows,
     hidden], plan). Rows of one expert are in (token, choice) order; each expert's segment starts at a
     multiple of ``align``; padding rows are marked -1 in plan.row_token. No host sync: x_sorted has
     max_rows(...) rows, the most the padding can need. ids must lie in [0, num_experts) (see
     check_ids_in_range). With ``workspace`` (DispatchWorkspace.for_shape) the outputs are its buffers and
-    the call allocates nothing."""
+    the call allocates nothing; its buffers may share no memory with each other or with x and ids (checked
+    from metadata: ValueError naming both)."""
     check_tensor("x", x, ndim=2, dtypes=ROW_DTYPES)
     _check_ids(ids, num_experts, x.device)
     if x.stride(1) != 1 and x.shape[1] > 1:
@@ -693,28 +762,9 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     fused = _fused(num_tokens, top_k)
     if num_tokens == 0:
         chunks = 1
-    if workspace is None:
-        x_sorted = torch.empty(rows, hidden, dtype=x.dtype, device=device)
-        tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
-        expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-        row_token = torch.empty(rows, dtype=torch.int32, device=device)
-        slot_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
-        chunk_prefix = None
-    else:
-        expected = {
-            "x_sorted": ((rows, hidden), x.dtype),
-            "tokens_per_expert": ((num_experts,), torch.int32),
-            "expert_offsets": ((num_experts + 1,), torch.int32),
-            "row_token": ((rows,), torch.int32),
-            "slot_row": ((num_tokens, top_k), torch.int32),
-        }
-        _check_dispatch_workspace(workspace, expected, 0 if fused else chunks * experts_pad, device)
-        x_sorted, tokens_per_expert, expert_offsets = (
-            workspace.x_sorted,
-            workspace.tokens_per_expert,
-            workspace.expert_offsets,
-        )
-        row_token, slot_row, chunk_prefix = workspace.row_token, workspace.slot_row, workspace.chunk_prefix
+    prefix_needed = 0 if fused else chunks * experts_pad
+    buffers = _dispatch_buffers(x, ids, num_experts, rows, prefix_needed, workspace)
+    x_sorted, tokens_per_expert, expert_offsets, row_token, slot_row, chunk_prefix = buffers
     plan = DispatchPlan(tokens_per_expert, expert_offsets, row_token, slot_row, align)
     if fused:
         chunk_prefix = expert_offsets  # unread when fused
@@ -795,7 +845,8 @@ def combine(y_sorted, weights, plan: DispatchPlan, *, out=None):
     """out[t] = sum over choices c of weights[t, c] * y_sorted[plan.slot_row[t, c]], accumulated in fp32 in
     a fixed order, returned in y's dtype. One launch, no atomics, no host sync. ``out``: a caller-owned
     [tokens, hidden] tensor in y's dtype to write (and return), so a decode step under a CUDA graph
-    allocates nothing; None allocates it."""
+    allocates nothing; None allocates it. It may share no memory with y_sorted, weights or the plan (checked
+    from metadata: ValueError naming both)."""
     check_tensor("y_sorted", y_sorted, ndim=2, dtypes=ROW_DTYPES)
     check_contiguous("y_sorted", y_sorted)
     check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=y_sorted.device)
@@ -823,6 +874,10 @@ def combine(y_sorted, weights, plan: DispatchPlan, *, out=None):
         check_contiguous("out", out)
         if tuple(out.shape) != (num_tokens, hidden):
             raise ValueError(f"out: expected {(num_tokens, hidden)} (tokens, hidden), got {tuple(out.shape)}")
+        # Rows of an out over y_sorted (or the plan) would be read after other programs wrote them.
+        check_disjoint(
+            {"out": out}, {"y_sorted": y_sorted, "weights": weights, "plan.slot_row": plan.slot_row}
+        )
     if num_tokens == 0:
         return out
     config = combine_choice(y_sorted, weights).config

@@ -41,7 +41,10 @@ import triton.language as tl
 from kernels import INTERPRETED, _configs
 from kernels._checks import (
     check_contiguous,
+    check_device,
+    check_disjoint,
     check_fp8_scales,
+    check_int,
     check_shape,
     check_tensor,
     dtype_name,
@@ -385,15 +388,23 @@ def paged_decode_workspace(
     gives the count it takes for a block table of that width (a group served in head tiles, more programs
     a sequence, takes at most that), or pass num_splits to the call; a caller may size for either instead
     to hold less."""
-    for name, value in (("batch", batch), ("num_q_heads", num_q_heads), ("head_dim", head_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-    if isinstance(max_splits, bool) or not isinstance(max_splits, int) or not 1 <= max_splits <= MAX_SPLITS:
-        raise ValueError(f"max_splits: expected an integer in [1, {MAX_SPLITS}], got {max_splits!r}")
+    device = check_workspace_args(
+        batch, ("num_q_heads", num_q_heads), ("head_dim", head_dim), max_splits, device
+    )
     return PagedDecodeWorkspace(
         torch.empty(batch, num_q_heads, max_splits, head_dim, dtype=torch.float32, device=device),
         torch.empty(batch, num_q_heads, max_splits, dtype=torch.float32, device=device),
     )
+
+
+def check_workspace_args(batch, heads: tuple, width: tuple, max_splits, device) -> torch.device:
+    """A workspace constructor's arguments, ``heads`` and ``width`` as (its name, value): sizes some decode
+    call can use (a batch may be empty; heads and width not), the resolved device."""
+    check_int("batch", batch, 0)
+    check_int(*heads, 1)
+    check_int(*width, 1)
+    check_int("max_splits", max_splits, 1, MAX_SPLITS)
+    return check_device("device", device)
 
 
 def check_workspace(workspace, rows: int, head_dim: int, device: torch.device) -> None:
@@ -420,6 +431,27 @@ def check_workspace(workspace, rows: int, head_dim: int, device: torch.device) -
                 f"this call needs {needed} contiguous (batch x num_q_heads x splits"
                 f"{' x head_dim' if name == 'partial_out' else ''})"
             )
+
+
+def decode_out(out, shape: tuple, q: torch.Tensor, what: str) -> torch.Tensor:
+    """The caller's ``out`` (checked: 3-D, q's dtype and device, ``shape``, contiguous) or a fresh one."""
+    if out is None:
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
+    check_shape("out", out, shape, what)
+    check_contiguous("out", out)
+    return out
+
+
+def check_decode_memory(out: torch.Tensor, workspace, inputs: dict) -> None:
+    """What a decode writes (out, and a given workspace's partials) shares no memory with anything else it
+    writes or with its ``inputs`` (name -> tensor), from metadata only: partials over each other gave inf,
+    and an out over q or a cache would change what later programs read. Run after check_workspace."""
+    written = {"out": out}
+    if workspace is not None:
+        written["workspace.partial_out"] = workspace.partial_out
+        written["workspace.partial_lse"] = workspace.partial_lse
+    check_disjoint(written, inputs)
 
 
 def check_tables(block_tables, seq_lens, batch: int, device: torch.device) -> None:
@@ -514,6 +546,7 @@ def paged_decode(
     Validates metadata only; ``check_paged_inputs`` checks lengths and block ids against the cache (it reads
     device data, so call it outside timed and captured paths). ``workspace`` (paged_decode_workspace) holds
     the split partials; with it and ``out`` given, the call allocates nothing (a serving engine's graph path).
+    out and the partials may share no memory with each other or with the inputs (checked from metadata).
     """
     check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     batch, num_q_heads, head_dim = q.shape
@@ -554,13 +587,10 @@ def paged_decode(
     splits, forced = plan_splits(
         num_splits, batch, num_kv_heads * head_tiles, block_tables.shape[1] * block_size, q.device
     )
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
-        check_shape("out", out, tuple(q.shape), "like q")
-        check_contiguous("out", out)
+    out = decode_out(out, tuple(q.shape), q, "like q")
     partial_out, partial_lse = split_partials(workspace, out, splits)
+    tables = {"block_tables": block_tables, "seq_lens": seq_lens}
+    check_decode_memory(out, workspace, {"q": q, "k_cache": k_cache, "v_cache": v_cache, **tables})
     if batch == 0:
         return out
 

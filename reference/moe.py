@@ -9,11 +9,15 @@ never changes another token's result.
 
 - softmax top-k (Mixtral, Qwen3): scores = softmax(logits); the top_k scores, renormalised to sum to 1.
 - top-k then softmax (gpt-oss, ``softmax_after_topk``): the top_k logits, softmaxed among themselves.
-- DeepSeek-V3/R1 grouped (``scoring="sigmoid"``, ``num_groups``, ``topk_groups``, ``bias``): scores =
-  sigmoid(logits); bias is added only to choose; groups are ranked by the sum of their top-2 biased scores
-  and the best ``topk_groups`` kept; the top_k biased scores among them choose the experts (the other
+- group-limited (``num_groups``, ``topk_groups``, optionally ``bias``): bias is added only to choose; the
+  best ``topk_groups`` groups are kept; the top_k selection scores among them choose the experts (the other
   groups' experts choose as -inf: after every kept expert scoring above -inf, ties by id); the weights are
-  the unbiased scores, renormalised, times ``scale``.
+  the unbiased scores, renormalised if asked, times ``scale``. Groups rank, ties to the lower group id:
+  - with a bias, by the sum of their top-2 biased scores: DeepSeek-V3/R1 (``scoring="sigmoid"``; arXiv
+    2412.19437's node-limited routing), as SGLang's biased_grouped_topk and vLLM's grouped_topk (given an
+    e_score_correction_bias) rank them;
+  - without, by their best score: DeepSeek-V2's group_limited_greedy (softmax scores; arXiv 2405.04434's
+    device-limited routing), as vLLM's grouped_topk and SGLang's grouped_topk rank them with no bias.
 """
 
 from dataclasses import dataclass
@@ -53,7 +57,8 @@ def route(
     if num_groups is not None and num_groups > 1:
         tokens, experts = choice.shape
         grouped = choice.view(tokens, num_groups, experts // num_groups)
-        group_scores = torch.gather(grouped, -1, _top(grouped, 2)).sum(-1)  # in the same order, NaN last
+        best = 2 if bias is not None else 1  # sum of the top-2 with a bias; the best score without
+        group_scores = torch.gather(grouped, -1, _top(grouped, best)).sum(-1)  # in the same order, NaN last
         kept = torch.zeros(tokens, num_groups, dtype=torch.bool, device=x.device)
         kept.scatter_(1, _top(group_scores, topk_groups), True)
         choice = choice.masked_fill(~kept.repeat_interleave(experts // num_groups, dim=1), float("-inf"))

@@ -1,15 +1,19 @@
 """Every public function through bad input: wrong dtype, rank, shape, device (a 'meta' tensor stands for a
-wrong device on a CPU box), contiguity, bools for ints, NaN and inf scalars, zero sizes. Each must raise
-ValueError naming the argument, with every output, cache and pool left bit for bit as it was.
+wrong device on a CPU box), contiguity, bools for ints, NaN and inf scalars, zero sizes, outputs or
+workspace buffers sharing memory with each other or with an input, workspace constructors' sizes no call
+can use. Each must raise ValueError naming the argument, with every output, cache, workspace and pool left
+bit for bit as it was.
 
 A valid call per function is built first (and run once, so the table cannot pass on a call that fails
 anyway); each row changes one argument of it.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
-from kernels import kv_alloc, kv_cache, moe, paged_attention
+from kernels import _checks, ep, kv_alloc, kv_cache, mla_attention, moe, paged_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -68,6 +72,43 @@ def paged_args(cache_dtype=torch.bfloat16):
     }
 
 
+def paged_workspace_args():
+    workspace = paged_attention.paged_decode_workspace(2, 4, 8, max_splits=2, device=DEVICE)
+    return {**paged_args(), "num_splits": 2, "workspace": workspace}
+
+
+def mla_args():
+    return {
+        "q": _randn(2, 4, 24, dtype=torch.bfloat16),
+        "kv_cache": _randn(5, 4, 1, 24, dtype=torch.bfloat16, seed=1),
+        "block_tables": _t([[0, 3], [4, 1]]),
+        "seq_lens": _t([6, 3]),
+        "v_head_dim": 16,
+        "num_splits": 2,
+        "out": torch.zeros(2, 4, 16, dtype=torch.bfloat16, device=DEVICE),
+        "workspace": mla_attention.mla_decode_workspace(2, 4, 16, max_splits=2, device=DEVICE),
+    }
+
+
+def _partials_sharing_memory(batch, heads, splits, width):
+    """A decode workspace whose partial_lse starts inside partial_out's last row."""
+    rows = batch * heads * splits
+    shared = torch.zeros(rows * width + rows, device=DEVICE)
+    partial_out = shared[: rows * width].view(batch, heads, splits, width)
+    partial_lse = shared[rows * width - 4 : rows * width - 4 + rows].view(batch, heads, splits)
+    return paged_attention.PagedDecodeWorkspace(partial_out, partial_lse)
+
+
+def _replace_workspace(**fields):
+    """The call's workspace with some buffers replaced: ``fields`` maps a name to f(workspace, args)."""
+
+    def change(a):
+        ws = a["workspace"]
+        return {**a, "workspace": dataclasses.replace(ws, **{k: f(ws, a) for k, f in fields.items()})}
+
+    return change
+
+
 def check_paged_args():
     args = paged_args()
     return {k: args[k] for k in ("k_cache", "block_tables", "seq_lens")}
@@ -83,6 +124,23 @@ def grouped_route_args():
 
 def dispatch_args():
     return {"x": _randn(3, 16), "ids": _t([[0, 1], [2, 3], [4, 5]]), "num_experts": 8, "align": 4}
+
+
+def dispatch_workspace_args():
+    workspace = moe.DispatchWorkspace.for_shape(3, 2, 8, 16, align=4, dtype=torch.float32, device=DEVICE)
+    return {**dispatch_args(), "workspace": workspace}
+
+
+def dispatch_workspace_sizes():
+    return {"num_tokens": 3, "top_k": 2, "num_experts": 8, "hidden": 16, "align": 4, "device": DEVICE}
+
+
+def ep_workspace_sizes():
+    return {**dispatch_workspace_sizes(), "world_size": 2, "max_tokens_per_rank": 4, "dtype": torch.float32}
+
+
+def decode_workspace_sizes(heads="num_q_heads", width="head_dim"):
+    return {"batch": 2, heads: 4, width: 16, "max_splits": 2, "device": DEVICE}
 
 
 def combine_args():
@@ -113,10 +171,23 @@ FUNCTIONS = {
     "write_kv fp8": (lambda a: kv_cache.write_kv(**a), lambda: write_kv_args(FP8)),
     "paged_decode": (lambda a: paged_attention.paged_decode(**a), paged_args),
     "paged_decode fp8": (lambda a: paged_attention.paged_decode(**a), lambda: paged_args(FP8)),
+    "paged_decode workspace": (lambda a: paged_attention.paged_decode(**a), paged_workspace_args),
+    "paged_decode_workspace": (
+        lambda a: paged_attention.paged_decode_workspace(**a),
+        decode_workspace_sizes,
+    ),
+    "mla_decode": (lambda a: mla_attention.mla_decode(**a), mla_args),
+    "mla_decode_workspace": (
+        lambda a: mla_attention.mla_decode_workspace(**a),
+        lambda: decode_workspace_sizes("num_heads", "v_head_dim"),
+    ),
     "check_paged_inputs": (lambda a: paged_attention.check_paged_inputs(**a), check_paged_args),
     "route": (lambda a: moe.route(**a), route_args),
     "route grouped": (lambda a: moe.route(**a), grouped_route_args),
     "dispatch": (lambda a: moe.dispatch(**a), dispatch_args),
+    "dispatch workspace": (lambda a: moe.dispatch(**a), dispatch_workspace_args),
+    "DispatchWorkspace.for_shape": (lambda a: moe.DispatchWorkspace.for_shape(**a), dispatch_workspace_sizes),
+    "EPWorkspace.for_shape": (lambda a: ep.EPWorkspace.for_shape(**a), ep_workspace_sizes),
     "combine": (lambda a: moe.combine(**a), combine_args),
     "check_ids_in_range": (
         lambda a: moe.check_ids_in_range(**a),
@@ -239,6 +310,54 @@ BAD = _rows(
             ("out", "device", _map("out", META)),
             ("out", "contiguity", _map("out", _strided)),
         ],
+        # Issue 20, item 4: overlapping partials gave inf; an out over q or a cache, rows read after written.
+        "paged_decode workspace": [
+            (
+                "workspace.partial_out",
+                "over partial_lse",
+                _set(workspace=_partials_sharing_memory(2, 4, 2, 8)),
+            ),
+            ("out", "over q", lambda a: {**a, "out": a["q"]}),
+            (
+                "out",
+                "over the workspace",
+                lambda a: {
+                    **a,
+                    "out": a["workspace"].partial_out.view(torch.bfloat16).view(-1)[:64].view(2, 4, 8),
+                },
+            ),
+            (
+                "workspace.partial_lse",
+                "over v_cache",
+                _replace_workspace(partial_lse=lambda ws, a: a["v_cache"].view(torch.float32).view(-1)[:16]),
+            ),
+        ],
+        "paged_decode_workspace": [
+            ("batch", "negative", _set(batch=-1)),
+            ("num_q_heads", "zero", _set(num_q_heads=0)),
+            ("head_dim", "zero", _set(head_dim=0)),
+            ("head_dim", "a float", _set(head_dim=16.0)),
+            ("max_splits", "a bool", _set(max_splits=True)),
+            ("device", "unknown", _set(device="nope")),
+            ("device", "meta", _set(device="meta")),
+        ],
+        "mla_decode": [
+            (
+                "workspace.partial_out",
+                "over partial_lse",
+                _set(workspace=_partials_sharing_memory(2, 4, 2, 16)),
+            ),
+            ("out", "over kv_cache", lambda a: {**a, "out": a["kv_cache"].view(-1)[:128].view(2, 4, 16)}),
+            ("out", "over q", lambda a: {**a, "out": a["q"].view(-1)[:128].view(2, 4, 16)}),
+        ],
+        # Issue 20, item 5: errors named head_dim and num_q_heads; zero heads built a workspace no call takes.
+        "mla_decode_workspace": [
+            ("num_heads", "zero", _set(num_heads=0)),
+            ("num_heads", "a bool", _set(num_heads=True)),
+            ("v_head_dim", "negative", _set(v_head_dim=-1)),
+            ("v_head_dim", "wider than a program holds", _set(v_head_dim=4096)),
+            ("device", "meta", _set(device="meta")),
+        ],
         "paged_decode fp8": [
             ("k_scale", "inf", _set(k_scale=INF)),
             ("v_scale", "nan", _set(v_scale=NAN)),
@@ -293,7 +412,44 @@ BAD = _rows(
             ("align", "a bool", _set(align=True)),
             ("align", "a float", _set(align=4.0)),
         ],
+        # Issue 20, item 4: a workspace buffer over another, or over x or ids.
+        "dispatch workspace": [
+            ("workspace.x_sorted", "over x", lambda a: {**a, "x": a["workspace"].x_sorted[:3]}),
+            (
+                "workspace.row_token",
+                "over slot_row",
+                _replace_workspace(slot_row=lambda ws, a: ws.row_token[:6].view(3, 2)),
+            ),
+            ("workspace.slot_row", "over ids", lambda a: {**a, "ids": a["workspace"].slot_row}),
+        ],
+        # Issue 20, item 5: these ended in ZeroDivisionError, a torch error, or a workspace no call takes.
+        "DispatchWorkspace.for_shape": [
+            ("num_tokens", "negative", _set(num_tokens=-1)),
+            ("num_tokens", "2^31 rows", _set(num_tokens=2**30)),
+            ("top_k", "zero", _set(top_k=0)),
+            ("num_experts", "zero", _set(num_experts=0)),
+            ("num_experts", "past MAX_EXPERTS", _set(num_experts=4096)),
+            ("hidden", "zero", _set(hidden=0)),
+            ("align", "zero", _set(align=0)),
+            ("align", "a bool", _set(align=True)),
+            ("dtype", "int32", _set(dtype=torch.int32)),
+            ("dtype", "a string", _set(dtype="bfloat16")),
+            ("device", "unknown", _set(device="nope")),
+            ("device", "meta", _set(device="meta")),
+        ],
+        "EPWorkspace.for_shape": [
+            ("world_size", "zero", _set(world_size=0)),
+            ("num_experts", "not a multiple of world_size", _set(world_size=3)),
+            ("max_tokens_per_rank", "below num_tokens", _set(max_tokens_per_rank=2)),
+            ("max_tokens_per_rank", "None", _set(max_tokens_per_rank=None)),
+            ("top_k", "negative", _set(top_k=-2)),
+            ("hidden", "a float", _set(hidden=16.0)),
+            ("dtype", "float64", _set(dtype=torch.float64)),
+            ("device", "meta", _set(device="meta")),
+        ],
         "combine": [
+            # Issue 20, item 4: out=y_sorted[:T] was off by up to 2.4.
+            ("out", "over y_sorted", lambda a: {**a, "out": a["y_sorted"][:3]}),
             ("y_sorted", "dtype", _map("y_sorted", FLOAT_TO_INT)),
             ("y_sorted", "device", _map("y_sorted", META)),
             ("y_sorted", "contiguity", _map("y_sorted", _strided)),
@@ -319,6 +475,7 @@ BAD = _rows(
             ("device", "meta", _set(device="meta")),
         ],
         "allocate": [
+            ("pool", "None", _set(pool=None)),
             ("seq_ids", "dtype", _map("seq_ids", lambda x: x.long())),
             ("seq_ids", "bools", _map("seq_ids", TO_BOOL)),
             ("seq_ids", "rank", _map("seq_ids", RANK_UP)),
@@ -336,12 +493,14 @@ BAD = _rows(
             ("num_tokens", "missing", _set(num_tokens=None)),
         ],
         "fork": [
+            ("pool", "a dict", _map("pool", vars)),
             ("src", "dtype", _map("src", INT_TO_FLOAT)),
             ("src", "device", _map("src", META)),
             ("dst", "length", _map("dst", lambda x: x.repeat(2))),
             ("dst", "bools", _map("dst", TO_BOOL)),
         ],
         "free": [
+            ("pool", "None", _set(pool=None)),
             ("seq_ids", "dtype", _map("seq_ids", INT_TO_FLOAT)),
             ("seq_ids", "device", _map("seq_ids", META)),
             ("seq_ids", "rank", _map("seq_ids", RANK_UP)),
@@ -368,9 +527,7 @@ def _snapshot(args) -> dict:
     """Every tensor the call could write (outputs, caches, pool state), as raw bytes on the host."""
     tensors = {}
     for name, value in args.items():
-        if isinstance(value, kv_alloc.KVBlockPool):
-            value = {f"{name}.{k}": v for k, v in vars(value).items() if isinstance(v, torch.Tensor)}
-        elif isinstance(value, moe.DispatchPlan):
+        if isinstance(value, kv_alloc.KVBlockPool) or dataclasses.is_dataclass(value):  # plans, workspaces
             value = {f"{name}.{k}": v for k, v in vars(value).items() if isinstance(v, torch.Tensor)}
         else:
             value = {name: value}
@@ -380,6 +537,26 @@ def _snapshot(args) -> dict:
                     tensor.detach().cpu().clone(memory_format=torch.contiguous_format).view(torch.uint8)
                 )
     return tensors
+
+
+def test_may_overlap_compares_byte_extents():
+    """The overlap check behind the 'over' rows: from data_ptr, sizes, strides and element size only."""
+    x = torch.zeros(4, 6)
+    cases = {
+        "adjacent rows": (x[:2], x[2:], False),
+        "a shared row": (x[:3], x[2:], True),
+        "a row inside a column's extent (conservative)": (x[:, 5], x[1, :1], True),
+        "a column past the row it spans": (x[1:, 0], x[0], False),
+        "interleaved columns (conservative)": (x[:, ::2], x[:, 1::2], True),
+        "another dtype's view": (x.view(torch.int32)[1, 5:], x[1, 5:], True),
+        "transposed": (x.t(), x[3], True),
+        "expanded": (x[:1].expand(3, 6), x[1], False),
+        "empty": (x[:0], x, False),
+        "separate tensors": (x, torch.zeros(4, 6), False),
+        "meta": (torch.zeros(4, device="meta"), torch.zeros(4, device="meta"), False),
+    }
+    for name, (a, b, want) in cases.items():
+        assert _checks.may_overlap(a, b) is want and _checks.may_overlap(b, a) is want, name
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)

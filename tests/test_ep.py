@@ -2,6 +2,7 @@
 free port, a group timeout), and in this process on a group of one, where workspaces, host syncs and bad
 input are cheap to check. Spawned runs are few (each costs seconds of imports on CI's two cores)."""
 
+import dataclasses
 import datetime
 import os
 
@@ -126,6 +127,38 @@ def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_t
     assert_bitwise_equal(out, want, "out")
 
 
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_capacity_mode_holds_ids_repeated_within_a_token(group, with_workspace):
+    """Issue 20, item 3: 2 experts, top-3, so a token repeats an id and sends 3 rows to a rank holding 2
+    experts. The slabs were sized for min(k, E/W) rows a token: the rows past them were dropped and combine
+    read rows never written (up to 1e28 off). Now capacity mode matches exact mode and the reference."""
+    gen = generator(11)
+    ids = torch.randint(2, (7, 3), generator=gen, dtype=torch.int32)
+    ids[:5] = torch.tensor([0, 0, 0], dtype=torch.int32)  # more rows to expert 0 than 7 x min(3, 2)
+    weights = torch.softmax(torch.randn(7, 3, generator=gen), dim=1)
+    x = randn((7, 12), torch.float32, "cpu", gen)
+    ((want_x, want),) = reference.ep_dispatch([x], [weights], [ids], 2, align=4)
+    offsets = want.expert_offsets.tolist()
+    (expected,) = reference.ep_combine([ep_case.expert_outputs(want_x, offsets, 0)], [want], [weights])
+    workspace = (
+        ep.EPWorkspace.for_shape(7, 3, 2, 12, world_size=1, max_tokens_per_rank=8, align=4, dtype=x.dtype)
+        if with_workspace
+        else None
+    )
+    recv_x, handle = ep.ep_dispatch(
+        x, weights, ids, 2, align=4, mode="capacity", max_tokens_per_rank=8, workspace=workspace
+    )
+    assert_bitwise_equal(handle.expert_offsets, want.expert_offsets, "offsets")
+    assert recv_x.shape[0] >= offsets[-1]
+    for e, count in enumerate(want.tokens_per_expert.tolist()):
+        start = offsets[e]
+        assert_bitwise_equal(recv_x[start : start + count], want_x[start : start + count], f"expert {e}")
+    out = ep.ep_combine(ep_case.expert_outputs(recv_x, offsets, 0), handle)
+    assert_close(out, expected, "out", dtype=x.dtype)
+    exact_x, exact = ep.ep_dispatch(x, weights, ids, 2, align=4)
+    assert_bitwise_equal(out, ep.ep_combine(ep_case.expert_outputs(exact_x, offsets, 0), exact), "exact")
+
+
 def test_bad_input_names_the_argument(group):
     x, weights, ids = _inputs(4, 4, 2, 8, 3)
     recv_x, handle = ep.ep_dispatch(x, weights, ids, 4)
@@ -150,6 +183,12 @@ def test_bad_input_names_the_argument(group):
         ),
         "handle": lambda: ep.ep_combine(recv_x, object()),
         "y": lambda: ep.ep_combine(recv_x[1:], handle),
+        # Issue 20, item 5: these failed later with AttributeError and TypeError.
+        "group": lambda: ep.ep_dispatch(x, weights, ids, 4, group="world"),
+        "stage_hook": lambda: ep.ep_dispatch(x, weights, ids, 4, stage_hook=5),
+        "workspace.dispatch": lambda: ep.ep_dispatch(
+            x, weights, ids, 4, mode="capacity", max_tokens_per_rank=8, workspace=_workspace(dispatch=None)
+        ),
     }
     for name, call in bad.items():
         with pytest.raises(ValueError, match=f"^{name}:"):
@@ -158,10 +197,12 @@ def test_bad_input_names_the_argument(group):
         ep.ep_combine(recv_x.double(), handle)
 
 
-def test_without_a_process_group_the_error_names_group():
-    x, weights, ids = _inputs(2, 2, 1, 4, 1)
-    with pytest.raises(ValueError, match="^group:"):
-        ep.ep_dispatch(x, weights, ids, 2)
+def _workspace(**replaced):
+    """A capacity-mode workspace for _inputs(4, 4, 2, 8, ...) with max_tokens_per_rank 8, some buffers
+    replaced (each a value, or f(workspace))."""
+    workspace = ep.EPWorkspace.for_shape(4, 2, 4, 8, world_size=1, max_tokens_per_rank=8, dtype=torch.float32)
+    fields = {name: value(workspace) if callable(value) else value for name, value in replaced.items()}
+    return dataclasses.replace(workspace, **fields)
 
 
 def test_stage_bytes_by_hand():
@@ -189,6 +230,35 @@ def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
         "--reps",
         "2",
     ]
+
+
+def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
+    """Issue 20, item 4: workspace buffers over each other or over an input, and a y over a buffer
+    ep_combine writes, raise ValueError naming both, on the host, before any stage runs."""
+    x, weights, ids = _inputs(4, 4, 2, 8, 3)
+    capacity = {"mode": "capacity", "max_tokens_per_rank": 8}
+    over_x = _workspace()
+    bad = {
+        "workspace.send": (_workspace(recv=lambda w: w.send), x, "workspace.recv"),
+        "workspace.out": (
+            _workspace(out=lambda w: w.dispatch.x_sorted[:4]),
+            x,
+            "workspace.dispatch.x_sorted",
+        ),
+        "workspace.recv_x": (over_x, over_x.recv_x[:4], "x"),
+    }
+    stages = []
+    for name, (workspace, rows, other) in bad.items():
+        with pytest.raises(ValueError, match=f"^{name}: .*{other}"):
+            ep.ep_dispatch(
+                rows, weights, ids, 4, workspace=workspace, stage_hook=lambda s: stages.append(s), **capacity
+            )
+    assert not stages, stages
+    workspace = _workspace()
+    recv_x, handle = ep.ep_dispatch(x, weights, ids, 4, workspace=workspace, **capacity)
+    with pytest.raises(ValueError, match="^y: .*workspace.recv"):
+        ep.ep_combine(workspace.recv, handle)
+    ep.ep_combine(recv_x, handle)  # experts that wrote their outputs over recv_x: allowed
 
 
 # --- the regroup kernel alone: any counts matrix, one process ---------------------------------------------

@@ -71,7 +71,7 @@ def special_floats(draw, shape, specials):
 @st.composite
 def routings(draw):
     groups = draw(st.sampled_from([1, 1, 2, 3, 4]))
-    group_size = draw(st.sampled_from([2, 3, 4, 5, 8, 16] if groups > 1 else [1, 2, 3, 5, 8, 60, 64]))
+    group_size = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16] if groups > 1 else [1, 2, 3, 5, 8, 60, 64]))
     experts = groups * group_size
     kw = {}
     softmax_after = groups == 1 and draw(st.booleans())
@@ -91,7 +91,8 @@ def routings(draw):
     logits = special_floats(draw, (tokens, experts), [NAN, INF, -INF, -INF, -0.0])
     if tokens and draw(st.booleans()):
         logits[draw(st.integers(0, tokens - 1))] = draw(st.sampled_from([0.0, -INF, 1.5]))  # all equal
-    if not softmax_after and draw(st.booleans()):
+    # With a bias, groups rank by the sum of their top-2 scores: groups of one take none.
+    if not softmax_after and (groups == 1 or group_size > 1) and draw(st.booleans()):
         kw["bias"] = special_floats(draw, (experts,), [-INF, NAN]).to(DEVICE)
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     return logits.to(dtype).to(DEVICE), top_k, kw

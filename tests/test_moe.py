@@ -57,22 +57,65 @@ def test_grouped_sigmoid_routing(groups, kept, top_k, experts, request):
         logits, top_k, scoring="sigmoid", num_groups=groups, topk_groups=kept, bias=bias, scale=2.5
     )
     assert torch.allclose(weights.sum(-1), torch.full((19,), 2.5, device=DEVICE), atol=1e-5)
-    # The rule itself (shared/facts.md), not the reference's code: a group's score is the sum of its two
-    # best biased scores; the `kept` best groups win, ties to the lower group id (a stable sort); the top_k
-    # biased scores inside them are chosen, ties to the lower expert id.
+    # The rule itself (DeepSeek-V3, arXiv 2412.19437; SGLang's biased_grouped_topk), not the reference's
+    # code: a group's score is the sum of its two best biased scores.
     biased = torch.sigmoid(logits.float().cpu()) + bias.cpu()
-    group_scores = biased.view(19, groups, -1).topk(2, dim=-1).values.sum(-1)
+    _assert_group_limited(ids, biased, biased.view(19, groups, -1).topk(2, dim=-1).values.sum(-1), kept)
+
+
+def _assert_group_limited(ids, choice, group_scores, kept):
+    """The `kept` best groups by group_scores win, ties to the lower group id (a stable sort); the top_k
+    selection scores (choice) inside them are chosen, ties to the lower expert id."""
+    tokens, experts = choice.shape
+    top_k = ids.shape[1]
     best_groups = torch.sort(-group_scores, dim=-1, stable=True).indices[:, :kept]
-    size = experts // groups
+    size = experts // group_scores.shape[1]
     for token, row in enumerate(ids.long().cpu().tolist()):
         winners = set(best_groups[token].tolist())
         chosen = {e // size for e in row}
         assert len(chosen) <= kept and chosen <= winners, (token, sorted(chosen), sorted(winners))
         allowed = torch.full((experts,), float("-inf"))
         for g in winners:
-            allowed[g * size : (g + 1) * size] = biased[token, g * size : (g + 1) * size]
+            allowed[g * size : (g + 1) * size] = choice[token, g * size : (g + 1) * size]
         want = torch.sort(-allowed, stable=True).indices[:top_k].tolist()
         assert row == want, (token, row, want)
+
+
+# DeepSeek-V2 (160 experts, 8 groups, 3 kept, top-6, scale 16, no renormalisation), smaller and odd ones,
+# and groups of one expert (legal without a bias: a group's best score needs one).
+@pytest.mark.parametrize(
+    "experts, groups, kept, top_k, renormalize",
+    [(160, 8, 3, 6, False), (64, 4, 2, 5, True), (24, 3, 1, 3, True), (8, 8, 3, 2, True)],
+)
+def test_group_limited_routing_without_a_bias_ranks_groups_by_their_best_score(
+    experts, groups, kept, top_k, renormalize, request
+):
+    """Issue 20, item 2: DeepSeek-V2's group_limited_greedy (arXiv 2405.04434's device-limited routing; vLLM's
+    grouped_topk with no e_score_correction_bias) ranks a group by its best softmax score. The old rule (the
+    sum of the top-2) chose other experts for many of these tokens."""
+    logits = randn((21, experts), torch.bfloat16, DEVICE, generator(seed_of(request.node.name)), scale=2.0)
+    kw = {"num_groups": groups, "topk_groups": kept, "renormalize": renormalize, "scale": 16.0}
+    weights, ids = check(logits, top_k, **kw)
+    scores = torch.softmax(logits.float().cpu(), dim=-1)
+    _assert_group_limited(ids, scores, scores.view(21, groups, -1).max(dim=-1).values, kept)
+    want = scores.gather(1, ids.long().cpu())
+    if renormalize:
+        want = want / want.sum(-1, keepdim=True)
+    assert_close(weights.cpu(), 16.0 * want, "weights", dtype=torch.float32)
+
+
+def test_the_two_group_rules_disagree_by_hand():
+    """Group 0 holds the best expert (logit 3), group 1 the best pair (2.5, 2.5): without a bias group 0 wins
+    (its best score), with one (even all zeros) group 1 (e^3 + e^-5 < 2 e^2.5, the sum of the top-2)."""
+    logits = torch.tensor([[3.0, -5.0, -5.0, -5.0, 2.5, 2.5, -5.0, -5.0]], device=DEVICE)
+    kw = {"num_groups": 2, "topk_groups": 1, "renormalize": False}
+    weights, ids = check(logits, 2, **kw)
+    assert ids.tolist() == [[0, 1]]  # group 0's best, then the lowest id of its three -5 ties
+    scores = torch.softmax(logits.float().cpu(), dim=-1)[0]
+    assert_close(weights.cpu(), scores[[0, 1]][None], "weights", dtype=torch.float32)
+    weights, ids = check(logits, 2, **kw, bias=torch.zeros(8, device=DEVICE))
+    assert ids.tolist() == [[4, 5]]
+    assert_close(weights.cpu(), scores[[4, 5]][None], "weights", dtype=torch.float32)
 
 
 def test_bias_chooses_but_does_not_weigh():
@@ -186,7 +229,10 @@ BAD = {
     "top_k zero": ("top_k", lambda x: moe.route(x, 0)),
     "scoring": ("scoring", lambda x: moe.route(x, 2, scoring="relu")),
     "groups do not divide": ("num_groups", lambda x: moe.route(x, 2, num_groups=3, topk_groups=1)),
-    "groups of one": ("num_groups", lambda x: moe.route(x, 2, num_groups=8, topk_groups=2)),
+    "groups of one with a bias": (
+        "num_groups",
+        lambda x: moe.route(x, 2, num_groups=8, topk_groups=2, bias=torch.zeros(8, device=DEVICE)),
+    ),
     "topk_groups missing": ("topk_groups", lambda x: moe.route(x, 2, num_groups=2)),
     "topk_groups too few": ("topk_groups", lambda x: moe.route(x, 6, num_groups=4, topk_groups=2)),
     "topk_groups without groups": ("topk_groups", lambda x: moe.route(x, 2, topk_groups=2)),

@@ -23,7 +23,8 @@ from bench.testing import generator, randn
 @dataclass(frozen=True)
 class Scenario:
     """One check on W ranks: rank r holds tokens[r % len(tokens)] tokens. routing: "uniform"; "one-rank"
-    (every choice among the last rank's experts, so the others' experts get no rows); "zipf" (skewed)."""
+    (every choice among the last rank's experts, so the others' experts get no rows); "zipf" (skewed);
+    "repeated" (uniform with replacement: a token may choose an expert twice, as route never does)."""
 
     name: str
     tokens: tuple[int, ...]
@@ -41,7 +42,9 @@ class Scenario:
         xs, weights, ids = [], [], []
         for rank in range(world):
             tokens = self.tokens[rank % len(self.tokens)]
-            if self.routing == "one-rank":
+            if self.routing == "repeated":
+                chosen = torch.randint(experts, (tokens, self.top_k), generator=gen, dtype=torch.int32)
+            elif self.routing == "one-rank":
                 chosen = routing_ids(tokens, self.experts_per_rank, self.top_k, "uniform", gen)
                 chosen += (world - 1) * self.experts_per_rank
             else:
@@ -53,11 +56,13 @@ class Scenario:
 
 
 #: Checked by tests (2 and 4 ranks) and by ``decodebench run`` on CPU: different token counts per rank (one
-#: with none), odd widths, align 1 to 64, bf16 and fp32 rows, every choice on one rank.
+#: with none), odd widths, align 1 to 64, bf16 and fp32 rows, every choice on one rank, ids repeated within
+#: a token with fewer local experts than top_k (capacity mode's slabs must still hold every row).
 SCENARIOS = (
     Scenario("uneven", (5, 17, 0, 9), 3, 2, 40),
     Scenario("one-rank-bf16-align64", (7, 3), 4, 3, 24, align=64, dtype=torch.bfloat16, routing="one-rank"),
     Scenario("zipf-align8", (12, 4), 2, 2, 33, align=8, routing="zipf"),
+    Scenario("repeated-ids", (6, 5), 1, 3, 17, routing="repeated"),
 )
 
 
@@ -101,7 +106,7 @@ class EPShape:
 
     @property
     def slab_rows(self) -> int:
-        return kernels.ep.slab_rows(self.tokens, self.model.top_k, self.model.num_experts, self.world)
+        return kernels.ep.slab_rows(self.tokens, self.model.top_k)
 
 
 def shapes(world: int, tokens=TOKENS_PER_RANK, models=MODELS, loads=LOADS, modes=kernels.ep.MODES):
@@ -186,7 +191,7 @@ def _regroup_launch(shape: RegroupShape, device="cpu") -> None:
     m, world = shape.model, shape.world
     local = m.num_experts // world
     rows = shape.tokens * m.top_k
-    slab = kernels.ep.slab_rows(shape.tokens, m.top_k, m.num_experts, world)
+    slab = kernels.ep.slab_rows(shape.tokens, m.top_k)
     packed = torch.empty(world * slab, m.hidden, dtype=torch.bfloat16, device=device)
     grouped = torch.empty(
         kernels.ep.recv_x_rows(world * slab, local, 128), m.hidden, dtype=torch.bfloat16, device=device
