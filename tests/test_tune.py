@@ -170,6 +170,18 @@ def test_an_invalid_entry_is_dropped_with_a_warning(fake_gpu):
         assert paged_launch(PAGED.static_shapes()[0])["BLOCK_N"] == 64
 
 
+def test_the_documented_table_key_is_the_one_the_launcher_derives():
+    """The table entry kernels/_configs.py and kernels/configs/README.md show (Llama-3.1-8B's paged_decode,
+    bf16) has the key the launcher looks up: dtypes as torch names them."""
+    import re
+
+    from kernels.paged_attention import paged_decode_config_key
+
+    key = paged_decode_config_key(torch.bfloat16, torch.bfloat16, 4, 128)
+    for text in (_configs.__doc__, (_configs.CONFIG_DIR / "README.md").read_text()):
+        assert re.findall(r'"(q=[^"]*)"', text) == [key]
+
+
 def test_cpu_tensors_read_no_table():
     assert _configs.device_slug(torch.device("cpu")) == "cpu"
     assert not (_configs.CONFIG_DIR / "cpu.json").exists()
