@@ -10,8 +10,10 @@ size, row width...), never from device data, so choosing costs a dict lookup and
 Table layout (written by bench/commands/tune.py, committed by a human with ``decodebench tune --install``):
 
     {"gpu": "NVIDIA H100 80GB HBM3", "slug": "nvidia-h100-80gb-hbm3", "triton": "3.6.0", ...,
-     "kernels": {"paged_decode": {"q=bf16 kv=bf16 group=4 head_dim=128": {"BLOCK_N": 64, "num_warps": 4,
-                                                                          "num_stages": 2}}}}
+     "kernels": {"paged_decode": {"q=bfloat16 kv=bfloat16 group=4 head_dim=128":
+                                  {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}}}}
+
+Keys spell dtypes as torch names them (``bfloat16``, ``float8_e4m3fn``), without the ``torch.`` prefix.
 
 Only the knobs a launcher declares tunable are taken from an entry; the rest (padded sizes derived from
 the shape) stay the heuristic's. Tensors on a CPU, or kernels in Triton's interpreter, look up the slug

@@ -220,6 +220,9 @@ def _allocate_kernel(
     ok = (tl.max(bad.to(tl.int32), axis=0) == 0) & (need_total <= free) & (token_total == num_tokens)
     tl.store(ok_ptr, ok)
     if ok:
+        # Stored before pass 2, which reads only ``free``: Triton 3.6's ptxas otherwise keeps the scalar
+        # store's thread predicate alive across the loop and parks it on the stack.
+        tl.store(free_count_ptr, free - need_total)
         # Pass 2: pop pages and write slots, carrying the prefix offsets from pass to pass.
         page_carry = 0
         token_carry = 0
@@ -262,7 +265,6 @@ def _allocate_kernel(
             tl.store(seq_lens_ptr + ids, lens + counts, mask=live)
             page_carry += tl.sum(need, axis=0)
             token_carry += tl.sum(counts, axis=0)
-        tl.store(free_count_ptr, free - need_total)
     else:
         for start in range(0, num_tokens, SEQ_BLOCK):
             offs = start + tl.arange(0, SEQ_BLOCK)

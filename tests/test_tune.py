@@ -170,6 +170,18 @@ def test_an_invalid_entry_is_dropped_with_a_warning(fake_gpu):
         assert paged_launch(PAGED.static_shapes()[0])["BLOCK_N"] == 64
 
 
+def test_the_documented_table_key_is_the_one_the_launcher_derives():
+    """The table entry kernels/_configs.py and kernels/configs/README.md show (Llama-3.1-8B's paged_decode,
+    bf16) has the key the launcher looks up: dtypes as torch names them."""
+    import re
+
+    from kernels.paged_attention import paged_decode_config_key
+
+    key = paged_decode_config_key(torch.bfloat16, torch.bfloat16, 4, 128)
+    for text in (_configs.__doc__, (_configs.CONFIG_DIR / "README.md").read_text()):
+        assert re.findall(r'"(q=[^"]*)"', text) == [key]
+
+
 def test_cpu_tensors_read_no_table():
     assert _configs.device_slug(torch.device("cpu")) == "cpu"
     assert not (_configs.CONFIG_DIR / "cpu.json").exists()
@@ -207,6 +219,58 @@ def test_dry_run_lists_candidates_and_drops_spills(monkeypatch, tmp_path):
     assert {r["kernel"] for r in rows} == {"paged_decode"}
     assert all((r["dropped"] is not None) == (r["static"]["spill_bytes"] > 0) for r in rows)
     assert not (tmp_path / tune.RESULT_FILE).exists()  # a dry run chooses nothing
+
+
+def test_dry_run_over_every_tunable_kernel(monkeypatch, tmp_path):
+    """The dry run of every tunable kernel, all but the compiler: its candidates at one default shape per
+    key are captured through the launcher as the compiling child does (_compile_job), and take made-up
+    figures. mla_decode's 64-head tile at 512 value columns, which its launcher refuses (the dry run died
+    there), is dropped with the launcher's reason and never goes to the child."""
+    cases = [_one_shape_per_key(monkeypatch, CASES[name]) for name in sorted(tune.SPECS)]
+    monkeypatch.setattr(tune, "compile_aot", lambda launch, arch: None)
+    monkeypatch.setattr(
+        tune,
+        "_figures",
+        lambda compiled, kernel, key, arch, num_warps: StaticRow(
+            kernel, key, f"sm_{arch}", "aot", num_warps, registers=64, spill_bytes=0, stack_bytes=0
+        ),
+    )
+    compiled = []
+
+    def compile_without_a_compiler(groups, arch, deadline=None):
+        jobs = tune.compile_jobs(groups, arch)
+        compiled.extend((job[0], job[2], tune.knobs_label(job[3])) for job in jobs)
+        tune.take_figures(groups, [tune._compile_job(job) for job in jobs])
+
+    monkeypatch.setattr(tune, "compile_candidates", compile_without_a_compiler)
+    text, ok = tune.run(cases, out=tmp_path, deadline=None, dry_run=True)
+    assert ok, text
+    rows = json.loads((tmp_path / tune.TIMINGS_FILE).read_text())
+    assert {r["kernel"] for r in rows} == set(tune.SPECS)
+    refused = [r for r in rows if r["dropped"]]
+    assert refused and all(r["kernel"] == "mla_decode" and r["knobs"]["HEAD_BLOCK"] == 64 for r in refused)
+    assert all(r["dropped"].startswith("the launcher refuses it: v_head_dim") for r in refused)
+    assert all(r["static"] is None for r in refused)
+    assert all(r["static"] for r in rows if not r["dropped"])
+    assert len(compiled) == len(rows) - len(refused)
+    assert not {(r["kernel"], r["key"], tune.knobs_label(r["knobs"])) for r in refused} & set(compiled)
+    assert "dropped: the launcher refuses it: v_head_dim" in text
+
+
+def _one_shape_per_key(monkeypatch, case):
+    """``case`` at the first of its default shapes per launch key, each built once (the dry run builds a
+    candidate's inputs again for its compile): the keys and candidates of the full dry run, at a fraction
+    of the building. CASES maps the name to it while the test runs (the compile job looks it up there)."""
+    import dataclasses
+    import functools
+
+    spec, build = tune.SPECS[case.name], functools.cache(case.build)
+    first = {}
+    for shape in case.default_shapes():
+        first.setdefault(case.launch_config(build(spec.cheap(shape), "cpu", seed=0))["key"], shape)
+    narrowed = dataclasses.replace(case, build=build, default_shapes=lambda: list(first.values()))
+    monkeypatch.setitem(CASES, case.name, narrowed)
+    return narrowed
 
 
 def test_a_past_deadline_stops_cleanly(monkeypatch, tmp_path):

@@ -5,9 +5,11 @@ fastest is a fact about one GPU and one compiler. For every tunable case this co
 default shapes by the shape key the launcher derives (kernels/_configs.py), proposes a few candidates
 around the launcher's heuristic for each key, and:
 
-1. compiles each candidate's launches for the GPU's architecture (sm_90 without a GPU, in a child process
-   with TRITON_INTERPRET=0 as the static report does) and drops those that spill registers, use stack or
-   ask for more shared memory than the architecture has, before any GPU time is spent;
+1. drops the candidates the launcher refuses (its ValueError, e.g. a head tile whose accumulator is too wide),
+   with its reason; compiles each other candidate's launches for the GPU's architecture (sm_90 without a
+   GPU, in a child process with TRITON_INTERPRET=0 as the static report does) and drops those that spill
+   registers, use stack or ask for more shared memory than the architecture has, before any GPU time is
+   spent;
 2. on a GPU, verifies each remaining candidate against the reference (the case's compare, at the group's
    shapes whose reference is affordable), then times it at every shape of the group (CUDA events, L2
    flushed, as every timing here);
@@ -142,8 +144,8 @@ SPECS = {
                 lambda h: {"num_warps": 16},
                 lambda h: {"num_warps": 8},
                 lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] // 2},
-                # A 64-head tile halves the L2 reads at 64 and 128 heads; it spilled in the sm_90 compile
-                # of Triton 3.9, and the filter drops it wherever it still does.
+                # A tile twice as tall halves the L2 reads: 32 heads where the heuristic takes 16; a 64-head
+                # tile of 512 value columns is past the launcher's accumulator bound, and dropped as refused.
                 lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] * 2, "num_warps": 16},
             ),
             {
@@ -239,20 +241,35 @@ class Group:
 
 
 def groups_of(case: Case) -> list[Group]:
-    """The case's default shapes grouped by the launcher's shape key, with their candidates. Keys come from
-    the launcher itself (case.launch_config) on the cheap shapes' inputs, built on the CPU."""
+    """The case's default shapes grouped by the launcher's shape key, with their candidates, those the
+    launcher refuses already dropped. Keys come from the launcher itself (case.launch_config) on the cheap
+    shapes' inputs, built on the CPU."""
     spec = SPECS[case.name]
     found: dict[str, Group] = {}
     for shape in case.default_shapes():
         cheap = spec.cheap(shape)
-        info = case.launch_config(case.build(cheap, "cpu", seed=0))
+        inputs = case.build(cheap, "cpu", seed=0)
+        info = case.launch_config(inputs)
         group = found.get(info["key"])
         if group is None:
             heuristic = {k: info["config"][k] for k in spec.tunable}
             group = found[info["key"]] = Group(case, info["key"], heuristic, [], cheap)
-            group.candidates = [Candidate(knobs) for knobs in spec.candidates(heuristic)]
+            group.candidates = [
+                Candidate(knobs, dropped=launcher_refusal(case, inputs, knobs))
+                for knobs in spec.candidates(heuristic)
+            ]
         group.shapes.append(shape)
     return list(found.values())
+
+
+def launcher_refusal(case: Case, inputs, knobs: dict) -> str | None:
+    """Why the launcher refuses ``knobs`` for these inputs (its ValueError), None when it takes them. The
+    launches are captured, not run: nothing compiles."""
+    try:
+        _launches(case, inputs, knobs)
+    except ValueError as error:
+        return f"the launcher refuses it: {error}"
+    return None
 
 
 # --- static figures and the filter -------------------------------------------------------------------------
@@ -326,7 +343,12 @@ def compile_candidates(groups: list[Group], arch: int, deadline: float | None = 
         return
     if done.returncode != 0:
         raise RuntimeError(f"tune: compiling the candidates failed:\n{done.stderr[-3000:]}")
-    figures = {(r["case"], r["key"], knobs_label(r["knobs"])): r for r in json.loads(done.stdout)}
+    take_figures(groups, json.loads(done.stdout))
+
+
+def take_figures(groups: list[Group], rows: list[dict]) -> None:
+    """Puts the compiling child's rows (one per candidate compiled) on the groups' candidates."""
+    figures = {(r["case"], r["key"], knobs_label(r["knobs"])): r for r in rows}
     for group in groups:
         for candidate in group.candidates:
             found = figures.get((group.case.name, group.key, knobs_label(candidate.knobs)))
@@ -371,6 +393,16 @@ def _compile_job(job: tuple[str, object, str, dict, dict, int]) -> dict:
     }
 
 
+def compile_jobs(groups: list[Group], arch: int) -> list[tuple]:
+    """The compiling child's work: one job per candidate not dropped already (the launcher takes it)."""
+    return [
+        (g.case.name, g.cheap, g.key, c.knobs, g.heuristic, arch)
+        for g in groups
+        for c in g.candidates
+        if c.dropped is None
+    ]
+
+
 def _static_child(argv: list[str]) -> None:
     """``python -m bench.commands.tune --static-child ARCH CASE...``: every candidate's figures as JSON."""
     import multiprocessing
@@ -378,12 +410,7 @@ def _static_child(argv: list[str]) -> None:
     from bench.cases import CASES
 
     arch, names = int(argv[0]), argv[1:]
-    jobs = [
-        (g.case.name, g.cheap, g.key, c.knobs, g.heuristic, arch)
-        for name in names
-        for g in groups_of(CASES[name])
-        for c in g.candidates
-    ]
+    jobs = compile_jobs([g for name in names for g in groups_of(CASES[name])], arch)
     workers = max(1, min(len(jobs), os.cpu_count() or 1, 8))
     if workers == 1:
         rows = [_compile_job(job) for job in jobs]
