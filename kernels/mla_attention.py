@@ -296,8 +296,9 @@ def mla_decode(
     config = mla_decode_choice(q, kv_cache, v_head_dim).config
     if config["HEAD_BLOCK"] * config["V_PAD"] > _MAX_ACCUMULATOR:
         raise ValueError(
-            f"v_head_dim: {v_head_dim} is wider than one program's accumulator holds at 16 heads "
-            f"({_MAX_ACCUMULATOR // 16} columns)"
+            f"v_head_dim: {v_head_dim} value columns (padded to {config['V_PAD']}) x a tile of "
+            f"{config['HEAD_BLOCK']} heads exceed one program's accumulator ({_MAX_ACCUMULATOR} elements; "
+            f"a 16-head tile holds {_MAX_ACCUMULATOR // 16} columns)"
         )
     scale = check_softmax_scale(scale, qk_dim)
     kv_scale, scale_in_memory = check_fp8_scale("kv_scale", kv_scale, kv_cache.dtype, q.device)
@@ -307,10 +308,11 @@ def mla_decode(
     )
     max_context = block_tables.shape[1] * block_size
     splits, forced = plan_splits(num_splits, batch, head_tiles, max_context, q.device, min_split_tokens)
+    caller_out = out
     out = decode_out(out, (batch, num_heads, v_head_dim), q, "[batch, num_heads, v_head_dim]")
     partial_out, partial_lse = split_partials(workspace, out, splits)
     inputs = {"q": q, "kv_cache": kv_cache, "block_tables": block_tables, "seq_lens": seq_lens}
-    check_decode_memory(out, workspace, inputs)
+    check_decode_memory(caller_out, workspace, inputs)
     if batch == 0:
         return out
 

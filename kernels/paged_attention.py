@@ -443,10 +443,14 @@ def decode_out(out, shape: tuple, q: torch.Tensor, what: str) -> torch.Tensor:
     return out
 
 
-def check_decode_memory(out: torch.Tensor, workspace, inputs: dict) -> None:
-    """What a decode writes (out, and a given workspace's partials) shares no memory with anything else it
-    writes or with its ``inputs`` (name -> tensor), from metadata only: partials over each other gave inf,
-    and an out over q or a cache would change what later programs read. Run after check_workspace."""
+def check_decode_memory(out: torch.Tensor | None, workspace, inputs: dict) -> None:
+    """What a decode writes into caller-owned memory (``out`` as given, and a given workspace's partials)
+    shares no memory with anything else it writes or with its ``inputs`` (name -> tensor), from metadata
+    only: partials over each other gave inf, and an out over q or a cache would change what later programs
+    read. ``out`` None: the launcher allocates it, so it overlaps nothing (the check, a few microseconds of
+    host time, is skipped with it on the plain eager path). Run after check_workspace."""
+    if out is None and workspace is None:
+        return
     written = {"out": out}
     if workspace is not None:
         written["workspace.partial_out"] = workspace.partial_out
@@ -587,10 +591,11 @@ def paged_decode(
     splits, forced = plan_splits(
         num_splits, batch, num_kv_heads * head_tiles, block_tables.shape[1] * block_size, q.device
     )
+    caller_out = out
     out = decode_out(out, tuple(q.shape), q, "like q")
     partial_out, partial_lse = split_partials(workspace, out, splits)
     tables = {"block_tables": block_tables, "seq_lens": seq_lens}
-    check_decode_memory(out, workspace, {"q": q, "k_cache": k_cache, "v_cache": v_cache, **tables})
+    check_decode_memory(caller_out, workspace, {"q": q, "k_cache": k_cache, "v_cache": v_cache, **tables})
     if batch == 0:
         return out
 
