@@ -58,8 +58,10 @@ LOG2_E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 # Largest [query heads x head_dim] accumulator one program keeps in registers: a group that fits takes one
-# program of 4 warps; a wider one takes head tiles of this size on 16 warps (8 for fp8 caches).
+# program, a wider one head tiles of this size.
 _MAX_GROUP_X_HEAD_DIM = 64 * 256
+# Largest accumulator 4 warps hold (64 fp32 elements a thread) without spilling; larger ones take more warps.
+_MAX_FOUR_WARP_ACCUMULATOR = _MAX_GROUP_X_HEAD_DIM // 2
 # The dots' smallest M: no head tile is narrower, so a head wider than _MAX_GROUP_X_HEAD_DIM / 16 is refused.
 _MIN_HEAD_TILE = 16
 
@@ -308,16 +310,29 @@ def max_splits_for(
     return min(triton.next_power_of_2(min(wanted, fillable)), MAX_SPLITS)
 
 
+def decode_warps(accumulator: int, cache_bytes: int) -> int:
+    """Warps of a decode program whose fp32 accumulator holds ``accumulator`` elements (its head tile x
+    head_dim, padded). sm_90 compiles (Triton 3.9), registers bf16 / fp8, 0 stack unless said:
+    - up to _MAX_FOUR_WARP_ACCUMULATOR, 4 warps: 16x512 194 / 252, 32x256 140 / 168, 64x128 125 / 128;
+    - a full _MAX_GROUP_X_HEAD_DIM on 4 warps uses stack: 88 / 80 B at 32x512, 272 / 248 B at 16x1024,
+      24 B at 128x128 fp8. It takes 16 warps, 32 accumulator elements a thread as in mla_decode's 32-head
+      tiles (32x512 94, 16x1024 105, 64x256 108, 128x128 92); fp8 caches 8, where 16 left stack (16 B at
+      32x512, 160 B at 64x256) and 8 does not (32x512 173, 16x1024 249, 64x256 182, 128x128 127)."""
+    if accumulator <= _MAX_FOUR_WARP_ACCUMULATOR:
+        return 4
+    return 16 if cache_bytes > 1 else 8
+
+
 def paged_decode_launch_config(group: int, head_dim: int, cache_bytes: int) -> dict:
     """Head tile, token tile, warps and pipeline depth of the decode kernel.
 
-    A group whose [group x head_dim] fp32 accumulator fits _MAX_GROUP_X_HEAD_DIM is one head tile on 4
-    warps; 64 tokens a tile keeps a 128-wide bf16 K tile at 16 KB, wider heads or groups take 32. A wider
-    group takes head tiles of _MAX_GROUP_X_HEAD_DIM elements (32 heads of 512, 64 of 256) on 16 warps, 32
-    accumulator elements a thread as in mla_decode's 32-head tiles (102 registers at 128/2x512 in the sm_90
-    compile); fp8 caches stop at 8 warps, where 16 left 16 bytes of stack (174 registers at 8). 16-bit
-    caches pipeline their loads two deep (cp.async, 16 bytes a lane); fp8 caches load directly: pipelined,
-    Triton moves fp8 tiles 8 bytes a lane, unpipelined 16, and with fewer registers (see the static report).
+    A group whose [group x head_dim] fp32 accumulator fits _MAX_GROUP_X_HEAD_DIM is one head tile; 64
+    tokens a tile keeps a 128-wide bf16 K tile at 16 KB, wider heads or groups take 32. A wider group takes
+    head tiles of _MAX_GROUP_X_HEAD_DIM elements (32 heads of 512, 64 of 256). Warps follow the tile's
+    accumulator (decode_warps): 4 for every group up to half the limit, 16 (fp8: 8) for a full tile, one
+    group (32 heads of 512, 16 of 1024) or a head tile. 16-bit caches pipeline their loads two deep
+    (cp.async, 16 bytes a lane); fp8 caches load directly: pipelined, Triton moves fp8 tiles 8 bytes a
+    lane, unpipelined 16, and with fewer registers (see the static report).
     """
     group_pad = max(_MIN_HEAD_TILE, triton.next_power_of_2(group))
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -328,7 +343,7 @@ def paged_decode_launch_config(group: int, head_dim: int, cache_bytes: int) -> d
             "HEAD_TILE": group_pad,
             "HEAD_DIM_PAD": head_dim_pad,
             "BLOCK_N": block_n,
-            "num_warps": 4,
+            "num_warps": decode_warps(group_pad * head_dim_pad, cache_bytes),
             "num_stages": stages,
         }
     head_tile = max(_MIN_HEAD_TILE, _MAX_GROUP_X_HEAD_DIM // head_dim_pad)
@@ -336,7 +351,7 @@ def paged_decode_launch_config(group: int, head_dim: int, cache_bytes: int) -> d
         "HEAD_TILE": head_tile,
         "HEAD_DIM_PAD": head_dim_pad,
         "BLOCK_N": 32,
-        "num_warps": 16 if cache_bytes > 1 else 8,
+        "num_warps": decode_warps(head_tile * head_dim_pad, cache_bytes),
         "num_stages": stages,
     }
 

@@ -94,6 +94,29 @@ def test_groups_wider_than_one_program_are_served_by_head_tiles(case, request):
     assert config["HEAD_TILE"] < group  # the group took several programs
 
 
+# Groups that fill one program's accumulator in one tile (32 heads of 512, 16 of 1024): on 4 warps they used
+# stack at sm_90 (tests/test_static.py holds their compile); they take the head tiles' warps.
+FULL_GROUPS = {
+    "group 32 d512": PagedDecodeShape("full", (37, 0), 64, 2, 512, block_size=16),
+    "group 32 d512 fp8 forced split": PagedDecodeShape(
+        "full", (45,), 64, 2, 512, block_size=32, cache_dtype=FP8, num_splits=2
+    ),
+    "group 16 d1024": PagedDecodeShape("full", (33, 5), 16, 1, 1024, block_size=8),
+    "group 16 d1024 fp8": PagedDecodeShape("full", (21,), 16, 1, 1024, block_size=16, cache_dtype=FP8),
+}
+
+
+@pytest.mark.parametrize("case", FULL_GROUPS, ids=list(FULL_GROUPS))
+def test_groups_that_fill_one_program_take_wide_warps(case, request):
+    shape = FULL_GROUPS[case]
+    check_against_reference(shape, seed_of(request.node.name))
+    group = shape.num_q_heads // shape.num_kv_heads
+    nbytes = shape.cache_dtype.itemsize
+    config = paged_attention.paged_decode_launch_config(group, shape.head_dim, nbytes)
+    assert config["HEAD_TILE"] == group  # one program
+    assert config["num_warps"] == (16 if nbytes > 1 else 8)  # the head tiles' warps
+
+
 def test_derived_splits_cover_a_long_sequence(request):
     """One long stream: the launcher provides several splits and the sequence takes them by its length."""
     shape = PagedDecodeShape("long", (2000,), 4, 1, 64, block_size=64)

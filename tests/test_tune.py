@@ -61,6 +61,16 @@ def test_fp8_paged_decode_tries_one_two_and_three_stages():
     assert stages == {1, 2, 3}
 
 
+def test_paged_decode_candidates_vary_a_full_groups_16_warps():
+    """A group that fills one program (32 heads of 512) launches on 16 warps: the candidates around it try
+    other stages and token tiles on those 16 warps, not the heuristic alone."""
+    from kernels.paged_attention import paged_decode_launch_config
+
+    full = paged_decode_launch_config(32, 512, 2)
+    sixteen = [c for c in tune.SPECS["paged_decode"].candidates(full) if c["num_warps"] == 16]
+    assert full["num_warps"] == 16 and len(sixteen) >= 4, sixteen
+
+
 def test_default_shapes_group_by_the_launchers_key():
     groups = tune.groups_of(CASES["write_kv"])
     keys = [g.key for g in groups]

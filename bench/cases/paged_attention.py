@@ -176,6 +176,9 @@ PRESETS = [_model("Llama-3.1-8B"), _model("Llama-3.1-70B", tp=8), _model("Qwen3-
 #: A group too wide for one program (64 query heads per KV head of 512, served in head tiles): the
 #: configuration SGLang's grouped-decode test runs (test/srt/test_triton_attention_kernels.py).
 WIDE_GROUP = ("GQA-64x512", 128, 2, 512)
+#: Groups that fill one program's accumulator (group x head_dim = the head-tile size) in one tile: they
+#: take the head tiles' warps, where 4 warps spilled.
+FULL_GROUPS = [("GQA-32x512", 64, 2, 512), ("MQA-16x1024", 16, 1, 1024)]
 
 # Reasoning lengths (shared/facts.md): MATH-500-like outputs of 1K to 3K tokens, AIME-like of 10K to 12K
 # with a tail to 32K; prompts are short beside them. A fixed spread, so runs compare.
@@ -251,16 +254,18 @@ def small_shapes() -> list[PagedDecodeShape]:
 
 
 def static_shapes() -> list[PagedDecodeShape]:
-    """The launch configurations the benchmarks use, and the wide group's head tiles (bf16 and fp8, split:
-    no preset has such a group). Launches depend on shapes and the block table's width, not on lengths, so
-    each keeps its table width (and so its split count) with 16-token sequences: the capture then builds
-    kilobytes, not gigabytes."""
+    """The launch configurations the benchmarks use, the wide group's head tiles and the groups that fill
+    one program (bf16 and fp8, split: no preset has such groups). Launches depend on shapes and the block
+    table's width, not on lengths, so each keeps its table width (and so its split count) with 16-token
+    sequences: the capture then builds kilobytes, not gigabytes."""
     llama8, llama70_tp8, qwen, oss = PRESETS
 
     def launch(preset, batch, context, **kw):
         pages = -(-context // DEFAULT_BLOCK_SIZE)
         return _shape(preset, [16] * batch, spare_pages=pages - 1, **kw)
 
+    wide_groups = [WIDE_GROUP, *FULL_GROUPS]
+    wide = [launch(g, 2, 8192, cache_dtype=dtype) for g in wide_groups for dtype in (torch.bfloat16, FP8)]
     return [
         launch(llama8, 32, 8192),
         launch(llama8, 1, 65536),
@@ -268,8 +273,7 @@ def static_shapes() -> list[PagedDecodeShape]:
         launch(llama70_tp8, 32, 8192),
         launch(qwen, 32, 8192),
         launch(oss, 32, 8192),
-        launch(WIDE_GROUP, 2, 8192),
-        launch(WIDE_GROUP, 2, 8192, cache_dtype=FP8),
+        *wide,
     ]
 
 

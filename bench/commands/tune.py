@@ -125,7 +125,7 @@ SPECS = {
             ),
             {
                 "BLOCK_N": _pow2_between(16, 128),
-                "num_warps": _pow2_between(2, 8),
+                "num_warps": _pow2_between(2, 16),
                 "num_stages": range(1, 4).__contains__,
             },
             _cheap_paged,
