@@ -84,6 +84,7 @@ def _inputs(tokens, experts, top_k, hidden, seed, dtype=torch.float32, load="zip
     return x, weights, ids
 
 
+@pytest.mark.cpu_kernels  # a gloo group in this process: CPU tensors
 @pytest.mark.parametrize("mode", ep.MODES)
 @pytest.mark.parametrize("align", [1, 16])
 def test_one_rank_matches_the_reference(group, mode, align, request):
@@ -102,6 +103,7 @@ def test_one_rank_matches_the_reference(group, mode, align, request):
     assert_close(out, expected, "out", dtype=x.dtype)
 
 
+@pytest.mark.cpu_kernels
 def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_the_host(group, monkeypatch):
     x, weights, ids = _inputs(9, 8, 2, 24, 5, dtype=torch.bfloat16)
     want_x, want_handle = ep.ep_dispatch(x, weights, ids, 8, align=4, mode="capacity", max_tokens_per_rank=12)
@@ -126,6 +128,7 @@ def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_t
     assert_bitwise_equal(out, want, "out")
 
 
+@pytest.mark.cpu_kernels
 def test_bad_input_names_the_argument(group):
     x, weights, ids = _inputs(4, 4, 2, 8, 3)
     recv_x, handle = ep.ep_dispatch(x, weights, ids, 4)

@@ -159,6 +159,7 @@ def _kernel_entry(entries):
     return next(e for e in entries if e["extra_info"]["impl"] == "triton")
 
 
+@pytest.mark.cpu_kernels  # the dry run's path: wall clock, CPU tensors
 def test_measure_verifies_times_and_says_why_a_peer_did_not_run():
     """The runner on the CPU (wall clock, as gpu-check's dry run): the kernel verified on the inputs it
     times, the reference timed, and every peer either timed after its check or listed with its reason."""
@@ -191,6 +192,7 @@ def _with_peer(prepare, check=None):
     return dataclasses.replace(case, peers={"made-up": peer}), shape, case.build(shape, "cpu", 0)
 
 
+@pytest.mark.cpu_kernels
 def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
     """Only PeerUnavailable means 'cannot run here'; any other error of a peer's set-up propagates out of
     the runner, verify_and_prepare and the benchmarks' prepare_peer (no pytest.skip)."""
@@ -228,6 +230,7 @@ def test_a_wrong_peer_fails_its_check():
         prepare_peer(case, shape, "made-up", inputs, expected)
 
 
+@pytest.mark.cpu_kernels
 def test_an_unavailable_peer_is_skipped_with_its_reason():
     from bench.benchmarks.conftest import prepare_peer
     from bench.measure.runner import measure
@@ -258,6 +261,7 @@ def test_a_verified_peer_records_what_it_was_checked_against():
     assert prepared.call().shape == (shape.batch, shape.num_q_heads, 1, shape.head_dim)
 
 
+@pytest.mark.cpu_kernels
 def test_moe_layer_names_its_expert_path_and_falls_back_only_when_refused(monkeypatch):
     """bench_moe's experts: grouped_mm where torch takes it (same rows as the per-expert loop); the loop,
     with the reason, only where torch._grouped_mm is missing or refuses the dtype or shape; any other error
