@@ -297,3 +297,59 @@ def test_moe_layer_names_its_expert_path_and_falls_back_only_when_refused(monkey
     monkeypatch.delattr(torch, "_grouped_mm")
     path, why = bench_moe.expert_path(*args)
     assert path == bench_moe.PER_EXPERT and "has no torch._grouped_mm" in why
+
+
+@pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
+def test_a_host_only_peer_is_timed_on_the_host_clock(monkeypatch):
+    """CUDA events after the L2 flush read a host-only step (the host pool) as about 0 us: such a peer is
+    timed on the host clock and its entry says so. measure's GPU path on this machine: the inputs built on
+    the CPU, the CUDA-event timer replaced by a recorder."""
+    import dataclasses
+
+    from bench.measure import runner
+    from bench.measure.timing import Timing
+
+    case = CASES["allocate"]
+    build = case.build
+    on_the_cpu = lambda shape, device, seed, **kw: build(shape, "cpu", seed, **kw)  # noqa: E731
+    gpu_like = dataclasses.replace(case, build=on_the_cpu)
+    on_events = []
+
+    def time_cuda(fn, label, **kw):
+        on_events.append(label)
+        return Timing.from_samples([1.0, 1.0])
+
+    monkeypatch.setattr(runner, "time_cuda", time_cuda)
+    monkeypatch.setattr(runner, "copy_bandwidth_gbps", lambda: 3000.0)
+    monkeypatch.setattr(runner, "matmul_tflops", lambda: 700.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    entries = runner.measure(gpu_like, case.small_shapes()[0], graph=False, device="cuda")
+    timers = {e["extra_info"]["impl"]: (e["extra_info"]["timer"], e["extra_info"]["clock"]) for e in entries}
+    assert timers == {
+        "triton": ("cuda-events", "cuda-events"),
+        "host-pool": ("host", "host clock (host-only work)"),
+    }
+    assert on_events and not any("host-pool" in label for label in on_events)
+
+
+def test_the_benchmark_clock_times_host_only_calls_on_the_host():
+    import time
+
+    from bench.measure.timing import CudaClock
+
+    clock = CudaClock()
+    before = clock()
+    clock.timed(lambda: time.sleep(0.02), label="host step", host=True)()
+    assert clock() - before >= 0.02
+
+
+def test_a_failed_peer_counts_once_per_shape():
+    """The kernel's graph and eager entries carry the same peer record: one failure, not two."""
+    from bench.commands.run import failures
+
+    record = {"kernel": "paged_decode", "shape": "s", "impl": "triton", "peers_failed": {"flex": "boom"}}
+    entries = [
+        {"name": "paged_decode[triton graph] s", "extra_info": {**record, "cuda_graph": True}},
+        {"name": "paged_decode[triton] s", "extra_info": record},
+    ]
+    assert failures(entries) == ["flex (paged_decode s)"]
