@@ -194,6 +194,33 @@ def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
     ]
 
 
+def test_torchrun_is_started_with_its_stores_on_loopback(monkeypatch):
+    """Without --local-addr, torchrun's workers' store (MASTER_ADDR) listens on this host's FQDN."""
+    from bench.commands import dist as dist_command
+
+    seen = {}
+    monkeypatch.setattr(
+        dist_command.subprocess, "call", lambda command, env: seen.update(command=command) or 0
+    )
+    assert dist_command.launch(2, ["ep"]) == 0
+    command = seen["command"]
+    assert command[command.index("--local-addr") + 1] == "127.0.0.1"
+    assert command[command.index("--rdzv-endpoint") + 1].startswith("127.0.0.1:")
+
+
+def test_nccl_ranks_bind_their_gpu_as_the_group_starts(monkeypatch):
+    """init_process_group without device_id warns under NCCL and leaves the communicator's device to guess."""
+    from bench.measure import distributed
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rank = distributed._start(0, 1, "nccl", dist.HashStore(), 5.0)
+    rank.liveness.stop()
+    assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 0)
+
+
 # --- the regroup kernel alone: any counts matrix, one process ---------------------------------------------
 
 
