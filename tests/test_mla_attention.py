@@ -362,7 +362,7 @@ def test_sdpa_is_refused_where_no_fused_backend_takes_the_shape(monkeypatch):
     """No fused SDPA backend takes 576-wide keys with 512-wide values over one latent head; torch's math
     fallback upcasts to fp32 and repeats K and V for every head (about 220 GB at batch 32, 8K context, 128
     heads). The peer refuses up front, with torch's reasons. The rule is the GPU's; the CPU stands in for it
-    here (its flash backend refuses the same widths)."""
+    here, on any machine (its flash backend refuses the same widths; the peer launches no kernel)."""
     from bench.peers import PeerUnavailable
     from bench.peers import paged_attention as paged_peers
 
@@ -370,7 +370,7 @@ def test_sdpa_is_refused_where_no_fused_backend_takes_the_shape(monkeypatch):
     shape = S("p", (40, 40), 16, block_size=16)
     assert (shape.qk_dim, shape.v_head_dim) == (576, 512)
     with pytest.raises(PeerUnavailable, match="no fused SDPA backend takes q/k 576 and v 512.*GB"):
-        MLA_DECODE.peers["sdpa-contiguous"].prepare(build(shape, DEVICE, 1), shape)
+        MLA_DECODE.peers["sdpa-contiguous"].prepare(build(shape, "cpu", 1), shape)
 
 
 def test_compiled_flex_attention_skips_tiles_too_large_for_shared_memory():

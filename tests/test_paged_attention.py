@@ -476,11 +476,12 @@ def test_flex_attention_compiles_for_one_shape_at_a_time(monkeypatch):
 
 
 def test_sdpa_runs_where_a_fused_backend_takes_the_shape(monkeypatch):
-    """The fused-backend rule (a GPU's, applied to the CPU here, whose flash backend takes GQA at equal
-    widths) lets an ordinary decode through."""
+    """The fused-backend rule (a GPU's, applied to the CPU here on any machine, whose flash backend takes GQA
+    at equal widths) lets an ordinary decode through."""
     from bench.peers import paged_attention as peers
 
     monkeypatch.setattr(peers, "FUSED_SDPA_ONLY_ON", ("cpu", "cuda"))
     shape = PagedDecodeShape("p", (20, 20), 8, 2, 64, block_size=16)
-    assert peers.fused_sdpa_refusal(build(shape, DEVICE, 1).args["q"][:, :, None, :], 2, 64, 20) is None
-    PAGED_DECODE.peers["sdpa-contiguous"].prepare(build(shape, DEVICE, 1), shape)
+    inputs = build(shape, "cpu", 1)
+    assert peers.fused_sdpa_refusal(inputs.args["q"][:, :, None, :], 2, 64, 20) is None
+    PAGED_DECODE.peers["sdpa-contiguous"].prepare(inputs, shape)
