@@ -344,8 +344,10 @@ def step_decode_step(run: CheckRun) -> StepResult:
         ended.append((args[0], run.subprocess("decode-step", command, append=index > 0)))
     states = [result.state for _, result in ended]
     state = next((s for s in ("failed", "timed out", "not reached") if s in states), "ok")
-    detail = "; ".join(f"{model}: {result.state} ({result.detail})" for model, result in ended)
-    return StepResult("partial" if state == "not reached" else state, detail)
+    told = [f"{model}: {r.state}" + ("" if r.state == "ok" else f" ({r.detail})") for model, r in ended]
+    return StepResult(
+        "partial" if state == "not reached" else state, "; ".join(told) + "; see decode-step.txt"
+    )
 
 
 def step_ncu(run: CheckRun) -> StepResult:
