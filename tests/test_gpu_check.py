@@ -258,6 +258,7 @@ def test_a_hung_step_is_recorded_by_the_watchdog(tmp_path, monkeypatch):
 
 def test_each_step_gives_the_cached_gpu_memory_back(tmp_path, monkeypatch):
     released = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as after any step on a GPU
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
     _fake_steps(monkeypatch, {"static": "crash"})
     gpu_check.run(str(tmp_path), budget_s=30, only="machine,static,tune", dry_run=True)

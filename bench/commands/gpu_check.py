@@ -550,8 +550,10 @@ def _hung(check: CheckRun, name: str) -> None:
 
 def release_memory() -> None:
     """Gives what this process's caching allocator holds back to the GPU: the next step may be another
-    process (torchrun's ranks, the sanitizer's target, pytest) that needs it."""
+    process (torchrun's ranks, the sanitizer's target, pytest) that needs it. The collection first frees
+    tensors only cycles still hold. Nothing to do where CUDA was never initialized (a dry run)."""
     import torch
 
-    gc.collect()
-    torch.cuda.empty_cache()  # a no-op where CUDA was never initialized
+    if torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
