@@ -4,6 +4,11 @@ Importing ``bench`` first selects Triton's interpreter (TRITON_INTERPRET=1) when
 present, before any @triton.jit is evaluated (the kernels package leaves the environment alone); on a GPU
 the same tests run compiled. Tests marked ``gpu`` (CUDA graphs, sync checks, timing) skip with the reason
 on a machine without one.
+
+Compiled kernels take CUDA tensors only. A test that builds inputs for kernels takes the ``kernel_device``
+fixture (the GPU there, the CPU in the interpreter) rather than naming the CPU; one that needs CPU tensors
+by design (a gloo group in this process, the dry run's host clock, a GPU path simulated on the CPU) is
+marked ``cpu_kernels`` and skips with the reason where kernels are compiled.
 """
 
 import os
@@ -67,21 +72,37 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", f"cpu_kernels: {CPU_KERNELS}; skipped with the reason elsewhere")
     if config.getoption("--fuzz"):
         from hypothesis import settings
 
         settings.load_profile("fuzz")
 
 
+CPU_KERNELS = "hands kernels CPU tensors by design: runs where kernels take them (in Triton's interpreter)"
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """The device whose tensors this run's kernels take: "cuda" where they are compiled on a GPU, "cpu" in
+    Triton's interpreter (bench.measure.device.kernel_device)."""
+    from bench.measure.device import kernel_device as device
+
+    return device()
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(
-        reason="needs a CUDA device (CUDA graphs, sync checks, timing); none on this machine"
-    )
+    from bench.measure.device import kernel_device as device
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = "needs a CUDA device (CUDA graphs, sync checks, timing); none on this machine"
+    if device() != "cpu":
+        skips["cpu_kernels"] = f"{CPU_KERNELS}; here they are compiled for the GPU and take CUDA tensors only"
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in skips.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 # The tests that read the static report (the sm_90/sm_80 AOT compile of every case: a minute or two of CPU

@@ -220,7 +220,7 @@ def test_deepseek_r1_picks_a_hybrid_over_tp8():
     assert seconds[best] < seconds[Layout(tp=8)]
 
 
-def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there():
+def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there(kernel_device):
     """The GPU timing path of `decodebench step`, on this machine: the host clock and the interpreter, at a
     tiny dense-then-MoE model with MLA and one with GQA (on a GPU the same calls run under CUDA graphs)."""
     from bench.measure.timing import time_wall
@@ -249,7 +249,7 @@ def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there():
 
     for spec, layout in ((gqa, Layout(tp=2)), (mla, Layout(dp=2, ep=2))):
         stages = step_stages(spec, layout, 3, 40, H200, NVLINK)
-        timed = time_stages(spec, layout, 3, 40, stages, device="cpu", timer=timer)
+        timed = time_stages(spec, layout, 3, 40, stages, device=kernel_device, timer=timer)
         assert set(timed) == {s.name for s in stages}
         for name, t in timed.items():
             collective = name.endswith(("all_reduce", "_a2a"))

@@ -85,6 +85,7 @@ def _inputs(tokens, experts, top_k, hidden, seed, dtype=torch.float32, load="zip
     return x, weights, ids
 
 
+@pytest.mark.cpu_kernels  # a gloo group in this process: CPU tensors
 @pytest.mark.parametrize("mode", ep.MODES)
 @pytest.mark.parametrize("align", [1, 16])
 def test_one_rank_matches_the_reference(group, mode, align, request):
@@ -103,6 +104,7 @@ def test_one_rank_matches_the_reference(group, mode, align, request):
     assert_close(out, expected, "out", dtype=x.dtype)
 
 
+@pytest.mark.cpu_kernels
 def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_the_host(group, monkeypatch):
     x, weights, ids = _inputs(9, 8, 2, 24, 5, dtype=torch.bfloat16)
     want_x, want_handle = ep.ep_dispatch(x, weights, ids, 8, align=4, mode="capacity", max_tokens_per_rank=12)
@@ -127,6 +129,7 @@ def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_t
     assert_bitwise_equal(out, want, "out")
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("with_workspace", [False, True])
 def test_capacity_mode_holds_ids_repeated_within_a_token(group, with_workspace):
     """Issue 20, item 3: 2 experts, top-3, so a token repeats an id and sends 3 rows to a rank holding 2
@@ -159,6 +162,7 @@ def test_capacity_mode_holds_ids_repeated_within_a_token(group, with_workspace):
     assert_bitwise_equal(out, ep.ep_combine(ep_case.expert_outputs(exact_x, offsets, 0), exact), "exact")
 
 
+@pytest.mark.cpu_kernels
 def test_bad_input_names_the_argument(group):
     x, weights, ids = _inputs(4, 4, 2, 8, 3)
     recv_x, handle = ep.ep_dispatch(x, weights, ids, 4)
@@ -232,6 +236,7 @@ def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
     ]
 
 
+@pytest.mark.cpu_kernels
 def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
     """Issue 20, item 4: workspace buffers over each other or over an input, and a y over a buffer
     ep_combine writes, raise ValueError naming both, on the host, before any stage runs."""
@@ -259,6 +264,31 @@ def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
     with pytest.raises(ValueError, match="^y: .*workspace.recv"):
         ep.ep_combine(workspace.recv, handle)
     ep.ep_combine(recv_x, handle)  # experts that wrote their outputs over recv_x: allowed
+def test_torchrun_is_started_with_its_stores_on_loopback(monkeypatch):
+    """Without --local-addr, torchrun's workers' store (MASTER_ADDR) listens on this host's FQDN."""
+    from bench.commands import dist as dist_command
+
+    seen = {}
+    monkeypatch.setattr(
+        dist_command.subprocess, "call", lambda command, env: seen.update(command=command) or 0
+    )
+    assert dist_command.launch(2, ["ep"]) == 0
+    command = seen["command"]
+    assert command[command.index("--local-addr") + 1] == "127.0.0.1"
+    assert command[command.index("--rdzv-endpoint") + 1].startswith("127.0.0.1:")
+
+
+def test_nccl_ranks_bind_their_gpu_as_the_group_starts(monkeypatch):
+    """init_process_group without device_id warns under NCCL and leaves the communicator's device to guess."""
+    from bench.measure import distributed
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rank = distributed._start(0, 1, "nccl", dist.HashStore(), 5.0)
+    rank.liveness.stop()
+    assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 0)
 
 
 # --- the regroup kernel alone: any counts matrix, one process ---------------------------------------------

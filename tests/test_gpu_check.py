@@ -2,6 +2,7 @@
 every step, the step bookkeeping with the steps faked (crashes, the deadline, --only), subprocesses killed
 at the deadline, and the L2 flush that reads."""
 
+import os
 import re
 import sys
 import time
@@ -185,3 +186,146 @@ def test_a_shape_that_raises_costs_only_itself(tmp_path, monkeypatch):
 
 def _states_detail(summary: str, step: str) -> str:
     return next(line for line in summary.splitlines() if line.startswith(f"- {step}:"))
+
+
+def _gone(pid: int) -> bool:
+    """Dead, or a zombie waiting for a parent that will never read it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _all_gone(pids, within_s: float = 3.0) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        if all(_gone(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# Starts a grandchild in its own process group and one in a session of its own (as torchrun starts its
+# workers), prints their ids, then waits, or exits when told to.
+_PARENT = (
+    "import subprocess, sys, time\n"
+    "same = subprocess.Popen(['sleep', '60'])\n"
+    "own = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+    "print(same.pid, own.pid, flush=True)\n"
+    "time.sleep(0 if sys.argv[1] == 'exit' else 60)\n"
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_step_killed_at_the_deadline_takes_every_process_it_started_with_it(tmp_path):
+    """torchrun's workers, ncu's and compute-sanitizer's targets are grandchildren: killing the child alone
+    left them running on the GPU, writing after summary.md said the step had timed out."""
+    slow = run_subprocess("slow", tmp_path, [sys.executable, "-c", _PARENT, "wait"], timeout=1.5)
+    assert slow.state == "timed out"
+    pids = [int(pid) for pid in (tmp_path / "slow.txt").read_text().split()[:2]]
+    assert _all_gone(pids), f"still running after the step was killed: {[p for p in pids if not _gone(p)]}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_step_that_exits_leaves_nothing_running_in_its_group(tmp_path):
+    done = run_subprocess("quick", tmp_path, [sys.executable, "-c", _PARENT, "exit"], timeout=30)
+    assert done.state == "ok"
+    same, _ = [int(pid) for pid in (tmp_path / "quick.txt").read_text().split()[:2]]
+    assert _all_gone([same]), "a process the step left in its group outlived it"
+
+
+def test_a_hung_step_is_recorded_by_the_watchdog(tmp_path, monkeypatch):
+    """An in-process step checks the deadline only between shapes: one that never comes back (a hung kernel)
+    is recorded as timed out while it still runs; on a GPU the process then ends (here, a dry run, not)."""
+    monkeypatch.setattr(gpu_check, "HANG_GRACE_S", 0.2)
+    monkeypatch.setattr(gpu_check, "MIN_START_S", 0.0)
+    ended, seen = [], {}
+    monkeypatch.setattr(gpu_check.os, "_exit", ended.append)
+
+    def hangs(run):
+        time.sleep(max(run.left(), 0) + 0.8)  # never looks at the deadline
+        seen["summary"] = (run.folder / "summary.md").read_text()
+        return StepResult("ok", "came back at last")
+
+    monkeypatch.setattr(gpu_check, "STEP_FUNCTIONS", {**gpu_check.STEP_FUNCTIONS, "static": hangs})
+    gpu_check.run(str(tmp_path), budget_s=0.3, only="static", dry_run=True)
+    assert _states(seen["summary"])["static"] == "timed out" and "past the deadline" in seen["summary"]
+    assert not ended, "a dry run must not end the process"
+    check = gpu_check.CheckRun(tmp_path, time.monotonic(), dry_run=False, selected=("static",))
+    gpu_check._hung(check, "static")
+    assert ended == [0] and _states((tmp_path / "summary.md").read_text())["static"] == "timed out"
+
+
+def test_each_step_gives_the_cached_gpu_memory_back(tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as after any step on a GPU
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    _fake_steps(monkeypatch, {"static": "crash"})
+    gpu_check.run(str(tmp_path), budget_s=30, only="machine,static,tune", dry_run=True)
+    assert len(released) == 3, "after every step, the crashed one too"
+
+
+def test_the_sanitizer_step_captures_on_the_gpu_and_runs_without_the_caching_allocator(tmp_path, monkeypatch):
+    """On a GPU the launchers refuse CPU tensors: the capture that picks racecheck must use the run's device.
+    compute-sanitizer is faked here (a script that prints what it was given)."""
+    from bench.measure import static
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake = tools / "compute-sanitizer"
+    fake.write_text(
+        "#!/bin/sh\necho caching=$PYTORCH_NO_CUDA_MEMORY_CACHING args=$*\necho '= ERROR SUMMARY: 0 errors'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    devices = []
+    monkeypatch.setattr(static, "capture", lambda case, shape, device=None: devices.append(device) or [])
+    check = gpu_check.CheckRun(tmp_path, time.monotonic() + 60, dry_run=False, selected=STEPS)
+    result = gpu_check.step_sanitizer(check)
+    assert result.state == "ok", result
+    assert devices and set(devices) == {"cuda"}, devices
+    logs = list(tmp_path.glob("sanitizer-memcheck-*.txt"))
+    assert len(logs) == len(gpu_check.CASES)
+    assert all("caching=1 " in log.read_text() for log in logs)
+
+
+def test_decode_step_runs_each_model_with_its_own_arguments(tmp_path, monkeypatch):
+    """One model failing must not cost the other its run; a folder with a space stays one argument."""
+    calls = []
+
+    def fake(name, folder, command, timeout, env=None, append=False):
+        calls.append((command, append))
+        return StepResult("failed" if len(calls) == 1 else "ok", f"exit {0 if len(calls) > 1 else 1}")
+
+    monkeypatch.setattr(gpu_check, "run_subprocess", fake)
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    check = gpu_check.CheckRun(folder, time.monotonic() + 60, dry_run=True, selected=STEPS)
+    result = gpu_check.step_decode_step(check)
+    assert len(calls) == 2 and [append for _, append in calls] == [False, True]
+    for command, _ in calls:
+        assert command[:4] == [sys.executable, "-m", "bench", "step"]
+        assert command[-2:] == ["--gpu", str(folder)]
+    assert result.state == "failed" and "DeepSeek-R1: ok" in result.detail
+
+
+def test_cpu_tensor_tests_skip_with_the_reason_where_kernels_are_compiled(monkeypatch):
+    """The suite's device rule (conftest.py), as on a GPU box: compiled kernels refuse CPU tensors, so a
+    test marked cpu_kernels skips with the reason (it failed there, blamed on the kernels)."""
+    import conftest
+    from bench.measure import device
+
+    class Item:
+        def __init__(self, *marks):
+            self.keywords, self.added = dict.fromkeys(marks), []
+
+        def add_marker(self, marker):
+            self.added.append(marker)
+
+    monkeypatch.setattr(device, "kernel_device", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cpu, plain, gpu = Item("cpu_kernels"), Item(), Item("gpu")
+    conftest.pytest_collection_modifyitems(None, [cpu, plain, gpu])
+    (skip,) = cpu.added
+    assert skip.name == "skip" and "CUDA tensors only" in skip.kwargs["reason"]
+    assert not plain.added and not gpu.added

@@ -159,6 +159,7 @@ def _kernel_entry(entries):
     return next(e for e in entries if e["extra_info"]["impl"] == "triton")
 
 
+@pytest.mark.cpu_kernels  # the dry run's path: wall clock, CPU tensors
 def test_measure_verifies_times_and_says_why_a_peer_did_not_run():
     """The runner on the CPU (wall clock, as gpu-check's dry run): the kernel verified on the inputs it
     times, the reference timed, and every peer either timed after its check or listed with its reason."""
@@ -191,6 +192,7 @@ def _with_peer(prepare, check=None):
     return dataclasses.replace(case, peers={"made-up": peer}), shape, case.build(shape, "cpu", 0)
 
 
+@pytest.mark.cpu_kernels
 def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
     """Only PeerUnavailable means 'cannot run here'; any other error of a peer's set-up propagates out of
     the runner, verify_and_prepare and the benchmarks' prepare_peer (no pytest.skip)."""
@@ -228,6 +230,7 @@ def test_a_wrong_peer_fails_its_check():
         prepare_peer(case, shape, "made-up", inputs, expected)
 
 
+@pytest.mark.cpu_kernels
 def test_an_unavailable_peer_is_skipped_with_its_reason():
     from bench.benchmarks.conftest import prepare_peer
     from bench.measure.runner import measure
@@ -258,6 +261,7 @@ def test_a_verified_peer_records_what_it_was_checked_against():
     assert prepared.call().shape == (shape.batch, shape.num_q_heads, 1, shape.head_dim)
 
 
+@pytest.mark.cpu_kernels
 def test_moe_layer_names_its_expert_path_and_falls_back_only_when_refused(monkeypatch):
     """bench_moe's experts: grouped_mm where torch takes it (same rows as the per-expert loop); the loop,
     with the reason, only where torch._grouped_mm is missing or refuses the dtype or shape; any other error
@@ -293,3 +297,59 @@ def test_moe_layer_names_its_expert_path_and_falls_back_only_when_refused(monkey
     monkeypatch.delattr(torch, "_grouped_mm")
     path, why = bench_moe.expert_path(*args)
     assert path == bench_moe.PER_EXPERT and "has no torch._grouped_mm" in why
+
+
+@pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
+def test_a_host_only_peer_is_timed_on_the_host_clock(monkeypatch):
+    """CUDA events after the L2 flush read a host-only step (the host pool) as about 0 us: such a peer is
+    timed on the host clock and its entry says so. measure's GPU path on this machine: the inputs built on
+    the CPU, the CUDA-event timer replaced by a recorder."""
+    import dataclasses
+
+    from bench.measure import runner
+    from bench.measure.timing import Timing
+
+    case = CASES["allocate"]
+    build = case.build
+    on_the_cpu = lambda shape, device, seed, **kw: build(shape, "cpu", seed, **kw)  # noqa: E731
+    gpu_like = dataclasses.replace(case, build=on_the_cpu)
+    on_events = []
+
+    def time_cuda(fn, label, **kw):
+        on_events.append(label)
+        return Timing.from_samples([1.0, 1.0])
+
+    monkeypatch.setattr(runner, "time_cuda", time_cuda)
+    monkeypatch.setattr(runner, "copy_bandwidth_gbps", lambda: 3000.0)
+    monkeypatch.setattr(runner, "matmul_tflops", lambda: 700.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    entries = runner.measure(gpu_like, case.small_shapes()[0], graph=False, device="cuda")
+    timers = {e["extra_info"]["impl"]: (e["extra_info"]["timer"], e["extra_info"]["clock"]) for e in entries}
+    assert timers == {
+        "triton": ("cuda-events", "cuda-events"),
+        "host-pool": ("host", "host clock (host-only work)"),
+    }
+    assert on_events and not any("host-pool" in label for label in on_events)
+
+
+def test_the_benchmark_clock_times_host_only_calls_on_the_host():
+    import time
+
+    from bench.measure.timing import CudaClock
+
+    clock = CudaClock()
+    before = clock()
+    clock.timed(lambda: time.sleep(0.02), label="host step", host=True)()
+    assert clock() - before >= 0.02
+
+
+def test_a_failed_peer_counts_once_per_shape():
+    """The kernel's graph and eager entries carry the same peer record: one failure, not two."""
+    from bench.commands.run import failures
+
+    record = {"kernel": "paged_decode", "shape": "s", "impl": "triton", "peers_failed": {"flex": "boom"}}
+    entries = [
+        {"name": "paged_decode[triton graph] s", "extra_info": {**record, "cuda_graph": True}},
+        {"name": "paged_decode[triton] s", "extra_info": record},
+    ]
+    assert failures(entries) == ["flex (paged_decode s)"]

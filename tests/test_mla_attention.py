@@ -356,3 +356,30 @@ def test_peers_that_cannot_run_say_why(peer, shape, reason):
 
     with pytest.raises(PeerUnavailable, match=reason):
         MLA_DECODE.peers[peer].prepare(build(shape, DEVICE, 1), shape)
+
+
+def test_sdpa_is_refused_where_no_fused_backend_takes_the_shape(monkeypatch):
+    """No fused SDPA backend takes 576-wide keys with 512-wide values over one latent head; torch's math
+    fallback upcasts to fp32 and repeats K and V for every head (about 220 GB at batch 32, 8K context, 128
+    heads). The peer refuses up front, with torch's reasons. The rule is the GPU's; the CPU stands in for it
+    here, on any machine (its flash backend refuses the same widths; the peer launches no kernel)."""
+    from bench.peers import PeerUnavailable
+    from bench.peers import paged_attention as paged_peers
+
+    monkeypatch.setattr(paged_peers, "FUSED_SDPA_ONLY_ON", ("cpu", "cuda"))
+    shape = S("p", (40, 40), 16, block_size=16)
+    assert (shape.qk_dim, shape.v_head_dim) == (576, 512)
+    with pytest.raises(PeerUnavailable, match="no fused SDPA backend takes q/k 576 and v 512.*GB"):
+        MLA_DECODE.peers["sdpa-contiguous"].prepare(build(shape, "cpu", 1), shape)
+
+
+def test_compiled_flex_attention_skips_tiles_too_large_for_shared_memory():
+    """MLA's 576-wide rows: the decode kernel's query tile (the heads, padded to a power of two) and a page
+    of keys and values must fit in one block's shared memory (an estimate, to be confirmed on a GPU)."""
+    from bench.peers.paged_attention import flex_unsupported
+
+    def why(heads, block_size):
+        return flex_unsupported(torch.bfloat16, (5,), block_size, 576, heads, torch.device("cuda"), v_dim=512)
+
+    assert why(16, 16) is None and why(64, 16) is None and why(16, 64) is None
+    assert "shared memory" in why(128, 16) and "shared memory" in why(32, 64)

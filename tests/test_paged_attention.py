@@ -487,5 +487,51 @@ def test_compiled_flex_attention_limits_are_decided_up_front():
 
     assert why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=16), "cuda") is None
     assert "pages of 16" in why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=8), "cuda")
+    assert "power-of-two pages" in why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=48), "cuda")
     assert "power-of-two" in why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=16), "cuda")
+    assert "128 or fewer" in why(PagedDecodeShape("p", (5,), 256, 1, 64, block_size=16), "cuda")
     assert why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=8), "cpu") is None
+
+
+def test_flex_blocks_fit_torchs_decode_kernel(monkeypatch):
+    """Torch's decode kernel (torch/_inductor/kernel/flex/flex_decoding.py) drops every configuration whose
+    BLOCK_M (the query group, a power of two of at least 16) does not divide the mask's query block, and
+    PagedAttention maps one key block per page: a query block of 1 left it nothing to run, at every shape."""
+    import importlib
+
+    flex = importlib.import_module("torch.nn.attention.flex_attention")
+    from bench.peers.paged_attention import FLEX_Q_BLOCK, flex_prepare
+
+    blocks, create = [], flex.create_block_mask
+    monkeypatch.setattr(
+        flex, "create_block_mask", lambda *a, **kw: blocks.append(kw["BLOCK_SIZE"]) or create(*a, **kw)
+    )
+    shape = PagedDecodeShape("p", (37, 20), 8, 2, 64, block_size=16)
+    flex_prepare(build(shape, DEVICE, 1), shape)
+    assert blocks == [(FLEX_Q_BLOCK, shape.block_size)]
+    assert all(FLEX_Q_BLOCK % max(group, 16) == 0 for group in (1, 2, 4, 8, 16, 32, 64, 128))
+
+
+def test_flex_attention_compiles_for_one_shape_at_a_time(monkeypatch):
+    """dynamic=True left batch and heads symbolic, and torch then never picks its decode kernel; each shape
+    compiles after a reset, so dynamo's recompile limit (past which it runs flex_attention unfused) is never
+    reached."""
+    from bench.peers.paged_attention import compiled_flex_attention
+
+    compiled, resets = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(True))
+    compiled_flex_attention()
+    assert compiled == [{"dynamic": False}] and resets == [True]
+
+
+def test_sdpa_runs_where_a_fused_backend_takes_the_shape(monkeypatch):
+    """The fused-backend rule (a GPU's, applied to the CPU here on any machine, whose flash backend takes GQA
+    at equal widths) lets an ordinary decode through."""
+    from bench.peers import paged_attention as peers
+
+    monkeypatch.setattr(peers, "FUSED_SDPA_ONLY_ON", ("cpu", "cuda"))
+    shape = PagedDecodeShape("p", (20, 20), 8, 2, 64, block_size=16)
+    inputs = build(shape, "cpu", 1)
+    assert peers.fused_sdpa_refusal(inputs.args["q"][:, :, None, :], 2, 64, 20) is None
+    PAGED_DECODE.peers["sdpa-contiguous"].prepare(inputs, shape)

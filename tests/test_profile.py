@@ -118,3 +118,61 @@ def test_report_plots_a_roofline_and_decode_bandwidth(tmp_path):
     assert cli.main(["report", str(path), "--plot", str(tmp_path)]) == 0
     for name in ("run-roofline.png", "run-decode-gbps.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_target_resets_outside_the_range(monkeypatch):
+    """allocate's pool is put back before every call: outside the NVTX range, or ncu profiles the reset's
+    copies and counts them as the kernel's launches."""
+    import dataclasses
+    from contextlib import contextmanager
+
+    from bench.cases.base import Case
+
+    events = []
+
+    @contextmanager
+    def recorded_range(name):
+        events.append("(")
+        yield
+        events.append(")")
+
+    case = CASES["allocate"]
+    build = case.build
+
+    def build_recording_resets(shape, device, seed, **kw):
+        inputs = build(shape, device, seed, **kw)
+        reset = inputs.reset
+        inputs.reset = lambda: (events.append("reset"), reset())
+        return inputs
+
+    run_kernel = Case.run_kernel
+    monkeypatch.setattr(profile, "nvtx_range", recorded_range)
+    monkeypatch.setattr(
+        Case, "run_kernel", lambda self, inputs: (events.append("call"), run_kernel(self, inputs))
+    )
+    recording = dataclasses.replace(case, build=build_recording_resets)
+    profile.target(recording, case.small_shapes()[0], calls=2)
+    warm_up, profiled = ["reset", "call"], ["reset", "(", "call", ")"]
+    assert events == warm_up + 2 * profiled
+
+
+def test_ncu_reports_base_units_and_an_unknown_unit_is_an_error(monkeypatch, tmp_path):
+    """A unit the parser did not know counted as x1; ncu is asked for base units, and anything else the
+    parser cannot convert is refused, naming the unit."""
+    import shutil
+    import subprocess
+
+    seen = {}
+
+    def ncu(command, **kw):
+        seen["command"] = command
+        return subprocess.CompletedProcess(command, 0, (DATA / "ncu_metrics.csv").read_text(), "")
+
+    monkeypatch.setattr(shutil, "which", lambda name: f"/opt/nsight/{name}")
+    monkeypatch.setattr(subprocess, "run", ncu)
+    assert profile.profile_ncu("write_kv", 0, 1, tmp_path)
+    command = seen["command"]
+    assert command[command.index("--print-units") + 1] == "base"
+    text = (DATA / "ncu_metrics.csv").read_text().replace('"usecond"', '"cycle"', 1)
+    with pytest.raises(ValueError, match="cycle"):
+        profile.parse_ncu_metrics(text)

@@ -270,3 +270,33 @@ def test_ep_regroup_moves_rows_16_bytes_a_lane_without_spills():
             if r.widest_load != 16 or r.widest_store != 16
         ]
     )
+
+
+def test_capture_builds_its_inputs_where_the_kernels_run(monkeypatch, kernel_device):
+    """On a GPU box the launchers are compiled and refuse CPU tensors: capture (the static report's, and the
+    sanitizer step's racecheck choice) builds on the device kernels take, not on the CPU."""
+    import dataclasses
+
+    from bench.measure import device
+
+    case, seen = CASES["write_kv"], []
+
+    def build(shape, on, seed, **kw):
+        seen.append(on)
+        return case.build(shape, kernel_device, seed, **kw)  # where the launcher takes them, GPU or not
+
+    monkeypatch.setattr(device, "kernel_device", lambda: "a device")
+    (launch,) = capture(dataclasses.replace(case, build=build), case.static_shapes()[0])
+    assert seen == ["a device"] and launch.kernel == "_write_kv_kernel"
+
+
+def test_kernels_take_cuda_tensors_where_they_are_compiled_on_a_gpu(monkeypatch):
+    import kernels
+    from bench.measure.device import kernel_device
+
+    assert kernel_device() == ("cpu" if kernels.INTERPRETED or not torch.cuda.is_available() else "cuda")
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernel_device() == "cuda"
+    monkeypatch.setattr(kernels, "INTERPRETED", True)
+    assert kernel_device() == "cpu"

@@ -338,7 +338,7 @@ def test_ptx_load_widths():
     assert tune.ptx_widest_load("st.global.b32 [ %rd1 + 0 ], { %r1 };") is None
 
 
-def test_timing_picks_the_fastest_verified_candidate(monkeypatch):
+def test_timing_picks_the_fastest_verified_candidate(monkeypatch, kernel_device):
     """The GPU path with the clock faked: every kept candidate is verified (in the interpreter here) and
     timed at every shape of its key; the lowest geometric mean of time over the fastest wins; a candidate
     that fails verification is dropped and reported; the table holds the winner."""
@@ -370,7 +370,7 @@ def test_timing_picks_the_fastest_verified_candidate(monkeypatch):
     for candidate in group.candidates:
         candidate.static = row(registers=32, spill_bytes=0, stack_bytes=0, shared_bytes=0)
     tune.apply_filter(group.candidates, 90)
-    assert tune._time_group(group, None, device="cpu")
+    assert tune._time_group(group, None, device=kernel_device)
     assert (
         group.winner["TOKENS"] == fast["TOKENS"] and group.winner["num_warps"] == group.heuristic["num_warps"]
     )

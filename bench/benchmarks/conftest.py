@@ -1,7 +1,8 @@
 """pytest-benchmark plumbing for bench/bench_*.py (GPU only: on a machine without CUDA they skip).
 
 ``gpu_benchmark(case, shape, impl)`` times one kernel (or its reference) at one shape with the CUDA-event
-clock, L2 flushed before every round (in pedantic's untimed setup), an NVTX range around every call, and
+clock (a host-only peer on the host clock: ``"timer": "host"``), L2 flushed before every round (in
+pedantic's untimed setup), an NVTX range around every call, and
 writes bytes, FLOPs, GB/s, TFLOP/s, % of the copy bandwidth and of the bf16 matmul ceiling measured in this
 session, and which of the two binds, into extra_info, so that
 ``--benchmark-json`` and ``--benchmark-autosave`` keep them with the times. A peer is prepared and verified
@@ -87,6 +88,11 @@ def verify_kernel(case, shape, inputs, expected) -> dict:
     return {"verified": True, "max_error": case.compare(inputs, expected, shape)}
 
 
+def _timer(host: bool) -> str:
+    """extra_info's word for the clock a figure was read on."""
+    return "host" if host else "cuda-events"
+
+
 @pytest.fixture
 def gpu_benchmark(benchmark):
     def run(case, shape, impl: str = "triton"):
@@ -95,27 +101,29 @@ def gpu_benchmark(benchmark):
                 f"reference: too slow above {case.reference_max_bytes / 1e9:.1f} GB of modelled traffic"
             )
         inputs = _inputs(case, shape)
-        info = {}
+        info, host = {}, False
         if impl in case.peers:
             expected = expected_of(case, shape, inputs)
             prepared, info = prepare_peer(case, shape, impl, inputs, expected)
+            host = case.peers[impl].host_only
         else:
             fn = {"triton": case.kernel, "reference": case.reference}[impl]
             prepared = Prepared(lambda: fn(**inputs.args), inputs.reset)
             if impl == "triton":  # the kernel too is checked at the shape it is timed, where affordable
                 info = verify_kernel(case, shape, inputs, expected_of(case, shape, inputs))
-        timed = CUDA_CLOCK.timed(prepared.call, label=f"{case.name}[{impl}] {shape.label}")
+        timed = CUDA_CLOCK.timed(prepared.call, label=f"{case.name}[{impl}] {shape.label}", host=host)
         benchmark.group = f"{case.name} {shape.label}"
         reset = prepared.reset or (lambda: None)
 
         def setup():
             reset()
-            flush_l2()
+            if not host:  # host-only work reads no device memory
+                flush_l2()
 
         benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
         median_s = benchmark.stats.stats.median
         benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps(), matmul_tflops()))
-        benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, **info)
+        benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, timer=_timer(host), **info)
         if impl == "triton":
             benchmark.extra_info["launch_config"] = case.launch_config(inputs) if case.launch_config else None
 

@@ -30,8 +30,8 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Starts torchrun with ``nproc`` ranks on this host (rendezvous on 127.0.0.1), running this command
-    without --nproc in each."""
+    """Starts torchrun with ``nproc`` ranks on this host (rendezvous and the workers' store on 127.0.0.1),
+    running this command without --nproc in each."""
     command = [
         sys.executable,
         "-m",
@@ -44,6 +44,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         "c10d",
         "--rdzv-endpoint",
         f"127.0.0.1:{distributed.free_port()}",
+        "--local-addr",  # the workers' store (MASTER_ADDR) on loopback too, not on this host's FQDN
+        "127.0.0.1",
         "-m",
         "bench",
         "dist",

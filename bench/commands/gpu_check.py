@@ -21,21 +21,29 @@ the others' results. The steps, in order:
 9. ``benchmarks``: the pytest-benchmark files at the default shapes (their JSON, with the GPU clock).
 10. ``tests``: the rest of the suite, compiled, as far as the budget goes.
 
-Every step runs under one deadline: a subprocess is killed at it, an in-process step checks it between
-shapes and stops with what it has. summary.md is rewritten after every step, listing each step as ok,
-failed, partial (stopped by the deadline between shapes), timed out (a subprocess killed at the deadline),
-skipped (with the reason), not reached or not selected (``--only``). Only ``failed`` makes the exit non-zero.
+Every step runs under one deadline: a subprocess is ended at it with every process it started (torchrun's
+workers, a profiler's or compute-sanitizer's target), an in-process step checks it between shapes and stops
+with what it has. A step still running HANG_GRACE_S past the deadline is taken for hung (a kernel that never
+returns): summary.md says so and the process ends, so nothing writes after it. What a step left in the
+caching allocator is given back to the GPU before the next. summary.md is rewritten after every step,
+listing each step as ok, failed, partial (stopped by the deadline between shapes), timed out (a subprocess
+killed at the deadline, or a hung step), skipped (with the reason), not reached or not selected
+(``--only``). Only ``failed`` makes the exit non-zero.
 
 ``--dry-run`` runs the same steps on a machine with no GPU (kernels in the interpreter, the smallest shapes,
 the host's wall clock in place of CUDA events, the ceilings measured on the CPU) and writes the same files,
 so the orchestration is proved where CI runs; nothing it writes is a GPU figure, and every file says so.
 """
 
+import gc
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -67,8 +75,16 @@ STEPS = (
 SWEEP_PEERS = ("sdpa-contiguous", "flashinfer")
 # A step is not started with less than this left: it could not finish anything worth keeping.
 MIN_START_S = 3.0
+# compute-sanitizer sees an overrun only past the end of an allocation: with torch's caching allocator a
+# tensor sits inside a larger cached block, so each tensor gets an allocation of its own.
+SANITIZED_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
 # What an in-process step keeps in hand before it starts another shape.
 SHAPE_RESERVE_S = 2.0
+# A step still running this long past the deadline is taken for hung (_run_step's watchdog).
+HANG_GRACE_S = 20.0
+# A subprocess step at the deadline gets SIGTERM (torchrun then stops its workers, ncu its target), and this
+# long to end before everything it started is killed.
+TERM_GRACE_S = 5.0
 
 # partial: an in-process step the deadline stopped between shapes (what it measured is kept); timed out: a
 # subprocess killed at the deadline. Neither is a failure: the budget, not the code, ended them.
@@ -104,9 +120,9 @@ class CheckRun:
     def out_of_time(self, reserve: float = SHAPE_RESERVE_S) -> bool:
         return self.left() < reserve
 
-    def subprocess(self, name: str, command: list[str]) -> StepResult:
-        """Runs ``command`` to the deadline at most, its output to <folder>/<name>.txt."""
-        return run_subprocess(name, self.folder, command, timeout=self.left())
+    def subprocess(self, name: str, command: list[str], **kw) -> StepResult:
+        """Runs ``command`` to the deadline at most, its output to <folder>/<name>.txt (run_subprocess)."""
+        return run_subprocess(name, self.folder, command, timeout=self.left(), **kw)
 
     def write_summary(self) -> None:
         m = self.machine
@@ -129,35 +145,92 @@ class CheckRun:
                 f"{m['matmul_label']}: {m['matmul_tflops']:.3g} TFLOP/s ({m['clock']})"
             )
         lines += ["", "## Steps", ""]
+        steps = dict(self.steps)  # the watchdog may write the summary while a step is running
         for name in STEPS:
-            step = self.steps.get(name, StepResult("not reached"))
+            step = steps.get(name, StepResult("not reached"))
             seconds = f" ({step.seconds:.0f} s)" if step.state in ENDED else ""
             lines.append(f"- {name}: {step.state}{seconds}{': ' + step.detail if step.detail else ''}")
-        for name, text in self.sections.items():
+        for name, text in list(self.sections.items()):
             lines += ["", f"## {name}", "", text]
         (self.folder / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def run_subprocess(name: str, folder: Path, command: list[str], timeout: float) -> StepResult:
-    """Runs one command, its output to folder/<name>.txt; killed at ``timeout`` seconds (what it printed
-    so far is kept)."""
+def run_subprocess(
+    name: str, folder: Path, command: list[str], timeout: float, env: dict | None = None, append: bool = False
+) -> StepResult:
+    """Runs one command (``env``: variables on top of child_env's), its output to folder/<name>.txt (added
+    to it with ``append``). At ``timeout`` seconds the command and every process it started are ended (what
+    they printed so far is kept); once it exits, whatever it left running in its process group is too."""
     log = folder / f"{name}.txt"
-    env = child_env()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 0.1), env=env)
-    except subprocess.TimeoutExpired as expired:
-        printed = "".join(_text(part) for part in (expired.stdout, expired.stderr))
-        log.write_text(f"{printed}\nKILLED at the deadline, after {timeout:.0f} s\n")
+    timed_out = False
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # Files, not pipes: a descendant that outlived the kill cannot hold the step open on a pipe.
+        child = subprocess.Popen(
+            command, stdout=out, stderr=err, text=True, env=child_env(**(env or {})), start_new_session=True
+        )
+        try:
+            child.wait(timeout=max(timeout, 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            end_process_tree(child)
+        _signal_group(child.pid, signal.SIGKILL)  # what it left behind (a daemon, an orphaned worker)
+        stdout, stderr = _read(out), _read(err)
+    with open(log, "a" if append else "w") as file:
+        file.write(stdout + stderr)
+        if timed_out:
+            file.write(f"\nKILLED at the deadline, after {timeout:.0f} s\n")
+    if timed_out:
         return StepResult("timed out", f"killed at the deadline after {timeout:.0f} s; see {log.name}")
-    log.write_text(done.stdout + done.stderr)
-    last = (done.stdout.strip().splitlines() or [""])[-1]
-    return StepResult("ok" if done.returncode == 0 else "failed", f"exit {done.returncode}: {last[:160]}")
+    last = (stdout.strip().splitlines() or [""])[-1]
+    return StepResult("ok" if child.returncode == 0 else "failed", f"exit {child.returncode}: {last[:160]}")
 
 
-def _text(part) -> str:
-    if part is None:
-        return ""
-    return part.decode(errors="replace") if isinstance(part, bytes) else part
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
+
+
+def end_process_tree(child: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:
+    """Ends ``child`` and every process below it, its process group and those that left it (torchrun starts
+    each worker in a session of its own): SIGTERM first, so that torchrun stops its workers itself and a
+    profiler its target, then SIGKILL to whatever is left after ``grace_s``."""
+    below = descendants(child.pid)
+    _signal_group(child.pid, signal.SIGTERM)
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(child.pid, signal.SIGKILL)
+    for pid in below:  # the ones found before the signals: once orphaned, they no longer name their parent
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc (none where /proc is not there)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # the child leads its own group (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 # --- the steps, in order ------------------------------------------------------------------------------------
@@ -256,15 +329,25 @@ def step_dist(run: CheckRun) -> StepResult:
 
 
 def step_decode_step(run: CheckRun) -> StepResult:
-    commands = [
+    """Each model in a process of its own (one that fails leaves the other's figures), both logged to
+    decode-step.txt."""
+    models = [
         ["DeepSeek-R1-Distill-Llama-8B", "--batch", "64", "--context", "8192"],
         ["DeepSeek-R1", "--tp", "8", "--batch", "32", "--context", "4096"],
     ]
-    script = " && ".join(
-        " ".join([sys.executable, "-m", "bench", "step", *args, "--gpu", str(run.folder)])
-        for args in commands
+    ended = []
+    for index, args in enumerate(models):
+        command = [sys.executable, "-m", "bench", "step", *args, "--gpu", str(run.folder)]
+        if run.out_of_time(MIN_START_S):
+            ended.append((args[0], StepResult("not reached", "the budget ran out first")))
+            continue
+        ended.append((args[0], run.subprocess("decode-step", command, append=index > 0)))
+    states = [result.state for _, result in ended]
+    state = next((s for s in ("failed", "timed out", "not reached") if s in states), "ok")
+    told = [f"{model}: {r.state}" + ("" if r.state == "ok" else f" ({r.detail})") for model, r in ended]
+    return StepResult(
+        "partial" if state == "not reached" else state, "; ".join(told) + "; see decode-step.txt"
     )
-    return run.subprocess("decode-step", ["bash", "-c", script])
 
 
 def step_ncu(run: CheckRun) -> StepResult:
@@ -311,14 +394,15 @@ def step_sanitizer(run: CheckRun) -> StepResult:
             static.setdefault(row["kernel"], []).append(row)
     lines, errors = [], 0
     for case in CASES.values():
-        checks = ["memcheck"] + (["racecheck"] if _shares_or_atomics(case, static) else [])
+        checks = ["memcheck"] + (["racecheck"] if _shares_or_atomics(case, static, run.device) else [])
         for check in checks:
             if run.out_of_time(10.0):
                 lines.append(f"- {case.name} {check}: not reached")
                 continue
             name = f"sanitizer-{check}-{case.name}"
             target = [sys.executable, "-m", "bench", "sanitize-target", case.name]
-            result = run.subprocess(name, [tool, "--tool", check, "--error-exitcode", "9", *target])
+            command = [tool, "--tool", check, "--error-exitcode", "9", *target]
+            result = run.subprocess(name, command, env=SANITIZED_ENV)
             log = (run.folder / f"{name}.txt").read_text(errors="replace")
             summary = next((line for line in log.splitlines() if "ERROR SUMMARY" in line), result.detail)
             errors += result.state != "ok"
@@ -327,11 +411,13 @@ def step_sanitizer(run: CheckRun) -> StepResult:
     return StepResult("failed" if errors else "ok", f"{errors} runs with errors")
 
 
-def _shares_or_atomics(case, static: dict) -> bool:
-    """racecheck where a kernel of the case keeps tiles in shared memory or uses atomics (by its compile)."""
+def _shares_or_atomics(case, static: dict, device: str) -> bool:
+    """racecheck where a kernel of the case keeps tiles in shared memory or uses atomics (by its compile).
+    The launches are captured on ``device``: a GPU box's compiled launchers refuse CPU tensors."""
     from bench.measure.static import capture
 
-    names = {launch.kernel for shape in case.small_shapes()[:1] for launch in capture(case, shape)}
+    shape = case.small_shapes()[0]
+    names = {launch.kernel for launch in capture(case, shape, device)}
     rows = [row for kernel in names for row in static.get(kernel, [])]
     return any((row.get("shared_bytes") or 0) > 0 or row.get("atomics") for row in rows)
 
@@ -418,11 +504,7 @@ def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_r
             continue
         begin = time.monotonic()
         print(f"{name}: running ({check.left():.0f} s left)", flush=True)
-        try:
-            result = STEP_FUNCTIONS[name](check)
-        except Exception:
-            (folder / f"{name}-error.txt").write_text(traceback.format_exc())
-            result = StepResult("failed", f"crashed: see {name}-error.txt")
+        result = _run_step(check, name)
         result.seconds = time.monotonic() - begin
         check.steps[name] = result
         print(f"{name}: {result.state} ({result.seconds:.0f} s) {result.detail}", flush=True)
@@ -430,4 +512,48 @@ def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_r
     check.write_summary()
     print((folder / "summary.md").read_text())
     print(f"written: {folder} ({time.monotonic() - started:.0f} s)")
-    return 1 if any(s.state == "failed" for s in check.steps.values()) else 0
+    return _status(check)
+
+
+def _status(check: CheckRun) -> int:
+    return 1 if any(s.state == "failed" for s in list(check.steps.values())) else 0
+
+
+def _run_step(check: CheckRun, name: str) -> StepResult:
+    """One step, under a watchdog (an in-process step checks the deadline only between shapes, and a hung
+    kernel never returns to check it); what it cached on the GPU is released after it."""
+    watchdog = threading.Timer(max(check.left(), 0.0) + HANG_GRACE_S, _hung, args=(check, name))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return STEP_FUNCTIONS[name](check)
+    except Exception:
+        (check.folder / f"{name}-error.txt").write_text(traceback.format_exc())
+        return StepResult("failed", f"crashed: see {name}-error.txt")
+    finally:
+        watchdog.cancel()
+        release_memory()
+
+
+def _hung(check: CheckRun, name: str) -> None:
+    """The watchdog: the step is still running HANG_GRACE_S past the deadline. summary.md says so; then, on
+    a GPU, the process ends (with it the hung kernel, which nothing else can stop) so that nothing writes
+    after the summary; a dry run only records it and goes on."""
+    ending = "a dry run goes on" if check.dry_run else "the process was ended here"
+    detail = f"still running {HANG_GRACE_S:.0f} s past the deadline: {ending}"
+    check.steps[name] = StepResult("timed out", detail)
+    check.write_summary()
+    print(f"{name}: timed out, {ending}", flush=True)
+    if not check.dry_run:
+        os._exit(_status(check))
+
+
+def release_memory() -> None:
+    """Gives what this process's caching allocator holds back to the GPU: the next step may be another
+    process (torchrun's ranks, the sanitizer's target, pytest) that needs it. The collection first frees
+    tensors only cycles still hold. Nothing to do where CUDA was never initialized (a dry run)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()

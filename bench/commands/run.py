@@ -12,13 +12,15 @@ from bench.measure.device import copy_bandwidth_gbps, machine_info
 
 
 def failures(entries: list[dict]) -> list[str]:
-    """Names of entries that disagreed with the reference, or whose peers failed."""
+    """Names of entries that disagreed with the reference, and of peers that failed, each peer once per case
+    and shape (the kernel's graph and eager entries carry the same peer record)."""
     bad = []
     for e in entries:
         info = e["extra_info"]
         if info.get("verified") is False:
             bad.append(e["name"])
-        bad += [f"{peer} ({e['name']})" for peer in info.get("peers_failed") or {}]
+        at = f"{info.get('kernel', e['name'])} {info.get('shape', '')}".strip()
+        bad += [f"{peer} ({at})" for peer in info.get("peers_failed") or {}]
     return list(dict.fromkeys(bad))
 
 

@@ -62,6 +62,15 @@ def _driver_version() -> str:
     return "unknown"
 
 
+def kernel_device() -> str:
+    """The device whose tensors this process's kernels take: "cuda" where they are compiled on a GPU, "cpu"
+    where they run in Triton's interpreter, or where no GPU exists at all (the static report's compiling
+    child: it captures launches and launches nothing). Compiled launchers refuse CPU tensors on a GPU box."""
+    from kernels import INTERPRETED
+
+    return "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+
+
 @functools.cache
 def machine_info() -> MachineInfo:
     from kernels import INTERPRETED

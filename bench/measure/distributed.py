@@ -129,10 +129,12 @@ def _default_backend() -> str:
 
 
 def _start(rank: int, world: int, backend: str, store, timeout_s: float) -> Rank:
+    bound = {}
     if backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
+        bound["device_id"] = device  # the communicator bound to this GPU up front (torch warns without)
     else:
         device = torch.device("cpu")
     dist.init_process_group(
@@ -141,6 +143,7 @@ def _start(rank: int, world: int, backend: str, store, timeout_s: float) -> Rank
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
+        **bound,
     )
     return Rank(rank, world, backend, device, store, Liveness(store, rank, world))
 

@@ -9,7 +9,10 @@ into a table that sets each kernel's measured time (and, with ncu, DRAM bytes) b
   installed. Without a GPU it profiles the interpreter's run: CPU time, labelled as such.
 
 The profiled process runs ``decodebench profile-target``: inputs built, one warm-up call, then ``calls``
-calls inside the NVTX range PROFILE_RANGE, which ncu's --nvtx-include selects.
+calls, each in an NVTX range PROFILE_RANGE, which ncu's --nvtx-include selects. A stateful case's reset
+(allocate's pool put back) runs before each call, outside the range, so its copies are not profiled as the
+kernel's. ncu reports every metric in its base unit (``--print-units base``); a unit the parser does not
+know is an error, never a silent factor of 1.
 """
 
 import csv
@@ -47,7 +50,6 @@ _UNITS = {
     "us": 1e-6,
     "ms": 1e-3,
     "%": 1,
-    "": 1,
 }
 
 
@@ -70,9 +72,9 @@ def target(case, shape, calls: int) -> None:
     case.run_kernel(inputs)
     if device == "cuda":
         torch.cuda.synchronize()
-    with nvtx_range(PROFILE_RANGE):
-        for _ in range(calls):
-            reset()
+    for _ in range(calls):
+        reset()  # outside the range: its copies are not the kernel's work
+        with nvtx_range(PROFILE_RANGE):
             case.run_kernel(inputs)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -90,7 +92,13 @@ def profile_torch(case, shape, calls: int) -> tuple[list[KernelProfile], str]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
-            reset()
+            if on_gpu and inputs.reset:  # the reset's copies are not the kernel's launches: not collected
+                prof.toggle_collection_dynamic(False, activities)
+                reset()
+                torch.cuda.synchronize()
+                prof.toggle_collection_dynamic(True, activities)
+            else:
+                reset()
             with record_function(f"{case.name} call"):
                 case.run_kernel(inputs)
         if on_gpu:
@@ -159,6 +167,8 @@ def profile_ncu(case_name, shape_index, calls, out: Path, timeout=600.0) -> list
             f"{PROFILE_RANGE}/",
             "--clock-control",
             "none",
+            "--print-units",
+            "base",
             "--csv",
             "--metrics",
             ",".join(NCU_METRICS),
@@ -195,7 +205,12 @@ def parse_nsys_kernel_summary(text: str) -> list[KernelProfile]:
 
 def _value(row: dict) -> float:
     unit = row.get("Metric Unit", "").strip().lower()
-    return float(row["Metric Value"].replace(",", "")) * _UNITS.get(unit, 1)
+    if unit not in _UNITS:
+        raise ValueError(
+            f"ncu: metric {row.get('Metric Name')} in unit {row.get('Metric Unit')!r}, which the parser does "
+            f"not know (known: {', '.join(_UNITS)}); profile_ncu asks for base units"
+        )
+    return float(row["Metric Value"].replace(",", "")) * _UNITS[unit]
 
 
 def parse_ncu_metrics(text: str) -> list[KernelProfile]:

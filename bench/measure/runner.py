@@ -168,11 +168,12 @@ def measure(
 
     A peer that is not installed or cannot take this shape is skipped with its reason (``peers_skipped``);
     one that raises anything else, or disagrees with the reference, is a failure (``peers_failed``) and is
-    not timed. On ``device="cpu"`` (``gpu-check --dry-run``) every time is wall-clock, labelled as such,
-    with no graphs. Returns pytest-benchmark entries with GB/s and % of the copy bandwidth in extra_info.
+    not timed. A host-only peer (``Peer.host_only``: the host pool) is timed on the host clock, without the
+    L2 flush (CUDA events would time the idle device), and its entry says ``"timer": "host"``. On
+    ``device="cpu"`` (``gpu-check --dry-run``) every time is wall-clock, labelled as such, with no graphs.
+    Returns pytest-benchmark entries with GB/s and % of the copy bandwidth in extra_info.
     """
     on_gpu = device == "cuda"
-    clock = time_cuda if on_gpu else time_wall
     peak = copy_bandwidth_gbps() if on_gpu else None
     peak_tflops = matmul_tflops() if on_gpu else None
     start = time.perf_counter()
@@ -185,13 +186,14 @@ def measure(
     if case.launch_config is not None:  # which configuration ran, and from where (tuned table or heuristic)
         kernel_info["launch_config"] = case.launch_config(inputs)
 
-    timed = []  # (impl, callable, reset, graph, extra info)
+    timed = []  # (impl, callable, reset, graph, extra info, on the host clock)
     if graph and on_gpu:
-        timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, True, kernel_info))
-    timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, False, kernel_info))
+        timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, True, kernel_info, False))
+    timed.append(("triton", lambda: case.kernel(**inputs.args), inputs.reset, False, kernel_info, not on_gpu))
     if with_reference and expected is not None and inputs.reset is None:  # stateful inputs: not re-runnable
         reference_inputs = inputs.clone()
-        timed.append(("reference", lambda: case.reference(**reference_inputs.args), None, False, {}))
+        reference = lambda: case.reference(**reference_inputs.args)  # noqa: E731
+        timed.append(("reference", reference, None, False, {}, not on_gpu))
     skipped, failed = {}, {}
     for name in case.peers:
         if peers is not None and name not in peers:
@@ -212,17 +214,18 @@ def measure(
             "checked_against": "reference" if expected is not None else "kernel",
             "setup_s": round(time.perf_counter() - start, 4),
         }
-        timed.append((name, prepared.call, prepared.reset, False, info))
+        on_host = case.peers[name].host_only or not on_gpu
+        timed.append((name, prepared.call, prepared.reset, False, info, on_host))
     kernel_info.update(peers_skipped=skipped, peers_failed=failed)
 
     entries = []
-    for impl, fn, reset, as_graph, extra in timed:
+    for impl, fn, reset, as_graph, extra, on_host in timed:
         label = f"{case.name}[{impl}{' graph' if as_graph else ''}] {shape.label}"
         try:
-            if on_gpu:
-                timing = clock(fn, label=label, cuda_graph=as_graph, setup=reset)
+            if on_host:  # CUDA events would time the device, idle through a host-only step
+                timing = time_wall(fn, label=label, setup=reset)
             else:
-                timing = clock(fn, label=label, setup=reset)
+                timing = time_cuda(fn, label=label, cuda_graph=as_graph, setup=reset)
         except Exception as failure:
             if not as_graph:
                 raise
@@ -233,9 +236,16 @@ def measure(
             **extra,
             "impl": impl,
             "cuda_graph": as_graph,
-            "clock": "cuda-events" if on_gpu else "wall-clock (dry run)",
+            "clock": _clock_label(on_gpu, on_host),
+            "timer": "host" if on_host else "cuda-events",
         }
         entries.append(results.entry(label, case.name, timing, info))
     if on_gpu:
         torch.cuda.synchronize()
     return entries
+
+
+def _clock_label(on_gpu: bool, on_host: bool) -> str:
+    if not on_gpu:
+        return "wall-clock (dry run)"
+    return "host clock (host-only work)" if on_host else "cuda-events"

@@ -10,7 +10,9 @@ reads the cubin the launch compiled.
 Where kernels run in Triton's interpreter (no GPU), the report is made in a child process with
 TRITON_INTERPRET=0: there every @triton.jit (Triton's own helpers included) is a real JITFunction, and the
 launchers pass what they pass on a GPU (``INTERPRETER_*`` workarounds off), so the compile is the GPU's.
-Capturing needs no driver: nothing is launched.
+Capturing needs no driver: nothing is launched. The captured inputs live where this process's kernels take
+them (bench.measure.device.kernel_device): the CPU there, the GPU on a GPU box, whose compiled launchers
+refuse CPU tensors.
 
 The cubin is read with cuobjdump from the Triton wheel: ``--dump-resource-usage`` gives REG, STACK, SHARED
 and LOCAL (local memory per thread: spills), ``--dump-sass`` the LDG/STG instructions and their widths.
@@ -221,7 +223,13 @@ def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warp
     )
 
 
-def capture(case: Case, shape, device="cpu") -> list[Launch]:
+def capture(case: Case, shape, device: str | None = None) -> list[Launch]:
+    """The launches ``case``'s launcher makes at ``shape``, recorded, none run. The inputs are built on
+    ``device``, by default the one this process's kernels take (a GPU box's compiled launchers refuse CPU
+    tensors)."""
+    from bench.measure.device import kernel_device
+
+    device = device or kernel_device()
     if hasattr(case, "launch"):  # a StaticOnly kernel: no inputs to build, it calls its launcher itself
         with capture_launches(case.kernel_module) as launches:
             case.launch(shape, device)

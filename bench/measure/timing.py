@@ -177,14 +177,18 @@ class CudaClock:
     in the stream: when the L2 flush of the round's setup is still running as they are queued, the host's
     launch latency stays out of the figure, as it does in a CUDA graph. Pass the clock as
     ``@pytest.mark.benchmark(timer=CUDA_CLOCK)``.
+
+    Host-only work (the host pool a scheduler keeps) launches nothing: events around it would read the
+    device's idle time, near 0. ``clock.timed(fn, host=True)`` adds the call's host time (perf_counter)
+    instead, so the same benchmark file times both on one clock.
     """
 
     def __init__(self):
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._total_s = 0.0
 
-    def timed(self, fn: Callable, label: str = "call") -> Callable:
-        def call(*args, **kwargs):
+    def timed(self, fn: Callable, label: str = "call", host: bool = False) -> Callable:
+        def on_device(*args, **kwargs):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with nvtx_range(label):
                 start.record()
@@ -193,10 +197,17 @@ class CudaClock:
             self._pending.append((start, end))
             return result
 
-        return call
+        def on_host(*args, **kwargs):
+            with nvtx_range(label):
+                start = time.perf_counter()
+                result = fn(*args, **kwargs)
+                self._total_s += time.perf_counter() - start
+            return result
+
+        return on_host if host else on_device
 
     def __repr__(self) -> str:  # pytest-benchmark records the timer by its repr
-        return "bench.measure.timing.CUDA_CLOCK (CUDA events)"
+        return "bench.measure.timing.CUDA_CLOCK (CUDA events; host clock for host-only calls)"
 
     def __call__(self) -> float:
         for start, end in self._pending:

@@ -39,11 +39,14 @@ class Peer:
     "not installed" or "this shape is not supported", decided up front; any other error propagates.
     ``check(result, expected, shape)``: the call's result against ``expected`` (Inputs after a run of the
     reference, or of the kernel: args and result); returns the max error, raises AssertionError when wrong.
+    ``host_only``: the call does its work on the host and launches nothing (the host pool): it is timed on
+    the host clock, since CUDA events around it would time an idle device.
     """
 
     name: str
     prepare: Callable[["Inputs", Any], Prepared]
     check: Callable[[Any, "Inputs", Any], float]
+    host_only: bool = False
 
 
 def kernel_expected(case: "Case", inputs: "Inputs") -> "Inputs":

@@ -2,8 +2,8 @@
 
 Its set-up (a host copy of the device pool's state, the sequence ids as a Python list) is done once in
 prepare; its reset puts the host pool back before each call, outside the timing; so the timed call is only
-the Python bookkeeping a scheduler does for a decode step. Its check holds slots, ok and the pool's state
-against the expected run, field by field.
+the Python bookkeeping a scheduler does for a decode step, timed on the host clock (``host_only``). Its
+check holds slots, ok and the pool's state against the expected run, field by field.
 """
 
 import reference.kv_alloc
@@ -53,4 +53,4 @@ def host_pool_check(result, expected, shape) -> float:
     return allocate_compare(Inputs({"pool": host}, ("pool",), result=(slots, ok)), expected, shape)
 
 
-PEERS = {"host-pool": Peer("host-pool", host_pool_prepare, host_pool_check)}
+PEERS = {"host-pool": Peer("host-pool", host_pool_prepare, host_pool_check, host_only=True)}

@@ -4,7 +4,8 @@
   the block table (inside the timing: that is paging's cost in eager torch), then two batched matmuls in q's
   dtype and a softmax in fp32.
 - ``sdpa-contiguous``: torch's scaled_dot_product_attention over the same latent stored contiguously per
-  sequence, the value a view of its first v_head_dim columns (what paging costs).
+  sequence, the value a view of its first v_head_dim columns (what paging costs); on a GPU only where one
+  of torch's fused backends takes the shape (otherwise skipped, with torch's reasons).
 - ``flex-attention-paged``: FlexAttention's experimental PagedAttention over the latent (compiled on a GPU).
 - ``flashinfer-mla``: FlashInfer's MLA paged decode (BatchMLAPagedAttentionWrapper), where it is installed.
 
@@ -21,6 +22,7 @@ from bench.peers.paged_attention import (
     flex_paged_prepare,
     flex_physical,
     flex_unsupported,
+    fused_sdpa_refusal,
 )
 
 FP8 = torch.float8_e4m3fn
@@ -84,9 +86,13 @@ def sdpa_prepare(inputs, shape) -> Prepared:
     import torch.nn.functional as F
 
     a = inputs.args
+    q = a["q"][:, :, None, :]
+    refusal = fused_sdpa_refusal(q, 1, shape.v_head_dim, length)  # before the copy, and before torch's
+    if refusal:  # math fallback could allocate its hundreds of GB
+        raise PeerUnavailable(refusal)
     pages = a["block_tables"][:, : shape.pages[0]].long()
     k = a["kv_cache"][pages].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()  # [b, 1, len, qk_dim]
-    v, q, scale = k[..., : shape.v_head_dim], a["q"][:, :, None, :], _softmax_scale(shape)
+    v, scale = k[..., : shape.v_head_dim], _softmax_scale(shape)
     return Prepared(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
 
 
@@ -102,7 +108,13 @@ def flex_prepare(inputs, shape) -> Prepared:
     All heads share the one latent, so the query group is the head count."""
     a = inputs.args
     reason = flex_unsupported(
-        shape.cache_dtype, shape.lengths, shape.block_size, shape.qk_dim, shape.num_heads, a["q"].device
+        shape.cache_dtype,
+        shape.lengths,
+        shape.block_size,
+        shape.qk_dim,
+        shape.num_heads,
+        a["q"].device,
+        v_dim=shape.v_head_dim,
     )
     if reason:
         raise PeerUnavailable(reason)

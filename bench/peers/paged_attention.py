@@ -1,8 +1,9 @@
 """Peers of ``paged_decode``: the same decode step by other implementations.
 
 - ``sdpa-contiguous``: torch's scaled_dot_product_attention over the same tokens stored contiguously per
-  sequence (what paging costs).
-- ``flex-attention-paged``: torch's FlexAttention through its experimental PagedAttention (compiled on a GPU).
+  sequence (what paging costs), on a GPU only where a fused backend takes the shape (fused_sdpa_refusal).
+- ``flex-attention-paged``: torch's FlexAttention through its experimental PagedAttention (compiled on a GPU,
+  one shape at a time, so that torch picks its decode kernel).
 - ``flashinfer``: FlashInfer's batch decode over the same paged cache, where it is installed.
 
 What each cannot take is decided up front from the shape and the installed version (PeerUnavailable, with
@@ -38,14 +39,57 @@ def sdpa_prepare(inputs, shape) -> Prepared:
     import torch.nn.functional as F
 
     a, length = inputs.args, shape.lengths[0]
+    q = a["q"][:, :, None, :]
+    refusal = fused_sdpa_refusal(q, shape.num_kv_heads, shape.head_dim, length)
+    if refusal:
+        raise PeerUnavailable(refusal)
     pages = a["block_tables"][:, : shape.pages[0]].long()
 
     def contiguous(cache):  # [batch, kv_heads, length, head_dim]
         return cache[pages].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
 
-    k, v, q = contiguous(a["k_cache"]), contiguous(a["v_cache"]), a["q"][:, :, None, :]
+    k, v = contiguous(a["k_cache"]), contiguous(a["v_cache"])
     scale = shape.head_dim**-0.5
     return Prepared(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
+
+
+# Devices where the SDPA peers must run on a fused backend. On a GPU torch's math fallback upcasts to fp32
+# and repeats K and V for every query head (MLA at batch 32, 8K context, 128 heads: about 220 GB); on the
+# CPU it is the CPU's own path, at the small shapes the dry run and the tests take.
+FUSED_SDPA_ONLY_ON = ("cuda",)
+# The key length of the probe fused_sdpa_refusal runs: which backend takes a call depends on dtypes, head
+# dims and head counts, not on the length, so a short one decides it for the real one.
+_PROBE_KEYS = 16
+
+
+def fused_sdpa_refusal(q: torch.Tensor, kv_heads: int, v_dim: int, length: int) -> str | None:
+    """Why no fused SDPA backend (flash, memory-efficient, cuDNN) takes ``q`` [batch, heads, 1, qk_dim] over
+    ``kv_heads`` heads of K (qk_dim wide) and V (``v_dim`` wide, K's leading columns), or None when one does
+    or when ``q``'s device is not in FUSED_SDPA_ONLY_ON. Torch itself decides, on a probe of _PROBE_KEYS
+    keys run with the math backend disabled, before anything of the real size is allocated."""
+    if q.device.type not in FUSED_SDPA_ONLY_ON:
+        return None
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, heads, _, qk_dim = q.shape
+    k = q.new_zeros(batch, kv_heads, _PROBE_KEYS, qk_dim)
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with warnings.catch_warnings(record=True) as told, sdpa_kernel(fused):
+        warnings.simplefilter("always")
+        try:
+            F.scaled_dot_product_attention(q, k, k[..., :v_dim], enable_gqa=True)
+            return None
+        except RuntimeError as error:
+            why = [str(w.message).split(" (Triggered internally")[0] for w in told] or [str(error)]
+    math_gb = batch * heads * length * (qk_dim + v_dim) * 4 / 1e9  # K and V repeated per head, in fp32
+    return (
+        f"no fused SDPA backend takes q/k {qk_dim} and v {v_dim} with {heads} query heads over {kv_heads} "
+        f"KV heads ({'; '.join(w for w in why if 'not used because' not in w)[:300]}); torch's math "
+        f"fallback would upcast to fp32 and repeat K and V for every head (about {math_gb:.0f} GB here)"
+    )
 
 
 def sdpa_check(result, expected, shape) -> float:
@@ -54,26 +98,65 @@ def sdpa_check(result, expected, shape) -> float:
 
 # --- FlexAttention paged decode -----------------------------------------------------------------------------
 
-_compiled_flex = None
+# FlexAttention's block sizes, query by key. Torch's decode kernel (torch/_inductor/kernel/flex/
+# flex_decoding.py) takes a query group of the heads sharing a KV head as its BLOCK_M rows (a power of two,
+# at least 16) and drops every configuration whose BLOCK_M does not divide the sparse query block: a query
+# block of 128 serves groups up to 128. The key block is the page: PagedAttention maps one block per page.
+FLEX_Q_BLOCK = 128
+# Shared memory one thread block may take on the lent GPUs (H100, H200: 227 KB).
+_SHARED_BYTES = 227 * 1024
+# The decode kernel's default key tile on sm_90 (torch's flex decode heuristics: 64 keys, one stage).
+_FLEX_DECODE_BLOCK_N = 64
 
 
-def flex_unsupported(cache_dtype, lengths, block_size: int, head_dim: int, group: int, device) -> str | None:
-    """Why FlexAttention cannot take this decode, or None. On a GPU the compiled kernel (torch's inductor
-    lowering of flex decoding) tiles one page per key block with tl.dot, which needs 16 columns and 16-wide
-    heads, and serves a group of query heads per KV head only when the group is a power of two (the general
-    kernel cannot take our one-row query blocks)."""
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def flex_unsupported(
+    cache_dtype, lengths, block_size: int, head_dim: int, group: int, device, v_dim: int | None = None
+) -> str | None:
+    """Why FlexAttention cannot take this decode, or None. On a GPU the compiled decode kernel (torch's
+    inductor lowering of flex decoding) tiles one page per key block with tl.dot, which needs a power-of-two
+    page of 16 columns or more and 16-wide heads; it serves a group of query heads per KV head only when the
+    group is a power of two no larger than FLEX_Q_BLOCK; and its query tile (the group, padded to a power of
+    two of at least 16, by head_dim padded to a power of two) with one key and value tile must fit in shared
+    memory. That last is an estimate from the kernel's tiles, to be confirmed on the first lent GPU."""
     if cache_dtype == FP8:
         return "FlexAttention takes no fp8 K/V"
     if max(lengths) == 0:
         return "FlexAttention needs at least one key"
-    if device.type == "cuda":
-        if block_size < 16:
-            return f"compiled FlexAttention takes pages of 16 tokens or more, not {block_size}"
-        if head_dim < 16:
-            return f"compiled FlexAttention takes head_dim 16 or more, not {head_dim}"
-        if group & (group - 1):
-            return f"compiled FlexAttention decode needs a power-of-two query group, not {group}"
+    if device.type != "cuda":
+        return None
+    if block_size < 16 or block_size & (block_size - 1):
+        return f"compiled FlexAttention takes power-of-two pages of 16 tokens or more, not {block_size}"
+    if head_dim < 16:
+        return f"compiled FlexAttention takes head_dim 16 or more, not {head_dim}"
+    if group & (group - 1) or group > FLEX_Q_BLOCK:
+        return (
+            f"compiled FlexAttention decode needs a power-of-two query group of {FLEX_Q_BLOCK} or fewer, "
+            f"not {group}"
+        )
+    rows, keys = max(group, 16), min(_FLEX_DECODE_BLOCK_N, block_size)
+    width = _pow2(head_dim) + _pow2(v_dim or head_dim)
+    tiles = (rows * _pow2(head_dim) + keys * width) * cache_dtype.itemsize
+    if tiles > _SHARED_BYTES:
+        return (
+            f"compiled FlexAttention decode's tiles ({rows} query rows, {keys} keys, {head_dim} wide) take "
+            f"about {tiles // 1024} KB of shared memory, over the {_SHARED_BYTES // 1024} KB a block has"
+        )
     return None
+
+
+def compiled_flex_attention():
+    """flex_attention compiled for one shape. Not ``dynamic=True``: with batch and heads symbolic, torch does
+    not choose its decode kernel, and the general one cannot take one-row queries. Each shape compiles anew
+    (a paged mask is a new function each time, and its shapes are baked in): dynamo is reset first, so its
+    recompile limit, past which it would run flex_attention eagerly and unfused, is never reached."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.compiler.reset()
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_physical(cache: torch.Tensor) -> torch.Tensor:
@@ -86,10 +169,9 @@ def flex_physical(cache: torch.Tensor) -> torch.Tensor:
 
 def flex_paged_prepare(q, k, v, block_tables, seq_lens, pages, block_size: int, scale: float) -> Prepared:
     """FlexAttention's paged decode of q [batch, heads, dim] over physical k and v (flex_physical): its page
-    table is set from the block tables and the logical block mask (key < length) converted to pages. On a
-    GPU flex_attention is compiled (once per process, dynamic shapes); the first call, which pays the
-    compile, is verify_and_prepare's untimed one."""
-    global _compiled_flex
+    table is set from the block tables and the logical block mask (key < length; blocks of FLEX_Q_BLOCK
+    queries by one page) converted to pages. On a GPU flex_attention is compiled for this shape
+    (compiled_flex_attention); the first call, which pays the compile, is verify_and_prepare's untimed one."""
     try:
         from torch.nn.attention.experimental._paged_attention import PagedAttention
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -111,14 +193,16 @@ def flex_paged_prepare(q, k, v, block_tables, seq_lens, pages, block_size: int, 
         return kv_idx < lengths[b]
 
     logical = create_block_mask(
-        within_length, batch, None, 1, max(pages) * block_size, device=str(device), BLOCK_SIZE=(1, block_size)
+        within_length,
+        batch,
+        None,
+        1,
+        max(pages) * block_size,
+        device=str(device),
+        BLOCK_SIZE=(FLEX_Q_BLOCK, block_size),
     )
     mask = paged.convert_logical_block_mask(logical, kv_len=lengths)
-    attend = flex_attention
-    if device.type == "cuda":
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=True)
-        attend = _compiled_flex
+    attend = compiled_flex_attention() if device.type == "cuda" else flex_attention
     q = q[:, :, None, :]
     return Prepared(lambda: attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True))
 
