@@ -172,7 +172,7 @@ def _paged_decode_kernel(
 ):
     # Axis 0 is (sequence, head tile), tiles innermost: the tiles of one KV head's rows run side by side.
     seq = tl.program_id(0) // HEAD_TILES
-    head_tile = tl.program_id(0) % HEAD_TILES
+    head_tile = (tl.program_id(0) % HEAD_TILES).to(tl.int64)  # int64: it scales head offsets
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
