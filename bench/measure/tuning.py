@@ -1,9 +1,11 @@
-"""`decodebench tune`: each kernel's launch configuration chosen by measurement, one table per GPU.
+"""The tuner behind `decodebench tune` (bench/commands/tune.py): each kernel's launch configuration chosen
+by measurement, one table per GPU.
 
 A launcher's heuristic (tile sizes, warps, pipeline depth) is a guess made from shapes; which candidate is
-fastest is a fact about one GPU and one compiler. For every tunable case this command groups the case's
-default shapes by the shape key the launcher derives (kernels/_configs.py), proposes a few candidates
-around the launcher's heuristic for each key, and:
+fastest is a fact about one GPU and one compiler. For every tunable case (one whose operator gives a
+``tune`` spec: bench/operators/base.py TuneSpec) the tuner groups the case's default shapes by the shape key
+the launcher derives (kernels/_configs.py), proposes the spec's candidates around the launcher's heuristic
+for each key, and:
 
 1. drops the candidates the launcher refuses (its ValueError, e.g. a head tile whose accumulator is too wide),
    with its reason; compiles each other candidate's launches for the GPU's architecture (sm_90 without a
@@ -25,26 +27,24 @@ with their sm_90 static figures and what is dropped.
 import datetime
 import json
 import math
+import multiprocessing
 import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bench import child_env
-from bench.cases.base import Case
-from bench.measure.static import StaticRow, capture_launches, compile_aot, resource_usage
+from bench.measure import runner, timing
+from bench.measure.device import machine_info
+from bench.measure.static import StaticRow, access_widths, capture_launches, compile_aot, compiled_usage
+from bench.operators import CASES
+from bench.operators.base import Case
 from bench.testing import seed_of
 from kernels import INTERPRETED, _configs
-from kernels import kv_cache as _kv_cache
-from kernels import mla_attention as _mla
-from kernels import moe as _moe
-from kernels import paged_attention as _paged
 
 RESULT_FILE = "tuned-configs.json"
 NOT_REACHED = "Not reached before the deadline"  # the summary's line naming the keys a deadline cut off
@@ -59,156 +59,7 @@ VERIFY_SHAPES = 2
 WARMUP_MS, REP_MS = 10.0, 40.0
 
 
-# --- candidates -------------------------------------------------------------------------------------------
-
-
-def _pow2_between(low: int, high: int) -> Callable[[int], bool]:
-    return lambda v: low <= v <= high and v & (v - 1) == 0
-
-
-@dataclass(frozen=True)
-class Spec:
-    """How to tune one case: its tunable knobs (the launcher's), candidates around the heuristic, the
-    @triton.jit kernel those knobs shape, and a cheap shape with the same launch configuration."""
-
-    case: str
-    primary: str  # the kernel whose static figures are reported (every launch is checked for spills)
-    tunable: tuple[str, ...]
-    changes: tuple[Callable[[dict], dict], ...]  # heuristic knobs -> knobs to change (the heuristic first)
-    limits: dict[str, Callable[[int], bool]]
-    cheap: Callable[[object], object]  # default shape -> a small one the launcher configures alike
-
-    def candidates(self, heuristic: dict) -> list[dict]:
-        """The heuristic first, then each change that stays within the limits, without repeats."""
-        base = {k: heuristic[k] for k in self.tunable}
-        out = [base]
-        for change in self.changes:
-            knobs = {**base, **change(base)}
-            if knobs not in out and all(self.limits[k](v) for k, v in knobs.items()):
-                out.append(knobs)
-        return out
-
-
-def _cheap_paged(shape):
-    """16-token sequences in a block table as wide as the shape's: the same split count and constexprs."""
-    width = max(shape.pages) + shape.spare_pages
-    pages = -(-16 // shape.block_size)
-    return replace(shape, lengths=(16,) * shape.batch, spare_pages=width - pages, shared_pages=0)
-
-
-def _cheap_dispatch(shape):
-    """A decode step is built as is; past one launch, the fewest tokens that still take three."""
-    top_k = shape.model.top_k
-    if shape.tokens * top_k <= _moe._FUSED_PAIRS:
-        return shape
-    return replace(shape, tokens=_moe._FUSED_PAIRS // top_k + 1)
-
-
-# route is left out: its launch is one or a few programs at decode sizes, and each candidate of its grouped
-# (DeepSeek) form takes 10 to 20 s to compile here, more than every other kernel's candidates together. Its
-# launcher still reads a table entry written by hand (kernels/moe.route_choice).
-SPECS = {
-    spec.case: spec
-    for spec in (
-        Spec(
-            "paged_decode",
-            "_paged_decode_kernel",
-            _paged.TUNABLE,
-            (
-                # fp8 caches load unpipelined by default: try 2 and 3 deep; 16-bit ones: 1 and 3.
-                lambda h: {"num_stages": 1},
-                lambda h: {"num_stages": 2},
-                lambda h: {"num_stages": 3},
-                lambda h: {"BLOCK_N": h["BLOCK_N"] // 2},
-                lambda h: {"BLOCK_N": h["BLOCK_N"] * 2},
-                lambda h: {"num_warps": 8},
-            ),
-            {
-                "BLOCK_N": _pow2_between(16, 128),
-                "num_warps": _pow2_between(2, 16),
-                "num_stages": range(1, 4).__contains__,
-            },
-            _cheap_paged,
-        ),
-        Spec(
-            "mla_decode",
-            "_mla_decode_kernel",
-            _mla.TUNABLE,
-            (
-                # Bandwidth-bound (16 heads) wants more bytes in flight; compute-bound (64-head tiles) wants
-                # the tile shape that keeps the tensor cores fed.
-                lambda h: {"num_stages": 3},
-                lambda h: {"num_stages": 1},
-                lambda h: {"BLOCK_N": 64},
-                lambda h: {"BLOCK_N": 16},
-                lambda h: {"num_warps": 16},
-                lambda h: {"num_warps": 8},
-                lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] // 2},
-                # A tile twice as tall halves the L2 reads: 32 heads where the heuristic takes 16; a 64-head
-                # tile of 512 value columns is past the launcher's accumulator bound, and dropped as refused.
-                lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] * 2, "num_warps": 16},
-            ),
-            {
-                "HEAD_BLOCK": _pow2_between(16, 64),
-                "BLOCK_N": _pow2_between(16, 64),
-                "num_warps": _pow2_between(4, 16),
-                "num_stages": range(1, 4).__contains__,
-            },
-            _cheap_paged,
-        ),
-        Spec(
-            "write_kv",
-            "_write_kv_kernel",
-            _kv_cache.TUNABLE,
-            (
-                lambda h: {"TOKENS": h["TOKENS"] * 2},
-                lambda h: {"TOKENS": h["TOKENS"] * 4},
-                lambda h: {"num_warps": h["num_warps"] // 2},
-                lambda h: {"num_warps": h["num_warps"] * 2},
-            ),
-            {
-                "TOKENS": _pow2_between(1, 64),
-                "BLOCK": _pow2_between(16, 4096),
-                "num_warps": _pow2_between(1, 8),
-            },
-            lambda shape: replace(shape, num_tokens=min(shape.num_tokens, 64), skipped=0),
-        ),
-        Spec(
-            "dispatch",
-            "_dispatch_kernel",
-            _moe.DISPATCH_TUNABLE,
-            (
-                lambda h: {"CHUNK_TOKENS": h["CHUNK_TOKENS"] // 2},
-                lambda h: {"CHUNK_TOKENS": h["CHUNK_TOKENS"] * 2},
-                lambda h: {"HIDDEN_TILE": h["HIDDEN_TILE"] * 2},
-                lambda h: {"HIDDEN_TILE": h["HIDDEN_TILE"] * 2, "num_warps": 8},
-            ),
-            {
-                "CHUNK_TOKENS": _pow2_between(_moe.MIN_CHUNK_TOKENS, 64),
-                "HIDDEN_TILE": _pow2_between(16, 2048),
-                "num_warps": _pow2_between(1, 8),
-            },
-            _cheap_dispatch,
-        ),
-        Spec(
-            "combine",
-            "_combine_kernel",
-            _moe.COMBINE_TUNABLE,
-            (
-                lambda h: {"TOKENS": h["TOKENS"] // 2, "HIDDEN_TILE": h["HIDDEN_TILE"] * 2},
-                lambda h: {"TOKENS": h["TOKENS"] // 4, "HIDDEN_TILE": h["HIDDEN_TILE"] * 4},
-                lambda h: {"TOKENS": h["TOKENS"] * 2},
-                lambda h: {"num_warps": 8},
-            ),
-            {
-                "TOKENS": _pow2_between(1, 16),
-                "HIDDEN_TILE": _pow2_between(16, 2048),
-                "num_warps": _pow2_between(1, 8),
-            },
-            lambda shape: replace(shape, tokens=min(shape.tokens, 64)),
-        ),
-    )
-}
+# --- candidates --------------------------------------------------------------------------------------------
 
 
 def knobs_label(knobs: dict) -> str:
@@ -244,7 +95,7 @@ def groups_of(case: Case) -> list[Group]:
     """The case's default shapes grouped by the launcher's shape key, with their candidates, those the
     launcher refuses already dropped. Keys come from the launcher itself (case.launch_config) on the cheap
     shapes' inputs, built on the CPU."""
-    spec = SPECS[case.name]
+    spec = case.tune
     found: dict[str, Group] = {}
     for shape in case.default_shapes():
         cheap = spec.cheap(shape)
@@ -300,27 +151,12 @@ def apply_filter(candidates: list[Candidate], arch: int) -> list[Candidate]:
     return [c for c in candidates if c.dropped is None]
 
 
-_PTX_LOAD = re.compile(r"\bld\.global((?:\.[A-Za-z0-9_:]+)*)")
-_PTX_CP_ASYNC = re.compile(r"\bcp\.async\.\w+\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-fA-F]+|\d+)")
-
-
-def ptx_widest_load(ptx: str) -> int | None:
-    """Bytes of the widest global load in PTX (ld.global.v4.b32: 16; cp.async's copy size). The dry run
-    reads widths here: disassembling the cubin costs about a second a kernel on these machines, and ptxas
-    keeps the widths PTX asks for."""
-    widths = [int(size, 0) for size in _PTX_CP_ASYNC.findall(ptx)]
-    for suffixes in _PTX_LOAD.findall(ptx):
-        parts = suffixes.split(".")
-        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v[248]", p)), 1)
-        bits = next((int(p[1:]) for p in parts if re.fullmatch(r"[bsuf](8|16|32|64)", p)), 32)
-        widths.append(lanes * bits // 8)
-    return max(widths, default=None)
-
-
 def _figures(compiled, kernel: str, key: str, arch: int, num_warps: int) -> StaticRow:
-    usage = resource_usage(compiled.asm["cubin"])
-    usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
-    widest = ptx_widest_load(compiled.asm["ptx"])
+    # The load widths from PTX, not SASS: disassembling each candidate's cubin costs about a second a kernel
+    # on these machines (dozens of candidates in a dry run), and ptxas keeps the widths PTX asks for.
+    loads, _ = access_widths(compiled.asm["ptx"], listing="ptx")
+    widest = max(loads, default=None)
+    usage = compiled_usage(compiled)
     return StaticRow(kernel, key, f"sm_{arch}", "aot", num_warps, **usage, widest_load=widest)
 
 
@@ -333,7 +169,7 @@ def compile_candidates(groups: list[Group], arch: int, deadline: float | None = 
         return
     names = sorted({g.case.name for g in groups})
     env = child_env(TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "bench.commands.tune", "--static-child", str(arch), *names]
+    command = [sys.executable, "-m", "bench.measure.tuning", "--static-child", str(arch), *names]
     timeout = None if deadline is None else max(0.1, deadline - time.monotonic())
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
@@ -365,10 +201,9 @@ def _launches(case: Case, inputs, knobs: dict) -> list:
 
 def _compile_job(job: tuple[str, object, str, dict, dict, int]) -> dict:
     """One candidate's figures (run in a worker of the compiling child)."""
-    from bench.cases import CASES
-
     name, cheap, key, knobs, heuristic, arch = job
-    case, spec = CASES[name], SPECS[name]
+    case = CASES[name]
+    spec = case.tune
     inputs = case.build(cheap, "cpu", seed=0)
     baseline = {launch.kernel: launch.kwargs for launch in _launches(case, inputs, heuristic)}
     primary, worst = None, 0
@@ -404,11 +239,7 @@ def compile_jobs(groups: list[Group], arch: int) -> list[tuple]:
 
 
 def _static_child(argv: list[str]) -> None:
-    """``python -m bench.commands.tune --static-child ARCH CASE...``: every candidate's figures as JSON."""
-    import multiprocessing
-
-    from bench.cases import CASES
-
+    """``python -m bench.measure.tuning --static-child ARCH CASE...``: every candidate's figures as JSON."""
     arch, names = int(argv[0]), argv[1:]
     jobs = compile_jobs([g for name in names for g in groups_of(CASES[name])], arch)
     workers = max(1, min(len(jobs), os.cpu_count() or 1, 8))
@@ -426,9 +257,6 @@ def _static_child(argv: list[str]) -> None:
 def _time_group(group: Group, deadline: float | None, device: str = "cuda") -> bool:
     """Verifies and times the group's kept candidates at its shapes; picks the winner. False when the
     deadline cut it short (no winner then: an unfinished comparison is not evidence)."""
-    from bench.measure.runner import verify
-    from bench.measure.timing import time_cuda
-
     case = group.case
     kept = [c for c in group.candidates if c.dropped is None]
     checked = sorted((s for s in group.shapes if case.reference_affordable(s)), key=case.byte_model)
@@ -440,7 +268,7 @@ def _time_group(group: Group, deadline: float | None, device: str = "cuda") -> b
                 group.note = "stopped at the deadline"
                 return False
             with _configs.forced(case.name, candidate.knobs):
-                failures = [v for v in (verify(case, s, device) for s in checked) if not v.ok]
+                failures = [v for v in (runner.verify(case, s, device) for s in checked) if not v.ok]
                 candidate.verified = not failures if checked else None
                 if failures:
                     candidate.dropped = (
@@ -449,14 +277,14 @@ def _time_group(group: Group, deadline: float | None, device: str = "cuda") -> b
                     continue
                 for shape in group.shapes:
                     inputs = built[shape.label]
-                    timing = time_cuda(
+                    measured = timing.time_cuda(
                         lambda inputs=inputs: case.kernel(**inputs.args),
                         label=f"tune {case.name}[{knobs_label(candidate.knobs)}] {shape.label}",
                         warmup_ms=WARMUP_MS,
                         rep_ms=REP_MS,
                         setup=inputs.reset,
                     )
-                    candidate.medians_ms[shape.label] = timing.median_ms
+                    candidate.medians_ms[shape.label] = measured.median_ms
     finally:
         built.clear()
         torch.cuda.empty_cache()
@@ -518,8 +346,6 @@ def summary(groups: list[Group], arch: int, dry_run: bool, left: list[str]) -> s
 
 def table_document(groups: list[Group]) -> dict:
     """The kernels/configs/<slug>.json content: every key that got a winner."""
-    from bench.measure.device import machine_info
-
     info = machine_info()
     kernels: dict[str, dict] = {}
     for group in groups:
@@ -585,7 +411,7 @@ def run(cases, *, out: Path, deadline: float | None, dry_run: bool) -> tuple[str
     on_gpu = torch.cuda.is_available() and not INTERPRETED
     if not dry_run and not on_gpu:
         return "tune: timing needs a CUDA device; without one use --dry-run", False
-    tunable = [case for case in cases if case.name in SPECS and case.launch_config is not None]
+    tunable = [case for case in cases if case.tune is not None and case.launch_config is not None]
     no_knobs = [case.name for case in cases if case.launch_config is None]
     left_out = [case.name for case in cases if case not in tunable and case.name not in no_knobs]
     arch = _arch()
@@ -614,7 +440,7 @@ def run(cases, *, out: Path, deadline: float | None, dry_run: bool) -> tuple[str
     if no_knobs:
         text += f"\nNot tunable (no launch knobs): {', '.join(no_knobs)}\n"
     if left_out:
-        text += f"\nLeft out of tuning (see SPECS in bench/commands/tune.py): {', '.join(left_out)}\n"
+        text += f"\nLeft out of tuning (no tune spec: see bench/operators/): {', '.join(left_out)}\n"
     _write(out, done, text, dry_run)
     return text, ok
 
@@ -636,5 +462,5 @@ def install(out: Path, config_dir: Path = _configs.CONFIG_DIR) -> Path:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--static-child"]:
+    if sys.argv[1:2] == ["--static-child"]:  # compile_candidates' child
         _static_child(sys.argv[2:])

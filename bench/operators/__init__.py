@@ -1,12 +1,14 @@
-"""The case registry: one Case per kernel launcher, in the order reports list them."""
+"""The operator registry: one Case per kernel launcher, in the order reports list them. Each kernel module's
+operator module (bench/operators/<module>.py) holds its shapes, inputs, cost models, comparison, peers and
+tuning candidates."""
 
-from bench.cases.base import Case, Inputs, StaticOnly
-from bench.cases.ep import EP_STATIC
-from bench.cases.kv_alloc import ALLOCATE, COPY_BLOCKS
-from bench.cases.kv_cache import WRITE_KV
-from bench.cases.mla_attention import MLA_DECODE
-from bench.cases.moe import COMBINE, DISPATCH, ROUTE
-from bench.cases.paged_attention import PAGED_DECODE
+from bench.operators.base import Case, Inputs, StaticOnly
+from bench.operators.ep import EP_STATIC
+from bench.operators.kv_alloc import ALLOCATE, COPY_BLOCKS
+from bench.operators.kv_cache import WRITE_KV
+from bench.operators.mla_attention import MLA_DECODE
+from bench.operators.moe import COMBINE, DISPATCH, ROUTE
+from bench.operators.paged_attention import PAGED_DECODE
 
 CASES: dict[str, Case] = {
     case.name: case

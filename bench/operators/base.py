@@ -1,12 +1,22 @@
-"""What every kernel's case module provides, so that ``decodebench run``, ``gpu-check``, the pytest-benchmark
-files and the traffic and static tests read one recipe per kernel."""
+"""What every operator module provides, so that ``decodebench run``, ``gpu-check``, ``tune``, the
+pytest-benchmark files and the traffic and static tests read one recipe per kernel: the Case (launcher,
+reference, shapes, inputs, cost models, comparison), its peers and its tuning candidates.
 
+Peers are other implementations timed beside a kernel. A peer either runs verified against the reference at
+the shape it is timed, or is skipped with the reason (not installed, or this shape is not supported); any
+other failure is reported as a failure. A ``Peer`` has two steps: ``prepare(inputs, shape)`` does every piece
+of set-up (copies into the peer's layout, plans, compiles, host lists) outside the timing and returns a
+``Prepared`` whose ``call`` is the peer's work alone; ``check(result, expected, shape)`` holds the call's
+result, brought to the kernel's output layout, against the expected ``Inputs`` at the case's own tolerance.
+``verify_and_prepare`` does both, right before a peer is timed.
+"""
+
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from bench.peers import Peer, PeerUnavailable
 from bench.testing import Guarded
 
 
@@ -33,15 +43,86 @@ class Inputs:
         return Inputs(cloned, self.outputs)
 
 
+# --- peers --------------------------------------------------------------------------------------------------
+
+
+class PeerUnavailable(Exception):
+    """A peer cannot run here: it is not installed, or it does not support this shape. The message says
+    why (it is reported). Nothing else may be raised as PeerUnavailable: a peer that fails is a failure."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A peer ready to time. ``call`` is the timed call: nothing but the peer's work. ``reset`` puts stateful
+    inputs back (a host pool a timed allocate keeps filling); run before each call, outside the timing."""
+
+    call: Callable[[], Any]
+    reset: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another implementation of a case's kernel.
+
+    ``prepare(inputs, shape)``: set-up outside the timing; raises PeerUnavailable (with the reason) only for
+    "not installed" or "this shape is not supported", decided up front; any other error propagates.
+    ``check(result, expected, shape)``: the call's result against ``expected`` (Inputs after a run of the
+    reference, or of the kernel: args and result); returns the max error, raises AssertionError when wrong.
+    ``host_only``: the call does its work on the host and launches nothing (the host pool): it is timed on
+    the host clock, since CUDA events around it would time an idle device.
+    """
+
+    name: str
+    prepare: Callable[[Inputs, Any], Prepared]
+    check: Callable[[Any, Inputs, Any], float]
+    host_only: bool = False
+
+
+# --- tuning -------------------------------------------------------------------------------------------------
+
+
+def pow2_between(low: int, high: int) -> Callable[[int], bool]:
+    """A limit for a tunable knob: powers of two from ``low`` to ``high``."""
+    return lambda v: low <= v <= high and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """How ``decodebench tune`` tunes a case: its tunable knobs (the launcher's), candidates around the
+    heuristic, the @triton.jit kernel those knobs shape, and a cheap shape with the same launch
+    configuration."""
+
+    primary: str  # the kernel whose static figures are reported (every launch is checked for spills)
+    tunable: tuple[str, ...]
+    changes: tuple[Callable[[dict], dict], ...]  # heuristic knobs -> knobs to change (the heuristic first)
+    limits: dict[str, Callable[[int], bool]]
+    cheap: Callable[[Any], Any]  # default shape -> a small one the launcher configures alike
+
+    def candidates(self, heuristic: dict) -> list[dict]:
+        """The heuristic first, then each change that stays within the limits, without repeats."""
+        base = {k: heuristic[k] for k in self.tunable}
+        out = [base]
+        for change in self.changes:
+            knobs = {**base, **change(base)}
+            if knobs not in out and all(self.limits[k](v) for k, v in knobs.items()):
+                out.append(knobs)
+        return out
+
+
+# --- cases --------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Case:
     """One kernel: its launcher, its reference, how to build inputs for a shape, and its cost models.
 
-    ``shape`` objects are the case module's own frozen dataclasses with a ``label`` property.
+    ``shape`` objects are the operator module's own frozen dataclasses with a ``label`` property.
     """
 
     name: str  # the launcher's name, e.g. "write_kv"
-    module: str  # kernels/<module>.py, reference/<module>.py, tests/test_<module>.py, bench/bench_<module>.py
+    # kernels/<module>.py, reference/<module>.py, bench/operators/<module>.py, tests/test_<module>.py,
+    # bench/benchmarks/bench_<module>.py
+    module: str
     kernel: Callable
     reference: Callable
     build: Callable[..., Inputs]  # build(shape, device, seed, guarded=False) -> Inputs
@@ -54,7 +135,7 @@ class Case:
     traffic_shapes: Callable[[], Sequence[Any]]  # interpreter: bytes moved held against the byte model
     # (kernel's inputs, reference's inputs, shape) -> max error; raises AssertionError when wrong
     compare: Callable[[Inputs, Inputs, Any], float]
-    # Other implementations timed beside the kernel (bench/peers/<module>.py), by name.
+    # Other implementations timed beside the kernel (in the same operator module), by name.
     peers: dict[str, Peer] = field(default_factory=dict)
     # Above this many modelled bytes the reference is too slow to time or to verify against (None: never).
     reference_max_bytes: int | None = None
@@ -64,14 +145,15 @@ class Case:
     # (inputs) -> the launch configuration the kernel takes for them and where it came from (a per-GPU
     # table, "tuned:<gpu>", or "heuristic"), as LaunchChoice.as_info() gives it; None: nothing tunable.
     launch_config: Callable[[Inputs], dict] | None = None
+    # The candidates `decodebench tune` times (bench/measure/tuning.py); None: left out of tuning (the
+    # operator module says why).
+    tune: TuneSpec | None = None
 
     def reference_affordable(self, shape) -> bool:
         return self.reference_max_bytes is None or self.byte_model(shape) <= self.reference_max_bytes
 
     @property
     def kernel_module(self) -> ModuleType:
-        import importlib
-
         return importlib.import_module(f"kernels.{self.module}")
 
     def run_kernel(self, inputs: Inputs) -> None:
@@ -96,14 +178,58 @@ class StaticOnly:
 
     @property
     def kernel_module(self) -> ModuleType:
-        import importlib
-
         return importlib.import_module(f"kernels.{self.module}")
+
+
+# --- running peers ------------------------------------------------------------------------------------------
+
+
+def kernel_expected(case: Case, inputs: Inputs) -> Inputs:
+    """The kernel's own run on ``inputs`` (put back as built first, and again after), as an expected Inputs:
+    written arguments copied out, the result kept. For shapes where the reference is too slow to run."""
+    if inputs.reset:
+        inputs.reset()
+    result = case.kernel(**inputs.args)
+    args = {
+        k: v.clone() if k in inputs.outputs and hasattr(v, "clone") else v for k, v in inputs.args.items()
+    }
+    if inputs.reset:
+        inputs.reset()
+    return Inputs(args, inputs.outputs, result=result)
+
+
+def verify_and_prepare(case: Case, name: str, inputs: Inputs, shape, expected) -> tuple[Prepared, float]:
+    """Prepares peer ``name`` of ``case`` on ``inputs`` (first put back as built), runs its call once (after
+    its reset), checks the result, and returns the prepared peer and its max error. Use it right before
+    timing, at every shape a peer is timed.
+
+    ``expected``: the reference's Inputs at this shape (args and result after the reference's run on a copy
+    of ``inputs``). Where the reference is too slow for the shape, pass None: the peer is then checked
+    against the kernel's own result on ``inputs`` (so it agrees with the kernel, which the tests hold to the
+    reference at smaller shapes). Raises PeerUnavailable when the peer cannot run here, AssertionError when
+    its result is wrong; any other error of the peer propagates.
+    """
+    peer = case.peers[name]
+    if inputs.reset:
+        inputs.reset()
+    prepared = peer.prepare(inputs, shape)
+    if prepared.reset:
+        prepared.reset()
+    result = prepared.call()
+    if expected is None:
+        expected = kernel_expected(case, inputs)
+    return prepared, peer.check(result, expected, shape)
 
 
 __all__ = [
     "Case",
     "Inputs",
+    "Peer",
     "PeerUnavailable",
+    "Prepared",
     "StaticOnly",
-]  # PeerUnavailable lives in bench.peers; kept here for callers
+    "TuneSpec",
+    "kernel_expected",
+    "pow2_between",
+    "verify_and_prepare",
+]

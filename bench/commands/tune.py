@@ -1,0 +1,54 @@
+"""`decodebench tune`: launch configurations chosen by timing candidates, one table per GPU. The tuner is
+bench/measure/tuning.py, each kernel's candidates its operator's ``tune`` spec (bench/operators/); the
+parser and the kernel names are cli.py's. This module picks the output folder and the deadline, calls the
+tuner, and checks a table before ``--install`` merges it."""
+
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from bench.commands.arguments import UsageError, checked
+from bench.measure import results, tuning
+from bench.measure.device import machine_info
+from bench.measure.results import read_json_object
+
+
+def run(cases, out: str | None, dry_run: bool, budget: float | None) -> int:
+    """Tunes ``cases`` (or, ``dry_run``, lists their candidates) within ``budget`` seconds; writes to
+    ``out``, by default this GPU's results folder (a temporary one for a dry run)."""
+    if out:
+        folder = Path(out)
+    elif dry_run:
+        folder = Path(tempfile.mkdtemp(prefix="decodebench-tune-"))
+    else:
+        stamp = time.strftime("tune-%Y-%m-%d-%H%M", time.gmtime())
+        folder = results.results_dir_for(machine_info().slug) / stamp
+    deadline = time.monotonic() + budget if budget else None
+    start = time.perf_counter()
+    text, ok = tuning.run(cases, out=folder, deadline=deadline, dry_run=dry_run)
+    print(text)
+    print(f"{time.perf_counter() - start:.1f} s; written: {folder}")
+    if not dry_run and ok:
+        print(f"to commit the table: decodebench tune --install --out {folder}")
+    return 0 if ok else 1
+
+
+def install(out: str | None) -> int:
+    """Merges the table a tune run wrote to ``out`` into kernels/configs/<gpu>.json."""
+    if not out:
+        raise UsageError("--install: name the folder a tune run wrote with --out DIR")
+    _check_tuned_configs(Path(out) / tuning.RESULT_FILE)
+    print(f"installed: {tuning.install(Path(out))}")
+    return 0
+
+
+def _check_tuned_configs(path: Path) -> None:
+    """What ``tune --install`` merges: a tune run's table, its slug a file name (the target's)."""
+    document = checked(read_json_object, path)
+    kernels = document.get("kernels")
+    slug = document.get("slug")
+    if not isinstance(slug, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", slug):
+        raise UsageError(f"{path}: slug: expected a GPU's slug (a file name), got {slug!r:.60}")
+    if not isinstance(kernels, dict) or not all(isinstance(entries, dict) for entries in kernels.values()):
+        raise UsageError(f"{path}: kernels: expected an object of objects (kernel -> key -> configuration)")
