@@ -115,8 +115,8 @@ def pytest_collection_finish(session):
     if torch.cuda.is_available() or not kernels.INTERPRETED:
         return
     if any(item.path.name in STATIC_READERS for item in session.items):
-        from bench.cases import static_cases
         from bench.measure import static
+        from bench.operators import static_cases
 
         static.start_compiles([case.name for case in static_cases()])
         static.start_compiles(["write_kv"], archs=(80,))

@@ -1,4 +1,5 @@
-"""decodebench's measuring side: cases, peers, measurement, commands and system models.
+"""decodebench's measuring side: operators (cases, peers, tuning candidates), measurement, commands and system
+models.
 
 Importing bench prepares the process before any kernel module is imported (the kernels package itself
 leaves the environment alone): Triton's interpreter where no CUDA device is present (``TRITON_INTERPRET=1``;

@@ -68,8 +68,8 @@ WORK = [
     ("bench.commands.run", "run_cpu"),
     ("bench.commands.run", "run_gpu"),
     ("bench.commands.gpu_check", "run"),
-    ("bench.commands.tune", "run"),
-    ("bench.commands.tune", "install"),
+    ("bench.measure.tuning", "run"),
+    ("bench.measure.tuning", "install"),
     ("bench.commands.dist", "launch"),
     ("bench.measure.distributed", "spawn"),
     ("bench.measure.distributed", "init_from_env"),
@@ -322,11 +322,10 @@ def test_backend_nccl_without_cuda_is_refused_before_spawning(no_work, capsys):
 
 def test_good_arguments_reach_the_work(files, no_work, monkeypatch, capsys):
     """The checks refuse nothing a command should take: defaults, lists, presets, files."""
-    from bench.commands import tune
-    from bench.measure import distributed
+    from bench.measure import distributed, tuning
 
     monkeypatch.setattr(distributed, "spawn", lambda fn, world, **kw: no_work.append(("spawn", world)) or [])
-    monkeypatch.setattr(tune, "install", lambda out: no_work.append(("install", out)) or "x.json")
+    monkeypatch.setattr(tuning, "install", lambda out: no_work.append(("install", out)) or "x.json")
     argv = [
         "dist",
         "ep",

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from bench.cases import CASES
 from bench.commands import cli
 from bench.measure import results
 from bench.measure.device import machine_info, slug
 from bench.measure.timing import Timing
 from bench.models import MODELS
+from bench.operators import CASES
 
 
 def test_timing_quantiles():
@@ -184,7 +184,7 @@ def _with_peer(prepare, check=None):
     """paged_decode's case with one made-up peer, for the peer plumbing's failure paths."""
     import dataclasses
 
-    from bench.peers import Peer
+    from bench.operators.base import Peer
 
     case = CASES["paged_decode"]
     shape = case.small_shapes()[0]
@@ -198,7 +198,7 @@ def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
     the runner, verify_and_prepare and the benchmarks' prepare_peer (no pytest.skip)."""
     from bench.benchmarks.conftest import prepare_peer
     from bench.measure.runner import measure
-    from bench.peers import verify_and_prepare
+    from bench.operators.base import verify_and_prepare
 
     def broken(inputs, shape):
         raise RuntimeError("the peer's own bug")
@@ -216,8 +216,8 @@ def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
 
 def test_a_wrong_peer_fails_its_check():
     from bench.benchmarks.conftest import prepare_peer
-    from bench.peers import Prepared
-    from bench.peers.paged_attention import flex_check
+    from bench.operators.base import Prepared
+    from bench.operators.paged_attention import flex_check
 
     def off_by_one(inputs, shape):  # right layout, wrong values
         q = inputs.args["q"]
@@ -234,7 +234,7 @@ def test_a_wrong_peer_fails_its_check():
 def test_an_unavailable_peer_is_skipped_with_its_reason():
     from bench.benchmarks.conftest import prepare_peer
     from bench.measure.runner import measure
-    from bench.peers import PeerUnavailable
+    from bench.operators.base import PeerUnavailable
 
     def absent(inputs, shape):
         raise PeerUnavailable("not installed: pip install made-up")

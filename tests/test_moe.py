@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kernels.moe as moe
-from bench.cases.moe import ROUTE, RouteShape
 from bench.measure.runner import verify
 from bench.models import MOE_MODELS
+from bench.operators.moe import ROUTE, RouteShape
 from bench.testing import assert_close, forbid_allocation, generator, randn, seed_of
 from reference import moe as reference
 
@@ -271,7 +271,7 @@ def test_presets_route():
 
 
 def _routed(tokens, experts, top_k, load, seed, hidden=40, dtype=torch.bfloat16):
-    from bench.cases.moe import routing_ids
+    from bench.operators.moe import routing_ids
 
     gen = generator(seed)
     ids = routing_ids(tokens, experts, top_k, load, gen).to(DEVICE)
@@ -348,7 +348,7 @@ def test_dispatch_and_combine_are_bit_identical_across_runs():
 
 
 def test_routing_generators_and_load_statistics():
-    from bench.cases.moe import load_statistics, routing_ids
+    from bench.operators.moe import load_statistics, routing_ids
 
     gen = generator(1)
     for load in ("uniform", "zipf", "hot"):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bench.cases import all_reduce, ep
 from bench.commands.arguments import UsageError
 from bench.measure import collectives, distributed, results
 from bench.measure.timing import Timing
+from bench.operators import all_reduce, ep
 
 _REPO = Path(__file__).resolve().parents[2]
 

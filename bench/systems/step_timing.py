@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.cases import CASES
-from bench.cases.kv_cache import WriteKVShape
-from bench.cases.mla_attention import MLADecodeShape
-from bench.cases.moe import DispatchShape, RouteShape
-from bench.cases.paged_attention import PagedDecodeShape
 from bench.measure.runner import verify
 from bench.models import MOE_MODELS, ModelSpec, MoEModel
+from bench.operators import CASES
+from bench.operators.kv_cache import WriteKVShape
+from bench.operators.mla_attention import MLADecodeShape
+from bench.operators.moe import DispatchShape, RouteShape
+from bench.operators.paged_attention import PagedDecodeShape
 from bench.systems.step import Layout, Stage, expected_experts_touched
 from bench.testing import generator, randn
 
