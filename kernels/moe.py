@@ -31,7 +31,8 @@ each token's row once and writes it top_k times (a program holds a token's row w
 choices); combine reads the top_k rows and writes one. Neither uses atomics on data, so runs are
 bit-identical. Up to _FUSED_PAIRS (token, choice) pairs, dispatch is one launch whose every program derives
 the layout from all ids itself (a decode step: a few hundred ids); past it, a count launch and a scan launch
-precede the copy.
+precede the copy. dispatch_plan makes the same plan and copies nothing, for an expert GEMM that gathers each
+token's row itself (kernels/moe_gemm.py).
 """
 
 from dataclasses import dataclass
