@@ -1,4 +1,4 @@
-"""grouped_gemm against its reference: odd K and N, empty experts, one token, every token on
+"""grouped_gemm and moe_layer against their references: odd K and N, empty experts, one token, every token on
 one expert, alignments 1 to 128, gather and dispatch's rows, silu_and_mul, fp8 weights with odd block edges;
 padding rows never written, untouched experts' weights never read; bad input names the argument and writes
 nothing; the sm_90 compile holds no spills and loads weights 16 bytes a lane."""
@@ -23,7 +23,9 @@ from bench.measure import proxies
 from bench.measure.traffic import measure
 from bench.testing import Guarded, assert_close, forbid_allocation, generator, randn, seed_of
 from kernels import moe
+from kernels.moe_layer import moe_layer
 from reference import moe_gemm as reference
+from reference import moe_layer as reference_layer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -218,8 +220,11 @@ def test_an_empty_batch_launches_nothing_and_returns_out():
 
 
 def test_references_take_the_same_arguments():
-    kernel, twin = inspect.signature(moe_gemm.grouped_gemm), inspect.signature(reference.grouped_gemm)
-    assert kernel.parameters.keys() == twin.parameters.keys()
+    for kernel, twin in (
+        (moe_gemm.grouped_gemm, reference.grouped_gemm),
+        (moe_layer, reference_layer.moe_layer),
+    ):
+        assert inspect.signature(kernel).parameters.keys() == inspect.signature(twin).parameters.keys()
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -292,6 +297,81 @@ def test_bad_input_names_the_argument_and_writes_nothing(case):
     with pytest.raises(ValueError, match=rf"^{argument}[.:]"):
         moe_gemm.grouped_gemm(**kw)
     assert kw["out"].isnan().all()  # the poisoned out, or the bad one in its place, as it was
+
+
+# --- the composed layer -------------------------------------------------------------------------------------
+
+
+def layer_inputs(tokens, experts, hidden, inner, fp8, seed):
+    gen = generator(seed)
+    x = randn((tokens, hidden), torch.bfloat16, DEVICE, gen)
+    logits = randn((tokens, experts), torch.float32, DEVICE, gen)
+    weights = {}
+    for name, shape in (("w13", (experts, 2 * inner, hidden)), ("w2", (experts, hidden, inner))):
+        if fp8:
+            weights[name] = randn(shape, torch.float32, DEVICE, gen, scale=4.0).to(FP8)
+            blocks = (experts, triton.cdiv(shape[1], 128), triton.cdiv(shape[2], 128))
+            weights[f"{name}_scale"] = torch.full(blocks, shape[2] ** -0.5 / 4, device=DEVICE)
+        else:
+            weights[name] = randn(shape, torch.bfloat16, DEVICE, gen, scale=shape[2] ** -0.5)
+    return x, logits, weights
+
+
+DEEPSEEK_LIKE = {
+    "top_k": 4,
+    "scoring": "sigmoid",
+    "num_groups": 4,
+    "topk_groups": 2,
+    "scale": 2.5,
+    "align": 4,
+}
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_moe_layer_matches_the_reference_fused_or_not(fp8, request):
+    """DeepSeek's routing shape in small (16 experts, 4 groups, top 4); fp8 with odd block edges. The fused
+    gather and dispatch's copy give bit-identical layers (the same rows meet the same tiles)."""
+    hidden, inner = (136, 70) if fp8 else (40, 24)
+    x, logits, weights = layer_inputs(5, 16, hidden, inner, fp8, seed_of(request.node.name))
+    bias = randn((16,), torch.float32, DEVICE, generator(1), scale=0.3)
+    kw = {**DEEPSEEK_LIKE, **weights, "bias": bias}
+    fused = moe_layer(x, logits, **kw)
+    copied = moe_layer(x, logits, **kw, fused_gather=False)
+    assert torch.equal(fused, copied)
+    want = reference_layer.moe_layer(x, logits, **kw)
+    assert_close(fused, want, "out", dtype=torch.bfloat16)
+    out = torch.full_like(x, NAN)
+    assert moe_layer(x, logits, **kw, out=out) is out and torch.equal(out, fused)
+
+
+def _layer_bad():
+    x, logits, weights = layer_inputs(3, 8, 32, 16, False, 2)
+    w13, w2 = weights["w13"], weights["w2"]
+    return (x, logits, w13, w2), {
+        "x int": ("x", {"x": x.int()}),
+        "router_logits rows": ("router_logits", {"router_logits": logits[:2]}),
+        "w13 K": ("w13", {"w13": torch.zeros(8, 32, 33, dtype=torch.bfloat16, device=DEVICE)}),
+        "w13 odd N": ("w13", {"w13": torch.zeros(8, 31, 32, dtype=torch.bfloat16, device=DEVICE)}),
+        "w13 experts": ("w13", {"w13": torch.zeros(7, 32, 32, dtype=torch.bfloat16, device=DEVICE)}),
+        "w2 K": ("w2", {"w2": torch.zeros(8, 32, 15, dtype=torch.bfloat16, device=DEVICE)}),
+        "w2 hidden": ("w2", {"w2": torch.zeros(8, 31, 16, dtype=torch.bfloat16, device=DEVICE)}),
+        "w2 fp8 without scales": ("w2_scale", {"w2": w2.to(FP8)}),
+        "w13 scales for bf16": ("w13_scale", {"w13_scale": torch.ones(8, 1, 1, device=DEVICE)}),
+        "top_k": ("top_k", {"top_k": 9}),
+        "align": ("align", {"align": 0}),
+        "fused_gather": ("fused_gather", {"fused_gather": "yes"}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_layer_bad()[1]))
+def test_moe_layer_bad_input_names_the_argument_and_writes_nothing(case):
+    (x, logits, w13, w2), cases = _layer_bad()
+    argument, change = cases[case]
+    out = torch.full_like(x, NAN)
+    kw = {"x": x, "router_logits": logits, "w13": w13, "w2": w2, "top_k": 2, "out": out, **change}
+    with pytest.raises(ValueError, match=rf"^{argument}: "):
+        moe_layer(**kw)
+    assert out.isnan().all()
 
 
 # --- sm_90 compile ------------------------------------------------------------------------------------------
