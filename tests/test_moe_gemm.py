@@ -263,6 +263,8 @@ BAD = {
     "w not contiguous": ("w", lambda b: {"w": b.w.transpose(1, 2).contiguous().transpose(1, 2)}),
     "expert count": ("plan", lambda b: {"w": _zeros(5, 32, 16)}),
     "odd N for silu_and_mul": ("w", lambda b: {"w": _zeros(4, 31, 16)}),
+    "N zero": ("w", lambda b: {"w": _zeros(4, 0, 16)}),
+    "K zero": ("w", lambda b: {"a": b.args["a"][:, :0], "w": _zeros(4, 32, 0)}),
     "fp8 without scales": ("w_scale", lambda b: {"w": b.fp8_w}),
     "fp8 scales of the wrong shape": (
         "w_scale",
