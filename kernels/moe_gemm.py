@@ -88,7 +88,7 @@ def _grouped_gemm_kernel(
     first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
     count = tl.sum(tl.where(mine, counts, 0), axis=0)
 
-    local = (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = (tile - first_tile).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.load(expert_offsets_ptr + expert) + local
     tokens = tl.load(row_token_ptr + rows, mask=local < count, other=-1)
     row_live = tokens >= 0
