@@ -390,22 +390,25 @@ STATIC_LAUNCHES = [
 
 
 def _static_rows() -> list[dict]:
-    """Each STATIC_LAUNCHES launch as grouped_gemm makes it (captured from the launcher with empty CPU
-    tensors: metadata is all it reads) compiled for sm_90; registers, spills and access widths by width."""
+    """Each STATIC_LAUNCHES launch as grouped_gemm makes it (captured from the launcher with empty tensors,
+    on the CPU where no GPU is: metadata is all it reads) compiled for sm_90; registers, spills and access
+    widths by width."""
     from bench.measure.static import capture_launches, compile_aot, describe
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the launcher takes tensors uncompiled
     rows = []
     for name, experts, tokens, top_k, n, k, fp8, activation, gather in STATIC_LAUNCHES:
         align = 1
         max_rows = moe.max_rows(tokens, top_k, experts, align)
 
         def ints(*size):
-            return torch.empty(*size, dtype=torch.int32)
+            return torch.empty(*size, dtype=torch.int32, device=device)
 
         plan = moe.DispatchPlan(ints(experts), ints(experts + 1), ints(max_rows), ints(tokens, top_k), align)
-        a = torch.empty(tokens if gather else max_rows, k, dtype=torch.bfloat16)
-        w = torch.empty(experts, n, k, dtype=FP8 if fp8 else torch.bfloat16)
-        scale = torch.empty(experts, triton.cdiv(n, 128), triton.cdiv(k, 128)) if fp8 else None
+        a = torch.empty(tokens if gather else max_rows, k, dtype=torch.bfloat16, device=device)
+        w = torch.empty(experts, n, k, dtype=FP8 if fp8 else torch.bfloat16, device=device)
+        blocks = (experts, triton.cdiv(n, 128), triton.cdiv(k, 128))
+        scale = torch.empty(blocks, device=device) if fp8 else None
         with capture_launches(moe_gemm) as launches:
             moe_gemm.grouped_gemm(a, w, plan, gather=gather, activation=activation, w_scale=scale)
         (launch,) = launches
