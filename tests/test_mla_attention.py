@@ -255,7 +255,8 @@ def test_bad_input_names_the_argument_and_writes_nothing(case):
 
 def test_a_value_too_wide_for_one_program_is_refused():
     args = build(S("huge", (4,), 16, qk_dim=4096, v_head_dim=4096), DEVICE, 1).args
-    with pytest.raises(ValueError, match=r"^v_head_dim: 4096 value columns .* exceed one program.s accumulator"):
+    refused = r"^v_head_dim: 4096 value columns .* exceed one program.s accumulator"
+    with pytest.raises(ValueError, match=refused):
         mla_attention.mla_decode(**args)
 
 

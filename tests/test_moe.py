@@ -382,6 +382,26 @@ def test_dispatch_into_a_workspace_allocates_nothing_and_matches(tokens, monkeyp
     assert torch.equal(x_sorted[real], want_rows[real])
 
 
+@pytest.mark.parametrize("tokens", [5, moe._FUSED_PAIRS // 8 + 3], ids=["one-launch", "three-launches"])
+def test_dispatch_plan_is_dispatchs_plan_without_the_copy(tokens, monkeypatch, request):
+    """The plan a fused gather reads: dispatch's own, from one launch or three; into a workspace it
+    allocates nothing and leaves the workspace's x_sorted as it was (no row is copied)."""
+    _, ids, _ = _routed(tokens, 64, 8, "zipf", seed_of(request.node.name), hidden=24)
+    x = torch.randn(tokens, 24, device=DEVICE)
+    _, want = moe.dispatch(x, ids, 64, align=16)
+    workspace = moe.DispatchWorkspace.for_shape(tokens, 8, 64, 1, align=16, device=DEVICE)
+    workspace.x_sorted.fill_(float("nan"))
+    for plan in (moe.dispatch_plan(ids, 64, align=16), reference.dispatch_plan(ids, 64, align=16)):
+        for field in ("tokens_per_expert", "expert_offsets", "row_token", "slot_row"):
+            assert torch.equal(getattr(plan, field).cpu(), getattr(want, field).cpu()), field
+    forbid_allocation(monkeypatch, moe)
+    plan = moe.dispatch_plan(ids, 64, align=16, workspace=workspace)
+    monkeypatch.undo()
+    assert plan.row_token is workspace.row_token and plan.align == 16
+    assert torch.equal(plan.slot_row, want.slot_row) and torch.equal(plan.row_token, want.row_token)
+    assert workspace.x_sorted.isnan().all()
+
+
 @pytest.mark.parametrize("tokens", [0, 5])
 def test_combine_into_out_allocates_nothing_and_matches(tokens, monkeypatch, request):
     x, ids, weights = _routed(max(tokens, 1), 16, 4, "zipf", seed_of(request.node.name), hidden=24)
@@ -409,7 +429,7 @@ def test_combine_into_out_allocates_nothing_and_matches(tokens, monkeypatch, req
 def test_references_take_the_same_arguments():
     import inspect
 
-    for name in ("route", "dispatch", "combine"):
+    for name in ("route", "dispatch", "dispatch_plan", "combine"):
         kernel, twin = inspect.signature(getattr(moe, name)), inspect.signature(getattr(reference, name))
         assert kernel.parameters.keys() == twin.parameters.keys(), name
 
@@ -448,6 +468,10 @@ DISPATCH_BAD = {
     "y_sorted hidden zero": ("y_sorted", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w, hidden=0))),
     "num_experts a bool": ("num_experts", lambda x, ids: moe.dispatch(x, ids, True)),
     "align a bool": ("align", lambda x, ids: moe.dispatch(x, ids, 8, align=True)),
+    "plan ids int64": ("ids", lambda x, ids: moe.dispatch_plan(ids.long(), 8)),
+    "plan top_k zero": ("ids", lambda x, ids: moe.dispatch_plan(ids[:, :0], 8)),
+    "plan num_experts zero": ("num_experts", lambda x, ids: moe.dispatch_plan(ids, 0)),
+    "plan align zero": ("align", lambda x, ids: moe.dispatch_plan(ids, 8, align=0)),
 }
 
 
