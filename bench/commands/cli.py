@@ -464,7 +464,3 @@ def main(argv=None) -> int:
     except (UsageError, ResultFileError) as error:
         print(f"decodebench {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
