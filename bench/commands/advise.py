@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
 
 from bench.commands.arguments import (
     UsageError,
@@ -26,6 +25,7 @@ from bench.commands.arguments import (
     positive_int,
     ready_to_write,
 )
+from bench.format import table
 from bench.models import MODEL_SPECS, WORKLOADS, ModelSpec, model_from_hf_config
 from bench.systems import advisor
 from bench.systems.step import (
@@ -149,7 +149,7 @@ def cmd_step(args) -> int:
     ]
     if timed:
         headers += ["measured us", "verified", "note"]
-    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    print(table(rows, headers))
     by_bound = {k: v for k, v in seconds_by_bound(stages).items() if v}
     print(
         f"\nstep: {total * 1e3:.2f} ms, {args.batch * layout.dp / total:,.0f} tokens/s on {layout.gpus} GPUs"
@@ -209,7 +209,7 @@ def cmd_advise(args) -> int:
         "seqs it holds",
         "binding constraint",
     ]
-    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    print(table(rows, headers))
     fitting = [o for o in outcomes if o.fits]
     if len(fitting) > 1:
         print(

@@ -199,7 +199,7 @@ def capacity_table(
 
 def report(rows: list[CapacityRow], gpu_gib: float) -> str:
     """The comparison table, and where it lands against PagedAttention's published range."""
-    from bench.commands.report import table
+    from bench.format import table
 
     body = [
         [
@@ -336,7 +336,7 @@ def latent_replication(
 def replication_report(
     rows: list[ReplicationRow], model_name: str = "DeepSeek-R1", mean_context: int = 16384
 ) -> str:
-    from bench.commands.report import table
+    from bench.format import table
 
     body = [
         [
