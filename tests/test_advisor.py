@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 
 from bench.commands import cli
-from bench.models import MODEL_SPECS, WORKLOADS, model_from_hf_config
-from bench.systems.advisor import advise, layouts, memory_plan
-from bench.systems.step import GPUS, INTERCONNECTS, Hardware, Layout, step_seconds, step_stages
+from bench.commands.advise import hardware_of, interconnect_of, load_model_config
+from bench.serving.advisor import advise, layouts, memory_plan
+from bench.serving.hardware import GPUS, INTERCONNECTS
+from bench.serving.models import MODEL_SPECS
+from bench.serving.step import Layout, step_seconds, step_stages
+from bench.serving.workloads import WORKLOADS
 
 H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
 NATURAL = WORKLOADS["NaturalReasoning-like"]
@@ -80,14 +83,14 @@ def test_a_hugging_face_config_reads_into_the_preset(tmp_path):
     for config, preset in ((deepseek, "DeepSeek-R1"), (llama, "Llama-3.1-8B")):
         path = tmp_path / f"{preset}.json"
         path.write_text(json.dumps(config))
-        read = model_from_hf_config(path, name=preset)
+        read = load_model_config(path, name=preset)
         want = MODEL_SPECS[preset]
         assert read.params() == want.params() and read.weight_bytes == want.weight_bytes
         assert read.kv_bytes_per_token_layer(8) == want.kv_bytes_per_token_layer(8)
         assert read.moe == want.moe and read.mla == want.mla
     path.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="^config:"):
-        model_from_hf_config(path)
+        load_model_config(path)
 
 
 def test_memory_plan_by_hand():
@@ -149,7 +152,7 @@ def test_results_folder_calibrates_and_says_what_was_measured(tmp_path, capsys):
     info = {"kernel": "paged_decode", "impl": "triton", "bytes": 5e8, "pct_of_peak": 50.0}
     entry = {"name": "paged_decode", "stats": {"median": 2.5e-4}, "extra_info": info}
     (tmp_path / "run.json").write_text(json.dumps({"benchmarks": [entry]}))
-    hw = Hardware.from_results(tmp_path, H200)
+    hw = hardware_of(str(tmp_path))  # machine.json names an H200: its anchors underneath
     assert hw.copy_gbps == 4000.0 and "measured" in hw.sources["copy_gbps"]
     assert "anchor" in hw.sources["matmul_tflops"]
     llama = MODEL_SPECS["Llama-3.1-70B"]
@@ -223,9 +226,9 @@ def test_deepseek_r1_picks_a_hybrid_over_tp8():
 def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there():
     """The GPU timing path of `decodebench step`, on this machine: the host clock and the interpreter, at a
     tiny dense-then-MoE model with MLA and one with GQA (on a GPU the same calls run under CUDA graphs)."""
+    from bench.measure.step_timing import time_stages
     from bench.measure.timing import time_wall
-    from bench.models import MLAGeometry, ModelSpec, MoESpec
-    from bench.systems.step_timing import time_stages
+    from bench.serving.models import MLAGeometry, ModelSpec, MoESpec
 
     moe = MoESpec(8, 2, 32, shared_experts=1, first_dense_layers=1)
     gqa = ModelSpec("tiny-gqa", 2, 64, 4, 2, 16, 128, 256, moe=moe)
@@ -271,7 +274,7 @@ def test_an_all_reduce_result_calibrates_the_interconnect(tmp_path, capsys):
     path = tmp_path / "ar.json"
     benchmarks = [entry(8192, 21e-6), entry(64 * 2**20, 400e-6), entry(8192, 11e-6, "symm-mem one-shot")]
     path.write_text(json.dumps({"machine_info": {"gpu": "NVIDIA H200"}, "benchmarks": benchmarks}))
-    link = INTERCONNECTS["nvlink"].from_all_reduce(path)
+    link = interconnect_of(str(path))
     assert link.hop_us == pytest.approx(21 / 14)
     assert link.gbps == pytest.approx(64 * 2**20 / 400e-6 * 2 * 7 / 8 / 1e9)
     assert "measured" in link.source

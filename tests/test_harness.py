@@ -10,7 +10,7 @@ from bench.commands import cli
 from bench.measure import results
 from bench.measure.device import machine_info, slug
 from bench.measure.timing import Timing
-from bench.models import MODELS
+from bench.serving.models import MODELS
 
 
 def test_timing_quantiles():

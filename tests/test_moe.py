@@ -10,7 +10,7 @@ import torch
 import kernels.moe as moe
 from bench.cases.moe import ROUTE, RouteShape
 from bench.measure.runner import verify
-from bench.models import MOE_MODELS
+from bench.serving.models import MOE_MODELS
 from bench.testing import assert_close, forbid_allocation, generator, randn, seed_of
 from reference import moe as reference
 

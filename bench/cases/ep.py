@@ -14,7 +14,7 @@ import torch
 import kernels.ep
 from bench.cases.base import StaticOnly
 from bench.cases.moe import log_popularity, routing_ids
-from bench.models import MOE_MODELS, MoEModel
+from bench.serving.models import MOE_MODELS, MoEModel
 from bench.testing import generator, randn
 
 # --- correctness: scenarios against the reference -----------------------------------------------------------

@@ -8,8 +8,8 @@ import torch
 import kernels.kv_alloc
 import reference.kv_alloc
 from bench.cases.base import Case, Inputs
-from bench.models import DEFAULT_BLOCK_SIZE
 from bench.peers.kv_alloc import PEERS
+from bench.serving.models import DEFAULT_BLOCK_SIZE
 from bench.testing import Guarded, assert_bitwise_equal, generator, randn
 
 # --- allocate -----------------------------------------------------------------------------------------------

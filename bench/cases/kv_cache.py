@@ -8,7 +8,7 @@ import torch
 import kernels.kv_cache
 import reference.kv_cache
 from bench.cases.base import Case, Inputs
-from bench.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
+from bench.serving.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
 from bench.testing import (
     Guarded,
     assert_bitwise_equal,

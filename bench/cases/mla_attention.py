@@ -21,8 +21,8 @@ from bench.cases.paged_attention import (
     fragmented_block_tables,
     live_slots,
 )
-from bench.models import MLA_MODELS, MODELS
 from bench.peers.mla_attention import PEERS
+from bench.serving.models import MLA_MODELS, MODELS
 from bench.testing import Guarded, generator, randn
 
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}

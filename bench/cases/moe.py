@@ -8,7 +8,7 @@ import torch
 import kernels.moe
 import reference.moe
 from bench.cases.base import Case, Inputs
-from bench.models import MOE_MODELS, MOE_TOKENS, MoEModel
+from bench.serving.models import MOE_MODELS, MOE_TOKENS, MoEModel
 from bench.testing import assert_bitwise_equal, assert_close, generator, max_error, randn
 
 

@@ -8,8 +8,8 @@ import torch
 import kernels.paged_attention
 import reference.paged_attention
 from bench.cases.base import Case, Inputs
-from bench.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
 from bench.peers.paged_attention import PEERS
+from bench.serving.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
 from bench.testing import Guarded, assert_close, generator, max_error, randn
 
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}

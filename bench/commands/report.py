@@ -6,7 +6,7 @@ and in a closing note.
 """
 
 from bench.format import byte_count, table, us
-from bench.measure.device import PROJECTION_GBPS
+from bench.serving.hardware import PROJECTION_GBPS
 
 
 def verification_table(verifications) -> tuple[str, bool]:

@@ -8,11 +8,12 @@ import torch
 
 from bench.cases.base import Case, Inputs
 from bench.measure import results
-from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps, matmul_tflops
+from bench.measure.device import copy_bandwidth_gbps, matmul_tflops
 from bench.measure.timing import time_cuda, time_wall
 from bench.measure.traffic import Traffic
 from bench.measure.traffic import measure as measure_traffic
 from bench.peers import PeerUnavailable, verify_and_prepare
+from bench.serving.hardware import PROJECTION_GBPS
 from bench.testing import seed_of
 from kernels import INTERPRETED
 

@@ -1,2 +1,3 @@
-"""System models built from the kernels' costs: KV capacity under allocation policies (and, to come, the
-decode-step model and the parallelism advisor)."""
+"""The whole-model package: model presets, workloads, the GPU and its links, the decode-step model, the
+continuous-batching simulator, and the capacity study and the parallelism advisor built on them. It imports
+nothing of bench but bench/format.py: files are read by the commands and passed in as plain data."""

@@ -1,5 +1,5 @@
 """`decodebench advise`: which data / tensor / pipeline (and expert) parallel layout of N GPUs serves a
-reasoning workload fastest, from the decode-step model (bench/systems/step.py) and a simulation of the
+reasoning workload fastest, from the decode-step model (bench/serving/step.py) and a simulation of the
 requests through continuous batching.
 
 For each layout that fits (weights, an activation reserve and at least one longest sequence in memory):
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.models import ModelSpec, ReasoningWorkload
-from bench.systems.capacity import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, WATERMARK
-from bench.systems.step import BOUNDS, Hardware, Interconnect, Layout, seconds_by_bound, step_stages
+from bench.serving.capacity import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, WATERMARK
+from bench.serving.hardware import Hardware, Interconnect
+from bench.serving.models import ModelSpec
+from bench.serving.step import BOUNDS, Layout, seconds_by_bound, step_stages
+from bench.serving.workloads import ReasoningWorkload
 
 ACTIVATION_RESERVE_BYTES = ACTIVATION_RESERVE_GIB * 2**30
 BLOCK = 16
@@ -47,9 +49,9 @@ def layouts(spec: ModelSpec, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
             if pp > spec.layers:
                 continue
             dp = gpus // (tp * pp)
-            found.append(Layout(dp, tp, pp))
+            found.append(Layout(dp=dp, tp=tp, pp=pp))
             if spec.moe is not None and dp * tp > 1 and spec.moe.num_experts % (dp * tp) == 0:
-                found.append(Layout(dp, tp, pp, ep=dp * tp))
+                found.append(Layout(dp=dp, tp=tp, pp=pp, ep=dp * tp))
     return found
 
 

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.models import MODELS, WORKLOADS, AttentionModel, ReasoningWorkload
+from bench.format import table
+from bench.serving.hardware import ANCHOR_MEMORY_BYTES
+from bench.serving.models import MODELS, AttentionModel
+from bench.serving.workloads import WORKLOADS, ReasoningWorkload
 
 POLICIES = ("paged-1", "paged-16", "paged-64", "paged-256", "contiguous", "pow2")
 MEMORY_UTILISATION = 0.9
@@ -199,8 +202,6 @@ def capacity_table(
 
 def report(rows: list[CapacityRow], gpu_gib: float) -> str:
     """The comparison table, and where it lands against PagedAttention's published range."""
-    from bench.format import table
-
     body = [
         [
             r.workload,
@@ -308,7 +309,7 @@ class ReplicationRow:
 
 def latent_replication(
     model_name: str = "DeepSeek-R1",
-    gpu_gib: float = 141e9 / 2**30,
+    gpu_gib: float = ANCHOR_MEMORY_BYTES["H200"] / 2**30,
     gpus: int = 8,
     weight_bytes: int = 1,
     mean_context: int = 16384,
@@ -336,8 +337,6 @@ def latent_replication(
 def replication_report(
     rows: list[ReplicationRow], model_name: str = "DeepSeek-R1", mean_context: int = 16384
 ) -> str:
-    from bench.format import table
-
     body = [
         [
             r.tp,
