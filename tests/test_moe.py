@@ -57,9 +57,9 @@ def test_grouped_sigmoid_routing(groups, kept, top_k, experts, request):
         logits, top_k, scoring="sigmoid", num_groups=groups, topk_groups=kept, bias=bias, scale=2.5
     )
     assert torch.allclose(weights.sum(-1), torch.full((19,), 2.5, device=DEVICE), atol=1e-5)
-    # The rule itself (shared/facts.md), not the reference's code: a group's score is the sum of its two
-    # best biased scores; the `kept` best groups win, ties to the lower group id (a stable sort); the top_k
-    # biased scores inside them are chosen, ties to the lower expert id.
+    # The rule itself (docs/facts.md#moe-routing), not the reference's code: a group's score is the sum of its
+    # two best biased scores; the `kept` best groups win, ties to the lower group id (a stable sort); the
+    # top_k biased scores inside them are chosen, ties to the lower expert id.
     biased = torch.sigmoid(logits.float().cpu()) + bias.cpu()
     group_scores = biased.view(19, groups, -1).topk(2, dim=-1).values.sum(-1)
     best_groups = torch.sort(-group_scores, dim=-1, stable=True).indices[:, :kept]

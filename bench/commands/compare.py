@@ -68,7 +68,7 @@ def compare(
     deltas = []
     for key in base.keys() & new.keys():
         b, n = base[key]["stats"][threshold.stat], new[key]["stats"][threshold.stat]
-        deltas.append(Delta(key, b, n, threshold.exceeded(b, n)))
+        deltas.append(Delta(key=key, base=b, new=n, failed=threshold.exceeded(b, n)))
     deltas.sort(key=lambda d: d.key)
     return deltas, sorted(base.keys() - new.keys()), sorted(new.keys() - base.keys())
 

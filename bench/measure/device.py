@@ -74,16 +74,18 @@ def machine_info() -> MachineInfo:
         interpreter=INTERPRETED,
     )
     if not torch.cuda.is_available():
-        return MachineInfo("cpu", "cpu", 0, "none", 0.0, "none", **common)
+        return MachineInfo(
+            gpu="cpu", slug="cpu", sm_count=0, capability="none", memory_gib=0.0, driver="none", **common
+        )
     props = torch.cuda.get_device_properties(0)
     major, minor = torch.cuda.get_device_capability(0)
     return MachineInfo(
-        props.name,
-        slug(props.name),
-        props.multi_processor_count,
-        f"sm_{major}{minor}",
-        round(props.total_memory / 2**30, 1),
-        _driver_version(),
+        gpu=props.name,
+        slug=slug(props.name),
+        sm_count=props.multi_processor_count,
+        capability=f"sm_{major}{minor}",
+        memory_gib=round(props.total_memory / 2**30, 1),
+        driver=_driver_version(),
         **common,
     )
 
