@@ -121,6 +121,7 @@ def test_a_request_that_cannot_fit_an_empty_pool_ends_the_run():
         (dict(policy="contiguous"), "cap"),
         (dict(stride=0), "stride"),
         (dict(max_num_seqs=0), "max_num_seqs"),
+        (dict(arrival_rate=0.0), "arrival_rate"),
     ],
 )
 def test_an_impossible_configuration_names_its_field(fields, why):

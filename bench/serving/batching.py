@@ -6,9 +6,9 @@ A replica's KV pool holds ``pool_tokens`` token slots. Each simulated step:
 1. arrivals: every request is waiting at the start, or questions arrive at ``arrival_rate`` a step
    (Poisson), each with its parallel samples;
 2. admission, first come, first served: waiting sequences (preempted ones first, in arrival order, then
-   new ones) start while their first slots fit above the watermark (1% of the pool kept free, as vLLM's
-   block manager does; KV-aware) and, with ``max_num_seqs``, while fewer than that run. A sequence that
-   does not fit stops admission: no later one jumps the queue;
+   new ones) start while their first slots fit above the watermark (``watermark`` of the pool kept free,
+   1% as vLLM's block manager keeps; KV-aware) and, with ``max_num_seqs``, while fewer than that run. A
+   sequence that does not fit stops admission: no later one jumps the queue;
 3. decode: every running sequence gains ``stride`` tokens (fewer where it finishes sooner);
 4. preemption: when the pool cannot hold what the running sequences now need, the newest are preempted
    (their slots freed) and later recomputed from their prompts;
@@ -18,12 +18,11 @@ What a sequence holds depends on the reservation policy: ``paged-B``, whole bloc
 arrive (PagedAttention), and with ``fork`` the parallel samples of one question share their prompt's full
 blocks, counted once; ``contiguous``, its prompt plus the generation cap reserved at admission (a server
 without paging cannot know the output's length); ``pow2``, the next power of two of its length, doubled when
-outgrown. With ``step_time`` (the decode-step model: seconds for a batch at a mean context) the simulation
-keeps a clock: each step's decode time by bound, prompts' prefill at ``prefill_s_per_token``, and the time
-admission waited on the pool.
+outgrown. With ``step_time`` (the decode-step model: the seconds one decode step, a token for every running
+sequence, takes for a batch at a mean context) the simulation keeps a clock: each step's decode time by
+bound, prompts' prefill at ``prefill_s_per_token``, and the time admission waited on the pool.
 """
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,7 +82,7 @@ class Batching:
     fork: bool = False  # paged: a question's samples share their prompt's full blocks
     steps: int | None = None
     warmup_steps: int = 0
-    step_time: StepTime | None = None  # (batch, mean context) -> (seconds, {bound: seconds})
+    step_time: StepTime | None = None  # (batch, mean context) -> (seconds a decode step, {bound: seconds})
     prefill_s_per_token: float = 0.0
     watermark: float = WATERMARK
     seed: int = 0  # of the arrival draws
@@ -99,6 +98,8 @@ class Batching:
             raise ValueError(f"stride: expected a positive integer, got {self.stride}")
         if self.pool_tokens < 0:
             raise ValueError(f"pool_tokens: expected a non-negative integer, got {self.pool_tokens}")
+        if self.arrival_rate is not None and not self.arrival_rate > 0:
+            raise ValueError(f"arrival_rate: expected a positive number or None, got {self.arrival_rate}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: expected a positive integer or None, got {self.max_num_seqs}")
 
@@ -333,11 +334,9 @@ def simulate(config: Batching, requests: Requests) -> BatchingResult:
     """``requests`` through one replica batching as ``config`` says, for ``config.steps`` steps or until
     every request is done (or the first waiting one cannot fit even an empty pool)."""
     replica = _Replica(config, requests)
-    limit = config.steps if config.steps is not None else math.inf
+    limit = math.inf if config.steps is None else config.steps
     step = 0
-    for step in itertools.count():
-        if step >= limit:
-            break
+    while step < limit:
         replica.arrive()
         replica.admit()
         running = len(replica.seq)
@@ -351,4 +350,5 @@ def simulate(config: Batching, requests: Requests) -> BatchingResult:
             replica.finish()
         if step >= config.warmup_steps:
             replica.measure()
+        step += 1
     return replica.result(step)
