@@ -9,8 +9,8 @@ import torch
 
 import kernels.moe as moe
 from bench.measure.runner import verify
-from bench.models import MOE_MODELS
 from bench.operators.moe import ROUTE, RouteShape
+from bench.serving.models import MOE_MODELS
 from bench.testing import assert_close, forbid_allocation, generator, randn, seed_of
 from reference import moe as reference
 
@@ -57,8 +57,10 @@ def test_grouped_sigmoid_routing(groups, kept, top_k, experts, request):
         logits, top_k, scoring="sigmoid", num_groups=groups, topk_groups=kept, bias=bias, scale=2.5
     )
     assert torch.allclose(weights.sum(-1), torch.full((19,), 2.5, device=DEVICE), atol=1e-5)
-    # The rule itself (DeepSeek-V3, arXiv 2412.19437; SGLang's biased_grouped_topk), not the reference's
-    # code: a group's score is the sum of its two best biased scores.
+    # The rule itself (docs/facts.md#moe-routing: DeepSeek-V3, arXiv 2412.19437; SGLang's
+    # biased_grouped_topk), not the reference's code: a group's score is the sum of its two best biased
+    # scores; the `kept` best groups win, ties to the lower group id (a stable sort); the top_k biased scores
+    # inside them are chosen, ties to the lower expert id.
     biased = torch.sigmoid(logits.float().cpu()) + bias.cpu()
     _assert_group_limited(ids, biased, biased.view(19, groups, -1).topk(2, dim=-1).values.sum(-1), kept)
 

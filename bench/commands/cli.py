@@ -122,8 +122,8 @@ def cmd_traffic(args) -> int:
 
 
 def cmd_capacity(args) -> int:
-    from bench.models import MODEL_SPECS, MODELS
-    from bench.systems import capacity
+    from bench.serving import capacity
+    from bench.serving.models import MODEL_SPECS, MODELS
 
     for tp in args.tp:
         problem = MODEL_SPECS[args.model].tensor_parallel_problem(tp)
@@ -279,7 +279,8 @@ def _add_result_commands(sub) -> None:
     traffic.add_argument("--kernel", action="append")
     traffic.set_defaults(func=cmd_traffic)
 
-    from bench.models import MODELS, WORKLOADS
+    from bench.serving.models import MODELS
+    from bench.serving.workloads import WORKLOADS
 
     capacity = sub.add_parser(
         "capacity", help="KV memory holding tokens under each allocation policy (no GPU)"
@@ -396,8 +397,8 @@ def cmd_gpu_check(args) -> int:
 
 
 def _add_dist(sub, argv) -> None:
-    from bench.models import MOE_MODELS
     from bench.operators.ep import LOADS
+    from bench.serving.models import MOE_MODELS
     from kernels.ep import MODES
 
     multi = sub.add_parser(

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from bench.measure import results
-from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps, matmul_tflops
+from bench.measure.device import copy_bandwidth_gbps, matmul_tflops
 from bench.measure.static import compile_in_children, static_report
 from bench.measure.timing import time_cuda, time_wall
 from bench.measure.traffic import Traffic
 from bench.measure.traffic import measure as measure_traffic
 from bench.operators.base import Case, Inputs, PeerUnavailable, verify_and_prepare
+from bench.serving.hardware import PROJECTION_GBPS
 from bench.testing import seed_of
 from kernels import INTERPRETED
 

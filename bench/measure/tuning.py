@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench import child_env
+from bench.format import table, us
 from bench.measure import runner, timing
 from bench.measure.device import machine_info
 from bench.measure.static import StaticRow, access_widths, capture_launches, compile_aot, compiled_usage
@@ -304,14 +305,9 @@ def _time_group(group: Group, deadline: float | None, device: str = "cuda") -> b
 # --- writing -----------------------------------------------------------------------------------------------
 
 
-def _us(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms * 1e3:.4g}"
-
-
 def group_table(group: Group, timed: bool = True) -> str:
     """A key's candidates: static figures, which is the heuristic (and the winner), why any was dropped,
     and (timed) the score and median per shape."""
-    from bench.commands.report import table
 
     rows = []
     for c in group.candidates:
@@ -325,7 +321,8 @@ def group_table(group: Group, timed: bool = True) -> str:
         status = f"dropped: {c.dropped}" if c.dropped else ("kept" if c.score is None else f"x{c.score:.3f}")
         row = [knobs_label(c.knobs), *figures, mark, status]
         if timed:
-            row.append(" / ".join(_us(c.medians_ms.get(shape.label)) for shape in group.shapes))
+            medians_ms = (c.medians_ms.get(shape.label) for shape in group.shapes)
+            row.append(" / ".join(us(None if ms is None else ms * 1e-3) for ms in medians_ms))
         rows.append(row)
     headers = ["candidate", "regs", "spill B", "shared B", "widest load B", "", "status"]
     return table(rows, headers + (["median us per shape"] if timed else []))

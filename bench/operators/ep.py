@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 import kernels.ep
-from bench.models import MOE_MODELS, MoEModel
 from bench.operators.base import StaticOnly
 from bench.operators.moe import log_popularity, routing_ids
+from bench.serving.models import MOE_MODELS, MoEModel
 from bench.testing import generator, randn
 
 # --- correctness: scenarios against the reference -----------------------------------------------------------

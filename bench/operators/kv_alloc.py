@@ -14,8 +14,8 @@ import torch
 
 import kernels.kv_alloc
 import reference.kv_alloc
-from bench.models import DEFAULT_BLOCK_SIZE
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared
+from bench.serving.models import DEFAULT_BLOCK_SIZE
 from bench.testing import Guarded, assert_bitwise_equal, generator, randn
 
 # --- allocate -----------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import torch
 
 import kernels.kv_cache
 import reference.kv_cache
-from bench.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
 from bench.operators.base import Case, Inputs, TuneSpec, pow2_between
+from bench.serving.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
 from bench.testing import (
     Guarded,
     assert_bitwise_equal,

@@ -29,7 +29,6 @@ import torch
 
 import kernels.mla_attention
 import reference.mla_attention
-from bench.models import MLA_MODELS, MODELS
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.operators.paged_attention import (
     REASONING_MIX,
@@ -44,6 +43,7 @@ from bench.operators.paged_attention import (
     fused_sdpa_refusal,
     live_slots,
 )
+from bench.serving.models import MLA_MODELS, MODELS
 from bench.testing import Guarded, generator, randn
 
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}

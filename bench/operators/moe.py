@@ -8,8 +8,8 @@ import torch
 
 import kernels.moe
 import reference.moe
-from bench.models import MOE_MODELS, MOE_TOKENS, MoEModel
 from bench.operators.base import Case, Inputs, TuneSpec, pow2_between
+from bench.serving.models import MOE_MODELS, MOE_TOKENS, MoEModel
 from bench.testing import assert_bitwise_equal, assert_close, generator, max_error, randn
 
 

@@ -22,8 +22,8 @@ import torch
 
 import kernels.paged_attention
 import reference.paged_attention
-from bench.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
+from bench.serving.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
 from bench.testing import Guarded, assert_close, generator, max_error, randn
 
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
