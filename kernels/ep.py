@@ -220,7 +220,7 @@ def recv_x_rows(received: int, local_experts: int, align: int) -> int:
     return received + local_experts * (align - 1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EPWorkspace:
     """Capacity mode's buffers, owned by the caller (one per captured batch size, as for moe.dispatch): with
     it, ep_dispatch and ep_combine allocate nothing, so the pair can sit in a CUDA graph.
@@ -313,10 +313,10 @@ class EPWorkspace:
         dispatch = moe.DispatchWorkspace.for_shape(
             num_tokens, top_k, num_experts, hidden, dtype=dtype, device=device
         )
-        return cls(dispatch, **buffers)
+        return cls(dispatch=dispatch, **buffers)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EPHandle:
     """What ep_combine needs to bring the experts' outputs home. Invariants: tokens_per_expert int32 [L]
     and expert_offsets int32 [L + 1] describe recv_x (the module docstring), on x's device;
@@ -463,7 +463,192 @@ def _check_mode(
     return slab_rows(max_tokens_per_rank, top_k)
 
 
-# --- dispatch and combine -----------------------------------------------------------------------------------
+# --- dispatch: the stages both modes share ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Call:
+    """One ep_dispatch call, checked: its inputs and settings, as every stage sees them."""
+
+    x: torch.Tensor
+    weights: torch.Tensor
+    ids: torch.Tensor
+    num_experts: int
+    group: object
+    world: int
+    align: int
+    mode: str
+    capacity: int | None  # C, capacity mode's slab rows; None in exact mode
+    workspace: EPWorkspace | None
+    stage_hook: StageHook | None
+
+    @property
+    def local(self) -> int:
+        return self.num_experts // self.world
+
+    @property
+    def hidden(self) -> int:
+        return self.x.shape[1]
+
+    def stage(self, name: str):
+        return _stage(name, self.stage_hook, self.x.device)
+
+    def rows(self, n: int) -> torch.Tensor:
+        return torch.empty(n, self.hidden, dtype=self.x.dtype, device=self.x.device)
+
+
+def _checked_call(
+    x, weights, ids, num_experts, *, group, align, mode, max_tokens_per_rank, workspace, stage_hook
+):
+    """Every check ep_dispatch makes, metadata only, before any collective: the call, or ValueError."""
+    world = _world_size(group)
+    if stage_hook is not None and not callable(stage_hook):
+        raise ValueError(
+            f"stage_hook: expected None or a callable taking a stage name and returning a context manager, "
+            f"got {type(stage_hook).__name__}"
+        )
+    _check_inputs(x, weights, ids, num_experts, world, align, mode, group)
+    capacity = _check_mode(x, weights, ids, num_experts, world, align, mode, max_tokens_per_rank, workspace)
+    return _Call(
+        x=x,
+        weights=weights,
+        ids=ids,
+        num_experts=num_experts,
+        group=group,
+        world=world,
+        align=align,
+        mode=mode,
+        capacity=capacity,
+        workspace=workspace,
+        stage_hook=stage_hook,
+    )
+
+
+def _pack(call: _Call) -> tuple[torch.Tensor, moe.DispatchPlan]:
+    """moe.dispatch over the global experts: this rank's rows grouped by expert, so by owner rank."""
+    workspace = call.workspace.dispatch if call.workspace else None
+    return moe.dispatch(call.x, call.ids, call.num_experts, workspace=workspace)
+
+
+def _exchange_counts(call: _Call, send_counts: torch.Tensor) -> torch.Tensor:
+    """The counts stage: each rank's per-(destination, local expert) counts to the destination; returns
+    recv_counts [W, L], row s what source s sends this rank."""
+    with call.stage("counts"):
+        if call.workspace is not None:
+            recv_counts = call.workspace.recv_counts
+        else:
+            recv_counts = torch.empty(call.world, call.local, dtype=torch.int32, device=call.x.device)
+        dist.all_to_all_single(recv_counts.view(-1), send_counts, group=call.group)
+    return recv_counts
+
+
+def _layout(
+    call: _Call, recv: torch.Tensor, recv_counts: torch.Tensor, *, packed_slab: int, recv_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout stage: the received rows regrouped per local expert; returns (recv_x, tokens_per_expert,
+    expert_offsets)."""
+    workspace = call.workspace
+    if workspace is not None:
+        tokens_per_expert, expert_offsets = workspace.tokens_per_expert, workspace.expert_offsets
+    else:
+        tokens_per_expert = torch.empty(call.local, dtype=torch.int32, device=call.x.device)
+        expert_offsets = torch.empty(call.local + 1, dtype=torch.int32, device=call.x.device)
+    with call.stage("layout"):
+        recv_x = workspace.recv_x if workspace else call.rows(recv_rows)
+        _regroup(
+            recv,
+            recv_x,
+            recv_counts,
+            packed_slab=packed_slab,
+            align=call.align,
+            by_column=True,
+            packed_rows=recv.shape[0],
+            tokens_per_expert=tokens_per_expert,
+            expert_offsets=expert_offsets,
+        )
+    return recv_x, tokens_per_expert, expert_offsets
+
+
+def _handle(
+    call: _Call, plan, recv_x, tokens_per_expert, expert_offsets, recv_counts, **by_mode
+) -> "EPHandle":
+    """The handle both modes return; ``by_mode``: the mode's own fields (capacity, or the splits)."""
+    return EPHandle(
+        tokens_per_expert=tokens_per_expert,
+        expert_offsets=expert_offsets,
+        recv_counts=recv_counts,
+        plan=plan,
+        weights=call.weights,
+        mode=call.mode,
+        group=call.group,
+        world_size=call.world,
+        align=call.align,
+        recv_rows=recv_x.shape[0],
+        hidden=call.hidden,
+        dtype=call.x.dtype,
+        workspace=call.workspace,
+        stage_hook=call.stage_hook,
+        **by_mode,
+    )
+
+
+# --- dispatch: the two modes --------------------------------------------------------------------------------
+
+
+def _dispatch_exact(call: _Call) -> tuple[torch.Tensor, "EPHandle"]:
+    """Exact mode: the rows routed and no more, sized by one host read of the exchanged counts."""
+    world, local, align = call.world, call.local, call.align
+    with call.stage("pack"):
+        packed, plan = _pack(call)
+    by_owner = plan.tokens_per_expert.view(world, local)
+    recv_counts = _exchange_counts(call, plan.tokens_per_expert)
+    with call.stage("sync"):
+        host = torch.cat([by_owner.sum(1, dtype=torch.int32), recv_counts.view(-1)]).tolist()
+    send_splits = tuple(host[:world])
+    received = [host[world + s * local : world + (s + 1) * local] for s in range(world)]
+    recv_splits = tuple(sum(counts) for counts in received)
+    columns = [sum(counts[e] for counts in received) for e in range(local)]
+    with call.stage("rows"):
+        recv = call.rows(sum(recv_splits))
+        sent = packed[: sum(send_splits)]
+        dist.all_to_all_single(recv, sent, list(recv_splits), list(send_splits), group=call.group)
+    recv_x, tokens_per_expert, expert_offsets = _layout(
+        call, recv, recv_counts, packed_slab=0, recv_rows=sum(-(-c // align) * align for c in columns)
+    )
+    return recv_x, _handle(
+        call,
+        plan,
+        recv_x,
+        tokens_per_expert,
+        expert_offsets,
+        recv_counts,
+        send_splits=send_splits,
+        recv_splits=recv_splits,
+    )
+
+
+def _dispatch_capacity(call: _Call) -> tuple[torch.Tensor, "EPHandle"]:
+    """Capacity mode: fixed slabs of C rows per (source, destination), so no count reaches the host."""
+    world, local, capacity, workspace = call.world, call.local, call.capacity, call.workspace
+    with call.stage("pack"):
+        packed, plan = _pack(call)
+        send = workspace.send if workspace else call.rows(world * capacity)
+        by_owner = plan.tokens_per_expert.view(world, local)
+        _regroup(packed, send, by_owner, packed_rows=call.ids.numel(), grouped_slab=capacity)
+    recv_counts = _exchange_counts(call, plan.tokens_per_expert)
+    with call.stage("rows"):
+        recv = workspace.recv if workspace else call.rows(world * capacity)
+        dist.all_to_all_single(recv, send, group=call.group)
+    recv_x, tokens_per_expert, expert_offsets = _layout(
+        call,
+        recv,
+        recv_counts,
+        packed_slab=capacity,
+        recv_rows=recv_x_rows(world * capacity, local, call.align),
+    )
+    return recv_x, _handle(
+        call, plan, recv_x, tokens_per_expert, expert_offsets, recv_counts, capacity=capacity
+    )
 
 
 def ep_dispatch(
@@ -483,97 +668,22 @@ def ep_dispatch(
     recv_x laid out per local expert (the module docstring). Every rank of ``group`` must call it, with the
     same num_experts, align, mode and max_tokens_per_rank. ``stage_hook(name)``, if given, returns a context
     manager entered around each stage (the benchmarks time them with it)."""
-    world = _world_size(group)
-    if stage_hook is not None and not callable(stage_hook):
-        raise ValueError(
-            f"stage_hook: expected None or a callable taking a stage name and returning a context manager, "
-            f"got {type(stage_hook).__name__}"
-        )
-    _check_inputs(x, weights, ids, num_experts, world, align, mode, group)
-    capacity = _check_mode(x, weights, ids, num_experts, world, align, mode, max_tokens_per_rank, workspace)
-    device = x.device
-    num_tokens, top_k = ids.shape
-    local = num_experts // world
-    hidden = x.shape[1]
-
-    def stage(name):
-        return _stage(name, stage_hook, device)
-
-    def rows(n):
-        return torch.empty(n, hidden, dtype=x.dtype, device=device)
-
-    with stage("pack"):
-        packed, plan = moe.dispatch(x, ids, num_experts, workspace=workspace.dispatch if workspace else None)
-        by_owner = plan.tokens_per_expert.view(world, local)
-        if mode == "capacity":
-            send = workspace.send if workspace else rows(world * capacity)
-            _regroup(packed, send, by_owner, packed_rows=num_tokens * top_k, grouped_slab=capacity)
-    with stage("counts"):
-        if workspace is not None:
-            recv_counts = workspace.recv_counts
-        else:
-            recv_counts = torch.empty(world, local, dtype=torch.int32, device=device)
-        dist.all_to_all_single(recv_counts.view(-1), plan.tokens_per_expert, group=group)
-
-    if workspace is not None:
-        tokens_per_expert, expert_offsets = workspace.tokens_per_expert, workspace.expert_offsets
-    else:
-        tokens_per_expert = torch.empty(local, dtype=torch.int32, device=device)
-        expert_offsets = torch.empty(local + 1, dtype=torch.int32, device=device)
-    send_splits = recv_splits = None
-    if mode == "exact":
-        with stage("sync"):
-            host = torch.cat([by_owner.sum(1, dtype=torch.int32), recv_counts.view(-1)]).tolist()
-        send_splits = tuple(host[:world])
-        received = [host[world + s * local : world + (s + 1) * local] for s in range(world)]
-        recv_splits = tuple(sum(counts) for counts in received)
-        columns = [sum(counts[e] for counts in received) for e in range(local)]
-        recv_total = sum(-(-c // align) * align for c in columns)
-        with stage("rows"):
-            recv = rows(sum(recv_splits))
-            dist.all_to_all_single(
-                recv, packed[: sum(send_splits)], list(recv_splits), list(send_splits), group=group
-            )
-        packed_slab = 0
-    else:
-        recv_total = recv_x_rows(world * capacity, local, align)
-        with stage("rows"):
-            recv = workspace.recv if workspace else rows(world * capacity)
-            dist.all_to_all_single(recv, send, group=group)
-        packed_slab = capacity
-    with stage("layout"):
-        recv_x = workspace.recv_x if workspace else rows(recv_total)
-        _regroup(
-            recv,
-            recv_x,
-            recv_counts,
-            packed_slab=packed_slab,
-            align=align,
-            by_column=True,
-            packed_rows=recv.shape[0],
-            tokens_per_expert=tokens_per_expert,
-            expert_offsets=expert_offsets,
-        )
-    handle = EPHandle(
-        tokens_per_expert,
-        expert_offsets,
-        recv_counts,
-        plan,
+    call = _checked_call(
+        x,
         weights,
-        mode,
-        group,
-        world,
-        align,
-        recv_x.shape[0],
-        hidden,
-        x.dtype,
-        capacity,
-        send_splits,
-        recv_splits,
-        workspace,
-        stage_hook,
+        ids,
+        num_experts,
+        group=group,
+        align=align,
+        mode=mode,
+        max_tokens_per_rank=max_tokens_per_rank,
+        workspace=workspace,
+        stage_hook=stage_hook,
     )
-    return recv_x, handle
+    return _dispatch_exact(call) if mode == "exact" else _dispatch_capacity(call)
+
+
+# --- combine ------------------------------------------------------------------------------------------------
 
 
 def ep_combine(y: torch.Tensor, handle: EPHandle) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReferenceHandle:
     """Where recv_x's rows came from: sources[i] = (source rank, token, choice) of row i, (-1, -1, -1) for
     padding; tokens_per_expert int32 [L], expert_offsets int32 [L + 1]."""
@@ -46,7 +46,9 @@ def ep_dispatch(
         recv_x = torch.stack(rows) if rows else torch.zeros(0, hidden, dtype=dtype)
         padded = [-(-c // align) * align for c in counts]
         offsets = torch.tensor([0] + padded, dtype=torch.int64).cumsum(0).to(torch.int32)
-        handle = ReferenceHandle(torch.tensor(counts, dtype=torch.int32), offsets, sources)
+        handle = ReferenceHandle(
+            tokens_per_expert=torch.tensor(counts, dtype=torch.int32), expert_offsets=offsets, sources=sources
+        )
         per_rank.append((recv_x, handle))
     return per_rank
 

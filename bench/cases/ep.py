@@ -20,7 +20,7 @@ from bench.testing import generator, randn
 # --- correctness: scenarios against the reference -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Scenario:
     """One check on W ranks: rank r holds tokens[r % len(tokens)] tokens. routing: "uniform"; "one-rank"
     (every choice among the last rank's experts, so the others' experts get no rows); "zipf" (skewed);
@@ -59,10 +59,21 @@ class Scenario:
 #: with none), odd widths, align 1 to 64, bf16 and fp32 rows, every choice on one rank, ids repeated within
 #: a token with fewer local experts than top_k (capacity mode's slabs must still hold every row).
 SCENARIOS = (
-    Scenario("uneven", (5, 17, 0, 9), 3, 2, 40),
-    Scenario("one-rank-bf16-align64", (7, 3), 4, 3, 24, align=64, dtype=torch.bfloat16, routing="one-rank"),
-    Scenario("zipf-align8", (12, 4), 2, 2, 33, align=8, routing="zipf"),
-    Scenario("repeated-ids", (6, 5), 1, 3, 17, routing="repeated"),
+    Scenario(name="uneven", tokens=(5, 17, 0, 9), experts_per_rank=3, top_k=2, hidden=40),
+    Scenario(
+        name="one-rank-bf16-align64",
+        tokens=(7, 3),
+        experts_per_rank=4,
+        top_k=3,
+        hidden=24,
+        align=64,
+        dtype=torch.bfloat16,
+        routing="one-rank",
+    ),
+    Scenario(
+        name="zipf-align8", tokens=(12, 4), experts_per_rank=2, top_k=2, hidden=33, align=8, routing="zipf"
+    ),
+    Scenario(name="repeated-ids", tokens=(6, 5), experts_per_rank=1, top_k=3, hidden=17, routing="repeated"),
 )
 
 
@@ -112,7 +123,7 @@ class EPShape:
 def shapes(world: int, tokens=TOKENS_PER_RANK, models=MODELS, loads=LOADS, modes=kernels.ep.MODES):
     """Every combination whose experts divide over ``world`` ranks."""
     return [
-        EPShape(MOE_MODELS[name], world, t, load, mode)
+        EPShape(model=MOE_MODELS[name], world=world, tokens=t, load=load, mode=mode)
         for name in models
         if MOE_MODELS[name].num_experts % world == 0
         for load in loads
@@ -171,7 +182,7 @@ def route_inputs(shape: EPShape, rank: int, device, seed: int):
 # --- static report: the regroup kernel compiled at EP8 DeepSeek-R1 -----------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegroupShape:
     """One regroup launch: ``variant`` "layout" (received rows to per-expert segments, exact mode) or "pack"
     (rows by owner rank into capacity mode's slabs); the way back compiles to the mirror of each."""
@@ -217,6 +228,8 @@ def _regroup_launch(shape: RegroupShape, device="cpu") -> None:
 EP_STATIC = StaticOnly(
     name="ep",
     module="ep",
-    static_shapes=lambda: [RegroupShape(MOE_MODELS["DeepSeek-R1"], 8, v) for v in ("layout", "pack")],
+    static_shapes=lambda: [
+        RegroupShape(model=MOE_MODELS["DeepSeek-R1"], world=8, variant=v) for v in ("layout", "pack")
+    ],
     launch=_regroup_launch,
 )

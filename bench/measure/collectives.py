@@ -342,7 +342,11 @@ def time_all_reduce(
             per_call = [max(r[i] for r in everyone) for i in range(reps)]
             means = sorted(sum(r[i] for r in everyone) / rank.world for i in range(reps))
             ok = all(r[-1] == 1.0 for r in everyone)
-            results.append(AllReduceResult(impl, size, per_call, means[reps // 2], ok))
+            results.append(
+                AllReduceResult(
+                    impl=impl, size=size, samples_ms=per_call, mean_rank_ms=means[reps // 2], verified=ok
+                )
+            )
     return results, skipped
 
 
