@@ -397,9 +397,8 @@ def cmd_gpu_check(args) -> int:
 
 
 def _add_dist(sub, argv) -> None:
-    from bench.operators.ep import LOADS
+    from bench.operators.ep import LOADS, MODES
     from bench.serving.models import MOE_MODELS
-    from kernels.ep import MODES
 
     multi = sub.add_parser(
         "dist", help="multi-rank benchmarks under torchrun: EP dispatch/combine, all-reduce"
@@ -421,7 +420,9 @@ def _add_dist(sub, argv) -> None:
     multi.add_argument(
         "--loads", type=names_from(LOADS), default=",".join(LOADS), help="ep: routing loads (uniform, zipf)"
     )
-    multi.add_argument("--modes", type=names_from(MODES), default=",".join(MODES), help="ep: exact, capacity")
+    multi.add_argument(
+        "--modes", type=names_from(MODES), default=",".join(MODES), help="ep: " + ", ".join(MODES)
+    )
     multi.add_argument(
         "--sizes", type=positive_ints, help="allreduce: bytes, comma-separated (default 8 KB .. 64 MB)"
     )

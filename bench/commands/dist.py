@@ -170,18 +170,22 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
 def run_ep(rank: distributed.Rank, args) -> list[dict]:
     tokens = args.tokens or (ep.CPU_TOKENS_PER_RANK if rank.device.type == "cpu" else ep.TOKENS_PER_RANK)
     shapes = ep.shapes(rank.world, tokens, args.models, args.loads, args.modes)  # not empty: check_args
-    entries = []
+    entries, modes = [], []
     for shape in shapes:
         mine = collectives.time_ep(rank, shape, reps=args.reps, warmup=args.warmup)
         everyone = _gather(rank, mine)
         if rank.rank != 0:
             continue
+        modes.append(collectives.ep_mode_row(shape, everyone))
         rows, shape_entries = _ep_rows(shape, everyone, args.reps)
         entries += shape_entries
         check = "verified" if shape_entries[0]["extra_info"]["verified"] else "WRONG RESULT"
         print(f"\n### {shape.label} ({check})\n")
         headers = ["stage", "slowest us", "mean us", "skew", "bytes", "useful", "dedup", "kind", "GB/s"]
         print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), flush=True)
+    if modes:
+        print(f"\n### The modes side by side (the busiest rank; {_wire_note(rank)})\n")
+        print(tabulate(modes, headers=collectives.EP_MODE_HEADERS, tablefmt="github", disable_numparse=True))
     return entries
 
 
