@@ -194,8 +194,8 @@ WIDE_GROUP = ("GQA-64x512", 128, 2, 512)
 #: take the head tiles' warps, where 4 warps spilled.
 FULL_GROUPS = [("GQA-32x512", 64, 2, 512), ("MQA-16x1024", 16, 1, 1024)]
 
-# Reasoning lengths (docs/facts.md#reasoning-workloads): MATH-500-like outputs of 1K to 3K tokens, AIME-like of 10K to 12K
-# with a tail to 32K; prompts are short beside them. A fixed spread, so runs compare.
+# Reasoning lengths (docs/facts.md#reasoning-workloads): MATH-500-like outputs of 1K to 3K tokens,
+# AIME-like of 10K to 12K with a tail to 32K; prompts are short beside them. A fixed spread, so runs compare.
 REASONING_MIX = (
     1024,
     1536,
