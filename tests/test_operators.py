@@ -1,6 +1,7 @@
-"""The operator modules (bench/operators/): the peers timed beside paged_decode, mla_decode and allocate, each
-checked against the reference (or the kernel) through verify_and_prepare at the shape it is timed, each
-saying why it cannot run where it cannot, and the tuning specs the operators give the tuner."""
+"""The operator modules (bench/operators/): the peers timed beside paged_decode, mla_decode, allocate and
+grouped_gemm, each checked against the reference (or the kernel) through verify_and_prepare at the shape it is
+timed, each saying why it cannot run where it cannot; grouped_gemm's and moe_layer's inputs, cost models and
+checks; and the tuning specs the operators give the tuner."""
 
 import warnings
 
@@ -8,11 +9,13 @@ import pytest
 import torch
 
 from bench.operators import CASES, paged_attention
+from bench.operators import moe_gemm as moe_gemm_operator
 from bench.operators.base import PeerUnavailable, kernel_expected, verify_and_prepare
 from bench.operators.kv_alloc import AllocateShape
 from bench.operators.mla_attention import MLA_DECODE
 from bench.operators.mla_attention import MLADecodeShape as MLAShape
 from bench.operators.mla_attention import build as mla_build
+from bench.operators.moe_gemm import GROUPED_GEMM, MOE_LAYER
 from bench.operators.paged_attention import (
     FLEX_Q_BLOCK,
     PAGED_DECODE,
@@ -22,9 +25,11 @@ from bench.operators.paged_attention import (
     flex_unsupported,
 )
 from bench.operators.paged_attention import build as paged_build
+from reference import moe as reference_moe
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
+ROUTE_KEYS = ("scoring", "num_groups", "topk_groups", "bias", "scale", "softmax_after_topk")
 
 
 # --- paged_decode's peers -----------------------------------------------------------------------------------
@@ -225,6 +230,122 @@ def test_host_pool_peer_is_unavailable_past_its_size_with_the_reason():
         CASES["allocate"].peers["host-pool"].prepare(None, shape)
 
 
+# --- grouped_gemm and moe_layer ----------------------------------------------------------------------------
+
+GEMM_SMALL = {shape.name: shape for shape in GROUPED_GEMM.small_shapes()}
+
+
+@pytest.mark.parametrize(
+    "peer, name",
+    [
+        ("torch-loop", "odd"),
+        ("torch-loop", "fp8 odd blocks"),
+        ("torch-grouped-mm", "odd"),
+        ("torch-grouped-mm", "ep hot"),
+    ],
+    ids=["loop-gather", "loop-fp8", "grouped-mm-gather", "grouped-mm-ep"],
+)
+def test_grouped_gemm_peers_compute_the_same_rows(peer, name):
+    """Each peer at a shape it runs (the gather, fp8 block scales, an EP rank's padded plan) agrees with the
+    reference on every row holding a token; one element off in such a row fails its check."""
+    shape = GEMM_SMALL[name]
+    inputs = GROUPED_GEMM.build(shape, DEVICE, 9)
+    expected = inputs.clone()
+    GROUPED_GEMM.run_reference(expected)
+    prepared, _ = verify_and_prepare(GROUPED_GEMM, peer, inputs, shape, expected)
+    wrong = prepared.call().clone()
+    wrong.view(-1)[int((expected.args["plan"].row_token >= 0).nonzero()[0]) * shape.columns] += 1.0
+    with pytest.raises(AssertionError, match="out"):
+        GROUPED_GEMM.peers[peer].check(wrong, expected, shape)
+
+
+def test_grouped_gemm_peers_that_cannot_run_say_why(monkeypatch):
+    fp8, gate_up = GEMM_SMALL["fp8 odd blocks"], GEMM_SMALL["odd"]
+    with pytest.raises(PeerUnavailable, match="16-bit weights, not fp8"):
+        GROUPED_GEMM.peers["torch-grouped-mm"].prepare(GROUPED_GEMM.build(fp8, DEVICE, 1), fp8)
+    with pytest.raises(PeerUnavailable, match="CUDA devices only|SwiGLU"):
+        GROUPED_GEMM.peers["triton-kernels-matmul-ogs"].prepare(
+            GROUPED_GEMM.build(gate_up, DEVICE, 1), gate_up
+        )
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    with pytest.raises(PeerUnavailable, match="has no torch._grouped_mm"):
+        GROUPED_GEMM.peers["torch-grouped-mm"].prepare(GROUPED_GEMM.build(gate_up, DEVICE, 1), gate_up)
+
+
+def test_matmul_ogs_gather_index_reads_each_rows_token():
+    """matmul_ogs reads x[index // top_k] for its i-th row: the index the adapter passes must give, in the
+    plan's row order, the rows dispatch would have copied."""
+    shape = GEMM_SMALL["odd"]
+    inputs = GROUPED_GEMM.build(shape, DEVICE, 2)
+    plan, x = inputs.args["plan"], inputs.args["a"]
+    index = moe_gemm_operator.ogs_gather_index(plan, shape.top_k)
+    real = plan.row_token >= 0
+    assert torch.equal(x[index.long() // shape.top_k], moe_gemm_operator.sorted_rows(x, plan)[real])
+
+
+def test_grouped_gemm_inputs_poison_what_no_kernel_reads_and_the_model_counts_them():
+    """Untouched experts' weights (and fp8 scales) are NaN, touched ones finite; dispatch's padding rows
+    NaN; the byte model counts exactly the experts the built plan touches (the routing is the shape's),
+    and at 8192 tokens every expert, as the expectation under uniform routing says."""
+    for name in ("ep hot", "fp8 odd blocks"):
+        shape = GEMM_SMALL[name]
+        a = GROUPED_GEMM.build(shape, DEVICE, 5).args
+        touched = a["plan"].tokens_per_expert > 0
+        assert a["w"][~touched].float().isnan().all() and a["w"][touched].float().isfinite().all()
+        if a["w_scale"] is not None:
+            assert a["w_scale"][~touched].isnan().all() and a["w_scale"][touched].isfinite().all()
+        padding = a["plan"].row_token < 0
+        assert padding.any() == (shape.align > 1) and a["a"][padding].isnan().all()
+        assert moe_gemm_operator.touched_experts(shape) == int(touched.sum())
+        model = moe_gemm_operator._gemm_bytes(shape, int(touched.sum()))
+        assert GROUPED_GEMM.byte_model(shape) == round(model)
+    prefill = moe_gemm_operator._preset("DeepSeek-R1 TP8", "down", 8192)
+    assert moe_gemm_operator.touched_experts(prefill) == prefill.experts
+    assert moe_gemm_operator.expected_byte_model(prefill) == pytest.approx(GROUPED_GEMM.byte_model(prefill))
+
+
+def test_grouped_gemm_compare_sees_a_written_padding_row_and_a_stray_read():
+    """The kernel on guarded inputs passes; a padding row written, a NaN in a row holding a token (what
+    reading an untouched expert's weights gives) or a sentinel overwritten each fail."""
+    shape = GEMM_SMALL["ep hot"]
+    inputs = GROUPED_GEMM.build(shape, DEVICE, 6, guarded=True)
+    expected = inputs.clone()
+    GROUPED_GEMM.run_reference(expected)
+    GROUPED_GEMM.run_kernel(inputs)
+    GROUPED_GEMM.compare(inputs, expected, shape)
+    out, row_token = inputs.args["out"], inputs.args["plan"].row_token
+    real, padding = int((row_token >= 0).nonzero()[0]), int((row_token < 0).nonzero()[0])
+    guard = inputs.guards["out"]
+    for plant, why in (
+        (lambda: out[padding].zero_(), "padding row"),
+        (lambda: out[real, 0].fill_(float("nan")), "out"),
+        (lambda: guard.buffer[-1:].zero_(), "sentinel"),
+    ):
+        kept = guard.buffer.clone()
+        plant()
+        with pytest.raises(AssertionError, match=why):
+            GROUPED_GEMM.compare(inputs, expected, shape)
+        guard.buffer.copy_(kept)
+
+
+def test_moe_layer_inputs_poison_untouched_experts_and_compare_sees_nan():
+    shape = MOE_LAYER.small_shapes()[0]
+    inputs = MOE_LAYER.build(shape, DEVICE, 3, guarded=True)
+    a = inputs.args
+    ids = reference_moe.route(a["router_logits"], a["top_k"], **{k: a[k] for k in ROUTE_KEYS})[1]
+    touched = torch.bincount(ids.reshape(-1).long(), minlength=a["w13"].shape[0]) > 0
+    assert not touched.all() and touched.any()
+    for name in ("w13", "w2"):
+        assert a[name][~touched].float().isnan().all() and a[name][touched].float().isfinite().all()
+    expected = inputs.clone()
+    MOE_LAYER.run_reference(expected)
+    MOE_LAYER.run_kernel(inputs)
+    MOE_LAYER.compare(inputs, expected, shape)
+    a["out"][0, 0] = float("nan")
+    with pytest.raises(AssertionError, match="NaN"):
+        MOE_LAYER.compare(inputs, expected, shape)
+
+
 # --- tuning specs -------------------------------------------------------------------------------------------
 
 
@@ -233,7 +354,7 @@ def test_tune_specs_name_their_kernel_and_the_launchers_knobs():
     reports) and limits exactly the knobs it tunes, on a case whose launcher reports its configuration;
     route stays out of tuning (its candidates' compiles cost more than every other kernel's together)."""
     tuned = {name: case.tune for name, case in CASES.items() if case.tune is not None}
-    assert set(tuned) == {"write_kv", "paged_decode", "mla_decode", "dispatch", "combine"}
+    assert set(tuned) == {"write_kv", "paged_decode", "mla_decode", "dispatch", "combine", "grouped_gemm"}
     for name, spec in tuned.items():
         assert hasattr(CASES[name].kernel_module, spec.primary), (name, spec.primary)
         assert set(spec.limits) == set(spec.tunable), name

@@ -320,3 +320,41 @@ def test_kernels_take_cuda_tensors_where_they_are_compiled_on_a_gpu(monkeypatch)
     assert kernel_device() == "cuda"
     monkeypatch.setattr(kernels, "INTERPRETED", True)
     assert kernel_device() == "cpu"
+
+
+@functools.cache
+def grouped_gemm_rows():
+    return compiled_rows("grouped_gemm")
+
+
+def test_grouped_gemm_compiles_without_spills_at_sm90():
+    """The benchmarks' launch configurations (32, 128 and 256 experts, decode and prefill M tiles, fp8 and
+    bf16 weights, the gather) each compile for sm_90 with no spills and no stack."""
+    rows = [r for r in grouped_gemm_rows() if r.arch == "sm_90"]
+    assert {r.shape for r in rows} == {s.label for s in CASES["grouped_gemm"].static_shapes()}
+    for row in rows:
+        assert row.error is None and row.spill_bytes == 0 and row.stack_bytes == 0, row
+
+
+@needs_aot
+def test_grouped_gemm_loads_weights_16_bytes_a_lane():
+    """Per K step a thread loads its share of the weight tiles (gate and up for the gate-up GEMM) and of the
+    row tile: 16-byte loads (LDG.128 or cp.async .128) must cover all of it, and no load is narrower than a
+    4-byte count, offset, token id or scale."""
+    from kernels.moe_gemm import grouped_gemm_launch_config
+
+    shapes = {s.label: s for s in CASES["grouped_gemm"].static_shapes()}
+    problems = []
+    for row in grouped_gemm_rows():
+        if row.error:
+            continue
+        shape = shapes[row.shape]
+        rows_per_expert = -(-shape.plan_tokens * shape.plan_top_k // shape.experts)
+        config = grouped_gemm_launch_config(rows_per_expert, shape.weight_dtype == torch.float8_e4m3fn)
+        weight_tiles = 2 if shape.activation else 1
+        tile_bytes = weight_tiles * config["BLOCK_N"] * config["BLOCK_K"] * shape.weight_dtype.itemsize
+        tile_bytes += config["BLOCK_M"] * config["BLOCK_K"] * shape.dtype.itemsize
+        per_lane = tile_bytes // (32 * config["num_warps"])
+        if row.load_widths.get(16, 0) * 16 < per_lane or min(row.load_widths) < 4:
+            problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}, {per_lane} B a lane to cover")
+    hold_or_report(problems)

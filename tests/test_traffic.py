@@ -63,6 +63,32 @@ def test_paged_decode_head_tiles_reread_kv_only_from_l2():
     assert (counted.total_bytes - l2_rereads) / model <= case.traffic_limit
 
 
+def test_grouped_gemm_rereads_beyond_its_model_are_l2s():
+    """DeepSeek-R1 TP8's down GEMM at one token (256 experts, K = 256 as the model has it; N cut for the
+    interpreter): each touched expert's weights are loaded once, and the counter's other loads past the
+    model are L2 re-reads by design: every program reads the 256 experts' counts to find its expert (1 KB,
+    6% of a 16 KB weight tile), and each N tile's programs read their M tile's rows. Less exactly those, the
+    traffic meets the model as any traffic shape's does."""
+    from bench.operators.moe_gemm import _preset, scaled
+
+    case = CASES["grouped_gemm"]
+    shape = scaled(_preset("DeepSeek-R1 TP8", "down", 1), 256, 256)
+    inputs, counted = count_traffic(case, shape)
+    a, config = inputs.args, case.launch_config(inputs)["config"]
+    counts = a["plan"].tokens_per_expert
+    touched = int((counts > 0).sum())
+    assert counted.loaded_from(a["w"]) == touched * shape.n * shape.k * a["w"].element_size()
+    n_tiles = -(-shape.columns // config["BLOCK_N"])
+    rows_once = shape.rows * shape.k * a["a"].element_size()
+    assert counted.loaded_from(a["a"]) == n_tiles * rows_once
+    counts_loaded = counted.loaded_from(counts)
+    assert counts_loaded % (4 * shape.experts) == 0 and counts_loaded > 4 * shape.experts * n_tiles
+    l2_rereads = (counts_loaded - 4 * shape.experts) + (n_tiles - 1) * rows_once
+    model = case.byte_model(shape)
+    assert counted.total_bytes / model > case.traffic_limit  # why it is not a traffic shape
+    assert (counted.total_bytes - l2_rereads) / model <= case.traffic_limit
+
+
 def test_route_moves_exactly_its_byte_model_without_a_bias():
     route = CASES["route"]
     for shape in route.traffic_shapes():

@@ -8,11 +8,23 @@ from bench.operators.kv_alloc import ALLOCATE, COPY_BLOCKS
 from bench.operators.kv_cache import WRITE_KV
 from bench.operators.mla_attention import MLA_DECODE
 from bench.operators.moe import COMBINE, DISPATCH, ROUTE
+from bench.operators.moe_gemm import GROUPED_GEMM, MOE_LAYER
 from bench.operators.paged_attention import PAGED_DECODE
 
 CASES: dict[str, Case] = {
     case.name: case
-    for case in (WRITE_KV, PAGED_DECODE, MLA_DECODE, ALLOCATE, COPY_BLOCKS, ROUTE, DISPATCH, COMBINE)
+    for case in (
+        WRITE_KV,
+        PAGED_DECODE,
+        MLA_DECODE,
+        ALLOCATE,
+        COPY_BLOCKS,
+        ROUTE,
+        DISPATCH,
+        COMBINE,
+        GROUPED_GEMM,
+        MOE_LAYER,
+    )
 }
 
 #: Kernels with a static report but no single-process case (their launchers need a process group).
