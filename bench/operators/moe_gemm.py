@@ -47,10 +47,10 @@ import kernels.moe_layer
 import reference.moe
 import reference.moe_gemm
 import reference.moe_layer
-from bench.models import MOE_MODELS, MoEModel
 from bench.operators import moe as moe_operator
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
-from bench.systems.step import expected_experts_touched
+from bench.serving.models import MOE_MODELS, MoEModel
+from bench.serving.step import expected_experts_touched
 from bench.testing import Guarded, assert_close, generator, max_error, randn, seed_of
 
 FP8 = torch.float8_e4m3fn
