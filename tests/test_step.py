@@ -95,7 +95,7 @@ def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there(kernel_
             n
             for n in timed
             if n.removeprefix("moe:")
-            in ("write_kv", "paged_decode", "mla_decode", "route", "dispatch", "combine")
+            in ("write_kv", "paged_decode", "mla_decode", "route", "dispatch", "experts", "combine")
         ]
         assert kernels and all(timed[n].verified is True for n in kernels), {n: timed[n] for n in kernels}
 

@@ -1,7 +1,8 @@
 """The decode step's stages run for real, one at a time, at the shapes the step model projects them at: the
-suite's kernels through their cases (write_kv, paged_decode, mla_decode, route, dispatch, combine; verified
-against their references at that shape where the reference is affordable), the norms and the projections as
-the torch calls a serving engine makes (rms_norm, matmuls; fp8 weights stand in as bf16, noted). What needs
+suite's kernels through their cases (write_kv, paged_decode, mla_decode, route, dispatch, the experts'
+grouped_gemm, combine; verified against their references at that shape where the reference is affordable),
+the norms and the dense projections as the torch calls a serving engine makes (rms_norm, matmuls; fp8
+weights stand in as bf16 there, noted). What needs
 more GPUs than one (the all-reduces, the all-to-alls, the pipeline's hand-offs) keeps its projection, said so.
 
 On a GPU each stage is timed as ``decodebench run`` times a kernel: CUDA-graph replay, L2 cleared by reading
@@ -9,7 +10,6 @@ before every call, inside an NVTX range ``step.<stage>`` so an nsys timeline rea
 (tests) the same plumbing runs with the host clock and the interpreter at small shapes.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,9 +20,10 @@ from bench.operators import CASES
 from bench.operators.kv_cache import WriteKVShape
 from bench.operators.mla_attention import MLADecodeShape
 from bench.operators.moe import DispatchShape, RouteShape
+from bench.operators.moe_gemm import GemmShape
 from bench.operators.paged_attention import PagedDecodeShape
 from bench.serving.models import MOE_MODELS, ModelSpec, MoEModel
-from bench.serving.step import Layout, Stage, expected_experts_touched
+from bench.serving.step import Layout, Stage
 from bench.testing import generator, randn
 
 
@@ -42,10 +43,33 @@ def _gemm(rows: int, inner: int, outer: int, device, gen) -> Callable:
     return lambda: x @ w
 
 
-def _grouped_gemm(groups: int, rows: int, inner: int, outer: int, device, gen) -> Callable:
-    x = randn((groups, rows, inner), torch.bfloat16, device, gen)
-    w = randn((groups, inner, outer), torch.bfloat16, device, gen, scale=inner**-0.5)
-    return lambda: torch.bmm(x, w)
+def _experts_call(spec: ModelSpec, layout: Layout, micro: int, device, check: bool):
+    """The experts as a serving engine's fused MoE runs them, on the suite's own kernel (grouped_gemm,
+    bench/operators/moe_gemm.py): gate-up with silu_and_mul (the rows gathered from the tokens where no EP
+    exchange laid them out), then down, the weights in the checkpoint's dtype (fp8 with 128 x 128 block
+    scales as released). Under EP each rank holds E/ep whole experts and receives its share of every rank's
+    rows; under TP each GPU holds every expert, I/tp wide."""
+    m = spec.moe
+    ep = max(layout.ep, 1)
+    calls, verified = [], []
+    for stage in ("gate_up", "down"):
+        shape = GemmShape(
+            name=f"{spec.name} {layout.label}",
+            stage=stage,
+            tokens=micro,
+            experts=m.num_experts // ep,
+            top_k=m.top_k,
+            hidden=spec.hidden,
+            inner=m.expert_intermediate if ep > 1 else max(1, m.expert_intermediate // layout.tp),
+            ep=ep,
+            gather=stage == "gate_up" and ep == 1,
+            weight_dtype=torch.float8_e4m3fn if spec.weight_bytes == 1 else torch.bfloat16,
+        )
+        call, ok = _case_call("grouped_gemm", shape, device, check)
+        calls.append(call)
+        verified.append(ok)
+    checked = [ok for ok in verified if ok is not None]
+    return _chain(*calls), (all(checked) if checked else None), "grouped_gemm, gate-up then down"
 
 
 def _chain(*calls: Callable) -> Callable:
@@ -105,14 +129,7 @@ def stage_calls(
     if name == "lm_head":
         return _gemm(batch, h, max(1, spec.vocab // tp), device, gen), None, kind
     if name == "experts":
-        width = m.expert_intermediate if layout.ep > 1 else max(1, m.expert_intermediate // tp)
-        tokens = micro * layout.dp if layout.ep > 1 else micro
-        groups = expected_experts_touched(m.num_experts, m.top_k, tokens) / max(layout.ep, 1)
-        groups = max(1, round(groups))
-        rows = max(1, math.ceil(tokens * m.top_k / max(layout.ep, 1) / groups))
-        up = _grouped_gemm(groups, rows, h, 2 * width, device, gen)
-        down = _grouped_gemm(groups, rows, width, h, device, gen)
-        return _chain(up, down), None, kind + (", " if kind else "") + f"{groups} experts x {rows} rows"
+        return _experts_call(spec, layout, micro, device, check)
     if name == "write_kv":
         mla = spec.mla is not None
         shape = WriteKVShape(
