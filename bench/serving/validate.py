@@ -1,0 +1,335 @@
+"""The decode-step model against measured data: its error per stage kind, per step and per published run.
+
+Two sources no one here wrote (docs/facts.md#measured-ground-truth-for-the-decode-step-model):
+
+- NVIDIA's measured H200 kernel tables (AIConfigurator, bench/serving/measured.py): for every point of a grid
+  of models, layouts (TP 1-8, experts split or spread), batches (1-256) and contexts (1K-8K), each stage kind
+  the tables measure is projected by the step model and looked up in the tables at the same shapes; the
+  ratio ours / measured is kept per kind and for the step total over the measured kinds.
+- Published end-to-end runs (bench/serving/data/published_runs.csv, each row with its source): the model's
+  steady-state output tokens/s for the run's model, layout, precision and fixed prompt/answer lengths,
+  against the published figure.
+
+A ratio above 1 means the model is slower (more time, fewer tokens/s ... the run ratio is ours / published
+tokens/s, so below 1 there means slower).
+"""
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench.models import MODEL_SPECS, ModelSpec
+from bench.serving.measured import MissingShape, Tables
+from bench.systems.step import GPUS, INTERCONNECTS, Hardware, Interconnect, Layout, step_stages
+
+PUBLISHED = Path(__file__).parent / "data" / "published_runs.csv"
+
+#: The stage kinds the measured tables cover, each with the step model's stage names it sums.
+COMPARED = {
+    "attention": ("write_kv", "paged_decode"),
+    "mla": ("qkv_proj", "write_kv", "mla_decode", "o_proj"),  # vLLM's measured MLA module: all of them
+    "gemm": ("qkv_proj", "o_proj", "mlp"),
+    "allreduce": ("attn_all_reduce", "mlp_all_reduce", "moe_all_reduce"),
+    "moe_experts": ("dispatch", "experts", "combine"),
+    "moe_shared": ("shared_expert",),
+    "a2a": ("ep_dispatch_a2a", "ep_combine_a2a"),
+    "lm_head": ("lm_head",),
+}
+
+MODELS = ("Llama-3.1-8B", "Llama-3.1-70B", "Qwen3-32B", "Qwen3-30B-A3B", "Qwen3-235B-A22B", "DeepSeek-R1")
+TPS = (1, 2, 4, 8)
+BATCHES = (1, 16, 256)
+CONTEXTS = (1024, 8192)
+#: The share of a GPU's memory weights may take for a grid point to count (the rest: KV and activations).
+WEIGHT_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str
+    layout: Layout
+    batch: int
+    context: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.layout.label} B{self.batch} L{self.context}"
+
+
+def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
+    experts = 0 if spec.moe is None else spec.moe_layers * spec.moe.num_experts * spec.expert_params()
+    spread = layout.ep if layout.ep > 1 else layout.tp
+    return ((spec.params() - experts) / layout.tp + experts / spread) / layout.pp * spec.weight_bytes
+
+
+def grid(models=MODELS, tps=TPS, batches=BATCHES, contexts=CONTEXTS, hw: Hardware = GPUS["h200"]) -> list:
+    """Every (model, layout, batch, context) whose weights fit: TP layouts, and for MoE models the same
+    GPUs as data-parallel attention with experts spread over them (DP = EP, as DeepEP deployments run)."""
+    points = []
+    for name in models:
+        spec = MODEL_SPECS[name]
+        for tp in tps:
+            layouts = [] if spec.tensor_parallel_problem(tp) else [Layout(tp=tp)]
+            if spec.moe is not None and tp > 1 and spec.moe.num_experts % tp == 0:
+                layouts.append(Layout(dp=tp, ep=tp))
+            for lay in layouts:
+                if weights_per_rank(spec, lay) <= WEIGHT_SHARE * hw.memory_bytes:
+                    points += [Point(name, lay, b, c) for b in batches for c in contexts]
+    return points
+
+
+# -- the model's side ----------------------------------------------------------------------------------------
+
+
+def ours_ms(stages) -> dict:
+    """Milliseconds a step spends in each compared kind (MLA models' projections count as "mla")."""
+    mla = any(s.name.endswith("mla_decode") for s in stages)
+    out: dict = {}
+    for stage in stages:
+        base = stage.name.split(":")[-1]
+        for kind, names in COMPARED.items():
+            if base in names and (kind == "mla") == (mla and base in COMPARED["mla"]):
+                out[kind] = out.get(kind, 0.0) + stage.step_seconds * 1e3
+    return out
+
+
+# -- the measured side ---------------------------------------------------------------------------------------
+
+
+def _gemm_dtype(spec: ModelSpec) -> str:
+    """vLLM's per-tensor fp8 GEMM for fp8 weights: its block-scaled fp8 rows run 5x slower than per-tensor
+    at decode sizes (a kernel choice, not what the weights' bytes cost)."""
+    return "fp8" if spec.weight_bytes == 1 else "bfloat16"
+
+
+def _gemm(tables: Tables, dtype: str, m: float, n: float, k: float) -> float:
+    return tables["gemm"].ms((dtype,), (m, n, k))
+
+
+def _attention_layer(tables, spec, layout, batch, context, kv) -> dict:
+    tp = layout.tp
+    if spec.mla is not None:
+        key = (kv, "fp8_block" if spec.weight_bytes == 1 else "bfloat16", spec.num_q_heads // tp)
+        return {"mla": tables["mla"].ms(key, (batch, context))}
+    kv_heads = spec.kv_heads_per_rank(tp)
+    key = (kv, spec.num_q_heads // tp, kv_heads, spec.head_dim)
+    attention = tables["attention"].ms(key, (batch, context))
+    dtype, h, d = _gemm_dtype(spec), spec.hidden, spec.head_dim
+    qkv = _gemm(tables, dtype, batch, (spec.num_q_heads // tp + 2 * kv_heads) * d, h)
+    o = _gemm(tables, dtype, batch, h, spec.num_q_heads // tp * d)
+    return {"attention": attention, "gemm": qkv + o}
+
+
+def _mlp_layer(tables, spec, layout, batch) -> dict:
+    dtype, h, width = _gemm_dtype(spec), spec.hidden, spec.intermediate / layout.tp
+    return {"gemm": _gemm(tables, dtype, batch, 2 * width, h) + _gemm(tables, dtype, batch, h, width)}
+
+
+def _moe_layer(tables, spec, layout, batch) -> dict:
+    m, h, tp, ep = spec.moe, spec.hidden, layout.tp, layout.ep
+    dtype = "fp8_block" if spec.weight_bytes == 1 else "bfloat16"
+    moe_tp, moe_ep = (1, ep) if ep > 1 else (tp, 1)
+    key = (dtype, h, m.expert_intermediate, m.top_k, m.num_experts, moe_tp, moe_ep, "power_law_1.01")
+    out = {"moe_experts": tables["moe"].ms(key, (batch * layout.dp,))}
+    if m.shared_experts:
+        width = m.shared_experts * m.expert_intermediate / tp
+        dense = _gemm_dtype(spec)
+        out["moe_shared"] = _gemm(tables, dense, batch, 2 * width, h) + _gemm(tables, dense, batch, h, width)
+    if ep > 1:
+        out["a2a"] = sum(
+            tables["a2a"].ms(("deepep_ll", phase, ep, h, m.top_k, m.num_experts), (batch,))
+            for phase in ("dispatch", "combine")
+        )
+    return out
+
+
+def measured_ms(tables: Tables, spec: ModelSpec, point: Point, kv: str = "bfloat16") -> dict:
+    """Milliseconds a step spends in each kind the tables measure, from the tables at the point's shapes;
+    a kind whose shape the tables lack is left out."""
+    layout, batch, context = point.layout, point.batch, point.context
+    out: dict = {}
+
+    def add(per_layer: dict, layers: int):
+        for kind, ms in per_layer.items():
+            out[kind] = out.get(kind, 0.0) + ms * layers
+
+    def attempt(fn, layers, *args):
+        try:
+            add(fn(tables, spec, layout, *args), layers)
+        except MissingShape:
+            pass
+
+    attempt(_attention_layer, spec.layers, batch, context, kv)
+    if spec.dense_layers:
+        attempt(_mlp_layer, spec.dense_layers, batch)
+    if spec.moe_layers:
+        attempt(_moe_layer, spec.moe_layers, batch)
+    if layout.tp > 1:
+        try:
+            per = tables["allreduce"].ms((layout.tp,), (batch * spec.hidden * 2,))
+            add({"allreduce": per}, 2 * spec.layers)
+        except MissingShape:
+            pass
+    try:
+        add({"lm_head": _gemm(tables, "bfloat16", batch, spec.vocab / layout.tp, spec.hidden)}, 1)
+    except MissingShape:
+        pass
+    return out
+
+
+# -- comparison ----------------------------------------------------------------------------------------------
+
+
+def compare_kernels(tables: Tables, points, hw: Hardware, link: Interconnect, step=step_stages) -> list:
+    """One row per grid point: each kind's ours and measured ms, and the total over kinds both have."""
+    rows = []
+    for point in points:
+        spec = MODEL_SPECS[point.model]
+        stages = step(spec, point.layout, point.batch, point.context, hw, link)
+        ours, measured = ours_ms(stages), measured_ms(tables, spec, point)
+        kinds = sorted(set(ours) & set(measured))
+        rows.append(
+            {
+                "point": point.label,
+                "model": point.model,
+                "tp": point.layout.tp,
+                "ep": point.layout.ep,
+                "batch": point.batch,
+                "context": point.context,
+                "kinds": {k: {"ours_ms": ours[k], "measured_ms": measured[k]} for k in kinds},
+                "total": {
+                    "ours_ms": sum(ours[k] for k in kinds),
+                    "measured_ms": sum(measured[k] for k in kinds),
+                },
+            }
+        )
+    return rows
+
+
+def summarise(rows: list) -> list:
+    """Per kind (and "step total"): points, median ratio, worst ratio (farthest from 1 in log), range."""
+    ratios: dict = {}
+    for row in rows:
+        for kind, pair in list(row["kinds"].items()) + [("step total", row["total"])]:
+            if pair["measured_ms"] > 0:
+                ratios.setdefault(kind, []).append((pair["ours_ms"] / pair["measured_ms"], row["point"]))
+    out = []
+    for kind, found in ratios.items():
+        values = [r for r, _ in found]
+        worst = max(found, key=lambda item: abs(math.log(item[0])))
+        out.append(
+            {
+                "kind": kind,
+                "points": len(values),
+                "median": statistics.median(values),
+                "worst": worst[0],
+                "worst_at": worst[1],
+                "low": min(values),
+                "high": max(values),
+            }
+        )
+    order = list(COMPARED) + ["step total"]
+    return sorted(out, key=lambda row: order.index(row["kind"]))
+
+
+# -- published end-to-end runs -------------------------------------------------------------------------------
+
+
+def read_published(path: Path = PUBLISHED) -> list:
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if not row["model"].startswith("#")]
+    for row in rows:
+        for key in ("gpus", "tp", "pp", "ep", "isl", "osl", "max_batch"):
+            row[key] = int(row[key])
+        row["output_tokens_per_s"] = float(row["output_tokens_per_s"])
+    return rows
+
+
+def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes, step=step_stages) -> tuple:
+    """(output tokens/s of all GPUs, sequences per replica): every replica holds as many sequences of the
+    run's lengths as its KV pool (or the engine's batch cap) allows, each decoding at the step time at the
+    mean context and paying its prompt's prefill once."""
+    weights = spec.weight_total_bytes() / (layout.tp * layout.pp)
+    per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
+    pool = 0.9 * hw.memory_bytes - weights - 4 * 2**30
+    batch = int(min(max_batch, pool // (per_token * (isl + osl))))
+    if batch < 1:
+        return 0.0, 0
+    seconds = step(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
+    decode_s = sum(s.step_seconds for s in seconds)
+    prefill_s = 2 * spec.params() * isl / (layout.tp * layout.pp * hw.matmul_tflops * 1e12 * 0.7)
+    per_sequence_s = osl * decode_s + batch * prefill_s  # every sequence's prefill stalls the batch once
+    return layout.dp * batch * osl / per_sequence_s, batch
+
+
+def compare_published(hw: Hardware, link: Interconnect, path: Path = PUBLISHED, step=step_stages) -> list:
+    out = []
+    for row in read_published(path):
+        spec = MODEL_SPECS[row["model"]]
+        spec = replace(spec, weight_bytes=1 if row["weights"] == "fp8" else 2)
+        layout = Layout(dp=row["gpus"] // (row["tp"] * row["pp"]), tp=row["tp"], pp=row["pp"], ep=row["ep"])
+        kv = 1 if row["kv"] == "fp8" else 2
+        ours, batch = steady_tokens_per_s(
+            spec, layout, hw, link, row["isl"], row["osl"], row["max_batch"], kv, step=step
+        )
+        out.append(
+            {
+                "run": f"{row['model']} {layout.label} {row['weights']} {row['isl']}/{row['osl']}",
+                "engine": row["engine"],
+                "published_tokens_per_s": row["output_tokens_per_s"],
+                "ours_tokens_per_s": ours,
+                "batch": batch,
+                "ratio": ours / row["output_tokens_per_s"],
+                "source": row["source"],
+            }
+        )
+    return out
+
+
+def validate(tables: Tables, points=None, hw=GPUS["h200"], link=INTERCONNECTS["nvlink"]) -> dict:
+    rows = compare_kernels(tables, grid() if points is None else points, hw, link)
+    return {
+        "tables": tables.source,
+        "hardware": hw.name,
+        "kinds": summarise(rows),
+        "points": rows,
+        "published": compare_published(hw, link),
+    }
+
+
+def plot(result: dict, path) -> str:
+    """A scatter of projected against measured ms (every kind at every point) and of the published runs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"
+    fig, (kernels, runs) = plt.subplots(1, 2, figsize=(12, 5.5))
+    for kind in COMPARED:
+        pairs = [r["kinds"][kind] for r in result["points"] if kind in r["kinds"]]
+        if pairs:
+            kernels.scatter(
+                [p["measured_ms"] for p in pairs], [p["ours_ms"] for p in pairs], s=10, label=kind
+            )
+    kernels.set(xlabel=f"measured ms per step ({result['tables']})", ylabel="projected ms per step")
+    kernels.legend(fontsize=7)
+    published = result["published"]
+    runs.scatter(
+        [r["published_tokens_per_s"] for r in published], [r["ours_tokens_per_s"] for r in published]
+    )
+    for r in published:
+        runs.annotate(r["run"], (r["published_tokens_per_s"], r["ours_tokens_per_s"]), fontsize=6)
+    runs.set(xlabel="published output tokens/s", ylabel="projected output tokens/s")
+    for ax in (kernels, runs):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color="grey", lw=0.8)  # ours == measured
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
