@@ -1,7 +1,7 @@
 """Root conftest, for tests/ and bench/ alike.
 
-Importing ``bench`` first selects Triton's interpreter (TRITON_INTERPRET=1) when no CUDA device is
-present, before any @triton.jit is evaluated (the kernels package leaves the environment alone); on a GPU
+``bench.interpreter.setup()`` first selects Triton's interpreter (TRITON_INTERPRET=1) when no CUDA device
+is present, before any @triton.jit is evaluated (the kernels package leaves the environment alone); on a GPU
 the same tests run compiled. Tests marked ``gpu`` (CUDA graphs, sync checks, timing) skip with the reason
 on a machine without one.
 
@@ -21,7 +21,9 @@ import torch
 # sm_80 (an error row, not an exception) is compiled for its test alone.
 os.environ.setdefault("DECODEBENCH_ARCHS", "90")
 
-import bench  # noqa: E402, F401  (sets TRITON_INTERPRET; must come before any kernel module)
+from bench.interpreter import setup  # noqa: E402
+
+setup()  # TRITON_INTERPRET where no CUDA device: before any kernel module is imported
 import kernels  # noqa: E402
 
 try:
@@ -115,8 +117,8 @@ def pytest_collection_finish(session):
     if torch.cuda.is_available() or not kernels.INTERPRETED:
         return
     if any(item.path.name in STATIC_READERS for item in session.items):
-        from bench.cases import static_cases
         from bench.measure import static
+        from bench.operators import static_cases
 
         static.start_compiles([case.name for case in static_cases()])
         static.start_compiles(["write_kv"], archs=(80,))

@@ -1,5 +1,15 @@
-"""`python -m bench` from the repo root: the same CLI as the `decodebench` console script."""
+"""`python -m bench` from the repo root, and the `decodebench` console script: the CLI, after the process is
+prepared for the kernels (bench/interpreter.py)."""
 
-from bench.commands.cli import main
+from bench.interpreter import setup
 
-raise SystemExit(main())
+
+def main(argv=None) -> int:
+    setup()  # before any kernel module is imported: @triton.jit reads TRITON_INTERPRET at decoration
+    from bench.commands.cli import main as cli_main  # here: it imports the kernel modules
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

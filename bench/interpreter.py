@@ -1,5 +1,12 @@
-"""Two speed-ups for Triton's interpreter, applied by ``bench`` (its entry points and the test suite) when
-kernels run in it; the kernels package itself patches nothing.
+"""How bench's entry points prepare the process for the kernels: ``setup()``, called by the CLI, the root
+conftest and each spawned rank before any kernel module is imported (the kernels package itself leaves the
+environment alone and patches nothing).
+
+- Triton's interpreter where no CUDA device is present (``TRITON_INTERPRET=1``; an explicit setting always
+  wins): ``@triton.jit`` reads it when a kernel module is imported.
+- Multiply-add fusion pinned on, so the same kernels round the same way on every Triton the GPU boxes and CI
+  run (Triton 3.9 warns that its default flips in 3.10).
+- Where kernels run in the interpreter, two speed-ups (below).
 
 Neither changes a result; both remove Python overhead that made tl.sort / tl.topk (route's selection) cost
 seconds a program:
@@ -13,6 +20,8 @@ seconds a program:
 Each is applied only when the interpreter has the internals it relies on (checked here), so another Triton
 version without them runs unpatched, only slower.
 """
+
+import os
 
 import numpy as np
 
@@ -55,3 +64,22 @@ def speed_up() -> None:
         tl.standard, "_xor_combine"
     ):
         _numpy_xor_sum(interpreter, tl)
+
+
+def setup() -> None:
+    """Prepares the process for the kernels; call it before any kernel module is imported (a second call
+    changes nothing)."""
+    if "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import kernels  # after the environment is set: @triton.jit reads it at decoration
+
+    if kernels.INTERPRETED and not _applied:
+        _applied.append(True)
+        speed_up()
+
+
+_applied: list = []  # speed_up patches the interpreter once a process

@@ -7,7 +7,8 @@ and gets the table's entry for its key when the running GPU has a table and the 
 heuristic otherwise. The key is a string the launcher derives from metadata only (dtypes, head_dim, group
 size, row width...), never from device data, so choosing costs a dict lookup and no host sync.
 
-Table layout (written by bench/commands/tune.py, committed by a human with ``decodebench tune --install``):
+Table layout (written by ``decodebench tune``, bench/measure/tuning.py; committed by a human with
+``decodebench tune --install``):
 
     {"gpu": "NVIDIA H100 80GB HBM3", "slug": "nvidia-h100-80gb-hbm3", "triton": "3.6.0", ...,
      "kernels": {"paged_decode": {"q=bfloat16 kv=bfloat16 group=4 head_dim=128":

@@ -37,7 +37,7 @@ Byte story: pack reads each row once and writes it k times; the wire carries k r
 (exact) or W x C rows per rank (capacity); layout and unlayout read and write each received row once;
 combine reads k rows per token and writes one. A deduplicating dispatch (one row per token and destination
 rank, expanded there) would put fewer bytes on the wire when a token's experts share a rank; the benchmark
-reports what it would save (bench/cases/ep.py).
+reports what it would save (bench/operators/ep.py).
 
 Accumulation: combine sums each token's choices in fp32 in choice order, as moe.combine does: reruns are
 bit-identical and the result does not depend on the world size.

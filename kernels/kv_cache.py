@@ -15,7 +15,7 @@ the host, as a serving engine keeps its calibrated scales). Neither way allocate
 
 Byte story: each live token reads its K and V rows once and writes them once; each program also reads its
 tokens' slots (and, for fp8 scales held in memory, the two scales). Nothing else moves.
-bench/cases/kv_cache.py holds the model.
+bench/operators/kv_cache.py holds the model.
 
 The value side is optional (value=None and v_cache=None) for caches that hold one latent per token, as
 DeepSeek's MLA does (one 576-wide head).

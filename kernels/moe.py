@@ -38,7 +38,8 @@ each token's row once and writes it top_k times (a program holds a token's row w
 choices); combine reads the top_k rows and writes one. Neither uses atomics on data, so runs are
 bit-identical. Up to _FUSED_PAIRS (token, choice) pairs, dispatch is one launch whose every program derives
 the layout from all ids itself (a decode step: a few hundred ids); past it, a count launch and a scan launch
-precede the copy.
+precede the copy. dispatch_plan makes the same plan and copies nothing, for an expert GEMM that gathers each
+token's row itself (kernels/moe_gemm.py).
 """
 
 from dataclasses import dataclass
@@ -595,14 +596,16 @@ def _fused(num_tokens: int, top_k: int) -> bool:
     return num_tokens * top_k <= _FUSED_PAIRS
 
 
-def dispatch_choice(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> _configs.LaunchChoice:
+def dispatch_choice(x: torch.Tensor | None, ids: torch.Tensor, num_experts: int) -> _configs.LaunchChoice:
     """dispatch's launch configuration for these inputs (metadata only) and where it came from. One launch
-    (a decode step) and three (count, scan, copy) are keyed apart: their best tiles differ."""
+    (a decode step) and three (count, scan, copy) are keyed apart: their best tiles differ. x None: the
+    plan alone (dispatch_plan), whose copy step never runs."""
     num_tokens, top_k = ids.shape
     launches = "one-launch" if _fused(num_tokens, top_k) else "three-launches"
-    key = f"x={dtype_name(x.dtype)} hidden={x.shape[1]} experts={num_experts} top_k={top_k} {launches}"
-    heuristic = dispatch_launch_config(x.shape[1])
-    return _configs.choose("dispatch", key, x.device, heuristic, DISPATCH_TUNABLE)
+    rows = "plan-only" if x is None else f"x={dtype_name(x.dtype)} hidden={x.shape[1]}"
+    key = f"{rows} experts={num_experts} top_k={top_k} {launches}"
+    heuristic = dispatch_launch_config(_HIDDEN_TILE if x is None else x.shape[1])
+    return _configs.choose("dispatch", key, ids.device, heuristic, DISPATCH_TUNABLE)
 
 
 def check_dispatch_sizes(num_tokens, top_k, num_experts, hidden, align, dtype) -> None:
@@ -706,25 +709,6 @@ def _check_dispatch_workspace(workspace, expected: dict, prefix_needed: int, dev
         )
 
 
-def _dispatch_buffers(x, ids, num_experts: int, rows: int, prefix_needed: int, workspace) -> tuple:
-    """(x_sorted, tokens_per_expert, expert_offsets, row_token, slot_row, chunk_prefix): fresh ones
-    (chunk_prefix None: allocated when needed), or the workspace's, checked (metadata only) for shape and
-    for sharing no memory with each other or with x and ids."""
-    layout = {
-        "x_sorted": ((rows, x.shape[1]), x.dtype),
-        "tokens_per_expert": ((num_experts,), torch.int32),
-        "expert_offsets": ((num_experts + 1,), torch.int32),
-        "row_token": ((rows,), torch.int32),
-        "slot_row": (tuple(ids.shape), torch.int32),
-    }
-    if workspace is None:
-        return (*(torch.empty(shape, dtype=dtype, device=x.device) for shape, dtype in layout.values()), None)
-    _check_dispatch_workspace(workspace, layout, prefix_needed, x.device)
-    buffers = {name: getattr(workspace, name) for name in (*layout, "chunk_prefix")}
-    check_disjoint({f"workspace.{name}": buffer for name, buffer in buffers.items()}, {"x": x, "ids": ids})
-    return tuple(buffers.values())
-
-
 def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     """Copies each token's row once per choice into expert-contiguous order; returns (x_sorted [max_rows,
     hidden], plan). Rows of one expert are in (token, choice) order; each expert's segment starts at a
@@ -741,74 +725,56 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
         raise ValueError(
             f"ids: expected [{x.shape[0]}, top_k] (a row per token of x), got {tuple(ids.shape)}"
         )
+    if x.shape[1] == 0:
+        raise ValueError(f"x: expected [tokens, hidden] with hidden >= 1, got {tuple(x.shape)}")
+    return _dispatch(x, ids, num_experts, align, workspace)
+
+
+def dispatch_plan(ids, num_experts, *, align=1, workspace=None) -> DispatchPlan:
+    """dispatch's plan without its copy: the layout a gather fused into the expert GEMM reads
+    (kernels/moe_gemm.grouped_gemm with gather=True), the same fields dispatch's plan holds. With
+    ``workspace`` the plan's tensors are its buffers (its x_sorted is left alone, of any width)."""
+    _check_ids(ids, num_experts, None)
+    return _dispatch(None, ids, num_experts, align, workspace)[1]
+
+
+def _dispatch(x, ids, num_experts, align, workspace):
+    """dispatch's launches after its checks of x and ids; x None lays out the plan and copies nothing."""
     if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1024:
         raise ValueError(f"align: expected an integer in [1, 1024], got {align!r}")
     num_tokens, top_k = ids.shape
-    hidden = x.shape[1]
     if top_k == 0:
         raise ValueError(f"ids: expected [tokens, top_k] with top_k >= 1, got {tuple(ids.shape)}")
-    if hidden == 0:
-        raise ValueError(f"x: expected [tokens, hidden] with hidden >= 1, got {tuple(x.shape)}")
-    device = x.device
     rows = max_rows(num_tokens, top_k, num_experts, align)
     if rows >= 2**31:
         raise ValueError(f"ids: {tuple(ids.shape)} make {rows} rows with padding; row ids are int32 (< 2^31)")
     config = dispatch_choice(x, ids, num_experts).config
     chunk_tokens = config["CHUNK_TOKENS"]
     experts_pad = triton.next_power_of_2(num_experts)
-    pairs_pad = triton.next_power_of_2(chunk_tokens * top_k)
-    chunks = triton.cdiv(num_tokens, chunk_tokens)
-    align_pad = triton.next_power_of_2(align)
+    chunks = max(1, triton.cdiv(num_tokens, chunk_tokens))
     fused = _fused(num_tokens, top_k)
-    if num_tokens == 0:
-        chunks = 1
-    prefix_needed = 0 if fused else chunks * experts_pad
-    buffers = _dispatch_buffers(x, ids, num_experts, rows, prefix_needed, workspace)
-    x_sorted, tokens_per_expert, expert_offsets, row_token, slot_row, chunk_prefix = buffers
-    plan = DispatchPlan(tokens_per_expert, expert_offsets, row_token, slot_row, align)
+    x_sorted, plan, chunk_prefix = _dispatch_buffers(
+        x, ids, num_experts, align, workspace, 0 if fused else chunks * experts_pad
+    )
     if fused:
-        chunk_prefix = expert_offsets  # unread when fused
+        chunk_prefix = plan.expert_offsets  # unread when fused
     else:
-        if chunk_prefix is None:
-            chunk_prefix = torch.empty(chunks, experts_pad, dtype=torch.int32, device=device)
-        _count_chunks_kernel[(chunks,)](
-            ids,
-            chunk_prefix,
-            num_tokens * top_k,
-            num_experts,
-            TOP_K=top_k,
-            EXPERTS_PAD=experts_pad,
-            CHUNK_TOKENS=chunk_tokens,
-            PAIRS_PAD=pairs_pad,
-            num_warps=4,
-        )
-        _scan_chunks_kernel[(1,)](
-            chunk_prefix,
-            tokens_per_expert,
-            expert_offsets,
-            row_token,
-            chunks,
-            num_experts,
-            rows,
-            align,
-            EXPERTS_PAD=experts_pad,
-            SCAN_BLOCK=16,
-            ALIGN_PAD=align_pad,
-            num_warps=8,
-        )
+        chunk_prefix = _count_and_scan(ids, num_experts, plan, chunk_prefix, chunk_tokens, chunks)
+    # Without x the copy loop runs no step (hidden 0): ids and row_token stand in for the row pointers.
+    hidden = 0 if x is None else x.shape[1]
     _dispatch_kernel[(chunks,)](
-        x,
+        ids if x is None else x,
         ids,
-        x_sorted,
+        plan.row_token if x is None else x_sorted,
         chunk_prefix,
-        expert_offsets,
-        tokens_per_expert,
-        row_token,
-        slot_row,
+        plan.expert_offsets,
+        plan.tokens_per_expert,
+        plan.row_token,
+        plan.slot_row,
         num_tokens,
         num_experts,
         hidden,
-        x.stride(0),
+        0 if x is None else x.stride(0),
         rows,
         align,
         TOP_K=top_k,
@@ -817,11 +783,77 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
         CHUNK_TOKENS=chunk_tokens,
         FUSED=fused,
         ALL_PAIRS_PAD=triton.next_power_of_2(max(1, num_tokens * top_k)) if fused else 1,
-        ALIGN_PAD=align_pad,
+        ALIGN_PAD=triton.next_power_of_2(align),
         HIDDEN_TILE=config["HIDDEN_TILE"],
         num_warps=config["num_warps"],
     )
     return x_sorted, plan
+
+
+def _dispatch_buffers(x, ids, num_experts: int, align: int, workspace, prefix_needed: int):
+    """(x_sorted or None, plan, chunk_prefix or None): new ones, or the workspace's, checked (metadata only)
+    for shape and for sharing no memory with each other or with x and ids."""
+    num_tokens, top_k = ids.shape
+    rows = max_rows(num_tokens, top_k, num_experts, align)
+    device = ids.device
+    if workspace is None:
+
+        def ints(*size):
+            return torch.empty(*size, dtype=torch.int32, device=device)
+
+        x_sorted = None if x is None else torch.empty(rows, x.shape[1], dtype=x.dtype, device=device)
+        counts, offsets = ints(num_experts), ints(num_experts + 1)
+        plan = DispatchPlan(counts, offsets, ints(rows), ints(num_tokens, top_k), align)
+        return x_sorted, plan, None
+    expected = {
+        "tokens_per_expert": ((num_experts,), torch.int32),
+        "expert_offsets": ((num_experts + 1,), torch.int32),
+        "row_token": ((rows,), torch.int32),
+        "slot_row": ((num_tokens, top_k), torch.int32),
+    }
+    if x is not None:
+        expected["x_sorted"] = ((rows, x.shape[1]), x.dtype)
+    _check_dispatch_workspace(workspace, expected, prefix_needed, device)
+    w = workspace
+    buffers = {f"workspace.{name}": getattr(w, name) for name in (*expected, "chunk_prefix")}
+    check_disjoint(buffers, {"x": x, "ids": ids})  # buffers over each other or the inputs: ValueError
+    plan = DispatchPlan(w.tokens_per_expert, w.expert_offsets, w.row_token, w.slot_row, align)
+    return (None if x is None else w.x_sorted), plan, w.chunk_prefix
+
+
+def _count_and_scan(ids, num_experts: int, plan: DispatchPlan, chunk_prefix, chunk_tokens: int, chunks: int):
+    """Past one launch: count each chunk's choices per expert, then scan them into each chunk's prefix and
+    the plan's counts, offsets and padding rows. Returns the prefix buffer the copy reads."""
+    num_tokens, top_k = ids.shape
+    experts_pad = triton.next_power_of_2(num_experts)
+    if chunk_prefix is None:
+        chunk_prefix = torch.empty(chunks, experts_pad, dtype=torch.int32, device=ids.device)
+    _count_chunks_kernel[(chunks,)](
+        ids,
+        chunk_prefix,
+        num_tokens * top_k,
+        num_experts,
+        TOP_K=top_k,
+        EXPERTS_PAD=experts_pad,
+        CHUNK_TOKENS=chunk_tokens,
+        PAIRS_PAD=triton.next_power_of_2(chunk_tokens * top_k),
+        num_warps=4,
+    )
+    _scan_chunks_kernel[(1,)](
+        chunk_prefix,
+        plan.tokens_per_expert,
+        plan.expert_offsets,
+        plan.row_token,
+        chunks,
+        num_experts,
+        plan.row_token.shape[0],
+        plan.align,
+        EXPERTS_PAD=experts_pad,
+        SCAN_BLOCK=16,
+        ALIGN_PAD=triton.next_power_of_2(plan.align),
+        num_warps=8,
+    )
+    return chunk_prefix
 
 
 #: Knobs of combine_launch_config a per-GPU table (kernels/configs/) may override.

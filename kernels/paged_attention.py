@@ -546,27 +546,9 @@ def merge_splits(seq_lens, partial_out, partial_lse, out, forced: int, splits: i
     )
 
 
-def paged_decode(
-    q,
-    k_cache,
-    v_cache,
-    block_tables,
-    seq_lens,
-    *,
-    scale=None,
-    k_scale=None,
-    v_scale=None,
-    num_splits=None,
-    out=None,
-    workspace=None,
-) -> torch.Tensor:
-    """Decode attention of q against each sequence's paged K/V; returns out [batch, num_q_heads, head_dim].
-
-    Validates metadata only; ``check_paged_inputs`` checks lengths and block ids against the cache (it reads
-    device data, so call it outside timed and captured paths). ``workspace`` (paged_decode_workspace) holds
-    the split partials; with it and ``out`` given, the call allocates nothing (a serving engine's graph path).
-    out and the partials may share no memory with each other or with the inputs (checked from metadata).
-    """
+def check_paged_shapes(q, k_cache, v_cache) -> tuple[int, int, int, int, int]:
+    """Metadata of q [batch, num_q_heads, head_dim] and the caches [num_blocks, block_size, num_kv_heads,
+    head_dim] against each other; returns (batch, num_q_heads, head_dim, block_size, num_kv_heads)."""
     check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     batch, num_q_heads, head_dim = q.shape
     if q.stride(2) != 1 and head_dim > 1:  # a size-1 dimension's stride is never used
@@ -592,6 +574,31 @@ def paged_decode(
         raise ValueError(
             f"q: num_q_heads {num_q_heads} is not a multiple of the caches' num_kv_heads {num_kv_heads}"
         )
+    return batch, num_q_heads, head_dim, block_size, num_kv_heads
+
+
+def paged_decode(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    *,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    num_splits=None,
+    out=None,
+    workspace=None,
+) -> torch.Tensor:
+    """Decode attention of q against each sequence's paged K/V; returns out [batch, num_q_heads, head_dim].
+
+    Validates metadata only; ``check_paged_inputs`` checks lengths and block ids against the cache (it reads
+    device data, so call it outside timed and captured paths). ``workspace`` (paged_decode_workspace) holds
+    the split partials; with it and ``out`` given, the call allocates nothing (a serving engine's graph path).
+    out and the partials may share no memory with each other or with the inputs (checked from metadata).
+    """
+    batch, num_q_heads, head_dim, block_size, num_kv_heads = check_paged_shapes(q, k_cache, v_cache)
     group = num_q_heads // num_kv_heads
     check_tables(block_tables, seq_lens, batch, q.device)
     config = paged_decode_choice(q, k_cache).config

@@ -90,6 +90,15 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     are zero here (the kernel leaves them unwritten). A choice whose id is outside [0, num_experts) is
     dropped: slot_row -1, no row. ``workspace`` (the kernel's caller-owned buffers) is ignored: the
     reference allocates its own."""
+    plan = dispatch_plan(ids, num_experts, align=align)
+    x_sorted = torch.zeros(plan.row_token.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    real = plan.row_token >= 0
+    x_sorted[real] = x[plan.row_token[real].long()]
+    return x_sorted, plan
+
+
+def dispatch_plan(ids, num_experts, *, align=1, workspace=None):
+    """dispatch's plan alone (the kernel's dispatch_plan: no rows copied); ``workspace`` is ignored."""
     tokens, top_k = ids.shape
     flat = ids.reshape(-1).long()
     valid = (flat >= 0) & (flat < num_experts)
@@ -108,16 +117,13 @@ def dispatch(x, ids, num_experts, *, align=1, workspace=None):
     row_token = torch.full((total,), -1, dtype=torch.int32, device=ids.device)
     pair_token = torch.arange(flat.numel(), device=ids.device) // top_k
     row_token[rows[valid]] = pair_token[valid].to(torch.int32)
-    x_sorted = torch.zeros(total, x.shape[1], dtype=x.dtype, device=x.device)
-    x_sorted[rows[valid]] = x[pair_token[valid]]
-    plan = DispatchPlan(
+    return DispatchPlan(
         counts.to(torch.int32),
         offsets.to(torch.int32),
         row_token,
         rows.view(tokens, top_k).to(torch.int32),
         align,
     )
-    return x_sorted, plan
 
 
 def combine(y_sorted, weights, plan, *, out=None):

@@ -5,8 +5,8 @@ import functools
 import pytest
 
 from bench.commands import cli
-from bench.models import MODELS
-from bench.systems.capacity import POLICIES, capacity_table, kv_pool_tokens, plot
+from bench.serving.capacity import POLICIES, capacity_table, kv_pool_tokens, plot
+from bench.serving.models import MODELS
 
 
 def test_pool_is_memory_less_weights_over_kv_bytes():
@@ -54,7 +54,7 @@ def test_shares_add_up():
 
 
 def test_cli_prints_the_comparison(capsys, monkeypatch):
-    from bench.systems import capacity
+    from bench.serving import capacity
 
     real = capacity.capacity_table
 
@@ -78,8 +78,8 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_light_arrivals_leave_memory_free_and_need_no_preemption():
-    from bench.models import WORKLOADS
-    from bench.systems.capacity import simulate
+    from bench.serving.capacity import simulate
+    from bench.serving.workloads import WORKLOADS
 
     light = simulate(WORKLOADS["MATH-500-like"], MODELS["Llama-3.1-8B"], 80, 1, "paged-16", arrival_rate=0.05)
     assert light.free > 0.5 and light.preemptions == 0 and light.questions_done > 0
@@ -88,7 +88,7 @@ def test_light_arrivals_leave_memory_free_and_need_no_preemption():
 def test_mla_latent_replication_costs_all_but_one_pool_per_tp_group():
     """DeepSeek-R1 on 8 x H200 in fp8: only TP 8 fits a rank's weights; its 8 ranks hold the same tokens,
     so the node holds one pool's worth, an eighth of what a split latent would hold."""
-    from bench.systems.capacity import latent_replication, replication_report
+    from bench.serving.capacity import latent_replication, replication_report
 
     rows = latent_replication()
     assert [r.tp for r in rows] == [8]

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from bench.commands import cli
+from bench.commands.advise import load_model_config
 from bench.measure import results
 from bench.measure.timing import Timing
-from bench.models import MODEL_SPECS, model_from_hf_config
-from bench.systems import advisor
-from bench.systems.step import Layout, check_layout
+from bench.serving import advisor
+from bench.serving.models import MODEL_SPECS
+from bench.serving.step import Layout, check_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,8 @@ DEEPSEEK_CONFIG = {
 #: Functions that start work: none may run before a bad argument is reported.
 WORK = [
     ("bench.commands.advise", "step_stages"),
-    ("bench.systems.advisor", "advise"),
-    ("bench.systems.capacity", "capacity_table"),
+    ("bench.serving.advisor", "advise"),
+    ("bench.serving.capacity", "capacity_table"),
     ("bench.measure.runner", "static_rows"),
     ("bench.measure.runner", "traffic_rows"),
     ("bench.measure.runner", "verify"),
@@ -68,8 +69,8 @@ WORK = [
     ("bench.commands.run", "run_cpu"),
     ("bench.commands.run", "run_gpu"),
     ("bench.commands.gpu_check", "run"),
-    ("bench.commands.tune", "run"),
-    ("bench.commands.tune", "install"),
+    ("bench.measure.tuning", "run"),
+    ("bench.measure.tuning", "install"),
     ("bench.commands.dist", "launch"),
     ("bench.measure.distributed", "spawn"),
     ("bench.measure.distributed", "init_from_env"),
@@ -322,11 +323,10 @@ def test_backend_nccl_without_cuda_is_refused_before_spawning(no_work, capsys):
 
 def test_good_arguments_reach_the_work(files, no_work, monkeypatch, capsys):
     """The checks refuse nothing a command should take: defaults, lists, presets, files."""
-    from bench.commands import tune
-    from bench.measure import distributed
+    from bench.measure import distributed, tuning
 
     monkeypatch.setattr(distributed, "spawn", lambda fn, world, **kw: no_work.append(("spawn", world)) or [])
-    monkeypatch.setattr(tune, "install", lambda out: no_work.append(("install", out)) or "x.json")
+    monkeypatch.setattr(tuning, "install", lambda out: no_work.append(("install", out)) or "x.json")
     argv = [
         "dist",
         "ep",
@@ -441,7 +441,7 @@ def test_an_impossible_config_names_its_field(tmp_path, config, why):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="^config: ") as raised:
-        model_from_hf_config(path)
+        load_model_config(path)
     assert why in str(raised.value) and str(path) in str(raised.value)
 
 
@@ -449,7 +449,7 @@ def test_the_good_configs_read(tmp_path):
     for config in (LLAMA_CONFIG, DEEPSEEK_CONFIG, {**LLAMA_CONFIG, "head_dim": None, "q_lora_rank": None}):
         path = tmp_path / "config.json"
         path.write_text(json.dumps(config))
-        assert model_from_hf_config(path).params() > 0
+        assert load_model_config(path).params() > 0
 
 
 @pytest.mark.parametrize("content", [b"[]", b"{", b"\xff\xfe{}", None])
@@ -458,5 +458,5 @@ def test_a_config_that_is_no_json_object_names_the_file(tmp_path, content):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ValueError, match="^config: ") as raised:
-        model_from_hf_config(path)
+        load_model_config(path)
     assert str(path) in str(raised.value)

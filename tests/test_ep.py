@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 import kernels.ep as ep
 import kernels.moe as moe
-from bench.cases import ep as ep_case
 from bench.measure import collectives
 from bench.measure.distributed import spawn
+from bench.operators import ep as ep_case
 from bench.testing import assert_bitwise_equal, assert_close, forbid_allocation, generator, randn, seed_of
 from reference import ep as reference
 

@@ -1,47 +1,21 @@
-"""The measuring side: quantiles, the results schema, reports, model presets and the CLI on this machine."""
+"""The measuring side: quantiles, the results schema, reports and the CLI on this machine."""
 
 import json
 
 import pytest
 import torch
 
-from bench.cases import CASES
 from bench.commands import cli
 from bench.measure import results
 from bench.measure.device import machine_info, slug
 from bench.measure.timing import Timing
-from bench.models import MODELS
+from bench.operators import CASES
 
 
 def test_timing_quantiles():
     timing = Timing.from_samples([5.0, 1.0, 4.0, 2.0, 3.0])
     assert (timing.median_ms, timing.min_ms, timing.mean_ms) == (3.0, 1.0, 3.0)
     assert timing.p20_ms == pytest.approx(1.8) and timing.p80_ms == pytest.approx(4.2)
-
-
-@pytest.mark.parametrize(
-    "model, kv_bytes",
-    [
-        ("Llama-3.1-8B", 131072),
-        ("Llama-3.1-70B", 327680),
-        ("Llama-3.1-405B", 516096),
-        ("Qwen3-32B", 262144),
-        ("Qwen3-30B-A3B", 98304),
-        ("Qwen3-235B-A22B", 192512),
-        ("Mixtral-8x7B", 131072),
-        ("gpt-oss-120b", 73728),
-        ("DeepSeek-R1", 70272),
-    ],
-)
-def test_model_presets_match_the_published_kv_bytes(model, kv_bytes):
-    """shared/facts.md's last column, recomputed from the preset's geometry."""
-    assert MODELS[model].kv_bytes_per_token() == kv_bytes
-
-
-def test_tensor_parallel_splits_kv_heads_only_up_to_their_count():
-    assert MODELS["Llama-3.1-70B"].kv_heads_per_rank(8) == 1
-    assert MODELS["Llama-3.1-70B"].kv_heads_per_rank(16) == 1
-    assert MODELS["DeepSeek-R1"].kv_heads_per_rank(8) == 1
 
 
 def test_cost_info_turns_bytes_into_bandwidth():
@@ -184,7 +158,7 @@ def _with_peer(prepare, check=None):
     """paged_decode's case with one made-up peer, for the peer plumbing's failure paths."""
     import dataclasses
 
-    from bench.peers import Peer
+    from bench.operators.base import Peer
 
     case = CASES["paged_decode"]
     shape = case.small_shapes()[0]
@@ -198,7 +172,7 @@ def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
     the runner, verify_and_prepare and the benchmarks' prepare_peer (no pytest.skip)."""
     from bench.benchmarks.conftest import prepare_peer
     from bench.measure.runner import measure
-    from bench.peers import verify_and_prepare
+    from bench.operators.base import verify_and_prepare
 
     def broken(inputs, shape):
         raise RuntimeError("the peer's own bug")
@@ -216,8 +190,8 @@ def test_a_peer_that_breaks_fails_loudly_and_is_never_a_skip():
 
 def test_a_wrong_peer_fails_its_check():
     from bench.benchmarks.conftest import prepare_peer
-    from bench.peers import Prepared
-    from bench.peers.paged_attention import flex_check
+    from bench.operators.base import Prepared
+    from bench.operators.paged_attention import flex_check
 
     def off_by_one(inputs, shape):  # right layout, wrong values
         q = inputs.args["q"]
@@ -234,7 +208,7 @@ def test_a_wrong_peer_fails_its_check():
 def test_an_unavailable_peer_is_skipped_with_its_reason():
     from bench.benchmarks.conftest import prepare_peer
     from bench.measure.runner import measure
-    from bench.peers import PeerUnavailable
+    from bench.operators.base import PeerUnavailable
 
     def absent(inputs, shape):
         raise PeerUnavailable("not installed: pip install made-up")

@@ -177,8 +177,8 @@ def test_random_runs_property():
 @pytest.mark.parametrize("name", ["allocate", "copy_blocks"])
 def test_small_shapes_of_the_cases(name):
     """The shapes `decodebench run` verifies (a pool laid down by the reference, then one kernel call)."""
-    from bench.cases import CASES
     from bench.measure.runner import verify
+    from bench.operators import CASES
 
     for shape in CASES[name].small_shapes():
         outcome = verify(CASES[name], shape, DEVICE)
@@ -313,7 +313,7 @@ def test_decode_step_allocation_has_no_host_sync():
 def test_prefilled_pool_is_the_state_the_reference_lays_down(num_seqs, max_len, block_size):
     """The benchmarks' vectorized prefill against the host reference's allocate, replayed token by token
     from an empty pool: every field equal, the whole free stack included (stale entries too)."""
-    from bench.cases.kv_alloc import AllocateShape, prefill_lengths, prefilled_pool
+    from bench.operators.kv_alloc import AllocateShape, prefill_lengths, prefilled_pool
 
     shape = AllocateShape("prefill", num_seqs, 1, max_len=max_len, block_size=block_size)
     pool = prefilled_pool(shape, DEVICE, seed=11)
@@ -326,32 +326,3 @@ def test_prefilled_pool_is_the_state_the_reference_lays_down(num_seqs, max_len, 
     again = prefilled_pool(shape, DEVICE, seed=11)  # from the cache: an independent copy
     again.seq_lens.zero_()
     assert torch.equal(prefilled_pool(shape, DEVICE, seed=11).seq_lens, pool.seq_lens)
-
-
-def test_host_pool_peer_steps_like_the_kernel_and_resets_outside_its_call():
-    """The host-pool peer as the benchmarks run it: prepared once (host copy, id list), checked against the
-    kernel's own step (the reference is the peer here), and its reset puts the host pool back, so every
-    timed call does the same step. A host pool one step ahead fails the check."""
-    from bench.cases import CASES
-    from bench.peers import kernel_expected, verify_and_prepare
-
-    case = CASES["allocate"]
-    shape = case.small_shapes()[0]
-    inputs = case.build(shape, DEVICE, 4)
-    prepared, _ = verify_and_prepare(case, "host-pool", inputs, shape, None)
-    expected = kernel_expected(case, inputs)
-    for _ in range(2):
-        prepared.reset()
-        case.peers["host-pool"].check(prepared.call(), expected, shape)
-    with pytest.raises(AssertionError):
-        case.peers["host-pool"].check(prepared.call(), expected, shape)  # no reset: a second step
-
-
-def test_host_pool_peer_is_unavailable_past_its_size_with_the_reason():
-    from bench.cases import CASES
-    from bench.cases.kv_alloc import AllocateShape
-    from bench.peers import PeerUnavailable
-
-    shape = AllocateShape("big", 4096, 1)
-    with pytest.raises(PeerUnavailable, match="past 1024 sequences"):
-        CASES["allocate"].peers["host-pool"].prepare(None, shape)

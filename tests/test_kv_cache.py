@@ -4,7 +4,7 @@ every cache dtype; bad input; launch configuration; and on a GPU, no host sync a
 import pytest
 import torch
 
-from bench.cases.kv_cache import WRITE_KV, WriteKVShape, build, compare
+from bench.operators.kv_cache import WRITE_KV, WriteKVShape, build, compare
 from bench.testing import assert_bitwise_equal, generator, randn, seed_of
 from kernels import kv_cache
 from reference import kv_cache as reference

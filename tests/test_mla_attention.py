@@ -5,12 +5,11 @@ GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
 import dataclasses
 import inspect
-import warnings
 
 import pytest
 import torch
 
-from bench.cases.mla_attention import DEEPSEEK, MLA_DECODE, MLADecodeShape, build, compare, deepseek
+from bench.operators.mla_attention import DEEPSEEK, MLA_DECODE, MLADecodeShape, build, compare, deepseek
 from bench.testing import forbid_allocation, seed_of
 from kernels import mla_attention, paged_attention
 from kernels.mla_attention import mla_decode_launch_config, mla_min_split_tokens
@@ -256,7 +255,8 @@ def test_bad_input_names_the_argument_and_writes_nothing(case):
 
 def test_a_value_too_wide_for_one_program_is_refused():
     args = build(S("huge", (4,), 16, qk_dim=4096, v_head_dim=4096), DEVICE, 1).args
-    with pytest.raises(ValueError, match=r"^v_head_dim: 4096 value columns .* exceed one program.s accumulator"):
+    refused = r"^v_head_dim: 4096 value columns .* exceed one program.s accumulator"
+    with pytest.raises(ValueError, match=refused):
         mla_attention.mla_decode(**args)
 
 
@@ -306,80 +306,3 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables(tp):
         expected.result = reference.mla_decode(**{**expected.args, "out": None})
         inputs.result = inputs.args["out"]
         compare(inputs, expected, shape)
-
-
-# --- peers -------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "peer, shape",
-    [
-        ("torch-gather-dense", S("peer", (77, 77), 16, qk_dim=96, v_head_dim=64, block_size=16)),
-        ("torch-gather-dense", S("peer", (40, 40), 8, qk_dim=64, v_head_dim=48, cache_dtype=FP8)),
-        ("sdpa-contiguous", S("peer", (77, 77), 16, qk_dim=96, v_head_dim=64, block_size=16)),
-        (
-            "flex-attention-paged",
-            S("peer", (37, 100, 0), 16, qk_dim=96, v_head_dim=64, block_size=16, shared_pages=1),
-        ),
-    ],
-    ids=["gather", "gather-fp8", "sdpa", "flex-ragged-shared"],
-)
-def test_peers_compute_the_same_attention(peer, shape):
-    """verify_and_prepare (what the benchmarks run before timing a peer) checks each peer's output against
-    the reference; a check that cannot see one wrong element would make that meaningless."""
-    from bench.peers import verify_and_prepare
-
-    inputs = build(shape, DEVICE, 9)
-    expected = inputs.clone()
-    MLA_DECODE.run_reference(expected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
-        prepared, _ = verify_and_prepare(MLA_DECODE, peer, inputs, shape, expected)
-        out = prepared.call()
-    wrong = out.clone()
-    wrong.view(-1)[0] += 1.0
-    with pytest.raises(AssertionError, match="out"):
-        MLA_DECODE.peers[peer].check(wrong, expected, shape)
-
-
-@pytest.mark.parametrize(
-    "peer, shape, reason",
-    [
-        ("torch-gather-dense", S("p", (5, 9), 16, qk_dim=64, v_head_dim=64), "one nonzero length"),
-        ("sdpa-contiguous", S("p", (5, 5), 16, qk_dim=64, v_head_dim=64, cache_dtype=FP8), "fp8"),
-        ("flex-attention-paged", S("p", (5, 5), 16, qk_dim=64, v_head_dim=64, cache_dtype=FP8), "fp8"),
-        ("flashinfer-mla", S("p", (5, 5), 16, qk_dim=64, v_head_dim=64), "flashinfer|CUDA|512"),
-    ],
-)
-def test_peers_that_cannot_run_say_why(peer, shape, reason):
-    from bench.peers import PeerUnavailable
-
-    with pytest.raises(PeerUnavailable, match=reason):
-        MLA_DECODE.peers[peer].prepare(build(shape, DEVICE, 1), shape)
-
-
-def test_sdpa_is_refused_where_no_fused_backend_takes_the_shape(monkeypatch):
-    """No fused SDPA backend takes 576-wide keys with 512-wide values over one latent head; torch's math
-    fallback upcasts to fp32 and repeats K and V for every head (about 220 GB at batch 32, 8K context, 128
-    heads). The peer refuses up front, with torch's reasons. The rule is the GPU's; the CPU stands in for it
-    here, on any machine (its flash backend refuses the same widths; the peer launches no kernel)."""
-    from bench.peers import PeerUnavailable
-    from bench.peers import paged_attention as paged_peers
-
-    monkeypatch.setattr(paged_peers, "FUSED_SDPA_ONLY_ON", ("cpu", "cuda"))
-    shape = S("p", (40, 40), 16, block_size=16)
-    assert (shape.qk_dim, shape.v_head_dim) == (576, 512)
-    with pytest.raises(PeerUnavailable, match="no fused SDPA backend takes q/k 576 and v 512.*GB"):
-        MLA_DECODE.peers["sdpa-contiguous"].prepare(build(shape, "cpu", 1), shape)
-
-
-def test_compiled_flex_attention_skips_tiles_too_large_for_shared_memory():
-    """MLA's 576-wide rows: the decode kernel's query tile (the heads, padded to a power of two) and a page
-    of keys and values must fit in one block's shared memory (an estimate, to be confirmed on a GPU)."""
-    from bench.peers.paged_attention import flex_unsupported
-
-    def why(heads, block_size):
-        return flex_unsupported(torch.bfloat16, (5,), block_size, 576, heads, torch.device("cuda"), v_dim=512)
-
-    assert why(16, 16) is None and why(64, 16) is None and why(16, 64) is None
-    assert "shared memory" in why(128, 16) and "shared memory" in why(32, 64)

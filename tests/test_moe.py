@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kernels.moe as moe
-from bench.cases.moe import ROUTE, RouteShape
 from bench.measure.runner import verify
-from bench.models import MOE_MODELS
+from bench.operators.moe import ROUTE, RouteShape
+from bench.serving.models import MOE_MODELS
 from bench.testing import assert_close, forbid_allocation, generator, randn, seed_of
 from reference import moe as reference
 
@@ -57,8 +57,10 @@ def test_grouped_sigmoid_routing(groups, kept, top_k, experts, request):
         logits, top_k, scoring="sigmoid", num_groups=groups, topk_groups=kept, bias=bias, scale=2.5
     )
     assert torch.allclose(weights.sum(-1), torch.full((19,), 2.5, device=DEVICE), atol=1e-5)
-    # The rule itself (DeepSeek-V3, arXiv 2412.19437; SGLang's biased_grouped_topk), not the reference's
-    # code: a group's score is the sum of its two best biased scores.
+    # The rule itself (docs/facts.md#moe-routing: DeepSeek-V3, arXiv 2412.19437; SGLang's
+    # biased_grouped_topk), not the reference's code: a group's score is the sum of its two best biased
+    # scores; the `kept` best groups win, ties to the lower group id (a stable sort); the top_k biased scores
+    # inside them are chosen, ties to the lower expert id.
     biased = torch.sigmoid(logits.float().cpu()) + bias.cpu()
     _assert_group_limited(ids, biased, biased.view(19, groups, -1).topk(2, dim=-1).values.sum(-1), kept)
 
@@ -271,7 +273,7 @@ def test_presets_route():
 
 
 def _routed(tokens, experts, top_k, load, seed, hidden=40, dtype=torch.bfloat16):
-    from bench.cases.moe import routing_ids
+    from bench.operators.moe import routing_ids
 
     gen = generator(seed)
     ids = routing_ids(tokens, experts, top_k, load, gen).to(DEVICE)
@@ -348,7 +350,7 @@ def test_dispatch_and_combine_are_bit_identical_across_runs():
 
 
 def test_routing_generators_and_load_statistics():
-    from bench.cases.moe import load_statistics, routing_ids
+    from bench.operators.moe import load_statistics, routing_ids
 
     gen = generator(1)
     for load in ("uniform", "zipf", "hot"):
@@ -382,6 +384,26 @@ def test_dispatch_into_a_workspace_allocates_nothing_and_matches(tokens, monkeyp
     assert torch.equal(x_sorted[real], want_rows[real])
 
 
+@pytest.mark.parametrize("tokens", [5, moe._FUSED_PAIRS // 8 + 3], ids=["one-launch", "three-launches"])
+def test_dispatch_plan_is_dispatchs_plan_without_the_copy(tokens, monkeypatch, request):
+    """The plan a fused gather reads: dispatch's own, from one launch or three; into a workspace it
+    allocates nothing and leaves the workspace's x_sorted as it was (no row is copied)."""
+    _, ids, _ = _routed(tokens, 64, 8, "zipf", seed_of(request.node.name), hidden=24)
+    x = torch.randn(tokens, 24, device=DEVICE)
+    _, want = moe.dispatch(x, ids, 64, align=16)
+    workspace = moe.DispatchWorkspace.for_shape(tokens, 8, 64, 1, align=16, device=DEVICE)
+    workspace.x_sorted.fill_(float("nan"))
+    for plan in (moe.dispatch_plan(ids, 64, align=16), reference.dispatch_plan(ids, 64, align=16)):
+        for field in ("tokens_per_expert", "expert_offsets", "row_token", "slot_row"):
+            assert torch.equal(getattr(plan, field).cpu(), getattr(want, field).cpu()), field
+    forbid_allocation(monkeypatch, moe)
+    plan = moe.dispatch_plan(ids, 64, align=16, workspace=workspace)
+    monkeypatch.undo()
+    assert plan.row_token is workspace.row_token and plan.align == 16
+    assert torch.equal(plan.slot_row, want.slot_row) and torch.equal(plan.row_token, want.row_token)
+    assert workspace.x_sorted.isnan().all()
+
+
 @pytest.mark.parametrize("tokens", [0, 5])
 def test_combine_into_out_allocates_nothing_and_matches(tokens, monkeypatch, request):
     x, ids, weights = _routed(max(tokens, 1), 16, 4, "zipf", seed_of(request.node.name), hidden=24)
@@ -409,7 +431,7 @@ def test_combine_into_out_allocates_nothing_and_matches(tokens, monkeypatch, req
 def test_references_take_the_same_arguments():
     import inspect
 
-    for name in ("route", "dispatch", "combine"):
+    for name in ("route", "dispatch", "dispatch_plan", "combine"):
         kernel, twin = inspect.signature(getattr(moe, name)), inspect.signature(getattr(reference, name))
         assert kernel.parameters.keys() == twin.parameters.keys(), name
 
@@ -448,6 +470,10 @@ DISPATCH_BAD = {
     "y_sorted hidden zero": ("y_sorted", lambda x, ids: moe.combine(*_plan(x, ids, lambda w: w, hidden=0))),
     "num_experts a bool": ("num_experts", lambda x, ids: moe.dispatch(x, ids, True)),
     "align a bool": ("align", lambda x, ids: moe.dispatch(x, ids, 8, align=True)),
+    "plan ids int64": ("ids", lambda x, ids: moe.dispatch_plan(ids.long(), 8)),
+    "plan top_k zero": ("ids", lambda x, ids: moe.dispatch_plan(ids[:, :0], 8)),
+    "plan num_experts zero": ("num_experts", lambda x, ids: moe.dispatch_plan(ids, 0)),
+    "plan align zero": ("align", lambda x, ids: moe.dispatch_plan(ids, 8, align=0)),
 }
 
 

@@ -3,12 +3,11 @@ sequences; fp8 caches; forced and derived splits; NaN past every length; bad inp
 and on a GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
 import dataclasses
-import warnings
 
 import pytest
 import torch
 
-from bench.cases.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
+from bench.operators.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
 from bench.testing import forbid_allocation, seed_of
 from kernels import paged_attention
 from kernels.paged_attention import check_paged_inputs, max_splits_for
@@ -424,114 +423,3 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables():
         expected.result = reference.paged_decode(**{**expected.args, "out": None})
         inputs.result = inputs.args["out"]
         compare(inputs, expected, shape)
-
-
-@pytest.mark.parametrize(
-    "peer, shape",
-    [
-        ("sdpa-contiguous", PagedDecodeShape("peer", (77, 77, 77), 8, 2, 64, block_size=16)),
-        ("flex-attention-paged", PagedDecodeShape("peer", (37, 100, 64), 8, 2, 64, block_size=16)),
-        (
-            "flex-attention-paged",
-            PagedDecodeShape("peer", (90, 40, 64), 8, 1, 64, block_size=16, shared_pages=2),
-        ),
-        ("flex-attention-paged", PagedDecodeShape("peer", (37, 0, 9), 4, 2, 64, block_size=8)),
-    ],
-    ids=["sdpa", "flex", "flex-shared-mqa", "flex-empty-sequence"],
-)
-def test_peers_compute_the_same_attention(peer, shape):
-    """A peer's time means something only if it does the same work: verify_and_prepare (what the
-    benchmarks run before timing a peer) checks its output against the reference through Peer.check."""
-    from bench.peers import verify_and_prepare
-
-    inputs = build(shape, DEVICE, 9)
-    expected = inputs.clone()
-    PAGED_DECODE.run_reference(expected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
-        prepared, _ = verify_and_prepare(PAGED_DECODE, peer, inputs, shape, expected)
-        verify_and_prepare(PAGED_DECODE, peer, inputs, shape, None)  # against the kernel: raises if apart
-        out = prepared.call()
-    wrong = out.clone()
-    wrong.view(-1)[0] += 1.0  # one element off: the check must see it
-    with pytest.raises(AssertionError, match="out"):
-        PAGED_DECODE.peers[peer].check(wrong, expected, shape)
-
-
-@pytest.mark.parametrize(
-    "peer, shape, reason",
-    [
-        ("sdpa-contiguous", PagedDecodeShape("p", (5, 9), 4, 2, 64), "one nonzero length"),
-        ("sdpa-contiguous", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
-        ("flex-attention-paged", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
-        ("flex-attention-paged", PagedDecodeShape("p", (0, 0), 4, 2, 64), "at least one key"),
-    ],
-)
-def test_peers_that_cannot_run_say_why(peer, shape, reason):
-    from bench.peers import PeerUnavailable
-
-    with pytest.raises(PeerUnavailable, match=reason):
-        PAGED_DECODE.peers[peer].prepare(build(shape, DEVICE, 1), shape)
-
-
-def test_compiled_flex_attention_limits_are_decided_up_front():
-    """On a GPU, the shapes the compiled FlexAttention cannot take are named before anything runs, so no
-    compile error is ever turned into a skip."""
-    from bench.peers.paged_attention import flex_unsupported
-
-    def why(shape, device):
-        group = shape.num_q_heads // shape.num_kv_heads
-        return flex_unsupported(
-            shape.cache_dtype, shape.lengths, shape.block_size, shape.head_dim, group, torch.device(device)
-        )
-
-    assert why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=16), "cuda") is None
-    assert "pages of 16" in why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=8), "cuda")
-    assert "power-of-two pages" in why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=48), "cuda")
-    assert "power-of-two" in why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=16), "cuda")
-    assert "128 or fewer" in why(PagedDecodeShape("p", (5,), 256, 1, 64, block_size=16), "cuda")
-    assert why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=8), "cpu") is None
-
-
-def test_flex_blocks_fit_torchs_decode_kernel(monkeypatch):
-    """Torch's decode kernel (torch/_inductor/kernel/flex/flex_decoding.py) drops every configuration whose
-    BLOCK_M (the query group, a power of two of at least 16) does not divide the mask's query block, and
-    PagedAttention maps one key block per page: a query block of 1 left it nothing to run, at every shape."""
-    import importlib
-
-    flex = importlib.import_module("torch.nn.attention.flex_attention")
-    from bench.peers.paged_attention import FLEX_Q_BLOCK, flex_prepare
-
-    blocks, create = [], flex.create_block_mask
-    monkeypatch.setattr(
-        flex, "create_block_mask", lambda *a, **kw: blocks.append(kw["BLOCK_SIZE"]) or create(*a, **kw)
-    )
-    shape = PagedDecodeShape("p", (37, 20), 8, 2, 64, block_size=16)
-    flex_prepare(build(shape, DEVICE, 1), shape)
-    assert blocks == [(FLEX_Q_BLOCK, shape.block_size)]
-    assert all(FLEX_Q_BLOCK % max(group, 16) == 0 for group in (1, 2, 4, 8, 16, 32, 64, 128))
-
-
-def test_flex_attention_compiles_for_one_shape_at_a_time(monkeypatch):
-    """dynamic=True left batch and heads symbolic, and torch then never picks its decode kernel; each shape
-    compiles after a reset, so dynamo's recompile limit (past which it runs flex_attention unfused) is never
-    reached."""
-    from bench.peers.paged_attention import compiled_flex_attention
-
-    compiled, resets = [], []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
-    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(True))
-    compiled_flex_attention()
-    assert compiled == [{"dynamic": False}] and resets == [True]
-
-
-def test_sdpa_runs_where_a_fused_backend_takes_the_shape(monkeypatch):
-    """The fused-backend rule (a GPU's, applied to the CPU here on any machine, whose flash backend takes GQA
-    at equal widths) lets an ordinary decode through."""
-    from bench.peers import paged_attention as peers
-
-    monkeypatch.setattr(peers, "FUSED_SDPA_ONLY_ON", ("cpu", "cuda"))
-    shape = PagedDecodeShape("p", (20, 20), 8, 2, 64, block_size=16)
-    inputs = build(shape, "cpu", 1)
-    assert peers.fused_sdpa_refusal(inputs.args["q"][:, :, None, :], 2, 64, 20) is None
-    PAGED_DECODE.peers["sdpa-contiguous"].prepare(inputs, shape)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cases import CASES
 from bench.commands import cli
 from bench.measure import profile
+from bench.operators import CASES
 
 DATA = Path(__file__).parent / "data"
 
@@ -83,7 +83,7 @@ def test_profile_target_runs_the_calls(monkeypatch):
     """One warm-up call outside the NVTX range ncu selects, then exactly --calls calls inside it."""
     from contextlib import contextmanager
 
-    from bench.cases.base import Case
+    from bench.operators.base import Case
 
     inside, calls = [False], []
 
@@ -126,7 +126,7 @@ def test_profile_target_resets_outside_the_range(monkeypatch):
     import dataclasses
     from contextlib import contextmanager
 
-    from bench.cases.base import Case
+    from bench.operators.base import Case
 
     events = []
 

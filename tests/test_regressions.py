@@ -7,10 +7,10 @@ import functools
 import pytest
 import triton
 
-from bench.cases import static_cases
 from bench.commands import cli, compare
 from bench.measure import proxies, results
 from bench.measure.timing import Timing
+from bench.operators import static_cases
 from kernels import INTERPRETED
 
 

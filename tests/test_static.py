@@ -18,9 +18,9 @@ import pytest
 import torch
 import triton
 
-from bench.cases import CASES
 from bench.measure import proxies
 from bench.measure.static import access_widths, capture, static_report
+from bench.operators import CASES
 
 BASELINE_TRITON = proxies.load()["triton"]
 
@@ -132,6 +132,24 @@ def test_access_width_parser():
     assert dict(stores) == {16: 1, 1: 1}
 
 
+def test_access_width_parser_reads_ptx():
+    """The tuner's listing (PTX: no disassembly): the vector and type suffixes give the width, cp.async its
+    copy size; stores counted apart from loads; a listing it cannot read is refused."""
+    ptx = """
+        @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+        ld.global.L1::evict_last.b16 { %rs1 }, [ %rd2 + 0 ];
+        cp.async.cg.shared.global [ %r16 + 0 ], [ %rd21 + 0 ], 0x10, %r97;
+    """
+    loads, stores = access_widths(ptx, listing="ptx")
+    assert dict(loads) == {16: 2, 2: 1} and not stores and max(loads) == 16
+    assert dict(access_widths("ld.global.b16 { %rs1 }, [ %rd2 + 0 ];", listing="ptx")[0]) == {2: 1}
+    assert dict(access_widths("ld.global.v2.b64 { %rd1, %rd2 }, [ %rd3 + 0 ];", listing="ptx")[0]) == {16: 1}
+    loads, stores = access_widths("st.global.b32 [ %rd1 + 0 ], { %r1 };", listing="ptx")
+    assert not loads and dict(stores) == {4: 1}
+    with pytest.raises(ValueError, match="listing"):
+        access_widths(ptx, listing="cubin")
+
+
 @needs_aot
 @pytest.mark.gpu
 def test_real_launch_matches_the_aot_compile():
@@ -150,7 +168,7 @@ def test_static_report_compiles_what_a_gpu_runs():
     report's compile (made with TRITON_INTERPRET=0) must hold the hardware's saturating cvt and none of the
     hand rounding (its 2^14 constant)."""
     script = (
-        "from bench.cases import CASES; from bench.measure.static import capture, compile_aot; "
+        "from bench.operators import CASES; from bench.measure.static import capture, compile_aot; "
         "fp8 = next(s for s in CASES['write_kv'].static_shapes() if 'fp8' in s.label); "
         "(launch,) = capture(CASES['write_kv'], fp8); "
         "assert launch.kwargs['INTERPRETER_FP8_ROUNDING'] is False, launch.kwargs; "
@@ -257,7 +275,7 @@ def test_mla_decode_moves_the_latent_16_bytes_a_lane():
 def test_ep_regroup_moves_rows_16_bytes_a_lane_without_spills():
     """EP's regroup (no single-process case: STATIC_ONLY) at DeepSeek-R1's EP8 shape: no spills, no stack,
     and its row copies 16 bytes a lane both ways (the counts matrix it reads may take narrower loads)."""
-    from bench.cases import STATIC_ONLY
+    from bench.operators import STATIC_ONLY
 
     rows = static_report(STATIC_ONLY["ep"])
     assert {r.shape.split()[2] for r in rows} == {"layout", "pack"}

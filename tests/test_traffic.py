@@ -5,10 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.cases import CASES
-from bench.cases.paged_attention import PagedDecodeShape
 from bench.measure.runner import TRAFFIC_LIMIT, count_traffic, traffic
 from bench.measure.traffic import measure
+from bench.operators import CASES
+from bench.operators.paged_attention import PagedDecodeShape
 from kernels import INTERPRETED
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="traffic is counted in Triton's interpreter")

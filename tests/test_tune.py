@@ -1,6 +1,7 @@
-"""decodebench tune and the per-GPU launch tables: candidate lists, the spill filter, a table for a faked GPU
-reaching the launches (seen through the static capture), heuristics where no entry matches, install, and
-the deadline. No compiling and no GPU: every test takes seconds."""
+"""decodebench tune (bench/measure/tuning.py, the operators' tune specs, bench/commands/tuning.py) and the
+per-GPU launch tables: candidate lists, the spill filter, a table for a faked GPU reaching the launches (seen
+through the static capture), heuristics where no entry matches, install, and the deadline. No compiling and
+no GPU: every test takes seconds."""
 
 import json
 import time
@@ -9,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cases import CASES
-from bench.commands import tune
+from bench.measure import tuning
 from bench.measure.device import slug as device_slug
 from bench.measure.static import StaticRow, capture
+from bench.operators import CASES
 from kernels import _configs
 
 PAGED = CASES["paged_decode"]
+TUNED = sorted(name for name, case in CASES.items() if case.tune is not None)
 
 
 @pytest.fixture
@@ -40,10 +42,10 @@ def paged_launch(shape):
 # --- candidates ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(tune.SPECS))
+@pytest.mark.parametrize("name", TUNED)
 def test_candidates_start_at_the_heuristic_and_stay_few_and_valid(name):
-    spec = tune.SPECS[name]
     case = CASES[name]
+    spec = case.tune
     shape = spec.cheap(case.default_shapes()[0])
     heuristic = case.launch_config(case.build(shape, "cpu", seed=0))["config"]
     candidates = spec.candidates(heuristic)
@@ -57,7 +59,7 @@ def test_candidates_start_at_the_heuristic_and_stay_few_and_valid(name):
 
 def test_fp8_paged_decode_tries_one_two_and_three_stages():
     fp8 = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "HEAD_TILE": 16, "HEAD_DIM_PAD": 128}
-    stages = {c["num_stages"] for c in tune.SPECS["paged_decode"].candidates(fp8) if c["BLOCK_N"] == 64}
+    stages = {c["num_stages"] for c in PAGED.tune.candidates(fp8) if c["BLOCK_N"] == 64}
     assert stages == {1, 2, 3}
 
 
@@ -67,12 +69,12 @@ def test_paged_decode_candidates_vary_a_full_groups_16_warps():
     from kernels.paged_attention import paged_decode_launch_config
 
     full = paged_decode_launch_config(32, 512, 2)
-    sixteen = [c for c in tune.SPECS["paged_decode"].candidates(full) if c["num_warps"] == 16]
+    sixteen = [c for c in PAGED.tune.candidates(full) if c["num_warps"] == 16]
     assert full["num_warps"] == 16 and len(sixteen) >= 4, sixteen
 
 
 def test_default_shapes_group_by_the_launchers_key():
-    groups = tune.groups_of(CASES["write_kv"])
+    groups = tuning.groups_of(CASES["write_kv"])
     keys = [g.key for g in groups]
     assert len(keys) == len(set(keys))
     assert "in=bfloat16 cache=bfloat16 row=1024" in keys
@@ -85,7 +87,7 @@ def test_cheap_shapes_keep_the_paged_launch_configuration():
     from kernels.paged_attention import max_splits_for
 
     for shape in PAGED.default_shapes():
-        cheap = tune.SPECS["paged_decode"].cheap(shape)
+        cheap = PAGED.tune.cheap(shape)
         width = max(shape.pages) + shape.spare_pages
         assert max(cheap.pages) + cheap.spare_pages == width and cheap.batch == shape.batch
         assert max_splits_for(cheap.batch, cheap.num_kv_heads, width * 16, 132) == max_splits_for(
@@ -103,23 +105,23 @@ def row(**kw) -> StaticRow:
 def test_spilling_and_oversized_candidates_are_dropped_before_timing():
     good = dict(registers=128, spill_bytes=0, stack_bytes=0, shared_bytes=40000)
     candidates = [
-        tune.Candidate({"BLOCK_N": 64}, row(**good)),
-        tune.Candidate({"BLOCK_N": 128}, row(**{**good, "registers": 255, "spill_bytes": 96})),
-        tune.Candidate({"BLOCK_N": 32}, row(**good), worst_spill=8),  # a secondary launch spills
-        tune.Candidate({"BLOCK_N": 16}, row(**{**good, "stack_bytes": 16})),
-        tune.Candidate({"BLOCK_N": 256}, row(**{**good, "shared_bytes": 300_000})),
-        tune.Candidate({"BLOCK_N": 8}, row(error="out of resources")),
-        tune.Candidate({"BLOCK_N": 4}, None),
+        tuning.Candidate({"BLOCK_N": 64}, row(**good)),
+        tuning.Candidate({"BLOCK_N": 128}, row(**{**good, "registers": 255, "spill_bytes": 96})),
+        tuning.Candidate({"BLOCK_N": 32}, row(**good), worst_spill=8),  # a secondary launch spills
+        tuning.Candidate({"BLOCK_N": 16}, row(**{**good, "stack_bytes": 16})),
+        tuning.Candidate({"BLOCK_N": 256}, row(**{**good, "shared_bytes": 300_000})),
+        tuning.Candidate({"BLOCK_N": 8}, row(error="out of resources")),
+        tuning.Candidate({"BLOCK_N": 4}, None),
     ]
-    kept = tune.apply_filter(candidates, 90)
+    kept = tuning.apply_filter(candidates, 90)
     assert [c.knobs for c in kept] == [{"BLOCK_N": 64}]
     reasons = [c.dropped for c in candidates[1:]]
     assert "spills 96 B" in reasons[0] and "spills 8 B" in reasons[1] and "stack" in reasons[2]
     assert "shared memory" in reasons[3] and "does not compile" in reasons[4] and reasons[5]
     # 100 KB of shared memory fits sm_90, not sm_86.
-    big = [tune.Candidate({"BLOCK_N": 64}, row(**{**good, "shared_bytes": 150_000}))]
-    assert tune.apply_filter(big, 90) and not tune.apply_filter(
-        [tune.Candidate({"BLOCK_N": 64}, row(**{**good, "shared_bytes": 150_000}))], 86
+    big = [tuning.Candidate({"BLOCK_N": 64}, row(**{**good, "shared_bytes": 150_000}))]
+    assert tuning.apply_filter(big, 90) and not tuning.apply_filter(
+        [tuning.Candidate({"BLOCK_N": 64}, row(**{**good, "shared_bytes": 150_000}))], 86
     )
 
 
@@ -219,16 +221,16 @@ def fake_compile(groups, arch, deadline=None):
 
 
 def test_dry_run_lists_candidates_and_drops_spills(monkeypatch, tmp_path):
-    monkeypatch.setattr(tune, "compile_candidates", fake_compile)
-    text, ok = tune.run([PAGED, CASES["allocate"]], out=tmp_path, deadline=None, dry_run=True)
+    monkeypatch.setattr(tuning, "compile_candidates", fake_compile)
+    text, ok = tuning.run([PAGED, CASES["allocate"]], out=tmp_path, deadline=None, dry_run=True)
     assert ok
     assert "## paged_decode [q=bfloat16 kv=float8_e4m3fn group=4 head_dim=128]" in text
     assert "dropped: spills 64 B" in text and "heuristic" in text
     assert "Not tunable (no launch knobs): allocate" in text
-    rows = json.loads((tmp_path / tune.TIMINGS_FILE).read_text())
+    rows = json.loads((tmp_path / tuning.TIMINGS_FILE).read_text())
     assert {r["kernel"] for r in rows} == {"paged_decode"}
     assert all((r["dropped"] is not None) == (r["static"]["spill_bytes"] > 0) for r in rows)
-    assert not (tmp_path / tune.RESULT_FILE).exists()  # a dry run chooses nothing
+    assert not (tmp_path / tuning.RESULT_FILE).exists()  # a dry run chooses nothing
 
 
 def test_dry_run_over_every_tunable_kernel(monkeypatch, tmp_path):
@@ -236,10 +238,10 @@ def test_dry_run_over_every_tunable_kernel(monkeypatch, tmp_path):
     key are captured through the launcher as the compiling child does (_compile_job), and take made-up
     figures. mla_decode's 64-head tile at 512 value columns, which its launcher refuses (the dry run died
     there), is dropped with the launcher's reason and never goes to the child."""
-    cases = [_one_shape_per_key(monkeypatch, CASES[name]) for name in sorted(tune.SPECS)]
-    monkeypatch.setattr(tune, "compile_aot", lambda launch, arch: None)
+    cases = [_one_shape_per_key(monkeypatch, CASES[name]) for name in TUNED]
+    monkeypatch.setattr(tuning, "compile_aot", lambda launch, arch: None)
     monkeypatch.setattr(
-        tune,
+        tuning,
         "_figures",
         lambda compiled, kernel, key, arch, num_warps: StaticRow(
             kernel, key, f"sm_{arch}", "aot", num_warps, registers=64, spill_bytes=0, stack_bytes=0
@@ -248,22 +250,22 @@ def test_dry_run_over_every_tunable_kernel(monkeypatch, tmp_path):
     compiled = []
 
     def compile_without_a_compiler(groups, arch, deadline=None):
-        jobs = tune.compile_jobs(groups, arch)
-        compiled.extend((job[0], job[2], tune.knobs_label(job[3])) for job in jobs)
-        tune.take_figures(groups, [tune._compile_job(job) for job in jobs])
+        jobs = tuning.compile_jobs(groups, arch)
+        compiled.extend((job[0], job[2], tuning.knobs_label(job[3])) for job in jobs)
+        tuning.take_figures(groups, [tuning._compile_job(job) for job in jobs])
 
-    monkeypatch.setattr(tune, "compile_candidates", compile_without_a_compiler)
-    text, ok = tune.run(cases, out=tmp_path, deadline=None, dry_run=True)
+    monkeypatch.setattr(tuning, "compile_candidates", compile_without_a_compiler)
+    text, ok = tuning.run(cases, out=tmp_path, deadline=None, dry_run=True)
     assert ok, text
-    rows = json.loads((tmp_path / tune.TIMINGS_FILE).read_text())
-    assert {r["kernel"] for r in rows} == set(tune.SPECS)
+    rows = json.loads((tmp_path / tuning.TIMINGS_FILE).read_text())
+    assert {r["kernel"] for r in rows} == set(TUNED)
     refused = [r for r in rows if r["dropped"]]
     assert refused and all(r["kernel"] == "mla_decode" and r["knobs"]["HEAD_BLOCK"] == 64 for r in refused)
     assert all(r["dropped"].startswith("the launcher refuses it: v_head_dim") for r in refused)
     assert all(r["static"] is None for r in refused)
     assert all(r["static"] for r in rows if not r["dropped"])
     assert len(compiled) == len(rows) - len(refused)
-    assert not {(r["kernel"], r["key"], tune.knobs_label(r["knobs"])) for r in refused} & set(compiled)
+    assert not {(r["kernel"], r["key"], tuning.knobs_label(r["knobs"])) for r in refused} & set(compiled)
     assert "dropped: the launcher refuses it: v_head_dim" in text
 
 
@@ -274,7 +276,7 @@ def _one_shape_per_key(monkeypatch, case):
     import dataclasses
     import functools
 
-    spec, build = tune.SPECS[case.name], functools.cache(case.build)
+    spec, build = case.tune, functools.cache(case.build)
     first = {}
     for shape in case.default_shapes():
         first.setdefault(case.launch_config(build(spec.cheap(shape), "cpu", seed=0))["key"], shape)
@@ -284,14 +286,14 @@ def _one_shape_per_key(monkeypatch, case):
 
 
 def test_a_past_deadline_stops_cleanly(monkeypatch, tmp_path):
-    monkeypatch.setattr(tune, "compile_candidates", fake_compile)
-    text, ok = tune.run([PAGED], out=tmp_path, deadline=time.monotonic() - 1, dry_run=True)
-    assert "Not reached before the deadline" in text and (tmp_path / tune.SUMMARY_FILE).exists()
+    monkeypatch.setattr(tuning, "compile_candidates", fake_compile)
+    text, ok = tuning.run([PAGED], out=tmp_path, deadline=time.monotonic() - 1, dry_run=True)
+    assert "Not reached before the deadline" in text and (tmp_path / tuning.SUMMARY_FILE).exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_timing_without_a_gpu_says_so(tmp_path):
-    text, ok = tune.run([PAGED], out=tmp_path, deadline=None, dry_run=False)
+    text, ok = tuning.run([PAGED], out=tmp_path, deadline=None, dry_run=False)
     assert not ok and "--dry-run" in text
 
 
@@ -303,8 +305,8 @@ def test_install_merges_into_the_gpu_table(tmp_path):
         json.dumps({"slug": "fake-gpu", "kernels": {"write_kv": {"old": {"TOKENS": 2}}}})
     )
     document = {"gpu": "Fake GPU", "slug": "fake-gpu", "kernels": {"paged_decode": {"k": {"BLOCK_N": 32}}}}
-    (out / tune.RESULT_FILE).write_text(json.dumps(document))
-    path = tune.install(out, configs)
+    (out / tuning.RESULT_FILE).write_text(json.dumps(document))
+    path = tuning.install(out, configs)
     merged = json.loads(path.read_text())
     assert path.name == "fake-gpu.json" and merged["gpu"] == "Fake GPU"
     assert merged["kernels"] == {"write_kv": {"old": {"TOKENS": 2}}, "paged_decode": {"k": {"BLOCK_N": 32}}}
@@ -319,31 +321,19 @@ def test_cli_has_a_tune_command(monkeypatch, tmp_path, capsys):
         seen.update(cases=[c.name for c in cases], out=out, deadline=deadline, dry_run=dry_run)
         return "summary", True
 
-    monkeypatch.setattr(tune, "run", fake_run)
+    monkeypatch.setattr(tuning, "run", fake_run)
     assert cli.main(["tune", "write_kv", "--dry-run", "--out", str(tmp_path), "--budget", "30"]) == 0
     assert seen["cases"] == ["write_kv"] and seen["dry_run"] and seen["out"] == tmp_path
     assert seen["deadline"] > time.monotonic()
     assert "summary" in capsys.readouterr().out
 
 
-def test_ptx_load_widths():
-    ptx = """
-        @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
-        ld.global.L1::evict_last.b16 { %rs1 }, [ %rd2 + 0 ];
-        cp.async.cg.shared.global [ %r16 + 0 ], [ %rd21 + 0 ], 0x10, %r97;
-    """
-    assert tune.ptx_widest_load(ptx) == 16
-    assert tune.ptx_widest_load("ld.global.b16 { %rs1 }, [ %rd2 + 0 ];") == 2
-    assert tune.ptx_widest_load("ld.global.v2.b64 { %rd1, %rd2 }, [ %rd3 + 0 ];") == 16
-    assert tune.ptx_widest_load("st.global.b32 [ %rd1 + 0 ], { %r1 };") is None
-
-
 def test_timing_picks_the_fastest_verified_candidate(monkeypatch, kernel_device):
     """The GPU path with the clock faked: every kept candidate is verified (in the interpreter here) and
     timed at every shape of its key; the lowest geometric mean of time over the fastest wins; a candidate
     that fails verification is dropped and reported; the table holds the winner."""
-    from bench.cases.kv_cache import WriteKVShape
     from bench.measure import runner, timing
+    from bench.operators.kv_cache import WriteKVShape
 
     case = CASES["write_kv"]
     shapes = [WriteKVShape("t", "decode", n, 2, 64, 64) for n in (3, 40)]
@@ -369,21 +359,21 @@ def test_timing_picks_the_fastest_verified_candidate(monkeypatch, kernel_device)
     monkeypatch.setattr(runner, "verify", verify)
     for candidate in group.candidates:
         candidate.static = row(registers=32, spill_bytes=0, stack_bytes=0, shared_bytes=0)
-    tune.apply_filter(group.candidates, 90)
-    assert tune._time_group(group, None, device=kernel_device)
+    tuning.apply_filter(group.candidates, 90)
+    assert tuning._time_group(group, None, device=kernel_device)
     assert (
         group.winner["TOKENS"] == fast["TOKENS"] and group.winner["num_warps"] == group.heuristic["num_warps"]
     )
     failed = [c for c in group.candidates if c.dropped]
     assert failed and all("FAILED verification" in c.dropped for c in failed)
     assert all(len(c.medians_ms) == 2 for c in group.candidates if not c.dropped)
-    document = tune.table_document([group])
+    document = tuning.table_document([group])
     assert document["kernels"] == {"write_kv": {group.key: group.winner}} and document["slug"]
-    assert "chosen" in tune.group_table(group)
+    assert "chosen" in tuning.group_table(group)
 
 
 def _groups(case, shapes):
     """groups_of for the given shapes instead of the case's defaults."""
     import dataclasses
 
-    return tune.groups_of(dataclasses.replace(case, default_shapes=lambda: shapes))
+    return tuning.groups_of(dataclasses.replace(case, default_shapes=lambda: shapes))

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 import reference.kv_alloc
-from bench.cases.kv_alloc import ALLOCATE, AllocateShape, prefilled_pool
-from bench.cases.kv_cache import WriteKVShape
-from bench.cases.kv_cache import build as write_kv_inputs
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, flush_l2
-from bench.peers.kv_alloc import host_copy
+from bench.operators.kv_alloc import ALLOCATE, AllocateShape, host_copy, prefilled_pool
+from bench.operators.kv_cache import WriteKVShape
+from bench.operators.kv_cache import build as write_kv_inputs
 from kernels import kv_alloc, kv_cache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]

@@ -4,8 +4,8 @@ torch reference. Run: ``pytest bench/benchmarks/bench_kv_cache.py --benchmark-js
 
 import pytest
 
-from bench.cases.kv_cache import WRITE_KV
 from bench.measure.timing import CUDA_CLOCK
+from bench.operators.kv_cache import WRITE_KV
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
 # conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)

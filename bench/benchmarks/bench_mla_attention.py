@@ -7,8 +7,8 @@ Run: ``pytest bench/benchmarks/bench_mla_attention.py --benchmark-json out.json`
 
 import pytest
 
-from bench.cases.mla_attention import MLA_DECODE
 from bench.measure.timing import CUDA_CLOCK
+from bench.operators.mla_attention import MLA_DECODE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
 # conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import kernels.moe as moe
-from bench.cases.moe import COMBINE, DISPATCH, ROUTE, load_statistics
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, time_cuda
-from bench.models import MOE_MODELS
+from bench.operators.moe import COMBINE, DISPATCH, ROUTE, load_statistics
+from bench.serving.models import MOE_MODELS
 from bench.testing import generator
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]

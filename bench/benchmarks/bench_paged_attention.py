@@ -6,8 +6,8 @@ Run: ``pytest bench/benchmarks/bench_paged_attention.py --benchmark-json out.jso
 
 import pytest
 
-from bench.cases.paged_attention import PAGED_DECODE
 from bench.measure.timing import CUDA_CLOCK
+from bench.operators.paged_attention import PAGED_DECODE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
 # conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)

@@ -6,9 +6,9 @@ pedantic's untimed setup), an NVTX range around every call, and
 writes bytes, FLOPs, GB/s, TFLOP/s, % of the copy bandwidth and of the bf16 matmul ceiling measured in this
 session, and which of the two binds, into extra_info, so that
 ``--benchmark-json`` and ``--benchmark-autosave`` keep them with the times. A peer is prepared and verified
-at the shape it is timed (bench.peers.verify_and_prepare) before its rounds: a wrong peer fails its test, one
-that cannot run here is skipped with the reason, and extra_info records ``verified``, ``checked_against``
-and ``max_error``.
+at the shape it is timed (bench.operators.base.verify_and_prepare) before its rounds: a wrong peer fails its
+test, one that cannot run here is skipped with the reason, and extra_info records ``verified``,
+``checked_against`` and ``max_error``.
 """
 
 import pytest
@@ -16,7 +16,7 @@ import pytest
 from bench.measure.device import copy_bandwidth_gbps, machine_info, matmul_tflops
 from bench.measure.results import cost_info
 from bench.measure.timing import CUDA_CLOCK, flush_l2
-from bench.peers import PeerUnavailable, Prepared, verify_and_prepare
+from bench.operators.base import PeerUnavailable, Prepared, verify_and_prepare
 from bench.testing import seed_of
 
 ROUNDS = 30

@@ -1,5 +1,5 @@
 """`decodebench step` and `decodebench advise`: a whole decode step stage by stage, and the parallel layout
-that serves a reasoning workload fastest (bench/systems/step.py, bench/systems/advisor.py).
+that serves a reasoning workload fastest (bench/serving/step.py, bench/serving/advisor.py).
 
     decodebench step MODEL [--tp T] [--ep E] [--dp D] [--pp P] [--batch B] [--context L] [--kv bf16|fp8]
                            [--gpu h100|h200|RESULTS] [--interconnect nvlink|pcie|ib] [--config PATH]
@@ -7,8 +7,9 @@ that serves a reasoning workload fastest (bench/systems/step.py, bench/systems/a
     decodebench advise MODEL --gpus N [--gpu ...] [--interconnect ...] [--workload NAME] [--requests R]
                            [--json FILE] [--plot PNG] [--config PATH]
 
-MODEL is a preset (bench/models.py: MODEL_SPECS) or, with --config, a name for a Hugging Face config.json.
---gpu RESULTS: a gpu-check result folder; its measured ceilings and kernel efficiencies replace the anchors.
+MODEL is a preset (bench/serving/models.py: MODEL_SPECS) or, with --config, a name for a Hugging Face
+config.json. --gpu RESULTS: a gpu-check result folder; its measured ceilings and kernel efficiencies replace
+the anchors. The files are read here (bench.measure.results) and handed to bench/serving as their contents.
 """
 
 import json
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
 
 from bench.commands.arguments import (
     UsageError,
@@ -26,19 +26,13 @@ from bench.commands.arguments import (
     positive_int,
     ready_to_write,
 )
-from bench.models import MODEL_SPECS, WORKLOADS, ModelSpec, model_from_hf_config
-from bench.systems import advisor
-from bench.systems.step import (
-    GPUS,
-    INTERCONNECTS,
-    Hardware,
-    Interconnect,
-    Layout,
-    check_layout,
-    read_machine_json,
-    seconds_by_bound,
-    step_stages,
-)
+from bench.format import table
+from bench.measure import results
+from bench.serving import advisor
+from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
+from bench.serving.models import MODEL_SPECS, ModelSpec, model_from_hf_config
+from bench.serving.step import Layout, check_layout, seconds_by_bound, step_stages
+from bench.serving.workloads import WORKLOADS
 
 INTERCONNECT_HELP = "nvlink, pcie, ib, or a `decodebench dist allreduce --out` file measured on 2+ GPUs"
 #: The short names the command line takes for the workloads.
@@ -49,9 +43,19 @@ WORKLOAD_ALIASES = {
 }
 
 
+def load_model_config(path, name: str | None = None) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json file: ValueError "config: <file>: why" when the file is
+    no JSON object or describes no possible model."""
+    try:
+        fields = results.read_json_object(path)
+    except ValueError as error:
+        raise ValueError(f"config: {error}") from None
+    return model_from_hf_config(fields, source=str(path), name=name)
+
+
 def model_of(name: str, config: str | None) -> ModelSpec:
     if config:
-        return checked(model_from_hf_config, config, name)
+        return checked(load_model_config, config, name)
     if name not in MODEL_SPECS:
         raise UsageError(f"MODEL: unknown {name}; presets: {', '.join(MODEL_SPECS)} (or --config PATH)")
     return MODEL_SPECS[name]
@@ -64,9 +68,11 @@ def hardware_of(gpu: str) -> Hardware:
     folder = Path(gpu)
     if not (folder / "machine.json").is_file():
         raise UsageError(f"--gpu: expected {', '.join(GPUS)} or a gpu-check result folder, got {gpu}")
-    name = checked(read_machine_json, folder / "machine.json").get("gpu", "").lower()
-    base = GPUS["h200"] if "h200" in name else GPUS["h100"]
-    return checked(Hardware.from_results, folder, base)
+    machine = checked(results.read_machine_json, folder / "machine.json")
+    run = folder / "run.json"
+    benchmarks = checked(results.load, run)["benchmarks"] if run.exists() else []
+    base = GPUS["h200"] if "h200" in machine.get("gpu", "").lower() else GPUS["h100"]
+    return Hardware.from_results(base, machine, benchmarks, origin=folder.name)
 
 
 def interconnect_of(name: str) -> Interconnect:
@@ -76,7 +82,7 @@ def interconnect_of(name: str) -> Interconnect:
     if not Path(name).is_file():
         raise UsageError(f"--interconnect: expected {', '.join(INTERCONNECTS)} or an all-reduce result file")
     try:
-        return Interconnect.from_all_reduce(name)
+        return Interconnect.from_all_reduce(results.load(Path(name)), name)
     except ValueError as error:  # ResultFileError included: the file named, one line
         raise UsageError(f"--interconnect: {error}") from None
 
@@ -92,14 +98,14 @@ def _sources(hw: Hardware, link: Interconnect) -> str:
 def cmd_step(args) -> int:
     spec = model_of(args.model, args.config)
     hw, link = hardware_of(args.gpu), interconnect_of(args.interconnect)
-    layout = Layout(args.dp, args.tp, args.pp, args.ep)
+    layout = Layout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep)
     checked(check_layout, spec, layout)
     kv_bytes = 1 if args.kv == "fp8" else 2
     stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)
     total = sum(s.step_seconds for s in stages)
     timed = {}
     if torch.cuda.is_available() and not args.project:
-        from bench.systems.step_timing import time_stages
+        from bench.measure.step_timing import time_stages
 
         timed = time_stages(spec, layout, args.batch, args.context, stages)
     rows = []
@@ -149,7 +155,7 @@ def cmd_step(args) -> int:
     ]
     if timed:
         headers += ["measured us", "verified", "note"]
-    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    print(table(rows, headers))
     by_bound = {k: v for k, v in seconds_by_bound(stages).items() if v}
     print(
         f"\nstep: {total * 1e3:.2f} ms, {args.batch * layout.dp / total:,.0f} tokens/s on {layout.gpus} GPUs"
@@ -209,7 +215,7 @@ def cmd_advise(args) -> int:
         "seqs it holds",
         "binding constraint",
     ]
-    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    print(table(rows, headers))
     fitting = [o for o in outcomes if o.fits]
     if len(fitting) > 1:
         print(
@@ -269,7 +275,7 @@ def add_parsers(sub) -> None:
         "--workload",
         choices=[*WORKLOADS, *WORKLOAD_ALIASES],
         default="natural-reasoning",
-        help="the requests' lengths (default: NaturalReasoning-like, the paper's)",
+        help="the requests' lengths (default: NaturalReasoning-like, the scaling study's, arXiv 2605.19775)",
     )
     advise.add_argument("--requests", type=positive_int, default=2048)
     advise.add_argument("--json", type=output_file, help="write the ranked layouts here")

@@ -21,12 +21,9 @@ decodebench tune [CASE...] [--dry-run] [--out DIR] [--budget S] [--install]
 """
 
 import json
-import re
 import sys
-import time
 from pathlib import Path
 
-from bench.cases import CASES, STATIC_ONLY, static_cases
 from bench.commands import gpu_check, report
 from bench.commands.arguments import (
     Parser,
@@ -42,7 +39,8 @@ from bench.commands.arguments import (
     ready_to_write,
 )
 from bench.measure.device import machine_info
-from bench.measure.results import ResultFileError, read_json_object
+from bench.measure.results import ResultFileError
+from bench.operators import CASES, STATIC_ONLY, static_cases
 
 # Upper bounds past which a number is nonsense and would break the work, not just slow it: no GPU holds
 # 10 TiB; numpy's Poisson draw fails far below inf; timeouts and budgets become timedelta and select()
@@ -124,8 +122,8 @@ def cmd_traffic(args) -> int:
 
 
 def cmd_capacity(args) -> int:
-    from bench.models import MODEL_SPECS, MODELS
-    from bench.systems import capacity
+    from bench.serving import capacity
+    from bench.serving.models import MODEL_SPECS, MODELS
 
     for tp in args.tp:
         problem = MODEL_SPECS[args.model].tensor_parallel_problem(tp)
@@ -185,42 +183,8 @@ def cmd_tune(args) -> int:
     from bench.commands import tune
 
     if args.install:
-        if not args.out:
-            raise UsageError("--install: name the folder a tune run wrote with --out DIR")
-        _check_tuned_configs(Path(args.out) / tune.RESULT_FILE)
-        print(f"installed: {tune.install(Path(args.out))}")
-        return 0
-    cases = _cases(args.cases)
-    info = machine_info()
-    if args.out:
-        out = Path(args.out)
-    elif args.dry_run:
-        import tempfile
-
-        out = Path(tempfile.mkdtemp(prefix="decodebench-tune-"))
-    else:
-        from bench.measure import results
-
-        out = results.results_dir_for(info.slug) / time.strftime("tune-%Y-%m-%d-%H%M", time.gmtime())
-    deadline = time.monotonic() + args.budget if args.budget else None
-    start = time.perf_counter()
-    text, ok = tune.run(cases, out=out, deadline=deadline, dry_run=args.dry_run)
-    print(text)
-    print(f"{time.perf_counter() - start:.1f} s; written: {out}")
-    if not args.dry_run and ok:
-        print(f"to commit the table: decodebench tune --install --out {out}")
-    return 0 if ok else 1
-
-
-def _check_tuned_configs(path: Path) -> None:
-    """What ``tune --install`` merges: a tune run's table, its slug a file name (the target's)."""
-    document = checked(read_json_object, path)
-    kernels = document.get("kernels")
-    slug = document.get("slug")
-    if not isinstance(slug, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", slug):
-        raise UsageError(f"{path}: slug: expected a GPU's slug (a file name), got {slug!r:.60}")
-    if not isinstance(kernels, dict) or not all(isinstance(entries, dict) for entries in kernels.values()):
-        raise UsageError(f"{path}: kernels: expected an object of objects (kernel -> key -> configuration)")
+        return tune.install(args.out)
+    return tune.run(_cases(args.cases), args.out, args.dry_run, args.budget)
 
 
 def _shape_of(case, index: int):
@@ -275,7 +239,7 @@ def cmd_profile_target(args) -> int:
 
 
 def dist_models() -> tuple[str, ...]:
-    from bench.cases.ep import MODELS
+    from bench.operators.ep import MODELS
 
     return MODELS
 
@@ -315,7 +279,8 @@ def _add_result_commands(sub) -> None:
     traffic.add_argument("--kernel", action="append")
     traffic.set_defaults(func=cmd_traffic)
 
-    from bench.models import MODELS, WORKLOADS
+    from bench.serving.models import MODELS
+    from bench.serving.workloads import WORKLOADS
 
     capacity = sub.add_parser(
         "capacity", help="KV memory holding tokens under each allocation policy (no GPU)"
@@ -432,8 +397,8 @@ def cmd_gpu_check(args) -> int:
 
 
 def _add_dist(sub, argv) -> None:
-    from bench.cases.ep import LOADS
-    from bench.models import MOE_MODELS
+    from bench.operators.ep import LOADS
+    from bench.serving.models import MOE_MODELS
     from kernels.ep import MODES
 
     multi = sub.add_parser(
@@ -500,7 +465,3 @@ def main(argv=None) -> int:
     except (UsageError, ResultFileError) as error:
         print(f"decodebench {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -68,7 +68,7 @@ def compare(
     deltas = []
     for key in base.keys() & new.keys():
         b, n = base[key]["stats"][threshold.stat], new[key]["stats"][threshold.stat]
-        deltas.append(Delta(key, b, n, threshold.exceeded(b, n)))
+        deltas.append(Delta(key=key, base=b, new=n, failed=threshold.exceeded(b, n)))
     deltas.sort(key=lambda d: d.key)
     return deltas, sorted(base.keys() - new.keys()), sorted(new.keys() - base.keys())
 
@@ -81,13 +81,14 @@ def label(key: tuple) -> str:
 
 
 def table(deltas: list[Delta], stat: str) -> str:
-    from bench.commands.report import table as render
+    from bench.format import table as render
+    from bench.format import us
 
     rows = [
         [
             label(d.key),
-            f"{d.base * 1e6:.4g}",
-            f"{d.new * 1e6:.4g}",
+            us(d.base),
+            us(d.new),
             f"{100 * d.change:+.1f}%",
             "FAILED" if d.failed else "",
         ]

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bench.cases import all_reduce, ep
 from bench.commands.arguments import UsageError
+from bench.format import us
 from bench.measure import collectives, distributed, results
 from bench.measure.timing import Timing
+from bench.operators import all_reduce, ep
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -86,10 +87,6 @@ def _wire_note(rank: distributed.Rank) -> str:
 # --- ep -----------------------------------------------------------------------------------------------------
 
 
-def _us(ms: float) -> str:
-    return f"{ms * 1e3:,.1f}"
-
-
 def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[list], list[dict]]:
     """A table row and a results entry per stage the shape ran: the slowest rank per call, the mean."""
     rows, entries = [], []
@@ -115,8 +112,8 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         rows.append(
             [
                 stage,
-                _us(slowest),
-                _us(mean),
+                us(slowest * 1e-3),
+                us(mean * 1e-3),
                 f"{slowest / mean:.2f}" if mean else "-",
                 f"{nbytes:,}",
                 f"{useful:,}" if kind == "wire" else "",
@@ -144,12 +141,13 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
             "verified": verified,
         }
         entries.append(results.entry(f"ep[{shape.label}] {stage}", "ep", Timing.from_samples(per_call), info))
-    rows.append(["total", _us(slowest_total), _us(mean_total), f"{skew:.2f}"] + [""] * 5)
+    rows.append(["total", us(slowest_total * 1e-3), us(mean_total * 1e-3), f"{skew:.2f}"] + [""] * 5)
     graphs = [r["graph_samples"] for r in everyone]
     if all(graphs):
         per_call = [max(g[i] for g in graphs) for i in range(min(map(len, graphs)))]
         graph_mean = statistics.median(statistics.fmean(g[i] for g in graphs) for i in range(len(per_call)))
-        rows.append(["total, CUDA graph", _us(statistics.median(per_call)), _us(graph_mean), ""] + [""] * 5)
+        graph_slowest = statistics.median(per_call)
+        rows.append(["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""] + [""] * 5)
         info = {
             "kernel": "ep",
             "stage": "total (CUDA graph)",

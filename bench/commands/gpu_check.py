@@ -51,11 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import child_env
-from bench.cases import CASES, static_cases
 from bench.commands import report
 from bench.commands.run import failures
 from bench.measure import results, runner
 from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
+from bench.operators import CASES, static_cases
 
 STEPS = (
     "machine",
@@ -370,15 +370,15 @@ def step_ncu(run: CheckRun) -> StepResult:
 
 
 def step_tune(run: CheckRun) -> StepResult:
-    from bench.commands import tune
+    from bench.measure import tuning
 
-    text, ok = tune.run(
+    text, ok = tuning.run(
         list(CASES.values()), out=run.folder / "tune", deadline=run.deadline, dry_run=run.dry_run
     )
     run.sections["Tuned launch configurations (tune/)"] = text
     if not ok:
         return StepResult("failed", "a candidate failed verification, or a key got no winner: see tune/")
-    cut = tune.NOT_REACHED in text
+    cut = tuning.NOT_REACHED in text
     return StepResult(
         "partial" if cut else "ok", "keys left at the deadline: see tune/" if cut else "see tune/"
     )

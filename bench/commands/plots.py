@@ -2,13 +2,14 @@
 bandwidth and compute ceilings, and decode attention's GB/s against context length, one line per peer.
 
 Ceilings come from the results' machine_info where the run measured them (copy_gbps, matmul_tflops), else
-from the anchors in shared/facts.md for the named GPU, and the legend says which.
+from the published anchors for the named GPU (bench/serving/hardware.py,
+docs/facts.md#gpu-anchors-published-not-measured-here), and the legend says which.
 """
 
 import re
 from pathlib import Path
 
-from bench.measure.device import ANCHOR_TFLOPS, PROJECTION_GBPS
+from bench.serving.hardware import ANCHOR_TFLOPS, PROJECTION_GBPS
 
 
 def _pyplot():
@@ -27,7 +28,7 @@ def _ceilings(machine: dict) -> tuple[float, float, str]:
     anchor = next((name for name in PROJECTION_GBPS if name in gpu), "H100")
     gbps = machine.get("copy_gbps") or PROJECTION_GBPS[anchor]
     tflops = machine.get("matmul_tflops") or ANCHOR_TFLOPS.get(anchor, ANCHOR_TFLOPS["H100"])
-    source = "measured in this run" if machine.get("copy_gbps") else f"{anchor} anchors from facts.md"
+    source = "measured in this run" if machine.get("copy_gbps") else f"{anchor} anchors (published)"
     return float(gbps), float(tflops), source
 
 
@@ -111,7 +112,7 @@ def decode_bandwidth(document: dict, path: Path) -> str:
 
 
 def step_bars(stages, title: str, path) -> str:
-    """A decode step's time as one bar stacked by stage (bench/systems/step.py), ms."""
+    """A decode step's time as one bar stacked by stage (bench/serving/step.py), ms."""
     plt = _pyplot()
     if plt is None:
         return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"

@@ -5,24 +5,8 @@ and returns GitHub-flavoured markdown (tabulate), so the same text reads well in
 and in a closing note.
 """
 
-from bench.measure.device import PROJECTION_GBPS
-
-
-def table(rows, headers) -> str:
-    from tabulate import tabulate
-
-    return tabulate(rows, headers=headers, tablefmt="github", floatfmt="g", disable_numparse=True)
-
-
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.4g}"
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+from bench.format import byte_count, table, us
+from bench.serving.hardware import PROJECTION_GBPS
 
 
 def verification_table(verifications) -> tuple[str, bool]:
@@ -102,7 +86,7 @@ def traffic_table(traffic_rows) -> tuple[str, bool]:
 def projection_table(projections) -> str:
     """Rows of runner.projection: modelled bytes over each lent GPU's measured copy bandwidth."""
     rows = [
-        [p["kernel"], p["shape"], _bytes(p["bytes"]), *(_us(p[gpu]) for gpu in PROJECTION_GBPS)]
+        [p["kernel"], p["shape"], byte_count(p["bytes"]), *(us(p[gpu]) for gpu in PROJECTION_GBPS)]
         for p in projections
     ]
     headers = [
@@ -149,9 +133,9 @@ def results_table(benchmarks: list[dict]) -> str:
             [
                 key[0],
                 key[1],
-                ("graph " if graphed else "") + _us(median),
-                f"{_us(p20)}-{_us(p80)}" if p20 is not None and p80 is not None else "-",
-                _us(eager_s) if graphed and eager_s else "-",
+                ("graph " if graphed else "") + us(median),
+                f"{us(p20)}-{us(p80)}" if p20 is not None and p80 is not None else "-",
+                us(eager_s) if graphed and eager_s else "-",
                 info.get("gbps", "-"),
                 info.get("pct_of_peak", "-"),
                 info.get("tflops", "-"),

@@ -1,6 +1,6 @@
 """The multi-rank runners: what each rank of a group does to check and to time EP dispatch/combine and the
 TP all-reduce (``decodebench dist``, ``decodebench run`` on CPU, tests/test_ep.py). The shapes, scenarios
-and byte models they run are the cases' (bench/cases/ep.py, bench/cases/all_reduce.py).
+and byte models they run are the operators' (bench/operators/ep.py, bench/operators/all_reduce.py).
 
 Timing follows the single-GPU harness: on a GPU, CUDA events on each rank around each stage, every call
 after a barrier and an L2 flush (by reading), and the CUDA-graph replay beside eager where the path can be
@@ -19,8 +19,11 @@ import torch.distributed as dist
 import kernels.ep
 import kernels.moe
 import reference.ep
-from bench.cases.all_reduce import SIZES, AllReduceResult
-from bench.cases.ep import (
+from bench.measure.distributed import Rank, gather_floats, guard
+from bench.measure.nvtx import nvtx_range
+from bench.measure.timing import flush_l2, time_cuda
+from bench.operators.all_reduce import SIZES, AllReduceResult
+from bench.operators.ep import (
     SCENARIOS,
     STAGES,
     EPShape,
@@ -28,9 +31,6 @@ from bench.cases.ep import (
     route_inputs,
     stage_bytes,
 )
-from bench.measure.distributed import Rank, gather_floats, guard
-from bench.measure.nvtx import nvtx_range
-from bench.measure.timing import flush_l2, time_cuda
 from bench.testing import assert_bitwise_equal, assert_close
 
 # --- EP: correctness on every rank ------------------------------------------------------------------------

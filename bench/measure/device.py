@@ -13,13 +13,12 @@ import triton
 
 from bench.measure.timing import time_cuda
 
+# The published anchors the projections use where no GPU is present, re-exported: defined with the machine
+# model (a floor below), imported from here by the measuring side.
+from bench.serving.hardware import ANCHOR_TFLOPS, PROJECTION_GBPS  # noqa: F401
+
 # A device-to-device copy of this many bytes (read + written counts twice) far exceeds any L2.
 _COPY_BYTES = 1 << 30
-
-#: Copy bandwidth measured on the lent machines (shared/facts.md), for projections where no GPU is present.
-PROJECTION_GBPS = {"H100": 3000.0, "H200": 4300.0}
-#: bf16 matrix-product throughput measured on the lent machines (shared/facts.md: H100 about 790 TFLOP/s).
-ANCHOR_TFLOPS = {"H100": 790.0}
 
 
 @dataclass(frozen=True)
@@ -84,16 +83,18 @@ def machine_info() -> MachineInfo:
         interpreter=INTERPRETED,
     )
     if not torch.cuda.is_available():
-        return MachineInfo("cpu", "cpu", 0, "none", 0.0, "none", **common)
+        return MachineInfo(
+            gpu="cpu", slug="cpu", sm_count=0, capability="none", memory_gib=0.0, driver="none", **common
+        )
     props = torch.cuda.get_device_properties(0)
     major, minor = torch.cuda.get_device_capability(0)
     return MachineInfo(
-        props.name,
-        slug(props.name),
-        props.multi_processor_count,
-        f"sm_{major}{minor}",
-        round(props.total_memory / 2**30, 1),
-        _driver_version(),
+        gpu=props.name,
+        slug=slug(props.name),
+        sm_count=props.multi_processor_count,
+        capability=f"sm_{major}{minor}",
+        memory_gib=round(props.total_memory / 2**30, 1),
+        driver=_driver_version(),
         **common,
     )
 

@@ -185,7 +185,9 @@ def _spawned(payload: bytes, rank, world, port, backend, timeout_s, results) -> 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: nothing leaves this machine
     if backend == "gloo":  # gloo moves CPU tensors: the kernels run where they are, in the interpreter
         os.environ["TRITON_INTERPRET"] = "1"
-    import bench  # noqa: F401  (sets up the interpreter before any kernel module, as in the parent)
+    from bench.interpreter import setup
+
+    setup()  # before any kernel module is imported, as in the parent
 
     fn, args = pickle.loads(payload)  # only now: unpickling imports the kernel modules
 

@@ -236,7 +236,7 @@ def parse_ncu_metrics(text: str) -> list[KernelProfile]:
 def summary(case, shape, profiles: list[KernelProfile], calls: int, note: str = "") -> str:
     """Per kernel: launches per call, time per call, and (ncu) DRAM bytes per call; then the call's total
     against the byte model."""
-    from bench.commands.report import table
+    from bench.format import table
 
     model = case.byte_model(shape)
     rows = []

@@ -120,6 +120,18 @@ def read_json_object(path) -> dict:
     return document
 
 
+def read_machine_json(path) -> dict:
+    """A gpu-check machine.json, its ceilings checked: ValueError naming the file and the field."""
+    machine = read_json_object(path)
+    if not isinstance(machine.get("gpu", ""), str):
+        raise ResultFileError(f"{path}: gpu: expected a string, got {machine['gpu']!r:.60}")
+    for key in ("copy_gbps", "matmul_tflops", "memory_gib"):
+        value = machine.get(key)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise ResultFileError(f"{path}: {key}: expected a positive number, got {value!r:.60}")
+    return machine
+
+
 def load(path: Path, stats: tuple[str, ...] = ("median",)) -> dict:
     """A result file (either writer), checked enough that report, compare and the plots can trust every
     field they read: each entry's name, its ``stats`` named here (non-negative seconds), its extra_info."""

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.cases.base import Case, Inputs
 from bench.measure import results
-from bench.measure.device import PROJECTION_GBPS, copy_bandwidth_gbps, matmul_tflops
+from bench.measure.device import copy_bandwidth_gbps, matmul_tflops
+from bench.measure.static import compile_in_children, static_report
 from bench.measure.timing import time_cuda, time_wall
 from bench.measure.traffic import Traffic
 from bench.measure.traffic import measure as measure_traffic
-from bench.peers import PeerUnavailable, verify_and_prepare
+from bench.operators.base import Case, Inputs, PeerUnavailable, verify_and_prepare
+from bench.serving.hardware import PROJECTION_GBPS
 from bench.testing import seed_of
 from kernels import INTERPRETED
 
@@ -124,8 +125,6 @@ def projections(cases) -> list[dict]:
 def static_rows(cases, real: bool = False, timeout: float | None = None):
     """The static report of every case: the AOT compile for sm_90/sm_80 or, with ``real``, the cubin a
     launch on this GPU compiled."""
-    from bench.measure.static import compile_in_children, static_report
-
     cases = list(cases)
     if INTERPRETED and not real:  # compile every case's report at once, a child per core
         compile_in_children([case.name for case in cases], timeout=timeout)

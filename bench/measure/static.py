@@ -16,7 +16,9 @@ refuse CPU tensors.
 
 The cubin is read with cuobjdump from the Triton wheel: ``--dump-resource-usage`` gives REG, STACK, SHARED
 and LOCAL (local memory per thread: spills), ``--dump-sass`` the LDG/STG instructions and their widths.
-This compile is also the only proof, on a machine with no GPU, that a kernel compiles for one at all.
+This compile is also the only proof, on a machine with no GPU, that a kernel compiles for one at all. The
+tuner (bench/measure/tuning.py) reads its candidates' compiles with the same functions, its access widths
+from the PTX instead (``access_widths(..., listing="ptx")``).
 """
 
 import json
@@ -35,7 +37,8 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from bench import child_env
-from bench.cases.base import Case
+from bench.operators import CASES, STATIC_ONLY
+from bench.operators.base import Case
 from kernels import INTERPRETED
 
 #: The targets the static report compiles for: sm_90 (the lent H100/H200) and sm_80. DECODEBENCH_ARCHS
@@ -101,8 +104,6 @@ def capture_launches(module: ModuleType):
     """Inside the block, every @triton.jit kernel of ``module`` and of the kernel modules it builds on (any
     loaded ``kernels.*`` module: mla_decode launches paged_decode's merge through paged_attention) records
     its launches instead of running."""
-    import sys
-
     launches: list[Launch] = []
     modules = {module.__name__: module}
     modules.update((name, m) for name, m in list(sys.modules.items()) if name.startswith("kernels.") and m)
@@ -182,6 +183,12 @@ _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _ACCESS = re.compile(r"\b(LDGSTS|LDG|STG)(?![A-Z])((?:\.[A-Z0-9_]+)*)")
 _ATOMIC = re.compile(r"\b(ATOMG|ATOM|RED)(?:\.[A-Z0-9_]+)+")
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+# PTX: ld.global / st.global with their vector (v2, v4) and type (b16, f32...) suffixes, and cp.async's copy
+# size (its global load into shared memory).
+_PTX_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)")
+_PTX_CP_ASYNC = re.compile(r"\bcp\.async\.\w+\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-fA-F]+|\d+)")
+_PTX_LANES = re.compile(r"v[248]")
+_PTX_BITS = re.compile(r"[bsuf](8|16|32|64)")
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -192,8 +199,27 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": reg, "stack_bytes": stack, "shared_bytes": shared, "spill_bytes": local}
 
 
-def access_widths(sass: str) -> tuple[Counter, Counter]:
-    """Counts global load and store instructions by width in bytes (LDG.E.128 is 16, LDG.E.U16 is 2)."""
+def compiled_usage(compiled) -> dict:
+    """A compiled kernel's registers, stack, spills and shared memory (resource_usage of its cubin)."""
+    usage = resource_usage(compiled.asm["cubin"])
+    # cuobjdump counts static shared memory only; Triton's tiles live in dynamic shared memory.
+    usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
+    return usage
+
+
+def access_widths(text: str, listing: str = "sass") -> tuple[Counter, Counter]:
+    """Counts global load and store instructions by width in bytes, from a kernel's SASS (``listing``
+    "sass", cuobjdump --dump-sass: LDG.E.128 is 16, LDG.E.U16 is 2) or its PTX ("ptx": ld.global.v4.b32 is
+    16, cp.async's copy size is its load's). SASS is what runs; PTX needs no disassembly, and ptxas keeps
+    the widths PTX asks for."""
+    if listing == "sass":
+        return _sass_widths(text)
+    if listing == "ptx":
+        return _ptx_widths(text)
+    raise ValueError(f"listing: expected 'sass' or 'ptx', got {listing!r}")
+
+
+def _sass_widths(sass: str) -> tuple[Counter, Counter]:
     loads, stores = Counter(), Counter()
     for op, suffixes in _ACCESS.findall(sass):
         width = next((_WIDTH[s] for s in suffixes.split(".") if s in _WIDTH), 4)
@@ -201,20 +227,26 @@ def access_widths(sass: str) -> tuple[Counter, Counter]:
     return loads, stores
 
 
+def _ptx_widths(ptx: str) -> tuple[Counter, Counter]:
+    loads, stores = Counter(int(size, 0) for size in _PTX_CP_ASYNC.findall(ptx)), Counter()
+    for op, suffixes in _PTX_ACCESS.findall(ptx):
+        parts = suffixes.split(".")
+        lanes = next((int(p[1:]) for p in parts if _PTX_LANES.fullmatch(p)), 1)
+        bits = next((int(p[1:]) for p in parts if _PTX_BITS.fullmatch(p)), 32)
+        (stores if op == "st" else loads)[lanes * bits // 8] += 1
+    return loads, stores
+
+
 def describe(compiled, kernel: str, shape: str, arch: str, source: str, num_warps: int) -> StaticRow:
-    cubin = compiled.asm["cubin"]
-    sass = _dump(cubin, "--dump-sass")
+    sass = _dump(compiled.asm["cubin"], "--dump-sass")
     loads, stores = access_widths(sass)
-    usage = resource_usage(cubin)
-    # cuobjdump counts static shared memory only; Triton's tiles live in dynamic shared memory.
-    usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
     return StaticRow(
         kernel,
         shape,
         arch,
         source,
         num_warps,
-        **usage,
+        **compiled_usage(compiled),
         widest_load=max(loads, default=None),
         widest_store=max(stores, default=None),
         load_widths=dict(sorted(loads.items())),
@@ -380,8 +412,6 @@ def compile_in_children(case_names, archs=ARCHS, timeout: float | None = None) -
 def _main(argv: list[str]) -> None:
     """``python -m bench.measure.static CASE[,CASE...] [ARCH...]``: each case's rows, as JSON keyed by case
     (static_report's child process)."""
-    from bench.cases import CASES, STATIC_ONLY
-
     archs = tuple(int(a) for a in argv[1:]) or ARCHS
     names = argv[0].split(",")
     known = {**CASES, **STATIC_ONLY}

@@ -2,7 +2,8 @@
 
 Each stage of a decoder layer (norms, projections, write_kv, paged_decode or mla_decode, the TP all-reduce,
 the MLP or the MoE path with its expert-parallel all-to-alls) gets its bytes and FLOPs on one rank from the
-model's shapes (bench/models.py: ModelSpec) and the layout, and a time from the ceilings it runs against:
+model's shapes (bench/serving/models.py: ModelSpec) and the layout, and a time from the ceilings it runs
+against:
 
     compute or memory stage:  max(bytes / (copy bandwidth x eff.), FLOPs / (matmul ceiling x eff.))
                               + its kernel launches x the launch gap
@@ -10,190 +11,18 @@ model's shapes (bench/models.py: ModelSpec) and the layout, and a time from the 
     all-to-all:               (n - 1) x hop latency + bytes sent to other ranks / link bandwidth
     pipeline hand-off:        hop latency + bytes / link bandwidth, per stage boundary
 
-The ceilings are measured where a gpu-check result folder gives them (``Hardware.from_results``: the copy
-bandwidth and matmul ceiling measured there, and each suite kernel's measured share of the copy bandwidth at
-its nearest shape), anchors from shared/facts.md otherwise; every figure says which it is. This module
-projects: ``decodebench step`` on a GPU times the same stages instead (bench/commands/step.py).
+The ceilings (bench/serving/hardware.py) are measured where a gpu-check result folder gives them
+(``Hardware.from_results``: the copy bandwidth and matmul ceiling measured there, and each suite kernel's
+measured share of the copy bandwidth at its nearest shape), published anchors otherwise
+(docs/facts.md#gpu-anchors-published-not-measured-here); every figure says which it is. This module
+projects: ``decodebench step`` on a GPU times the same stages instead (bench/measure/step_timing.py).
 """
 
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from bench.measure.device import ANCHOR_TFLOPS, PROJECTION_GBPS
-from bench.measure.results import load, read_json_object
-from bench.models import ModelSpec
-
-# -- the machine ---------------------------------------------------------------------------------------------
-
-
-def read_machine_json(path: Path) -> dict:
-    """A gpu-check machine.json, its ceilings checked: ValueError naming the file and the field."""
-    machine = read_json_object(path)
-    if not isinstance(machine.get("gpu", ""), str):
-        raise ValueError(f"{path}: gpu: expected a string, got {machine['gpu']!r:.60}")
-    for key in ("copy_gbps", "matmul_tflops", "memory_gib"):
-        value = machine.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if value is not None and not (number and value > 0):
-            raise ValueError(f"{path}: {key}: expected a positive number, got {value!r:.60}")
-    return machine
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """One GPU's ceilings and how much of each a stage reaches. ``sources`` says, per figure, "measured:
-    <where>" or "anchor: <where>"."""
-
-    name: str
-    memory_bytes: float
-    copy_gbps: float  # bytes read + written per second by a device copy: the bandwidth ceiling
-    matmul_tflops: float  # a large bf16 matrix product: the compute ceiling
-    memory_efficiency: float = 0.9  # share of copy bandwidth a bandwidth-bound stage reaches
-    compute_efficiency: float = 0.7  # share of the matmul ceiling a compute-bound stage reaches
-    launch_us: float = 2.0  # the gap a kernel launch adds under CUDA-graph replay
-    kernel_efficiency: dict = field(default_factory=dict)  # stage -> measured share of copy bandwidth
-    sources: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_results(cls, folder, base: "Hardware") -> "Hardware":
-        """The ceilings a gpu-check result folder measured (machine.json) and each suite kernel's measured
-        share of copy bandwidth (run.json, kept per shape: ``efficiency_for`` picks the nearest)."""
-        folder = Path(folder)
-        machine = read_machine_json(folder / "machine.json")
-        sources = dict(base.sources)
-        hardware = base
-        if machine.get("copy_gbps"):
-            hardware = replace(hardware, copy_gbps=float(machine["copy_gbps"]))
-            sources["copy_gbps"] = f"measured: {folder.name}/machine.json"
-        if machine.get("matmul_tflops"):
-            hardware = replace(hardware, matmul_tflops=float(machine["matmul_tflops"]))
-            sources["matmul_tflops"] = f"measured: {folder.name}/machine.json"
-        if machine.get("memory_gib"):
-            hardware = replace(hardware, memory_bytes=float(machine["memory_gib"]) * 2**30)
-            sources["memory"] = f"measured: {folder.name}/machine.json"
-        kernels: dict[str, list] = {}
-        run = folder / "run.json"
-        if run.exists():
-            for entry in load(run)["benchmarks"]:  # checked: a malformed run.json is a ValueError
-                info = entry.get("extra_info", {})
-                if info.get("impl", "triton") == "triton" and info.get("pct_of_peak") and info.get("bytes"):
-                    kernels.setdefault(info.get("kernel"), []).append(
-                        (info["bytes"], info["pct_of_peak"] / 100)
-                    )
-        return replace(
-            hardware, name=machine.get("gpu", hardware.name), kernel_efficiency=kernels, sources=sources
-        )
-
-    def efficiency_for(self, kernel: str | None, nbytes: float) -> tuple[float, str]:
-        """The share of copy bandwidth ``kernel`` reached at the measured shape nearest ``nbytes``, or the
-        anchor's."""
-        found = self.kernel_efficiency.get(kernel or "")
-        if not found:
-            return self.memory_efficiency, "anchor"
-        near = min(found, key=lambda item: abs(math.log(max(item[0], 1) / max(nbytes, 1))))
-        return min(1.0, near[1]), "measured"
-
-
-GPUS = {
-    "h100": Hardware(
-        "H100 SXM (anchors)",
-        80e9,
-        PROJECTION_GBPS["H100"],
-        ANCHOR_TFLOPS["H100"],
-        sources={
-            "memory": "anchor: 80 GB",
-            "copy_gbps": "anchor: copy measured on the lent H100 (facts: about 3.0 TB/s)",
-            "matmul_tflops": "anchor: bf16 8192^3 measured on the lent H100 (facts: about 790)",
-        },
-    ),
-    "h200": Hardware(
-        "H200 SXM (anchors)",
-        141e9,
-        PROJECTION_GBPS["H200"],
-        ANCHOR_TFLOPS["H100"],
-        sources={
-            "memory": "anchor: 141 GB (facts)",
-            "copy_gbps": "anchor: copy measured on the lent H200 (facts: about 4.3 TB/s)",
-            "matmul_tflops": "anchor: the H100's measured bf16 matmul (the same GH100 compute)",
-        },
-    ),
-}
-for _gpu in GPUS.values():
-    _gpu.sources.update(
-        {
-            "efficiency": "anchor: 90% of copy bandwidth, 70% of the matmul ceiling (assumed)",
-            "launch": "anchor: 2 us a kernel under CUDA graphs (assumed)",
-        }
-    )
-
-
-@dataclass(frozen=True)
-class Interconnect:
-    """The links between GPUs, as a hop latency (alpha) and a per-GPU one-way bandwidth (beta)."""
-
-    name: str
-    gbps: float
-    hop_us: float
-    source: str
-
-    def all_reduce_s(self, nbytes: float, ranks: int) -> tuple[float, float]:
-        """(latency, transfer) seconds of a ring all-reduce of ``nbytes`` on each rank."""
-        if ranks <= 1:
-            return 0.0, 0.0
-        return 2 * (ranks - 1) * self.hop_us * 1e-6, 2 * (ranks - 1) / ranks * nbytes / (self.gbps * 1e9)
-
-    def all_to_all_s(self, sent_bytes: float, ranks: int) -> tuple[float, float]:
-        """(latency, transfer) seconds of an all-to-all in which each rank sends ``sent_bytes`` to others."""
-        if ranks <= 1:
-            return 0.0, 0.0
-        return (ranks - 1) * self.hop_us * 1e-6, sent_bytes / (self.gbps * 1e9)
-
-    def send_s(self, nbytes: float) -> tuple[float, float]:
-        return self.hop_us * 1e-6, nbytes / (self.gbps * 1e9)
-
-    @classmethod
-    def from_all_reduce(cls, path) -> "Interconnect":
-        """Alpha and beta fitted to a ``decodebench dist allreduce --out`` result: the hop latency from the
-        smallest size's time (2 (n - 1) hops), the bandwidth from the largest size's bus bandwidth (what a
-        ring all-reduce's links carry per GPU)."""
-        document = load(path)  # a ResultFileError (a ValueError) naming the file if it is no result file
-        found = [
-            (info["bytes"], b["stats"]["median"], info)
-            for b in document["benchmarks"]
-            for info in [b.get("extra_info", {})]
-            if info.get("kernel") == "all_reduce"
-            and info.get("impl") in ("nccl", "gloo")
-            and info.get("bytes")
-            and b["stats"]["median"] > 0
-        ]
-        world = found[0][2].get("world_size", 1) if found else 1
-        if not found or not isinstance(world, int) or world < 2:
-            raise ValueError(f"interconnect: {path} holds no all-reduce measured on 2 or more ranks")
-        small, large = min(found), max(found)
-        hop_us = small[1] * 1e6 / (2 * (world - 1))
-        busbw = large[0] / large[1] * 2 * (world - 1) / world / 1e9
-        machine = document.get("machine_info", {})
-        source = (
-            f"measured: {Path(path).name}, {world} ranks ({machine.get('gpu', '?')}): "
-            f"{small[1] * 1e6:.1f} us at "
-            f"{small[0]} B, bus bandwidth {busbw:.0f} GB/s at {large[0]} B"
-        )
-        return cls(f"measured ({Path(path).name})", busbw, hop_us, source)
-
-
-INTERCONNECTS = {
-    "nvlink": Interconnect(
-        "NVLink (H100/H200 SXM)",
-        450.0,
-        1.5,
-        "anchor: 900 GB/s per GPU both ways (facts); hop latency chosen so a ring all-reduce of 8 KB on 8 "
-        "GPUs takes 21 us, inside the 20-25 us NCCL measured in one engine (facts)",
-    ),
-    "pcie": Interconnect("PCIe Gen5 x16", 50.0, 5.0, "anchor: about 64 GB/s raw per direction (assumed)"),
-    "ib": Interconnect("InfiniBand NDR 400 Gb/s", 45.0, 5.0, "anchor: 400 Gb/s per GPU (assumed)"),
-}
-
+from bench.serving.hardware import Hardware, Interconnect
+from bench.serving.models import ModelSpec
 
 # -- the layout ----------------------------------------------------------------------------------------------
 
@@ -278,14 +107,32 @@ def _compute(name, nbytes, flops, hw: Hardware, per_step: int, launches: int = 1
     bound = "HBM bandwidth" if memory_s >= compute_s else "compute"
     busy = max(memory_s, compute_s)
     split = {bound: busy, "launch": launch_s}
-    return Stage(name, nbytes, flops, busy + launch_s, per_step, bound, source, split)
+    return Stage(
+        name=name,
+        bytes=nbytes,
+        flops=flops,
+        seconds=busy + launch_s,
+        per_step=per_step,
+        bound=bound,
+        source=source,
+        split=split,
+    )
 
 
 def _collective(name, nbytes, latency_s, transfer_s, per_step: int, latency_bound="interconnect") -> Stage:
     split = {"interconnect": transfer_s}
     split[latency_bound] = split.get(latency_bound, 0.0) + latency_s
     bound = max(split, key=split.get)
-    return Stage(name, nbytes, 0.0, latency_s + transfer_s, per_step, bound, "anchor", split)
+    return Stage(
+        name=name,
+        bytes=nbytes,
+        flops=0.0,
+        seconds=latency_s + transfer_s,
+        per_step=per_step,
+        bound=bound,
+        source="anchor",
+        split=split,
+    )
 
 
 def expected_experts_touched(experts: int, top_k: int, tokens: float) -> float:
@@ -438,7 +285,14 @@ def step_stages(
         bubble = busy * (pp - 1) / pp
         stages.append(
             Stage(
-                "pp_bubble", 0.0, 0.0, bubble, 1, "pipeline bubbles", "anchor", {"pipeline bubbles": bubble}
+                name="pp_bubble",
+                bytes=0.0,
+                flops=0.0,
+                seconds=bubble,
+                per_step=1,
+                bound="pipeline bubbles",
+                source="anchor",
+                split={"pipeline bubbles": bubble},
             )
         )
     return stages

@@ -1,17 +1,18 @@
 """`decodebench advise`: which data / tensor / pipeline (and expert) parallel layout of N GPUs serves a
-reasoning workload fastest, from the decode-step model (bench/systems/step.py) and a simulation of the
+reasoning workload fastest, from the decode-step model (bench/serving/step.py) and a simulation of the
 requests through continuous batching.
 
 For each layout that fits (weights, an activation reserve and at least one longest sequence in memory):
 
 - memory plan per rank: weights (non-expert parameters split tp ways; experts tp ways, or whole experts
   spread ep ways; everything split pp ways by layers), and the KV pool left;
-- simulation of one replica's share of the R requests (replicas are statistically alike; all requests
-  arrive at once, an offline batch as the paper ran): first-come-first-served admission while the pool has
-  room for the prompt above a watermark (KV-aware) and fewer than max_num_seqs run; each simulated step
-  decodes ``stride`` tokens of every running sequence at the step model's time for that batch and mean
-  context; prompts prefill at the matmul ceiling; when the pool runs out the newest sequence is preempted
-  and recomputed later. Each layout gets the best of a sweep of max_num_seqs, as the paper tuned it;
+- simulation of one replica's share of the R requests through continuous batching (bench/serving/
+  batching.py; replicas are statistically alike; all requests arrive at once, an offline batch as the
+  scaling study, arXiv 2605.19775, ran): first-come-first-served admission while the pool has room for the
+  prompt above a watermark (KV-aware) and fewer than max_num_seqs run; each simulated step decodes
+  ``stride`` tokens of every running sequence at the step model's time for that batch and mean context;
+  prompts prefill at the matmul ceiling; when the pool runs out the newest sequence is preempted and
+  recomputed later. Each layout gets the best of a sweep of max_num_seqs, as the scaling study tuned it;
 - the binding constraint: KV capacity when admission waited on the pool for most of the run or preempted
   sequences' recomputation cost over a tenth of the output tokens, otherwise the bound (HBM bandwidth,
   compute, interconnect, routing/synchronization, pipeline bubbles, launch) that took the most time.
@@ -24,9 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.models import ModelSpec, ReasoningWorkload
-from bench.systems.capacity import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, WATERMARK
-from bench.systems.step import BOUNDS, Hardware, Interconnect, Layout, seconds_by_bound, step_stages
+from bench.serving import batching
+from bench.serving.batching import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, Batching, Requests
+from bench.serving.hardware import Hardware, Interconnect
+from bench.serving.models import ModelSpec
+from bench.serving.step import Layout, seconds_by_bound, step_stages
+from bench.serving.workloads import ReasoningWorkload
 
 ACTIVATION_RESERVE_BYTES = ACTIVATION_RESERVE_GIB * 2**30
 BLOCK = 16
@@ -47,9 +51,9 @@ def layouts(spec: ModelSpec, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
             if pp > spec.layers:
                 continue
             dp = gpus // (tp * pp)
-            found.append(Layout(dp, tp, pp))
+            found.append(Layout(dp=dp, tp=tp, pp=pp))
             if spec.moe is not None and dp * tp > 1 and spec.moe.num_experts % (dp * tp) == 0:
-                found.append(Layout(dp, tp, pp, ep=dp * tp))
+                found.append(Layout(dp=dp, tp=tp, pp=pp, ep=dp * tp))
     return found
 
 
@@ -78,11 +82,23 @@ def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: Reasoni
     pool = max(0, int(budget // per_token))
     longest = workload.max_output + 2048
     if budget <= 0:
-        return MemoryPlan(weights, per_token, 0, False, f"weights {weights / 1e9:.0f} GB a rank do not fit")
+        why = f"weights {weights / 1e9:.0f} GB a rank do not fit"
+        return MemoryPlan(
+            weights_bytes=weights, kv_bytes_per_token=per_token, pool_tokens=0, fits=False, why=why
+        )
     if pool < longest:
-        return MemoryPlan(weights, per_token, pool, False, f"pool of {pool} tokens < one longest sequence")
+        why = f"pool of {pool} tokens < one longest sequence"
+        return MemoryPlan(
+            weights_bytes=weights, kv_bytes_per_token=per_token, pool_tokens=pool, fits=False, why=why
+        )
     mean = workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2)
-    return MemoryPlan(weights, per_token, pool, True, sequences=int(pool // mean))
+    return MemoryPlan(
+        weights_bytes=weights,
+        kv_bytes_per_token=per_token,
+        pool_tokens=pool,
+        fits=True,
+        sequences=int(pool // mean),
+    )
 
 
 # -- simulation ----------------------------------------------------------------------------------------------
@@ -164,83 +180,39 @@ def simulate(
     seed: int = 0,
     kv_bytes: int = 2,
 ) -> Outcome:
+    """One replica of ``layout`` serving its share of ``requests`` through continuous batching
+    (bench/serving/batching.py) at the step model's times; the outcome scaled to the dp replicas."""
     plan = memory_plan(spec, layout, hw, workload, kv_bytes)
     if not plan.fits:
-        return Outcome(layout, False, why=plan.why, plan=plan)
-    # The same R requests for every layout; this replica serves every dp-th of them.
+        return Outcome(layout=layout, fits=False, why=plan.why, plan=plan)
+    # The same R requests for every layout; this replica serves every dp-th of them (one answer each).
     all_prompts, all_outputs = workload.draw(requests, np.random.default_rng(seed))
-    prompts, outputs = all_prompts[:: layout.dp], all_outputs[:: layout.dp]
-    mine = len(prompts)
-    targets = prompts + outputs[:, 0]
-    step = _StepTimes(spec, layout, hw, link, kv_bytes)
-    pool_blocks = plan.pool_tokens // BLOCK
-    watermark = int(WATERMARK * pool_blocks)
-    active_params = _active_params(spec) / (layout.tp * layout.pp)
-    queue = list(range(mine))[::-1]  # pop() takes the next in arrival order
-    index = np.zeros(0, dtype=np.int64)
-    length = np.zeros(0, dtype=np.int64)
-    clock, kv_wait, tokens_done, token_time, lost = 0.0, 0.0, 0, 0.0, 0
-    peak = preemptions = 0
-    by_bound = dict.fromkeys(BOUNDS, 0.0)
-    while queue or len(index):
-        # Admission: first come, first served, while the prompt's blocks fit above the watermark.
-        used = int((-(-length // BLOCK)).sum())
-        admitted = []
-        while queue and len(index) + len(admitted) < max_num_seqs:
-            need = -(-(prompts[queue[-1]] + 1) // BLOCK)
-            if used + need > pool_blocks - watermark:
-                break
-            used += need
-            admitted.append(queue.pop())
-        if admitted:
-            new = np.array(admitted, dtype=np.int64)
-            prefill_tokens = int(prompts[new].sum())
-            clock += 2 * active_params * prefill_tokens / (hw.matmul_tflops * 1e12 * hw.compute_efficiency)
-            index = np.concatenate([index, new])
-            length = np.concatenate([length, prompts[new].astype(np.int64)])
-        blocked = bool(queue) and len(index) < max_num_seqs
-        if not len(index):
-            break  # nothing fits at all (plan.fits rules this out)
-        peak = max(peak, len(index))
-        # Decode ``stride`` tokens of every running sequence (fewer where it finishes sooner).
-        seconds, bounds = step(len(index), float(length.mean()) + stride / 2)
-        grow = np.minimum(stride, targets[index] - length)
-        steps = int(grow.max())
-        clock += seconds * steps
-        for bound, share in bounds.items():
-            by_bound[bound] += share * steps
-        if blocked:
-            kv_wait += seconds * steps
-        tokens_done += int(grow.sum())
-        token_time += seconds * int(grow.sum())
-        length = length + grow
-        # Out of blocks: the newest sequences are preempted (their blocks freed; recomputed from the prompt).
-        held = np.cumsum(-(-length // BLOCK))
-        keep = int(np.searchsorted(held, pool_blocks, side="right"))
-        if keep < len(index):
-            preemptions += len(index) - keep
-            lost += int((length[keep:] - prompts[index[keep:]]).sum())  # decoded again after restart
-            queue += [int(i) for i in index[keep:][::-1]]  # back to the head of the queue, oldest first
-            index, length = index[:keep], length[:keep]
-        done = length >= targets[index]
-        index, length = index[~done], length[~done]
-    total = int(all_outputs[:, 0].sum())
+    mine = Requests.from_draw(all_prompts[:: layout.dp], all_outputs[:: layout.dp, :1])
+    prefill_flops = 2 * _active_params(spec) / (layout.tp * layout.pp)  # a prompt token's, on one rank
+    config = Batching(
+        pool_tokens=plan.pool_tokens,
+        policy=f"paged-{BLOCK}",
+        stride=stride,
+        max_num_seqs=max_num_seqs,
+        step_time=_StepTimes(spec, layout, hw, link, kv_bytes),
+        prefill_s_per_token=prefill_flops / (hw.matmul_tflops * 1e12 * hw.compute_efficiency),
+    )
+    run = batching.simulate(config, mine)
     # KV capacity binds when admission waited on the pool most of the time, or when preempted sequences'
     # recomputation cost over a tenth of the answers' tokens (the sweep then settles on a small batch).
-    kv_bound = kv_wait > 0.5 * clock or lost > 0.1 * outputs[:, 0].sum()
-    bound = "KV capacity" if kv_bound else max(by_bound, key=by_bound.get)
+    kv_bound = run.kv_wait_seconds > 0.5 * run.seconds or run.recomputed_tokens > 0.1 * mine.output.sum()
     return Outcome(
-        layout,
-        True,
-        max_num_seqs,
-        clock,
-        total / clock if clock else 0.0,
-        token_time / tokens_done * 1e3 if tokens_done else 0.0,
-        peak * layout.dp,
-        preemptions * layout.dp,
-        bound,
-        by_bound,
-        plan,
+        layout=layout,
+        fits=True,
+        max_num_seqs=max_num_seqs,
+        seconds=run.seconds,
+        tokens_per_s=int(all_outputs[:, 0].sum()) / run.seconds if run.seconds else 0.0,
+        tpot_ms=run.tpot_s * 1e3,
+        peak_sequences=run.peak_sequences * layout.dp,
+        preemptions=run.preemptions * layout.dp,
+        bound="KV capacity" if kv_bound else max(run.by_bound, key=run.by_bound.get),
+        by_bound=run.by_bound,
+        plan=plan,
     )
 
 

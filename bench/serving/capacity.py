@@ -1,17 +1,19 @@
 """The capacity trap, simulated: how much of a GPU's KV memory holds token states under each allocation
 policy, on a reasoning workload, and so how many sequences the GPU holds at once.
 
-A saturated server (questions always waiting) admits sequences first come, first served, and decodes every
-running sequence one token a step (``stride`` tokens a simulated step, for speed), for three generation caps
-of tokens (the first is warm-up). Policies:
+A saturated server (questions always waiting) runs its requests through the continuous-batching simulator
+(bench/serving/batching.py: first come, first served above a watermark, the newest sequences preempted and
+recomputed when the pool runs out), ``stride`` tokens a simulated step, for three generation caps of tokens
+(the first is warm-up). Policies:
 
-- ``paged-B``: blocks of B token slots handed out as tokens arrive (PagedAttention); the parallel samples of
-  one question share their prompt's full blocks (fork). Out of blocks mid-sequence: the newest sequence is
-  preempted (its blocks freed, it waits to start again).
+- ``paged-B``: blocks of B token slots handed out as tokens arrive (PagedAttention). Each parallel sample
+  holds its own copy of its question's prompt; ``fork=True`` shares the prompt's full blocks among a
+  question's samples instead, as an engine with prefix caching does (it finishes a few percent more
+  questions, and a preempted sample then comes back for one block, so preemptions multiply).
 - ``contiguous``: each sequence reserves its prompt plus the evaluation's generation cap at admission (it
   cannot know its output length), as servers without paging must.
 - ``pow2``: each sequence reserves the next power of two of its length and doubles the reservation when it
-  outgrows it (preempting the newest sequence when the doubling does not fit).
+  outgrows it.
 
 Measured over the steps after warm-up, as shares of the KV pool: slots holding token states, last-block
 slack (paged), reserved but not yet used (contiguous, pow2) and free; with the sequences held at once,
@@ -23,12 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.models import MODELS, WORKLOADS, AttentionModel, ReasoningWorkload
+from bench.format import table
+from bench.serving import batching
+from bench.serving.batching import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, Batching, Requests
+from bench.serving.hardware import ANCHOR_MEMORY_BYTES
+from bench.serving.models import MODELS, AttentionModel
+from bench.serving.workloads import WORKLOADS, ReasoningWorkload
 
 POLICIES = ("paged-1", "paged-16", "paged-64", "paged-256", "contiguous", "pow2")
-MEMORY_UTILISATION = 0.9
-ACTIVATION_RESERVE_GIB = 2.0
-WATERMARK = 0.01  # of the pool kept free at admission, as vLLM's block manager does
+#: Questions drawn for a saturated run: more than any pool finishes in three generation caps.
+QUESTIONS = 65536
 
 
 @dataclass
@@ -38,11 +44,11 @@ class CapacityRow:
     tp: int
     policy: str
     pool_tokens: int
-    held: float  # shares of the pool, time-averaged
+    held: float  # shares of the pool, averaged over the measured steps
     slack: float
     reserved_unused: float
     free: float
-    sequences: float  # running at once, time-averaged
+    sequences: float  # running at once, averaged over the measured steps
     preemptions: int
     questions_done: int
 
@@ -61,24 +67,6 @@ def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes:
     return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
 
 
-def _block_size(policy: str) -> int | None:
-    return int(policy.split("-")[1]) if policy.startswith("paged-") else None
-
-
-def _allocated(policy: str, length: np.ndarray, reserved: np.ndarray) -> np.ndarray:
-    """Slots each running sequence holds: whole blocks (paged), or its reservation."""
-    block = _block_size(policy)
-    return reserved if block is None else -(-length // block) * block
-
-
-def _reservation(policy: str, workload: ReasoningWorkload, length: np.ndarray) -> np.ndarray:
-    if policy == "contiguous":
-        return length + workload.max_output  # prompt + the generation cap, at admission
-    if policy == "pow2":
-        return (2 ** np.ceil(np.log2(np.maximum(length, 16)))).astype(np.int64)
-    return np.zeros_like(length)
-
-
 def simulate(
     workload: ReasoningWorkload,
     model: AttentionModel,
@@ -89,93 +77,39 @@ def simulate(
     stride: int = 16,
     seed: int = 0,
     arrival_rate: float | None = None,
+    fork: bool = False,
 ) -> CapacityRow:
-    """One policy on one rank's pool. Sequences are numpy columns, so a step is a few vector operations.
-    ``arrival_rate``: questions arriving per simulated step (Poisson); None keeps a queue always waiting
-    (a saturated server: the capacity trap)."""
+    """One policy on one rank's pool. ``arrival_rate``: questions arriving per simulated step (Poisson);
+    None keeps a queue always waiting (a saturated server: the capacity trap). ``fork``: paged samples
+    share their prompt's full blocks."""
     pool = kv_pool_tokens(model, gpu_gib, tp)
-    watermark = int(WATERMARK * pool)
-    # Three generation caps of decoding: the first is warm-up (the pool fills, the first sequences finish),
-    # the other two are measured.
-    steps = 3 * workload.max_output // stride
-    prompts, outputs = workload.draw(65536, np.random.default_rng(seed))  # never runs dry
-    # The queue, in arrival order: every sample of question 0, then of question 1, ...
-    queue_question = np.repeat(np.arange(len(prompts)), workload.samples)
-    queue_target = prompts[queue_question] + outputs.reshape(-1)
-    head = 0
-    arrivals = np.random.default_rng(seed + 1)
-    arrived = len(queue_question) if arrival_rate is None else 0  # queue entries that have arrived
-    # Preempted sequences (question, target), served before the queue, newest preempted first.
-    requeued_q = requeued_t = np.zeros(0, dtype=np.int64)
-    question, target, length, reserved = (np.zeros(0, dtype=np.int64) for _ in range(4))
-    unfinished = np.full(len(prompts), workload.samples)
-    totals, sequences_total = np.zeros(4), 0.0
-    preemptions = done = 0
-    warmup = steps // 3
-
-    for step in range(steps):
-        # Admit first come, first served, while the newcomers fit above the watermark.
-        free = pool - int(_allocated(policy, length, reserved).sum()) - watermark
-        if arrival_rate is not None:
-            arrived = min(len(queue_question), arrived + workload.samples * arrivals.poisson(arrival_rate))
-        fresh = slice(head, min(head + 4096, arrived))
-        cand_q = np.concatenate([requeued_q, queue_question[fresh]])
-        cand_t = np.concatenate([requeued_t, queue_target[fresh]])
-        cand_l = prompts[cand_q].astype(np.int64)  # every sequence starts (again) from its prompt
-        cand_r = _reservation(policy, workload, cand_l)
-        admitted = int(np.searchsorted(np.cumsum(_allocated(policy, cand_l, cand_r)), free, side="right"))
-        from_requeue = min(admitted, len(requeued_q))
-        requeued_q, requeued_t = requeued_q[from_requeue:], requeued_t[from_requeue:]
-        head += admitted - from_requeue
-        question = np.concatenate([question, cand_q[:admitted]])
-        target = np.concatenate([target, cand_t[:admitted]])
-        length = np.concatenate([length, cand_l[:admitted]])
-        reserved = np.concatenate([reserved, cand_r[:admitted]])
-
-        # Decode; pow2 reservations double when outgrown.
-        length = np.minimum(length + stride, target)
-        if policy == "pow2":
-            reserved = np.maximum(reserved, _reservation(policy, workload, length))
-        # Out of memory: the newest sequences are preempted (slots freed, restarted later), fewest first.
-        held = np.cumsum(_allocated(policy, length, reserved))
-        keep = int(np.searchsorted(held, pool, side="right"))
-        if keep < len(length):
-            preemptions += len(length) - keep
-            requeued_q = np.concatenate([question[keep:][::-1], requeued_q])
-            requeued_t = np.concatenate([target[keep:][::-1], requeued_t])
-            question, target, length, reserved = (
-                question[:keep],
-                target[:keep],
-                length[:keep],
-                reserved[:keep],
-            )
-
-        finished = length >= target
-        np.subtract.at(unfinished, question[finished], 1)
-        done += int((unfinished[np.unique(question[finished])] == 0).sum())
-        question, target, length, reserved = (x[~finished] for x in (question, target, length, reserved))
-
-        if step >= warmup:
-            allocated = int(_allocated(policy, length, reserved).sum())
-            tokens = int(length.sum())
-            slack = allocated - tokens if _block_size(policy) else 0
-            totals += (tokens, slack, allocated - tokens - slack, pool - allocated)
-            sequences_total += len(length)
-    measured = max(1, steps - warmup)
-    held, slack, reserved_unused, free_share = totals / measured / max(pool, 1)
+    steps = 3 * workload.max_output // stride  # the first generation cap is warm-up
+    prompts, outputs = workload.draw(QUESTIONS, np.random.default_rng(seed))
+    config = Batching(
+        pool_tokens=pool,
+        policy=policy,
+        cap=workload.max_output,
+        stride=stride,
+        arrival_rate=arrival_rate,
+        fork=fork,
+        steps=steps,
+        warmup_steps=steps // 3,
+        seed=seed + 1,
+    )
+    result = batching.simulate(config, Requests.from_draw(prompts, outputs))
     return CapacityRow(
-        workload.name,
-        model.name,
-        tp,
-        policy,
-        pool,
-        held,
-        slack,
-        reserved_unused,
-        free_share,
-        sequences_total / measured,
-        preemptions,
-        done,
+        workload=workload.name,
+        model=model.name,
+        tp=tp,
+        policy=policy,
+        pool_tokens=pool,
+        held=result.held,
+        slack=result.slack,
+        reserved_unused=result.reserved_unused,
+        free=result.free,
+        sequences=result.sequences,
+        preemptions=result.preemptions,
+        questions_done=result.questions_done,
     )
 
 
@@ -199,8 +133,6 @@ def capacity_table(
 
 def report(rows: list[CapacityRow], gpu_gib: float) -> str:
     """The comparison table, and where it lands against PagedAttention's published range."""
-    from bench.commands.report import table
-
     body = [
         [
             r.workload,
@@ -308,7 +240,7 @@ class ReplicationRow:
 
 def latent_replication(
     model_name: str = "DeepSeek-R1",
-    gpu_gib: float = 141e9 / 2**30,
+    gpu_gib: float = ANCHOR_MEMORY_BYTES["H200"] / 2**30,
     gpus: int = 8,
     weight_bytes: int = 1,
     mean_context: int = 16384,
@@ -328,7 +260,15 @@ def latent_replication(
         groups = gpus // tp
         held, split = pool * groups, pool * gpus
         rows.append(
-            ReplicationRow(tp, groups, pool, held, split, held // mean_context, split // mean_context)
+            ReplicationRow(
+                tp=tp,
+                groups=groups,
+                pool_tokens=pool,
+                tokens_held=held,
+                tokens_if_split=split,
+                sequences_held=held // mean_context,
+                sequences_if_split=split // mean_context,
+            )
         )
     return rows
 
@@ -336,8 +276,6 @@ def latent_replication(
 def replication_report(
     rows: list[ReplicationRow], model_name: str = "DeepSeek-R1", mean_context: int = 16384
 ) -> str:
-    from bench.commands.report import table
-
     body = [
         [
             r.tp,

@@ -1,4 +1,4 @@
-"""Expert parallelism's case: the scenarios checked against reference/ep.py, the benchmark shapes
+"""Expert parallelism's operator: the scenarios checked against reference/ep.py, the benchmark shapes
 (DeepSeek-R1 and Qwen3-235B-A22B routing, tokens per rank 1 to 4096, uniform and skewed loads, both modes),
 each rank's inputs, a byte model per stage, and the regroup kernel's static shapes. What each rank runs with
 them is bench/measure/collectives.py.
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 import kernels.ep
-from bench.cases.base import StaticOnly
-from bench.cases.moe import log_popularity, routing_ids
-from bench.models import MOE_MODELS, MoEModel
+from bench.operators.base import StaticOnly
+from bench.operators.moe import log_popularity, routing_ids
+from bench.serving.models import MOE_MODELS, MoEModel
 from bench.testing import generator, randn
 
 # --- correctness: scenarios against the reference -----------------------------------------------------------

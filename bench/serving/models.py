@@ -1,11 +1,13 @@
-"""Model presets and shape sweeps, from the model table in shared/facts.md (the models' published configs).
+"""Model presets and shape sweeps, from the models' published configs (docs/facts.md#model-shapes).
 
-One place for the numbers: benchmark cases build their shapes from here, so a head count or a sweep is
-written once.
+One place for the numbers: benchmark cases, the decode-step model, the capacity study and the advisor build
+their shapes from here, so a head count or a sweep is written once. A model's config.json is read by the
+caller (bench/commands) and passed in as its fields: nothing here opens a file.
 """
 
 import math
 from dataclasses import dataclass
+from pathlib import PurePath
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,10 @@ class AttentionModel:
 
 @dataclass(frozen=True)
 class MLAGeometry:
-    """Multi-head latent attention as decode runs it, absorbed (shared/facts.md): q_nope is multiplied by
-    W_UK first, so every head's query is kv_lora_rank + qk_rope_head_dim wide, attends over the cached
-    latent rows, and its kv_lora_rank-wide output goes through W_UV afterwards. Fields are the model's
-    config.json names."""
+    """Multi-head latent attention as decode runs it, absorbed (docs/facts.md#mla-decode-absorbed-form):
+    q_nope is multiplied by W_UK first, so every head's query is kv_lora_rank + qk_rope_head_dim wide,
+    attends over the cached latent rows, and its kv_lora_rank-wide output goes through W_UV afterwards.
+    Fields are the model's config.json names."""
 
     kv_lora_rank: int  # the compressed KV: the cached latent, and the value width of absorbed decode
     qk_rope_head_dim: int  # the decoupled rope key, cached after the latent
@@ -71,7 +73,11 @@ class MLAGeometry:
 
 
 #: DeepSeek-R1 (= V3's attention): kv_lora_rank 512, rope 64, nope 128, YaRN factor 40, mscale_all_dim 1.
-MLA_MODELS: dict[str, MLAGeometry] = {"DeepSeek-R1": MLAGeometry(512, 64, 128, 40.0, 1.0)}
+MLA_MODELS: dict[str, MLAGeometry] = {
+    "DeepSeek-R1": MLAGeometry(
+        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, rope_factor=40.0, mscale_all_dim=1.0
+    )
+}
 
 #: Decode: one new token per sequence, batch 1 to 256.
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -83,45 +89,10 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
-class ReasoningWorkload:
-    """Prompt and output lengths of a reasoning evaluation (shared/facts.md), drawn log-normally around the
-    medians and clipped to the evaluation's generation cap; each question is answered by ``samples``
-    parallel samples that share its prompt."""
-
-    name: str
-    prompt_median: int
-    output_median: int
-    output_sigma: float  # log-normal spread of the output length
-    max_output: int  # the evaluation's generation cap: what a contiguous reservation must hold
-    samples: int
-    prompt_sigma: float = 0.4
-
-    def draw(self, questions: int, rng) -> tuple:
-        """(prompt lengths [questions], output lengths [questions, samples]) as numpy int arrays."""
-        prompts = rng.lognormal(math.log(self.prompt_median), self.prompt_sigma, questions)
-        prompts = prompts.clip(32, 2048).astype(int)
-        outputs = rng.lognormal(math.log(self.output_median), self.output_sigma, (questions, self.samples))
-        return prompts, outputs.clip(64, self.max_output).astype(int)
-
-
-#: MATH-500 / GSM8K-like: outputs of 1K to 3K tokens; AIME / GPQA-like: 10K to 12K with a tail to the 32K cap.
-WORKLOADS: dict[str, ReasoningWorkload] = {
-    w.name: w
-    for w in (
-        ReasoningWorkload("MATH-500-like", 200, 2000, 0.6, 32768, samples=4),
-        ReasoningWorkload("AIME-like", 250, 10500, 0.55, 32768, samples=16),
-        # The paper's: 77% of prompts 50 to 150 tokens, 45% of responses over 5,000 tokens (median 4,470,
-        # sigma 0.9: P(> 5,000) = 0.45; prompts median 95, sigma 0.45: P(50..150) = 0.77). One answer each.
-        ReasoningWorkload("NaturalReasoning-like", 95, 4470, 0.9, 32768, samples=1, prompt_sigma=0.45),
-    )
-}
-
-
-@dataclass(frozen=True)
 class MoEModel:
-    """An MoE layer's routing (the models' published configs): experts, top-k, the expert MLP's width, and
-    its rule. With groups, ``bias`` also picks how groups rank (kernels/moe.py): the sum of their top-2
-    biased scores with it (DeepSeek-V3/R1), their best score without (DeepSeek-V2)."""
+    """An MoE layer's routing (docs/facts.md#moe-routing): experts, top-k, the expert MLP's width, and its
+    rule. With groups, ``bias`` also picks how groups rank (kernels/moe.py): the sum of their top-2 biased
+    scores with it (DeepSeek-V3/R1), their best score without (DeepSeek-V2)."""
 
     name: str
     hidden: int
@@ -139,11 +110,29 @@ class MoEModel:
 MOE_MODELS: dict[str, MoEModel] = {
     m.name: m
     for m in (
-        MoEModel("DeepSeek-R1", 7168, 256, 8, 2048, "sigmoid", 8, 4, 2.5, bias=True),
-        MoEModel("Qwen3-30B-A3B", 2048, 128, 8, 768),
-        MoEModel("Qwen3-235B-A22B", 4096, 128, 8, 1536),
-        MoEModel("Mixtral-8x7B", 4096, 8, 2, 14336),
-        MoEModel("gpt-oss-120b", 2880, 128, 4, 2880, softmax_after_topk=True),
+        MoEModel(
+            name="DeepSeek-R1",
+            hidden=7168,
+            num_experts=256,
+            top_k=8,
+            intermediate=2048,
+            scoring="sigmoid",
+            num_groups=8,
+            topk_groups=4,
+            scale=2.5,
+            bias=True,
+        ),
+        MoEModel(name="Qwen3-30B-A3B", hidden=2048, num_experts=128, top_k=8, intermediate=768),
+        MoEModel(name="Qwen3-235B-A22B", hidden=4096, num_experts=128, top_k=8, intermediate=1536),
+        MoEModel(name="Mixtral-8x7B", hidden=4096, num_experts=8, top_k=2, intermediate=14336),
+        MoEModel(
+            name="gpt-oss-120b",
+            hidden=2880,
+            num_experts=128,
+            top_k=4,
+            intermediate=2880,
+            softmax_after_topk=True,
+        ),
     )
 }
 
@@ -260,51 +249,147 @@ class ModelSpec:
         """The attention geometry the capacity study and the decode cases use."""
         latent = self.mla.cached_width if self.mla is not None else None
         return AttentionModel(
-            self.name,
-            self.layers,
-            self.hidden,
-            self.num_q_heads,
-            1 if latent else self.num_kv_heads,
-            latent or self.head_dim,
+            name=self.name,
+            layers=self.layers,
+            hidden=self.hidden,
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=1 if latent else self.num_kv_heads,
+            head_dim=latent or self.head_dim,
             latent_dim=latent,
             params_b=self.params() / 1e9,
         )
 
 
-def _llama(name, layers, hidden, heads, kv_heads, intermediate, vocab=128256) -> ModelSpec:
-    return ModelSpec(name, layers, hidden, heads, kv_heads, 128, intermediate, vocab)
+def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256) -> ModelSpec:
+    """A Llama-shaped dense model (head_dim 128): the Llama 3.1 family and the Llama and Qwen2.5 distills."""
+    return ModelSpec(
+        name=name,
+        layers=layers,
+        hidden=hidden,
+        num_q_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=128,
+        intermediate=intermediate,
+        vocab=vocab,
+    )
 
 
-#: Every model of shared/facts.md, the paper's distills under their published names included.
+def _moe(name, *, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, experts, top_k, width):
+    """A GQA model whose every layer is MoE (Qwen3 MoE, Mixtral, gpt-oss)."""
+    return ModelSpec(
+        name=name,
+        layers=layers,
+        hidden=hidden,
+        num_q_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        vocab=vocab,
+        moe=MoESpec(num_experts=experts, top_k=top_k, expert_intermediate=width),
+    )
+
+
+#: Every model of docs/facts.md#model-shapes, the distills the scaling study (arXiv 2605.19775) ran under
+#: their published names included.
 MODEL_SPECS: dict[str, ModelSpec] = {
     m.name: m
     for m in (
-        _llama("Llama-3.1-8B", 32, 4096, 32, 8, 14336),
-        _llama("Llama-3.1-70B", 80, 8192, 64, 8, 28672),
-        _llama("Llama-3.1-405B", 126, 16384, 128, 8, 53248),
-        _llama("DeepSeek-R1-Distill-Llama-8B", 32, 4096, 32, 8, 14336),
-        _llama("DeepSeek-R1-Distill-Llama-70B", 80, 8192, 64, 8, 28672),
-        _llama("DeepSeek-R1-Distill-Qwen-14B", 48, 5120, 40, 8, 13824, vocab=152064),
-        _llama("DeepSeek-R1-Distill-Qwen-32B", 64, 5120, 40, 8, 27648, vocab=152064),
-        _llama("Qwen3-32B", 64, 5120, 64, 8, 25600, vocab=151936),
-        ModelSpec("Qwen3-30B-A3B", 48, 2048, 32, 4, 128, 6144, 151936, moe=MoESpec(128, 8, 768)),
-        ModelSpec("Qwen3-235B-A22B", 94, 4096, 64, 4, 128, 12288, 151936, moe=MoESpec(128, 8, 1536)),
-        ModelSpec("Mixtral-8x7B", 32, 4096, 32, 8, 128, 14336, 32000, moe=MoESpec(8, 2, 14336)),
-        ModelSpec("gpt-oss-120b", 36, 2880, 64, 8, 64, 2880, 201088, moe=MoESpec(128, 4, 2880)),
+        _llama("Llama-3.1-8B", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336),
+        _llama("Llama-3.1-70B", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672),
+        _llama("Llama-3.1-405B", layers=126, hidden=16384, heads=128, kv_heads=8, intermediate=53248),
+        _llama(
+            "DeepSeek-R1-Distill-Llama-8B", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336
+        ),
+        _llama(
+            "DeepSeek-R1-Distill-Llama-70B", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672
+        ),
+        _llama(
+            "DeepSeek-R1-Distill-Qwen-14B",
+            layers=48,
+            hidden=5120,
+            heads=40,
+            kv_heads=8,
+            intermediate=13824,
+            vocab=152064,
+        ),
+        _llama(
+            "DeepSeek-R1-Distill-Qwen-32B",
+            layers=64,
+            hidden=5120,
+            heads=40,
+            kv_heads=8,
+            intermediate=27648,
+            vocab=152064,
+        ),
+        _llama("Qwen3-32B", layers=64, hidden=5120, heads=64, kv_heads=8, intermediate=25600, vocab=151936),
+        _moe(
+            "Qwen3-30B-A3B",
+            layers=48,
+            hidden=2048,
+            heads=32,
+            kv_heads=4,
+            head_dim=128,
+            intermediate=6144,
+            vocab=151936,
+            experts=128,
+            top_k=8,
+            width=768,
+        ),
+        _moe(
+            "Qwen3-235B-A22B",
+            layers=94,
+            hidden=4096,
+            heads=64,
+            kv_heads=4,
+            head_dim=128,
+            intermediate=12288,
+            vocab=151936,
+            experts=128,
+            top_k=8,
+            width=1536,
+        ),
+        _moe(
+            "Mixtral-8x7B",
+            layers=32,
+            hidden=4096,
+            heads=32,
+            kv_heads=8,
+            head_dim=128,
+            intermediate=14336,
+            vocab=32000,
+            experts=8,
+            top_k=2,
+            width=14336,
+        ),
+        _moe(
+            "gpt-oss-120b",
+            layers=36,
+            hidden=2880,
+            heads=64,
+            kv_heads=8,
+            head_dim=64,
+            intermediate=2880,
+            vocab=201088,
+            experts=128,
+            top_k=4,
+            width=2880,
+        ),
         ModelSpec(
-            "DeepSeek-R1",
-            61,
-            7168,
-            128,
-            128,
-            192,
-            18432,
-            129280,
+            name="DeepSeek-R1",
+            layers=61,
+            hidden=7168,
+            num_q_heads=128,
+            num_kv_heads=128,
+            head_dim=192,
+            intermediate=18432,
+            vocab=129280,
             weight_bytes=1,
             mla=MLA_MODELS["DeepSeek-R1"],
             q_lora_rank=1536,
             v_head_dim=128,
-            moe=MoESpec(256, 8, 2048, shared_experts=1, first_dense_layers=3),
+            moe=MoESpec(
+                num_experts=256, top_k=8, expert_intermediate=2048, shared_experts=1, first_dense_layers=3
+            ),
         ),
     )
 }
@@ -317,7 +402,7 @@ class _ConfigFields:
     """A config.json's fields (or one of its objects), each checked as it is read: a ValueError names the
     file and the field, and says what was expected."""
 
-    def __init__(self, path, fields: dict, prefix: str = ""):
+    def __init__(self, path: str, fields: dict, prefix: str = ""):
         self.path, self.fields, self.prefix = path, fields, prefix
 
     def problem(self, name: str, expected: str, value) -> ValueError:
@@ -368,15 +453,15 @@ def _moe_of(config: _ConfigFields, layers: int) -> MoESpec | None:
     if not experts:
         return None
     return MoESpec(
-        experts,
-        config.integer(
+        num_experts=experts,
+        top_k=config.integer(
             "num_experts_per_tok",
             "num_experts_per_token",
             "experts_per_token",
             maximum=experts,
             of="the experts",
         ),
-        config.integer("moe_intermediate_size", "intermediate_size"),
+        expert_intermediate=config.integer("moe_intermediate_size", "intermediate_size"),
         shared_experts=config.integer("n_shared_experts", default=0, minimum=0),
         first_dense_layers=config.integer(
             "first_k_dense_replace", default=0, minimum=0, maximum=layers - 1, of="the layers but one"
@@ -390,27 +475,21 @@ def _mla_of(config: _ConfigFields) -> MLAGeometry | None:
         return None
     rope = config.object("rope_scaling")
     return MLAGeometry(
-        kv_lora_rank,
-        config.integer("qk_rope_head_dim"),
-        config.integer("qk_nope_head_dim"),
-        rope.number("factor", 1.0, positive=True),
-        rope.number("mscale_all_dim", 0.0, positive=False),
+        kv_lora_rank=kv_lora_rank,
+        qk_rope_head_dim=config.integer("qk_rope_head_dim"),
+        qk_nope_head_dim=config.integer("qk_nope_head_dim"),
+        rope_factor=rope.number("factor", 1.0, positive=True),
+        mscale_all_dim=rope.number("mscale_all_dim", 0.0, positive=False),
     )
 
 
-def model_from_hf_config(path, name: str | None = None) -> ModelSpec:
-    """A ModelSpec from a Hugging Face config.json (the fields a model already ships with): Llama, Qwen,
-    Mixtral, gpt-oss and DeepSeek-V3/R1 naming. fp8 weights when its quantization_config says so. A config
-    no model could have (a field of the wrong type, zero heads, KV heads that do not divide the query heads,
-    top-k above the experts, ...) is a ValueError naming the file and the field."""
-    from pathlib import Path
-
-    from bench.measure.results import read_json_object
-
-    try:
-        config = _ConfigFields(path, read_json_object(path))
-    except ValueError as error:
-        raise ValueError(f"config: {error}") from None
+def model_from_hf_config(fields: dict, source: str = "config.json", name: str | None = None) -> ModelSpec:
+    """A ModelSpec from the fields of a Hugging Face config.json (what a model already ships with; the caller
+    reads the file): Llama, Qwen, Mixtral, gpt-oss and DeepSeek-V3/R1 naming. fp8 weights when its
+    quantization_config says so. A config no model could have (a field of the wrong type, zero heads, KV
+    heads that do not divide the query heads, top-k above the experts, ...) is a ValueError naming
+    ``source`` (the file) and the field. The name: ``name``, else _name_or_path, else the file's folder."""
+    config = _ConfigFields(source, fields)
     layers = config.integer("num_hidden_layers")
     hidden = config.integer("hidden_size")
     heads = config.integer("num_attention_heads")
@@ -425,14 +504,14 @@ def model_from_hf_config(path, name: str | None = None) -> ModelSpec:
     config.object("rope_scaling").number("factor", 1.0, positive=True)  # checked for every model
     quant = config.object("quantization_config").choice("quant_method", (str,), "")
     return ModelSpec(
-        name or str(config.fields.get("_name_or_path") or Path(path).parent.name),
-        layers,
-        hidden,
-        heads,
-        kv_heads,
-        config.integer("head_dim", default=hidden // heads),
-        config.integer("intermediate_size"),
-        config.integer("vocab_size"),
+        name=name or str(fields.get("_name_or_path") or PurePath(source).parent.name),
+        layers=layers,
+        hidden=hidden,
+        num_q_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=config.integer("head_dim", default=hidden // heads),
+        intermediate=config.integer("intermediate_size"),
+        vocab=config.integer("vocab_size"),
         tied_embeddings=config.choice("tie_word_embeddings", (bool,), False),
         weight_bytes=1 if "fp8" in quant.lower() else 2,
         mla=mla,

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.cases import CASES
-from bench.cases.kv_cache import WriteKVShape
-from bench.cases.mla_attention import MLADecodeShape
-from bench.cases.moe import DispatchShape, RouteShape
-from bench.cases.paged_attention import PagedDecodeShape
 from bench.measure.runner import verify
-from bench.models import MOE_MODELS, ModelSpec, MoEModel
-from bench.systems.step import Layout, Stage, expected_experts_touched
+from bench.operators import CASES
+from bench.operators.kv_cache import WriteKVShape
+from bench.operators.mla_attention import MLADecodeShape
+from bench.operators.moe import DispatchShape, RouteShape
+from bench.operators.paged_attention import PagedDecodeShape
+from bench.serving.models import MOE_MODELS, ModelSpec, MoEModel
+from bench.serving.step import Layout, Stage, expected_experts_touched
 from bench.testing import generator, randn
 
 
@@ -79,7 +79,11 @@ def stage_calls(
     moe_model = None
     if m is not None:
         moe_model = MOE_MODELS.get(spec.name) or MoEModel(
-            spec.name, h, m.num_experts, m.top_k, m.expert_intermediate
+            name=spec.name,
+            hidden=h,
+            num_experts=m.num_experts,
+            top_k=m.top_k,
+            intermediate=m.expert_intermediate,
         )
     if name in ("attn_norm", "mlp_norm"):
         x = randn((micro, h), torch.bfloat16, device, gen)
@@ -110,34 +114,43 @@ def stage_calls(
         down = _grouped_gemm(groups, rows, width, h, device, gen)
         return _chain(up, down), None, kind + (", " if kind else "") + f"{groups} experts x {rows} rows"
     if name == "write_kv":
-        if spec.mla is not None:
-            shape = WriteKVShape(spec.name, "decode", micro, 1, spec.mla.cached_width, None)
-        else:
-            shape = WriteKVShape(
-                spec.name, "decode", micro, spec.kv_heads_per_rank(tp), spec.head_dim, spec.head_dim
-            )
+        mla = spec.mla is not None
+        shape = WriteKVShape(
+            name=spec.name,
+            pattern="decode",
+            num_tokens=micro,
+            num_kv_heads=1 if mla else spec.kv_heads_per_rank(tp),
+            head_dim=spec.mla.cached_width if mla else spec.head_dim,
+            head_dim_v=None if mla else spec.head_dim,
+        )
         return (*_case_call("write_kv", shape, device, check), "")
     if name == "paged_decode":
         shape = PagedDecodeShape(
-            spec.name, (context,) * micro, spec.num_q_heads // tp, spec.kv_heads_per_rank(tp), spec.head_dim
+            name=spec.name,
+            lengths=(context,) * micro,
+            num_q_heads=spec.num_q_heads // tp,
+            num_kv_heads=spec.kv_heads_per_rank(tp),
+            head_dim=spec.head_dim,
         )
         return (*_case_call("paged_decode", shape, device, check), "")
     if name == "mla_decode":
         g = spec.mla
         shape = MLADecodeShape(
-            spec.name,
-            (context,) * micro,
-            spec.num_q_heads // tp,
+            name=spec.name,
+            lengths=(context,) * micro,
+            num_heads=spec.num_q_heads // tp,
             qk_dim=g.cached_width,
             v_head_dim=g.kv_lora_rank,
             scale=g.softmax_scale,
         )
         return (*_case_call("mla_decode", shape, device, check), "")
     if name == "route":
-        return (*_case_call("route", RouteShape(spec.name, micro, moe_model), device, check), "")
+        shape = RouteShape(name=spec.name, tokens=micro, model=moe_model)
+        return (*_case_call("route", shape, device, check), "")
     if name in ("dispatch", "combine"):
         tokens = max(1, round(micro / (tp if layout.ep > 1 else 1)))
-        return (*_case_call(name, DispatchShape(spec.name, tokens, moe_model), device, check), "")
+        shape = DispatchShape(name=spec.name, tokens=tokens, model=moe_model)
+        return (*_case_call(name, shape, device, check), "")
     return None, None, "projected: a collective or the pipeline's, not run on one GPU"
 
 

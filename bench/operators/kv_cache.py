@@ -1,14 +1,14 @@
-"""write_kv's case: shapes from the model presets, inputs, byte and FLOP models, and the check against the
-reference."""
+"""write_kv's operator: shapes from the model presets, inputs, byte and FLOP models, the check against the
+reference, and its tuning candidates."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import kernels.kv_cache
 import reference.kv_cache
-from bench.cases.base import Case, Inputs
-from bench.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
+from bench.operators.base import Case, Inputs, TuneSpec, pow2_between
+from bench.serving.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
 from bench.testing import (
     Guarded,
     assert_bitwise_equal,
@@ -234,6 +234,24 @@ def launch_config(inputs: Inputs) -> dict:
     return kernels.kv_cache.write_kv_choice(a["key"], a["value"], a["k_cache"]).as_info()
 
 
+TUNE = TuneSpec(
+    "_write_kv_kernel",
+    kernels.kv_cache.TUNABLE,
+    (
+        lambda h: {"TOKENS": h["TOKENS"] * 2},
+        lambda h: {"TOKENS": h["TOKENS"] * 4},
+        lambda h: {"num_warps": h["num_warps"] // 2},
+        lambda h: {"num_warps": h["num_warps"] * 2},
+    ),
+    {
+        "TOKENS": pow2_between(1, 64),
+        "BLOCK": pow2_between(16, 4096),
+        "num_warps": pow2_between(1, 8),
+    },
+    lambda shape: replace(shape, num_tokens=min(shape.num_tokens, 64), skipped=0),
+)
+
+
 WRITE_KV = Case(
     name="write_kv",
     module="kv_cache",
@@ -249,4 +267,5 @@ WRITE_KV = Case(
     traffic_shapes=lambda: small_shapes() + static_shapes(),
     compare=compare,
     launch_config=launch_config,
+    tune=TUNE,
 )

@@ -1,0 +1,114 @@
+"""Model presets and workloads (bench/serving/models.py, workloads.py): sizes and KV bytes against the
+published figures, tensor-parallel splits, a Hugging Face config read into the preset it describes, and the
+NaturalReasoning-like workload's published shape. The checks on impossible configs are
+tests/test_cli_errors.py's."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.commands.advise import load_model_config
+from bench.serving.models import MODEL_SPECS, MODELS
+from bench.serving.workloads import WORKLOADS
+
+NATURAL = WORKLOADS["NaturalReasoning-like"]
+
+
+@pytest.mark.parametrize(
+    "model, kv_bytes",
+    [
+        ("Llama-3.1-8B", 131072),
+        ("Llama-3.1-70B", 327680),
+        ("Llama-3.1-405B", 516096),
+        ("Qwen3-32B", 262144),
+        ("Qwen3-30B-A3B", 98304),
+        ("Qwen3-235B-A22B", 192512),
+        ("Mixtral-8x7B", 131072),
+        ("gpt-oss-120b", 73728),
+        ("DeepSeek-R1", 70272),
+    ],
+)
+def test_model_presets_match_the_published_kv_bytes(model, kv_bytes):
+    """docs/facts.md#model-shapes' last column, recomputed from the preset's geometry."""
+    assert MODELS[model].kv_bytes_per_token() == kv_bytes
+
+
+def test_tensor_parallel_splits_kv_heads_only_up_to_their_count():
+    assert MODELS["Llama-3.1-70B"].kv_heads_per_rank(8) == 1
+    assert MODELS["Llama-3.1-70B"].kv_heads_per_rank(16) == 1
+    assert MODELS["DeepSeek-R1"].kv_heads_per_rank(8) == 1
+
+
+def test_parameters_match_the_published_sizes():
+    published = {
+        "Llama-3.1-8B": 8.03,
+        "Llama-3.1-70B": 70.6,
+        "Llama-3.1-405B": 405.9,
+        "DeepSeek-R1-Distill-Qwen-14B": 14.8,
+        "DeepSeek-R1-Distill-Qwen-32B": 32.8,
+        "Qwen3-235B-A22B": 235.1,
+        "Mixtral-8x7B": 46.7,
+        "DeepSeek-R1": 671.0,
+    }
+    for name, billions in published.items():
+        assert MODEL_SPECS[name].params() / 1e9 == pytest.approx(billions, rel=0.01), name
+
+
+def test_kv_bytes_per_token_match_the_table():
+    # docs/facts.md#model-shapes: bytes a token holds over all layers, bf16, one rank.
+    for name, nbytes in (("Llama-3.1-8B", 131072), ("Llama-3.1-405B", 516096), ("DeepSeek-R1", 70272)):
+        spec = MODEL_SPECS[name]
+        assert spec.layers * spec.kv_bytes_per_token_layer() == nbytes, name
+    llama, r1 = MODEL_SPECS["Llama-3.1-70B"], MODEL_SPECS["DeepSeek-R1"]
+    assert llama.kv_bytes_per_token_layer(tp=16) == llama.kv_bytes_per_token_layer(tp=8)  # 8 KV heads at most
+    assert r1.kv_bytes_per_token_layer(tp=8) == r1.kv_bytes_per_token_layer(tp=1)  # the latent is replicated
+
+
+def test_a_hugging_face_config_reads_into_the_preset(tmp_path):
+    deepseek = {
+        "num_hidden_layers": 61,
+        "hidden_size": 7168,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "intermediate_size": 18432,
+        "vocab_size": 129280,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 2048,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 3,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "rope_scaling": {"factor": 40, "mscale_all_dim": 1.0},
+        "quantization_config": {"quant_method": "fp8"},
+    }
+    llama = {
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    }
+    for config, preset in ((deepseek, "DeepSeek-R1"), (llama, "Llama-3.1-8B")):
+        path = tmp_path / f"{preset}.json"
+        path.write_text(json.dumps(config))
+        read = load_model_config(path, name=preset)
+        want = MODEL_SPECS[preset]
+        assert read.params() == want.params() and read.weight_bytes == want.weight_bytes
+        assert read.kv_bytes_per_token_layer(8) == want.kv_bytes_per_token_layer(8)
+        assert read.moe == want.moe and read.mla == want.mla
+    path.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="^config:"):
+        load_model_config(path)
+
+
+def test_natural_reasoning_matches_the_published_shape():
+    prompts, outputs = NATURAL.draw(50_000, np.random.default_rng(1))
+    assert np.mean((prompts >= 50) & (prompts <= 150)) == pytest.approx(0.77, abs=0.02)
+    assert np.mean(outputs > 5000) == pytest.approx(0.45, abs=0.02)

@@ -1,0 +1,240 @@
+"""The operator modules (bench/operators/): the peers timed beside paged_decode, mla_decode and allocate, each
+checked against the reference (or the kernel) through verify_and_prepare at the shape it is timed, each
+saying why it cannot run where it cannot, and the tuning specs the operators give the tuner."""
+
+import warnings
+
+import pytest
+import torch
+
+from bench.operators import CASES, paged_attention
+from bench.operators.base import PeerUnavailable, kernel_expected, verify_and_prepare
+from bench.operators.kv_alloc import AllocateShape
+from bench.operators.mla_attention import MLA_DECODE
+from bench.operators.mla_attention import MLADecodeShape as MLAShape
+from bench.operators.mla_attention import build as mla_build
+from bench.operators.paged_attention import (
+    FLEX_Q_BLOCK,
+    PAGED_DECODE,
+    PagedDecodeShape,
+    compiled_flex_attention,
+    flex_prepare,
+    flex_unsupported,
+)
+from bench.operators.paged_attention import build as paged_build
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
+
+
+# --- paged_decode's peers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "peer, shape",
+    [
+        ("sdpa-contiguous", PagedDecodeShape("peer", (77, 77, 77), 8, 2, 64, block_size=16)),
+        ("flex-attention-paged", PagedDecodeShape("peer", (37, 100, 64), 8, 2, 64, block_size=16)),
+        (
+            "flex-attention-paged",
+            PagedDecodeShape("peer", (90, 40, 64), 8, 1, 64, block_size=16, shared_pages=2),
+        ),
+        ("flex-attention-paged", PagedDecodeShape("peer", (37, 0, 9), 4, 2, 64, block_size=8)),
+    ],
+    ids=["sdpa", "flex", "flex-shared-mqa", "flex-empty-sequence"],
+)
+def test_paged_decode_peers_compute_the_same_attention(peer, shape):
+    """A peer's time means something only if it does the same work: verify_and_prepare (what the
+    benchmarks run before timing a peer) checks its output against the reference through Peer.check."""
+    inputs = paged_build(shape, DEVICE, 9)
+    expected = inputs.clone()
+    PAGED_DECODE.run_reference(expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
+        prepared, _ = verify_and_prepare(PAGED_DECODE, peer, inputs, shape, expected)
+        verify_and_prepare(PAGED_DECODE, peer, inputs, shape, None)  # against the kernel: raises if apart
+        out = prepared.call()
+    wrong = out.clone()
+    wrong.view(-1)[0] += 1.0  # one element off: the check must see it
+    with pytest.raises(AssertionError, match="out"):
+        PAGED_DECODE.peers[peer].check(wrong, expected, shape)
+
+
+@pytest.mark.parametrize(
+    "peer, shape, reason",
+    [
+        ("sdpa-contiguous", PagedDecodeShape("p", (5, 9), 4, 2, 64), "one nonzero length"),
+        ("sdpa-contiguous", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
+        ("flex-attention-paged", PagedDecodeShape("p", (5, 5), 4, 2, 64, cache_dtype=FP8), "fp8"),
+        ("flex-attention-paged", PagedDecodeShape("p", (0, 0), 4, 2, 64), "at least one key"),
+    ],
+)
+def test_paged_decode_peers_that_cannot_run_say_why(peer, shape, reason):
+    with pytest.raises(PeerUnavailable, match=reason):
+        PAGED_DECODE.peers[peer].prepare(paged_build(shape, DEVICE, 1), shape)
+
+
+def test_compiled_flex_attention_limits_are_decided_up_front():
+    """On a GPU, the shapes the compiled FlexAttention cannot take are named before anything runs, so no
+    compile error is ever turned into a skip."""
+
+    def why(shape, device):
+        group = shape.num_q_heads // shape.num_kv_heads
+        return flex_unsupported(
+            shape.cache_dtype, shape.lengths, shape.block_size, shape.head_dim, group, torch.device(device)
+        )
+
+    assert why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=16), "cuda") is None
+    assert "pages of 16" in why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=8), "cuda")
+    assert "power-of-two pages" in why(PagedDecodeShape("p", (5,), 8, 2, 64, block_size=48), "cuda")
+    assert "power-of-two" in why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=16), "cuda")
+    assert "128 or fewer" in why(PagedDecodeShape("p", (5,), 256, 1, 64, block_size=16), "cuda")
+    assert why(PagedDecodeShape("p", (5,), 6, 1, 96, block_size=8), "cpu") is None
+
+
+def test_flex_blocks_fit_torchs_decode_kernel(monkeypatch):
+    """Torch's decode kernel (torch/_inductor/kernel/flex/flex_decoding.py) drops every configuration whose
+    BLOCK_M (the query group, a power of two of at least 16) does not divide the mask's query block, and
+    PagedAttention maps one key block per page: a query block of 1 left it nothing to run, at every shape."""
+    import importlib
+
+    flex = importlib.import_module("torch.nn.attention.flex_attention")
+
+    blocks, create = [], flex.create_block_mask
+    monkeypatch.setattr(
+        flex, "create_block_mask", lambda *a, **kw: blocks.append(kw["BLOCK_SIZE"]) or create(*a, **kw)
+    )
+    shape = PagedDecodeShape("p", (37, 20), 8, 2, 64, block_size=16)
+    flex_prepare(paged_build(shape, DEVICE, 1), shape)
+    assert blocks == [(FLEX_Q_BLOCK, shape.block_size)]
+    assert all(FLEX_Q_BLOCK % max(group, 16) == 0 for group in (1, 2, 4, 8, 16, 32, 64, 128))
+
+
+def test_flex_attention_compiles_for_one_shape_at_a_time(monkeypatch):
+    """dynamic=True left batch and heads symbolic, and torch then never picks its decode kernel; each shape
+    compiles after a reset, so dynamo's recompile limit (past which it runs flex_attention unfused) is never
+    reached."""
+    compiled, resets = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(True))
+    compiled_flex_attention()
+    assert compiled == [{"dynamic": False}] and resets == [True]
+
+
+def test_sdpa_runs_where_a_fused_backend_takes_the_shape(monkeypatch):
+    """The fused-backend rule (a GPU's, applied to the CPU here on any machine, whose flash backend takes GQA
+    at equal widths) lets an ordinary decode through."""
+    monkeypatch.setattr(paged_attention, "FUSED_SDPA_ONLY_ON", ("cpu", "cuda"))
+    shape = PagedDecodeShape("p", (20, 20), 8, 2, 64, block_size=16)
+    inputs = paged_build(shape, "cpu", 1)
+    assert paged_attention.fused_sdpa_refusal(inputs.args["q"][:, :, None, :], 2, 64, 20) is None
+    PAGED_DECODE.peers["sdpa-contiguous"].prepare(inputs, shape)
+
+
+# --- mla_decode's peers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "peer, shape",
+    [
+        ("torch-gather-dense", MLAShape("peer", (77, 77), 16, qk_dim=96, v_head_dim=64, block_size=16)),
+        ("torch-gather-dense", MLAShape("peer", (40, 40), 8, qk_dim=64, v_head_dim=48, cache_dtype=FP8)),
+        ("sdpa-contiguous", MLAShape("peer", (77, 77), 16, qk_dim=96, v_head_dim=64, block_size=16)),
+        (
+            "flex-attention-paged",
+            MLAShape("peer", (37, 100, 0), 16, qk_dim=96, v_head_dim=64, block_size=16, shared_pages=1),
+        ),
+    ],
+    ids=["gather", "gather-fp8", "sdpa", "flex-ragged-shared"],
+)
+def test_mla_decode_peers_compute_the_same_attention(peer, shape):
+    """verify_and_prepare (what the benchmarks run before timing a peer) checks each peer's output against
+    the reference; a check that cannot see one wrong element would make that meaningless."""
+    inputs = mla_build(shape, DEVICE, 9)
+    expected = inputs.clone()
+    MLA_DECODE.run_reference(expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
+        prepared, _ = verify_and_prepare(MLA_DECODE, peer, inputs, shape, expected)
+        out = prepared.call()
+    wrong = out.clone()
+    wrong.view(-1)[0] += 1.0
+    with pytest.raises(AssertionError, match="out"):
+        MLA_DECODE.peers[peer].check(wrong, expected, shape)
+
+
+@pytest.mark.parametrize(
+    "peer, shape, reason",
+    [
+        ("torch-gather-dense", MLAShape("p", (5, 9), 16, qk_dim=64, v_head_dim=64), "one nonzero length"),
+        ("sdpa-contiguous", MLAShape("p", (5, 5), 16, qk_dim=64, v_head_dim=64, cache_dtype=FP8), "fp8"),
+        ("flex-attention-paged", MLAShape("p", (5, 5), 16, qk_dim=64, v_head_dim=64, cache_dtype=FP8), "fp8"),
+        ("flashinfer-mla", MLAShape("p", (5, 5), 16, qk_dim=64, v_head_dim=64), "flashinfer|CUDA|512"),
+    ],
+)
+def test_mla_decode_peers_that_cannot_run_say_why(peer, shape, reason):
+    with pytest.raises(PeerUnavailable, match=reason):
+        MLA_DECODE.peers[peer].prepare(mla_build(shape, DEVICE, 1), shape)
+
+
+def test_sdpa_is_refused_where_no_fused_backend_takes_the_shape(monkeypatch):
+    """No fused SDPA backend takes 576-wide keys with 512-wide values over one latent head; torch's math
+    fallback upcasts to fp32 and repeats K and V for every head (about 220 GB at batch 32, 8K context, 128
+    heads). The peer refuses up front, with torch's reasons. The rule is the GPU's; the CPU stands in for it
+    here, on any machine (its flash backend refuses the same widths; the peer launches no kernel)."""
+    monkeypatch.setattr(paged_attention, "FUSED_SDPA_ONLY_ON", ("cpu", "cuda"))
+    shape = MLAShape("p", (40, 40), 16, block_size=16)
+    assert (shape.qk_dim, shape.v_head_dim) == (576, 512)
+    with pytest.raises(PeerUnavailable, match="no fused SDPA backend takes q/k 576 and v 512.*GB"):
+        MLA_DECODE.peers["sdpa-contiguous"].prepare(mla_build(shape, "cpu", 1), shape)
+
+
+def test_compiled_flex_attention_skips_tiles_too_large_for_shared_memory():
+    """MLA's 576-wide rows: the decode kernel's query tile (the heads, padded to a power of two) and a page
+    of keys and values must fit in one block's shared memory (an estimate, to be confirmed on a GPU)."""
+
+    def why(heads, block_size):
+        return flex_unsupported(torch.bfloat16, (5,), block_size, 576, heads, torch.device("cuda"), v_dim=512)
+
+    assert why(16, 16) is None and why(64, 16) is None and why(16, 64) is None
+    assert "shared memory" in why(128, 16) and "shared memory" in why(32, 64)
+
+
+# --- allocate's peer: the host pool -------------------------------------------------------------------------
+
+
+def test_host_pool_peer_steps_like_the_kernel_and_resets_outside_its_call():
+    """The host-pool peer as the benchmarks run it: prepared once (host copy, id list), checked against the
+    kernel's own step (the reference is the peer here), and its reset puts the host pool back, so every
+    timed call does the same step. A host pool one step ahead fails the check."""
+    case = CASES["allocate"]
+    shape = case.small_shapes()[0]
+    inputs = case.build(shape, DEVICE, 4)
+    prepared, _ = verify_and_prepare(case, "host-pool", inputs, shape, None)
+    expected = kernel_expected(case, inputs)
+    for _ in range(2):
+        prepared.reset()
+        case.peers["host-pool"].check(prepared.call(), expected, shape)
+    with pytest.raises(AssertionError):
+        case.peers["host-pool"].check(prepared.call(), expected, shape)  # no reset: a second step
+
+
+def test_host_pool_peer_is_unavailable_past_its_size_with_the_reason():
+    shape = AllocateShape("big", 4096, 1)
+    with pytest.raises(PeerUnavailable, match="past 1024 sequences"):
+        CASES["allocate"].peers["host-pool"].prepare(None, shape)
+
+
+# --- tuning specs -------------------------------------------------------------------------------------------
+
+
+def test_tune_specs_name_their_kernel_and_the_launchers_knobs():
+    """Each tune spec names a @triton.jit kernel of its case's kernel module (the one whose figures the tuner
+    reports) and limits exactly the knobs it tunes, on a case whose launcher reports its configuration;
+    route stays out of tuning (its candidates' compiles cost more than every other kernel's together)."""
+    tuned = {name: case.tune for name, case in CASES.items() if case.tune is not None}
+    assert set(tuned) == {"write_kv", "paged_decode", "mla_decode", "dispatch", "combine"}
+    for name, spec in tuned.items():
+        assert hasattr(CASES[name].kernel_module, spec.primary), (name, spec.primary)
+        assert set(spec.limits) == set(spec.tunable), name
+        assert CASES[name].launch_config is not None, name

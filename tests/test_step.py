@@ -1,0 +1,119 @@
+"""The decode-step model (bench/serving/step.py) and the machine under it (bench/serving/hardware.py): a
+step's stages and their sum, monotonicity in bandwidth, the calibration from a gpu-check result folder and
+from an all-reduce result file, and the stages timed at their shapes (bench/measure/step_timing.py)."""
+
+import json
+
+import pytest
+
+from bench.commands import cli
+from bench.commands.advise import hardware_of, interconnect_of
+from bench.serving.hardware import GPUS, INTERCONNECTS
+from bench.serving.models import MODEL_SPECS
+from bench.serving.step import Layout, step_seconds, step_stages
+
+H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
+
+
+def test_more_bandwidth_never_slows_a_step():
+    from dataclasses import replace
+
+    for name, layout in (("Llama-3.1-70B", Layout(tp=8)), ("DeepSeek-R1", Layout(dp=8, ep=8))):
+        spec = MODEL_SPECS[name]
+        times = [
+            step_seconds(step_stages(spec, layout, 64, 8192, replace(H200, copy_gbps=gbps), link))
+            for gbps in (2000, 3000, 4300)
+            for link in (INTERCONNECTS["pcie"], NVLINK)
+        ]
+        assert times[1] <= times[0] and times[3] <= times[2] and times[5] <= times[4]  # a faster link
+        assert times[4] <= times[2] <= times[0]  # faster memory
+
+
+def test_the_step_adds_up_and_names_each_stage():
+    stages = step_stages(MODEL_SPECS["DeepSeek-R1"], Layout(tp=8), 64, 8192, H200, NVLINK)
+    names = {s.name for s in stages}
+    assert {"mla_decode", "moe:experts", "moe:attn_all_reduce", "moe:route", "lm_head"} <= names
+    assert sum(s.per_step for s in stages if s.name.endswith("mla_decode")) == 61
+    ep = step_stages(MODEL_SPECS["DeepSeek-R1"], Layout(dp=8, ep=8), 64, 8192, H200, NVLINK)
+    assert {"moe:ep_dispatch_a2a", "moe:ep_combine_a2a"} <= {s.name for s in ep}
+    assert "moe:attn_all_reduce" not in {s.name for s in ep}  # data-parallel attention: no TP all-reduce
+
+
+def test_cli_step_prints_every_stage(capsys):
+    assert cli.main(["step", "DeepSeek-R1", "--tp", "8", "--batch", "64", "--context", "8192"]) == 0
+    assert "moe:experts" in capsys.readouterr().out
+
+
+def test_results_folder_calibrates_and_says_what_was_measured(tmp_path, capsys):
+    (tmp_path / "machine.json").write_text(json.dumps({"gpu": "NVIDIA H200", "copy_gbps": 4000.0}))
+    info = {"kernel": "paged_decode", "impl": "triton", "bytes": 5e8, "pct_of_peak": 50.0}
+    entry = {"name": "paged_decode", "stats": {"median": 2.5e-4}, "extra_info": info}
+    (tmp_path / "run.json").write_text(json.dumps({"benchmarks": [entry]}))
+    hw = hardware_of(str(tmp_path))  # machine.json names an H200: its anchors underneath
+    assert hw.copy_gbps == 4000.0 and "measured" in hw.sources["copy_gbps"]
+    assert "anchor" in hw.sources["matmul_tflops"]
+    llama = MODEL_SPECS["Llama-3.1-70B"]
+    measured = {s.name: s for s in step_stages(llama, Layout(tp=8), 64, 8192, hw, NVLINK)}
+    anchored = {s.name: s for s in step_stages(llama, Layout(tp=8), 64, 8192, H200, NVLINK)}
+    assert measured["paged_decode"].source == "measured" and anchored["paged_decode"].source == "anchor"
+    assert measured["paged_decode"].seconds > anchored["paged_decode"].seconds  # 50% of 4.0 TB/s is slower
+    assert cli.main(["step", "Llama-3.1-70B", "--tp", "8", "--gpu", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "measured" in out and "paged_decode" in out
+
+
+def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there(kernel_device):
+    """The GPU timing path of `decodebench step`, on this machine: the host clock and the interpreter, at a
+    tiny dense-then-MoE model with MLA and one with GQA (on a GPU the same calls run under CUDA graphs)."""
+    from bench.measure.step_timing import time_stages
+    from bench.measure.timing import time_wall
+    from bench.serving.models import MLAGeometry, ModelSpec, MoESpec
+
+    moe = MoESpec(num_experts=8, top_k=2, expert_intermediate=32, shared_experts=1, first_dense_layers=1)
+    tiny = dict(layers=2, hidden=64, num_q_heads=4, head_dim=16, intermediate=128, vocab=256, moe=moe)
+    gqa = ModelSpec(name="tiny-gqa", num_kv_heads=2, **tiny)
+    mla = ModelSpec(
+        name="tiny-mla",
+        num_kv_heads=4,
+        mla=MLAGeometry(kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16),
+        q_lora_rank=32,
+        v_head_dim=16,
+        **tiny,
+    )
+
+    def timer(fn, label):
+        return time_wall(fn, label=label, rep_ms=1, min_reps=1, max_reps=1)
+
+    for spec, layout in ((gqa, Layout(tp=2)), (mla, Layout(dp=2, ep=2))):
+        stages = step_stages(spec, layout, 3, 40, H200, NVLINK)
+        timed = time_stages(spec, layout, 3, 40, stages, device=kernel_device, timer=timer)
+        assert set(timed) == {s.name for s in stages}
+        for name, t in timed.items():
+            collective = name.endswith(("all_reduce", "_a2a"))
+            assert (t.seconds is None) == collective, (spec.name, name, t)
+        kernels = [
+            n
+            for n in timed
+            if n.removeprefix("moe:")
+            in ("write_kv", "paged_decode", "mla_decode", "route", "dispatch", "combine")
+        ]
+        assert kernels and all(timed[n].verified is True for n in kernels), {n: timed[n] for n in kernels}
+
+
+def test_an_all_reduce_result_calibrates_the_interconnect(tmp_path, capsys):
+    def entry(size, seconds, impl="nccl"):
+        info = {"kernel": "all_reduce", "impl": impl, "bytes": size, "world_size": 8}
+        return {"name": f"all_reduce[{impl} {size} B]", "extra_info": info, "stats": {"median": seconds}}
+
+    path = tmp_path / "ar.json"
+    benchmarks = [entry(8192, 21e-6), entry(64 * 2**20, 400e-6), entry(8192, 11e-6, "symm-mem one-shot")]
+    path.write_text(json.dumps({"machine_info": {"gpu": "NVIDIA H200"}, "benchmarks": benchmarks}))
+    link = interconnect_of(str(path))
+    assert link.hop_us == pytest.approx(21 / 14)
+    assert link.gbps == pytest.approx(64 * 2**20 / 400e-6 * 2 * 7 / 8 / 1e9)
+    assert "measured" in link.source
+    assert cli.main(["step", "Llama-3.1-70B", "--tp", "8", "--interconnect", str(path)]) == 0
+    assert "measured: ar.json" in capsys.readouterr().out
+    path.write_text(json.dumps({"benchmarks": [entry(8192, 1e-5) | {"extra_info": {"kernel": "x"}}]}))
+    assert cli.main(["step", "Llama-3.1-70B", "--interconnect", str(path)]) == 2
+    assert "--interconnect" in capsys.readouterr().err
