@@ -5,13 +5,15 @@ import math
 
 import pytest
 
+from bench.commands import cli
+from bench.commands import validate as command
 from bench.serving import measured, validate
 from bench.serving.measured import Table, TableSpec
 
 
 @pytest.fixture(scope="module")
 def tables():
-    return measured.read_extract(measured.EXTRACT)
+    return command.load_tables(use_package=False)
 
 
 def test_extract_names_its_source_and_every_table(tables):
@@ -40,7 +42,7 @@ def test_small_grid_gives_every_kind_a_finite_ratio(tables):
         batches=(1, 256),
         contexts=(8192,),
     )
-    result = validate.validate(tables, points)
+    result = validate.validate(tables, command.load_published(), points)
     kinds = {row["kind"]: row for row in result["kinds"]}
     expected = {"attention", "mla", "gemm", "allreduce", "moe_experts", "moe_shared", "a2a", "lm_head"}
     assert expected | {"step total"} <= set(kinds)
@@ -52,5 +54,10 @@ def test_small_grid_gives_every_kind_a_finite_ratio(tables):
 
 
 def test_published_runs_each_name_a_source():
-    for row in validate.read_published():
+    for row in command.load_published():
         assert row["source"].strip() and row["output_tokens_per_s"] > 0
+
+
+def test_cli_refuses_to_write_an_extract_from_the_extract(tmp_path, capsys):
+    assert cli.main(["validate", "--extract", "--write-extract", str(tmp_path / "x.json")]) == 2
+    assert "needs AIConfigurator" in capsys.readouterr().err

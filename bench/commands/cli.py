@@ -450,8 +450,10 @@ def build_parser(argv=None) -> Parser:
     _add_gpu_commands(sub)
 
     from bench.commands import advise as advise_command
+    from bench.commands import validate as validate_command
 
     advise_command.add_parsers(sub)
+    validate_command.add_parsers(sub)
     _add_dist(sub, argv)
     return parser
 

@@ -1,24 +1,84 @@
 """`decodebench validate`: the decode-step model against NVIDIA's measured H200 kernel tables and published
 end-to-end runs (bench/serving/validate.py), its error per stage kind, per step and per run.
 
-    decodebench validate [--extract] [--json FILE] [--plot PNG] [--gpu RESULTS] [--write-extract FILE]
+    decodebench validate [--extract] [--json FILE] [--plot PNG] [--gpu h200|RESULTS] [--interconnect ...]
+                         [--write-extract FILE]
 
-The tables are read through AIConfigurator's package when it is installed (pip install
-'decodebench[validate]'), from the committed extract of the same rows otherwise (--extract forces it).
+The tables are read here: through AIConfigurator's package when it is installed (pip install
+'decodebench[validate]'; pandas reads its parquet files), from the committed extract of the same rows
+otherwise (--extract forces it). The published runs are bench/serving/data/published_runs.csv.
 """
 
+import csv
 import json
+from pathlib import Path
 
-from tabulate import tabulate
-
-from bench.commands.arguments import UsageError, checked, output_file, ready_to_write
+from bench.commands.arguments import UsageError, output_file, ready_to_write
+from bench.format import table
 from bench.serving import measured
 from bench.serving import validate as validation
+
+DATA = Path(validation.__file__).parent / "data"
+EXTRACT = DATA / "aiconfigurator_h200.json"
+PUBLISHED = DATA / "published_runs.csv"
 
 #: The targets issue 18 set: (median low, median high, worst low, worst high).
 KIND_TARGET = (0.8, 1.25, 0.5, 2.0)
 TOTAL_TARGET = (0.85, 1.15, 0.67, 1.5)
 RUN_TARGET = (0.8, 1.25)
+
+
+# -- reading the sources -------------------------------------------------------------------------------------
+
+
+def _package_folder() -> Path | None:
+    """AIConfigurator's H200 data folder, when its package is installed."""
+    try:
+        import aiconfigurator_core  # the optional extra: decodebench[validate]
+    except ImportError:
+        return None
+    return Path(aiconfigurator_core.__file__).parent / "systems" / "data" / measured.SYSTEM
+
+
+def _read_parquet(path: Path, spec: measured.TableSpec) -> dict:
+    """One table as {key tuple: ms}: its rows kept by ``spec.where``, the fastest kernel per key."""
+    import pandas as pd  # a dependency of aiconfigurator, there whenever it is
+
+    frame = pd.read_parquet(path)
+    for column, value in spec.where.items():
+        frame = frame[frame[column] == value]
+    keys = list(spec.exact + spec.axes)
+    frame = frame.groupby(keys, as_index=False)[spec.latency].min()
+    return {
+        tuple(_plain(v) for v in row[:-1]): float(row[-1]) * spec.to_ms
+        for row in frame[keys + [spec.latency]].itertuples(index=False)
+    }
+
+
+def _plain(value):
+    if isinstance(value, str):
+        return value
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def load_tables(use_package: bool = True) -> measured.Tables:
+    """The installed package's tables, or the committed extract's."""
+    folder = _package_folder() if use_package else None
+    if folder is None:
+        return measured.tables_from_extract(json.loads(EXTRACT.read_text()), EXTRACT.name)
+    from importlib.metadata import version
+
+    rows = {name: _read_parquet(folder / spec.path, spec) for name, spec in measured.TABLES.items()}
+    source = f"aiconfigurator-core {version('aiconfigurator-core')}, {measured.SYSTEM} (installed)"
+    return measured.tables_from_rows(rows, source)
+
+
+def load_published() -> list:
+    with open(PUBLISHED, newline="") as handle:
+        return validation.published_runs(csv.DictReader(handle))
+
+
+# -- printing ------------------------------------------------------------------------------------------------
 
 
 def _verdict(row: dict) -> str:
@@ -42,13 +102,11 @@ def print_result(result: dict) -> None:
         ]
         for r in result["kinds"]
     ]
-    headers = ["stage kind", "points", "median", "worst", "range", "worst at", "in target"]
-    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    print(table(rows, ["stage kind", "points", "median", "worst", "range", "worst at", "in target"]))
     print(
-        f"\ntargets: each kind median {KIND_TARGET[0]}-{KIND_TARGET[1]}, "
-        f"worst {KIND_TARGET[2]}-{KIND_TARGET[3]};"
-        f" step total (the measured kinds) median {TOTAL_TARGET[0]}-{TOTAL_TARGET[1]}, worst "
-        f"{TOTAL_TARGET[2]}-{TOTAL_TARGET[3]}\n"
+        f"\ntargets: each kind median {KIND_TARGET[0]}-{KIND_TARGET[1]}, worst {KIND_TARGET[2]}-"
+        f"{KIND_TARGET[3]}; step total (over the measured kinds) median {TOTAL_TARGET[0]}-{TOTAL_TARGET[1]}, "
+        f"worst {TOTAL_TARGET[2]}-{TOTAL_TARGET[3]}\n"
     )
     runs = [
         [
@@ -62,29 +120,26 @@ def print_result(result: dict) -> None:
         for r in result["published"]
     ]
     headers = ["published run (output tokens/s)", "engine", "published", "projected", "ratio", "in target"]
-    print(tabulate(runs, headers=headers, tablefmt="github", disable_numparse=True))
-    print(
-        f"\nruns' sources: {validation.PUBLISHED.name} (a source per row); "
-        f"target {RUN_TARGET[0]}-{RUN_TARGET[1]}"
-    )
+    print(table(runs, headers))
+    print(f"\nruns' sources: {PUBLISHED.name}, a source a row; target {RUN_TARGET[0]}-{RUN_TARGET[1]}")
 
 
 def cmd_validate(args) -> int:
     from bench.commands.advise import hardware_of, interconnect_of
 
     hw, link = hardware_of(args.gpu), interconnect_of(args.interconnect)
-    if args.write_extract and measured.load_tables().source.startswith("extract"):
+    if args.write_extract and (args.extract or _package_folder() is None):
         raise UsageError(
             "--write-extract: needs AIConfigurator installed (pip install 'decodebench[validate]')"
         )
-    tables = checked(measured.load_tables, prefer_package=not args.extract)
+    tables = load_tables(use_package=not args.extract)
     try:
-        result = validation.validate(tables, hw=hw, link=link)
+        result = validation.validate(tables, load_published(), hw=hw, link=link)
     except measured.MissingShape as error:
         raise UsageError(f"{error} (the extract holds the default grid's rows only)") from None
     print_result(result)
     if args.json:
-        ready_to_write(args.json).write_text(json.dumps(result, indent=1, default=str))
+        ready_to_write(args.json).write_text(json.dumps(result, indent=1))
         print(f"written: {args.json}")
     if args.plot:
         print(validation.plot(result, ready_to_write(args.plot)))
@@ -105,9 +160,7 @@ def add_parsers(sub) -> None:
     parser.add_argument(
         "--plot", type=output_file, help="a scatter of projected against measured (plot extra)"
     )
-    parser.add_argument(
-        "--gpu", default="h200", help="h200, or a gpu-check result folder whose ceilings to use"
-    )
+    parser.add_argument("--gpu", default="h200", help="h200, or a gpu-check result folder (its ceilings)")
     parser.add_argument("--interconnect", default="nvlink", help="nvlink, or a `dist allreduce --out` file")
     parser.add_argument(
         "--write-extract", type=output_file, help="write the table rows the grid read (with AIConfigurator)"

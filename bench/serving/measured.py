@@ -1,5 +1,6 @@
-"""NVIDIA's measured H200 kernel times (AIConfigurator's tables), read through its package when it is
-installed, from the committed extract (bench/serving/data/aiconfigurator_h200.json) otherwise.
+"""NVIDIA's measured H200 kernel times (AIConfigurator's tables), as the command read them: through its
+package when it is installed, from the committed extract (bench/serving/data/aiconfigurator_h200.json)
+otherwise (bench/commands/validate.py).
 
 AIConfigurator (github.com/ai-dynamo/aiconfigurator, Apache-2.0; docs/facts.md#measured-ground-truth-for-
 the-decode-step-model) ships parquet tables of kernel latencies measured on h200_sxm. Each table here is one
@@ -9,17 +10,14 @@ engine); NCCL's own table for collectives vLLM's does not cover.
 
 Lookups between measured shapes interpolate linearly along each numeric axis from the bracketing grid
 points (and extend the last segment past the grid's edge); every row a lookup reads is recorded, which is
-how the committed extract is made (``decodebench validate --write-extract``). Only the package's reader
-needs pandas; lookups are plain Python.
+how the committed extract is made (``decodebench validate --write-extract``). Only the command's reader of
+the package needs pandas; lookups are plain Python.
 """
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-PACKAGE = "aiconfigurator_core"
 SYSTEM = "h200_sxm"
-EXTRACT = Path(__file__).parent / "data" / "aiconfigurator_h200.json"
 
 
 @dataclass(frozen=True)
@@ -122,34 +120,6 @@ class Table:
         return max(y, min(y_lo, y_hi) * 0.5)  # a short extension below the grid never goes near zero
 
 
-def _package_dir() -> Path | None:
-    try:
-        import aiconfigurator_core  # noqa: F401  (the optional extra: decodebench[validate])
-    except ImportError:
-        return None
-    import aiconfigurator_core as core
-
-    return Path(core.__file__).parent / "systems" / "data" / SYSTEM
-
-
-def _read_parquet(path: Path, spec: TableSpec) -> dict:
-    import pandas as pd  # a dependency of aiconfigurator, only read when it is installed
-
-    frame = pd.read_parquet(path)
-    for column, value in spec.where.items():
-        frame = frame[frame[column] == value]
-    keys = list(spec.exact + spec.axes)
-    frame = frame.groupby(keys, as_index=False)[spec.latency].min()
-    return {
-        tuple(_plain(v) for v in row[:-1]): float(row[-1]) * spec.to_ms
-        for row in frame[keys + [spec.latency]].itertuples(index=False)
-    }
-
-
-def _plain(value):
-    return value if isinstance(value, str) else (int(value) if float(value).is_integer() else float(value))
-
-
 @dataclass
 class Tables:
     """Every table, and where they came from ("aiconfigurator-core 0.12.0 (installed)" or the extract)."""
@@ -191,24 +161,16 @@ class Tables:
         return "\n".join(lines + [" }", "}"]) + "\n"
 
 
-def load_tables(prefer_package: bool = True) -> Tables:
-    """The installed package's tables, or the committed extract when it is absent (or not preferred)."""
-    folder = _package_dir() if prefer_package else None
-    if folder is not None:
-        from importlib.metadata import version
-
-        tables = {
-            name: Table(name, spec, _read_parquet(folder / spec.path, spec)) for name, spec in TABLES.items()
-        }
-        return Tables(tables, f"aiconfigurator-core {version('aiconfigurator-core')}, {SYSTEM} (installed)")
-    return read_extract(EXTRACT)
+def tables_from_rows(rows: dict, source: str) -> Tables:
+    """Tables from ``rows`` (table name -> {key tuple: ms}), as the command read them from the package."""
+    return Tables({name: Table(name, spec, rows.get(name, {})) for name, spec in TABLES.items()}, source)
 
 
-def read_extract(path: Path) -> Tables:
-    document = json.loads(Path(path).read_text())
+def tables_from_extract(document: dict, origin: str) -> Tables:
+    """Tables from the committed extract's contents (``origin``: its file name, for the source)."""
     tables = {}
     for name, spec in TABLES.items():
         found = document["tables"].get(name, {"rows": []})
         width = len(spec.exact) + len(spec.axes)
         tables[name] = Table(name, spec, {tuple(row[:width]): float(row[width]) for row in found["rows"]})
-    return Tables(tables, f"{document['source']}: the committed extract, {path.name}")
+    return Tables(tables, f"{document['source']}: the committed extract, {origin}")

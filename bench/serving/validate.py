@@ -6,7 +6,8 @@ Two sources no one here wrote (docs/facts.md#measured-ground-truth-for-the-decod
   of models, layouts (TP 1-8, experts split or spread), batches (1-256) and contexts (1K-8K), each stage kind
   the tables measure is projected by the step model and looked up in the tables at the same shapes; the
   ratio ours / measured is kept per kind and for the step total over the measured kinds.
-- Published end-to-end runs (bench/serving/data/published_runs.csv, each row with its source): the model's
+- Published end-to-end runs (bench/serving/data/published_runs.csv, each row with its source; the command
+  reads it): the model's
   steady-state output tokens/s for the run's model, layout, precision and fixed prompt/answer lengths,
   against the published figure.
 
@@ -14,22 +15,21 @@ A ratio above 1 means the model is slower (more time, fewer tokens/s ... the run
 tokens/s, so below 1 there means slower).
 """
 
-import csv
 import math
 import statistics
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from bench.models import MODEL_SPECS, ModelSpec
+from bench.serving import step as step_model
+from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
 from bench.serving.measured import MissingShape, Tables
-from bench.systems.step import GPUS, INTERCONNECTS, Hardware, Interconnect, Layout, step_stages
-
-PUBLISHED = Path(__file__).parent / "data" / "published_runs.csv"
+from bench.serving.models import MODEL_SPECS, ModelSpec
+from bench.serving.step import Layout
 
 #: The stage kinds the measured tables cover, each with the step model's stage names it sums.
 COMPARED = {
     "attention": ("write_kv", "paged_decode"),
-    "mla": ("qkv_proj", "write_kv", "mla_decode", "o_proj"),  # vLLM's measured MLA module: all of them
+    # vLLM's measured MLA module: every kernel from the projections to o_proj
+    "mla": ("qkv_proj", "mla_norms", "rope", "mla_copies", "mla_absorb", "write_kv", "mla_decode", "o_proj"),
     "gemm": ("qkv_proj", "o_proj", "mlp"),
     "allreduce": ("attn_all_reduce", "mlp_all_reduce", "moe_all_reduce"),
     "moe_experts": ("dispatch", "experts", "combine"),
@@ -59,14 +59,17 @@ class Point:
 
 
 def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
+    """Weight bytes on one rank; the embedding and LM head stay bf16 in fp8 checkpoints."""
     experts = 0 if spec.moe is None else spec.moe_layers * spec.moe.num_experts * spec.expert_params()
     spread = layout.ep if layout.ep > 1 else layout.tp
-    return ((spec.params() - experts) / layout.tp + experts / spread) / layout.pp * spec.weight_bytes
+    params = ((spec.params() - experts) / layout.tp + experts / spread) / layout.pp
+    return params * spec.weight_bytes + spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp
 
 
-def grid(models=MODELS, tps=TPS, batches=BATCHES, contexts=CONTEXTS, hw: Hardware = GPUS["h200"]) -> list:
+def grid(models=MODELS, tps=TPS, batches=BATCHES, contexts=CONTEXTS, hw: Hardware | None = None) -> list:
     """Every (model, layout, batch, context) whose weights fit: TP layouts, and for MoE models the same
     GPUs as data-parallel attention with experts spread over them (DP = EP, as DeepEP deployments run)."""
+    hw = hw or GPUS["h200"]
     points = []
     for name in models:
         spec = MODEL_SPECS[name]
@@ -104,8 +107,13 @@ def _gemm_dtype(spec: ModelSpec) -> str:
     return "fp8" if spec.weight_bytes == 1 else "bfloat16"
 
 
+#: The widest N the GEMM table measured: a wider product (an LM head) is looked up as equal column blocks.
+WIDEST_N = 65536
+
+
 def _gemm(tables: Tables, dtype: str, m: float, n: float, k: float) -> float:
-    return tables["gemm"].ms((dtype,), (m, n, k))
+    blocks = math.ceil(n / WIDEST_N)
+    return blocks * tables["gemm"].ms((dtype,), (m, n / blocks, k))
 
 
 def _attention_layer(tables, spec, layout, batch, context, kv) -> dict:
@@ -182,12 +190,12 @@ def measured_ms(tables: Tables, spec: ModelSpec, point: Point, kv: str = "bfloat
 # -- comparison ----------------------------------------------------------------------------------------------
 
 
-def compare_kernels(tables: Tables, points, hw: Hardware, link: Interconnect, step=step_stages) -> list:
+def compare_kernels(tables: Tables, points, hw: Hardware, link: Interconnect) -> list:
     """One row per grid point: each kind's ours and measured ms, and the total over kinds both have."""
     rows = []
     for point in points:
         spec = MODEL_SPECS[point.model]
-        stages = step(spec, point.layout, point.batch, point.context, hw, link)
+        stages = step_model.step_stages(spec, point.layout, point.batch, point.context, hw, link)
         ours, measured = ours_ms(stages), measured_ms(tables, spec, point)
         kinds = sorted(set(ours) & set(measured))
         rows.append(
@@ -237,65 +245,83 @@ def summarise(rows: list) -> list:
 # -- published end-to-end runs -------------------------------------------------------------------------------
 
 
-def read_published(path: Path = PUBLISHED) -> list:
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if not row["model"].startswith("#")]
+def published_runs(rows) -> list:
+    """The published runs' CSV rows (bench/serving/data/published_runs.csv, read by the command) with
+    their numbers as numbers; rows whose model starts with "#" are comments."""
+    runs = []
     for row in rows:
+        if row["model"].startswith("#"):
+            continue
+        run = dict(row)
         for key in ("gpus", "tp", "pp", "ep", "isl", "osl", "max_batch"):
-            row[key] = int(row[key])
-        row["output_tokens_per_s"] = float(row["output_tokens_per_s"])
-    return rows
+            run[key] = int(row[key])
+        run["output_tokens_per_s"] = float(row["output_tokens_per_s"])
+        runs.append(run)
+    return runs
 
 
-def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes, step=step_stages) -> tuple:
-    """(output tokens/s of all GPUs, sequences per replica): every replica holds as many sequences of the
-    run's lengths as its KV pool (or the engine's batch cap) allows, each decoding at the step time at the
-    mean context and paying its prompt's prefill once."""
-    weights = spec.weight_total_bytes() / (layout.tp * layout.pp)
+#: Prompt tokens a prefill step takes (vLLM's max_num_batched_tokens for throughput runs, assumed).
+CHUNK = 8192
+
+
+def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes) -> tuple:
+    """(output tokens/s of all GPUs, sequences per replica): every replica holds as many sequences as its
+    KV pool (or the engine's batch cap) allows, paged: a sequence holds its prompt and, on average, half its
+    answer. Each decodes at the step time at that mean context and pays its prompt's prefill once."""
+    weights = weights_per_rank(spec, layout)
     per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
     pool = 0.9 * hw.memory_bytes - weights - 4 * 2**30
-    batch = int(min(max_batch, pool // (per_token * (isl + osl))))
+    batch = int(min(max_batch, pool // (per_token * (isl + osl / 2))))
     if batch < 1:
         return 0.0, 0
-    seconds = step(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
-    decode_s = sum(s.step_seconds for s in seconds)
-    prefill_s = 2 * spec.params() * isl / (layout.tp * layout.pp * hw.matmul_tflops * 1e12 * 0.7)
+    decode = step_model.step_stages(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
+    decode_s = step_model.step_seconds(decode)
+    prefill_s = 0.0
+    for start in range(0, isl, CHUNK):  # the prompt in chunks, each attending to what came before
+        tokens = min(CHUNK, isl - start)
+        context = start + tokens / 2
+        chunk = step_model.prefill_stages(spec, layout, tokens, context, hw, link, kv_bytes=kv_bytes)
+        prefill_s += step_model.step_seconds(chunk)
     per_sequence_s = osl * decode_s + batch * prefill_s  # every sequence's prefill stalls the batch once
     return layout.dp * batch * osl / per_sequence_s, batch
 
 
-def compare_published(hw: Hardware, link: Interconnect, path: Path = PUBLISHED, step=step_stages) -> list:
+def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
+    """Each published run (``published_runs``) against the model's steady-state tokens/s for it."""
     out = []
-    for row in read_published(path):
-        spec = MODEL_SPECS[row["model"]]
-        spec = replace(spec, weight_bytes=1 if row["weights"] == "fp8" else 2)
-        layout = Layout(dp=row["gpus"] // (row["tp"] * row["pp"]), tp=row["tp"], pp=row["pp"], ep=row["ep"])
-        kv = 1 if row["kv"] == "fp8" else 2
+    for run in runs:
+        spec = replace(MODEL_SPECS[run["model"]], weight_bytes=1 if run["weights"] == "fp8" else 2)
+        layout = Layout(dp=run["gpus"] // (run["tp"] * run["pp"]), tp=run["tp"], pp=run["pp"], ep=run["ep"])
+        kv = 1 if run["kv"] == "fp8" else 2
         ours, batch = steady_tokens_per_s(
-            spec, layout, hw, link, row["isl"], row["osl"], row["max_batch"], kv, step=step
+            spec, layout, hw, link, run["isl"], run["osl"], run["max_batch"], kv
         )
         out.append(
             {
-                "run": f"{row['model']} {layout.label} {row['weights']} {row['isl']}/{row['osl']}",
-                "engine": row["engine"],
-                "published_tokens_per_s": row["output_tokens_per_s"],
+                "run": f"{run['model']} {layout.label} {run['weights']} {run['isl']}/{run['osl']}",
+                "engine": run["engine"],
+                "published_tokens_per_s": run["output_tokens_per_s"],
                 "ours_tokens_per_s": ours,
                 "batch": batch,
-                "ratio": ours / row["output_tokens_per_s"],
-                "source": row["source"],
+                "ratio": ours / run["output_tokens_per_s"],
+                "source": run["source"],
             }
         )
     return out
 
 
-def validate(tables: Tables, points=None, hw=GPUS["h200"], link=INTERCONNECTS["nvlink"]) -> dict:
-    rows = compare_kernels(tables, grid() if points is None else points, hw, link)
+def validate(tables: Tables, runs: list, points=None, hw: Hardware | None = None, link=None) -> dict:
+    """Every comparison: per kind and step total over the grid (default: ``grid()``), and per published run
+    (``published_runs``), on the H200 and NVLink presets unless told otherwise."""
+    hw = hw or GPUS["h200"]
+    link = link or INTERCONNECTS["nvlink"]
+    rows = compare_kernels(tables, grid(hw=hw) if points is None else points, hw, link)
     return {
         "tables": tables.source,
         "hardware": hw.name,
         "kinds": summarise(rows),
         "points": rows,
-        "published": compare_published(hw, link),
+        "published": compare_published(runs, hw, link),
     }
 
 
