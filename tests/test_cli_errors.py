@@ -204,6 +204,18 @@ BAD = [
     (["advise", "Llama-3.1-8B", "--gpus", "2", "--json", "{under_file}"], "--json: cannot create"),
     (["advise", "Llama-3.1-8B", "--gpus", "2", "--plot", "{under_file}"], "--plot: cannot create"),
     (["advise", "x", "--gpus", "2", "--config", "{llama_bad}"], "num_attention_heads"),
+    (["advise", "Llama-3.1-8B", "--gpus", "2", "--workload", "fixed:0:5"], "positive lengths"),
+    (
+        ["advise", "Llama-3.1-8B", "--gpus", "2", "--workload", "fixed:a"],
+        "--workload: expected fixed:ISL:OSL",
+    ),
+    (["advise", "Llama-3.1-8B", "--gpus", "2", "--max-seqs", "0"], "--max-seqs"),
+    (["advise", "Llama-3.1-8B", "--gpus", "2", "--max-tpot", "-1"], "--max-tpot"),
+    (["advise", "Llama-3.1-8B", "--gpus", "2", "--weights", "fp4"], "--weights"),
+    (["advise", "Llama-3.1-8B", "--gpus", "2", "--host-us", "nan"], "--host-us"),
+    (L70 + ["--weights", "int4"], "--weights"),
+    (L70 + ["--json", "{folder}"], "--json: {folder} is a folder"),
+    (["validate", "--json", "{folder}"], "--json: {folder} is a folder"),
     # capacity
     (["capacity", "--tp", "0"], "--tp"),
     (["capacity", "--tp", "-1"], "--tp"),

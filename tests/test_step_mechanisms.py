@@ -2,10 +2,12 @@
 pipeline parallelism at steady state, the one-shot all-reduce, fixed costs per kernel, the fp8 ceiling with
 a bf16 LM head, routing's power law, per-step host work and chunked prefill."""
 
+import json
 from dataclasses import replace
 
 import pytest
 
+from bench.commands import cli
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import KINDS, Layout, busiest_rank, prefill_stages, step_seconds, step_stages
@@ -81,3 +83,32 @@ def test_prefill_chunks_are_compute_bound_and_grow_with_what_they_attend_to():
     flops = 2 * spec.params() * 8192
     assert short >= flops / (H200.matmul_tflops * 1e12)  # at least the GEMMs' FLOPs at the ceiling
     assert long > 1.2 * short
+
+
+def test_step_json_has_the_promised_schema(tmp_path):
+    path = tmp_path / "step.json"
+    argv = ["step", "DeepSeek-R1", "--dp", "8", "--ep", "8", "--batch", "16", "--json", str(path)]
+    assert cli.main(argv + ["--weights", "bf16", "--host-us", "100"]) == 0
+    document = json.loads(path.read_text())
+    assert document["total_ms"] == pytest.approx(sum(s["ms"] for s in document["stages"]))
+    for stage in document["stages"]:
+        assert set(stage) == {"name", "kind", "ms", "bytes", "flops", "bound", "source"}
+        assert stage["kind"] in KINDS
+    kinds = {s["kind"] for s in document["stages"]}
+    assert {"attention", "a2a", "moe_experts", "moe_route", "host", "lm_head"} <= kinds
+
+
+def test_advise_fixed_lengths_under_a_tpot_limit(tmp_path, capsys):
+    path = tmp_path / "advise.json"
+    argv = ["advise", "Llama-3.1-8B", "--gpus", "2", "--workload", "fixed:512:256", "--requests", "16"]
+    argv += ["--kv", "fp8", "--weights", "fp8", "--max-seqs", "8", "--max-tpot", "50", "--json", str(path)]
+    assert cli.main(argv) == 0
+    document = json.loads(path.read_text())
+    assert document["workload"] == "fixed 512/256" and document["weights"] == "fp8"
+    for row in document["layouts"]:
+        assert row["max_num_seqs"] == 8
+        assert {"dp", "tp", "pp", "ep", "seconds", "tokens_per_s", "tpot_ms", "bound", "fits"} <= set(row)
+        assert row["tokens_per_s_per_gpu"] == pytest.approx(row["tokens_per_s"] / 2, rel=0.01)
+        assert not row["fits"] or row["tpot_ms"] <= 50
+    assert cli.main(argv[:-2] + ["--max-tpot", "0.001"]) == 2  # no layout meets it: said so, exit 2
+    assert "fits no layout" in capsys.readouterr().err
