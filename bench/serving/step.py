@@ -24,6 +24,7 @@ projects: ``decodebench step`` on a GPU times the same stages instead (bench/mea
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from bench.serving.hardware import Hardware, Interconnect
 from bench.serving.models import ModelSpec
@@ -174,12 +175,14 @@ def _collective(name, kind, nbytes, latency_s, transfer_s, per_step, latency_bou
 ALPHA = 1.01
 
 
-def expert_popularity(experts: int, alpha: float = ALPHA) -> list[float]:
+@lru_cache(maxsize=64)
+def expert_popularity(experts: int, alpha: float = ALPHA) -> tuple[float, ...]:
     weights = [(i + 1) ** -alpha for i in range(experts)]
     total = sum(weights)
-    return [w / total for w in weights]
+    return tuple(w / total for w in weights)
 
 
+@lru_cache(maxsize=4096)
 def expected_experts_touched(experts: int, top_k: int, tokens: float, alpha: float = ALPHA) -> float:
     """Experts that at least one of ``tokens`` tokens chooses (top_k each, expert popularity a power law)."""
     if tokens <= 0:
@@ -190,7 +193,8 @@ def expected_experts_touched(experts: int, top_k: int, tokens: float, alpha: flo
     )
 
 
-def busiest_rank(experts: int, ranks: int, alpha: float = ALPHA) -> tuple[float, list[float]]:
+@lru_cache(maxsize=64)
+def busiest_rank(experts: int, ranks: int, alpha: float = ALPHA) -> tuple[float, tuple[float, ...]]:
     """(the busiest rank's share of all choices over the mean, its experts' popularities), experts placed
     in contiguous blocks (expert i on rank i // (experts / ranks): vLLM's default, linear placement)."""
     popularity = expert_popularity(experts, alpha)
