@@ -112,3 +112,13 @@ def test_advise_fixed_lengths_under_a_tpot_limit(tmp_path, capsys):
         assert not row["fits"] or row["tpot_ms"] <= 50
     assert cli.main(argv[:-2] + ["--max-tpot", "0.001"]) == 2  # no layout meets it: said so, exit 2
     assert "fits no layout" in capsys.readouterr().err
+
+
+def test_fewer_requests_than_replicas_leave_replicas_idle():
+    from bench.serving.advisor import simulate
+    from bench.serving.workloads import fixed_workload
+
+    outcome = simulate(
+        MODEL_SPECS["Llama-3.1-8B"], Layout(dp=8), H200, NVLINK, fixed_workload(128, 64), 3, 64
+    )
+    assert outcome.fits and outcome.peak_sequences == 3

@@ -215,7 +215,8 @@ def simulate(
         workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2) / 2
     )
     peak = max(1, run.peak_sequences)
-    steady = layout.dp * peak / step_time(peak, mean_context)[0]
+    busy = min(layout.dp, requests)  # with fewer requests than replicas, the rest stand idle
+    steady = busy * peak / step_time(peak, mean_context)[0]
     # KV capacity binds when admission waited on the pool most of the time, or when preempted sequences'
     # recomputation cost over a tenth of the answers' tokens (the sweep then settles on a small batch).
     kv_bound = run.kv_wait_seconds > 0.5 * run.seconds or run.recomputed_tokens > 0.1 * mine.output.sum()
@@ -226,8 +227,8 @@ def simulate(
         seconds=run.seconds,
         tokens_per_s=int(all_outputs[:, 0].sum()) / run.seconds if run.seconds else 0.0,
         tpot_ms=run.tpot_s * 1e3,
-        peak_sequences=run.peak_sequences * layout.dp,
-        preemptions=run.preemptions * layout.dp,
+        peak_sequences=run.peak_sequences * busy,
+        preemptions=run.preemptions * busy,
         bound="KV capacity" if kv_bound else max(run.by_bound, key=run.by_bound.get),
         by_bound=run.by_bound,
         plan=plan,
