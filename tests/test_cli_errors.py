@@ -216,6 +216,8 @@ BAD = [
     (L70 + ["--weights", "int4"], "--weights"),
     (L70 + ["--json", "{folder}"], "--json: {folder} is a folder"),
     (["validate", "--json", "{folder}"], "--json: {folder} is a folder"),
+    (["validate", "--extract", "--system", "h100_sxm"], "needs AIConfigurator installed"),
+    (["validate", "--system", "a100"], "--system"),
     # capacity
     (["capacity", "--tp", "0"], "--tp"),
     (["capacity", "--tp", "-1"], "--tp"),

@@ -1,8 +1,8 @@
 """`decodebench validate`: the decode-step model against NVIDIA's measured H200 kernel tables and published
 end-to-end runs (bench/serving/validate.py), its error per stage kind, per step and per run.
 
-    decodebench validate [--extract] [--json FILE] [--plot PNG] [--gpu h200|RESULTS] [--interconnect ...]
-                         [--write-extract FILE]
+    decodebench validate [--extract] [--system h200_sxm|h100_sxm] [--json FILE] [--plot PNG]
+                         [--gpu h100|h200|RESULTS] [--interconnect ...] [--write-extract FILE]
 
 The tables are read here: through AIConfigurator's package when it is installed (pip install
 'decodebench[validate]'; pandas reads its parquet files), from the committed extract of the same rows
@@ -31,13 +31,13 @@ RUN_TARGET = (0.8, 1.25)
 # -- reading the sources -------------------------------------------------------------------------------------
 
 
-def _package_folder() -> Path | None:
-    """AIConfigurator's H200 data folder, when its package is installed."""
+def _package_folder(system: str = measured.SYSTEM) -> Path | None:
+    """AIConfigurator's data folder for ``system``, when its package is installed."""
     try:
         import aiconfigurator_core  # the optional extra: decodebench[validate]
     except ImportError:
         return None
-    return Path(aiconfigurator_core.__file__).parent / "systems" / "data" / measured.SYSTEM
+    return Path(aiconfigurator_core.__file__).parent / "systems" / "data" / system
 
 
 def _read_parquet(path: Path, spec: measured.TableSpec) -> dict:
@@ -61,16 +61,20 @@ def _plain(value):
     return int(value) if float(value).is_integer() else float(value)
 
 
-def load_tables(use_package: bool = True) -> measured.Tables:
-    """The installed package's tables, or the committed extract's."""
-    folder = _package_folder() if use_package else None
+def load_tables(use_package: bool = True, system: str = measured.SYSTEM) -> measured.Tables:
+    """The installed package's tables for ``system``, or the committed extract's (H200 only)."""
+    folder = _package_folder(system) if use_package else None
     if folder is None:
+        if system != measured.SYSTEM:
+            raise UsageError(
+                f"--system {system}: needs AIConfigurator installed (the extract holds H200 rows)"
+            )
         return measured.tables_from_extract(json.loads(EXTRACT.read_text()), EXTRACT.name)
     from importlib.metadata import version
 
     rows = {name: _read_parquet(folder / spec.path, spec) for name, spec in measured.TABLES.items()}
-    source = f"aiconfigurator-core {version('aiconfigurator-core')}, {measured.SYSTEM} (installed)"
-    return measured.tables_from_rows(rows, source)
+    source = f"aiconfigurator-core {version('aiconfigurator-core')}, {system} (installed)"
+    return measured.tables_from_rows(rows, source, system)
 
 
 def load_published() -> list:
@@ -119,6 +123,9 @@ def print_result(result: dict) -> None:
         ]
         for r in result["published"]
     ]
+    if not runs:
+        print("published runs: H200's only (--system h200_sxm)")
+        return
     headers = ["published run (output tokens/s)", "engine", "published", "projected", "ratio", "in target"]
     print(table(runs, headers))
     print(f"\nruns' sources: {PUBLISHED.name}, a source a row; target {RUN_TARGET[0]}-{RUN_TARGET[1]}")
@@ -127,14 +134,16 @@ def print_result(result: dict) -> None:
 def cmd_validate(args) -> int:
     from bench.commands.advise import hardware_of, interconnect_of
 
-    hw, link = hardware_of(args.gpu), interconnect_of(args.interconnect)
+    hw = hardware_of(args.gpu or args.system.split("_")[0])
+    link = interconnect_of(args.interconnect)
     if args.write_extract and (args.extract or _package_folder() is None):
         raise UsageError(
             "--write-extract: needs AIConfigurator installed (pip install 'decodebench[validate]')"
         )
-    tables = load_tables(use_package=not args.extract)
+    tables = load_tables(use_package=not args.extract, system=args.system)
+    runs = load_published() if args.system == measured.SYSTEM else []  # the published runs are H200's
     try:
-        result = validation.validate(tables, load_published(), hw=hw, link=link)
+        result = validation.validate(tables, runs, hw=hw, link=link)
     except measured.MissingShape as error:
         raise UsageError(f"{error} (the extract holds the default grid's rows only)") from None
     print_result(result)
@@ -160,7 +169,8 @@ def add_parsers(sub) -> None:
     parser.add_argument(
         "--plot", type=output_file, help="a scatter of projected against measured (plot extra)"
     )
-    parser.add_argument("--gpu", default="h200", help="h200, or a gpu-check result folder (its ceilings)")
+    parser.add_argument("--system", choices=measured.SYSTEMS, default=measured.SYSTEM, help="the tables' GPU")
+    parser.add_argument("--gpu", help="h100, h200 (default: the system's), or a gpu-check result folder")
     parser.add_argument("--interconnect", default="nvlink", help="nvlink, or a `dist allreduce --out` file")
     parser.add_argument(
         "--write-extract", type=output_file, help="write the table rows the grid read (with AIConfigurator)"

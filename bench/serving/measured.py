@@ -17,7 +17,8 @@ the package needs pandas; lookups are plain Python.
 import json
 from dataclasses import dataclass, field
 
-SYSTEM = "h200_sxm"
+SYSTEM = "h200_sxm"  # the committed extract's
+SYSTEMS = ("h200_sxm", "h100_sxm")  # what the package's tables hold and validate reads
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,14 @@ class Tables:
 
     tables: dict
     source: str
+    system: str = SYSTEM
 
     def __getitem__(self, name: str) -> Table:
         return self.tables[name]
 
     def extract(self) -> dict:
         """The rows lookups read so far, as the committed extract holds them."""
-        out = {"source": self.source.replace(" (installed)", ""), "system": SYSTEM, "tables": {}}
+        out = {"source": self.source.replace(" (installed)", ""), "system": self.system, "tables": {}}
         for name, table in self.tables.items():
             spec = table.spec
             out["tables"][name] = {
@@ -161,9 +163,10 @@ class Tables:
         return "\n".join(lines + [" }", "}"]) + "\n"
 
 
-def tables_from_rows(rows: dict, source: str) -> Tables:
+def tables_from_rows(rows: dict, source: str, system: str = SYSTEM) -> Tables:
     """Tables from ``rows`` (table name -> {key tuple: ms}), as the command read them from the package."""
-    return Tables({name: Table(name, spec, rows.get(name, {})) for name, spec in TABLES.items()}, source)
+    tables = {name: Table(name, spec, rows.get(name, {})) for name, spec in TABLES.items()}
+    return Tables(tables, source, system)
 
 
 def tables_from_extract(document: dict, origin: str) -> Tables:
@@ -173,4 +176,4 @@ def tables_from_extract(document: dict, origin: str) -> Tables:
         found = document["tables"].get(name, {"rows": []})
         width = len(spec.exact) + len(spec.axes)
         tables[name] = Table(name, spec, {tuple(row[:width]): float(row[width]) for row in found["rows"]})
-    return Tables(tables, f"{document['source']}: the committed extract, {origin}")
+    return Tables(tables, f"{document['source']}: the committed extract, {origin}", document["system"])
