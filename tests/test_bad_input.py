@@ -442,6 +442,7 @@ BAD = _rows(
             ("num_experts", "not a multiple of world_size", _set(world_size=3)),
             ("max_tokens_per_rank", "below num_tokens", _set(max_tokens_per_rank=2)),
             ("max_tokens_per_rank", "None", _set(max_tokens_per_rank=None)),
+            ("dedup", "a string", _set(dedup="yes")),
             ("top_k", "negative", _set(top_k=-2)),
             ("hidden", "a float", _set(hidden=16.0)),
             ("dtype", "float64", _set(dtype=torch.float64)),

@@ -46,19 +46,23 @@ def test_two_ranks_match_the_reference_and_reject_bad_input_everywhere(capsys):
     for scenario in ep_case.SCENARIOS:
         for mode in ep.MODES:
             assert f"rank 0 {scenario.name} {mode}: " in out
-    for name in ("num_experts", "x", "ids", "weights", "max_tokens_per_rank"):
+            assert f"rank 0 {scenario.name} {mode} dedup: " in out
+    for name in ("num_experts", "x", "ids", "weights", "max_tokens_per_rank", "dedup", "workspace.send"):
         assert f"rank 0 bad {name}: ValueError" in out
     assert out.count("all-reduce gloo") == 2
 
 
 def test_four_ranks_with_uneven_tokens_match_the_reference():
-    # 5, 17, 0 and 9 tokens: a rank with none, the others different (reruns: the 2-rank test's business).
+    # 5, 17, 0 and 9 tokens: a rank with none, the others different (reruns: the 2-rank test's business);
+    # with and without dedup, each checked for send_rows (the distinct (token, rank) pairs with dedup).
     lines = _passed(spawn(collectives.ep_check, 4, args=(ep_case.SCENARIOS[:1], 7, False)), 4)
     assert sum("uneven exact:" in line for line in lines) == 4
+    assert sum("uneven capacity dedup:" in line for line in lines) == 4
 
 
 def test_a_dead_rank_is_named_by_the_survivor_and_nothing_hangs():
-    outcomes = spawn(collectives.dispatch_with_a_dead_rank, 2, timeout_s=10, deadline_s=60)
+    # With dedup: both paths meet the dead rank in the same first collective (the counts exchange).
+    outcomes = spawn(collectives.dispatch_with_a_dead_rank, 2, args=(1, True), timeout_s=10, deadline_s=60)
     survivor, victim = outcomes
     assert victim.exitcode not in (0, None) and victim.error  # killed, reported by the launcher
     assert survivor.exitcode == 1, survivor
@@ -88,12 +92,14 @@ def _inputs(tokens, experts, top_k, hidden, seed, dtype=torch.float32, load="zip
 @pytest.mark.cpu_kernels  # a gloo group in this process: CPU tensors
 @pytest.mark.parametrize("mode", ep.MODES)
 @pytest.mark.parametrize("align", [1, 16])
-def test_one_rank_matches_the_reference(group, mode, align, request):
+@pytest.mark.parametrize("dedup", [False, True])
+def test_one_rank_matches_the_reference(group, mode, align, dedup, request):
     x, weights, ids = _inputs(11, 6, 3, 20, seed_of(request.node.name))
-    ((want_x, want),) = reference.ep_dispatch([x], [weights], [ids], 6, align=align)
+    ((want_x, want),) = reference.ep_dispatch([x], [weights], [ids], 6, align=align, dedup=dedup)
     extra = {"max_tokens_per_rank": 16} if mode == "capacity" else {}
-    recv_x, handle = ep.ep_dispatch(x, weights, ids, 6, align=align, mode=mode, **extra)
+    recv_x, handle = ep.ep_dispatch(x, weights, ids, 6, align=align, mode=mode, dedup=dedup, **extra)
     assert_bitwise_equal(handle.expert_offsets, want.expert_offsets, "offsets")
+    assert handle.send_rows.tolist() == want.send_rows == [11 if dedup else 33]
     for e, count in enumerate(want.tokens_per_expert.tolist()):
         start = want.expert_offsets[e]
         assert_bitwise_equal(recv_x[start : start + count], want_x[start : start + count], f"expert {e}")
@@ -105,12 +111,16 @@ def test_one_rank_matches_the_reference(group, mode, align, request):
 
 
 @pytest.mark.cpu_kernels
-def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_the_host(group, monkeypatch):
+@pytest.mark.parametrize("dedup", [False, True])
+def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_the_host(
+    group, monkeypatch, dedup
+):
     x, weights, ids = _inputs(9, 8, 2, 24, 5, dtype=torch.bfloat16)
-    want_x, want_handle = ep.ep_dispatch(x, weights, ids, 8, align=4, mode="capacity", max_tokens_per_rank=12)
+    capacity = {"mode": "capacity", "max_tokens_per_rank": 12, "dedup": dedup}
+    want_x, want_handle = ep.ep_dispatch(x, weights, ids, 8, align=4, **capacity)
     want = ep.ep_combine(want_x, want_handle)
     workspace = ep.EPWorkspace.for_shape(
-        9, 2, 8, 24, world_size=1, max_tokens_per_rank=12, align=4, dtype=torch.bfloat16
+        9, 2, 8, 24, world_size=1, max_tokens_per_rank=12, align=4, dtype=torch.bfloat16, dedup=dedup
     )
 
     def no_host_read(*args, **kwargs):
@@ -119,9 +129,7 @@ def test_capacity_mode_with_a_workspace_allocates_nothing_and_reads_nothing_on_t
     forbid_allocation(monkeypatch, ep, moe)
     monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
     monkeypatch.setattr(torch.Tensor, "item", no_host_read)
-    recv_x, handle = ep.ep_dispatch(
-        x, weights, ids, 8, align=4, mode="capacity", max_tokens_per_rank=12, workspace=workspace
-    )
+    recv_x, handle = ep.ep_dispatch(x, weights, ids, 8, align=4, workspace=workspace, **capacity)
     out = ep.ep_combine(recv_x, handle)
     monkeypatch.undo()
     assert recv_x is workspace.recv_x and out is workspace.out
@@ -193,6 +201,11 @@ def test_bad_input_names_the_argument(group):
         "workspace.dispatch": lambda: ep.ep_dispatch(
             x, weights, ids, 4, mode="capacity", max_tokens_per_rank=8, workspace=_workspace(dispatch=None)
         ),
+        "dedup": lambda: ep.ep_dispatch(x, weights, ids, 4, dedup=1),
+        # A workspace for the other kind of call: dedup's slabs hold a row per (token, rank), not per pair.
+        "workspace.send": lambda: ep.ep_dispatch(
+            x, weights, ids, 4, mode="capacity", max_tokens_per_rank=8, dedup=True, workspace=_workspace()
+        ),
     }
     for name, call in bad.items():
         with pytest.raises(ValueError, match=f"^{name}:"):
@@ -220,6 +233,81 @@ def test_stage_bytes_by_hand():
     assert got["pack"]["bytes"] == 3 * row + 24 * row + 24 * 12
     padded = ep_case.stage_bytes(ep_case.EPShape(shape.model, 2, 3, mode="capacity"), 0, [14, 10], [14, 7], 3)
     assert padded["rows"]["bytes"] == 3 * 8 * row and padded["rows"]["useful"] == 10 * row
+    # Deduplicated: 3 rows kept, 2 sent to rank 1 (each with its 8 pairs' meta: 64 bytes), 4 received from
+    # it, the 7 rows received expanding to 21 pairs; capacity mode's slabs hold 3 rows.
+    meta = 2 * 8 * 4
+    dedup = ep_case.EPShape(shape.model, 2, 3, mode="exact-dedup")
+    got = ep_case.stage_bytes(dedup, 0, sent=[3, 2], received=[3, 4], distinct=2, received_pairs=21)
+    assert (
+        got["rows"]["bytes"] == got["rows"]["useful"] == 2 * (row + meta) and got["rows"]["dedup"] == 2 * row
+    )
+    assert got["return"]["bytes"] == 4 * row
+    assert (
+        got["layout"]["bytes"] == (7 + 21) * row + 7 * meta and got["combine"]["bytes"] == (5 + 3) * row + 24
+    )
+    padded = ep_case.stage_bytes(dataclasses.replace(dedup, mode="capacity-dedup"), 0, [3, 2], [3, 4], 2, 21)
+    assert padded["rows"]["bytes"] == 3 * (row + meta) and padded["return"]["bytes"] == 3 * row
+
+
+@pytest.mark.cpu_kernels  # CPU tensors built by hand around the kernel
+@pytest.mark.parametrize("slab", [0, 40])
+def test_dedup_pack_sends_each_token_once_per_rank(monkeypatch, slab):
+    """_dedup_pack_kernel against a model, with 3 ranks' experts (no group needed): a row per (token, rank)
+    in token order per rank (slab 0: packed, exact mode; else capacity mode's slabs), each pair's place
+    where the exchange without dedup sends it (by expert, then (token, choice)), the counts with the rows
+    last, token_rows; nothing else written. 37 tokens in 3 programs, each scanning the ids 8 tokens a step;
+    a token naming one expert twice, and an id out of range (dropped, as moe.dispatch drops it)."""
+    monkeypatch.setattr(ep, "_SCAN_TOKENS", 8)
+    world, local, top_k, hidden, tokens = 3, 2, 3, 5, 37
+    gen = generator(slab + 3)
+    ids = torch.randint(world * local, (tokens, top_k), generator=gen, dtype=torch.int32)
+    ids[3] = torch.tensor([4, 4, 1], dtype=torch.int32)
+    ids[5, 2] = 99
+    weights = torch.rand(tokens, top_k, generator=gen)
+    x = randn((tokens, hidden), torch.float32, "cpu", gen)
+    rows = world * slab if slab else tokens * min(top_k, world)
+    send = torch.full((rows, hidden), float("nan"))
+    meta = torch.full((rows, 2 * top_k), -7, dtype=torch.int32)
+    counts = torch.full((world, local + 1), -7, dtype=torch.int32)
+    token_rows = torch.full((tokens, world), -7, dtype=torch.int32)
+    ep._dedup_pack(
+        x,
+        ids,
+        weights,
+        world * local,
+        world,
+        send=send,
+        meta=meta,
+        send_counts=counts,
+        token_rows=token_rows,
+        slab=slab,
+    )
+
+    choices = [
+        (t, c, e) for t, row in enumerate(ids.tolist()) for c, e in enumerate(row) if e < world * local
+    ]
+    order = {r: sorted((e, t, c) for t, c, e in choices if e // local == r) for r in range(world)}
+    place = {(t, c): order[e // local].index((e, t, c)) for t, c, e in choices}
+    touched = [sorted({t for t, _, e in choices if e // local == r}) for r in range(world)]
+    starts = [r * slab for r in range(world)] if slab else [sum(map(len, touched[:r])) for r in range(world)]
+    want_counts = [
+        [len([1 for *_, e in choices if e == r * local + i]) for i in range(local)] for r in range(world)
+    ]
+    assert counts.tolist() == [c + [len(t)] for c, t in zip(want_counts, touched)]
+    want_rows = [[-1] * world for _ in range(tokens)]
+    written = torch.zeros(rows, dtype=torch.bool)
+    bits = weights.view(torch.int32).tolist()
+    for r in range(world):
+        for i, t in enumerate(touched[r]):
+            row = want_rows[t][r] = starts[r] + i
+            mine = [(t, c) in place and ids[t, c] // local == r for c in range(top_k)]
+            want_meta = [place[t, c] if m else -1 for c, m in enumerate(mine)]
+            want_meta += [bits[t][c] if m else 0 for c, m in enumerate(mine)]
+            assert meta[row].tolist() == want_meta, (t, r)
+            assert torch.equal(send[row], x[t])
+            written[row] = True
+    assert token_rows.tolist() == want_rows
+    assert send[~written].isnan().all() and (meta[~written] == -7).all(), "a row no (token, rank) owns"
 
 
 def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
@@ -264,6 +352,23 @@ def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
     with pytest.raises(ValueError, match="^y: .*workspace.recv"):
         ep.ep_combine(workspace.recv, handle)
     ep.ep_combine(recv_x, handle)  # experts that wrote their outputs over recv_x: allowed
+    dedup = ep.EPWorkspace.for_shape(
+        4, 2, 4, 8, world_size=1, max_tokens_per_rank=8, dtype=x.dtype, dedup=True
+    )
+    with pytest.raises(ValueError, match="^workspace.send_meta: .*workspace.recv_meta"):
+        ep.ep_dispatch(
+            x,
+            weights,
+            ids,
+            4,
+            dedup=True,
+            workspace=dataclasses.replace(dedup, recv_meta=dedup.send_meta),
+            stage_hook=lambda s: stages.append(s),
+            **capacity,
+        )
+    assert not stages, stages
+
+
 def test_torchrun_is_started_with_its_stores_on_loopback(monkeypatch):
     """Without --local-addr, torchrun's workers' store (MASTER_ADDR) listens on this host's FQDN."""
     from bench.commands import dist as dist_command

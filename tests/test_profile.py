@@ -173,6 +173,6 @@ def test_ncu_reports_base_units_and_an_unknown_unit_is_an_error(monkeypatch, tmp
     assert profile.profile_ncu("write_kv", 0, 1, tmp_path)
     command = seen["command"]
     assert command[command.index("--print-units") + 1] == "base"
-    text = (DATA / "ncu_metrics.csv").read_text().replace('"usecond"', '"cycle"', 1)
+    text = (DATA / "ncu_metrics.csv").read_text().replace('"nsecond"', '"cycle"', 1)
     with pytest.raises(ValueError, match="cycle"):
         profile.parse_ncu_metrics(text)

@@ -273,12 +273,14 @@ def test_mla_decode_moves_the_latent_16_bytes_a_lane():
 
 @needs_aot
 def test_ep_regroup_moves_rows_16_bytes_a_lane_without_spills():
-    """EP's regroup (no single-process case: STATIC_ONLY) at DeepSeek-R1's EP8 shape: no spills, no stack,
-    and its row copies 16 bytes a lane both ways (the counts matrix it reads may take narrower loads)."""
+    """EP's regroup (no single-process case: STATIC_ONLY) at DeepSeek-R1's EP8 shape, and dedup's pack, its
+    regroup both ways and its partials' sum: no spills, no stack, and their row copies 16 bytes a lane both
+    ways (the counts matrix and meta rows they read may take narrower loads)."""
     from bench.operators import STATIC_ONLY
+    from bench.operators.ep import VARIANTS
 
     rows = static_report(STATIC_ONLY["ep"])
-    assert {r.shape.split()[2] for r in rows} == {"layout", "pack"}
+    assert {r.shape.split()[2] for r in rows} == set(VARIANTS)
     for row in rows:
         assert row.error is None and row.spill_bytes == 0 and row.stack_bytes == 0, row
     hold_or_report(

@@ -30,7 +30,7 @@ from bench.commands.arguments import (
     ready_to_write,
 )
 from bench.format import table
-from bench.measure import results
+from bench.measure import plots, results
 from bench.serving import advisor
 from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
 from bench.serving.models import MODEL_SPECS, ModelSpec, model_from_hf_config
@@ -203,8 +203,6 @@ def cmd_step(args) -> int:
     if args.json:
         print(f"written: {args.json}")
     if args.plot:
-        from bench.commands import plots
-
         print(
             plots.step_bars(
                 stages,
@@ -319,8 +317,6 @@ def cmd_advise(args) -> int:
         ready_to_write(args.json).write_text(json.dumps(document, indent=1))
         print(f"written: {args.json}")
     if args.plot:
-        from bench.commands import plots
-
         print(plots.advise_bars(fitting, f"{spec.name} on {args.gpus} GPUs", ready_to_write(args.plot)))
     return 0
 
@@ -335,7 +331,7 @@ def _precision_arguments(parser) -> None:
     )
 
 
-def add_parsers(sub) -> None:
+def register(sub) -> None:
     step = sub.add_parser(
         "step", help="one decode step of a whole model, stage by stage (projected; timed on a GPU)"
     )

@@ -14,6 +14,14 @@ import os
 from pathlib import Path
 
 from bench.measure.results import read_json_object
+from bench.operators import CASES, STATIC_ONLY, static_cases
+
+# Upper bounds past which a number is nonsense and would break the work, not just slow it: no GPU holds
+# 10 TiB; numpy's Poisson draw fails far below inf; timeouts and budgets become timedelta and select()
+# arguments, which overflow (1e6 s is eleven days).
+MAX_GPU_GIB = 1e4
+MAX_ARRIVAL_RATE = 1e6
+MAX_SECONDS = 1e6
 
 
 class UsageError(ValueError):
@@ -148,3 +156,32 @@ def ready_to_write(text: str) -> Path:
     path = Path(text)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def kernels_named(names) -> list:
+    """The cases (bench/operators) of these kernels, every case without names."""
+    if not names:
+        return list(CASES.values())
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise UsageError(f"unknown kernel {', '.join(unknown)}; known: {', '.join(CASES)}")
+    return [CASES[n] for n in names]
+
+
+def static_kernels_named(names) -> list:
+    """Cases and static-only kernels (EP's regroup) by name, all of them without names."""
+    if not names:
+        return static_cases()
+    unknown = [n for n in names if n not in STATIC_ONLY and n not in CASES]
+    if unknown:
+        known = [*CASES, *STATIC_ONLY]
+        raise UsageError(f"unknown kernel {', '.join(unknown)}; known: {', '.join(known)}")
+    return [STATIC_ONLY[n] if n in STATIC_ONLY else CASES[n] for n in names]
+
+
+def default_shape(case, index: int):
+    """The case's default shape ``index`` (--shape)."""
+    shapes = list(case.default_shapes())
+    if not 0 <= index < len(shapes):
+        raise UsageError(f"--shape: expected 0 to {len(shapes) - 1} (the case's default shapes), got {index}")
+    return shapes[index]

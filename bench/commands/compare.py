@@ -7,9 +7,11 @@ of pytest-benchmark's (min, max, mean, median) and the limit a percentage or an 
 """
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.commands.arguments import checked
 from bench.measure import results
 
 STATS = ("min", "max", "mean", "median")
@@ -95,3 +97,24 @@ def table(deltas: list[Delta], stat: str) -> str:
         for d in deltas
     ]
     return render(rows, ["entry", f"base {stat} us", f"new {stat} us", "change", "check"])
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("compare", help="timings of two result files, failing past a threshold")
+    parser.add_argument("base")
+    parser.add_argument("new")
+    parser.add_argument("--fail", default="median:10%", help="STAT:LIMIT, e.g. median:10%% or min:5us")
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    threshold = checked(Threshold.parse, args.fail)
+    deltas, only_base, only_new = compare(Path(args.base), Path(args.new), threshold)
+    print(table(deltas, threshold.stat))
+    for name, keys in (("only in BASE", only_base), ("only in NEW", only_new)):
+        if keys:
+            print(f"\n{name}: " + "; ".join(label(k) for k in keys))
+    failed = [d for d in deltas if d.failed]
+    if failed:
+        print(f"\nFAILED: {len(failed)} of {len(deltas)} entries past {args.fail}", file=sys.stderr)
+    return 1 if failed else 0

@@ -21,11 +21,21 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bench.commands.arguments import UsageError
+from bench.commands.arguments import (
+    MAX_SECONDS,
+    UsageError,
+    names_from,
+    non_negative_int,
+    output_file,
+    positive_int,
+    positive_ints,
+    positive_number,
+)
 from bench.format import us
 from bench.measure import collectives, distributed, results
 from bench.measure.timing import Timing
 from bench.operators import all_reduce, ep
+from bench.serving.models import MOE_MODELS
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -170,18 +180,22 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
 def run_ep(rank: distributed.Rank, args) -> list[dict]:
     tokens = args.tokens or (ep.CPU_TOKENS_PER_RANK if rank.device.type == "cpu" else ep.TOKENS_PER_RANK)
     shapes = ep.shapes(rank.world, tokens, args.models, args.loads, args.modes)  # not empty: check_args
-    entries = []
+    entries, modes = [], []
     for shape in shapes:
         mine = collectives.time_ep(rank, shape, reps=args.reps, warmup=args.warmup)
         everyone = _gather(rank, mine)
         if rank.rank != 0:
             continue
+        modes.append(collectives.ep_mode_row(shape, everyone))
         rows, shape_entries = _ep_rows(shape, everyone, args.reps)
         entries += shape_entries
         check = "verified" if shape_entries[0]["extra_info"]["verified"] else "WRONG RESULT"
         print(f"\n### {shape.label} ({check})\n")
         headers = ["stage", "slowest us", "mean us", "skew", "bytes", "useful", "dedup", "kind", "GB/s"]
         print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), flush=True)
+    if modes:
+        print(f"\n### The modes side by side (the busiest rank; {_wire_note(rank)})\n")
+        print(tabulate(modes, headers=collectives.EP_MODE_HEADERS, tablefmt="github", disable_numparse=True))
     return entries
 
 
@@ -276,6 +290,52 @@ def check_args(args, world: int) -> None:
         )
 
 
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "dist", help="multi-rank benchmarks under torchrun: EP dispatch/combine, all-reduce"
+    )
+    parser.add_argument("case", choices=("ep", "allreduce", "check"))
+    parser.add_argument("--nproc", type=positive_int, help="start torchrun with this many ranks on this host")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, else gloo")
+    parser.add_argument(
+        "--tokens",
+        type=positive_ints,
+        help="ep: tokens per rank, comma-separated (default: 1..4096; CPU 1,8)",
+    )
+    parser.add_argument(
+        "--models",
+        type=names_from(MOE_MODELS),
+        default=",".join(ep.MODELS),
+        help="ep: MoE presets, comma-separated",
+    )
+    parser.add_argument(
+        "--loads",
+        type=names_from(ep.LOADS),
+        default=",".join(ep.LOADS),
+        help="ep: routing loads (uniform, zipf)",
+    )
+    parser.add_argument(
+        "--modes", type=names_from(ep.MODES), default=",".join(ep.MODES), help="ep: " + ", ".join(ep.MODES)
+    )
+    parser.add_argument(
+        "--sizes", type=positive_ints, help="allreduce: bytes, comma-separated (default 8 KB .. 64 MB)"
+    )
+    parser.add_argument(
+        "--reps", type=positive_int, default=None, help="timed calls per point (default 20; CPU 2)"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=None, help="untimed calls first (default 5; CPU 1)"
+    )
+    parser.add_argument(
+        "--timeout", type=positive_number(MAX_SECONDS), default=120.0, help="process-group timeout, seconds"
+    )
+    parser.add_argument(
+        "--out", type=output_file, help="rank 0 writes the results (the suite's JSON schema) here"
+    )
+    # The ranks it starts run this same command line, less --nproc (cli.build_parser records it as argv).
+    parser.set_defaults(func=lambda args: main(args, args.argv[1:]))
+
+
 def main(args, argv: list[str]) -> int:
     if distributed.under_torchrun():
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
@@ -295,7 +355,7 @@ def main(args, argv: list[str]) -> int:
         return launch(args.nproc, _without_nproc(argv))
     # gloo ranks on this host: started here, every socket on 127.0.0.1 (torchrun's stores bind every
     # interface); each rank runs what a torchrun rank would.
-    settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "argv")})
     outcomes = distributed.spawn(
         run_rank, args.nproc, args=(settings,), timeout_s=args.timeout, deadline_s=24 * 3600.0
     )

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import child_env
-from bench.commands import report
+from bench.commands.arguments import MAX_SECONDS, names_from, output_folder, positive_number
 from bench.commands.run import failures
-from bench.measure import results, runner
+from bench.measure import reports, results, runner
 from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
 from bench.operators import CASES, static_cases
 
@@ -274,7 +274,7 @@ def _measure_into(run: CheckRun, name: str, file: str, shapes_of: Callable, **me
             done += 1
             results.write(run.folder / file, entries, run.machine)
     if entries:
-        run.sections[f"{name} ({file})"] = report.results_table(entries)
+        run.sections[f"{name} ({file})"] = reports.results_table(entries)
     failed = [f"{label} (raised)" for label in crashed] + failures(entries)
     detail = f"{done} shapes measured, {left} left for lack of time, {len(failed)} failures"
     if failed:
@@ -307,7 +307,7 @@ def step_static(run: CheckRun) -> StepResult:
             continue
         (run.folder / "static.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
     source = "AOT compile here for sm_90/sm_80" if run.dry_run else "the compile of a real launch"
-    run.sections[f"Static, from {source} (static.json)"] = report.static_table(rows)
+    run.sections[f"Static, from {source} (static.json)"] = reports.static_table(rows)
     spills = sorted({f"{r.kernel} {r.shape}" for r in rows if r.spill_bytes})
     detail = f"{len(rows)} launches, {len(spills)} with spills" + (
         f"; not reached: {', '.join(left)}" if left else ""
@@ -470,6 +470,35 @@ def parse_only(text: str | None) -> tuple[str, ...]:
     if unknown:
         raise SystemExit(f"--only: unknown step {', '.join(unknown)}; steps: {', '.join(STEPS)}")
     return names
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "gpu-check", help="everything a lent GPU should measure, in order, within a budget, to one folder"
+    )
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        help="folder for everything it writes (default bench/results/<gpu>/<UTC time>)",
+    )
+    parser.add_argument(
+        "--budget",
+        "--budget-s",
+        type=positive_number(MAX_SECONDS),
+        default=420.0,
+        help="wall-clock budget in seconds (default 420)",
+    )
+    parser.add_argument("--only", type=names_from(STEPS), help="comma-separated steps: " + ",".join(STEPS))
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every step on this CPU (interpreter, smallest shapes, wall clock)",
+    )
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    return run(args.out, args.budget, ",".join(args.only) if args.only else None, args.dry_run)
 
 
 def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_run: bool = False) -> int:

@@ -6,9 +6,31 @@ import sys
 import time
 from pathlib import Path
 
-from bench.commands import report
-from bench.measure import results, runner, static
+from bench.commands.arguments import kernels_named, output_file
+from bench.measure import reports, results, runner, static
 from bench.measure.device import copy_bandwidth_gbps, machine_info
+from bench.operators import STATIC_ONLY
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("run", help="benchmark (GPU) or verify and report (no GPU)")
+    parser.add_argument("--kernel", action="append", help="limit to this kernel (repeatable)")
+    parser.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="time eager calls only (default: CUDA-graph replay beside eager)",
+    )
+    parser.add_argument(
+        "--out", type=output_file, help="write the results (pytest-benchmark JSON) to this file"
+    )
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    cases = kernels_named(args.kernel)
+    if machine_info().gpu == "cpu":
+        return run_cpu(cases, () if args.kernel else list(STATIC_ONLY.values()))
+    return run_gpu(cases, graph=not args.no_graph, out=args.out)
 
 
 def failures(entries: list[dict]) -> list[str]:
@@ -32,7 +54,7 @@ def run_gpu(cases, graph: bool = True, out: str | None = None) -> int:
     for case in cases:
         for shape in case.default_shapes():
             entries += runner.measure(case, shape, graph=graph)
-    print(report.results_table(entries))
+    print(reports.results_table(entries))
     if out:
         path = results.write(Path(out), entries, {"copy_gbps": copy_bandwidth_gbps()})
         print(f"\nwritten: {path}")
@@ -50,18 +72,18 @@ def run_cpu(cases, static_only=()) -> int:
     static.start_compiles(
         [case.name for case in [*cases, *static_only]]
     )  # on the cores the interpreter leaves idle
-    verified, verified_ok = report.verification_table(runner.verify_all(cases, "cpu"))
+    verified, verified_ok = reports.verification_table(runner.verify_all(cases, "cpu"))
     print("## Verified against the reference (interpreter, small odd shapes)\n")
     print(verified)
     print(
         "\n## Static: compiled here for sm_90 and sm_80 (no GPU), the launch configurations benchmarks use\n"
     )
-    print(report.static_table(runner.static_rows([*cases, *static_only])))
-    traffic, traffic_ok = report.traffic_table(runner.traffic_rows(cases))
+    print(reports.static_table(runner.static_rows([*cases, *static_only])))
+    traffic, traffic_ok = reports.traffic_table(runner.traffic_rows(cases))
     print("\n## Traffic: bytes loaded + stored under the interpreter against the byte model\n")
     print(traffic)
     print("\n## Projections, not measurements: modelled bytes / copy bandwidth measured on the lent GPUs\n")
-    print(report.projection_table(runner.projections(cases)))
+    print(reports.projection_table(runner.projections(cases)))
     print("\n(A launch costs a few microseconds more; small decode steps are bound by that, not by bytes.)")
     ranks_ok = _across_ranks()
     print(f"\n{time.perf_counter() - start:.1f} s")

@@ -1,17 +1,55 @@
 """`decodebench tune`: launch configurations chosen by timing candidates, one table per GPU. The tuner is
-bench/measure/tuning.py, each kernel's candidates its operator's ``tune`` spec (bench/operators/); the
-parser and the kernel names are cli.py's. This module picks the output folder and the deadline, calls the
-tuner, and checks a table before ``--install`` merges it."""
+bench/measure/tuning.py, each kernel's candidates its operator's ``tune`` spec (bench/operators/). This
+module parses the arguments, picks the output folder and the deadline, calls the tuner, and checks a table
+before ``--install`` merges it."""
 
 import re
 import tempfile
 import time
 from pathlib import Path
 
-from bench.commands.arguments import UsageError, checked
+from bench.commands.arguments import (
+    MAX_SECONDS,
+    UsageError,
+    checked,
+    kernels_named,
+    output_folder,
+    positive_number,
+)
 from bench.measure import results, tuning
 from bench.measure.device import machine_info
 from bench.measure.results import read_json_object
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("tune", help="launch configurations chosen by timing candidates (per-GPU table)")
+    parser.add_argument("cases", nargs="*", help="kernels to tune (default: every tunable one)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="no timing: candidates, sm_90 static figures, spills dropped"
+    )
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        help="folder for tune.md, tune-timings.json, tuned-configs.json "
+        "(default bench/results/<gpu>/tune-<UTC time>; a temporary folder for --dry-run)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=positive_number(MAX_SECONDS),
+        help="wall-clock seconds; stops cleanly between candidates",
+    )
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="merge --out DIR's tuned-configs.json into kernels/configs/<gpu>.json (no tuning)",
+    )
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    if args.install:
+        return install(args.out)
+    return run(kernels_named(args.cases), args.out, args.dry_run, args.budget)
 
 
 def run(cases, out: str | None, dry_run: bool, budget: float | None) -> int:

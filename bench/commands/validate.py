@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench.commands.arguments import UsageError, output_file, ready_to_write
 from bench.format import table
+from bench.measure import plots
 from bench.serving import measured
 from bench.serving import validate as validation
 
@@ -151,14 +152,14 @@ def cmd_validate(args) -> int:
         ready_to_write(args.json).write_text(json.dumps(result, indent=1))
         print(f"written: {args.json}")
     if args.plot:
-        print(validation.plot(result, ready_to_write(args.plot)))
+        print(plots.validate_scatter(result, validation.COMPARED, ready_to_write(args.plot)))
     if args.write_extract:
         ready_to_write(args.write_extract).write_text(tables.extract_text())
         print(f"written: {args.write_extract}")
     return 0
 
 
-def add_parsers(sub) -> None:
+def register(sub) -> None:
     parser = sub.add_parser(
         "validate", help="the step model against NVIDIA's measured H200 kernel tables and published runs"
     )

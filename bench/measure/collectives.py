@@ -10,6 +10,7 @@ captured; on a CPU, the host clock (gloo, interpreted kernels: the path, not a m
 import functools
 import os
 import signal
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -37,51 +38,68 @@ from bench.testing import assert_bitwise_equal, assert_close
 
 
 def ep_check(rank: Rank, scenarios=SCENARIOS, seed: int = 7, rerun: bool = True) -> list[str]:
-    """Every scenario in both modes against the reference, the first one's reruns bit-identical (``rerun``),
-    then bad input raising ValueError on every rank before any collective. Returns a line per check; raises
-    on a mismatch."""
+    """Every scenario in both modes, with and without dedup, against the reference, the first scenario's
+    reruns bit-identical (``rerun``), then bad input raising ValueError on every rank before any
+    collective. Returns a line per check; raises on a mismatch."""
     lines = []
     for number, scenario in enumerate(scenarios):
-        again = rerun and number == 0
-        xs, weights, ids = scenario.inputs(rank.world, seed)
-        experts = scenario.experts_per_rank * rank.world
-        expected = reference.ep.ep_dispatch(xs, weights, ids, experts, align=scenario.align)
-        ref_offsets = [h.expert_offsets.tolist() for _, h in expected]
-        first = rank.rank * scenario.experts_per_rank
-        ref_ys = [
-            expert_outputs(x, off, r * scenario.experts_per_rank)
-            for r, ((x, _), off) in enumerate(zip(expected, ref_offsets))
-        ]
-        want = reference.ep.ep_combine(ref_ys, [h for _, h in expected], weights)[rank.rank]
-        ref_x, ref_handle = expected[rank.rank]
-        me = rank.rank
-        for mode in kernels.ep.MODES:
-            kwargs = {"max_tokens_per_rank": max(scenario.tokens)} if mode == "capacity" else {}
-            runs = []
-            for _ in range(2 if again else 1):
-                with guard(rank, f"{scenario.name} {mode}"):
-                    recv_x, handle = kernels.ep.ep_dispatch(
-                        xs[me], weights[me], ids[me], experts, align=scenario.align, mode=mode, **kwargs
-                    )
-                    offsets = handle.expert_offsets.tolist()
-                    y = expert_outputs(recv_x, offsets, first)
-                    out = kernels.ep.ep_combine(y, handle)
-                runs.append((recv_x, handle, out))
-            recv_x, handle, out = runs[0]
-            where = f"rank {me} {scenario.name} {mode}"
-            assert_bitwise_equal(handle.tokens_per_expert, ref_handle.tokens_per_expert, f"{where} counts")
-            assert_bitwise_equal(handle.expert_offsets, ref_handle.expert_offsets, f"{where} offsets")
-            for e, count in enumerate(ref_handle.tokens_per_expert.tolist()):
-                start = offsets[e]
-                assert_bitwise_equal(
-                    recv_x[start : start + count], ref_x[start : start + count], f"{where} rows"
+        inputs = scenario.inputs(rank.world, seed)
+        for dedup in (False, True):
+            expected = _expected(rank, scenario, inputs, dedup)
+            for mode in kernels.ep.MODES:
+                runs = 2 if rerun and number == 0 else 1
+                lines.append(
+                    _check_against(rank, scenario, inputs, expected, mode=mode, dedup=dedup, runs=runs)
                 )
-            assert_close(out, want, f"{where} out", dtype=scenario.dtype)
-            if again:
-                assert_bitwise_equal(runs[1][2], out, f"{where} rerun")
-            lines.append(f"{where}: {sum(ref_handle.tokens_per_expert.tolist())} rows in, out matches")
     lines += ep_check_bad_input(rank)
     return lines
+
+
+def _expected(rank: Rank, scenario, inputs, dedup: bool) -> tuple:
+    """This rank's (recv_x, handle, out) by the reference, the experts being expert_outputs."""
+    xs, weights, ids = inputs
+    experts = scenario.experts_per_rank * rank.world
+    dispatched = reference.ep.ep_dispatch(xs, weights, ids, experts, align=scenario.align, dedup=dedup)
+    ys = [
+        expert_outputs(x, h.expert_offsets.tolist(), r * scenario.experts_per_rank)
+        for r, (x, h) in enumerate(dispatched)
+    ]
+    outs = reference.ep.ep_combine(ys, [h for _, h in dispatched], weights)
+    return *dispatched[rank.rank], outs[rank.rank]
+
+
+def _check_against(rank: Rank, scenario, inputs, expected, *, mode: str, dedup: bool, runs: int) -> str:
+    """One scenario in one mode, ``runs`` times: its layout, send_rows and out against the reference, and
+    every rerun's out bit-identical to the first."""
+    xs, weights, ids = inputs
+    ref_x, ref_handle, want = expected
+    me, experts = rank.rank, scenario.experts_per_rank * rank.world
+    kwargs = {"max_tokens_per_rank": max(scenario.tokens)} if mode == "capacity" else {}
+    label = f"{scenario.name} {mode}{' dedup' if dedup else ''}"
+    done = []
+    for _ in range(runs):
+        with guard(rank, label):
+            recv_x, handle = kernels.ep.ep_dispatch(
+                xs[me], weights[me], ids[me], experts, align=scenario.align, mode=mode, dedup=dedup, **kwargs
+            )
+            offsets = handle.expert_offsets.tolist()
+            out = kernels.ep.ep_combine(
+                expert_outputs(recv_x, offsets, me * scenario.experts_per_rank), handle
+            )
+        done.append(out)
+    where = f"rank {me} {label}"
+    assert_bitwise_equal(handle.tokens_per_expert, ref_handle.tokens_per_expert, f"{where} counts")
+    assert_bitwise_equal(handle.expert_offsets, ref_handle.expert_offsets, f"{where} offsets")
+    for e, count in enumerate(ref_handle.tokens_per_expert.tolist()):
+        start = offsets[e]
+        assert_bitwise_equal(recv_x[start : start + count], ref_x[start : start + count], f"{where} rows")
+    sent = handle.send_rows.tolist()
+    if sent != ref_handle.send_rows:
+        raise AssertionError(f"{where} send_rows: {sent}, expected {ref_handle.send_rows}")
+    assert_close(out, want, f"{where} out", dtype=scenario.dtype)
+    for again in done[1:]:
+        assert_bitwise_equal(again, out, f"{where} rerun")
+    return f"{where}: {sum(ref_handle.tokens_per_expert.tolist())} rows in, {sum(sent)} sent, out matches"
 
 
 def ep_check_bad_input(rank: Rank) -> list[str]:
@@ -98,6 +116,20 @@ def ep_check_bad_input(rank: Rank) -> list[str]:
         "ids": lambda: kernels.ep.ep_dispatch(x, weights, ids[:2], experts),
         "weights": lambda: kernels.ep.ep_dispatch(x, weights.double(), ids, experts),
         "max_tokens_per_rank": lambda: kernels.ep.ep_dispatch(x, weights, ids, experts, mode="capacity"),
+        "dedup": lambda: kernels.ep.ep_dispatch(x, weights, ids, experts, dedup="yes"),
+        # A workspace sized without dedup: its slabs hold top_k times the rows a dedup call sends.
+        "workspace.send": lambda: kernels.ep.ep_dispatch(
+            x,
+            weights,
+            ids,
+            experts,
+            mode="capacity",
+            max_tokens_per_rank=4,
+            dedup=True,
+            workspace=kernels.ep.EPWorkspace.for_shape(
+                3, 2, experts, 8, world_size=rank.world, max_tokens_per_rank=4, dtype=x.dtype
+            ),
+        ),
     }
     lines = []
     for name, call in bad.items():
@@ -168,7 +200,9 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
         "softmax_after_topk": m.softmax_after_topk,
         "bias": bias,
     }
-    capacity = {"max_tokens_per_rank": shape.tokens} if shape.mode == "capacity" else {}
+    mode = {"mode": shape.kernel_mode, "dedup": shape.dedup}
+    if shape.kernel_mode == "capacity":
+        mode["max_tokens_per_rank"] = shape.tokens
     samples = []
     for i in range(warmup + reps):
         torch.distributed.barrier()
@@ -178,31 +212,65 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
         with guard(rank, shape.label), nvtx_range(f"ep[{shape.label}]", color="blue"):
             with clock("route"):
                 weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
-            recv_x, handle = kernels.ep.ep_dispatch(
-                x, weights, ids, m.num_experts, mode=shape.mode, stage_hook=clock, **capacity
-            )
+            recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, m.num_experts, stage_hook=clock, **mode)
             out = kernels.ep.ep_combine(recv_x, handle)
         if i >= warmup:
             times = clock.durations_ms()
             samples.append([times.get(stage, 0.0) for stage in STAGES])
     verified = _identity_experts_ok(out, x, weights)
-    if shape.mode == "exact":
+    if shape.kernel_mode == "exact":
         graph, graph_error = None, "none: exact mode reads the counts on the host"
     elif rank.device.type != "cuda":
         graph, graph_error = None, "none: no CUDA device"
     else:
         graph, graph_error = _graph_replay_ms(rank, shape, logits, x, route_kwargs, reps)
+    # Rows as the call counted them (what dedup saves is measured), and what dedup would send (a model).
+    sent = handle.send_rows.tolist()
+    received = (handle.dedup_counts[:, -1] if handle.dedup else handle.recv_counts.sum(1)).tolist()
+    received_pairs = int(handle.recv_counts.sum())
     owners = (ids.long() // shape.local_experts).cpu()
-    sent = torch.bincount(owners.reshape(-1), minlength=shape.world).tolist()
-    received = handle.recv_counts.sum(1).tolist()
     distinct = sum(len(set(row) - {rank.rank}) for row in owners.tolist())
     return {
         "samples": samples,
-        "bytes": stage_bytes(shape, rank.rank, sent, received, distinct),
+        "sent_rows": sent,
+        "bytes": stage_bytes(shape, rank.rank, sent, received, distinct, received_pairs),
         "verified": verified,
         "graph_samples": graph,
         "graph_note": graph_error,
     }
+
+
+#: Columns of ep_mode_row: the modes side by side, one row per shape.
+EP_MODE_HEADERS = (
+    "model",
+    "EP",
+    "load",
+    "tokens/rank",
+    "mode",
+    "remote rows",
+    "wire bytes",
+    "padding bytes",
+    "dispatch+combine us",
+)
+
+
+def ep_mode_row(shape: EPShape, everyone: list[dict]) -> list:
+    """One shape's row beside the other modes' (time_ep's results from every rank), each figure the
+    busiest rank's: the rows it sent other ranks (as ep_dispatch counted them), the bytes both exchanges put
+    on the wire (dedup's meta rows included) and the slabs' padding among them, and the slowest rank's
+    dispatch + combine time per call (route, which every mode shares, left out), the median over calls."""
+    remote = max(
+        sum(n for r, n in enumerate(mine["sent_rows"]) if r != rank) for rank, mine in enumerate(everyone)
+    )
+    exchanges = [[mine["bytes"][stage] for stage in ("rows", "return")] for mine in everyone]
+    wire = max(sum(f["bytes"] for f in figures) for figures in exchanges)
+    padding = max(sum(f["bytes"] - f["useful"] for f in figures) for figures in exchanges)
+    route = STAGES.index("route")
+    calls = range(len(everyone[0]["samples"]))
+    per_call = [max(sum(mine["samples"][i]) - mine["samples"][i][route] for mine in everyone) for i in calls]
+    us = statistics.median(per_call) * 1e3
+    row = [shape.model.name, shape.world, shape.load, shape.tokens, shape.mode, remote]
+    return row + [f"{wire:,}", f"{padding:,}", f"{us:,.1f}"]
 
 
 def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, reps: int):
@@ -219,6 +287,7 @@ def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, 
         max_tokens_per_rank=shape.tokens,
         dtype=shape.dtype,
         device=rank.device,
+        dedup=shape.dedup,
     )
 
     def call():
@@ -231,6 +300,7 @@ def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, 
             mode="capacity",
             max_tokens_per_rank=shape.tokens,
             workspace=workspace,
+            dedup=shape.dedup,
         )
         kernels.ep.ep_combine(recv_x, handle)
 
@@ -249,7 +319,7 @@ def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, 
     return list(timing.samples_ms), None
 
 
-def dispatch_with_a_dead_rank(rank: Rank, victim: int = 1) -> None:
+def dispatch_with_a_dead_rank(rank: Rank, victim: int = 1, dedup: bool = False) -> None:
     """A fault drill: ``victim`` is killed (SIGKILL, no goodbye) just before ep_dispatch; every other rank
     must end with a PeerFailure naming it, not wait forever."""
     x, weights = torch.randn(4, 8), torch.full((4, 2), 0.5)
@@ -257,7 +327,7 @@ def dispatch_with_a_dead_rank(rank: Rank, victim: int = 1) -> None:
     if rank.rank == victim:
         os.kill(os.getpid(), signal.SIGKILL)
     with guard(rank, "ep_dispatch"):
-        recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, 2 * rank.world)
+        recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, 2 * rank.world, dedup=dedup)
         kernels.ep.ep_combine(recv_x, handle)
 
 
@@ -342,7 +412,11 @@ def time_all_reduce(
             per_call = [max(r[i] for r in everyone) for i in range(reps)]
             means = sorted(sum(r[i] for r in everyone) / rank.world for i in range(reps))
             ok = all(r[-1] == 1.0 for r in everyone)
-            results.append(AllReduceResult(impl, size, per_call, means[reps // 2], ok))
+            results.append(
+                AllReduceResult(
+                    impl=impl, size=size, samples_ms=per_call, mean_rank_ms=means[reps // 2], verified=ok
+                )
+            )
     return results, skipped
 
 

@@ -42,23 +42,16 @@ class Timing:
 
     @classmethod
     def from_samples(cls, samples_ms: list[float]) -> "Timing":
-        ordered = sorted(samples_ms)
+        # Deciles by linear interpolation between closest ranks ("inclusive": numpy's default method).
+        deciles = statistics.quantiles(samples_ms, n=10, method="inclusive") if len(samples_ms) > 1 else None
         return cls(
-            median_ms=statistics.median(ordered),
-            p20_ms=_quantile(ordered, 0.2),
-            p80_ms=_quantile(ordered, 0.8),
-            min_ms=ordered[0],
-            mean_ms=statistics.fmean(ordered),
+            median_ms=statistics.median(samples_ms),
+            p20_ms=deciles[1] if deciles else samples_ms[0],
+            p80_ms=deciles[7] if deciles else samples_ms[0],
+            min_ms=min(samples_ms),
+            mean_ms=statistics.fmean(samples_ms),
             samples_ms=tuple(samples_ms),
         )
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks, as numpy's default."""
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def l2_flush_bytes(device=None) -> int:

@@ -20,7 +20,7 @@ from bench.testing import generator, randn
 # --- correctness: scenarios against the reference -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Scenario:
     """One check on W ranks: rank r holds tokens[r % len(tokens)] tokens. routing: "uniform"; "one-rank"
     (every choice among the last rank's experts, so the others' experts get no rows); "zipf" (skewed);
@@ -59,10 +59,21 @@ class Scenario:
 #: with none), odd widths, align 1 to 64, bf16 and fp32 rows, every choice on one rank, ids repeated within
 #: a token with fewer local experts than top_k (capacity mode's slabs must still hold every row).
 SCENARIOS = (
-    Scenario("uneven", (5, 17, 0, 9), 3, 2, 40),
-    Scenario("one-rank-bf16-align64", (7, 3), 4, 3, 24, align=64, dtype=torch.bfloat16, routing="one-rank"),
-    Scenario("zipf-align8", (12, 4), 2, 2, 33, align=8, routing="zipf"),
-    Scenario("repeated-ids", (6, 5), 1, 3, 17, routing="repeated"),
+    Scenario(name="uneven", tokens=(5, 17, 0, 9), experts_per_rank=3, top_k=2, hidden=40),
+    Scenario(
+        name="one-rank-bf16-align64",
+        tokens=(7, 3),
+        experts_per_rank=4,
+        top_k=3,
+        hidden=24,
+        align=64,
+        dtype=torch.bfloat16,
+        routing="one-rank",
+    ),
+    Scenario(
+        name="zipf-align8", tokens=(12, 4), experts_per_rank=2, top_k=2, hidden=33, align=8, routing="zipf"
+    ),
+    Scenario(name="repeated-ids", tokens=(6, 5), experts_per_rank=1, top_k=3, hidden=17, routing="repeated"),
 )
 
 
@@ -81,13 +92,15 @@ MODELS = ("DeepSeek-R1", "Qwen3-235B-A22B")
 TOKENS_PER_RANK = (1, 4, 16, 64, 256, 1024, 4096)
 CPU_TOKENS_PER_RANK = (1, 8)  # gloo on CPU, kernels interpreted: the path shown, not a measurement
 LOADS = ("uniform", "zipf")
-#: Every stage in call order; "sync" is exact mode's, "unpack" capacity mode's.
+#: Every stage in call order; "sync" is exact mode's, "unpack" capacity mode's (without dedup).
 STAGES = ("route", "pack", "counts", "sync", "rows", "layout", "unlayout", "return", "unpack", "combine")
+#: ep_dispatch's modes, each also deduplicated (one row per (token, destination rank) on the wire).
+MODES = (*kernels.ep.MODES, *(f"{mode}-dedup" for mode in kernels.ep.MODES))
 
 
 @dataclass(frozen=True)
 class EPShape:
-    """One EP benchmark point: a model's routing on ``world`` ranks, ``tokens`` per rank."""
+    """One EP benchmark point: a model's routing on ``world`` ranks, ``tokens`` per rank, in one of MODES."""
 
     model: MoEModel
     world: int
@@ -105,14 +118,23 @@ class EPShape:
         return self.model.num_experts // self.world
 
     @property
+    def kernel_mode(self) -> str:
+        """ep_dispatch's mode ("exact" or "capacity")."""
+        return self.mode.removesuffix("-dedup")
+
+    @property
+    def dedup(self) -> bool:
+        return self.mode.endswith("-dedup")
+
+    @property
     def slab_rows(self) -> int:
-        return kernels.ep.slab_rows(self.tokens, self.model.top_k)
+        return kernels.ep.slab_rows(self.tokens, self.model.top_k, self.dedup)
 
 
-def shapes(world: int, tokens=TOKENS_PER_RANK, models=MODELS, loads=LOADS, modes=kernels.ep.MODES):
+def shapes(world: int, tokens=TOKENS_PER_RANK, models=MODELS, loads=LOADS, modes=MODES):
     """Every combination whose experts divide over ``world`` ranks."""
     return [
-        EPShape(MOE_MODELS[name], world, t, load, mode)
+        EPShape(model=MOE_MODELS[name], world=world, tokens=t, load=load, mode=mode)
         for name in models
         if MOE_MODELS[name].num_experts % world == 0
         for load in loads
@@ -121,38 +143,72 @@ def shapes(world: int, tokens=TOKENS_PER_RANK, models=MODELS, loads=LOADS, modes
     ]
 
 
-def stage_bytes(shape: EPShape, rank: int, sent: list[int], received: list[int], distinct: int) -> dict:
+def stage_bytes(
+    shape: EPShape,
+    rank: int,
+    sent: list[int],
+    received: list[int],
+    distinct: int,
+    received_pairs: int | None = None,
+) -> dict:
     """This rank's bytes per stage: memory traffic for the local stages, bytes put on the wire (to other
     ranks) for the collectives, with the useful share and what a deduplicating dispatch would send.
-    ``sent[r]`` / ``received[s]``: rows to rank r / from rank s; ``distinct``: (token, other rank) pairs."""
+    ``sent[r]`` / ``received[s]``: rows to rank r / from rank s (handle.send_rows: (token, choice) pairs, or
+    with dedup (token, rank) pairs); ``distinct``: (token, other rank) pairs; ``received_pairs``: with dedup,
+    the (token, choice) pairs the received rows expand to (recv_x's rows)."""
     m, t, world = shape.model, shape.tokens, shape.world
     row = m.hidden * shape.dtype.itemsize
-    pairs = t * m.top_k
     to_others = sum(n for r, n in enumerate(sent) if r != rank)
     from_others = sum(n for s, n in enumerate(received) if s != rank)
-    padded = shape.mode == "capacity"
-    slabs = (world - 1) * shape.slab_rows * row
-    local = shape.local_experts
-    return {
+    padded = shape.kernel_mode == "capacity"
+    local = shape.local_experts + shape.dedup  # dedup's counts carry the rows per rank too
+    figures = {
         "route": {"bytes": t * (m.num_experts * 2 + m.top_k * 8) + (m.num_experts * 4 if m.bias else 0)},
-        "pack": {"bytes": t * row + pairs * row + pairs * 8 + pairs * 4 + (2 * pairs * row if padded else 0)},
         "counts": {"bytes": (world - 1) * local * 4, "wire": True},
         "sync": {"bytes": (world + world * local) * 4, "host": True},
-        "rows": {
-            "bytes": slabs if padded else to_others * row,
-            "useful": to_others * row,
-            "dedup": distinct * row,
-            "wire": True,
-        },
-        "layout": {"bytes": 2 * sum(received) * row},
-        "unlayout": {"bytes": 2 * sum(received) * row},
-        "return": {
-            "bytes": slabs if padded else from_others * row,
-            "useful": from_others * row,
-            "wire": True,
-        },
-        "unpack": {"bytes": 2 * pairs * row},
-        "combine": {"bytes": pairs * row + t * row + pairs * 8},
+    }
+    rows = _dedup_rows(shape, sent, received, received_pairs) if shape.dedup else _rows(shape, received)
+    meta = 2 * m.top_k * 4 if shape.dedup else 0  # a dedup row's pairs travel beside it
+    slabs = (world - 1) * shape.slab_rows
+    figures["rows"] = {
+        "bytes": slabs * (row + meta) if padded else to_others * (row + meta),
+        "useful": to_others * (row + meta),
+        "dedup": distinct * row,
+        "wire": True,
+    }
+    figures["return"] = {
+        "bytes": slabs * row if padded else from_others * row,
+        "useful": from_others * row,
+        "wire": True,
+    }
+    return figures | {stage: {"bytes": nbytes * row + extra} for stage, (nbytes, extra) in rows.items()}
+
+
+def _rows(shape: EPShape, received: list[int]) -> dict:
+    """Local stages without dedup: {stage: (rows read and written, other bytes)}."""
+    pairs = shape.tokens * shape.model.top_k
+    padded = 2 * pairs if shape.kernel_mode == "capacity" else 0  # into the slabs, and back out
+    return {
+        "pack": (shape.tokens + pairs + padded, pairs * 12),
+        "layout": (2 * sum(received), 0),
+        "unlayout": (2 * sum(received), 0),
+        "unpack": (2 * pairs, 0),
+        "combine": (pairs + shape.tokens, pairs * 8),
+    }
+
+
+def _dedup_rows(shape: EPShape, sent: list[int], received: list[int], received_pairs: int) -> dict:
+    """Local stages with dedup: {stage: (rows read and written, other bytes)}: pack writes each (token,
+    rank) row once with its meta; layout reads each received row once and writes it per pair; the way back
+    reads each pair and writes a row per (token, rank); combine reads those and writes a row per token."""
+    t, top_k, world = shape.tokens, shape.model.top_k, shape.world
+    meta = 2 * top_k * 4
+    return {
+        "pack": (t + sum(sent), t * top_k * 8 + sum(sent) * meta + t * world * 4),
+        "layout": (sum(received) + received_pairs, sum(received) * meta),
+        "unlayout": (received_pairs + sum(received), sum(received) * meta),
+        "unpack": (0, 0),
+        "combine": (sum(sent) + t, t * world * 4),
     }
 
 
@@ -170,11 +226,16 @@ def route_inputs(shape: EPShape, rank: int, device, seed: int):
 
 # --- static report: the regroup kernel compiled at EP8 DeepSeek-R1 -----------------------------------------
 
+#: Static shapes' variants: the regroup's launches without dedup (the way back compiles to their mirror),
+#: then dedup's: its pack kernel, the regroup copying a row to its pairs and reducing them on the way back,
+#: and the partials' sum.
+VARIANTS = ("layout", "pack", "dedup-pack", "dedup-layout", "dedup-unlayout", "dedup-combine")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class RegroupShape:
-    """One regroup launch: ``variant`` "layout" (received rows to per-expert segments, exact mode) or "pack"
-    (rows by owner rank into capacity mode's slabs); the way back compiles to the mirror of each."""
+    """One launch of ``variant`` (VARIANTS): "layout" (received rows to per-expert segments, exact mode),
+    "pack" (rows by owner rank into capacity mode's slabs), or dedup's."""
 
     model: MoEModel
     world: int
@@ -187,36 +248,61 @@ class RegroupShape:
 
 
 def _regroup_launch(shape: RegroupShape, device="cpu") -> None:
-    """The launcher helper's call for this shape (the static report captures its launch)."""
-    m, world = shape.model, shape.world
+    """The launcher helper's call for this shape (the static report captures its launch). The counts are
+    zeros, so a real launch of a regroup moves nothing; the dedup pack's ids all name expert 0."""
+    m, world, dedup = shape.model, shape.world, shape.variant.startswith("dedup")
     local = m.num_experts // world
     rows = shape.tokens * m.top_k
-    slab = kernels.ep.slab_rows(shape.tokens, m.top_k)
-    packed = torch.empty(world * slab, m.hidden, dtype=torch.bfloat16, device=device)
-    grouped = torch.empty(
-        kernels.ep.recv_x_rows(world * slab, local, 128), m.hidden, dtype=torch.bfloat16, device=device
-    )
-    counts = torch.zeros(world, local, dtype=torch.int32, device=device)  # a real launch moves nothing
-    tokens_per_expert = torch.empty(local, dtype=torch.int32, device=device)
-    offsets = torch.empty(local + 1, dtype=torch.int32, device=device)
+    slab = kernels.ep.slab_rows(shape.tokens, m.top_k, dedup)
+
+    def buffer(n, width=m.hidden, dtype=torch.bfloat16):  # rows uninitialized, ints zeros
+        fill = torch.empty if dtype == torch.bfloat16 else torch.zeros
+        return fill(n, width, dtype=dtype, device=device)
+
+    packed, grouped = buffer(world * slab), buffer(kernels.ep.recv_x_rows(world * rows, local, 128))
+    counts = buffer(world, local + dedup, torch.int32)
+    meta = buffer(world * slab, 2 * m.top_k, torch.int32)
+    by_column = {
+        "align": 128,
+        "by_column": True,
+        "tokens_per_expert": buffer(1, local, torch.int32)[0],
+        "expert_offsets": buffer(1, local + 1, torch.int32)[0],
+    }
+    ids = buffer(shape.tokens, m.top_k, torch.int32)
     if shape.variant == "layout":
+        kernels.ep._regroup(packed, grouped, counts, packed_rows=rows, **by_column)
+    elif shape.variant == "pack":
+        kernels.ep._regroup(packed, grouped, counts, packed_rows=rows, grouped_slab=slab)
+    elif shape.variant == "dedup-pack":
+        weights = buffer(shape.tokens, m.top_k, torch.float32)
+        token_rows = buffer(shape.tokens, world, torch.int32)
+        x = buffer(shape.tokens)
+        kernels.ep._dedup_pack(
+            x,
+            ids,
+            weights,
+            m.num_experts,
+            world,
+            send=packed,
+            meta=meta,
+            send_counts=counts,
+            token_rows=token_rows,
+            slab=slab,
+        )
+    elif shape.variant in ("dedup-layout", "dedup-unlayout"):
+        to_packed = shape.variant == "dedup-unlayout"
         kernels.ep._regroup(
-            packed,
-            grouped,
-            counts,
-            packed_rows=rows,
-            align=128,
-            by_column=True,
-            tokens_per_expert=tokens_per_expert,
-            expert_offsets=offsets,
+            packed, grouped, counts, packed_rows=world * slab, meta=meta, to_packed=to_packed, **by_column
         )
     else:
-        kernels.ep._regroup(packed, grouped, counts, packed_rows=rows, grouped_slab=slab)
+        kernels.ep._sum_partials(packed, buffer(shape.tokens, world, torch.int32) - 1, buffer(shape.tokens))
 
 
 EP_STATIC = StaticOnly(
     name="ep",
     module="ep",
-    static_shapes=lambda: [RegroupShape(MOE_MODELS["DeepSeek-R1"], 8, v) for v in ("layout", "pack")],
+    static_shapes=lambda: [
+        RegroupShape(model=MOE_MODELS["DeepSeek-R1"], world=8, variant=v) for v in VARIANTS
+    ],
     launch=_regroup_launch,
 )

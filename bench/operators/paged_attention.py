@@ -184,7 +184,7 @@ def _model(name: str, tp: int = 1) -> tuple[str, int, int, int]:
     return label, model.q_heads_per_rank(tp), model.kv_heads_per_rank(tp), model.head_dim
 
 
-#: The attention geometries the issue names: Llama-3.1-8B (32/8), Llama-3.1-70B under TP 8 (8/1),
+#: The attention geometries benchmarked: Llama-3.1-8B (32/8), Llama-3.1-70B under TP 8 (8/1),
 #: Qwen3-32B (64/8), gpt-oss-120b (64/8 of 64).
 PRESETS = [_model("Llama-3.1-8B"), _model("Llama-3.1-70B", tp=8), _model("Qwen3-32B"), _model("gpt-oss-120b")]
 #: A group too wide for one program (64 query heads per KV head of 512, served in head tiles): the
@@ -194,8 +194,8 @@ WIDE_GROUP = ("GQA-64x512", 128, 2, 512)
 #: take the head tiles' warps, where 4 warps spilled.
 FULL_GROUPS = [("GQA-32x512", 64, 2, 512), ("MQA-16x1024", 16, 1, 1024)]
 
-# Reasoning lengths (shared/facts.md): MATH-500-like outputs of 1K to 3K tokens, AIME-like of 10K to 12K
-# with a tail to 32K; prompts are short beside them. A fixed spread, so runs compare.
+# Reasoning lengths (docs/facts.md#reasoning-workloads): MATH-500-like outputs of 1K to 3K tokens,
+# AIME-like of 10K to 12K with a tail to 32K; prompts are short beside them. A fixed spread, so runs compare.
 REASONING_MIX = (
     1024,
     1536,
