@@ -122,3 +122,20 @@ def test_fewer_requests_than_replicas_leave_replicas_idle():
         MODEL_SPECS["Llama-3.1-8B"], Layout(dp=8), H200, NVLINK, fixed_workload(128, 64), 3, 64
     )
     assert outcome.fits and outcome.peak_sequences == 3
+
+
+def test_a_dist_result_with_one_shot_rows_calibrates_the_one_shot_all_reduce():
+    from bench.serving.hardware import Interconnect
+
+    def entry(size, seconds, impl):
+        info = {"kernel": "all_reduce", "impl": impl, "bytes": size, "world_size": 8}
+        return {"name": f"all_reduce[{impl} {size} B]", "extra_info": info, "stats": {"median": seconds}}
+
+    rows = [
+        entry(8192, 21e-6, "nccl"),
+        entry(64 * 2**20, 400e-6, "nccl"),
+        entry(8192, 11e-6, "symm-mem one-shot"),
+    ]
+    link = Interconnect.from_all_reduce({"benchmarks": rows}, "ar.json")
+    assert link.oneshot_us == pytest.approx(11.0) and "one-shot 11.0 us" in link.source
+    assert sum(link.all_reduce_s(8192, 8)) < 21e-6  # the one-shot form beats the measured ring
