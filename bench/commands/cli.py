@@ -22,12 +22,27 @@ from bench.commands import (
     static,
     traffic,
     tune,
+    validate,
 )
 from bench.commands.arguments import Parser, UsageError
 from bench.measure.results import ResultFileError
 
 #: In the order `decodebench --help` lists them.
-COMMANDS = (run, report, static, traffic, capacity, profile, compare, proxies, gpu_check, tune, advise, dist)
+COMMANDS = (
+    run,
+    report,
+    static,
+    traffic,
+    capacity,
+    profile,
+    compare,
+    proxies,
+    gpu_check,
+    tune,
+    advise,
+    validate,
+    dist,
+)
 
 
 def build_parser(argv=None) -> Parser:

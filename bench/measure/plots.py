@@ -151,3 +151,35 @@ def advise_bars(outcomes, title: str, path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"plot written: {path}"
+
+
+def validate_scatter(result: dict, kinds, path) -> str:
+    """A scatter of projected against measured ms (every kind at every point) and of the published runs."""
+    plt = _pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install 'decodebench[plot]')"
+    fig, (kernels, runs) = plt.subplots(1, 2, figsize=(12, 5.5))
+    for kind in kinds:
+        pairs = [r["kinds"][kind] for r in result["points"] if kind in r["kinds"]]
+        if pairs:
+            kernels.scatter(
+                [p["measured_ms"] for p in pairs], [p["ours_ms"] for p in pairs], s=10, label=kind
+            )
+    kernels.set(xlabel=f"measured ms per step ({result['tables']})", ylabel="projected ms per step")
+    kernels.legend(fontsize=7)
+    published = result["published"]
+    runs.scatter(
+        [r["published_tokens_per_s"] for r in published], [r["ours_tokens_per_s"] for r in published]
+    )
+    for r in published:
+        runs.annotate(r["run"], (r["published_tokens_per_s"], r["ours_tokens_per_s"]), fontsize=6)
+    runs.set(xlabel="published output tokens/s", ylabel="projected output tokens/s")
+    for ax in (kernels, runs):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color="grey", lw=0.8)  # ours == measured
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"

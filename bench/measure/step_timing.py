@@ -80,6 +80,37 @@ def _chain(*calls: Callable) -> Callable:
     return run
 
 
+def _small_kernel(spec: ModelSpec, layout: Layout, micro: int, name: str, device, gen) -> Callable | None:
+    """The step's small kernels the suite has no operator for, as PyTorch runs them at their shapes: rope,
+    the MLP's activation, MLA's two norms, its three copies and its two absorbed batched products."""
+    heads = spec.num_q_heads // layout.tp
+    if name == "rope":
+        width = spec.mla.qk_rope_head_dim if spec.mla else spec.head_dim
+        x = randn((micro, heads + spec.kv_heads_per_rank(layout.tp), width), torch.bfloat16, device, gen)
+        return lambda: x * 0.5 + x.flip(-1)
+    if name == "act":
+        x = randn((micro, 2 * max(1, spec.intermediate // layout.tp)), torch.bfloat16, device, gen)
+        return lambda: torch.nn.functional.silu(x[:, ::2]) * x[:, 1::2]
+    if spec.mla is None:
+        return None
+    g = spec.mla
+    if name == "mla_norms":
+        q = randn((micro, spec.q_lora_rank or spec.hidden), torch.bfloat16, device, gen)
+        kv = randn((micro, g.kv_lora_rank), torch.bfloat16, device, gen)
+        return _chain(
+            lambda: torch.nn.functional.rms_norm(q, q.shape[-1:]),
+            lambda: torch.nn.functional.rms_norm(kv, kv.shape[-1:]),
+        )
+    if name == "mla_copies":
+        x = randn((heads, micro, g.cached_width), torch.bfloat16, device, gen)
+        return _chain(*[lambda: x.transpose(0, 1).contiguous()] * 3)
+    if name == "mla_absorb":
+        uk = _grouped_gemm(heads, micro, g.qk_nope_head_dim, g.kv_lora_rank, device, gen)
+        uv = _grouped_gemm(heads, micro, g.kv_lora_rank, spec.v_head_dim, device, gen)
+        return _chain(uk, uv)
+    return None
+
+
 def _case_call(name: str, shape, device, check: bool) -> tuple[Callable, bool | None]:
     case = CASES[name]
     inputs = case.build(shape, device, seed=0)
@@ -97,7 +128,7 @@ def stage_calls(
     tp, h = layout.tp, spec.hidden
     name = stage.name.removeprefix("moe:")
     kind = "fp8 weights timed as bf16" if spec.weight_bytes == 1 else ""
-    micro = max(1, round(batch / layout.pp))
+    micro = max(1, round(batch / max(1, min(layout.pp, batch))))  # micro-batches in flight (step.py)
     m = spec.moe
     # The preset's routing rule (DeepSeek's grouped sigmoid) where the suite has one; softmax top-k otherwise.
     moe_model = None
@@ -109,6 +140,9 @@ def stage_calls(
             top_k=m.top_k,
             intermediate=m.expert_intermediate,
         )
+    small = _small_kernel(spec, layout, micro, name, device, gen)
+    if small is not None:
+        return small, None, ""
     if name in ("attn_norm", "mlp_norm"):
         x = randn((micro, h), torch.bfloat16, device, gen)
         weight = torch.ones(h, dtype=torch.bfloat16, device=device)

@@ -11,17 +11,20 @@ For each layout that fits (weights, an activation reserve and at least one longe
   scaling study, arXiv 2605.19775, ran): first-come-first-served admission while the pool has room for the
   prompt above a watermark (KV-aware) and fewer than max_num_seqs run; each simulated step decodes
   ``stride`` tokens of every running sequence at the step model's time for that batch and mean context;
-  prompts prefill at the matmul ceiling; when the pool runs out the newest sequence is preempted and
-  recomputed later. Each layout gets the best of a sweep of max_num_seqs, as the scaling study tuned it;
+  prompts prefill in chunks of packed prompt tokens at the step model's prefill time; when the pool runs
+  out the newest sequence is preempted and recomputed later. Each layout gets the best of a sweep of
+  max_num_seqs, as the scaling study tuned it (or the best under a time-per-output-token limit);
 - the binding constraint: KV capacity when admission waited on the pool for most of the run or preempted
   sequences' recomputation cost over a tenth of the output tokens, otherwise the bound (HBM bandwidth,
-  compute, interconnect, routing/synchronization, pipeline bubbles, launch) that took the most time.
+  compute, interconnect, routing/synchronization, pipeline bubbles, launch, host) that took the most time;
+- beside the makespan, a steady-state tokens/s: every replica at its peak batch, decoding at the
+  workload's mean context.
 
 No rule names a model or a size: the ranking is the simulated makespan.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,7 +32,7 @@ from bench.serving import batching
 from bench.serving.batching import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, Batching, Requests
 from bench.serving.hardware import Hardware, Interconnect
 from bench.serving.models import ModelSpec
-from bench.serving.step import Layout, seconds_by_bound, step_stages
+from bench.serving.step import Layout, prefill_stages, seconds_by_bound, step_seconds, step_stages
 from bench.serving.workloads import ReasoningWorkload
 
 ACTIVATION_RESERVE_BYTES = ACTIVATION_RESERVE_GIB * 2**30
@@ -77,10 +80,11 @@ def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: Reasoni
     rest = spec.params() - experts
     expert_split = layout.ep if layout.ep > 1 else layout.tp
     weights = (rest / layout.tp + experts / expert_split) / layout.pp * spec.weight_bytes
+    weights += spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp  # bf16 in fp8 checkpoints
     per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
     budget = hw.memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_BYTES
     pool = max(0, int(budget // per_token))
-    longest = workload.max_output + 2048
+    longest = workload.max_output + workload.max_prompt
     if budget <= 0:
         why = f"weights {weights / 1e9:.0f} GB a rank do not fit"
         return MemoryPlan(
@@ -118,6 +122,13 @@ class Outcome:
     by_bound: dict | None = None  # simulated seconds by bound
     plan: MemoryPlan | None = None
     why: str = ""
+    steady_tokens_per_s: float = (
+        0.0  # all replicas at the peak batch, decoding at the workload's mean context
+    )
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_s / self.layout.gpus
 
     def row(self) -> dict:
         out = {
@@ -130,6 +141,8 @@ class Outcome:
             "max_num_seqs": self.max_num_seqs,
             "seconds": round(self.seconds, 2) if self.fits else None,
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "tokens_per_s_per_gpu": round(self.tokens_per_s_per_gpu, 1),
+            "steady_tokens_per_s_per_gpu": round(self.steady_tokens_per_s / self.layout.gpus, 1),
             "tpot_ms": round(self.tpot_ms, 3),
             "peak_sequences": self.peak_sequences,
             "preemptions": self.preemptions,
@@ -188,16 +201,22 @@ def simulate(
     # The same R requests for every layout; this replica serves every dp-th of them (one answer each).
     all_prompts, all_outputs = workload.draw(requests, np.random.default_rng(seed))
     mine = Requests.from_draw(all_prompts[:: layout.dp], all_outputs[:: layout.dp, :1])
-    prefill_flops = 2 * _active_params(spec) / (layout.tp * layout.pp)  # a prompt token's, on one rank
+    step_time = _StepTimes(spec, layout, hw, link, kv_bytes)
     config = Batching(
         pool_tokens=plan.pool_tokens,
         policy=f"paged-{BLOCK}",
         stride=stride,
         max_num_seqs=max_num_seqs,
-        step_time=_StepTimes(spec, layout, hw, link, kv_bytes),
-        prefill_s_per_token=prefill_flops / (hw.matmul_tflops * 1e12 * hw.compute_efficiency),
+        step_time=step_time,
+        prefill_s_per_token=prefill_seconds_per_token(spec, layout, hw, link, workload, kv_bytes),
     )
     run = batching.simulate(config, mine)
+    mean_context = (
+        workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2) / 2
+    )
+    peak = max(1, run.peak_sequences)
+    busy = min(layout.dp, requests)  # with fewer requests than replicas, the rest stand idle
+    steady = busy * peak / step_time(peak, mean_context)[0]
     # KV capacity binds when admission waited on the pool most of the time, or when preempted sequences'
     # recomputation cost over a tenth of the answers' tokens (the sweep then settles on a small batch).
     kv_bound = run.kv_wait_seconds > 0.5 * run.seconds or run.recomputed_tokens > 0.1 * mine.output.sum()
@@ -208,21 +227,27 @@ def simulate(
         seconds=run.seconds,
         tokens_per_s=int(all_outputs[:, 0].sum()) / run.seconds if run.seconds else 0.0,
         tpot_ms=run.tpot_s * 1e3,
-        peak_sequences=run.peak_sequences * layout.dp,
-        preemptions=run.preemptions * layout.dp,
+        peak_sequences=run.peak_sequences * busy,
+        preemptions=run.preemptions * busy,
         bound="KV capacity" if kv_bound else max(run.by_bound, key=run.by_bound.get),
         by_bound=run.by_bound,
         plan=plan,
+        steady_tokens_per_s=steady,
     )
 
 
-def _active_params(spec: ModelSpec) -> float:
-    """Parameters one token runs through (its top-k experts, not all of them)."""
-    if spec.moe is None:
-        return spec.params()
-    m = spec.moe
-    idle = spec.moe_layers * (m.num_experts - m.top_k) * spec.expert_params()
-    return spec.params() - idle
+#: Prompt tokens one prefill step takes: prompts are chunked and packed to vLLM's max_num_batched_tokens for
+#: throughput serving (8192, assumed).
+PREFILL_CHUNK = 8192
+
+
+def prefill_seconds_per_token(spec, layout, hw, link, workload, kv_bytes) -> float:
+    """A prompt token's prefill seconds on one replica: a full chunk of packed prompts through the step
+    model's prefill (every layer's GEMMs at the chunk's size, attention over half the mean prompt)."""
+    chunk = prefill_stages(
+        spec, layout, PREFILL_CHUNK, workload.prompt_median / 2, hw, link, kv_bytes=kv_bytes
+    )
+    return step_seconds(chunk) / PREFILL_CHUNK
 
 
 def advise(
@@ -237,9 +262,11 @@ def advise(
     stride: int = 32,
     seed: int = 0,
     kv_bytes: int = 2,
+    max_tpot_ms: float | None = None,
 ) -> list[Outcome]:
     """Every layout of ``gpus`` GPUs, best first (fitting ones by makespan, then those that do not fit),
-    each at the best max_num_seqs of the sweep."""
+    each at the best max_num_seqs of the sweep; with ``max_tpot_ms``, the best whose mean time per output
+    token is at most that (as deployments are sized), a layout none of whose runs meets it not fitting."""
     best = []
     for layout in layouts(spec, gpus):
         tried = [
@@ -248,6 +275,13 @@ def advise(
             )
             for s in sweep
         ]
+        if max_tpot_ms is not None:
+            meeting = [o for o in tried if o.fits and o.tpot_ms <= max_tpot_ms]
+            if not meeting and tried[0].fits:
+                why = f"TPOT over {max_tpot_ms:g} ms at every max_num_seqs tried"
+                tried = [replace(min(tried, key=lambda o: o.tpot_ms), fits=False, why=why, seconds=math.inf)]
+            else:
+                tried = meeting or tried
         best.append(min(tried, key=lambda o: o.seconds))
     return sorted(best, key=lambda o: (not o.fits, o.seconds))
 

@@ -33,10 +33,25 @@ class Hardware:
     copy_gbps: float  # bytes read + written per second by a device copy: the bandwidth ceiling
     matmul_tflops: float  # a large bf16 matrix product: the compute ceiling
     memory_efficiency: float = 0.9  # share of copy bandwidth a bandwidth-bound stage reaches
-    compute_efficiency: float = 0.7  # share of the matmul ceiling a compute-bound stage reaches
-    launch_us: float = 2.0  # the gap a kernel launch adds under CUDA-graph replay
+    compute_efficiency: float = 0.9  # share of the matmul ceiling a large GEMM reaches
+    launch_us: float = 2.0  # a small kernel (norm, activation, rope, cache write) under CUDA-graph replay
+    gemm_us: float = 4.4  # a bf16 GEMM's fixed cost: its latency at zero bytes
+    fp8_gemm_us: float = 7.1  # an fp8 GEMM's, the activation's quantization before it included
+    attention_us: float = 9.4  # decode attention's floor (batch 1, one token), its cache write apart
+    moe_us: float = 20.0  # a fused MoE's fixed cost: align/sort, two grouped GEMMs, activation, sum
+    host_us: float = 0.0  # per step, per engine process: scheduling, input preparation and sampling
+    fp8_tflops: float = 0.0  # the fp8 tensor-core ceiling; 0: twice the bf16 ceiling
     kernel_efficiency: dict = field(default_factory=dict)  # stage -> measured share of copy bandwidth
     sources: dict = field(default_factory=dict)
+
+    def tflops(self, weight_bytes: int) -> float:
+        """The matmul ceiling for weights of ``weight_bytes`` bytes: fp8 tensor cores for 1 byte."""
+        if weight_bytes == 1:
+            return self.fp8_tflops or 2 * self.matmul_tflops
+        return self.matmul_tflops
+
+    def gemm_floor_us(self, weight_bytes: int) -> float:
+        return self.fp8_gemm_us if weight_bytes == 1 else self.gemm_us
 
     @classmethod
     def from_results(cls, base: "Hardware", machine: dict, benchmarks=(), origin: str = "") -> "Hardware":
@@ -75,9 +90,23 @@ class Hardware:
         return min(1.0, near[1]), "measured"
 
 
+#: NVIDIA's measured H200 kernel tables (AIConfigurator's vLLM 0.24 rows; bench/serving/measured.py reads
+#: them and ``decodebench validate`` compares the model with them).
+TABLES = "AIConfigurator's vLLM tables, H200 (docs/facts.md#measured-ground-truth-for-the-decode-step-model)"
+
 _ASSUMED = {
-    "efficiency": "anchor (assumed): 90% of copy bandwidth, 70% of the matmul ceiling",
-    "launch": "anchor (assumed): 2 us a kernel under CUDA graphs",
+    "efficiency": "anchor (published, measured by NVIDIA): GEMMs at M >= 1024 reach 0.95-1.0 of the bf16 "
+    "anchor and 0.76-0.85 of twice it in fp8, 0.9 of each taken; bandwidth-bound GEMMs reach 0.96 of copy "
+    f"bandwidth, 0.9 taken for every bandwidth-bound stage ({TABLES})",
+    "fp8": f"anchor (published): fp8 tensor cores at twice the bf16 rate ({FACTS})",
+    "gemm": "anchor (published, measured by NVIDIA): a GEMM's latency at zero bytes, fitted over the GEMM "
+    f"rows at M 1-64, N and K 1K-16K: 4.4 us bf16, 7.1 us fp8 with its activation quantization ({TABLES})",
+    "attention": "anchor (published, measured by NVIDIA): FlashAttention-3 decode at batch 1, one token, "
+    f"11.4 us with its cache write: 9.4 us + the write's launch ({TABLES})",
+    "moe": "anchor (published, measured by NVIDIA): the fused MoE at one token costs 20 us with its weights "
+    f"negligible (Qwen3-30B-A3B's experts split 8 ways; {TABLES})",
+    "launch": "anchor (assumed): 2 us a small kernel (norm, activation, rope, cache write) under CUDA graphs",
+    "host": "anchor (assumed): no host time a step unless --host-us gives it (engines overlap scheduling)",
 }
 
 GPUS = {
@@ -110,24 +139,46 @@ GPUS = {
 
 @dataclass(frozen=True)
 class Interconnect:
-    """The links between GPUs, as a hop latency (alpha) and a per-GPU one-way bandwidth (beta)."""
+    """The links between GPUs, as a hop latency (alpha) and a per-GPU one-way bandwidth (beta), and the
+    collectives engines run over them: a one-shot all-reduce (every rank reads every peer's buffer: flat
+    latency up to a size), a two-shot one (reduce-scatter then all-gather), NCCL's ring for what neither
+    handles, and the expert-parallel all-to-all at its own measured latency and bandwidth."""
 
     name: str
     gbps: float
     hop_us: float
     source: str
+    oneshot_us: float = 0.0  # a one-shot all-reduce's fixed cost; 0: no custom all-reduce (NCCL only)
+    read_gbps: float = 0.0  # what one rank reads from its peers at once in a one-shot all-reduce
+    bus_gbps: tuple = ()  # ((ranks, GB/s), ...): an all-reduce's bus bandwidth by rank count; (): gbps
+    a2a_us: float = 0.0  # an expert-parallel dispatch's (or combine's) fixed cost; 0: the hop latencies
+    a2a_gbps: float = 0.0  # bytes a rank sends to others per second in it; 0: gbps
 
     def all_reduce_s(self, nbytes: float, ranks: int) -> tuple[float, float]:
-        """(latency, transfer) seconds of a ring all-reduce of ``nbytes`` on each rank."""
+        """(latency, transfer) seconds of the fastest all-reduce of ``nbytes`` on each rank the engine has:
+        one-shot, two-shot (with a custom all-reduce) or NCCL's ring."""
         if ranks <= 1:
             return 0.0, 0.0
-        return 2 * (ranks - 1) * self.hop_us * 1e-6, 2 * (ranks - 1) / ranks * nbytes / (self.gbps * 1e9)
+        bus = self.bus_bandwidth(ranks) * 1e9
+        forms = [(2 * (ranks - 1) * self.hop_us * 1e-6, 2 * (ranks - 1) / ranks * nbytes / bus)]
+        if self.oneshot_us:
+            alpha = self.oneshot_us * 1e-6
+            forms.append((alpha, (ranks - 1) * nbytes / ((self.read_gbps or self.gbps) * 1e9)))
+            forms.append((2 * alpha, 2 * (ranks - 1) / ranks * nbytes / bus))
+        return min(forms, key=sum)
+
+    def bus_bandwidth(self, ranks: int) -> float:
+        """GB/s of bus bandwidth at ``ranks`` ranks: the measured rank count nearest it, or ``gbps``."""
+        if not self.bus_gbps:
+            return self.gbps
+        return min(self.bus_gbps, key=lambda pair: abs(math.log(pair[0] / ranks)))[1]
 
     def all_to_all_s(self, sent_bytes: float, ranks: int) -> tuple[float, float]:
         """(latency, transfer) seconds of an all-to-all in which each rank sends ``sent_bytes`` to others."""
         if ranks <= 1:
             return 0.0, 0.0
-        return (ranks - 1) * self.hop_us * 1e-6, sent_bytes / (self.gbps * 1e9)
+        latency = self.a2a_us * 1e-6 if self.a2a_us else (ranks - 1) * self.hop_us * 1e-6
+        return latency, sent_bytes / ((self.a2a_gbps or self.gbps) * 1e9)
 
     def send_s(self, nbytes: float) -> tuple[float, float]:
         return self.hop_us * 1e-6, nbytes / (self.gbps * 1e9)
@@ -159,7 +210,18 @@ class Interconnect:
             f"measured: {file}, {world} ranks ({machine.get('gpu', '?')}): {small[1] * 1e6:.1f} us at "
             f"{small[0]} B, bus bandwidth {busbw:.0f} GB/s at {large[0]} B"
         )
-        return cls(name=f"measured ({file})", gbps=busbw, hop_us=hop_us, source=source)
+        oneshot = [
+            b["stats"]["median"]
+            for b in document["benchmarks"]
+            for info in [b.get("extra_info", {})]
+            if info.get("kernel") == "all_reduce"
+            and "one-shot" in str(info.get("impl"))
+            and b["stats"]["median"] > 0
+        ]
+        oneshot_us = min(oneshot) * 1e6 if oneshot else 0.0
+        if oneshot:
+            source += f"; one-shot {oneshot_us:.1f} us at its smallest size"
+        return cls(name=f"measured ({file})", gbps=busbw, hop_us=hop_us, source=source, oneshot_us=oneshot_us)
 
 
 INTERCONNECTS = {
@@ -169,7 +231,16 @@ INTERCONNECTS = {
         hop_us=1.5,
         source="anchor (published): 900 GB/s per GPU both ways (docs/facts.md#the-study-behind-the-suite); "
         "hop latency chosen so a ring all-reduce of 8 KB on 8 GPUs takes 21 us, inside the 20-25 us "
-        "published for NCCL in one engine (docs/facts.md#published-kernel-figures-to-hold-results-against)",
+        "published for NCCL in one engine (docs/facts.md#published-kernel-figures-to-hold-results-against); "
+        "anchor (published, measured by NVIDIA): vLLM's custom all-reduce under CUDA graphs on 2-8 H200s, "
+        "one-shot 4.5 us flat, peers' buffers read at 200 GB/s, bus bandwidth at 8-16 MB 123, 146 and 186 "
+        "GB/s on 2, 4 and 8 GPUs; DeepEP's low-latency all-to-all (EP8, hidden 7168) 45 us a dispatch or "
+        f"combine at 1-32 tokens, 160 GB/s sent at 256 ({TABLES})",
+        oneshot_us=4.5,
+        read_gbps=200.0,
+        bus_gbps=((2, 123.0), (4, 146.0), (8, 186.0)),
+        a2a_us=45.0,
+        a2a_gbps=160.0,
     ),
     "pcie": Interconnect(
         name="PCIe Gen5 x16",

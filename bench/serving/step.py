@@ -1,25 +1,30 @@
 """One decode step of a whole model, stage by stage: where its time goes on a given GPU and interconnect.
 
-Each stage of a decoder layer (norms, projections, write_kv, paged_decode or mla_decode, the TP all-reduce,
-the MLP or the MoE path with its expert-parallel all-to-alls) gets its bytes and FLOPs on one rank from the
-model's shapes (bench/serving/models.py: ModelSpec) and the layout, and a time from the ceilings it runs
-against:
+Each kernel of a decoder layer as vLLM runs it in decode (norms, projections, rope, write_kv, paged_decode
+or MLA's absorbed kernels, the TP all-reduce, the MLP and its activation, or the MoE path with its
+expert-parallel all-to-alls) gets its bytes and FLOPs on one rank from the model's shapes
+(bench/serving/models.py: ModelSpec) and the layout, and a time from the ceilings it runs against:
 
-    compute or memory stage:  max(bytes / (copy bandwidth x eff.), FLOPs / (matmul ceiling x eff.))
-                              + its kernel launches x the launch gap
-    all-reduce (ring):        2 (n - 1) x hop latency + 2 (n - 1) / n x bytes / link bandwidth
-    all-to-all:               (n - 1) x hop latency + bytes sent to other ranks / link bandwidth
-    pipeline hand-off:        hop latency + bytes / link bandwidth, per stage boundary
+    kernel:       its fixed cost (a GEMM's, decode attention's, a small kernel's, the fused MoE's)
+                  + max(bytes / (copy bandwidth x eff.), FLOPs / (matmul ceiling x eff.)),
+                  the matmul ceiling fp8's for fp8 weights (the LM head and embedding stay bf16)
+    all-reduce:   the fastest of a one-shot custom all-reduce (flat, then each peer's buffer read), a
+                  two-shot one and NCCL's ring, at the bus bandwidth measured for the rank count
+    all-to-all:   DeepEP's fixed cost + bytes sent to other ranks / its measured bandwidth
+    pipeline:     steady state, micro-batches in flight (no fill-and-drain bubble a step)
+    host:         scheduling and sampling, once a step per engine process (Hardware.host_us)
 
-The ceilings (bench/serving/hardware.py) are measured where a gpu-check result folder gives them
-(``Hardware.from_results``: the copy bandwidth and matmul ceiling measured there, and each suite kernel's
-measured share of the copy bandwidth at its nearest shape), published anchors otherwise
-(docs/facts.md#gpu-anchors-published-not-measured-here); every figure says which it is. This module
+The ceilings and fixed costs (bench/serving/hardware.py) are measured where a gpu-check result folder gives
+them (``Hardware.from_results``), published figures otherwise: the GPU anchors
+(docs/facts.md#gpu-anchors-published-not-measured-here) and NVIDIA's measured H200 kernel tables
+(AIConfigurator; docs/facts.md#measured-ground-truth-for-the-decode-step-model), which ``decodebench
+validate`` holds the model against stage kind by stage kind; every figure says which it is. This module
 projects: ``decodebench step`` on a GPU times the same stages instead (bench/measure/step_timing.py).
 """
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from bench.serving.hardware import Hardware, Interconnect
 from bench.serving.models import ModelSpec
@@ -79,8 +84,33 @@ def check_layout(spec: ModelSpec, layout: Layout) -> None:
 # -- stages --------------------------------------------------------------------------------------------------
 
 #: What binds a stage, and so what the advisor calls the constraint when its time dominates.
-BOUNDS = ("HBM bandwidth", "compute", "interconnect", "routing/synchronization", "pipeline bubbles", "launch")
+BOUNDS = (
+    "HBM bandwidth",
+    "compute",
+    "interconnect",
+    "routing/synchronization",
+    "pipeline bubbles",
+    "launch",
+    "host",
+)
 SYNC = "routing/synchronization"
+#: What a stage is, for ``step --json`` and ``validate``: write_kv counts as attention, the activation as
+#: norm.
+KINDS = (
+    "attention",
+    "gemm",
+    "allreduce",
+    "norm",
+    "lm_head",
+    "moe_route",
+    "moe_dispatch",
+    "moe_experts",
+    "moe_shared",
+    "a2a",
+    "pp",
+    "host",
+    "other",
+)
 
 
 @dataclass(frozen=True)
@@ -93,17 +123,20 @@ class Stage:
     bound: str  # one of BOUNDS
     source: str = "anchor"  # "measured" when its efficiency came from a result file
     split: dict = field(default_factory=dict)  # seconds by bound, where a stage has several (a collective)
+    kind: str = "other"  # one of KINDS
 
     @property
     def step_seconds(self) -> float:
         return self.seconds * self.per_step
 
 
-def _compute(name, nbytes, flops, hw: Hardware, per_step: int, launches: int = 1, kernel=None) -> Stage:
+def _compute(name, kind, nbytes, flops, hw: Hardware, per_step, floor_us, *, kernel=None, tflops=None):
+    """A kernel (or a few) bound by bandwidth or compute, plus its fixed cost: ``floor_us`` summed over its
+    kernels (their latency at zero bytes, from measurement where Hardware.sources says so)."""
     efficiency, source = hw.efficiency_for(kernel, nbytes)
     memory_s = nbytes / (hw.copy_gbps * 1e9 * efficiency)
-    compute_s = flops / (hw.matmul_tflops * 1e12 * hw.compute_efficiency)
-    launch_s = launches * hw.launch_us * 1e-6
+    compute_s = flops / ((tflops or hw.matmul_tflops) * 1e12 * hw.compute_efficiency)
+    launch_s = floor_us * 1e-6
     bound = "HBM bandwidth" if memory_s >= compute_s else "compute"
     busy = max(memory_s, compute_s)
     split = {bound: busy, "launch": launch_s}
@@ -116,10 +149,11 @@ def _compute(name, nbytes, flops, hw: Hardware, per_step: int, launches: int = 1
         bound=bound,
         source=source,
         split=split,
+        kind=kind,
     )
 
 
-def _collective(name, nbytes, latency_s, transfer_s, per_step: int, latency_bound="interconnect") -> Stage:
+def _collective(name, kind, nbytes, latency_s, transfer_s, per_step, latency_bound="interconnect") -> Stage:
     split = {"interconnect": transfer_s}
     split[latency_bound] = split.get(latency_bound, 0.0) + latency_s
     bound = max(split, key=split.get)
@@ -132,22 +166,207 @@ def _collective(name, nbytes, latency_s, transfer_s, per_step: int, latency_boun
         bound=bound,
         source="anchor",
         split=split,
+        kind=kind,
     )
 
 
-def expected_experts_touched(experts: int, top_k: int, tokens: float) -> float:
-    """Experts that at least one of ``tokens`` tokens chooses (each chooses top_k of them, uniformly)."""
+#: Routing's skew: the share of (token, expert) choices the i-th most popular expert gets goes as
+#: (i + 1) ** -ALPHA (assumed: the power law AIConfigurator's measured MoE tables route with, power_law_1.01).
+ALPHA = 1.01
+
+
+@lru_cache(maxsize=64)
+def expert_popularity(experts: int, alpha: float = ALPHA) -> tuple[float, ...]:
+    weights = [(i + 1) ** -alpha for i in range(experts)]
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+@lru_cache(maxsize=4096)
+def expected_experts_touched(experts: int, top_k: int, tokens: float, alpha: float = ALPHA) -> float:
+    """Experts that at least one of ``tokens`` tokens chooses (top_k each, expert popularity a power law)."""
     if tokens <= 0:
         return 0.0
-    return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+    choices = tokens * top_k
+    return sum(
+        1.0 - (1.0 - min(p * top_k, 1.0)) ** (choices / top_k) for p in expert_popularity(experts, alpha)
+    )
+
+
+@lru_cache(maxsize=64)
+def busiest_rank(experts: int, ranks: int, alpha: float = ALPHA) -> tuple[float, tuple[float, ...]]:
+    """(the busiest rank's share of all choices over the mean, its experts' popularities), experts placed
+    in contiguous blocks (expert i on rank i // (experts / ranks): vLLM's default, linear placement)."""
+    popularity = expert_popularity(experts, alpha)
+    mine = popularity[: experts // ranks]  # rank 0 holds the most popular
+    return sum(mine) * ranks, mine
 
 
 def slowest_share(mean_rows: float, ranks: int) -> float:
-    """The slowest of ``ranks`` ranks' rows over the mean, when rows land by chance (Poisson): about
-    1 + sqrt(2 ln ranks / mean). What every rank waits for at the combine."""
+    """The slowest of ``ranks`` ranks' rows over the mean from chance alone (Poisson): about
+    1 + sqrt(2 ln ranks / mean)."""
     if ranks <= 1 or mean_rows <= 0:
         return 1.0
     return 1.0 + math.sqrt(2.0 * math.log(ranks) / mean_rows)
+
+
+def _prefill_attention(spec, layout, tokens, context, hw, comp, kv_bytes):
+    """Prefill's attention over a chunk of ``tokens`` new tokens whose queries see ``context`` tokens on
+    average (causal): compute-bound, the cache read once per chunk (flash attention's tiling)."""
+    tp = layout.tp
+    heads = spec.num_q_heads / tp
+    kv_token = spec.kv_bytes_per_token_layer(tp, kv_bytes)
+    if spec.mla is None:
+        width = 2 * spec.head_dim  # q.k and p.v
+    else:  # prefill runs MLA un-absorbed: per-head keys of qk_nope + rope, values of v_head_dim
+        width = spec.mla.qk_nope_head_dim + spec.mla.qk_rope_head_dim + spec.v_head_dim
+    nbytes = (context + tokens) * kv_token + 2 * tokens * spec.hidden * 2
+    comp("write_kv", "attention", 2 * tokens * kv_token, 0, hw.launch_us, kernel="write_kv")
+    comp("prefill_attention", "attention", nbytes, 2 * tokens * context * heads * width, hw.attention_us)
+
+
+def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
+    """The attention block's kernels as vLLM runs them in decode (its MLA path: the absorbed form); with
+    ``prefill``, ``batch`` is a chunk of one prompt's tokens and attention is prefill's."""
+    if prefill:
+        _prefill_projections(spec, layout, batch, hw, comp)
+        _prefill_attention(spec, layout, batch, context, hw, comp, kv_bytes)
+        return
+    tp, h, wb = layout.tp, spec.hidden, spec.weight_bytes
+    act = batch * h * 2
+    heads = spec.num_q_heads / tp
+    gemm, tflops = hw.gemm_floor_us(wb), hw.tflops(wb)
+    kv_token = spec.kv_bytes_per_token_layer(tp, kv_bytes)
+    if spec.mla is None:
+        o_params = spec.num_q_heads * spec.head_dim * h / tp
+        qkv_params = spec.attention_params() / tp - o_params
+        comp("qkv_proj", "gemm", qkv_params * wb + 2 * act, 2 * batch * qkv_params, gemm, tflops=tflops)
+        comp(
+            "rope", "other", 4 * batch * (heads + spec.kv_heads_per_rank(tp)) * spec.head_dim, 0, hw.launch_us
+        )
+        comp("write_kv", "attention", 2 * batch * kv_token, 0, hw.launch_us, kernel="write_kv")
+        flops = 4 * batch * context * heads * spec.head_dim
+        nbytes = batch * context * kv_token + 2 * act
+        comp("paged_decode", "attention", nbytes, flops, hw.attention_us, kernel="paged_decode")
+        comp("o_proj", "gemm", o_params * wb + 2 * act, 2 * batch * o_params, gemm, tflops=tflops)
+        return
+    g, v = spec.mla, spec.v_head_dim
+    qk = g.qk_nope_head_dim + g.qk_rope_head_dim
+    # Down projections (q_a with kv_a, fused) are whole on every rank; q_b is split by heads.
+    down = h * (spec.q_lora_rank or 0) + h * g.cached_width
+    up = (spec.q_lora_rank or h) * heads * qk
+    comp("qkv_proj", "gemm", (down + up) * wb + 2 * act, 2 * batch * (down + up), 2 * gemm, tflops=tflops)
+    comp("mla_norms", "norm", 4 * batch * ((spec.q_lora_rank or 0) + g.kv_lora_rank), 0, 2 * hw.launch_us)
+    comp("rope", "other", 4 * batch * (heads + 1) * g.qk_rope_head_dim, 0, hw.launch_us)
+    # The query's concatenation and the transposes around the two batched products: three copies.
+    comp("mla_copies", "other", 3 * 2 * batch * heads * g.cached_width * 2, 0, 3 * hw.launch_us)
+    # W_UK before attention and W_UV after it: bf16 batched products over the heads (two kernels).
+    absorb = heads * g.kv_lora_rank * (g.qk_nope_head_dim + v)
+    comp(
+        "mla_absorb",
+        "gemm",
+        absorb * 2 + 4 * batch * heads * g.kv_lora_rank * 2,
+        2 * batch * absorb,
+        2 * hw.gemm_us,
+    )
+    comp("write_kv", "attention", 2 * batch * kv_token, 0, hw.launch_us, kernel="write_kv")
+    flops = 2 * batch * context * heads * (g.cached_width + g.kv_lora_rank)
+    nbytes = batch * context * kv_token + 2 * batch * heads * g.cached_width * 2
+    comp("mla_decode", "attention", nbytes, flops, hw.attention_us, kernel="mla_decode")
+    o_params = spec.num_q_heads * v * h / tp
+    comp("o_proj", "gemm", o_params * wb + 2 * act, 2 * batch * o_params, gemm, tflops=tflops)
+
+
+def _prefill_projections(spec, layout, tokens, hw, comp):
+    """A prompt chunk's attention projections: every projection's parameters, split tp ways."""
+    wb, h = spec.weight_bytes, spec.hidden
+    params = spec.attention_params() / layout.tp
+    flops = 2 * tokens * params
+    comp(
+        "qkv_proj",
+        "gemm",
+        params * wb + 4 * tokens * h * 2,
+        flops,
+        3 * hw.gemm_floor_us(wb),
+        tflops=hw.tflops(wb),
+    )
+
+
+def _moe(spec, layout, batch, hw, link, comp, out, collective):
+    """An MoE layer's MLP: router, shared experts, and the routed experts split tp ways (ep 1) or spread
+    whole over ep ranks with the all-to-alls around them."""
+    m, tp, h, wb = spec.moe, layout.tp, spec.hidden, spec.weight_bytes
+    act = batch * h * 2
+    gemm, tflops = hw.gemm_floor_us(wb), hw.tflops(wb)
+    comp(
+        "route",
+        "moe_route",
+        h * m.num_experts * 2 + act,
+        2 * batch * h * m.num_experts,
+        hw.gemm_us + hw.launch_us,
+    )
+    if m.shared_experts:
+        params = m.shared_experts * spec.expert_params() / tp
+        comp(
+            "shared_expert",
+            "moe_shared",
+            params * wb + 4 * act,
+            2 * batch * params,
+            2 * gemm + hw.launch_us,
+            tflops=tflops,
+        )
+    pairs = batch * m.top_k
+    expert = spec.expert_params()
+    experts_floor = hw.moe_us - 2 * hw.launch_us  # the fused MoE's fixed cost, its dispatch and combine apart
+    if layout.ep == 1:
+        comp(
+            "dispatch",
+            "moe_dispatch",
+            2 * pairs * h * 2,
+            0,
+            hw.launch_us,
+            kernel="dispatch",
+        )
+        params = expected_experts_touched(m.num_experts, m.top_k, batch) * expert / tp
+        comp(
+            "experts",
+            "moe_experts",
+            params * wb + 4 * pairs * h * 2,
+            2 * pairs * expert / tp,
+            experts_floor,
+            tflops=tflops,
+        )
+        comp("combine", "moe_dispatch", pairs * h * 2 + act, 2 * pairs * h, hw.launch_us, kernel="combine")
+        return
+    # Whole experts spread over the stage's dp x tp ranks; each rank dispatches its share of its replica's
+    # tokens, and every replica's tokens reach every rank's experts. The busiest rank (routing's power law,
+    # and chance on top at small batches) sets the pace at the combine.
+    ranks = layout.ep
+    mine = pairs / tp
+    comp("dispatch", "moe_dispatch", 2 * mine * h * 2, 0, hw.launch_us, kernel="dispatch")
+    sent = mine * h * 2 * (ranks - 1) / ranks
+    latency, transfer = link.all_to_all_s(sent, ranks)
+    out.append(collective("ep_dispatch_a2a", "a2a", sent, latency, transfer, SYNC))
+    skew, popular = busiest_rank(m.num_experts, ranks)
+    tokens = layout.dp * batch
+    arriving = tokens * m.top_k / ranks * skew
+    touched = sum(1.0 - (1.0 - min(p * m.top_k, 1.0)) ** tokens for p in popular)
+    chance = slowest_share(arriving, ranks)
+    nbytes = touched * expert * wb + 4 * arriving * h * 2
+    comp("experts", "moe_experts", nbytes, 2 * arriving * expert * chance, experts_floor, tflops=tflops)
+    even = tokens * m.top_k / ranks
+    stage = out[-1]
+    waiting = stage.seconds * (1 - even / max(arriving * chance, even))
+    out[-1] = replace(stage, split={**stage.split, SYNC: waiting})
+    out.append(collective("ep_combine_a2a", "a2a", sent, latency, transfer, SYNC))
+    comp(
+        "combine",
+        "moe_dispatch",
+        mine * h * 2 + batch / tp * h * 2,
+        2 * mine * h,
+        hw.launch_us,
+        kernel="combine",
+    )
 
 
 def layer_stages(
@@ -161,84 +380,50 @@ def layer_stages(
     kv_bytes: int = 2,
     moe: bool = False,
     per_step: int = 1,
+    prefill: bool = False,
 ) -> list[Stage]:
-    """One decoder layer's stages on one rank: ``batch`` sequences of this replica at mean ``context``
-    tokens; ``moe``: the layer's MLP is the MoE path (its stages named moe:<stage>)."""
+    """One decoder layer's stages on one rank, kernel by kernel as vLLM runs them in decode: ``batch``
+    sequences of this replica at mean ``context`` tokens; ``moe``: the layer's MLP is the MoE path (its
+    stages named moe:<stage>); ``prefill``: ``batch`` new tokens of a prompt chunk instead."""
     prefix = "moe:" if moe else ""
     tp, h, wb = layout.tp, spec.hidden, spec.weight_bytes
     act = batch * h * 2  # one bf16 activation row per sequence
-    heads = spec.num_q_heads / tp
-    out = []
+    out: list[Stage] = []
 
-    def comp(name, nbytes, flops, launches=1, kernel=None):
-        out.append(_compute(prefix + name, nbytes, flops, hw, per_step, launches, kernel))
+    def comp(name, kind, nbytes, flops, floor_us, kernel=None, tflops=None):
+        stage = _compute(
+            prefix + name, kind, nbytes, flops, hw, per_step, floor_us, kernel=kernel, tflops=tflops
+        )
+        out.append(stage)
+
+    def collective(name, kind, nbytes, latency, transfer, latency_bound="interconnect"):
+        return _collective(prefix + name, kind, nbytes, latency, transfer, per_step, latency_bound)
 
     def all_reduce(name):
         if tp > 1:
             latency, transfer = link.all_reduce_s(act, tp)
-            out.append(_collective(prefix + name, act, latency, transfer, per_step))
+            out.append(collective(name, "allreduce", act, latency, transfer))
 
-    comp("attn_norm", 2 * act, 4 * batch * h)
-    if spec.mla is not None:
-        g, v = spec.mla, spec.v_head_dim
-        o_params = spec.num_q_heads * v * h
-        width = g.cached_width
-    else:
-        o_params = spec.num_q_heads * spec.head_dim * h
-        width = None
-    qkv_params = (spec.attention_params() - o_params) / tp
-    comp("qkv_proj", qkv_params * wb + 2 * act, 2 * batch * qkv_params, launches=2)
-    kv_token = spec.kv_bytes_per_token_layer(tp, kv_bytes)
-    comp("write_kv", 2 * batch * kv_token, 0, kernel="write_kv")
-    if width is not None:
-        attention_flops = 2 * batch * context * heads * (width + spec.mla.kv_lora_rank)
-        comp("mla_decode", batch * context * kv_token + 2 * act, attention_flops, kernel="mla_decode")
-    else:
-        attention_flops = 4 * batch * context * heads * spec.head_dim
-        comp("paged_decode", batch * context * kv_token + 2 * act, attention_flops, kernel="paged_decode")
-    comp("o_proj", o_params / tp * wb + 2 * act, 2 * batch * o_params / tp)
+    comp("attn_norm", "norm", 3 * act, 4 * batch * h, hw.launch_us)  # fused with the residual add
+    _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill)
     all_reduce("attn_all_reduce")
-    comp("mlp_norm", 2 * act, 4 * batch * h)
-    if not moe:
-        params = spec.mlp_params(spec.intermediate) / tp
-        comp("mlp", params * wb + 4 * act, 2 * batch * params, launches=3)
-        all_reduce("mlp_all_reduce")
+    comp("mlp_norm", "norm", 3 * act, 4 * batch * h, hw.launch_us)
+    if moe:
+        _moe(spec, layout, batch, hw, link, comp, out, collective)
+        all_reduce("moe_all_reduce")
         return out
-
-    m = spec.moe
-    comp("route", batch * m.num_experts * 6, 2 * batch * h * m.num_experts, kernel="route")
-    if m.shared_experts:
-        params = m.shared_experts * spec.expert_params() / tp
-        comp("shared_expert", params * wb + 4 * act, 2 * batch * params, launches=3)
-    pairs = batch * m.top_k
-    expert = spec.expert_params()
-    if layout.ep > 1:
-        # Whole experts spread over the stage's dp x tp ranks; each rank dispatches its share of its
-        # replica's tokens, and every replica's tokens reach every rank's experts.
-        ranks = layout.ep
-        mine = pairs / tp  # (token, choice) pairs this rank sends
-        comp("dispatch", 2 * mine * h * 2, 0, kernel="dispatch")
-        sent = mine * h * 2 * (ranks - 1) / ranks
-        latency, transfer = link.all_to_all_s(sent, ranks)
-        out.append(_collective(prefix + "ep_dispatch_a2a", sent, latency, transfer, per_step, SYNC))
-        arriving = layout.dp * pairs / ranks  # rows a rank's experts receive, on average
-        touched = expected_experts_touched(m.num_experts, m.top_k, layout.dp * batch) / ranks
-        nbytes = touched * expert * wb + 4 * arriving * h * 2
-        stage = _compute(prefix + "experts", nbytes, 2 * arriving * expert, hw, per_step, launches=3)
-        skew = slowest_share(arriving, ranks)  # the busiest rank sets the pace
-        split = dict(stage.split)
-        split["routing/synchronization"] = stage.seconds * (skew - 1)
-        out.append(replace(stage, seconds=stage.seconds * skew, split=split))
-        out.append(_collective(prefix + "ep_combine_a2a", sent, latency, transfer, per_step, SYNC))
-        comp("combine", mine * h * 2 + batch / tp * h * 2, 2 * mine * h, kernel="combine")
-        all_reduce("moe_all_reduce")
-    else:
-        comp("dispatch", 2 * pairs * h * 2, 0, kernel="dispatch")
-        touched = expected_experts_touched(m.num_experts, m.top_k, batch)
-        params = touched * expert / tp
-        comp("experts", params * wb + 4 * pairs * h * 2, 2 * pairs * expert / tp, launches=3)
-        comp("combine", pairs * h * 2 + act, 2 * pairs * h, kernel="combine")
-        all_reduce("moe_all_reduce")
+    params = spec.mlp_params(spec.intermediate) / tp
+    width = spec.intermediate / tp
+    comp(
+        "mlp",
+        "gemm",
+        params * wb + 2 * act + 3 * batch * width * 2,
+        2 * batch * params,
+        2 * hw.gemm_floor_us(wb),
+        tflops=hw.tflops(wb),
+    )
+    comp("act", "norm", 3 * batch * width * 2, 4 * batch * width, hw.launch_us)
+    all_reduce("mlp_all_reduce")
     return out
 
 
@@ -252,49 +437,96 @@ def step_stages(
     *,
     kv_bytes: int = 2,
 ) -> list[Stage]:
-    """Every stage of one decode step of a replica: each layer kind's stages (per_step = its layers on one
-    pipeline stage, run pp times: once per micro-batch of batch / pp sequences), the embedding and the LM
-    head, and the pipeline's hand-offs and bubble."""
+    """Every stage of one decode step of a replica (every sequence one token further), on its slowest
+    pipeline rank.
+
+    Pipeline parallelism at steady state, as engines run it (vLLM, TensorRT-LLM; docs/facts.md): the batch
+    is split into m = min(pp, batch) micro-batches kept in flight, so no stage waits for a fill or a drain.
+    In one step every micro-batch crosses all pp stages: the step takes the model's layers once at the
+    micro-batch's size (each stage reads its own weights once a micro-batch), the last stage's head once a
+    micro-batch, and the pp - 1 hand-offs. With one sequence (m = 1) that is the stages in sequence, each
+    weight read once."""
     pp = layout.pp
-    micro = batch / pp
-    layers = spec.layers / pp
-    moe_layers = spec.moe_layers / pp
-    dense_layers = layers - moe_layers
+    flights = max(1, min(pp, int(batch))) if pp > 1 else 1
+    micro = batch / flights
     stages = []
-    if dense_layers:
+    if spec.dense_layers:
         stages += layer_stages(
-            spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, per_step=round(dense_layers * pp)
+            spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, per_step=spec.dense_layers
         )
-    if moe_layers:
-        runs = round(moe_layers * pp)
+    if spec.moe_layers:
         stages += layer_stages(
-            spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, moe=True, per_step=runs
+            spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, moe=True, per_step=spec.moe_layers
         )
-    h, wb, tp = spec.hidden, spec.weight_bytes, layout.tp
-    head = spec.vocab * h / tp
-    stages.append(_compute("lm_head", head * wb + batch * h * 2, 2 * batch * head, hw, 1))
-    stages.append(_compute("embedding", 2 * batch * h * 2, 0, hw, 1))
+    h, tp = spec.hidden, layout.tp
+    head = spec.vocab * h / tp  # the LM head and the embedding stay bf16 in fp8 checkpoints
+    stages.append(
+        _compute("lm_head", "lm_head", head * 2 + micro * h * 2, 2 * micro * head, hw, flights, hw.gemm_us)
+    )
+    stages.append(_compute("embedding", "norm", 2 * micro * h * 2, 0, hw, flights, hw.launch_us))
     if pp > 1:
         latency, transfer = link.send_s(micro * h * 2)
         stages.append(
-            _collective("pp_send", micro * h * 2, latency, transfer, pp * (pp - 1), "pipeline bubbles")
+            _collective("pp_send", "pp", micro * h * 2, latency, transfer, pp - 1, "pipeline bubbles")
         )
-        # Synchronous steps (assumed): a step's pp micro-batches fill and drain the pipeline, so each
-        # rank idles (pp - 1) / (2 pp - 1) of the step: (pp - 1) / pp of its busy time.
-        busy = sum(s.step_seconds for s in stages)
-        bubble = busy * (pp - 1) / pp
+    if hw.host_us:
+        host = hw.host_us * 1e-6
         stages.append(
             Stage(
-                name="pp_bubble",
+                name="host",
                 bytes=0.0,
                 flops=0.0,
-                seconds=bubble,
+                seconds=host,
                 per_step=1,
-                bound="pipeline bubbles",
-                source="anchor",
-                split={"pipeline bubbles": bubble},
+                bound="host",
+                split={"host": host},
+                kind="host",
             )
         )
+    return stages
+
+
+def prefill_stages(
+    spec: ModelSpec,
+    layout: Layout,
+    tokens: float,
+    context: float,
+    hw: Hardware,
+    link: Interconnect,
+    *,
+    kv_bytes: int = 2,
+) -> list[Stage]:
+    """One prefill step of a replica: a chunk of ``tokens`` prompt tokens (engines chunk prompts, vLLM at
+    max_num_batched_tokens), its queries seeing ``context`` tokens on average, through every layer; the
+    LM head for the chunk's last token only. Pipeline stages each take the chunk in turn."""
+    stages = []
+    if spec.dense_layers:
+        stages += layer_stages(
+            spec,
+            layout,
+            tokens,
+            context,
+            hw,
+            link,
+            kv_bytes=kv_bytes,
+            per_step=spec.dense_layers,
+            prefill=True,
+        )
+    if spec.moe_layers:
+        stages += layer_stages(
+            spec,
+            layout,
+            tokens,
+            context,
+            hw,
+            link,
+            kv_bytes=kv_bytes,
+            moe=True,
+            per_step=spec.moe_layers,
+            prefill=True,
+        )
+    head = spec.vocab * spec.hidden / layout.tp
+    stages.append(_compute("lm_head", "lm_head", head * 2, 2 * head, hw, 1, hw.gemm_us))
     return stages
 
 

@@ -18,13 +18,30 @@ class ReasoningWorkload:
     max_output: int  # the evaluation's generation cap: what a contiguous reservation must hold
     samples: int
     prompt_sigma: float = 0.4
+    max_prompt: int = 2048  # prompts are clipped to this
 
     def draw(self, questions: int, rng) -> tuple:
         """(prompt lengths [questions], output lengths [questions, samples]) as numpy int arrays."""
         prompts = rng.lognormal(math.log(self.prompt_median), self.prompt_sigma, questions)
-        prompts = prompts.clip(32, 2048).astype(int)
+        prompts = prompts.clip(min(32, self.max_prompt), self.max_prompt).astype(int)
         outputs = rng.lognormal(math.log(self.output_median), self.output_sigma, (questions, self.samples))
-        return prompts, outputs.clip(64, self.max_output).astype(int)
+        return prompts, outputs.clip(min(64, self.max_output), self.max_output).astype(int)
+
+
+def fixed_workload(prompt: int, output: int) -> ReasoningWorkload:
+    """Every request the same lengths: ``prompt`` tokens in, ``output`` out (as serving benchmarks run)."""
+    if prompt < 1 or output < 1:
+        raise ValueError(f"workload: expected fixed:ISL:OSL with positive lengths, got {prompt}:{output}")
+    return ReasoningWorkload(
+        name=f"fixed {prompt}/{output}",
+        prompt_median=prompt,
+        output_median=output,
+        output_sigma=0.0,
+        max_output=output,
+        samples=1,
+        prompt_sigma=0.0,
+        max_prompt=prompt,
+    )
 
 
 #: MATH-500 / GSM8K-like: outputs of 1K to 3K tokens; AIME / GPQA-like: 10K to 12K with a tail to the 32K cap.

@@ -1,0 +1,325 @@
+"""The decode-step model against measured data: its error per stage kind, per step and per published run.
+
+Two sources no one here wrote (docs/facts.md#measured-ground-truth-for-the-decode-step-model):
+
+- NVIDIA's measured H200 kernel tables (AIConfigurator, bench/serving/measured.py): for every point of a grid
+  of models, layouts (TP 1-8, experts split or spread), batches (1-256) and contexts (1K-8K), each stage kind
+  the tables measure is projected by the step model and looked up in the tables at the same shapes; the
+  ratio ours / measured is kept per kind and for the step total over the measured kinds.
+- Published end-to-end runs (bench/serving/data/published_runs.csv, each row with its source; the command
+  reads it): the model's
+  steady-state output tokens/s for the run's model, layout, precision and fixed prompt/answer lengths,
+  against the published figure.
+
+A ratio above 1 means the model is slower (more time, fewer tokens/s ... the run ratio is ours / published
+tokens/s, so below 1 there means slower).
+"""
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+
+from bench.serving import step as step_model
+from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
+from bench.serving.measured import MissingShape, Tables
+from bench.serving.models import MODEL_SPECS, ModelSpec
+from bench.serving.step import Layout
+
+#: The stage kinds the measured tables cover, each with the step model's stage names it sums.
+COMPARED = {
+    "attention": ("write_kv", "paged_decode"),
+    # vLLM's measured MLA module: every kernel from the projections to o_proj
+    "mla": ("qkv_proj", "mla_norms", "rope", "mla_copies", "mla_absorb", "write_kv", "mla_decode", "o_proj"),
+    "gemm": ("qkv_proj", "o_proj", "mlp"),
+    "allreduce": ("attn_all_reduce", "mlp_all_reduce", "moe_all_reduce"),
+    "moe_experts": ("dispatch", "experts", "combine"),
+    "moe_shared": ("shared_expert",),
+    "a2a": ("ep_dispatch_a2a", "ep_combine_a2a"),
+    "lm_head": ("lm_head",),
+}
+
+MODELS = ("Llama-3.1-8B", "Llama-3.1-70B", "Qwen3-32B", "Qwen3-30B-A3B", "Qwen3-235B-A22B", "DeepSeek-R1")
+TPS = (1, 2, 4, 8)
+BATCHES = (1, 16, 256)
+CONTEXTS = (1024, 8192)
+#: The share of a GPU's memory weights may take for a grid point to count (the rest: KV and activations).
+WEIGHT_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str
+    layout: Layout
+    batch: int
+    context: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.layout.label} B{self.batch} L{self.context}"
+
+
+def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
+    """Weight bytes on one rank; the embedding and LM head stay bf16 in fp8 checkpoints."""
+    experts = 0 if spec.moe is None else spec.moe_layers * spec.moe.num_experts * spec.expert_params()
+    spread = layout.ep if layout.ep > 1 else layout.tp
+    params = ((spec.params() - experts) / layout.tp + experts / spread) / layout.pp
+    return params * spec.weight_bytes + spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp
+
+
+def grid(models=MODELS, tps=TPS, batches=BATCHES, contexts=CONTEXTS, hw: Hardware | None = None) -> list:
+    """Every (model, layout, batch, context) whose weights fit: TP layouts, and for MoE models the same
+    GPUs as data-parallel attention with experts spread over them (DP = EP, as DeepEP deployments run)."""
+    hw = hw or GPUS["h200"]
+    points = []
+    for name in models:
+        spec = MODEL_SPECS[name]
+        for tp in tps:
+            layouts = [] if spec.tensor_parallel_problem(tp) else [Layout(tp=tp)]
+            if spec.moe is not None and tp > 1 and spec.moe.num_experts % tp == 0:
+                layouts.append(Layout(dp=tp, ep=tp))
+            for lay in layouts:
+                if weights_per_rank(spec, lay) <= WEIGHT_SHARE * hw.memory_bytes:
+                    points += [Point(name, lay, b, c) for b in batches for c in contexts]
+    return points
+
+
+# -- the model's side ----------------------------------------------------------------------------------------
+
+
+def ours_ms(stages) -> dict:
+    """Milliseconds a step spends in each compared kind (MLA models' projections count as "mla")."""
+    mla = any(s.name.endswith("mla_decode") for s in stages)
+    out: dict = {}
+    for stage in stages:
+        base = stage.name.split(":")[-1]
+        for kind, names in COMPARED.items():
+            if base in names and (kind == "mla") == (mla and base in COMPARED["mla"]):
+                out[kind] = out.get(kind, 0.0) + stage.step_seconds * 1e3
+    return out
+
+
+# -- the measured side ---------------------------------------------------------------------------------------
+
+
+def _gemm_dtype(spec: ModelSpec) -> str:
+    """vLLM's per-tensor fp8 GEMM for fp8 weights: its block-scaled fp8 rows run 5x slower than per-tensor
+    at decode sizes (a kernel choice, not what the weights' bytes cost)."""
+    return "fp8" if spec.weight_bytes == 1 else "bfloat16"
+
+
+#: The widest N the GEMM table measured: a wider product (an LM head) is looked up as equal column blocks.
+WIDEST_N = 65536
+
+
+def _gemm(tables: Tables, dtype: str, m: float, n: float, k: float) -> float:
+    blocks = math.ceil(n / WIDEST_N)
+    return blocks * tables["gemm"].ms((dtype,), (m, n / blocks, k))
+
+
+def _attention_layer(tables, spec, layout, batch, context, kv) -> dict:
+    tp = layout.tp
+    if spec.mla is not None:
+        key = (kv, "fp8_block" if spec.weight_bytes == 1 else "bfloat16", spec.num_q_heads // tp)
+        return {"mla": tables["mla"].ms(key, (batch, context))}
+    kv_heads = spec.kv_heads_per_rank(tp)
+    key = (kv, spec.num_q_heads // tp, kv_heads, spec.head_dim)
+    attention = tables["attention"].ms(key, (batch, context))
+    dtype, h, d = _gemm_dtype(spec), spec.hidden, spec.head_dim
+    qkv = _gemm(tables, dtype, batch, (spec.num_q_heads // tp + 2 * kv_heads) * d, h)
+    o = _gemm(tables, dtype, batch, h, spec.num_q_heads // tp * d)
+    return {"attention": attention, "gemm": qkv + o}
+
+
+def _mlp_layer(tables, spec, layout, batch) -> dict:
+    dtype, h, width = _gemm_dtype(spec), spec.hidden, spec.intermediate / layout.tp
+    return {"gemm": _gemm(tables, dtype, batch, 2 * width, h) + _gemm(tables, dtype, batch, h, width)}
+
+
+def _moe_layer(tables, spec, layout, batch) -> dict:
+    m, h, tp, ep = spec.moe, spec.hidden, layout.tp, layout.ep
+    dtype = "fp8_block" if spec.weight_bytes == 1 else "bfloat16"
+    moe_tp, moe_ep = (1, ep) if ep > 1 else (tp, 1)
+    key = (dtype, h, m.expert_intermediate, m.top_k, m.num_experts, moe_tp, moe_ep, "power_law_1.01")
+    out = {"moe_experts": tables["moe"].ms(key, (batch * layout.dp,))}
+    if m.shared_experts:
+        width = m.shared_experts * m.expert_intermediate / tp
+        dense = _gemm_dtype(spec)
+        out["moe_shared"] = _gemm(tables, dense, batch, 2 * width, h) + _gemm(tables, dense, batch, h, width)
+    if ep > 1:
+        out["a2a"] = sum(
+            tables["a2a"].ms(("deepep_ll", phase, ep, h, m.top_k, m.num_experts), (batch,))
+            for phase in ("dispatch", "combine")
+        )
+    return out
+
+
+def measured_ms(tables: Tables, spec: ModelSpec, point: Point, kv: str = "bfloat16") -> dict:
+    """Milliseconds a step spends in each kind the tables measure, from the tables at the point's shapes;
+    a kind whose shape the tables lack is left out."""
+    layout, batch, context = point.layout, point.batch, point.context
+    out: dict = {}
+
+    def add(per_layer: dict, layers: int):
+        for kind, ms in per_layer.items():
+            out[kind] = out.get(kind, 0.0) + ms * layers
+
+    def attempt(fn, layers, *args):
+        try:
+            add(fn(tables, spec, layout, *args), layers)
+        except MissingShape:
+            pass
+
+    attempt(_attention_layer, spec.layers, batch, context, kv)
+    if spec.dense_layers:
+        attempt(_mlp_layer, spec.dense_layers, batch)
+    if spec.moe_layers:
+        attempt(_moe_layer, spec.moe_layers, batch)
+    if layout.tp > 1:
+        try:
+            per = tables["allreduce"].ms((layout.tp,), (batch * spec.hidden * 2,))
+            add({"allreduce": per}, 2 * spec.layers)
+        except MissingShape:
+            pass
+    try:
+        add({"lm_head": _gemm(tables, "bfloat16", batch, spec.vocab / layout.tp, spec.hidden)}, 1)
+    except MissingShape:
+        pass
+    return out
+
+
+# -- comparison ----------------------------------------------------------------------------------------------
+
+
+def compare_kernels(tables: Tables, points, hw: Hardware, link: Interconnect) -> list:
+    """One row per grid point: each kind's ours and measured ms, and the total over kinds both have."""
+    rows = []
+    for point in points:
+        spec = MODEL_SPECS[point.model]
+        stages = step_model.step_stages(spec, point.layout, point.batch, point.context, hw, link)
+        ours, measured = ours_ms(stages), measured_ms(tables, spec, point)
+        kinds = sorted(set(ours) & set(measured))
+        rows.append(
+            {
+                "point": point.label,
+                "model": point.model,
+                "tp": point.layout.tp,
+                "ep": point.layout.ep,
+                "batch": point.batch,
+                "context": point.context,
+                "kinds": {k: {"ours_ms": ours[k], "measured_ms": measured[k]} for k in kinds},
+                "total": {
+                    "ours_ms": sum(ours[k] for k in kinds),
+                    "measured_ms": sum(measured[k] for k in kinds),
+                },
+            }
+        )
+    return rows
+
+
+def summarise(rows: list) -> list:
+    """Per kind (and "step total"): points, median ratio, worst ratio (farthest from 1 in log), range."""
+    ratios: dict = {}
+    for row in rows:
+        for kind, pair in list(row["kinds"].items()) + [("step total", row["total"])]:
+            if pair["measured_ms"] > 0:
+                ratios.setdefault(kind, []).append((pair["ours_ms"] / pair["measured_ms"], row["point"]))
+    out = []
+    for kind, found in ratios.items():
+        values = [r for r, _ in found]
+        worst = max(found, key=lambda item: abs(math.log(item[0])))
+        out.append(
+            {
+                "kind": kind,
+                "points": len(values),
+                "median": statistics.median(values),
+                "worst": worst[0],
+                "worst_at": worst[1],
+                "low": min(values),
+                "high": max(values),
+            }
+        )
+    order = list(COMPARED) + ["step total"]
+    return sorted(out, key=lambda row: order.index(row["kind"]))
+
+
+# -- published end-to-end runs -------------------------------------------------------------------------------
+
+
+def published_runs(rows) -> list:
+    """The published runs' CSV rows (bench/serving/data/published_runs.csv, read by the command) with
+    their numbers as numbers; rows whose model starts with "#" are comments."""
+    runs = []
+    for row in rows:
+        if row["model"].startswith("#"):
+            continue
+        run = dict(row)
+        for key in ("gpus", "tp", "pp", "ep", "isl", "osl", "max_batch"):
+            run[key] = int(row[key])
+        run["output_tokens_per_s"] = float(row["output_tokens_per_s"])
+        runs.append(run)
+    return runs
+
+
+#: Prompt tokens a prefill step takes (vLLM's max_num_batched_tokens for throughput runs, assumed).
+CHUNK = 8192
+
+
+def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes) -> tuple:
+    """(output tokens/s of all GPUs, sequences per replica): every replica holds as many sequences as its
+    KV pool (or the engine's batch cap) allows, paged: a sequence holds its prompt and, on average, half its
+    answer. Each decodes at the step time at that mean context and pays its prompt's prefill once."""
+    weights = weights_per_rank(spec, layout)
+    per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
+    pool = 0.9 * hw.memory_bytes - weights - 4 * 2**30
+    batch = int(min(max_batch, pool // (per_token * (isl + osl / 2))))
+    if batch < 1:
+        return 0.0, 0
+    decode = step_model.step_stages(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
+    decode_s = step_model.step_seconds(decode)
+    prefill_s = 0.0
+    for start in range(0, isl, CHUNK):  # the prompt in chunks, each attending to what came before
+        tokens = min(CHUNK, isl - start)
+        context = start + tokens / 2
+        chunk = step_model.prefill_stages(spec, layout, tokens, context, hw, link, kv_bytes=kv_bytes)
+        prefill_s += step_model.step_seconds(chunk)
+    per_sequence_s = osl * decode_s + batch * prefill_s  # every sequence's prefill stalls the batch once
+    return layout.dp * batch * osl / per_sequence_s, batch
+
+
+def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
+    """Each published run (``published_runs``) against the model's steady-state tokens/s for it."""
+    out = []
+    for run in runs:
+        spec = replace(MODEL_SPECS[run["model"]], weight_bytes=1 if run["weights"] == "fp8" else 2)
+        layout = Layout(dp=run["gpus"] // (run["tp"] * run["pp"]), tp=run["tp"], pp=run["pp"], ep=run["ep"])
+        kv = 1 if run["kv"] == "fp8" else 2
+        ours, batch = steady_tokens_per_s(
+            spec, layout, hw, link, run["isl"], run["osl"], run["max_batch"], kv
+        )
+        out.append(
+            {
+                "run": f"{run['model']} {layout.label} {run['weights']} {run['isl']}/{run['osl']}",
+                "engine": run["engine"],
+                "published_tokens_per_s": run["output_tokens_per_s"],
+                "ours_tokens_per_s": ours,
+                "batch": batch,
+                "ratio": ours / run["output_tokens_per_s"],
+                "source": run["source"],
+            }
+        )
+    return out
+
+
+def validate(tables: Tables, runs: list, points=None, hw: Hardware | None = None, link=None) -> dict:
+    """Every comparison: per kind and step total over the grid (default: ``grid()``), and per published run
+    (``published_runs``), on the H200 and NVLink presets unless told otherwise."""
+    hw = hw or GPUS["h200"]
+    link = link or INTERCONNECTS["nvlink"]
+    rows = compare_kernels(tables, grid(hw=hw) if points is None else points, hw, link)
+    return {
+        "tables": tables.source,
+        "hardware": hw.name,
+        "kinds": summarise(rows),
+        "points": rows,
+        "published": compare_published(runs, hw, link),
+    }

@@ -1,0 +1,141 @@
+"""The decode-step model's mechanisms, each as issue 18 asked for it and the measured H200 tables showed it:
+pipeline parallelism at steady state, the one-shot all-reduce, fixed costs per kernel, the fp8 ceiling with
+a bf16 LM head, routing's power law, per-step host work and chunked prefill."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from bench.commands import cli
+from bench.serving.hardware import GPUS, INTERCONNECTS
+from bench.serving.models import MODEL_SPECS
+from bench.serving.step import KINDS, Layout, busiest_rank, prefill_stages, step_seconds, step_stages
+
+H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
+LLAMA_70B, LLAMA_405B = MODEL_SPECS["Llama-3.1-70B"], MODEL_SPECS["Llama-3.1-405B"]
+
+
+def _seconds(spec, layout, batch, context=2048, hw=H200, link=NVLINK, **kw):
+    return step_seconds(step_stages(spec, layout, batch, context, hw, link, **kw))
+
+
+def test_pipeline_at_steady_state_has_no_bubble_and_batch_one_crosses_the_stages_once():
+    stages = step_stages(LLAMA_70B, Layout(pp=4), 64, 2048, H200, NVLINK)
+    assert not [s for s in stages if "bubble" in s.name]
+    # One sequence: the stages run in sequence, each weight read once: PP adds only the hand-offs.
+    alone, piped = _seconds(LLAMA_70B, Layout(), 1), _seconds(LLAMA_70B, Layout(pp=4), 1)
+    assert piped == pytest.approx(alone, rel=0.02)
+    # At a compute-bound batch PP8 beats TP8 for 405B (no all-reduce of the whole batch's activations),
+    # as NVIDIA published for max-throughput serving; at batch 1 TP8 wins by far.
+    fp8 = replace(LLAMA_405B, weight_bytes=1)
+    assert _seconds(fp8, Layout(pp=8), 2048, kv_bytes=1) < _seconds(fp8, Layout(tp=8), 2048, kv_bytes=1)
+    assert _seconds(fp8, Layout(tp=8), 1, kv_bytes=1) < _seconds(fp8, Layout(pp=8), 1, kv_bytes=1) / 3
+
+
+def test_all_reduce_is_one_shot_and_flat_at_decode_sizes_then_bandwidth_bound():
+    flat = [sum(NVLINK.all_reduce_s(size, 8)) for size in (8192, 32768)]
+    assert max(flat) < 8e-6  # a ring's 14 hops alone would be 21 us
+    assert flat[1] < 1.3 * flat[0]
+    large = sum(NVLINK.all_reduce_s(64 * 2**20, 8))
+    assert large == pytest.approx(2 * 7 / 8 * 64 * 2**20 / (NVLINK.bus_bandwidth(8) * 1e9), rel=0.05)
+    ring_only = replace(NVLINK, oneshot_us=0.0)
+    assert sum(ring_only.all_reduce_s(8192, 8)) > 2 * flat[0]
+
+
+def test_fp8_weights_run_on_the_fp8_ceiling_and_keep_a_bf16_lm_head():
+    fp8 = replace(LLAMA_70B, weight_bytes=1)
+    bf16_stages = {s.name: s for s in step_stages(LLAMA_70B, Layout(), 4096, 1024, H200, NVLINK)}
+    fp8_stages = {s.name: s for s in step_stages(fp8, Layout(), 4096, 1024, H200, NVLINK)}
+    assert fp8_stages["mlp"].bound == "compute"
+    ratio = bf16_stages["mlp"].seconds / fp8_stages["mlp"].seconds
+    assert ratio == pytest.approx(2.0, rel=0.1)
+    assert fp8_stages["lm_head"].bytes == bf16_stages["lm_head"].bytes  # bf16 in both
+    assert fp8_stages["lm_head"].seconds == pytest.approx(bf16_stages["lm_head"].seconds)
+
+
+def test_every_stage_has_a_kind_and_each_kernel_its_fixed_cost():
+    for name, layout in (("Llama-3.1-8B", Layout(tp=2, pp=2)), ("DeepSeek-R1", Layout(dp=8, ep=8))):
+        stages = step_stages(MODEL_SPECS[name], layout, 8, 1024, replace(H200, host_us=300.0), NVLINK)
+        assert {s.kind for s in stages} <= set(KINDS)
+        assert "host" in {s.kind for s in stages}
+    stages = {s.name: s for s in step_stages(MODEL_SPECS["Llama-3.1-8B"], Layout(), 1, 16, H200, NVLINK)}
+    assert stages["paged_decode"].seconds * 1e6 >= H200.attention_us  # the decode-attention floor
+    assert stages["qkv_proj"].seconds * 1e6 >= H200.gemm_us
+
+
+def test_routing_skew_is_a_power_law_that_grows_with_the_ranks():
+    skews = [busiest_rank(256, ranks)[0] for ranks in (2, 8, 32)]
+    assert 1.0 < skews[0] < skews[1] < skews[2]
+
+
+def test_host_work_is_paid_once_a_step_by_each_engine_process():
+    spec, host = MODEL_SPECS["Llama-3.1-8B"], replace(H200, host_us=500.0)
+    for layout in (Layout(), Layout(tp=4), Layout(pp=2)):
+        extra = _seconds(spec, layout, 64, hw=host) - _seconds(spec, layout, 64)
+        assert extra == pytest.approx(500e-6)
+
+
+def test_prefill_chunks_are_compute_bound_and_grow_with_what_they_attend_to():
+    spec = MODEL_SPECS["Llama-3.1-8B"]
+    short = step_seconds(prefill_stages(spec, Layout(), 8192, 4096, H200, NVLINK))
+    long = step_seconds(prefill_stages(spec, Layout(), 8192, 32768, H200, NVLINK))
+    flops = 2 * spec.params() * 8192
+    assert short >= flops / (H200.matmul_tflops * 1e12)  # at least the GEMMs' FLOPs at the ceiling
+    assert long > 1.2 * short
+
+
+def test_step_json_has_the_promised_schema(tmp_path):
+    path = tmp_path / "step.json"
+    argv = ["step", "DeepSeek-R1", "--dp", "8", "--ep", "8", "--batch", "16", "--json", str(path)]
+    assert cli.main(argv + ["--weights", "bf16", "--host-us", "100"]) == 0
+    document = json.loads(path.read_text())
+    assert document["total_ms"] == pytest.approx(sum(s["ms"] for s in document["stages"]))
+    for stage in document["stages"]:
+        assert set(stage) == {"name", "kind", "ms", "bytes", "flops", "bound", "source"}
+        assert stage["kind"] in KINDS
+    kinds = {s["kind"] for s in document["stages"]}
+    assert {"attention", "a2a", "moe_experts", "moe_route", "host", "lm_head"} <= kinds
+
+
+def test_advise_fixed_lengths_under_a_tpot_limit(tmp_path, capsys):
+    path = tmp_path / "advise.json"
+    argv = ["advise", "Llama-3.1-8B", "--gpus", "2", "--workload", "fixed:512:256", "--requests", "16"]
+    argv += ["--kv", "fp8", "--weights", "fp8", "--max-seqs", "8", "--max-tpot", "50", "--json", str(path)]
+    assert cli.main(argv) == 0
+    document = json.loads(path.read_text())
+    assert document["workload"] == "fixed 512/256" and document["weights"] == "fp8"
+    for row in document["layouts"]:
+        assert row["max_num_seqs"] == 8
+        assert {"dp", "tp", "pp", "ep", "seconds", "tokens_per_s", "tpot_ms", "bound", "fits"} <= set(row)
+        assert row["tokens_per_s_per_gpu"] == pytest.approx(row["tokens_per_s"] / 2, rel=0.01)
+        assert not row["fits"] or row["tpot_ms"] <= 50
+    assert cli.main(argv[:-2] + ["--max-tpot", "0.001"]) == 2  # no layout meets it: said so, exit 2
+    assert "fits no layout" in capsys.readouterr().err
+
+
+def test_fewer_requests_than_replicas_leave_replicas_idle():
+    from bench.serving.advisor import simulate
+    from bench.serving.workloads import fixed_workload
+
+    outcome = simulate(
+        MODEL_SPECS["Llama-3.1-8B"], Layout(dp=8), H200, NVLINK, fixed_workload(128, 64), 3, 64
+    )
+    assert outcome.fits and outcome.peak_sequences == 3
+
+
+def test_a_dist_result_with_one_shot_rows_calibrates_the_one_shot_all_reduce():
+    from bench.serving.hardware import Interconnect
+
+    def entry(size, seconds, impl):
+        info = {"kernel": "all_reduce", "impl": impl, "bytes": size, "world_size": 8}
+        return {"name": f"all_reduce[{impl} {size} B]", "extra_info": info, "stats": {"median": seconds}}
+
+    rows = [
+        entry(8192, 21e-6, "nccl"),
+        entry(64 * 2**20, 400e-6, "nccl"),
+        entry(8192, 11e-6, "symm-mem one-shot"),
+    ]
+    link = Interconnect.from_all_reduce({"benchmarks": rows}, "ar.json")
+    assert link.oneshot_us == pytest.approx(11.0) and "one-shot 11.0 us" in link.source
+    assert sum(link.all_reduce_s(8192, 8)) < 21e-6  # the one-shot form beats the measured ring

@@ -1,0 +1,63 @@
+"""`decodebench validate`'s harness on a small grid, from the committed extract of AIConfigurator's measured
+H200 tables (no package needed), and the table lookups' interpolation."""
+
+import math
+
+import pytest
+
+from bench.commands import cli
+from bench.commands import validate as command
+from bench.serving import measured, validate
+from bench.serving.measured import Table, TableSpec
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return command.load_tables(use_package=False)
+
+
+def test_extract_names_its_source_and_every_table(tables):
+    assert tables.source.startswith("aiconfigurator-core ")
+    for name in measured.TABLES:
+        assert tables[name].rows, name
+
+
+def test_interpolation_is_linear_between_grid_points_and_exact_on_them():
+    table = Table(
+        "t",
+        TableSpec("f", ("d",), ("m", "n")),
+        {("a", 1, 10): 1.0, ("a", 3, 10): 3.0, ("a", 1, 20): 2.0, ("a", 3, 20): 6.0},
+    )
+    assert table.ms(("a",), (1, 10)) == 1.0
+    assert table.ms(("a",), (2, 15)) == pytest.approx((1.0 + 3.0 + 2.0 + 6.0) / 4)
+    assert table.ms(("a",), (5, 10)) == pytest.approx(5.0)  # the last segment extended
+    with pytest.raises(measured.MissingShape):
+        table.ms(("b",), (1, 10))
+
+
+def test_small_grid_gives_every_kind_a_finite_ratio(tables):
+    points = validate.grid(
+        models=("Llama-3.1-8B", "Qwen3-30B-A3B", "DeepSeek-R1"),
+        tps=(1, 8),
+        batches=(1, 256),
+        contexts=(8192,),
+    )
+    result = validate.validate(tables, command.load_published(), points)
+    kinds = {row["kind"]: row for row in result["kinds"]}
+    expected = {"attention", "mla", "gemm", "allreduce", "moe_experts", "moe_shared", "a2a", "lm_head"}
+    assert expected | {"step total"} <= set(kinds)
+    for row in kinds.values():
+        assert math.isfinite(row["median"]) and row["median"] > 0, row
+    assert len(result["published"]) >= 6
+    for run in result["published"]:
+        assert run["ours_tokens_per_s"] > 0 and run["source"], run
+
+
+def test_published_runs_each_name_a_source():
+    for row in command.load_published():
+        assert row["source"].strip() and row["output_tokens_per_s"] > 0
+
+
+def test_cli_refuses_to_write_an_extract_from_the_extract(tmp_path, capsys):
+    assert cli.main(["validate", "--extract", "--write-extract", str(tmp_path / "x.json")]) == 2
+    assert "needs AIConfigurator" in capsys.readouterr().err
