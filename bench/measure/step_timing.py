@@ -43,6 +43,13 @@ def _gemm(rows: int, inner: int, outer: int, device, gen) -> Callable:
     return lambda: x @ w
 
 
+def _batched_gemm(batches: int, rows: int, inner: int, outer: int, device, gen) -> Callable:
+    """One bf16 matmul per batch (MLA's absorbed per-head products), as torch.bmm."""
+    x = randn((batches, rows, inner), torch.bfloat16, device, gen)
+    w = randn((batches, inner, outer), torch.bfloat16, device, gen, scale=inner**-0.5)
+    return lambda: torch.bmm(x, w)
+
+
 def _experts_call(spec: ModelSpec, layout: Layout, micro: int, device, check: bool):
     """The experts as a serving engine's fused MoE runs them, on the suite's own kernel (grouped_gemm,
     bench/operators/moe_gemm.py): gate-up with silu_and_mul (the rows gathered from the tokens where no EP
@@ -105,8 +112,8 @@ def _small_kernel(spec: ModelSpec, layout: Layout, micro: int, name: str, device
         x = randn((heads, micro, g.cached_width), torch.bfloat16, device, gen)
         return _chain(*[lambda: x.transpose(0, 1).contiguous()] * 3)
     if name == "mla_absorb":
-        uk = _grouped_gemm(heads, micro, g.qk_nope_head_dim, g.kv_lora_rank, device, gen)
-        uv = _grouped_gemm(heads, micro, g.kv_lora_rank, spec.v_head_dim, device, gen)
+        uk = _batched_gemm(heads, micro, g.qk_nope_head_dim, g.kv_lora_rank, device, gen)
+        uv = _batched_gemm(heads, micro, g.kv_lora_rank, spec.v_head_dim, device, gen)
         return _chain(uk, uv)
     return None
 
