@@ -218,7 +218,7 @@ def _regroup_kernel(
                 if TO_PACKED:
                     acc = tl.zeros([ROWS, HIDDEN_TILE], dtype=tl.float32)
                     for c in tl.static_range(TOP_K):  # a fixed order: bit-identical runs
-                        dest = tl.sum(tl.where(slots[None, :] == c, pair_rows, 0), axis=1)
+                        dest = tl.sum(tl.where(slots[None, :] == c, pair_rows, 0), axis=1).to(tl.int64)
                         weight = tl.sum(tl.where(slots[None, :] == c, pair_weights, 0.0), axis=1)
                         keep = mask & (dest >= 0)[:, None]
                         y = tl.load(grouped_ptr + dest[:, None] * hidden + cols, mask=keep, other=0.0)
@@ -227,7 +227,7 @@ def _regroup_kernel(
                 else:
                     data = tl.load(packed_ptr + packed_rows + cols, mask=mask)
                     for c in tl.static_range(TOP_K):
-                        dest = tl.sum(tl.where(slots[None, :] == c, pair_rows, 0), axis=1)
+                        dest = tl.sum(tl.where(slots[None, :] == c, pair_rows, 0), axis=1).to(tl.int64)
                         keep = mask & (dest >= 0)[:, None]
                         tl.store(grouped_ptr + dest[:, None] * hidden + cols, data, mask=keep)
             else:

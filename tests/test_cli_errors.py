@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench.commands import cli
-from bench.commands.advise import load_model_config
+from bench.commands.model_inputs import load_model_config
 from bench.measure import results
 from bench.measure.timing import Timing
 from bench.serving import advisor
@@ -57,7 +57,7 @@ DEEPSEEK_CONFIG = {
 
 #: Functions that start work: none may run before a bad argument is reported.
 WORK = [
-    ("bench.commands.advise", "step_stages"),
+    ("bench.commands.step", "step_stages"),
     ("bench.serving.advisor", "advise"),
     ("bench.serving.capacity", "capacity_table"),
     ("bench.measure.runner", "static_rows"),

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.commands.advise import load_model_config
+from bench.commands.model_inputs import load_model_config
 from bench.serving.models import MODEL_SPECS, MODELS
 from bench.serving.workloads import WORKLOADS
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.commands import cli
-from bench.commands.advise import hardware_of, interconnect_of
+from bench.commands.model_inputs import hardware_of, interconnect_of
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import Layout, step_seconds, step_stages

@@ -133,7 +133,7 @@ def print_result(result: dict) -> None:
 
 
 def cmd_validate(args) -> int:
-    from bench.commands.advise import hardware_of, interconnect_of
+    from bench.commands.model_inputs import hardware_of, interconnect_of
 
     hw = hardware_of(args.gpu or args.system.split("_")[0])
     link = interconnect_of(args.interconnect)
