@@ -19,6 +19,7 @@ import triton
 import kernels.moe_gemm as moe_gemm
 from bench import child_env
 from bench.measure import proxies
+from bench.measure.static import missing_aot_api
 from bench.measure.traffic import measure
 from bench.operators.moe import routing_ids
 from bench.testing import Guarded, assert_close, forbid_allocation, generator, randn, seed_of
@@ -420,18 +421,7 @@ def _static_rows() -> list[dict]:
     return rows
 
 
-def _missing_specialization_api() -> str | None:
-    try:
-        from triton.backends.compiler import BaseBackend  # noqa: F401
-        from triton.runtime.jit import native_specialize_impl  # noqa: F401
-    except ImportError as error:
-        return (
-            f"Triton {triton.__version__} lacks the private specialization API the AOT compile uses: {error}"
-        )
-    return None
-
-
-MISSING_API = _missing_specialization_api()
+MISSING_API = missing_aot_api()
 
 
 @pytest.fixture(scope="module")
