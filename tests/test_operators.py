@@ -27,6 +27,24 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 
 
+def check_peer_against_reference(case, peer: str, shape) -> None:
+    """A peer's time means something only if it does the same work: verify_and_prepare (what the benchmarks
+    run before timing a peer) checks its output against the reference, and against the kernel, through
+    Peer.check; a check that cannot see one wrong element would make that meaningless."""
+    inputs = case.build(shape, DEVICE, 9)
+    expected = inputs.clone()
+    case.run_reference(expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
+        prepared, _ = verify_and_prepare(case, peer, inputs, shape, expected)
+        verify_and_prepare(case, peer, inputs, shape, None)  # against the kernel: raises if apart
+        out = prepared.call()
+    wrong = out.clone()
+    wrong.view(-1)[0] += 1.0  # one element off: the check must see it
+    with pytest.raises(AssertionError, match="out"):
+        case.peers[peer].check(wrong, expected, shape)
+
+
 # --- paged_decode's peers -----------------------------------------------------------------------------------
 
 
@@ -44,20 +62,7 @@ FP8 = torch.float8_e4m3fn
     ids=["sdpa", "flex", "flex-shared-mqa", "flex-empty-sequence"],
 )
 def test_paged_decode_peers_compute_the_same_attention(peer, shape):
-    """A peer's time means something only if it does the same work: verify_and_prepare (what the
-    benchmarks run before timing a peer) checks its output against the reference through Peer.check."""
-    inputs = paged_build(shape, DEVICE, 9)
-    expected = inputs.clone()
-    PAGED_DECODE.run_reference(expected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
-        prepared, _ = verify_and_prepare(PAGED_DECODE, peer, inputs, shape, expected)
-        verify_and_prepare(PAGED_DECODE, peer, inputs, shape, None)  # against the kernel: raises if apart
-        out = prepared.call()
-    wrong = out.clone()
-    wrong.view(-1)[0] += 1.0  # one element off: the check must see it
-    with pytest.raises(AssertionError, match="out"):
-        PAGED_DECODE.peers[peer].check(wrong, expected, shape)
+    check_peer_against_reference(PAGED_DECODE, peer, shape)
 
 
 @pytest.mark.parametrize(
@@ -148,19 +153,7 @@ def test_sdpa_runs_where_a_fused_backend_takes_the_shape(monkeypatch):
     ids=["gather", "gather-fp8", "sdpa", "flex-ragged-shared"],
 )
 def test_mla_decode_peers_compute_the_same_attention(peer, shape):
-    """verify_and_prepare (what the benchmarks run before timing a peer) checks each peer's output against
-    the reference; a check that cannot see one wrong element would make that meaningless."""
-    inputs = mla_build(shape, DEVICE, 9)
-    expected = inputs.clone()
-    MLA_DECODE.run_reference(expected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
-        prepared, _ = verify_and_prepare(MLA_DECODE, peer, inputs, shape, expected)
-        out = prepared.call()
-    wrong = out.clone()
-    wrong.view(-1)[0] += 1.0
-    with pytest.raises(AssertionError, match="out"):
-        MLA_DECODE.peers[peer].check(wrong, expected, shape)
+    check_peer_against_reference(MLA_DECODE, peer, shape)
 
 
 @pytest.mark.parametrize(
