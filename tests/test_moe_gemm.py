@@ -363,6 +363,9 @@ def _layer_bad():
         "top_k": ("top_k", {"top_k": 9}),
         "align": ("align", {"align": 0}),
         "fused_gather": ("fused_gather", {"fused_gather": "yes"}),
+        # Routing keywords go through to route, which names the bad one before anything launches.
+        "scoring": ("scoring", {"scoring": "relu"}),
+        "topk_groups": ("topk_groups", {"num_groups": 4, "topk_groups": 0}),
     }
 
 
@@ -374,6 +377,14 @@ def test_moe_layer_bad_input_names_the_argument_and_writes_nothing(case):
     kw = {"x": x, "router_logits": logits, "w13": w13, "w2": w2, "top_k": 2, "out": out, **change}
     with pytest.raises(ValueError, match=rf"^{argument}: "):
         moe_layer(**kw)
+    assert out.isnan().all()
+
+
+def test_moe_layer_refuses_an_unknown_routing_keyword():
+    (x, logits, w13, w2), _ = _layer_bad()
+    out = torch.full_like(x, NAN)
+    with pytest.raises(TypeError, match="grouping"):
+        moe_layer(x, logits, w13, w2, top_k=2, out=out, grouping=4)
     assert out.isnan().all()
 
 
