@@ -7,8 +7,10 @@ import warnings
 import pytest
 import torch
 
+import bench.operators.kv_alloc
+import bench.operators.kv_cache
 from bench.operators import CASES, paged_attention
-from bench.operators.base import PeerUnavailable, kernel_expected, verify_and_prepare
+from bench.operators.base import Case, PeerUnavailable, kernel_expected, verify_and_prepare
 from bench.operators.kv_alloc import AllocateShape
 from bench.operators.mla_attention import MLA_DECODE
 from bench.operators.mla_attention import MLADecodeShape as MLAShape
@@ -22,6 +24,8 @@ from bench.operators.paged_attention import (
     flex_unsupported,
 )
 from bench.operators.paged_attention import build as paged_build
+from kernels import kv_cache
+from reference import kv_cache as ref_kv_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -231,3 +235,30 @@ def test_tune_specs_name_their_kernel_and_the_launchers_knobs():
         assert hasattr(CASES[name].kernel_module, spec.primary), (name, spec.primary)
         assert set(spec.limits) == set(spec.tunable), name
         assert CASES[name].launch_config is not None, name
+
+
+# --- Case.by_convention -------------------------------------------------------------------------------------
+
+
+def test_case_by_convention_reads_the_module_and_explicit_keywords_win():
+    """The launcher and its reference come from kernels/ and reference/ by the module's name, the rest from
+    the namespace by conventional names (with a prefix where a module holds several cases); a keyword given
+    wins; a required field nobody gives is refused as Case(...) refuses it."""
+    namespace = vars(bench.operators.kv_cache)
+    case = Case.by_convention(namespace, "write_kv", traffic_shapes=tuple, flop_model=len)
+    assert (case.module, case.kernel, case.reference) == (
+        "kv_cache",
+        kv_cache.write_kv,
+        ref_kv_cache.write_kv,
+    )
+    assert (
+        case.build is namespace["build"] and case.tune is namespace["TUNE"] and case.traffic_shapes is tuple
+    )
+    assert case.flop_model is len  # the module's flop_model, overridden
+    copy = CASES["copy_blocks"]
+    assert (
+        copy.build is bench.operators.kv_alloc.copy_build
+        and copy.compare is bench.operators.kv_alloc.copy_compare
+    )
+    with pytest.raises(TypeError, match="compare"):
+        Case.by_convention({k: v for k, v in namespace.items() if k != "compare"}, "write_kv")
