@@ -7,10 +7,13 @@ import warnings
 import pytest
 import torch
 
+import bench.operators.base
 import bench.operators.kv_alloc
 import bench.operators.kv_cache
+import kernels.kv_cache
+import reference.kv_cache
 from bench.operators import CASES, paged_attention
-from bench.operators.base import Case, PeerUnavailable, kernel_expected, verify_and_prepare
+from bench.operators.base import PeerUnavailable, kernel_expected, verify_and_prepare
 from bench.operators.kv_alloc import AllocateShape
 from bench.operators.mla_attention import MLA_DECODE
 from bench.operators.mla_attention import MLADecodeShape as MLAShape
@@ -24,8 +27,6 @@ from bench.operators.paged_attention import (
     flex_unsupported,
 )
 from bench.operators.paged_attention import build as paged_build
-from kernels import kv_cache
-from reference import kv_cache as ref_kv_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -245,11 +246,13 @@ def test_case_by_convention_reads_the_module_and_explicit_keywords_win():
     the namespace by conventional names (with a prefix where a module holds several cases); a keyword given
     wins; a required field nobody gives is refused as Case(...) refuses it."""
     namespace = vars(bench.operators.kv_cache)
-    case = Case.by_convention(namespace, "write_kv", traffic_shapes=tuple, flop_model=len)
+    case = bench.operators.base.Case.by_convention(
+        namespace, "write_kv", traffic_shapes=tuple, flop_model=len
+    )
     assert (case.module, case.kernel, case.reference) == (
         "kv_cache",
-        kv_cache.write_kv,
-        ref_kv_cache.write_kv,
+        kernels.kv_cache.write_kv,
+        reference.kv_cache.write_kv,
     )
     assert (
         case.build is namespace["build"] and case.tune is namespace["TUNE"] and case.traffic_shapes is tuple
@@ -261,4 +264,6 @@ def test_case_by_convention_reads_the_module_and_explicit_keywords_win():
         and copy.compare is bench.operators.kv_alloc.copy_compare
     )
     with pytest.raises(TypeError, match="compare"):
-        Case.by_convention({k: v for k, v in namespace.items() if k != "compare"}, "write_kv")
+        bench.operators.base.Case.by_convention(
+            {k: v for k, v in namespace.items() if k != "compare"}, "write_kv"
+        )
