@@ -6,6 +6,8 @@
 - ``TOLERANCES`` and ``assert_close``: tolerances set by dtype, never per test.
 """
 
+import contextlib
+import dataclasses
 import zlib
 from dataclasses import dataclass
 
@@ -141,3 +143,43 @@ def forbid_allocation(monkeypatch, *modules) -> None:
     modules whose helpers it calls) refuses to allocate."""
     for module in modules:
         monkeypatch.setattr(module, "torch", NoAllocation())
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside: any CUDA call that makes the host wait for the device raises (torch's sync debug mode).
+    Compile and warm up before entering; in-flight work is drained first so it cannot count."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def replay_decode_graph(case, base, inputs, caches: tuple[str, ...], runs) -> None:
+    """A paged decode's CUDA-graph path: captures ``case``'s kernel once on ``inputs`` (built for ``base``,
+    the capacity, with the caller's workspace), then for each (seed, lengths) in ``runs`` writes fresh
+    inputs of those lengths into the captured buffers (q, lengths, block tables, the ``caches``' leading
+    blocks), replays and holds the result to the reference. Spare pages make up for the pages the new
+    lengths do not use, so every block table keeps base's width."""
+    case.kernel(**inputs.args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        case.kernel(**inputs.args)
+    for seed, lengths in runs:
+        unused = max(base.pages) - max(-(-n // base.block_size) for n in lengths)
+        shape = dataclasses.replace(base, lengths=lengths, spare_pages=base.spare_pages + unused)
+        fresh = case.build(shape, "cuda", seed)
+        assert fresh.args["block_tables"].shape == inputs.args["block_tables"].shape
+        for name in ("q", "seq_lens", "block_tables"):
+            inputs.args[name].copy_(fresh.args[name])
+        for name in caches:
+            assert fresh.args[name].shape[0] <= inputs.args[name].shape[0], name
+            inputs.args[name][: fresh.args[name].shape[0]].copy_(fresh.args[name])
+        inputs.args["out"].fill_(float("nan"))
+        graph.replay()
+        expected = inputs.clone()
+        expected.result = case.reference(**{**expected.args, "out": None})
+        inputs.result = inputs.args["out"]
+        case.compare(inputs, expected, shape)

@@ -56,16 +56,14 @@ from kernels.paged_attention import (
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
     PagedDecodeWorkspace,
-    check_decode_memory,
     check_softmax_scale,
     check_tables,
     check_workspace_args,
-    decode_out,
+    decode_buffers,
     merge_splits,
     paged_decode_workspace,
     plan_splits,
     scale_value,
-    split_partials,
     split_range,
     store_split,
 )
@@ -308,11 +306,10 @@ def mla_decode(
     )
     max_context = block_tables.shape[1] * block_size
     splits, forced = plan_splits(num_splits, batch, head_tiles, max_context, q.device, min_split_tokens)
-    caller_out = out
-    out = decode_out(out, (batch, num_heads, v_head_dim), q, "[batch, num_heads, v_head_dim]")
-    partial_out, partial_lse = split_partials(workspace, out, splits)
     inputs = {"q": q, "kv_cache": kv_cache, "block_tables": block_tables, "seq_lens": seq_lens}
-    check_decode_memory(caller_out, workspace, inputs)
+    out, partial_out, partial_lse = decode_buffers(
+        out, workspace, splits, (batch, num_heads, v_head_dim), "[batch, num_heads, v_head_dim]", inputs
+    )
     if batch == 0:
         return out
 

@@ -54,6 +54,19 @@ SCALE_BLOCK = 128
 
 
 @triton.jit
+def _accumulate_tile(acc, x, w_rows, w_scales, ks, k0, w_mask, col_live, FP8: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BLOCK_K] @ the weight tile at w_rows (one pointer a column)
+    and ks, transposed; fp8 weights scaled by their 128-wide K block's scale, one a column."""
+    w = tl.load(w_rows[:, None] + ks[None, :], mask=w_mask, other=0.0).to(x.dtype)
+    if FP8:
+        scale = tl.load(w_scales + k0 // 128, mask=col_live, other=0.0)
+        acc += tl.dot(x, tl.trans(w)) * scale[None, :]
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr,  # [max_rows, K] (or [tokens, K] when GATHER), row stride stride_a, columns contiguous
     w_ptr,  # [NUM_EXPERTS, N, K] contiguous; N = 2 x N_OUT when SILU_AND_MUL, else N_OUT
@@ -117,19 +130,9 @@ def _grouped_gemm_kernel(
         if INTERPRETER_UPCAST:
             x = x.to(tl.float32)  # and every weight tile with it (.to(x.dtype))
         w_mask = col_live[:, None] & k_live[None, :]
-        w = tl.load(gate_rows[:, None] + ks[None, :], mask=w_mask, other=0.0).to(x.dtype)
-        if FP8:
-            scale = tl.load(gate_scales + k0 // 128, mask=col_live, other=0.0)
-            gate += tl.dot(x, tl.trans(w)) * scale[None, :]
-        else:
-            gate = tl.dot(x, tl.trans(w), gate)
+        gate = _accumulate_tile(gate, x, gate_rows, gate_scales, ks, k0, w_mask, col_live, FP8)
         if SILU_AND_MUL:
-            w = tl.load(up_rows[:, None] + ks[None, :], mask=w_mask, other=0.0).to(x.dtype)
-            if FP8:
-                scale = tl.load(up_scales + k0 // 128, mask=col_live, other=0.0)
-                up += tl.dot(x, tl.trans(w)) * scale[None, :]
-            else:
-                up = tl.dot(x, tl.trans(w), up)
+            up = _accumulate_tile(up, x, up_rows, up_scales, ks, k0, w_mask, col_live, FP8)
 
     result = gate
     if SILU_AND_MUL:

@@ -63,37 +63,22 @@ def moe_layer(
     w2,
     *,
     top_k,
-    scoring="softmax",
-    renormalize=True,
-    num_groups=None,
-    topk_groups=None,
-    bias=None,
-    scale=1.0,
-    softmax_after_topk=False,
     w13_scale=None,
     w2_scale=None,
     align=1,
     fused_gather=True,
     out=None,
+    **routing,
 ) -> torch.Tensor:
     """out [tokens, hidden] = sum over each token's top_k experts e of weight x w2[e] @ (silu(gate) * up),
-    gate and up from w13[e] @ x. Routing arguments are moe.route's, ``align`` dispatch's; ``out`` a
+    gate and up from w13[e] @ x. ``routing``: moe.route's keywords (scoring, renormalize, num_groups,
+    topk_groups, bias, scale, softmax_after_topk), passed to it as given; ``align`` is dispatch's; ``out`` a
     caller-owned result. No host sync (the intermediate rows are allocated, max_rows of them: known from
     shapes)."""
     check_layer(x, router_logits, w13, w2, w13_scale, w2_scale, out)
     if not isinstance(fused_gather, bool):
         raise ValueError(f"fused_gather: expected a bool, got {fused_gather!r}")
-    weights, ids = moe.route(
-        router_logits,
-        top_k,
-        scoring=scoring,
-        renormalize=renormalize,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        bias=bias,
-        scale=scale,
-        softmax_after_topk=softmax_after_topk,
-    )
+    weights, ids = moe.route(router_logits, top_k, **routing)
     experts = w13.shape[0]
     if fused_gather:
         plan = moe.dispatch_plan(ids, experts, align=align)

@@ -525,6 +525,16 @@ def split_partials(workspace, out: torch.Tensor, splits: int) -> tuple[torch.Ten
     )
 
 
+def decode_buffers(out, workspace, splits: int, shape: tuple, what: str, inputs: dict):
+    """(out, partial_out, partial_lse) for a decode of ``splits`` splits: the caller's ``out`` or a fresh one
+    in q's dtype (decode_out; q is ``inputs["q"]``), its partials (split_partials), and the check that the
+    caller-owned memory it writes overlaps none of its ``inputs`` (check_decode_memory); metadata only."""
+    written = decode_out(out, shape, inputs["q"], what)
+    partial_out, partial_lse = split_partials(workspace, written, splits)
+    check_decode_memory(out, workspace, inputs)
+    return written, partial_out, partial_lse
+
+
 def merge_splits(seq_lens, partial_out, partial_lse, out, forced: int, splits: int, min_split_tokens: int):
     """Launches the merge of a split decode's partials into ``out`` [batch, heads, head_dim] (sequences
     with one split were written by the decode kernel and are skipped on the device)."""
@@ -613,11 +623,8 @@ def paged_decode(
     splits, forced = plan_splits(
         num_splits, batch, num_kv_heads * head_tiles, block_tables.shape[1] * block_size, q.device
     )
-    caller_out = out
-    out = decode_out(out, tuple(q.shape), q, "like q")
-    partial_out, partial_lse = split_partials(workspace, out, splits)
-    tables = {"block_tables": block_tables, "seq_lens": seq_lens}
-    check_decode_memory(caller_out, workspace, {"q": q, "k_cache": k_cache, "v_cache": v_cache, **tables})
+    inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    out, partial_out, partial_lse = decode_buffers(out, workspace, splits, tuple(q.shape), "like q", inputs)
     if batch == 0:
         return out
 

@@ -12,31 +12,16 @@ def moe_layer(
     w2,
     *,
     top_k,
-    scoring="softmax",
-    renormalize=True,
-    num_groups=None,
-    topk_groups=None,
-    bias=None,
-    scale=1.0,
-    softmax_after_topk=False,
     w13_scale=None,
     w2_scale=None,
     align=1,
     fused_gather=True,
     out=None,
+    **routing,
 ):
-    """Returns out [tokens, hidden] in x's dtype; ``fused_gather`` picks the gather or dispatch's copy."""
-    weights, ids = moe.route(
-        router_logits,
-        top_k,
-        scoring=scoring,
-        renormalize=renormalize,
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        bias=bias,
-        scale=scale,
-        softmax_after_topk=softmax_after_topk,
-    )
+    """Returns out [tokens, hidden] in x's dtype; ``routing`` goes to route as given; ``fused_gather``
+    picks the gather or dispatch's copy."""
+    weights, ids = moe.route(router_logits, top_k, **routing)
     experts = w13.shape[0]
     if fused_gather:
         plan = moe.dispatch_plan(ids, experts, align=align)

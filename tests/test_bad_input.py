@@ -231,19 +231,25 @@ def _map(name, f, **also):
     return lambda a: {**a, name: f(a[name]), **{k: g(a[k]) for k, g in also.items()}}
 
 
+def _metadata(name, dtype, rank=RANK_UP):
+    """The rows every tensor argument gets: ``name`` in a wrong dtype (``dtype`` changes it), of the wrong
+    rank (``rank``), on another device."""
+    return [
+        (name, "dtype", _map(name, dtype)),
+        (name, "rank", _map(name, rank)),
+        (name, "device", _map(name, META)),
+    ]
+
+
 BAD = _rows(
     {
         "write_kv": [
-            ("key", "dtype", _map("key", FLOAT_TO_INT)),
-            ("key", "rank", _map("key", RANK_UP)),
-            ("key", "device", _map("key", META)),
+            *_metadata("key", FLOAT_TO_INT),
             ("key", "heads not packed", _map("key", _strided)),
             ("key", "zero heads", _map("key", lambda x: x[:, :0], k_cache=lambda c: c[:, :, :0])),
             ("value", "dtype", _map("value", lambda x: x.half())),
             ("value", "tokens", _map("value", lambda x: x[:2])),
-            ("k_cache", "dtype", _map("k_cache", FLOAT_TO_INT)),
-            ("k_cache", "rank", _map("k_cache", lambda x: x.flatten(0, 1))),
-            ("k_cache", "device", _map("k_cache", META)),
+            *_metadata("k_cache", FLOAT_TO_INT, rank=lambda x: x.flatten(0, 1)),
             ("k_cache", "contiguity", _map("k_cache", _strided)),
             ("k_cache", "head_dim", _map("k_cache", lambda x: x[..., :4].contiguous())),
             ("v_cache", "device", _map("v_cache", META)),
@@ -270,9 +276,7 @@ BAD = _rows(
             ),
         ],
         "paged_decode": [
-            ("q", "dtype", _map("q", INT_TO_FLOAT)),
-            ("q", "rank", _map("q", RANK_UP)),
-            ("q", "device", _map("q", META)),
+            *_metadata("q", INT_TO_FLOAT),
             ("q", "head_dim strided", _map("q", _strided)),
             ("q", "zero heads", _map("q", lambda x: x[:, :0])),
             (
@@ -365,16 +369,12 @@ BAD = _rows(
         "check_paged_inputs": [
             ("k_cache", "rank", _map("k_cache", lambda x: x[0])),
             ("k_cache", "zero block_size", _map("k_cache", lambda x: x[:, :0])),
-            ("block_tables", "rank", _map("block_tables", lambda x: x[0])),
-            ("block_tables", "dtype", _map("block_tables", INT_TO_FLOAT)),
-            ("block_tables", "device", _map("block_tables", META)),
+            *_metadata("block_tables", INT_TO_FLOAT, rank=lambda x: x[0]),
             ("seq_lens", "batch", _map("seq_lens", lambda x: x[:1])),
             ("seq_lens", "bools", _map("seq_lens", TO_BOOL)),
         ],
         "route": [
-            ("logits", "dtype", _map("logits", FLOAT_TO_INT)),
-            ("logits", "rank", _map("logits", RANK_UP)),
-            ("logits", "device", _map("logits", META)),
+            *_metadata("logits", FLOAT_TO_INT),
             ("logits", "experts strided", _map("logits", _strided)),
             ("logits", "zero experts", _map("logits", lambda x: x[:, :0])),
             ("top_k", "a bool", _set(top_k=True)),
@@ -396,9 +396,7 @@ BAD = _rows(
             ("bias", "rank", _map("bias", RANK_UP)),
         ],
         "dispatch": [
-            ("x", "dtype", _map("x", FLOAT_TO_INT)),
-            ("x", "rank", _map("x", RANK_UP)),
-            ("x", "device", _map("x", META)),
+            *_metadata("x", FLOAT_TO_INT),
             ("x", "hidden strided", _map("x", _strided)),
             ("x", "zero hidden", _map("x", lambda x: x[:, :0])),
             ("ids", "dtype", _map("ids", lambda x: x.long())),
@@ -502,9 +500,7 @@ BAD = _rows(
         ],
         "free": [
             ("pool", "None", _set(pool=None)),
-            ("seq_ids", "dtype", _map("seq_ids", INT_TO_FLOAT)),
-            ("seq_ids", "device", _map("seq_ids", META)),
-            ("seq_ids", "rank", _map("seq_ids", RANK_UP)),
+            *_metadata("seq_ids", INT_TO_FLOAT),
         ],
         "copy_blocks": [
             ("k_cache", "rank", _map("k_cache", lambda x: x[0])),

@@ -25,35 +25,9 @@ from bench.serving.step import Layout, check_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LLAMA_CONFIG = {
-    "num_hidden_layers": 32,
-    "hidden_size": 4096,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-    "rope_scaling": {"factor": 8.0, "rope_type": "llama3"},
-}
-DEEPSEEK_CONFIG = {
-    "num_hidden_layers": 61,
-    "hidden_size": 7168,
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "intermediate_size": 18432,
-    "vocab_size": 129280,
-    "n_routed_experts": 256,
-    "num_experts_per_tok": 8,
-    "moe_intermediate_size": 2048,
-    "n_shared_experts": 1,
-    "first_k_dense_replace": 3,
-    "kv_lora_rank": 512,
-    "q_lora_rank": 1536,
-    "qk_rope_head_dim": 64,
-    "qk_nope_head_dim": 128,
-    "v_head_dim": 128,
-    "rope_scaling": {"factor": 40, "mscale_all_dim": 1.0},
-    "quantization_config": {"quant_method": "fp8"},
-}
+# Hugging Face config.json files of two presets, trimmed to the fields the reader uses (tests/data).
+LLAMA_CONFIG = json.loads((ROOT / "tests" / "data" / "hf-config-Llama-3.1-8B.json").read_text())
+DEEPSEEK_CONFIG = json.loads((ROOT / "tests" / "data" / "hf-config-DeepSeek-R1.json").read_text())
 
 #: Functions that start work: none may run before a bad argument is reported.
 WORK = [

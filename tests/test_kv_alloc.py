@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels.kv_alloc as kv_alloc
+from bench.testing import no_host_sync
 from kernels import INTERPRETED
 from reference import kv_alloc as reference
 
@@ -297,13 +298,9 @@ def test_decode_step_allocation_has_no_host_sync():
     pool = kv_alloc.KVBlockPool(4096, 16, 1024, 64, device="cuda")
     seqs = torch.arange(1024, dtype=torch.int32, device="cuda")
     kv_alloc.allocate(pool, seqs, 1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         kv_alloc.allocate(pool, seqs, 1)
         kv_alloc.free(pool, seqs[:10])
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize(

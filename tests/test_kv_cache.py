@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.operators.kv_cache import WRITE_KV, WriteKVShape, build, compare
-from bench.testing import assert_bitwise_equal, generator, randn, seed_of
+from bench.testing import assert_bitwise_equal, generator, no_host_sync, randn, seed_of
 from kernels import kv_cache
 from reference import kv_cache as reference
 
@@ -325,15 +325,11 @@ def test_no_host_sync(cache_dtype):
     shape = WriteKVShape("sync", "prefill", 37, 8, 128, 128, cache_dtype=cache_dtype, skipped=3)
     inputs = build(shape, "cuda", 2)
     kv_cache.write_kv(**inputs.args)  # compile outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         kv_cache.write_kv(**inputs.args)
         kv_cache.write_kv(
             **{**inputs.args, "k_scale": 0.5, "v_scale": 2.0} if cache_dtype == FP8 else inputs.args
         )
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu

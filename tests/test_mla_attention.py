@@ -3,14 +3,13 @@ and several head tiles, page sizes 1 to 64, empty, ragged and shared sequences, 
 with float and tensor scales, forced and derived splits, out= and a caller's workspace, bad input; and on a
 GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
-import dataclasses
 import inspect
 
 import pytest
 import torch
 
 from bench.operators.mla_attention import DEEPSEEK, MLA_DECODE, MLADecodeShape, build, compare, deepseek
-from bench.testing import forbid_allocation, seed_of
+from bench.testing import forbid_allocation, no_host_sync, replay_decode_graph, seed_of
 from kernels import mla_attention, paged_attention
 from kernels.mla_attention import mla_decode_launch_config, mla_min_split_tokens
 from reference import mla_attention as reference
@@ -270,12 +269,8 @@ def test_no_host_sync(cache_dtype, num_splits):
     shape = deepseek(8, (9000, 10, 0), cache_dtype=cache_dtype, num_splits=num_splits)
     inputs = build(shape, "cuda", 2)
     mla_attention.mla_decode(**inputs.args)  # compile outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         mla_attention.mla_decode(**inputs.args)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu
@@ -285,24 +280,6 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables(tp):
     base = deepseek(tp, (6000, 6000, 6000, 6000), spare_pages=8)
     inputs = build(base, "cuda", 3, guarded=True)
     inputs.args["workspace"] = mla_attention.mla_decode_workspace(base.batch, base.num_heads, device="cuda")
-    mla_attention.mla_decode(**inputs.args)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mla_attention.mla_decode(**inputs.args)
-    for seed, lengths in ((4, (10, 6100, 0, 2500)), (5, (256, 1900, 4096, 1))):
-        shape = dataclasses.replace(
-            base,
-            lengths=lengths,
-            spare_pages=base.spare_pages + (max(base.pages) - max(-(-n // base.block_size) for n in lengths)),
-        )
-        fresh = build(shape, "cuda", seed)
-        assert fresh.args["block_tables"].shape == inputs.args["block_tables"].shape
-        for name in ("q", "seq_lens", "block_tables"):
-            inputs.args[name].copy_(fresh.args[name])
-        inputs.args["kv_cache"][: fresh.args["kv_cache"].shape[0]].copy_(fresh.args["kv_cache"])
-        inputs.args["out"].fill_(float("nan"))
-        graph.replay()
-        expected = inputs.clone()
-        expected.result = reference.mla_decode(**{**expected.args, "out": None})
-        inputs.result = inputs.args["out"]
-        compare(inputs, expected, shape)
+    replay_decode_graph(
+        MLA_DECODE, base, inputs, ("kv_cache",), ((4, (10, 6100, 0, 2500)), (5, (256, 1900, 4096, 1)))
+    )

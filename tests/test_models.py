@@ -4,6 +4,7 @@ NaturalReasoning-like workload's published shape. The checks on impossible confi
 tests/test_cli_errors.py's."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from bench.serving.models import MODEL_SPECS, MODELS
 from bench.serving.workloads import WORKLOADS
 
 NATURAL = WORKLOADS["NaturalReasoning-like"]
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize(
@@ -66,43 +68,13 @@ def test_kv_bytes_per_token_match_the_table():
 
 
 def test_a_hugging_face_config_reads_into_the_preset(tmp_path):
-    deepseek = {
-        "num_hidden_layers": 61,
-        "hidden_size": 7168,
-        "num_attention_heads": 128,
-        "num_key_value_heads": 128,
-        "intermediate_size": 18432,
-        "vocab_size": 129280,
-        "n_routed_experts": 256,
-        "num_experts_per_tok": 8,
-        "moe_intermediate_size": 2048,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 3,
-        "kv_lora_rank": 512,
-        "q_lora_rank": 1536,
-        "qk_rope_head_dim": 64,
-        "qk_nope_head_dim": 128,
-        "v_head_dim": 128,
-        "rope_scaling": {"factor": 40, "mscale_all_dim": 1.0},
-        "quantization_config": {"quant_method": "fp8"},
-    }
-    llama = {
-        "num_hidden_layers": 32,
-        "hidden_size": 4096,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "intermediate_size": 14336,
-        "vocab_size": 128256,
-        "tie_word_embeddings": False,
-    }
-    for config, preset in ((deepseek, "DeepSeek-R1"), (llama, "Llama-3.1-8B")):
-        path = tmp_path / f"{preset}.json"
-        path.write_text(json.dumps(config))
-        read = load_model_config(path, name=preset)
+    for preset in ("DeepSeek-R1", "Llama-3.1-8B"):
+        read = load_model_config(DATA / f"hf-config-{preset}.json", name=preset)
         want = MODEL_SPECS[preset]
         assert read.params() == want.params() and read.weight_bytes == want.weight_bytes
         assert read.kv_bytes_per_token_layer(8) == want.kv_bytes_per_token_layer(8)
         assert read.moe == want.moe and read.mla == want.mla
+    path = tmp_path / "config.json"
     path.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="^config:"):
         load_model_config(path)

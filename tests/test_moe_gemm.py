@@ -19,6 +19,7 @@ import triton
 import kernels.moe_gemm as moe_gemm
 from bench import child_env
 from bench.measure import proxies
+from bench.measure.static import missing_aot_api
 from bench.measure.traffic import measure
 from bench.operators.moe import routing_ids
 from bench.testing import Guarded, assert_close, forbid_allocation, generator, randn, seed_of
@@ -362,6 +363,9 @@ def _layer_bad():
         "top_k": ("top_k", {"top_k": 9}),
         "align": ("align", {"align": 0}),
         "fused_gather": ("fused_gather", {"fused_gather": "yes"}),
+        # Routing keywords go through to route, which names the bad one before anything launches.
+        "scoring": ("scoring", {"scoring": "relu"}),
+        "topk_groups": ("topk_groups", {"num_groups": 4, "topk_groups": 0}),
     }
 
 
@@ -373,6 +377,14 @@ def test_moe_layer_bad_input_names_the_argument_and_writes_nothing(case):
     kw = {"x": x, "router_logits": logits, "w13": w13, "w2": w2, "top_k": 2, "out": out, **change}
     with pytest.raises(ValueError, match=rf"^{argument}: "):
         moe_layer(**kw)
+    assert out.isnan().all()
+
+
+def test_moe_layer_refuses_an_unknown_routing_keyword():
+    (x, logits, w13, w2), _ = _layer_bad()
+    out = torch.full_like(x, NAN)
+    with pytest.raises(TypeError, match="grouping"):
+        moe_layer(x, logits, w13, w2, top_k=2, out=out, grouping=4)
     assert out.isnan().all()
 
 
@@ -420,18 +432,7 @@ def _static_rows() -> list[dict]:
     return rows
 
 
-def _missing_specialization_api() -> str | None:
-    try:
-        from triton.backends.compiler import BaseBackend  # noqa: F401
-        from triton.runtime.jit import native_specialize_impl  # noqa: F401
-    except ImportError as error:
-        return (
-            f"Triton {triton.__version__} lacks the private specialization API the AOT compile uses: {error}"
-        )
-    return None
-
-
-MISSING_API = _missing_specialization_api()
+MISSING_API = missing_aot_api()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,11 @@ import warnings
 import pytest
 import torch
 
+import bench.operators.base
+import bench.operators.kv_alloc
+import bench.operators.kv_cache
+import kernels.kv_cache
+import reference.kv_cache
 from bench.operators import CASES, paged_attention
 from bench.operators import moe_gemm as moe_gemm_operator
 from bench.operators.base import PeerUnavailable, kernel_expected, verify_and_prepare
@@ -32,6 +37,24 @@ FP8 = torch.float8_e4m3fn
 ROUTE_KEYS = ("scoring", "num_groups", "topk_groups", "bias", "scale", "softmax_after_topk")
 
 
+def check_peer_against_reference(case, peer: str, shape) -> None:
+    """A peer's time means something only if it does the same work: verify_and_prepare (what the benchmarks
+    run before timing a peer) checks its output against the reference, and against the kernel, through
+    Peer.check; a check that cannot see one wrong element would make that meaningless."""
+    inputs = case.build(shape, DEVICE, 9)
+    expected = inputs.clone()
+    case.run_reference(expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
+        prepared, _ = verify_and_prepare(case, peer, inputs, shape, expected)
+        verify_and_prepare(case, peer, inputs, shape, None)  # against the kernel: raises if apart
+        out = prepared.call()
+    wrong = out.clone()
+    wrong.view(-1)[0] += 1.0  # one element off: the check must see it
+    with pytest.raises(AssertionError, match="out"):
+        case.peers[peer].check(wrong, expected, shape)
+
+
 # --- paged_decode's peers -----------------------------------------------------------------------------------
 
 
@@ -49,20 +72,7 @@ ROUTE_KEYS = ("scoring", "num_groups", "topk_groups", "bias", "scale", "softmax_
     ids=["sdpa", "flex", "flex-shared-mqa", "flex-empty-sequence"],
 )
 def test_paged_decode_peers_compute_the_same_attention(peer, shape):
-    """A peer's time means something only if it does the same work: verify_and_prepare (what the
-    benchmarks run before timing a peer) checks its output against the reference through Peer.check."""
-    inputs = paged_build(shape, DEVICE, 9)
-    expected = inputs.clone()
-    PAGED_DECODE.run_reference(expected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
-        prepared, _ = verify_and_prepare(PAGED_DECODE, peer, inputs, shape, expected)
-        verify_and_prepare(PAGED_DECODE, peer, inputs, shape, None)  # against the kernel: raises if apart
-        out = prepared.call()
-    wrong = out.clone()
-    wrong.view(-1)[0] += 1.0  # one element off: the check must see it
-    with pytest.raises(AssertionError, match="out"):
-        PAGED_DECODE.peers[peer].check(wrong, expected, shape)
+    check_peer_against_reference(PAGED_DECODE, peer, shape)
 
 
 @pytest.mark.parametrize(
@@ -153,19 +163,7 @@ def test_sdpa_runs_where_a_fused_backend_takes_the_shape(monkeypatch):
     ids=["gather", "gather-fp8", "sdpa", "flex-ragged-shared"],
 )
 def test_mla_decode_peers_compute_the_same_attention(peer, shape):
-    """verify_and_prepare (what the benchmarks run before timing a peer) checks each peer's output against
-    the reference; a check that cannot see one wrong element would make that meaningless."""
-    inputs = mla_build(shape, DEVICE, 9)
-    expected = inputs.clone()
-    MLA_DECODE.run_reference(expected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused outside torch.compile
-        prepared, _ = verify_and_prepare(MLA_DECODE, peer, inputs, shape, expected)
-        out = prepared.call()
-    wrong = out.clone()
-    wrong.view(-1)[0] += 1.0
-    with pytest.raises(AssertionError, match="out"):
-        MLA_DECODE.peers[peer].check(wrong, expected, shape)
+    check_peer_against_reference(MLA_DECODE, peer, shape)
 
 
 @pytest.mark.parametrize(
@@ -359,3 +357,34 @@ def test_tune_specs_name_their_kernel_and_the_launchers_knobs():
         assert hasattr(CASES[name].kernel_module, spec.primary), (name, spec.primary)
         assert set(spec.limits) == set(spec.tunable), name
         assert CASES[name].launch_config is not None, name
+
+
+# --- Case.by_convention -------------------------------------------------------------------------------------
+
+
+def test_case_by_convention_reads_the_module_and_explicit_keywords_win():
+    """The launcher and its reference come from kernels/ and reference/ by the module's name, the rest from
+    the namespace by conventional names (with a prefix where a module holds several cases); a keyword given
+    wins; a required field nobody gives is refused as Case(...) refuses it."""
+    namespace = vars(bench.operators.kv_cache)
+    case = bench.operators.base.Case.by_convention(
+        namespace, "write_kv", traffic_shapes=tuple, flop_model=len
+    )
+    assert (case.module, case.kernel, case.reference) == (
+        "kv_cache",
+        kernels.kv_cache.write_kv,
+        reference.kv_cache.write_kv,
+    )
+    assert (
+        case.build is namespace["build"] and case.tune is namespace["TUNE"] and case.traffic_shapes is tuple
+    )
+    assert case.flop_model is len  # the module's flop_model, overridden
+    copy = CASES["copy_blocks"]
+    assert (
+        copy.build is bench.operators.kv_alloc.copy_build
+        and copy.compare is bench.operators.kv_alloc.copy_compare
+    )
+    with pytest.raises(TypeError, match="compare"):
+        bench.operators.base.Case.by_convention(
+            {k: v for k, v in namespace.items() if k != "compare"}, "write_kv"
+        )

@@ -2,13 +2,11 @@
 sequences; fp8 caches; forced and derived splits; NaN past every length; bad input; the opt-in device checks;
 and on a GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from bench.operators.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
-from bench.testing import forbid_allocation, seed_of
+from bench.testing import forbid_allocation, no_host_sync, replay_decode_graph, seed_of
 from kernels import paged_attention
 from kernels.paged_attention import check_paged_inputs, max_splits_for
 from reference import paged_attention as reference
@@ -385,12 +383,8 @@ def test_no_host_sync(cache_dtype, num_splits):
     )
     inputs = build(shape, "cuda", 2)
     paged_attention.paged_decode(**inputs.args)  # compile outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         paged_attention.paged_decode(**inputs.args)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu
@@ -400,26 +394,10 @@ def test_cuda_graph_replay_with_new_lengths_and_block_tables():
     inputs = build(base, "cuda", 3, guarded=True)
     # A serving engine's graph path: the split partials live in a workspace allocated once, outside.
     inputs.args["workspace"] = paged_attention.paged_decode_workspace(base.batch, 32, 128, device="cuda")
-    paged_attention.paged_decode(**inputs.args)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_attention.paged_decode(**inputs.args)
-    for seed, lengths in ((4, (10, 3100, 0, 1500)), (5, (256, 257, 2048, 1))):
-        shape = dataclasses.replace(
-            base,
-            lengths=lengths,
-            spare_pages=base.spare_pages + (max(base.pages) - max(-(-n // base.block_size) for n in lengths)),
-        )
-        fresh = build(shape, "cuda", seed)
-        assert fresh.args["block_tables"].shape == inputs.args["block_tables"].shape
-        assert fresh.args["k_cache"].shape[0] <= inputs.args["k_cache"].shape[0]
-        for name in ("q", "seq_lens", "block_tables"):
-            inputs.args[name].copy_(fresh.args[name])
-        for name in ("k_cache", "v_cache"):
-            inputs.args[name][: fresh.args[name].shape[0]].copy_(fresh.args[name])
-        inputs.args["out"].fill_(float("nan"))
-        graph.replay()
-        expected = inputs.clone()
-        expected.result = reference.paged_decode(**{**expected.args, "out": None})
-        inputs.result = inputs.args["out"]
-        compare(inputs, expected, shape)
+    replay_decode_graph(
+        PAGED_DECODE,
+        base,
+        inputs,
+        ("k_cache", "v_cache"),
+        ((4, (10, 3100, 0, 1500)), (5, (256, 257, 2048, 1))),
+    )

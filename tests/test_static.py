@@ -19,24 +19,13 @@ import torch
 import triton
 
 from bench.measure import proxies
-from bench.measure.static import access_widths, capture, static_report
+from bench.measure.static import access_widths, capture, missing_aot_api, static_report
 from bench.operators import CASES
 
 BASELINE_TRITON = proxies.load()["triton"]
 
 
-def _missing_specialization_api() -> str | None:
-    try:
-        from triton.backends.compiler import BaseBackend  # noqa: F401
-        from triton.runtime.jit import native_specialize_impl  # noqa: F401
-    except ImportError as error:
-        return (
-            f"Triton {triton.__version__} lacks the private specialization API the AOT compile uses: {error}"
-        )
-    return None
-
-
-MISSING_API = _missing_specialization_api()
+MISSING_API = missing_aot_api()
 needs_aot = pytest.mark.skipif(MISSING_API is not None, reason=MISSING_API or "")
 
 

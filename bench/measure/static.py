@@ -128,6 +128,19 @@ def _bind(jit: JITFunction, launch: Launch) -> tuple[dict, dict]:
     return values, options
 
 
+def missing_aot_api() -> str | None:
+    """Why compile_aot cannot run under this Triton (the private specialization API it uses is gone), or
+    None when it can."""
+    try:
+        from triton.backends.compiler import BaseBackend  # noqa: F401
+        from triton.runtime.jit import native_specialize_impl  # noqa: F401
+    except ImportError as error:
+        return (
+            f"Triton {triton.__version__} lacks the private specialization API the AOT compile uses: {error}"
+        )
+    return None
+
+
 def _specialize(value) -> tuple[str, str | None]:
     """Triton's own launch-time specialization: ('*bf16', 'D') for a 16-byte-aligned bf16 pointer."""
     from triton.backends.compiler import BaseBackend

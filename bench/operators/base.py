@@ -112,6 +112,21 @@ class TuneSpec:
 # --- cases --------------------------------------------------------------------------------------------------
 
 
+#: The Case fields ``Case.by_convention`` takes from an operator module's functions of the same name.
+CONVENTIONAL_FUNCTIONS = (
+    "build",
+    "byte_model",
+    "flop_model",
+    "sweep",
+    "default_shapes",
+    "small_shapes",
+    "static_shapes",
+    "traffic_shapes",
+    "compare",
+    "launch_config",
+)
+
+
 @dataclass(frozen=True)
 class Case:
     """One kernel: its launcher, its reference, how to build inputs for a shape, and its cost models.
@@ -148,6 +163,27 @@ class Case:
     # The candidates `decodebench tune` times (bench/measure/tuning.py); None: left out of tuning (the
     # operator module says why).
     tune: TuneSpec | None = None
+
+    @classmethod
+    def by_convention(cls, namespace: dict, name: str, prefix: str = "", **explicit) -> "Case":
+        """The Case for launcher ``name`` of the operator module whose ``globals()`` is ``namespace``.
+
+        The module is the operator module's own (bench/operators/<module>.py); the kernel and the reference
+        are ``kernels.<module>.<name>`` and ``reference.<module>.<name>``. Every other field is picked up
+        from the namespace by its conventional name, ``prefix`` first where a module holds several cases
+        (``prefix="copy_"``: copy_build, copy_byte_model, ...): the functions CONVENTIONAL_FUNCTIONS names,
+        and the constants ``PEERS`` and ``TUNE`` (``COPY_PEERS``, ``COPY_TUNE``). ``explicit`` keywords
+        win over the namespace; a required field neither gives is a TypeError, as for Case(...).
+        """
+        module = namespace["__name__"].rsplit(".", 1)[-1]
+        conventional = {field: f"{prefix}{field}" for field in CONVENTIONAL_FUNCTIONS}
+        conventional |= {"peers": f"{prefix.upper()}PEERS", "tune": f"{prefix.upper()}TUNE"}
+        found = {field: namespace[attr] for field, attr in conventional.items() if attr in namespace}
+        launchers = {
+            "kernel": getattr(importlib.import_module(f"kernels.{module}"), name),
+            "reference": getattr(importlib.import_module(f"reference.{module}"), name),
+        }
+        return cls(name=name, module=module, **(launchers | found | explicit))
 
     def reference_affordable(self, shape) -> bool:
         return self.reference_max_bytes is None or self.byte_model(shape) <= self.reference_max_bytes

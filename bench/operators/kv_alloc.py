@@ -170,13 +170,12 @@ def host_pool_check(result, expected, shape) -> float:
 PEERS = {"host-pool": Peer("host-pool", host_pool_prepare, host_pool_check, host_only=True)}
 
 
-ALLOCATE = Case(
-    name="allocate",
-    module="kv_alloc",
+ALLOCATE = Case.by_convention(
+    globals(),
+    "allocate",
+    prefix="allocate_",
     kernel=lambda **a: kernels.kv_alloc.allocate(a["pool"], a["seq_ids"], a["num_new_tokens"]),
     reference=lambda **a: reference.kv_alloc.allocate(a["pool"], a["seq_ids"].tolist(), a["num_new_tokens"]),
-    build=allocate_build,
-    byte_model=allocate_byte_model,
     flop_model=lambda shape: 0,
     sweep=lambda: allocate_shapes() + [AllocateShape("reasoning", n, 2048) for n in (1, 4, 16)],
     default_shapes=lambda: allocate_shapes((1, 64, 1024, 4096)) + [AllocateShape("reasoning", 4, 2048)],
@@ -187,7 +186,6 @@ ALLOCATE = Case(
     ],
     static_shapes=lambda: [AllocateShape("reasoning", 1024, 1), AllocateShape("reasoning", 4, 2048)],
     traffic_shapes=lambda: [AllocateShape("small", 70, 1, max_len=100, block_size=16)],
-    compare=allocate_compare,
     peers=PEERS,  # the host pool
     reference_max_bytes=0,  # the reference walks device tensors element by element: the host pool is its peer
     traffic_limit=None,  # several passes over a few kilobytes: latency, not bandwidth, decides its time
@@ -251,13 +249,10 @@ def copy_compare(actual: Inputs, expected: Inputs, shape) -> float:
     return 0.0
 
 
-COPY_BLOCKS = Case(
-    name="copy_blocks",
-    module="kv_alloc",
-    kernel=kernels.kv_alloc.copy_blocks,
-    reference=reference.kv_alloc.copy_blocks,
-    build=copy_build,
-    byte_model=copy_byte_model,
+COPY_BLOCKS = Case.by_convention(
+    globals(),
+    "copy_blocks",
+    prefix="copy_",
     flop_model=lambda shape: 0,
     sweep=lambda: [CopyBlocksShape("Llama-3.1-8B fork", n, 8, 128) for n in (1, 16, 64, 256, 1024)],
     default_shapes=lambda: [CopyBlocksShape("Llama-3.1-8B fork", 16, 8, 128)],
@@ -270,5 +265,4 @@ COPY_BLOCKS = Case(
         CopyBlocksShape("small", 7, 2, 24, block_size=4),
         CopyBlocksShape("small", 9, 8, 128),
     ],
-    compare=copy_compare,
 )

@@ -6,7 +6,6 @@ from dataclasses import dataclass, replace
 import torch
 
 import kernels.kv_cache
-import reference.kv_cache
 from bench.operators.base import Case, Inputs, TuneSpec, pow2_between
 from bench.serving.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
 from bench.testing import (
@@ -252,20 +251,4 @@ TUNE = TuneSpec(
 )
 
 
-WRITE_KV = Case(
-    name="write_kv",
-    module="kv_cache",
-    kernel=kernels.kv_cache.write_kv,
-    reference=reference.kv_cache.write_kv,
-    build=build,
-    byte_model=byte_model,
-    flop_model=flop_model,
-    sweep=sweep,
-    default_shapes=default_shapes,
-    small_shapes=small_shapes,
-    static_shapes=static_shapes,
-    traffic_shapes=lambda: small_shapes() + static_shapes(),
-    compare=compare,
-    launch_config=launch_config,
-    tune=TUNE,
-)
+WRITE_KV = Case.by_convention(globals(), "write_kv", traffic_shapes=lambda: small_shapes() + static_shapes())

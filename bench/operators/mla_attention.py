@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 import kernels.mla_attention
-import reference.mla_attention
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.operators.paged_attention import (
     REASONING_MIX,
@@ -428,23 +427,9 @@ TUNE = TuneSpec(
 )
 
 
-MLA_DECODE = Case(
-    name="mla_decode",
-    module="mla_attention",
-    kernel=kernels.mla_attention.mla_decode,
-    reference=reference.mla_attention.mla_decode,
-    build=build,
-    byte_model=byte_model,
-    flop_model=flop_model,
-    sweep=sweep,
-    default_shapes=default_shapes,
-    small_shapes=small_shapes,
-    static_shapes=static_shapes,
-    traffic_shapes=traffic_shapes,
-    compare=compare,
-    peers=PEERS,
+MLA_DECODE = Case.by_convention(
+    globals(),
+    "mla_decode",
     # The reference loops over sequences and gathers every page in fp32: past ~1 GB it takes seconds.
     reference_max_bytes=1 << 30,
-    launch_config=launch_config,
-    tune=TUNE,
 )

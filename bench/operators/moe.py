@@ -94,30 +94,22 @@ def launch_config(inputs: Inputs) -> dict:
     return kernels.moe.route_choice(a["logits"], a["top_k"], a.get("num_groups") or 1).as_info()
 
 
-ROUTE = Case(
-    name="route",
-    module="moe",
-    kernel=kernels.moe.route,
-    reference=reference.moe.route,
-    build=build,
-    byte_model=byte_model,
-    flop_model=flop_model,
+ROUTE = Case.by_convention(
+    globals(),
+    "route",
     sweep=lambda: [_shape(name, n) for name in MOE_MODELS for n in MOE_TOKENS],
     default_shapes=lambda: [
         _shape(name, n) for name in ("DeepSeek-R1", "Qwen3-30B-A3B") for n in (1, 64, 4096)
     ],
-    small_shapes=small_shapes,
     static_shapes=lambda: [_shape(name, 64) for name in MOE_MODELS],
     traffic_shapes=lambda: [
         _shape("DeepSeek-R1", 33),
         _shape("Qwen3-235B-A22B", 40),
         _shape("Mixtral-8x7B", 100),
     ],
-    compare=compare,
     # Reported, not held: DeepSeek's 1 KB bias is read by every 16-token program (from L2; the model counts
     # it once), which puts its ratio near 1.10; softmax routing moves exactly its model (tested).
     traffic_limit=None,
-    launch_config=launch_config,
     # Left out of tuning: its launch is one or a few programs at decode sizes, and each candidate of its
     # grouped (DeepSeek) form takes 10 to 20 s to compile here, more than every other kernel's candidates
     # together. Its launcher still reads a table entry written by hand (kernels/moe.route_choice).
@@ -253,7 +245,7 @@ def dispatch_sweep() -> list[DispatchShape]:
     ]
 
 
-def dispatch_small() -> list[DispatchShape]:
+def dispatch_small_shapes() -> list[DispatchShape]:
     odd = MoEModel("odd", 72, 60, 4, 64)
     return [
         DispatchShape("odd", 3, odd, "uniform", 16),
@@ -264,7 +256,7 @@ def dispatch_small() -> list[DispatchShape]:
     ]
 
 
-def dispatch_traffic() -> list[DispatchShape]:
+def dispatch_traffic_shapes() -> list[DispatchShape]:
     """Real row widths: a decode step (one launch) and a chunk past _FUSED_PAIRS (count, scan, copy)."""
     return [
         _dispatch_shape("DeepSeek-R1", 33),
@@ -273,10 +265,10 @@ def dispatch_traffic() -> list[DispatchShape]:
     ]
 
 
-def combine_traffic() -> list[DispatchShape]:
+def combine_traffic_shapes() -> list[DispatchShape]:
     """combine is one launch at every size: the dispatch chunk past _FUSED_PAIRS adds interpreter time (half
     a minute), not coverage."""
-    return dispatch_traffic()[:2]
+    return dispatch_traffic_shapes()[:2]
 
 
 def _decode(name):
@@ -336,42 +328,30 @@ COMBINE_TUNE = TuneSpec(
 )
 
 
-DISPATCH = Case(
-    name="dispatch",
-    module="moe",
-    kernel=kernels.moe.dispatch,
-    reference=reference.moe.dispatch,
-    build=dispatch_build,
-    byte_model=dispatch_byte_model,
+def dispatch_default_shapes() -> list[DispatchShape]:
+    return [_dispatch_shape("DeepSeek-R1", n) for n in (1, 64, 4096, 8192)]
+
+
+DISPATCH = Case.by_convention(
+    globals(),
+    "dispatch",
+    prefix="dispatch_",
     flop_model=lambda shape: 0,
-    sweep=dispatch_sweep,
-    default_shapes=lambda: [_dispatch_shape("DeepSeek-R1", n) for n in (1, 64, 4096, 8192)],
-    small_shapes=dispatch_small,
     static_shapes=lambda: [
         _decode("DeepSeek-R1"),
         _dispatch_shape("DeepSeek-R1", 8192),
         _decode("Mixtral-8x7B"),
     ],
-    traffic_shapes=dispatch_traffic,
-    compare=dispatch_compare,
-    launch_config=dispatch_launch_config,
-    tune=DISPATCH_TUNE,
 )
 
-COMBINE = Case(
-    name="combine",
-    module="moe",
-    kernel=kernels.moe.combine,
-    reference=reference.moe.combine,
-    build=combine_build,
-    byte_model=combine_byte_model,
+# Combine runs on dispatch's shapes (it undoes dispatch's permutation).
+COMBINE = Case.by_convention(
+    globals(),
+    "combine",
+    prefix="combine_",
     flop_model=lambda shape: 2 * shape.tokens * shape.model.top_k * shape.model.hidden,
     sweep=dispatch_sweep,
-    default_shapes=lambda: [_dispatch_shape("DeepSeek-R1", n) for n in (1, 64, 4096, 8192)],
-    small_shapes=dispatch_small,
+    default_shapes=dispatch_default_shapes,
+    small_shapes=dispatch_small_shapes,
     static_shapes=lambda: [_decode("DeepSeek-R1"), _decode("Mixtral-8x7B")],
-    traffic_shapes=combine_traffic,
-    compare=combine_compare,
-    launch_config=combine_launch_config,
-    tune=COMBINE_TUNE,
 )

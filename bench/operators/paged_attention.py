@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 import torch
 
 import kernels.paged_attention
-import reference.paged_attention
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
 from bench.testing import Guarded, assert_close, generator, max_error, randn
@@ -608,24 +607,10 @@ TUNE = TuneSpec(
 )
 
 
-PAGED_DECODE = Case(
-    name="paged_decode",
-    module="paged_attention",
-    kernel=kernels.paged_attention.paged_decode,
-    reference=reference.paged_attention.paged_decode,
-    build=build,
-    byte_model=byte_model,
-    flop_model=flop_model,
-    sweep=sweep,
-    default_shapes=default_shapes,
-    small_shapes=small_shapes,
-    static_shapes=static_shapes,
-    traffic_shapes=traffic_shapes,
-    compare=compare,
-    peers=PEERS,
+PAGED_DECODE = Case.by_convention(
+    globals(),
+    "paged_decode",
     # The reference loops over sequences in Python and gathers every page in fp32: past ~1 GB of cache
     # (256K tokens of Llama-3.1-8B) one call takes seconds.
     reference_max_bytes=1 << 30,
-    launch_config=launch_config,
-    tune=TUNE,
 )
