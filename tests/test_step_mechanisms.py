@@ -139,3 +139,39 @@ def test_a_dist_result_with_one_shot_rows_calibrates_the_one_shot_all_reduce():
     link = Interconnect.from_all_reduce({"benchmarks": rows}, "ar.json")
     assert link.oneshot_us == pytest.approx(11.0) and "one-shot 11.0 us" in link.source
     assert sum(link.all_reduce_s(8192, 8)) < 21e-6  # the one-shot form beats the measured ring
+
+
+def test_a_deduplicated_ep_dispatch_sends_one_row_per_rank_a_token_reaches():
+    """Issue 22 in the step model: with dedup, an EP layer's all-to-alls carry one row per (token, rank)
+    (plus its pairs), not one per choice. DeepSeek-R1's routing keeps 4 of 8 groups, and at EP8 a group is a
+    rank's experts: a token reaches 4 ranks, 3.5 of them remote, where 7 of its 8 choices leave the rank."""
+    from bench.serving.models import MoESpec
+    from bench.serving.step import check_layout
+
+    r1 = MODEL_SPECS["DeepSeek-R1"]
+    assert r1.moe.ranks_reached(8) == pytest.approx(4.0)
+    assert r1.moe.ranks_reached(4) == pytest.approx(4 * (1 - 15 / 70))  # 2 groups a rank
+    uniform = MoESpec(num_experts=128, top_k=8, expert_intermediate=64)
+    assert uniform.ranks_reached(8) == pytest.approx(8 * (1 - (7 / 8) ** 8))
+    assert uniform.ranks_reached(1) == 1.0
+
+    def a2a_bytes(dedup):
+        stages = step_stages(r1, Layout(dp=8, ep=8, dedup=dedup), 64, 8192, H200, NVLINK)
+        return {s.name: s.bytes for s in stages if s.kind == "a2a"}
+
+    plain, dedup = a2a_bytes(False), a2a_bytes(True)
+    rows, row = 64 * 8 * 7 / 8, 7168 * 2
+    assert plain["moe:ep_dispatch_a2a"] == pytest.approx(rows * row)
+    assert dedup["moe:ep_combine_a2a"] == pytest.approx(64 * 3.5 * row)
+    assert dedup["moe:ep_dispatch_a2a"] == pytest.approx(64 * 3.5 * (row + 8 * 8))
+    with pytest.raises(ValueError, match="^dedup:"):
+        check_layout(r1, Layout(tp=8, dedup=True))
+
+
+def test_advise_ranks_each_ep_layout_with_and_without_dedup():
+    from bench.serving import advisor
+
+    found = advisor.layouts(MODEL_SPECS["DeepSeek-R1"], 8)
+    ep = [layout for layout in found if layout.ep > 1]
+    assert ep and {layout.dedup for layout in ep} == {False, True}
+    assert all(not layout.dedup for layout in found if layout.ep == 1)

@@ -33,6 +33,9 @@ def register(sub) -> None:
     step.add_argument("--config", type=json_file, help="a Hugging Face config.json describing MODEL")
     for flag in ("--dp", "--tp", "--pp", "--ep"):
         step.add_argument(flag, type=positive_int, default=1)
+    step.add_argument(
+        "--dedup", action="store_true", help="EP: one row per (token, rank) on the wire (ep_dispatch dedup)"
+    )
     step.add_argument("--batch", type=positive_int, default=64, help="sequences a replica decodes per step")
     step.add_argument(
         "--context", type=positive_int, default=8192, help="mean tokens in each sequence's KV cache"
@@ -70,7 +73,7 @@ def step_document(stages, total: float) -> dict:
 def main(args) -> int:
     spec, hw = precision_of(model_of(args.model, args.config), args)
     link = interconnect_of(args.interconnect)
-    layout = Layout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep)
+    layout = Layout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, dedup=args.dedup)
     checked(check_layout, spec, layout)
     kv_bytes = 1 if args.kv == "fp8" else 2
     stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)

@@ -45,7 +45,8 @@ MAX_NUM_SEQS = (64, 128, 256, 512, 1024)
 
 def layouts(spec: ModelSpec, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
     """Every dp x tp x pp of ``gpus`` (tp within a node and splitting the heads; pp at most the layers),
-    and for MoE models each with experts split tp ways (ep 1) and spread over dp x tp (ep)."""
+    and for MoE models each with experts split tp ways (ep 1) and spread over dp x tp (ep), the latter with
+    and without a deduplicated dispatch (one row per (token, rank), Layout.dedup)."""
     found = []
     for tp in _divisors(gpus):
         if tp > gpus_per_node or spec.tensor_parallel_problem(tp):
@@ -57,6 +58,7 @@ def layouts(spec: ModelSpec, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
             found.append(Layout(dp=dp, tp=tp, pp=pp))
             if spec.moe is not None and dp * tp > 1 and spec.moe.num_experts % (dp * tp) == 0:
                 found.append(Layout(dp=dp, tp=tp, pp=pp, ep=dp * tp))
+                found.append(Layout(dp=dp, tp=tp, pp=pp, ep=dp * tp, dedup=True))
     return found
 
 
@@ -137,6 +139,7 @@ class Outcome:
             "tp": self.layout.tp,
             "pp": self.layout.pp,
             "ep": self.layout.ep,
+            "dedup": self.layout.dedup,
             "fits": self.fits,
             "max_num_seqs": self.max_num_seqs,
             "seconds": round(self.seconds, 2) if self.fits else None,

@@ -153,6 +153,23 @@ class MoESpec:
     expert_intermediate: int
     shared_experts: int = 0
     first_dense_layers: int = 0
+    # Group-limited routing (DeepSeek's n_group / topk_group): a token's experts lie in topk_groups of
+    # num_groups groups, so an expert-parallel dispatch that sends a row once per rank reaches fewer ranks.
+    num_groups: int = 1
+    topk_groups: int = 1
+
+    def ranks_reached(self, ranks: int) -> float:
+        """The ranks one token's top_k choices reach, on average, with the experts spread over ``ranks`` in
+        contiguous blocks (vLLM's placement): with groups aligned to ranks (ranks dividing num_groups), the
+        ranks the token's topk_groups kept groups cover, drawn as if uniform; otherwise top_k choices
+        uniform over the ranks. docs/facts.md#moe-routing."""
+        if ranks <= 1:
+            return 1.0
+        if self.num_groups > 1 and self.num_groups % ranks == 0:
+            per_rank, kept = self.num_groups // ranks, min(self.topk_groups, self.num_groups)
+            missed = math.comb(self.num_groups - per_rank, kept) / math.comb(self.num_groups, kept)
+            return ranks * (1.0 - missed)
+        return ranks * (1.0 - (1.0 - 1.0 / ranks) ** self.top_k)
 
 
 @dataclass(frozen=True)
@@ -388,7 +405,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             q_lora_rank=1536,
             v_head_dim=128,
             moe=MoESpec(
-                num_experts=256, top_k=8, expert_intermediate=2048, shared_experts=1, first_dense_layers=3
+                num_experts=256,
+                top_k=8,
+                expert_intermediate=2048,
+                shared_experts=1,
+                first_dense_layers=3,
+                num_groups=8,
+                topk_groups=4,
             ),
         ),
     )
@@ -452,6 +475,7 @@ def _moe_of(config: _ConfigFields, layers: int) -> MoESpec | None:
     experts = config.integer("n_routed_experts", "num_experts", "num_local_experts", default=0, minimum=0)
     if not experts:
         return None
+    groups = config.integer("n_group", default=1, maximum=experts, of="the experts")
     return MoESpec(
         num_experts=experts,
         top_k=config.integer(
@@ -466,6 +490,8 @@ def _moe_of(config: _ConfigFields, layers: int) -> MoESpec | None:
         first_dense_layers=config.integer(
             "first_k_dense_replace", default=0, minimum=0, maximum=layers - 1, of="the layers but one"
         ),
+        num_groups=groups,
+        topk_groups=config.integer("topk_group", default=1, maximum=groups, of="n_group"),
     )
 
 

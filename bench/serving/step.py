@@ -42,6 +42,9 @@ class Layout:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # EP's dispatch sends a token's row once per rank its experts reach, not once per expert (kernels/ep.py
+    # ep_dispatch(dedup=True), as DeepEP's normal kernels do); its combine returns one partial row per rank.
+    dedup: bool = False
 
     @property
     def gpus(self) -> int:
@@ -50,7 +53,7 @@ class Layout:
     @property
     def label(self) -> str:
         text = f"DP{self.dp} TP{self.tp} PP{self.pp}"
-        return text + (f" EP{self.ep}" if self.ep > 1 else "")
+        return text + (f" EP{self.ep}" if self.ep > 1 else "") + (" dedup" if self.dedup else "")
 
 
 def check_layout(spec: ModelSpec, layout: Layout) -> None:
@@ -67,6 +70,8 @@ def check_layout(spec: ModelSpec, layout: Layout) -> None:
     if layout.pp > spec.layers:
         raise ValueError(f"pp: expected at most {spec.name}'s {spec.layers} layers, got {layout.pp}")
     if layout.ep == 1:
+        if layout.dedup:
+            raise ValueError("dedup: deduplicated dispatch is expert parallelism's; expected ep > 1 with it")
         return
     if spec.moe is None:
         raise ValueError(f"ep: {spec.name} is dense (no experts to spread); expected 1, got {layout.ep}")
@@ -344,7 +349,13 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
     ranks = layout.ep
     mine = pairs / tp
     comp("dispatch", "moe_dispatch", 2 * mine * h * 2, 0, hw.launch_us, kernel="dispatch")
-    sent = mine * h * 2 * (ranks - 1) / ranks
+    # Rows that leave the rank: every choice on another rank's expert, or (dedup) one row per other rank a
+    # token reaches, with its (expert, weight) pairs beside it (8 bytes a choice).
+    if layout.dedup:
+        rows_out = mine / m.top_k * m.ranks_reached(ranks) * (ranks - 1) / ranks
+        sent, returned = rows_out * (h * 2 + 8 * m.top_k), rows_out * h * 2
+    else:
+        sent = returned = mine * h * 2 * (ranks - 1) / ranks
     latency, transfer = link.all_to_all_s(sent, ranks)
     out.append(collective("ep_dispatch_a2a", "a2a", sent, latency, transfer, SYNC))
     skew, popular = busiest_rank(m.num_experts, ranks)
@@ -358,7 +369,8 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
     stage = out[-1]
     waiting = stage.seconds * (1 - even / max(arriving * chance, even))
     out[-1] = replace(stage, split={**stage.split, SYNC: waiting})
-    out.append(collective("ep_combine_a2a", "a2a", sent, latency, transfer, SYNC))
+    latency, transfer = link.all_to_all_s(returned, ranks)
+    out.append(collective("ep_combine_a2a", "a2a", returned, latency, transfer, SYNC))
     comp(
         "combine",
         "moe_dispatch",
