@@ -445,17 +445,8 @@ def test_regroup_property():
             torch.full((num_b + 1,), -7, dtype=torch.int32),
         )
         matrix = torch.tensor(counts, dtype=torch.int32)
-        ep._regroup(
-            packed,
-            grouped,
-            matrix,
-            packed_rows=packed_rows,
-            packed_slab=slab,
-            align=align,
-            by_column=True,
-            tokens_per_expert=tokens,
-            expert_offsets=offsets,
-        )
+        layout = dict(packed_rows=packed_rows, packed_slab=slab, align=align, by_column=True)
+        ep._regroup(packed, grouped, matrix, **layout, tokens_per_expert=tokens, expert_offsets=offsets)
         assert tokens.tolist() == [sum(c[b] for c in counts) for b in range(num_b)]
         padded = [-(-t // align) * align for t in tokens.tolist()]  # each column's rows, aligned
         assert offsets.tolist() == [0] + [grouped_at[0, b] + padded[b] for b in range(num_b)]
@@ -466,16 +457,7 @@ def test_regroup_property():
             written[start : start + n] = True
         assert grouped[~written].isnan().all(), "a row outside every segment was written"
         back = torch.full_like(packed, float("nan"))
-        ep._regroup(
-            back,
-            grouped,
-            matrix,
-            packed_rows=packed_rows,
-            packed_slab=slab,
-            align=align,
-            by_column=True,
-            to_packed=True,
-        )
+        ep._regroup(back, grouped, matrix, **layout, to_packed=True)
         for (a, b), start in packed_at.items():
             n = counts[a][b]
             assert torch.equal(back[start : start + n], packed[start : start + n])

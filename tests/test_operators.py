@@ -12,6 +12,7 @@ import bench.operators.base
 import bench.operators.kv_alloc
 import bench.operators.kv_cache
 import kernels.kv_cache
+import kernels.moe_layer
 import reference.kv_cache
 from bench.operators import CASES, paged_attention
 from bench.operators import moe_gemm as moe_gemm_operator
@@ -30,6 +31,7 @@ from bench.operators.paged_attention import (
     flex_unsupported,
 )
 from bench.operators.paged_attention import build as paged_build
+from bench.testing import Guarded
 from reference import moe as reference_moe
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -388,3 +390,21 @@ def test_case_by_convention_reads_the_module_and_explicit_keywords_win():
         bench.operators.base.Case.by_convention(
             {k: v for k, v in namespace.items() if k != "compare"}, "write_kv"
         )
+    # moe_gemm.py's second case is another kernel module's: named, it gives the launcher and the module
+    assert (MOE_LAYER.module, MOE_LAYER.kernel) == ("moe_layer", kernels.moe_layer.moe_layer)
+
+
+def test_written_out_is_the_out_given_or_the_result_and_refuses_another_tensor():
+    """compare's first step: the guards checked, then ``out`` where the caller passed it (the launcher
+    returning it or nothing), the result where it did not; a launcher returning a different tensor fails."""
+    out, other = torch.zeros(3), torch.ones(3)
+    Inputs = bench.operators.base.Inputs
+    assert Inputs({"out": out}, ("out",), result=out).written_out("k") is out
+    assert Inputs({"out": out}, ("out",)).written_out("k") is out
+    assert Inputs({"out": None}, ("out",), result=other).written_out("k") is other
+    with pytest.raises(AssertionError, match="k: returned a tensor other than out"):
+        Inputs({"out": out}, ("out",), result=other).written_out("k")
+    guarded = Guarded.empty((3,), torch.float32, "cpu", guard=4)
+    guarded.buffer[0] = 0.0  # a write before the output
+    with pytest.raises(AssertionError, match="out: a sentinel"):
+        Inputs({"out": guarded.tensor}, ("out",), {"out": guarded}).written_out("k")

@@ -183,26 +183,34 @@ def test_paged_decode_compiles_without_spills_at_sm90():
         assert row.error is None and row.spill_bytes == 0 and row.stack_bytes == 0, row
 
 
+def narrow_loads(rows, case: str, kernel: str, per_lane) -> list[str]:
+    """``kernel``'s rows whose 16-byte loads do not cover ``per_lane(shape)`` bytes (a lane's share of one
+    loop iteration's tiles), or with a load narrower than a 4-byte block id."""
+    shapes = {s.label: s for s in CASES[case].static_shapes()}
+    problems = []
+    for row in rows:
+        if row.kernel != kernel or row.error:
+            continue
+        need = per_lane(shapes[row.shape])
+        if row.load_widths.get(16, 0) * 16 < need or min(row.load_widths) < 4:
+            problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}, {need} B a lane to cover")
+    return problems
+
+
 @needs_aot
 def test_paged_decode_moves_k_and_v_16_bytes_a_lane():
     """Per loop iteration a thread must load its share of a K and a V tile; 16-byte loads (LDG.128 or
     cp.async .128) must cover all of it, and no load is narrower than a 4-byte block id."""
     from kernels.paged_attention import paged_decode_launch_config
 
-    shapes = {s.label: s for s in CASES["paged_decode"].static_shapes()}
-    problems = []
-    for row in paged_rows():
-        if row.kernel != "_paged_decode_kernel" or row.error:
-            continue
-        shape = shapes[row.shape]
+    def per_lane(shape) -> int:
         config = paged_decode_launch_config(
             shape.num_q_heads // shape.num_kv_heads, shape.head_dim, shape.cache_dtype.itemsize
         )
         tile_bytes = config["BLOCK_N"] * shape.head_dim * shape.cache_dtype.itemsize
-        per_lane = 2 * tile_bytes // (32 * config["num_warps"])
-        if row.load_widths.get(16, 0) * 16 < per_lane or min(row.load_widths) < 4:
-            problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}, {per_lane} B a lane to cover")
-    hold_or_report(problems)
+        return 2 * tile_bytes // (32 * config["num_warps"])
+
+    hold_or_report(narrow_loads(paged_rows(), "paged_decode", "_paged_decode_kernel", per_lane))
 
 
 @pytest.mark.parametrize("name", ["allocate", "copy_blocks", "route"])
@@ -246,18 +254,12 @@ def test_mla_decode_moves_the_latent_16_bytes_a_lane():
     or cp.async .128) must cover all of it, and no load is narrower than a 4-byte block id."""
     from kernels.mla_attention import mla_decode_launch_config
 
-    shapes = {s.label: s for s in CASES["mla_decode"].static_shapes()}
-    problems = []
-    for row in mla_rows():
-        if row.kernel != "_mla_decode_kernel" or row.error:
-            continue
-        shape = shapes[row.shape]
+    def per_lane(shape) -> int:
         nbytes = shape.cache_dtype.itemsize
         config = mla_decode_launch_config(shape.num_heads, shape.qk_dim, shape.v_head_dim, nbytes)
-        per_lane = config["BLOCK_N"] * shape.qk_dim * nbytes // (32 * config["num_warps"])
-        if row.load_widths.get(16, 0) * 16 < per_lane or min(row.load_widths) < 4:
-            problems.append(f"{row.shape} {row.arch}: loads {row.load_widths}, {per_lane} B a lane to cover")
-    hold_or_report(problems)
+        return config["BLOCK_N"] * shape.qk_dim * nbytes // (32 * config["num_warps"])
+
+    hold_or_report(narrow_loads(mla_rows(), "mla_decode", "_mla_decode_kernel", per_lane))
 
 
 @needs_aot

@@ -7,14 +7,10 @@ Run: ``pytest bench/benchmarks/bench_mla_attention.py --benchmark-json out.json`
 
 import pytest
 
+from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.timing import CUDA_CLOCK
 from bench.operators.mla_attention import MLA_DECODE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
-# conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)
 CASE = MLA_DECODE
-
-
-@pytest.mark.parametrize("impl", ["triton", "reference", *MLA_DECODE.peers])
-def test_mla_decode(gpu_benchmark, shape, impl):
-    gpu_benchmark(MLA_DECODE, shape, impl)
+test_mla_decode = benchmark_every_impl(CASE)

@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 
 import kernels.moe as moe
+from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, time_cuda
 from bench.operators.moe_gemm import GROUPED_GEMM, MOE_LAYER, STAGES
@@ -22,13 +23,8 @@ from bench.testing import seed_of
 from kernels.moe_gemm import grouped_gemm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
-# conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)
 CASE = GROUPED_GEMM
-
-
-@pytest.mark.parametrize("impl", ["triton", "reference", *GROUPED_GEMM.peers])
-def test_grouped_gemm(gpu_benchmark, shape, impl):
-    gpu_benchmark(GROUPED_GEMM, shape, impl)
+test_grouped_gemm = benchmark_every_impl(CASE)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

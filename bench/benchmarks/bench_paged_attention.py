@@ -6,14 +6,10 @@ Run: ``pytest bench/benchmarks/bench_paged_attention.py --benchmark-json out.jso
 
 import pytest
 
+from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.timing import CUDA_CLOCK
 from bench.operators.paged_attention import PAGED_DECODE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
-# conftest.py runs ``shape`` over this case's sweep (or its default shapes: --sweep default)
 CASE = PAGED_DECODE
-
-
-@pytest.mark.parametrize("impl", ["triton", "reference", *PAGED_DECODE.peers])
-def test_paged_decode(gpu_benchmark, shape, impl):
-    gpu_benchmark(PAGED_DECODE, shape, impl)
+test_paged_decode = benchmark_every_impl(CASE)

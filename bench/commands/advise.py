@@ -23,14 +23,7 @@ from bench.commands.arguments import (
     positive_number,
     ready_to_write,
 )
-from bench.commands.model_inputs import (
-    INTERCONNECT_HELP,
-    interconnect_of,
-    model_of,
-    precision_arguments,
-    precision_of,
-    sources,
-)
+from bench.commands.model_inputs import INTERCONNECT_HELP, model_gpu_and_link, precision_arguments, sources
 from bench.format import table
 from bench.measure import plots
 from bench.serving import advisor
@@ -60,8 +53,7 @@ def workload_of(text: str):
 
 
 def cmd_advise(args) -> int:
-    spec, hw = precision_of(model_of(args.model, args.config), args)
-    link = interconnect_of(args.interconnect)
+    spec, hw, link = model_gpu_and_link(args)
     workload = workload_of(args.workload)
     sweep = (args.max_seqs,) if args.max_seqs else advisor.MAX_NUM_SEQS
     kv_bytes = 1 if args.kv == "fp8" else 2

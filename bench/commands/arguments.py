@@ -140,6 +140,16 @@ def output_folder(text: str) -> str:
     return text
 
 
+def add_out_folder(parser, help: str, **kwargs) -> None:
+    """``--out``: the folder a command writes into (checked as output_folder)."""
+    parser.add_argument("--out", type=output_folder, help=help, **kwargs)
+
+
+def add_budget(parser, help: str, *aliases: str, **kwargs) -> None:
+    """``--budget`` (and ``aliases``): the wall-clock seconds a command may spend."""
+    parser.add_argument("--budget", *aliases, type=positive_number(MAX_SECONDS), help=help, **kwargs)
+
+
 def _check_creatable(folder: Path, text: str) -> None:
     """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
     existing = folder.absolute()

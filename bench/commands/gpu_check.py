@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import child_env
-from bench.commands.arguments import MAX_SECONDS, names_from, output_folder, positive_number
+from bench.commands.arguments import add_budget, add_out_folder, names_from
 from bench.commands.run import failures
 from bench.measure import reports, results, runner
 from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
@@ -476,18 +476,8 @@ def register(sub) -> None:
     parser = sub.add_parser(
         "gpu-check", help="everything a lent GPU should measure, in order, within a budget, to one folder"
     )
-    parser.add_argument(
-        "--out",
-        type=output_folder,
-        help="folder for everything it writes (default bench/results/<gpu>/<UTC time>)",
-    )
-    parser.add_argument(
-        "--budget",
-        "--budget-s",
-        type=positive_number(MAX_SECONDS),
-        default=420.0,
-        help="wall-clock budget in seconds (default 420)",
-    )
+    add_out_folder(parser, "folder for everything it writes (default bench/results/<gpu>/<UTC time>)")
+    add_budget(parser, "wall-clock budget in seconds (default 420)", "--budget-s", default=420.0)
     parser.add_argument("--only", type=names_from(STEPS), help="comma-separated steps: " + ",".join(STEPS))
     parser.add_argument(
         "--dry-run",

@@ -78,6 +78,13 @@ def precision_of(spec: ModelSpec, args) -> tuple[ModelSpec, Hardware]:
     return spec, hw
 
 
+def model_gpu_and_link(args) -> tuple[ModelSpec, Hardware, Interconnect]:
+    """What step and advise model: MODEL (or --config) under the precision flags, the --gpu (with
+    --host-us) and the --interconnect."""
+    spec, hw = precision_of(model_of(args.model, args.config), args)
+    return spec, hw, interconnect_of(args.interconnect)
+
+
 def precision_arguments(parser) -> None:
     parser.add_argument("--kv", choices=("bf16", "fp8"), default="bf16", help="the KV cache's precision")
     parser.add_argument(

@@ -5,10 +5,10 @@ under a tool (`profile-target` under nsys or ncu, `sanitize-target` under comput
 from pathlib import Path
 
 from bench.commands.arguments import (
+    add_out_folder,
     default_shape,
     kernels_named,
     non_negative_int,
-    output_folder,
     positive_int,
 )
 from bench.measure import profile, runner
@@ -27,9 +27,7 @@ def register(sub) -> None:
     )
     parser.add_argument("--tool", choices=("torch", "nsys", "ncu"), default="torch")
     parser.add_argument("--calls", type=positive_int, default=10)
-    parser.add_argument(
-        "--out", type=output_folder, default="profiles/out", help="folder for the reports and the summary"
-    )
+    add_out_folder(parser, "folder for the reports and the summary", default="profiles/out")
     parser.set_defaults(func=main)
 
     target = sub.add_parser("profile-target", help="(run by profile under nsys or ncu)")

@@ -12,14 +12,7 @@ import json
 import torch
 
 from bench.commands.arguments import checked, json_file, output_file, positive_int, ready_to_write
-from bench.commands.model_inputs import (
-    INTERCONNECT_HELP,
-    interconnect_of,
-    model_of,
-    precision_arguments,
-    precision_of,
-    sources,
-)
+from bench.commands.model_inputs import INTERCONNECT_HELP, model_gpu_and_link, precision_arguments, sources
 from bench.format import table
 from bench.measure import plots
 from bench.serving.step import Layout, check_layout, seconds_by_bound, step_stages
@@ -71,8 +64,7 @@ def step_document(stages, total: float) -> dict:
 
 
 def main(args) -> int:
-    spec, hw = precision_of(model_of(args.model, args.config), args)
-    link = interconnect_of(args.interconnect)
+    spec, hw, link = model_gpu_and_link(args)
     layout = Layout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, dedup=args.dedup)
     checked(check_layout, spec, layout)
     kv_bytes = 1 if args.kv == "fp8" else 2

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 from bench.commands.arguments import (
-    MAX_SECONDS,
     UsageError,
+    add_budget,
+    add_out_folder,
     checked,
     kernels_named,
-    output_folder,
-    positive_number,
 )
 from bench.measure import results, tuning
 from bench.measure.device import machine_info
@@ -27,17 +26,12 @@ def register(sub) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="no timing: candidates, sm_90 static figures, spills dropped"
     )
-    parser.add_argument(
-        "--out",
-        type=output_folder,
-        help="folder for tune.md, tune-timings.json, tuned-configs.json "
+    add_out_folder(
+        parser,
+        "folder for tune.md, tune-timings.json, tuned-configs.json "
         "(default bench/results/<gpu>/tune-<UTC time>; a temporary folder for --dry-run)",
     )
-    parser.add_argument(
-        "--budget",
-        type=positive_number(MAX_SECONDS),
-        help="wall-clock seconds; stops cleanly between candidates",
-    )
+    add_budget(parser, "wall-clock seconds; stops cleanly between candidates")
     parser.add_argument(
         "--install",
         action="store_true",

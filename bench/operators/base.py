@@ -42,6 +42,18 @@ class Inputs:
         cloned = {k: v.clone() if hasattr(v, "clone") else v for k, v in self.args.items()}
         return Inputs(cloned, self.outputs)
 
+    def written_out(self, launcher: str):
+        """After a call: every guard checked, then the tensor ``launcher`` wrote, ``out`` where the caller
+        passed one (the launcher must return that very tensor, or nothing), else what it returned."""
+        for name, guard in self.guards.items():
+            guard.check(name)
+        out = self.args.get("out")
+        if out is None:
+            return self.result
+        if self.result is not None and self.result.data_ptr() != out.data_ptr():
+            raise AssertionError(f"{launcher}: returned a tensor other than out")
+        return out
+
 
 # --- peers --------------------------------------------------------------------------------------------------
 
@@ -165,17 +177,20 @@ class Case:
     tune: TuneSpec | None = None
 
     @classmethod
-    def by_convention(cls, namespace: dict, name: str, prefix: str = "", **explicit) -> "Case":
+    def by_convention(
+        cls, namespace: dict, name: str, prefix: str = "", module: str | None = None, **explicit
+    ) -> "Case":
         """The Case for launcher ``name`` of the operator module whose ``globals()`` is ``namespace``.
 
-        The module is the operator module's own (bench/operators/<module>.py); the kernel and the reference
+        The module is the operator module's own (bench/operators/<module>.py) unless ``module`` names
+        another (moe_gemm.py also holds kernels.moe_layer's case); the kernel and the reference
         are ``kernels.<module>.<name>`` and ``reference.<module>.<name>``. Every other field is picked up
         from the namespace by its conventional name, ``prefix`` first where a module holds several cases
         (``prefix="copy_"``: copy_build, copy_byte_model, ...): the functions CONVENTIONAL_FUNCTIONS names,
         and the constants ``PEERS`` and ``TUNE`` (``COPY_PEERS``, ``COPY_TUNE``). ``explicit`` keywords
         win over the namespace; a required field neither gives is a TypeError, as for Case(...).
         """
-        module = namespace["__name__"].rsplit(".", 1)[-1]
+        module = module or namespace["__name__"].rsplit(".", 1)[-1]
         conventional = {field: f"{prefix}{field}" for field in CONVENTIONAL_FUNCTIONS}
         conventional |= {"peers": f"{prefix.upper()}PEERS", "tune": f"{prefix.upper()}TUNE"}
         found = {field: namespace[attr] for field, attr in conventional.items() if attr in namespace}

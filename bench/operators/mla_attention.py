@@ -45,7 +45,6 @@ from bench.operators.paged_attention import (
 from bench.serving.models import MLA_MODELS, MODELS
 from bench.testing import Guarded, generator, randn
 
-_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
 FP8 = torch.float8_e4m3fn
 DEEPSEEK = MLA_MODELS["DeepSeek-R1"]
 #: FlashMLA's page size, and DeepSeek's serving engines'.
@@ -75,12 +74,8 @@ class MLADecodeShape(PagedBatch):
     num_splits: int | None = None
     spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
 
-    @property
-    def label(self) -> str:
-        return (
-            f"{self.name} b={self.batch} {self.context_label()} h={self.num_heads} {self.qk_dim}/"
-            f"{self.v_head_dim} page={self.block_size} {_SHORT[self.cache_dtype]}{self.launch_label()}"
-        )
+    def heads_label(self) -> str:
+        return f"h={self.num_heads} {self.qk_dim}/{self.v_head_dim}"
 
 
 def byte_model(shape: MLADecodeShape) -> int:

@@ -43,10 +43,7 @@ import triton
 
 import kernels.moe
 import kernels.moe_gemm
-import kernels.moe_layer
 import reference.moe
-import reference.moe_gemm
-import reference.moe_layer
 from bench.operators import moe as moe_operator
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import MOE_MODELS, MoEModel
@@ -270,13 +267,7 @@ def check_rows(out: torch.Tensor, expected: Inputs, shape: GemmShape, poisoned: 
 
 
 def compare(actual: Inputs, expected: Inputs, shape: GemmShape) -> float:
-    for name, guard in actual.guards.items():
-        guard.check(name)
-    out = actual.args.get("out")
-    if out is None:
-        out = actual.result
-    elif actual.result is not None and actual.result.data_ptr() != out.data_ptr():
-        raise AssertionError("grouped_gemm: returned a tensor other than out")
+    out = actual.written_out("grouped_gemm")
     return check_rows(out, expected, shape, poisoned="out" in actual.guards)
 
 
@@ -570,24 +561,7 @@ TUNE = TuneSpec(
 )
 
 
-GROUPED_GEMM = Case(
-    name="grouped_gemm",
-    module="moe_gemm",
-    kernel=kernels.moe_gemm.grouped_gemm,
-    reference=reference.moe_gemm.grouped_gemm,
-    build=build,
-    byte_model=byte_model,
-    flop_model=flop_model,
-    sweep=sweep,
-    default_shapes=default_shapes,
-    small_shapes=small_shapes,
-    static_shapes=static_shapes,
-    traffic_shapes=traffic_shapes,
-    compare=compare,
-    peers=PEERS,
-    launch_config=launch_config,
-    tune=TUNE,
-)
+GROUPED_GEMM = Case.by_convention(globals(), "grouped_gemm")
 
 
 # --- moe_layer ----------------------------------------------------------------------------------------------
@@ -716,13 +690,7 @@ def layer_flop_model(shape: LayerShape) -> int:
 
 
 def layer_compare(actual: Inputs, expected: Inputs, shape: LayerShape) -> float:
-    for name, guard in actual.guards.items():
-        guard.check(name)
-    out = actual.args.get("out")
-    if out is None:
-        out = actual.result
-    elif actual.result is not None and actual.result.data_ptr() != out.data_ptr():
-        raise AssertionError("moe_layer: returned a tensor other than out")
+    out = actual.written_out("moe_layer")
     if not torch.isfinite(out.float()).all():
         raise AssertionError("out: holds NaN or inf (an untouched expert's weights were read)")
     assert_close(out, expected.result, "out", dtype=shape.dtype)
@@ -768,21 +736,13 @@ def layer_traffic_shapes() -> list[LayerShape]:
     return [LayerShape("Qwen3-235B-A22B-like", 1, replace(qwen, hidden=256, intermediate=128))]
 
 
-MOE_LAYER = Case(
-    name="moe_layer",
+MOE_LAYER = Case.by_convention(
+    globals(),
+    "moe_layer",
+    prefix="layer_",
     module="moe_layer",
-    kernel=kernels.moe_layer.moe_layer,
-    reference=reference.moe_layer.moe_layer,
-    build=layer_build,
-    byte_model=layer_byte_model,
-    flop_model=layer_flop_model,
-    sweep=layer_sweep,
-    default_shapes=layer_default_shapes,
-    small_shapes=layer_small_shapes,
     # Its launches are route's, dispatch's, grouped_gemm's and combine's: their cases report them.
     static_shapes=list,
-    traffic_shapes=layer_traffic_shapes,
-    compare=layer_compare,
     # Left out of tuning: the layer has no knobs of its own; each stage is tuned as its own case.
     tune=None,
 )

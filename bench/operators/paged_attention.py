@@ -30,9 +30,9 @@ FP8 = torch.float8_e4m3fn
 
 
 class PagedBatch:
-    """What the decode shapes over a paged cache share, from their fields ``lengths`` (each sequence's
-    cached tokens), ``block_size``, ``num_splits`` and ``spare_pages`` (block-table columns past the
-    longest sequence)."""
+    """What the decode shapes over a paged cache share, from their fields ``name``, ``lengths`` (each
+    sequence's cached tokens), ``block_size``, ``cache_dtype``, ``num_splits`` and ``spare_pages``
+    (block-table columns past the longest sequence); each names its heads in ``heads_label()``."""
 
     @property
     def batch(self) -> int:
@@ -45,6 +45,13 @@ class PagedBatch:
     def context_label(self) -> str:
         lengths = set(self.lengths)
         return f"ctx={self.lengths[0]}" if len(lengths) == 1 else f"ctx={min(lengths)}..{max(lengths)}"
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.name} b={self.batch} {self.context_label()} {self.heads_label()} page={self.block_size} "
+            f"{_SHORT[self.cache_dtype]}{self.launch_label()}"
+        )
 
     def launch_label(self) -> str:
         """Forced splits and a block table wider than the lengths need (what changes the launch)."""
@@ -73,12 +80,8 @@ class PagedDecodeShape(PagedBatch):
     num_splits: int | None = None
     spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
 
-    @property
-    def label(self) -> str:
-        return (
-            f"{self.name} b={self.batch} {self.context_label()} {self.num_q_heads}/{self.num_kv_heads}x"
-            f"{self.head_dim} page={self.block_size} {_SHORT[self.cache_dtype]}{self.launch_label()}"
-        )
+    def heads_label(self) -> str:
+        return f"{self.num_q_heads}/{self.num_kv_heads}x{self.head_dim}"
 
 
 def byte_model(shape: PagedDecodeShape) -> int:
@@ -157,11 +160,7 @@ def build(shape: PagedDecodeShape, device, seed: int, guarded: bool = False) -> 
 def check_decode_output(actual: Inputs, expected: Inputs, lengths, dtype: torch.dtype, kernel: str) -> float:
     """A decode kernel's output within ``dtype``'s tolerance of the fp32 reference, finite everywhere
     (zero-length sequences give zeros), returned and written to ``out`` alike, sentinels intact."""
-    for name, guard in actual.guards.items():
-        guard.check(name)
-    out = actual.args["out"] if actual.args.get("out") is not None else actual.result
-    if actual.result is not None and actual.result.data_ptr() != out.data_ptr():
-        raise AssertionError(f"{kernel}: returned a tensor other than out")
+    out = actual.written_out(kernel)
     if not torch.isfinite(out.float()).all():
         raise AssertionError(
             "out: holds NaN or inf (a masked slot leaked, or an empty sequence divided by 0)"

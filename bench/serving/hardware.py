@@ -109,30 +109,31 @@ _ASSUMED = {
     "host": "anchor (assumed): no host time a step unless --host-us gives it (engines overlap scheduling)",
 }
 
+
+def _anchored(gpu: str, memory: str, copy: str, matmul: str, matmul_of: str | None = None) -> Hardware:
+    """``gpu``'s SXM part from its published anchors, each source saying what was published;
+    ``matmul_of``: the GPU whose matmul ceiling it shares."""
+    published = {"memory": memory, "copy_gbps": copy, "matmul_tflops": matmul}
+    return Hardware(
+        name=f"{gpu} SXM (anchors)",
+        memory_bytes=ANCHOR_MEMORY_BYTES[gpu],
+        copy_gbps=PROJECTION_GBPS[gpu],
+        matmul_tflops=ANCHOR_TFLOPS[matmul_of or gpu],
+        sources={
+            **{key: f"anchor (published): {what} ({FACTS})" for key, what in published.items()},
+            **_ASSUMED,
+        },
+    )
+
+
 GPUS = {
-    "h100": Hardware(
-        name="H100 SXM (anchors)",
-        memory_bytes=ANCHOR_MEMORY_BYTES["H100"],
-        copy_gbps=PROJECTION_GBPS["H100"],
-        matmul_tflops=ANCHOR_TFLOPS["H100"],
-        sources={
-            "memory": f"anchor (published): 80 GB ({FACTS})",
-            "copy_gbps": f"anchor (published): a device copy at about 3.0 TB/s ({FACTS})",
-            "matmul_tflops": f"anchor (published): bf16 8192^3 at about 790 TFLOP/s ({FACTS})",
-            **_ASSUMED,
-        },
-    ),
-    "h200": Hardware(
-        name="H200 SXM (anchors)",
-        memory_bytes=ANCHOR_MEMORY_BYTES["H200"],
-        copy_gbps=PROJECTION_GBPS["H200"],
-        matmul_tflops=ANCHOR_TFLOPS["H100"],
-        sources={
-            "memory": f"anchor (published): 141 GB ({FACTS})",
-            "copy_gbps": f"anchor (published): a device copy at about 4.3 TB/s ({FACTS})",
-            "matmul_tflops": f"anchor (published): the H100's bf16 matmul, the same GH100 compute ({FACTS})",
-            **_ASSUMED,
-        },
+    "h100": _anchored("H100", "80 GB", "a device copy at about 3.0 TB/s", "bf16 8192^3 at about 790 TFLOP/s"),
+    "h200": _anchored(
+        "H200",
+        "141 GB",
+        "a device copy at about 4.3 TB/s",
+        "the H100's bf16 matmul, the same GH100 compute",
+        matmul_of="H100",
     ),
 }
 

@@ -6,14 +6,14 @@ caller (bench/commands) and passed in as its fields: nothing here opens a file.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 
 @dataclass(frozen=True)
-class AttentionModel:
-    """Attention geometry of one model. For MLA models the cache holds one latent of ``latent_dim`` per token
-    (num_kv_heads is 1 and there is no separate V cache)."""
+class Decoder:
+    """What every model description here starts with: a decoder's name, depth, width and attention heads
+    (config.json's num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads, head_dim)."""
 
     name: str
     layers: int
@@ -21,6 +21,13 @@ class AttentionModel:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
+
+
+@dataclass(frozen=True)
+class AttentionModel(Decoder):
+    """Attention geometry of one model. For MLA models the cache holds one latent of ``latent_dim`` per token
+    (num_kv_heads is 1 and there is no separate V cache)."""
+
     latent_dim: int | None = None  # MLA: cached width (512 + 64 rope for DeepSeek)
     params_b: float = 0.0  # parameters, billions (ModelSpec.params()); weights counted at 2 bytes each
 
@@ -173,17 +180,11 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Decoder):
     """A decoder-only model as its config.json describes it: enough for weight bytes, KV bytes per token per
     rank, and each decode stage's bytes and FLOPs. Attention is GQA (num_kv_heads x head_dim cached twice)
     or, with ``mla``, DeepSeek's latent attention (one kv_lora_rank + rope latent per token, all heads)."""
 
-    name: str
-    layers: int
-    hidden: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
     intermediate: int  # the dense MLP's width (gate, up, down)
     vocab: int
     tied_embeddings: bool = False
@@ -277,22 +278,9 @@ class ModelSpec:
         )
 
 
-def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256) -> ModelSpec:
-    """A Llama-shaped dense model (head_dim 128): the Llama 3.1 family and the Llama and Qwen2.5 distills."""
-    return ModelSpec(
-        name=name,
-        layers=layers,
-        hidden=hidden,
-        num_q_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=128,
-        intermediate=intermediate,
-        vocab=vocab,
-    )
-
-
-def _moe(name, *, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, experts, top_k, width):
-    """A GQA model whose every layer is MoE (Qwen3 MoE, Mixtral, gpt-oss)."""
+def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256, head_dim=128) -> ModelSpec:
+    """A Llama-shaped dense model (head_dim 128 unless given): the Llama 3.1 family and the Llama and
+    Qwen2.5 distills; the dense frame of _moe's models."""
     return ModelSpec(
         name=name,
         layers=layers,
@@ -302,8 +290,13 @@ def _moe(name, *, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab
         head_dim=head_dim,
         intermediate=intermediate,
         vocab=vocab,
-        moe=MoESpec(num_experts=experts, top_k=top_k, expert_intermediate=width),
     )
+
+
+def _moe(name, *, head_dim, vocab, experts, top_k, width, **dense) -> ModelSpec:
+    """A GQA model whose every layer is MoE (Qwen3 MoE, Mixtral, gpt-oss); ``dense``: _llama's dimensions."""
+    moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate=width)
+    return replace(_llama(name, head_dim=head_dim, vocab=vocab, **dense), moe=moe)
 
 
 #: Every model of docs/facts.md#model-shapes, the distills the scaling study (arXiv 2605.19775) ran under

@@ -439,6 +439,27 @@ def layer_stages(
     return out
 
 
+def _every_layer(spec, layout, batch, context, hw, link, kv_bytes, prefill=False) -> list[Stage]:
+    """The stages of every decoder layer: a dense layer's counted once per dense layer, then an MoE
+    layer's once per MoE layer."""
+    stages = []
+    for moe, count in ((False, spec.dense_layers), (True, spec.moe_layers)):
+        if count:
+            stages += layer_stages(
+                spec,
+                layout,
+                batch,
+                context,
+                hw,
+                link,
+                kv_bytes=kv_bytes,
+                moe=moe,
+                per_step=count,
+                prefill=prefill,
+            )
+    return stages
+
+
 def step_stages(
     spec: ModelSpec,
     layout: Layout,
@@ -461,15 +482,7 @@ def step_stages(
     pp = layout.pp
     flights = max(1, min(pp, int(batch))) if pp > 1 else 1
     micro = batch / flights
-    stages = []
-    if spec.dense_layers:
-        stages += layer_stages(
-            spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, per_step=spec.dense_layers
-        )
-    if spec.moe_layers:
-        stages += layer_stages(
-            spec, layout, micro, context, hw, link, kv_bytes=kv_bytes, moe=True, per_step=spec.moe_layers
-        )
+    stages = _every_layer(spec, layout, micro, context, hw, link, kv_bytes)
     h, tp = spec.hidden, layout.tp
     head = spec.vocab * h / tp  # the LM head and the embedding stay bf16 in fp8 checkpoints
     stages.append(
@@ -511,32 +524,7 @@ def prefill_stages(
     """One prefill step of a replica: a chunk of ``tokens`` prompt tokens (engines chunk prompts, vLLM at
     max_num_batched_tokens), its queries seeing ``context`` tokens on average, through every layer; the
     LM head for the chunk's last token only. Pipeline stages each take the chunk in turn."""
-    stages = []
-    if spec.dense_layers:
-        stages += layer_stages(
-            spec,
-            layout,
-            tokens,
-            context,
-            hw,
-            link,
-            kv_bytes=kv_bytes,
-            per_step=spec.dense_layers,
-            prefill=True,
-        )
-    if spec.moe_layers:
-        stages += layer_stages(
-            spec,
-            layout,
-            tokens,
-            context,
-            hw,
-            link,
-            kv_bytes=kv_bytes,
-            moe=True,
-            per_step=spec.moe_layers,
-            prefill=True,
-        )
+    stages = _every_layer(spec, layout, tokens, context, hw, link, kv_bytes, prefill=True)
     head = spec.vocab * spec.hidden / layout.tp
     stages.append(_compute("lm_head", "lm_head", head * 2, 2 * head, hw, 1, hw.gemm_us))
     return stages
