@@ -370,7 +370,7 @@ def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
 
 
 def test_torchrun_is_started_with_its_stores_on_loopback(monkeypatch):
-    """Without --local-addr, torchrun's workers' store (MASTER_ADDR) listens on this host's FQDN."""
+    """Without --local-addr, torchrun's workers' store (its master address) listens on this host's FQDN."""
     from bench.commands import dist as dist_command
 
     seen = {}

@@ -55,7 +55,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         "c10d",
         "--rdzv-endpoint",
         f"127.0.0.1:{distributed.free_port()}",
-        "--local-addr",  # the workers' store (MASTER_ADDR) on loopback too, not on this host's FQDN
+        "--local-addr",  # the workers' store (its master address) on loopback too, not on this host's FQDN
         "127.0.0.1",
         "-m",
         "bench",
