@@ -117,3 +117,15 @@ def test_an_all_reduce_result_calibrates_the_interconnect(tmp_path, capsys):
     path.write_text(json.dumps({"benchmarks": [entry(8192, 1e-5) | {"extra_info": {"kernel": "x"}}]}))
     assert cli.main(["step", "Llama-3.1-70B", "--interconnect", str(path)]) == 2
     assert "--interconnect" in capsys.readouterr().err
+
+
+def test_a_dry_run_folder_steps_on_the_anchors(tmp_path, capsys):
+    """gpu-check's dry run writes machine.json on a CPU with memory_gib 0 (no GPU memory): `step --gpu`
+    on that folder keeps the anchors' memory instead of refusing the file (its decode-step step failed so);
+    a negative size is still refused."""
+    (tmp_path / "machine.json").write_text(json.dumps({"gpu": "cpu", "memory_gib": 0.0}))
+    assert cli.main(["step", "Llama-3.1-8B", "--batch", "4", "--context", "512", "--gpu", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (tmp_path / "machine.json").write_text(json.dumps({"gpu": "cpu", "memory_gib": -1}))
+    assert cli.main(["step", "Llama-3.1-8B", "--gpu", str(tmp_path)]) == 2
+    assert "memory_gib" in capsys.readouterr().err

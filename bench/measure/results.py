@@ -116,10 +116,14 @@ def read_machine_json(path) -> dict:
     machine = read_json_object(path)
     if not isinstance(machine.get("gpu", ""), str):
         raise ResultFileError(f"{path}: gpu: expected a string, got {machine['gpu']!r:.60}")
-    for key in ("copy_gbps", "matmul_tflops", "memory_gib"):
+    for key in ("copy_gbps", "matmul_tflops"):
         value = machine.get(key)
         if value is not None and not (_is_number(value) and value > 0):
             raise ResultFileError(f"{path}: {key}: expected a positive number, got {value!r:.60}")
+    # A machine without a GPU writes 0 GiB (device.machine_info): nothing measured, the anchor stays.
+    memory = machine.get("memory_gib")
+    if memory is not None and not (_is_number(memory) and memory >= 0):
+        raise ResultFileError(f"{path}: memory_gib: expected a non-negative number, got {memory!r:.60}")
     return machine
 
 
