@@ -301,6 +301,10 @@ def test_decode_step_runs_each_model_with_its_own_arguments(tmp_path, monkeypatc
     folder = tmp_path / "a folder"
     folder.mkdir()
     check = gpu_check.CheckRun(folder, time.monotonic() + 60, dry_run=True, selected=STEPS)
+    gpu_check.step_decode_step(check)  # --only decode-step: no machine.json yet, so the card's anchors
+    assert all(command[-2:] == ["--gpu", "h200"] for command, _ in calls), calls
+    calls.clear()
+    (folder / "machine.json").write_text("{}")
     result = gpu_check.step_decode_step(check)
     assert len(calls) == 2 and [append for _, append in calls] == [False, True]
     for command, _ in calls:

@@ -335,9 +335,13 @@ def step_decode_step(run: CheckRun) -> StepResult:
         ["DeepSeek-R1-Distill-Llama-8B", "--batch", "64", "--context", "8192"],
         ["DeepSeek-R1", "--tp", "8", "--batch", "32", "--context", "4096"],
     ]
+    # The folder's measured ceilings where the machine step wrote them; with --only decode-step, the anchors
+    # of the card this is (step refuses a folder without machine.json).
+    measured = (run.folder / "machine.json").is_file()
+    gpu = str(run.folder) if measured else ("h100" if "h100" in machine_info().gpu.lower() else "h200")
     ended = []
     for index, args in enumerate(models):
-        command = [sys.executable, "-m", "bench", "step", *args, "--gpu", str(run.folder)]
+        command = [sys.executable, "-m", "bench", "step", *args, "--gpu", gpu]
         if run.out_of_time(MIN_START_S):
             ended.append((args[0], StepResult("not reached", "the budget ran out first")))
             continue
