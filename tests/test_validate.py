@@ -1,14 +1,19 @@
 """`decodebench validate`'s harness on a small grid, from the committed extract of AIConfigurator's measured
 H200 tables (no package needed), and the table lookups' interpolation."""
 
+import csv
 import math
+from dataclasses import replace
 
 import pytest
 
 from bench.commands import cli
 from bench.commands import validate as command
 from bench.serving import measured, validate
+from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.measured import Table, TableSpec
+from bench.serving.models import MODEL_SPECS
+from bench.serving.step import Layout
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +66,37 @@ def test_published_runs_each_name_a_source():
 def test_cli_refuses_to_write_an_extract_from_the_extract(tmp_path, capsys):
     assert cli.main(["validate", "--extract", "--write-extract", str(tmp_path / "x.json")]) == 2
     assert "needs AIConfigurator" in capsys.readouterr().err
+
+
+def test_admission_policy_sets_the_sequences_a_replica_holds():
+    """TensorRT-LLM's GUARANTEED_NO_EVICT keeps a sequence's whole answer from admission; engines that grow
+    keep on average half of it: the same pool holds (isl + osl) / (isl + osl / 2) times fewer sequences."""
+    spec = replace(MODEL_SPECS["Llama-3.1-70B"], weight_bytes=1)
+    hw, link, layout = GPUS["h200"], INTERCONNECTS["nvlink"], Layout()
+    args = (spec, layout, hw, link, 128, 2048, 100_000, 1)
+    _, grow = validate.steady_tokens_per_s(*args, admission="grow")
+    _, reserve = validate.steady_tokens_per_s(*args, admission="reserve")
+    assert reserve < grow
+    assert grow / reserve == pytest.approx((128 + 2048) / (128 + 1024), rel=0.01)
+    # the engine's batch cap binds before the pool does
+    _, capped = validate.steady_tokens_per_s(spec, layout, hw, link, 128, 2048, 32, 1, admission="reserve")
+    assert capped == 32
+
+
+def test_published_runs_refuse_an_unknown_admission_policy():
+    first = next(csv.DictReader(command.PUBLISHED.read_text().splitlines()))
+    row = dict(first, admission="eager")
+    with pytest.raises(ValueError, match="admission 'eager'"):
+        validate.published_runs([row])
+
+
+def test_published_runs_and_step_totals_hold_their_targets(tables):
+    """The model's accuracy as README publishes it: every published run within RUN_TARGET, the step total
+    within TOTAL_TARGET over the whole grid (a regression here is a model change that made it worse)."""
+    result = validate.validate(tables, command.load_published())
+    low, high = command.RUN_TARGET
+    for run in result["published"]:
+        assert low <= run["ratio"] <= high, run
+    total = next(row for row in result["kinds"] if row["kind"] == "step total")
+    median_low, median_high, worst_low, worst_high = command.TOTAL_TARGET
+    assert median_low <= total["median"] <= median_high and worst_low <= total["worst"] <= worst_high, total

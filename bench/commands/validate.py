@@ -117,6 +117,7 @@ def print_result(result: dict) -> None:
         [
             r["run"],
             r["engine"],
+            f"{r['admission']}: {r['batch']:,}",
             f"{r['published_tokens_per_s']:,.0f}",
             f"{r['ours_tokens_per_s']:,.0f}",
             f"{r['ratio']:.2f}",
@@ -127,7 +128,15 @@ def print_result(result: dict) -> None:
     if not runs:
         print("published runs: H200's only (--system h200_sxm)")
         return
-    headers = ["published run (output tokens/s)", "engine", "published", "projected", "ratio", "in target"]
+    headers = [
+        "published run (output tokens/s)",
+        "engine",
+        "admission: sequences",
+        "published",
+        "projected",
+        "ratio",
+        "in target",
+    ]
     print(table(runs, headers))
     print(f"\nruns' sources: {PUBLISHED.name}, a source a row; target {RUN_TARGET[0]}-{RUN_TARGET[1]}")
 

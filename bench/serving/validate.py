@@ -8,8 +8,8 @@ Two sources no one here wrote (docs/facts.md#measured-ground-truth-for-the-decod
   ratio ours / measured is kept per kind and for the step total over the measured kinds.
 - Published end-to-end runs (bench/serving/data/published_runs.csv, each row with its source; the command
   reads it): the model's
-  steady-state output tokens/s for the run's model, layout, precision and fixed prompt/answer lengths,
-  against the published figure.
+  steady-state output tokens/s for the run's model, layout, precision, fixed prompt/answer lengths and
+  engine admission policy, against the published figure.
 
 A ratio above 1 means the model is slower (more time, fewer tokens/s ... the run ratio is ours / published
 tokens/s, so below 1 there means slower).
@@ -255,6 +255,11 @@ def published_runs(rows) -> list:
         run = dict(row)
         for key in ("gpus", "tp", "pp", "ep", "isl", "osl", "max_batch"):
             run[key] = int(row[key])
+        if run["admission"] not in ADMISSION:
+            raise ValueError(
+                f"published run {row['model']}: admission {run['admission']!r} is not one of "
+                f"{sorted(ADMISSION)}"
+            )
         run["output_tokens_per_s"] = float(row["output_tokens_per_s"])
         runs.append(run)
     return runs
@@ -263,15 +268,27 @@ def published_runs(rows) -> list:
 #: Prompt tokens a prefill step takes (vLLM's max_num_batched_tokens for throughput runs, assumed).
 CHUNK = 8192
 
+#: KV slots a running sequence holds, by the engine's admission policy (a run's ``admission`` column):
+#: - "reserve": admitted only when its prompt and whole answer fit, so it holds isl + osl from the start
+#:   (TensorRT-LLM's default capacity scheduler, GUARANTEED_NO_EVICT;
+#:   docs/facts.md#measured-ground-truth-for-the-decode-step-model);
+#: - "grow": blocks as tokens arrive, preempting when the pool runs out (vLLM, SGLang): on average its
+#:   prompt and half its answer.
+ADMISSION = {
+    "reserve": lambda isl, osl: isl + osl,
+    "grow": lambda isl, osl: isl + osl / 2,
+}
 
-def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes) -> tuple:
+
+def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes, admission="grow") -> tuple:
     """(output tokens/s of all GPUs, sequences per replica): every replica holds as many sequences as its
-    KV pool (or the engine's batch cap) allows, paged: a sequence holds its prompt and, on average, half its
-    answer. Each decodes at the step time at that mean context and pays its prompt's prefill once."""
+    KV pool (or the engine's batch cap) allows, each holding the slots its engine's ``admission`` policy
+    (``ADMISSION``) keeps for it. Each decodes at the step time at the mean context (its prompt and half its
+    answer) and pays its prompt's prefill once."""
     weights = weights_per_rank(spec, layout)
     per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
     pool = 0.9 * hw.memory_bytes - weights - 4 * 2**30
-    batch = int(min(max_batch, pool // (per_token * (isl + osl / 2))))
+    batch = int(min(max_batch, pool // (per_token * ADMISSION[admission](isl, osl))))
     if batch < 1:
         return 0.0, 0
     decode = step_model.step_stages(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
@@ -294,7 +311,7 @@ def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
         layout = Layout(dp=run["gpus"] // (run["tp"] * run["pp"]), tp=run["tp"], pp=run["pp"], ep=run["ep"])
         kv = 1 if run["kv"] == "fp8" else 2
         ours, batch = steady_tokens_per_s(
-            spec, layout, hw, link, run["isl"], run["osl"], run["max_batch"], kv
+            spec, layout, hw, link, run["isl"], run["osl"], run["max_batch"], kv, run["admission"]
         )
         out.append(
             {
@@ -303,6 +320,7 @@ def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
                 "published_tokens_per_s": run["output_tokens_per_s"],
                 "ours_tokens_per_s": ours,
                 "batch": batch,
+                "admission": run["admission"],
                 "ratio": ours / run["output_tokens_per_s"],
                 "source": run["source"],
             }
