@@ -302,14 +302,16 @@ def test_decode_step_runs_each_model_with_its_own_arguments(tmp_path, monkeypatc
     folder.mkdir()
     check = gpu_check.CheckRun(folder, time.monotonic() + 60, dry_run=True, selected=STEPS)
     gpu_check.step_decode_step(check)  # --only decode-step: no machine.json yet, so the card's anchors
-    assert all(command[-2:] == ["--gpu", "h200"] for command, _ in calls), calls
+    assert all(command[command.index("--gpu") + 1] == "h200" for command, _ in calls), calls
     calls.clear()
     (folder / "machine.json").write_text("{}")
     result = gpu_check.step_decode_step(check)
     assert len(calls) == 2 and [append for _, append in calls] == [False, True]
     for command, _ in calls:
         assert command[:4] == [sys.executable, "-m", "bench", "step"]
-        assert command[-2:] == ["--gpu", str(folder)]
+        assert command[command.index("--gpu") + 1] == str(folder)
+        # each model's stages, projected and measured, where `validate --gpu FOLDER` reads them
+        assert command[command.index("--json") + 1] == str(folder / f"decode-step-{command[4]}.json")
     assert result.state == "failed" and "DeepSeek-R1: ok" in result.detail
 
 

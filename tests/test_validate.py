@@ -2,6 +2,7 @@
 H200 tables (no package needed), and the table lookups' interpolation."""
 
 import csv
+import json
 import math
 from dataclasses import replace
 
@@ -100,3 +101,36 @@ def test_published_runs_and_step_totals_hold_their_targets(tables):
     total = next(row for row in result["kinds"] if row["kind"] == "step total")
     median_low, median_high, worst_low, worst_high = command.TOTAL_TARGET
     assert median_low <= total["median"] <= median_high and worst_low <= total["worst"] <= worst_high, total
+
+
+def test_validate_gpu_folder_compares_the_suites_own_stage_timings(tmp_path, capsys):
+    """`validate --gpu FOLDER` re-projects each decode-step document gpu-check wrote there (on the folder's
+    measured ceilings) and sets it against the stages the GPU timed: here every timed stage took 1.25x its
+    projection, a collective kept its projection (not timed) and is left out."""
+    folder = tmp_path / "h200-run"
+    folder.mkdir()
+    (folder / "machine.json").write_text('{"gpu": "NVIDIA H200", "copy_gbps": 4100.0}')
+    document = folder / "decode-step-Qwen3-30B-A3B.json"
+    step = ["step", "Qwen3-30B-A3B", "--tp", "2", "--batch", "8", "--context", "2048", "--gpu", str(folder)]
+    assert cli.main([*step, "--project", "--json", str(document)]) == 0
+    written = json.loads(document.read_text())
+    for stage in written["stages"]:
+        timed = stage["kind"] != "allreduce"
+        stage.update(measured_ms=stage["ms"] * 1.25 if timed else None, verified=timed or None, note="")
+    document.write_text(json.dumps(written))
+    capsys.readouterr()
+    out = tmp_path / "validate.json"
+    assert cli.main(["validate", "--extract", "--gpu", str(folder), "--json", str(out)]) == 0
+    assert "against this GPU's own stage timings" in capsys.readouterr().out
+    own = json.loads(out.read_text())["own_timings"]
+    assert own["stages"] and all(s["kind"] != "allreduce" for s in own["stages"])
+    for row in own["kinds"]:
+        assert row["median"] == pytest.approx(0.8) and row["worst"] == pytest.approx(0.8), row
+    assert {"gemm", "attention", "moe_experts", "step (timed stages)"} <= {r["kind"] for r in own["kinds"]}
+
+
+def test_validate_gpu_folder_refuses_a_broken_step_document(tmp_path, capsys):
+    (tmp_path / "machine.json").write_text('{"gpu": "NVIDIA H200"}')
+    (tmp_path / "decode-step-x.json").write_text('{"stages": []}')
+    assert cli.main(["validate", "--extract", "--gpu", str(tmp_path)]) == 2
+    assert "decode-step-x.json: expected a `step --json` document" in capsys.readouterr().err

@@ -330,7 +330,7 @@ def step_dist(run: CheckRun) -> StepResult:
 
 def step_decode_step(run: CheckRun) -> StepResult:
     """Each model in a process of its own (one that fails leaves the other's figures), both logged to
-    decode-step.txt."""
+    decode-step.txt, each stage's projection and measured time in decode-step-<model>.json."""
     models = [
         ["DeepSeek-R1-Distill-Llama-8B", "--batch", "64", "--context", "8192"],
         ["DeepSeek-R1", "--tp", "8", "--batch", "32", "--context", "4096"],
@@ -341,7 +341,8 @@ def step_decode_step(run: CheckRun) -> StepResult:
     gpu = str(run.folder) if measured else ("h100" if "h100" in machine_info().gpu.lower() else "h200")
     ended = []
     for index, args in enumerate(models):
-        command = [sys.executable, "-m", "bench", "step", *args, "--gpu", gpu]
+        document = run.folder / f"decode-step-{args[0]}.json"  # what `validate --gpu FOLDER` compares
+        command = [sys.executable, "-m", "bench", "step", *args, "--gpu", gpu, "--json", str(document)]
         if run.out_of_time(MIN_START_S):
             ended.append((args[0], StepResult("not reached", "the budget ran out first")))
             continue

@@ -44,23 +44,46 @@ def register(sub) -> None:
     step.set_defaults(func=main)
 
 
-def step_document(stages, total: float) -> dict:
-    """``step --json``: the step's total and every stage with its kind, time, bytes, FLOPs, bound, source."""
+def step_point(spec, layout: Layout, args, hw) -> dict:
+    """What a step document models, enough to project it again (``validate --gpu RESULTS`` does)."""
     return {
-        "total_ms": total * 1e3,
-        "stages": [
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "ms": s.step_seconds * 1e3,
-                "bytes": s.bytes * s.per_step,
-                "flops": s.flops * s.per_step,
-                "bound": s.bound,
-                "source": s.source,
-            }
-            for s in stages
-        ],
+        "model": spec.name,
+        "preset": args.config is None,
+        "dp": layout.dp,
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "ep": layout.ep,
+        "dedup": layout.dedup,
+        "batch": args.batch,
+        "context": args.context,
+        "kv": args.kv,
+        "weights": "fp8" if spec.weight_bytes == 1 else "bf16",
+        "host_us": hw.host_us,
+        "hardware": hw.name,
     }
+
+
+def step_document(stages, total: float, point: dict, timed: dict | None = None) -> dict:
+    """``step --json``: the step's point, its total and every stage with its kind, time, bytes, FLOPs, bound
+    and source; where a GPU timed a stage, its measured ms a step (null: kept its projection), whether it
+    was verified against its reference, and the note."""
+    document = {"point": point, "total_ms": total * 1e3, "stages": []}
+    for s in stages:
+        entry = {
+            "name": s.name,
+            "kind": s.kind,
+            "ms": s.step_seconds * 1e3,
+            "bytes": s.bytes * s.per_step,
+            "flops": s.flops * s.per_step,
+            "bound": s.bound,
+            "source": s.source,
+        }
+        if timed:
+            t = timed[s.name]
+            entry["measured_ms"] = None if t.seconds is None else t.seconds * s.per_step * 1e3
+            entry["verified"], entry["note"] = t.verified, t.note
+        document["stages"].append(entry)
+    return document
 
 
 def main(args) -> int:
@@ -70,13 +93,14 @@ def main(args) -> int:
     kv_bytes = 1 if args.kv == "fp8" else 2
     stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)
     total = sum(s.step_seconds for s in stages)
-    if args.json:
-        ready_to_write(args.json).write_text(json.dumps(step_document(stages, total), indent=1))
     timed = {}
     if torch.cuda.is_available() and not args.project:
         from bench.measure.step_timing import time_stages
 
         timed = time_stages(spec, layout, args.batch, args.context, stages)
+    if args.json:
+        document = step_document(stages, total, step_point(spec, layout, args, hw), timed)
+        ready_to_write(args.json).write_text(json.dumps(document, indent=1))
     rows = []
     for s in stages:
         row = [

@@ -83,19 +83,39 @@ def load_published() -> list:
         return validation.published_runs(csv.DictReader(handle))
 
 
+def load_step_documents(folder: Path) -> list:
+    """The ``step --json`` documents gpu-check's decode-step step wrote in a result folder."""
+    documents = []
+    for path in sorted(folder.glob("decode-step*.json")):
+        try:
+            document = json.loads(path.read_text())
+            if not isinstance(document.get("point"), dict) or not isinstance(document.get("stages"), list):
+                raise ValueError("expected a `step --json` document with a point and stages")
+        except ValueError as error:  # JSONDecodeError included
+            raise UsageError(f"--gpu: {path}: {error}") from None
+        documents.append(document)
+    return documents
+
+
+def print_own_timings(folder: Path, result: dict) -> None:
+    print(f"\nThe step model ({result['hardware']}) against this GPU's own stage timings ({folder}): ratio")
+    print("ours / measured, each stage gpu-check's decode-step timed (CUDA-graph replay, L2 cleared).\n")
+    print(table(_kind_rows(result["kinds"]), KIND_HEADERS))
+
+
 # -- printing ------------------------------------------------------------------------------------------------
 
 
 def _verdict(row: dict) -> str:
-    low, high, worst_low, worst_high = TOTAL_TARGET if row["kind"] == "step total" else KIND_TARGET
+    total = row["kind"].startswith("step ")
+    low, high, worst_low, worst_high = TOTAL_TARGET if total else KIND_TARGET
     median_ok = low <= row["median"] <= high
     worst_ok = worst_low <= row["worst"] <= worst_high
     return "yes" if median_ok and worst_ok else ("median only" if median_ok else "no")
 
 
-def print_result(result: dict) -> None:
-    print(f"The step model ({result['hardware']}) against {result['tables']}: ratio ours / measured.\n")
-    rows = [
+def _kind_rows(kinds: list) -> list:
+    return [
         [
             r["kind"],
             r["points"],
@@ -105,9 +125,16 @@ def print_result(result: dict) -> None:
             r["worst_at"],
             _verdict(r),
         ]
-        for r in result["kinds"]
+        for r in kinds
     ]
-    print(table(rows, ["stage kind", "points", "median", "worst", "range", "worst at", "in target"]))
+
+
+KIND_HEADERS = ["stage kind", "points", "median", "worst", "range", "worst at", "in target"]
+
+
+def print_result(result: dict) -> None:
+    print(f"The step model ({result['hardware']}) against {result['tables']}: ratio ours / measured.\n")
+    print(table(_kind_rows(result["kinds"]), KIND_HEADERS))
     print(
         f"\ntargets: each kind median {KIND_TARGET[0]}-{KIND_TARGET[1]}, worst {KIND_TARGET[2]}-"
         f"{KIND_TARGET[3]}; step total (over the measured kinds) median {TOTAL_TARGET[0]}-{TOTAL_TARGET[1]}, "
@@ -157,6 +184,14 @@ def cmd_validate(args) -> int:
     except measured.MissingShape as error:
         raise UsageError(f"{error} (the extract holds the default grid's rows only)") from None
     print_result(result)
+    folder = Path(args.gpu) if args.gpu and Path(args.gpu).is_dir() else None
+    if folder is not None:
+        documents = load_step_documents(folder)
+        if documents:
+            result["own_timings"] = validation.compare_own_timings(documents, hw, link)
+            print_own_timings(folder, result["own_timings"])
+        else:
+            print(f"\n{folder}: no decode-step*.json (gpu-check's decode-step step writes them on a GPU)")
     if args.json:
         ready_to_write(args.json).write_text(json.dumps(result, indent=1))
         print(f"written: {args.json}")

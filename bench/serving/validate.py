@@ -216,6 +216,21 @@ def compare_kernels(tables: Tables, points, hw: Hardware, link: Interconnect) ->
     return rows
 
 
+def ratio_summary(kind: str, found: list) -> dict:
+    """One kind's (ratio, where) pairs: points, median, worst (farthest from 1 in log) and where, range."""
+    values = [r for r, _ in found]
+    worst = max(found, key=lambda item: abs(math.log(item[0])))
+    return {
+        "kind": kind,
+        "points": len(values),
+        "median": statistics.median(values),
+        "worst": worst[0],
+        "worst_at": worst[1],
+        "low": min(values),
+        "high": max(values),
+    }
+
+
 def summarise(rows: list) -> list:
     """Per kind (and "step total"): points, median ratio, worst ratio (farthest from 1 in log), range."""
     ratios: dict = {}
@@ -223,23 +238,61 @@ def summarise(rows: list) -> list:
         for kind, pair in list(row["kinds"].items()) + [("step total", row["total"])]:
             if pair["measured_ms"] > 0:
                 ratios.setdefault(kind, []).append((pair["ours_ms"] / pair["measured_ms"], row["point"]))
-    out = []
-    for kind, found in ratios.items():
-        values = [r for r, _ in found]
-        worst = max(found, key=lambda item: abs(math.log(item[0])))
-        out.append(
-            {
-                "kind": kind,
-                "points": len(values),
-                "median": statistics.median(values),
-                "worst": worst[0],
-                "worst_at": worst[1],
-                "low": min(values),
-                "high": max(values),
-            }
-        )
+    out = [ratio_summary(kind, found) for kind, found in ratios.items()]
     order = list(COMPARED) + ["step total"]
     return sorted(out, key=lambda row: order.index(row["kind"]))
+
+
+# -- the suite's own stage timings (a gpu-check folder) ------------------------------------------------------
+
+
+def _projected_again(point: dict, hw: Hardware, link: Interconnect) -> dict | None:
+    """Each stage's ms a step, the model projected afresh at a step document's point on ``hw``; None for a
+    model the presets do not hold (a --config step: its recorded projection stands)."""
+    if not point.get("preset") or point["model"] not in MODEL_SPECS:
+        return None
+    spec = replace(MODEL_SPECS[point["model"]], weight_bytes=1 if point["weights"] == "fp8" else 2)
+    layout = Layout(dp=point["dp"], tp=point["tp"], pp=point["pp"], ep=point["ep"], dedup=point["dedup"])
+    hw = replace(hw, host_us=point.get("host_us", 0.0))
+    kv = 1 if point["kv"] == "fp8" else 2
+    stages = step_model.step_stages(spec, layout, point["batch"], point["context"], hw, link, kv_bytes=kv)
+    return {s.name: s.step_seconds * 1e3 for s in stages}
+
+
+def compare_own_timings(documents: list, hw: Hardware, link: Interconnect) -> dict:
+    """``step --json`` documents written on a GPU (gpu-check's decode-step-*.json) against the model: every
+    stage the GPU timed, its projection on ``hw`` (the folder's measured ceilings) over its measured time,
+    per stage and summarised per kind and per step (over the timed stages)."""
+    stages, by_kind, totals = [], {}, []
+    for document in documents:
+        point = document["point"]
+        layout = Layout(dp=point["dp"], tp=point["tp"], pp=point["pp"], ep=point["ep"])
+        label = f"{point['model']} {layout.label} B{point['batch']} L{point['context']}"
+        again = _projected_again(point, hw, link)
+        ours_sum = measured_sum = 0.0
+        for stage in document["stages"]:
+            measured_ms = stage.get("measured_ms")
+            if not measured_ms:
+                continue
+            ours = stage["ms"] if again is None else again[stage["name"]]
+            stages.append(
+                {
+                    "point": label,
+                    "stage": stage["name"],
+                    "kind": stage["kind"],
+                    "ours_ms": ours,
+                    "measured_ms": measured_ms,
+                    "verified": stage.get("verified"),
+                }
+            )
+            by_kind.setdefault(stage["kind"], []).append((ours / measured_ms, f"{label} {stage['name']}"))
+            ours_sum, measured_sum = ours_sum + ours, measured_sum + measured_ms
+        if measured_sum:
+            totals.append((ours_sum / measured_sum, label))
+    kinds = [ratio_summary(kind, found) for kind, found in sorted(by_kind.items())]
+    if totals:
+        kinds.append(ratio_summary("step (timed stages)", totals))
+    return {"hardware": hw.name, "stages": stages, "kinds": kinds}
 
 
 # -- published end-to-end runs -------------------------------------------------------------------------------
