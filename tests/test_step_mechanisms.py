@@ -64,6 +64,22 @@ def test_every_stage_has_a_kind_and_each_kernel_its_fixed_cost():
     assert stages["qkv_proj"].seconds * 1e6 >= H200.gemm_us
 
 
+def test_mla_decode_runs_on_fa3s_measured_floor_and_compute_ceiling():
+    """MLA decode attention: FA3's MLA floor at a short context; at 128 heads, batch 256, 8K context it is
+    compute-bound at the kernel's own ceiling (587 TFLOP/s measured), not the GEMMs' (0.9 x 790)."""
+    spec = MODEL_SPECS["DeepSeek-R1"]
+    short = {s.name: s for s in step_stages(spec, Layout(tp=8), 1, 16, H200, NVLINK)}
+    assert short["moe:mla_decode"].seconds * 1e6 == pytest.approx(H200.mla_attention_us, rel=0.02)
+    assert "moe:mla_copies" not in short  # vLLM 0.24 launches none (strided products, FA3 takes q in parts)
+    heavy = {s.name: s for s in step_stages(spec, Layout(dp=8, ep=8), 256, 8192, H200, NVLINK)}[
+        "moe:mla_decode"
+    ]
+    assert heavy.bound == "compute"
+    achieved = heavy.flops / (heavy.seconds - H200.mla_attention_us * 1e-6) / 1e12
+    assert achieved == pytest.approx(H200.mla_attention_tflops * H200.compute_efficiency, rel=0.01)
+    assert achieved < H200.matmul_tflops * H200.compute_efficiency
+
+
 def test_routing_skew_is_a_power_law_that_grows_with_the_ranks():
     skews = [busiest_rank(256, ranks)[0] for ranks in (2, 8, 32)]
     assert 1.0 < skews[0] < skews[1] < skews[2]

@@ -89,7 +89,7 @@ def _chain(*calls: Callable) -> Callable:
 
 def _small_kernel(spec: ModelSpec, layout: Layout, micro: int, name: str, device, gen) -> Callable | None:
     """The step's small kernels the suite has no operator for, as PyTorch runs them at their shapes: rope,
-    the MLP's activation, MLA's two norms, its three copies and its two absorbed batched products."""
+    the MLP's activation, MLA's two norms and its two absorbed batched products."""
     heads = spec.num_q_heads // layout.tp
     if name == "rope":
         width = spec.mla.qk_rope_head_dim if spec.mla else spec.head_dim
@@ -108,9 +108,6 @@ def _small_kernel(spec: ModelSpec, layout: Layout, micro: int, name: str, device
             lambda: torch.nn.functional.rms_norm(q, q.shape[-1:]),
             lambda: torch.nn.functional.rms_norm(kv, kv.shape[-1:]),
         )
-    if name == "mla_copies":
-        x = randn((heads, micro, g.cached_width), torch.bfloat16, device, gen)
-        return _chain(*[lambda: x.transpose(0, 1).contiguous()] * 3)
     if name == "mla_absorb":
         uk = _batched_gemm(heads, micro, g.qk_nope_head_dim, g.kv_lora_rank, device, gen)
         uv = _batched_gemm(heads, micro, g.kv_lora_rank, spec.v_head_dim, device, gen)

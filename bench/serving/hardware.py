@@ -38,6 +38,8 @@ class Hardware:
     gemm_us: float = 4.4  # a bf16 GEMM's fixed cost: its latency at zero bytes
     fp8_gemm_us: float = 7.1  # an fp8 GEMM's, the activation's quantization before it included
     attention_us: float = 9.4  # decode attention's floor (batch 1, one token), its cache write apart
+    mla_attention_us: float = 16.2  # MLA decode attention's floor (FA3's MLA kernel, its split-KV combine in)
+    mla_attention_tflops: float = 650.0  # its compute ceiling (it reaches compute_efficiency of it)
     moe_us: float = 20.0  # a fused MoE's fixed cost: align/sort, two grouped GEMMs, activation, sum
     host_us: float = 0.0  # per step, per engine process: scheduling, input preparation and sampling
     fp8_tflops: float = 0.0  # the fp8 tensor-core ceiling; 0: twice the bf16 ceiling
@@ -103,6 +105,12 @@ _ASSUMED = {
     f"rows at M 1-64, N and K 1K-16K: 4.4 us bf16, 7.1 us fp8 with its activation quantization ({TABLES})",
     "attention": "anchor (published, measured by NVIDIA): FlashAttention-3 decode at batch 1, one token, "
     f"11.4 us with its cache write: 9.4 us + the write's launch ({TABLES})",
+    "mla_attention": "anchor (published, measured by NVIDIA): FlashAttention-3's MLA decode kernel (the one "
+    "vLLM 0.24 and SGLang run on Hopper) at batch 1, 16 heads, 1K context: 16.5 us in SGLang 0.5.14's "
+    "measured MLA table, 16.2 us at zero bytes; its split-KV combine included. Compute-bound (128 heads, "
+    "batch 256, 8K context) it runs at 587 TFLOP/s: a 650 TFLOP/s ceiling at the 0.9 efficiency every "
+    "compute-bound stage reaches (AIConfigurator's SGLang tables, H200; vLLM's has the whole module only "
+    "(docs/facts.md#measured-ground-truth-for-the-decode-step-model))",
     "moe": "anchor (published, measured by NVIDIA): the fused MoE at one token costs 20 us with its weights "
     f"negligible (Qwen3-30B-A3B's experts split 8 ways; {TABLES})",
     "launch": "anchor (assumed): 2 us a small kernel (norm, activation, rope, cache write) under CUDA graphs",

@@ -6,7 +6,8 @@ AIConfigurator (github.com/ai-dynamo/aiconfigurator, Apache-2.0; docs/facts.md#m
 the-decode-step-model) ships parquet tables of kernel latencies measured on h200_sxm. Each table here is one
 of its files, reduced to a map from a key (the shape) to milliseconds; where several kernels were measured
 for one shape the fastest is kept (what an engine's kernel choice gets). vLLM's tables are used (the paper's
-engine); NCCL's own table for collectives vLLM's does not cover.
+engine); SGLang's for the MLA attention kernel alone (vLLM's measures the whole MLA module only); NCCL's own
+table for collectives vLLM's does not cover.
 
 Lookups between measured shapes interpolate linearly along each numeric axis from the bracketing grid
 points (and extend the last segment past the grid's edge); every row a lookup reads is recorded, which is
@@ -46,6 +47,14 @@ TABLES = {
         "mla/vllm/0.24.0/mla_generation_module_perf.parquet",
         ("kv_cache_dtype", "gemm_type", "num_heads"),
         ("batch_size", "step"),
+    ),
+    # FlashAttention-3's MLA decode kernel alone (SGLang's table: vLLM's measures the whole module only);
+    # num_heads is per rank, step the tokens cached before the new one.
+    "mla_attention": TableSpec(
+        "mla/sglang/0.5.14/generation_mla_perf.parquet",
+        ("kv_cache_dtype", "num_heads"),
+        ("batch_size", "step"),
+        {"kernel_source": "flash_attention"},
     ),
     "allreduce": TableSpec(
         "comm/vllm/0.24.0/custom_allreduce_perf.parquet",

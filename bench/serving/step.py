@@ -263,9 +263,8 @@ def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
     comp("qkv_proj", "gemm", (down + up) * wb + 2 * act, 2 * batch * (down + up), 2 * gemm, tflops=tflops)
     comp("mla_norms", "norm", 4 * batch * ((spec.q_lora_rank or 0) + g.kv_lora_rank), 0, 2 * hw.launch_us)
     comp("rope", "other", 4 * batch * (heads + 1) * g.qk_rope_head_dim, 0, hw.launch_us)
-    # The query's concatenation and the transposes around the two batched products: three copies.
-    comp("mla_copies", "other", 3 * 2 * batch * heads * g.cached_width * 2, 0, 3 * hw.launch_us)
-    # W_UK before attention and W_UV after it: bf16 batched products over the heads (two kernels).
+    # W_UK before attention and W_UV after it: bf16 batched products over the heads (two kernels). vLLM 0.24
+    # runs them on strided views and hands FA3 the rope and latent parts of the query apart: no copies.
     absorb = heads * g.kv_lora_rank * (g.qk_nope_head_dim + v)
     comp(
         "mla_absorb",
@@ -277,7 +276,15 @@ def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
     comp("write_kv", "attention", 2 * batch * kv_token, 0, hw.launch_us, kernel="write_kv")
     flops = 2 * batch * context * heads * (g.cached_width + g.kv_lora_rank)
     nbytes = batch * context * kv_token + 2 * batch * heads * g.cached_width * 2
-    comp("mla_decode", "attention", nbytes, flops, hw.attention_us, kernel="mla_decode")
+    comp(
+        "mla_decode",
+        "attention",
+        nbytes,
+        flops,
+        hw.mla_attention_us,
+        kernel="mla_decode",
+        tflops=hw.mla_attention_tflops,
+    )
     o_params = spec.num_q_heads * v * h / tp
     comp("o_proj", "gemm", o_params * wb + 2 * act, 2 * batch * o_params, gemm, tflops=tflops)
 
