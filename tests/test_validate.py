@@ -135,3 +135,12 @@ def test_validate_gpu_folder_refuses_a_broken_step_document(tmp_path, capsys):
     (tmp_path / "decode-step-x.json").write_text('{"stages": []}')
     assert cli.main(["validate", "--extract", "--gpu", str(tmp_path)]) == 2
     assert "decode-step-x.json: expected a `step --json` document" in capsys.readouterr().err
+
+
+def test_validate_gpu_folder_says_when_nothing_was_timed(tmp_path, capsys):
+    (tmp_path / "machine.json").write_text('{"gpu": "NVIDIA H200"}')
+    step = ["step", "Llama-3.1-8B", "--batch", "4", "--context", "1024", "--project"]
+    assert cli.main([*step, "--json", str(tmp_path / "decode-step-Llama-3.1-8B.json")]) == 0
+    capsys.readouterr()
+    assert cli.main(["validate", "--extract", "--gpu", str(tmp_path)]) == 0
+    assert "hold no timed stage (written without a GPU)" in capsys.readouterr().out

@@ -98,6 +98,9 @@ def load_step_documents(folder: Path) -> list:
 
 
 def print_own_timings(folder: Path, result: dict) -> None:
+    if not result["stages"]:
+        print(f"\n{folder}: its decode-step documents hold no timed stage (written without a GPU)")
+        return
     print(f"\nThe step model ({result['hardware']}) against this GPU's own stage timings ({folder}): ratio")
     print("ours / measured, each stage gpu-check's decode-step timed (CUDA-graph replay, L2 cleared).\n")
     print(table(_kind_rows(result["kinds"]), KIND_HEADERS))
