@@ -2,25 +2,24 @@
 sequences; fp8 caches; forced and derived splits; NaN past every length; bad input; the opt-in device checks;
 and on a GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
+import functools
+
 import pytest
 import torch
 
-from bench.operators.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
+from bench.operators.paged_attention import PAGED_DECODE, PagedDecodeShape, build
 from bench.testing import forbid_allocation, no_host_sync, replay_decode_graph, seed_of
 from kernels import paged_attention
 from kernels.paged_attention import check_paged_inputs, max_splits_for
 from reference import paged_attention as reference
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 
 
-def check_against_reference(shape: PagedDecodeShape, seed: int) -> None:
-    inputs = build(shape, DEVICE, seed, guarded=True)
-    expected = inputs.clone()
-    inputs.result = paged_attention.paged_decode(**inputs.args)
-    expected.result = reference.paged_decode(**{**expected.args, "out": None})
-    compare(inputs, expected, shape)
+# check_against_reference(shape, seed): this file's case, kernel against reference (tests/helpers.py)
+check_against_reference = functools.partial(helpers.check_against_reference, PAGED_DECODE, device=DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -122,8 +121,7 @@ def test_derived_splits_cover_a_long_sequence(request):
 
 
 def test_small_shapes_of_the_case(request):
-    for shape in PAGED_DECODE.small_shapes():
-        check_against_reference(shape, seed_of(request.node.name + shape.label))
+    helpers.check_small_shapes(PAGED_DECODE, request.node.name, DEVICE)
 
 
 def test_random_shapes_property():
