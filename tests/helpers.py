@@ -1,4 +1,10 @@
-"""What several test files do alike: hold a case's kernel to its reference on fresh guarded inputs."""
+"""What several test files do alike: hold a case's kernel to its reference on fresh guarded inputs, and run a
+hypothesis property test that skips where hypothesis (a dev extra) is not installed."""
+
+from collections.abc import Callable
+from types import ModuleType
+
+import pytest
 
 from bench.operators.base import Case
 from bench.testing import seed_of
@@ -19,3 +25,27 @@ def check_small_shapes(case: Case, test_name: str, device: str) -> None:
     (seeded by the test's name and the shape's label)."""
     for shape in case.small_shapes():
         check_against_reference(case, shape, seed_of(test_name + shape.label), device)
+
+
+def property_test(strategies: Callable[[ModuleType], dict], **settings) -> Callable:
+    """Makes ``check`` a test that hypothesis runs with the keyword arguments ``strategies(st)`` draws
+    (``st``: hypothesis.strategies), under ``settings`` where given (e.g. max_examples for this test alone).
+
+    hypothesis is imported when the test runs, not when its module is: without it the test skips and the
+    module's other tests still run.
+    """
+
+    def decorate(check: Callable) -> Callable:
+        def test():
+            hypothesis = pytest.importorskip("hypothesis")
+            run = hypothesis.given(**strategies(hypothesis.strategies))(check)
+            if settings:
+                run = hypothesis.settings(**settings)(run)
+            run()
+
+        # pytest collects the test by these; no __wrapped__, or it would ask for check's arguments as fixtures
+        test.__name__, test.__qualname__, test.__doc__ = check.__name__, check.__qualname__, check.__doc__
+        test.__module__ = check.__module__
+        return test
+
+    return decorate

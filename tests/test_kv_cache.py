@@ -59,11 +59,8 @@ def test_small_shapes_of_the_case(request):
     helpers.check_small_shapes(WRITE_KV, request.node.name, DEVICE)
 
 
-def test_random_shapes_property():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.given(
+@helpers.property_test(
+    lambda st: dict(
         num_tokens=st.integers(1, 40),
         heads=st.integers(1, 6),
         head_dim=st.sampled_from([8, 16, 40, 64, 72, 96, 128, 136, 192, 256, 576]),
@@ -73,23 +70,24 @@ def test_random_shapes_property():
         skip_share=st.floats(0, 1),
         seed=st.integers(0, 2**31 - 1),
     )
-    def check(num_tokens, heads, head_dim, block_size, pattern, cache_dtype, skip_share, seed):
-        dtype = torch.bfloat16 if cache_dtype == FP8 else cache_dtype
-        shape = WriteKVShape(
-            "prop",
-            pattern,
-            num_tokens,
-            heads,
-            head_dim,
-            head_dim,
-            block_size,
-            dtype,
-            cache_dtype,
-            skipped=int(skip_share * num_tokens),
-        )
-        check_against_reference(shape, seed)
-
-    check()
+)
+def test_random_shapes_property(
+    num_tokens, heads, head_dim, block_size, pattern, cache_dtype, skip_share, seed
+):
+    dtype = torch.bfloat16 if cache_dtype == FP8 else cache_dtype
+    shape = WriteKVShape(
+        "prop",
+        pattern,
+        num_tokens,
+        heads,
+        head_dim,
+        head_dim,
+        block_size,
+        dtype,
+        cache_dtype,
+        skipped=int(skip_share * num_tokens),
+    )
+    check_against_reference(shape, seed)
 
 
 def _filled_caches(shape: WriteKVShape, seed: int):

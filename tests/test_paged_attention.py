@@ -124,11 +124,8 @@ def test_small_shapes_of_the_case(request):
     helpers.check_small_shapes(PAGED_DECODE, request.node.name, DEVICE)
 
 
-def test_random_shapes_property():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.given(
+@helpers.property_test(
+    lambda st: dict(
         lengths=st.lists(st.integers(0, 300), min_size=1, max_size=4),
         num_kv_heads=st.sampled_from([1, 2]),
         group=st.sampled_from([1, 2, 3, 4, 8, 16]),
@@ -138,20 +135,21 @@ def test_random_shapes_property():
         num_splits=st.sampled_from([None, 1, 2, 3]),
         seed=st.integers(0, 2**31 - 1),
     )
-    def check(lengths, num_kv_heads, group, head_dim, block_size, cache_dtype, num_splits, seed):
-        shape = PagedDecodeShape(
-            "prop",
-            tuple(lengths),
-            num_kv_heads * group,
-            num_kv_heads,
-            head_dim,
-            block_size=block_size,
-            cache_dtype=cache_dtype,
-            num_splits=num_splits,
-        )
-        check_against_reference(shape, seed)
-
-    check()
+)
+def test_random_shapes_property(
+    lengths, num_kv_heads, group, head_dim, block_size, cache_dtype, num_splits, seed
+):
+    shape = PagedDecodeShape(
+        "prop",
+        tuple(lengths),
+        num_kv_heads * group,
+        num_kv_heads,
+        head_dim,
+        block_size=block_size,
+        cache_dtype=cache_dtype,
+        num_splits=num_splits,
+    )
+    check_against_reference(shape, seed)
 
 
 def test_returns_out_when_given_and_a_new_tensor_otherwise():
