@@ -1,10 +1,12 @@
-"""What several test files do alike: hold a case's kernel to its reference on fresh guarded inputs, and run a
-hypothesis property test that skips where hypothesis (a dev extra) is not installed."""
+"""What several test files do alike: hold a case's kernel to its reference on fresh guarded inputs, build the
+batch both decode kernels' split tests run, and run a hypothesis property test that skips where hypothesis
+(a dev extra) is not installed."""
 
 from collections.abc import Callable
 from types import ModuleType
 
 import pytest
+import torch
 
 from bench.operators.base import Case
 from bench.testing import seed_of
@@ -18,6 +20,21 @@ def check_against_reference(case: Case, shape, seed: int, device: str) -> None:
     case.run_kernel(inputs)
     case.run_reference(expected)
     case.compare(inputs, expected, shape)
+
+
+def split_batch(dtype: torch.dtype, num_splits: int | None) -> dict:
+    """The batch the split tests of paged_decode and mla_decode run (PagedBatch's fields; each test adds its
+    kernel's heads): mla_decode takes split-KV from paged_decode (the split rule, the partials' layout, the
+    merge), so both hold it to the same lengths. A long sequence, one with fewer tiles than some forced
+    splits, an empty one; q and cache both in ``dtype``; ``num_splits`` None: derived on the device."""
+    return dict(
+        name="splits",
+        lengths=(700, 3, 0, 300),
+        block_size=16,
+        dtype=dtype,
+        cache_dtype=dtype,
+        num_splits=num_splits,
+    )
 
 
 def check_small_shapes(case: Case, test_name: str, device: str) -> None:

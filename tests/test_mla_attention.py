@@ -49,17 +49,7 @@ def test_page_sizes_and_fp8(block_size, cache_dtype, request):
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_splits_and_q_dtypes(dtype, num_splits, request):
     """Forced splits (more than some sequences have tiles) and derived ones agree with the reference."""
-    shape = S(
-        "splits",
-        (700, 3, 0, 300),
-        4,
-        qk_dim=64,
-        v_head_dim=48,
-        block_size=16,
-        dtype=dtype,
-        cache_dtype=dtype,
-        num_splits=num_splits,
-    )
+    shape = S(num_heads=4, qk_dim=64, v_head_dim=48, **helpers.split_batch(dtype, num_splits))
     check_against_reference(shape, seed_of(request.node.name))
 
 

@@ -47,15 +47,7 @@ def test_page_sizes_and_fp8(block_size, cache_dtype, request):
 def test_splits_and_q_dtypes(dtype, num_splits, request):
     """Forced splits (including more splits than some sequences have tiles) and derived ones agree."""
     shape = PagedDecodeShape(
-        "splits",
-        (700, 3, 0, 300),
-        8,
-        2,
-        64,
-        block_size=16,
-        dtype=dtype,
-        cache_dtype=dtype,
-        num_splits=num_splits,
+        num_q_heads=8, num_kv_heads=2, head_dim=64, **helpers.split_batch(dtype, num_splits)
     )
     check_against_reference(shape, seed_of(request.node.name))
 
