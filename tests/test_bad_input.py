@@ -231,13 +231,16 @@ def _map(name, f, **also):
     return lambda a: {**a, name: f(a[name]), **{k: g(a[k]) for k, g in also.items()}}
 
 
-def _metadata(name, dtype, rank=RANK_UP):
+def _metadata(name, dtype, rank=RANK_UP, bools=False, strided=False):
     """The rows every tensor argument gets: ``name`` in a wrong dtype (``dtype`` changes it), of the wrong
-    rank (``rank``), on another device."""
+    rank (``rank``), on another device; with ``bools``, as bools (an integer argument); with ``strided``, not
+    contiguous."""
     return [
         (name, "dtype", _map(name, dtype)),
+        *([(name, "bools", _map(name, TO_BOOL))] if bools else []),
         (name, "rank", _map(name, rank)),
         (name, "device", _map(name, META)),
+        *([(name, "contiguity", _map(name, _strided))] if strided else []),
     ]
 
 
@@ -249,16 +252,11 @@ BAD = _rows(
             ("key", "zero heads", _map("key", lambda x: x[:, :0], k_cache=lambda c: c[:, :, :0])),
             ("value", "dtype", _map("value", lambda x: x.half())),
             ("value", "tokens", _map("value", lambda x: x[:2])),
-            *_metadata("k_cache", FLOAT_TO_INT, rank=lambda x: x.flatten(0, 1)),
-            ("k_cache", "contiguity", _map("k_cache", _strided)),
+            *_metadata("k_cache", FLOAT_TO_INT, rank=lambda x: x.flatten(0, 1), strided=True),
             ("k_cache", "head_dim", _map("k_cache", lambda x: x[..., :4].contiguous())),
             ("v_cache", "device", _map("v_cache", META)),
             ("v_cache", "blocks", _map("v_cache", lambda x: x[:3])),
-            ("slot_mapping", "dtype", _map("slot_mapping", INT_TO_FLOAT)),
-            ("slot_mapping", "bools", _map("slot_mapping", TO_BOOL)),
-            ("slot_mapping", "rank", _map("slot_mapping", RANK_UP)),
-            ("slot_mapping", "device", _map("slot_mapping", META)),
-            ("slot_mapping", "contiguity", _map("slot_mapping", _strided)),
+            *_metadata("slot_mapping", INT_TO_FLOAT, bools=True, strided=True),
             ("slot_mapping", "length", _map("slot_mapping", lambda x: x[:2])),
             ("k_scale", "on a bf16 cache", _set(k_scale=0.5)),
         ],
@@ -296,10 +294,7 @@ BAD = _rows(
                 _map("k_cache", lambda x: x[:, :, :0], v_cache=lambda x: x[:, :, :0]),
             ),
             ("v_cache", "shape", _map("v_cache", lambda x: x[:4])),
-            ("block_tables", "dtype", _map("block_tables", lambda x: x.long())),
-            ("block_tables", "bools", _map("block_tables", TO_BOOL)),
-            ("block_tables", "rank", _map("block_tables", lambda x: x[0])),
-            ("block_tables", "device", _map("block_tables", META)),
+            *_metadata("block_tables", lambda x: x.long(), rank=lambda x: x[0], bools=True),
             ("block_tables", "rows strided", _map("block_tables", lambda x: x.t().contiguous().t())),
             ("seq_lens", "dtype", _map("seq_lens", INT_TO_FLOAT)),
             ("seq_lens", "device", _map("seq_lens", META)),
@@ -390,10 +385,7 @@ BAD = _rows(
         ],
         "route grouped": [
             ("topk_groups", "a bool", _set(topk_groups=True)),
-            ("bias", "dtype", _map("bias", lambda x: x.half())),
-            ("bias", "device", _map("bias", META)),
-            ("bias", "contiguity", _map("bias", _strided)),
-            ("bias", "rank", _map("bias", RANK_UP)),
+            *_metadata("bias", lambda x: x.half(), strided=True),
         ],
         "dispatch": [
             *_metadata("x", FLOAT_TO_INT),
@@ -475,11 +467,7 @@ BAD = _rows(
         ],
         "allocate": [
             ("pool", "None", _set(pool=None)),
-            ("seq_ids", "dtype", _map("seq_ids", lambda x: x.long())),
-            ("seq_ids", "bools", _map("seq_ids", TO_BOOL)),
-            ("seq_ids", "rank", _map("seq_ids", RANK_UP)),
-            ("seq_ids", "device", _map("seq_ids", META)),
-            ("seq_ids", "contiguity", _map("seq_ids", _strided)),
+            *_metadata("seq_ids", lambda x: x.long(), bools=True, strided=True),
             ("num_new_tokens", "a bool", _set(num_new_tokens=True)),
             ("num_new_tokens", "negative", _set(num_new_tokens=-1)),
             ("num_new_tokens", "nan", _set(num_new_tokens=NAN)),

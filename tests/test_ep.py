@@ -17,6 +17,7 @@ from bench.measure.distributed import spawn
 from bench.operators import ep as ep_case
 from bench.testing import assert_bitwise_equal, assert_close, forbid_allocation, generator, randn, seed_of
 from reference import ep as reference
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -418,51 +419,47 @@ def _segments(counts, packed_slab, align):
     return packed, grouped, start
 
 
-def test_regroup_property():
-    """Packed -> grouped by column and back, for any counts matrix, align and slab: every row lands where
-    reference/ep.py's layout puts it, the counts and offsets are the column sums, nothing else is written."""
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.settings(max_examples=20)  # `pytest --fuzz` runs the long search
-    @hypothesis.given(
+@helpers.property_test(
+    lambda st: dict(
         counts=st.integers(1, 4).flatmap(
             lambda b: st.lists(st.lists(st.integers(0, 5), min_size=b, max_size=b), min_size=1, max_size=4)
         ),
         align=st.sampled_from([1, 2, 3, 8]),
         slab_extra=st.sampled_from([None, 0, 3]),  # None: packed (exact mode); else slabs (capacity mode)
         hidden=st.sampled_from([1, 5, 33]),
+    ),
+    max_examples=20,  # `pytest --fuzz` runs the long search
+)
+def test_regroup_property(counts, align, slab_extra, hidden):
+    """Packed -> grouped by column and back, for any counts matrix, align and slab: every row lands where
+    reference/ep.py's layout puts it, the counts and offsets are the column sums, nothing else is written."""
+    num_a, num_b = len(counts), len(counts[0])
+    slab = 0 if slab_extra is None else max(map(sum, counts)) + slab_extra
+    packed_at, grouped_at, grouped_rows = _segments(counts, slab, align)
+    packed_rows = num_a * slab if slab else sum(map(sum, counts))
+    packed = torch.arange(max(packed_rows, 1) * hidden, dtype=torch.float32).view(-1, hidden)
+    grouped = torch.full((grouped_rows + 2, hidden), float("nan"))
+    tokens, offsets = (
+        torch.full((num_b,), -7, dtype=torch.int32),
+        torch.full((num_b + 1,), -7, dtype=torch.int32),
     )
-    def run(counts, align, slab_extra, hidden):
-        num_a, num_b = len(counts), len(counts[0])
-        slab = 0 if slab_extra is None else max(map(sum, counts)) + slab_extra
-        packed_at, grouped_at, grouped_rows = _segments(counts, slab, align)
-        packed_rows = num_a * slab if slab else sum(map(sum, counts))
-        packed = torch.arange(max(packed_rows, 1) * hidden, dtype=torch.float32).view(-1, hidden)
-        grouped = torch.full((grouped_rows + 2, hidden), float("nan"))
-        tokens, offsets = (
-            torch.full((num_b,), -7, dtype=torch.int32),
-            torch.full((num_b + 1,), -7, dtype=torch.int32),
-        )
-        matrix = torch.tensor(counts, dtype=torch.int32)
-        layout = dict(packed_rows=packed_rows, packed_slab=slab, align=align, by_column=True)
-        ep._regroup(packed, grouped, matrix, **layout, tokens_per_expert=tokens, expert_offsets=offsets)
-        assert tokens.tolist() == [sum(c[b] for c in counts) for b in range(num_b)]
-        padded = [-(-t // align) * align for t in tokens.tolist()]  # each column's rows, aligned
-        assert offsets.tolist() == [0] + [grouped_at[0, b] + padded[b] for b in range(num_b)]
-        written = torch.zeros(grouped.shape[0], dtype=torch.bool)
-        for (a, b), start in grouped_at.items():
-            n = counts[a][b]
-            assert torch.equal(grouped[start : start + n], packed[packed_at[a, b] : packed_at[a, b] + n])
-            written[start : start + n] = True
-        assert grouped[~written].isnan().all(), "a row outside every segment was written"
-        back = torch.full_like(packed, float("nan"))
-        ep._regroup(back, grouped, matrix, **layout, to_packed=True)
-        for (a, b), start in packed_at.items():
-            n = counts[a][b]
-            assert torch.equal(back[start : start + n], packed[start : start + n])
-
-    run()
+    matrix = torch.tensor(counts, dtype=torch.int32)
+    layout = dict(packed_rows=packed_rows, packed_slab=slab, align=align, by_column=True)
+    ep._regroup(packed, grouped, matrix, **layout, tokens_per_expert=tokens, expert_offsets=offsets)
+    assert tokens.tolist() == [sum(c[b] for c in counts) for b in range(num_b)]
+    padded = [-(-t // align) * align for t in tokens.tolist()]  # each column's rows, aligned
+    assert offsets.tolist() == [0] + [grouped_at[0, b] + padded[b] for b in range(num_b)]
+    written = torch.zeros(grouped.shape[0], dtype=torch.bool)
+    for (a, b), start in grouped_at.items():
+        n = counts[a][b]
+        assert torch.equal(grouped[start : start + n], packed[packed_at[a, b] : packed_at[a, b] + n])
+        written[start : start + n] = True
+    assert grouped[~written].isnan().all(), "a row outside every segment was written"
+    back = torch.full_like(packed, float("nan"))
+    ep._regroup(back, grouped, matrix, **layout, to_packed=True)
+    for (a, b), start in packed_at.items():
+        n = counts[a][b]
+        assert torch.equal(back[start : start + n], packed[start : start + n])
 
 
 def _listening() -> set[tuple[str, int]]:

@@ -10,6 +10,7 @@ import kernels.kv_alloc as kv_alloc
 from bench.testing import no_host_sync
 from kernels import INTERPRETED
 from reference import kv_alloc as reference
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,10 +143,8 @@ def test_refused_forks_change_nothing(src, dst):
     assert not pools.fork(src, dst)
 
 
-def test_random_runs_property():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
+def _pool_runs(st) -> dict:
+    """Runs of allocate, prefill, fork and free calls on pools of any size."""
     seq = st.integers(-1, 8)  # -1 and 8 are out of range for max_seqs 8
     step = st.one_of(
         st.tuples(st.just("allocate"), st.lists(seq, min_size=0, max_size=5), st.integers(0, 3)),
@@ -153,26 +152,25 @@ def test_random_runs_property():
         st.tuples(st.just("fork"), st.lists(st.tuples(seq, seq), max_size=3)),
         st.tuples(st.just("free"), st.lists(seq, max_size=4)),
     )
-
-    @hypothesis.settings(max_examples=60 if INTERPRETED else 25)  # `pytest --fuzz` runs the long search
-    @hypothesis.given(
+    return dict(
         steps=st.lists(step, min_size=1, max_size=12),
         num_blocks=st.integers(1, 30),
         block_size=st.sampled_from([1, 2, 4, 16]),
     )
-    def run(steps, num_blocks, block_size):
-        pools = Pools(num_blocks=num_blocks, block_size=block_size, max_seqs=8, max_blocks_per_seq=6)
-        for kind, *args in steps:
-            if kind == "allocate":
-                pools.allocate(args[0], args[1])
-            elif kind == "prefill":
-                pools.allocate([s for s, _ in args[0]], [c for _, c in args[0]])
-            elif kind == "fork":
-                pools.fork([s for s, _ in args[0]], [d for _, d in args[0]])
-            else:
-                pools.free(args[0])
 
-    run()
+
+@helpers.property_test(_pool_runs, max_examples=60 if INTERPRETED else 25)  # `pytest --fuzz`: the long search
+def test_random_runs_property(steps, num_blocks, block_size):
+    pools = Pools(num_blocks=num_blocks, block_size=block_size, max_seqs=8, max_blocks_per_seq=6)
+    for kind, *args in steps:
+        if kind == "allocate":
+            pools.allocate(args[0], args[1])
+        elif kind == "prefill":
+            pools.allocate([s for s, _ in args[0]], [c for _, c in args[0]])
+        elif kind == "fork":
+            pools.fork([s for s, _ in args[0]], [d for _, d in args[0]])
+        else:
+            pools.free(args[0])
 
 
 @pytest.mark.parametrize("name", ["allocate", "copy_blocks"])

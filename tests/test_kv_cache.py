@@ -1,6 +1,8 @@
 """write_kv against its reference: random shapes and slot permutations, skipped tokens, untouched slots,
 every cache dtype; bad input; launch configuration; and on a GPU, no host sync and CUDA-graph replay."""
 
+import functools
+
 import pytest
 import torch
 
@@ -8,17 +10,14 @@ from bench.operators.kv_cache import WRITE_KV, WriteKVShape, build, compare
 from bench.testing import assert_bitwise_equal, generator, no_host_sync, randn, seed_of
 from kernels import kv_cache
 from reference import kv_cache as reference
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 
 
-def check_against_reference(shape: WriteKVShape, seed: int) -> None:
-    inputs = build(shape, DEVICE, seed, guarded=True)
-    expected = inputs.clone()
-    kv_cache.write_kv(**inputs.args)
-    reference.write_kv(**expected.args)
-    compare(inputs, expected, shape)
+# check_against_reference(shape, seed): this file's case, kernel against reference (tests/helpers.py)
+check_against_reference = functools.partial(helpers.check_against_reference, WRITE_KV, device=DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -57,16 +56,11 @@ def test_matches_reference(cache_dtype, dtype, pattern, heads, head_dim, head_di
 
 
 def test_small_shapes_of_the_case(request):
-    """The shapes `decodebench run` verifies, so that its report and the test suite agree."""
-    for shape in WRITE_KV.small_shapes():
-        check_against_reference(shape, seed_of(request.node.name + shape.label))
+    helpers.check_small_shapes(WRITE_KV, request.node.name, DEVICE)
 
 
-def test_random_shapes_property():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.given(
+@helpers.property_test(
+    lambda st: dict(
         num_tokens=st.integers(1, 40),
         heads=st.integers(1, 6),
         head_dim=st.sampled_from([8, 16, 40, 64, 72, 96, 128, 136, 192, 256, 576]),
@@ -76,23 +70,24 @@ def test_random_shapes_property():
         skip_share=st.floats(0, 1),
         seed=st.integers(0, 2**31 - 1),
     )
-    def check(num_tokens, heads, head_dim, block_size, pattern, cache_dtype, skip_share, seed):
-        dtype = torch.bfloat16 if cache_dtype == FP8 else cache_dtype
-        shape = WriteKVShape(
-            "prop",
-            pattern,
-            num_tokens,
-            heads,
-            head_dim,
-            head_dim,
-            block_size,
-            dtype,
-            cache_dtype,
-            skipped=int(skip_share * num_tokens),
-        )
-        check_against_reference(shape, seed)
-
-    check()
+)
+def test_random_shapes_property(
+    num_tokens, heads, head_dim, block_size, pattern, cache_dtype, skip_share, seed
+):
+    dtype = torch.bfloat16 if cache_dtype == FP8 else cache_dtype
+    shape = WriteKVShape(
+        "prop",
+        pattern,
+        num_tokens,
+        heads,
+        head_dim,
+        head_dim,
+        block_size,
+        dtype,
+        cache_dtype,
+        skipped=int(skip_share * num_tokens),
+    )
+    check_against_reference(shape, seed)
 
 
 def _filled_caches(shape: WriteKVShape, seed: int):

@@ -3,28 +3,26 @@ and several head tiles, page sizes 1 to 64, empty, ragged and shared sequences, 
 with float and tensor scales, forced and derived splits, out= and a caller's workspace, bad input; and on a
 GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
+import functools
 import inspect
 
 import pytest
 import torch
 
-from bench.operators.mla_attention import DEEPSEEK, MLA_DECODE, MLADecodeShape, build, compare, deepseek
+from bench.operators.mla_attention import DEEPSEEK, MLA_DECODE, MLADecodeShape, build, deepseek
 from bench.testing import forbid_allocation, no_host_sync, replay_decode_graph, seed_of
 from kernels import mla_attention, paged_attention
 from kernels.mla_attention import mla_decode_launch_config, mla_min_split_tokens
 from reference import mla_attention as reference
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 S = MLADecodeShape
 
 
-def check_against_reference(shape: MLADecodeShape, seed: int) -> None:
-    inputs = build(shape, DEVICE, seed, guarded=True)
-    expected = inputs.clone()
-    inputs.result = mla_attention.mla_decode(**inputs.args)
-    expected.result = reference.mla_decode(**{**expected.args, "out": None})
-    compare(inputs, expected, shape)
+# check_against_reference(shape, seed): this file's case, kernel against reference (tests/helpers.py)
+check_against_reference = functools.partial(helpers.check_against_reference, MLA_DECODE, device=DEVICE)
 
 
 @pytest.mark.parametrize("num_heads", [5, 16, 40, 72], ids=lambda h: f"h{h}")
@@ -51,17 +49,7 @@ def test_page_sizes_and_fp8(block_size, cache_dtype, request):
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_splits_and_q_dtypes(dtype, num_splits, request):
     """Forced splits (more than some sequences have tiles) and derived ones agree with the reference."""
-    shape = S(
-        "splits",
-        (700, 3, 0, 300),
-        4,
-        qk_dim=64,
-        v_head_dim=48,
-        block_size=16,
-        dtype=dtype,
-        cache_dtype=dtype,
-        num_splits=num_splits,
-    )
+    shape = S(num_heads=4, qk_dim=64, v_head_dim=48, **helpers.split_batch(dtype, num_splits))
     check_against_reference(shape, seed_of(request.node.name))
 
 
@@ -79,8 +67,7 @@ def test_deepseek_at_tp1_four_head_tiles_and_a_shared_prompt(request):
 
 
 def test_small_shapes_of_the_case(request):
-    for shape in MLA_DECODE.small_shapes():
-        check_against_reference(shape, seed_of(f"{request.node.name}/{shape.label}"))
+    helpers.check_small_shapes(MLA_DECODE, request.node.name, DEVICE)
 
 
 def test_the_value_is_the_leading_columns_of_the_cached_row():

@@ -13,6 +13,7 @@ from bench.operators.moe import ROUTE, RouteShape
 from bench.serving.models import MOE_MODELS
 from bench.testing import assert_close, forbid_allocation, generator, randn, seed_of
 from reference import moe as reference
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -202,25 +203,21 @@ def test_case_shapes_verify():
         assert outcome.ok, outcome.message
 
 
-def test_hypothesis_random_routing():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.given(
+@helpers.property_test(
+    lambda st: dict(
         tokens=st.integers(1, 40),
         experts=st.sampled_from([4, 8, 12, 60, 64, 128, 256]),
         top_k=st.integers(1, 8),
         seed=st.integers(0, 2**31 - 1),
         coarse=st.booleans(),
     )
-    def run(tokens, experts, top_k, seed, coarse):
-        top_k = min(top_k, experts)
-        logits = randn((tokens, experts), torch.float32, DEVICE, generator(seed))
-        if coarse:  # many exact ties
-            logits = logits.round()
-        check(logits, top_k)
-
-    run()
+)
+def test_hypothesis_random_routing(tokens, experts, top_k, seed, coarse):
+    top_k = min(top_k, experts)
+    logits = randn((tokens, experts), torch.float32, DEVICE, generator(seed))
+    if coarse:  # many exact ties
+        logits = logits.round()
+    check(logits, top_k)
 
 
 BAD = {

@@ -27,6 +27,7 @@ from kernels import moe
 from kernels.moe_layer import moe_layer
 from reference import moe_gemm as reference
 from reference import moe_layer as reference_layer
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -136,11 +137,8 @@ def test_grouped_gemm_matches_the_reference(case, request):
     check(FUZZ_GRID[case], seed_of(request.node.name))
 
 
-def test_random_shapes_property():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.given(
+@helpers.property_test(
+    lambda st: dict(
         tokens=st.integers(1, 12),
         experts=st.integers(1, 8),
         top_k=st.integers(1, 3),
@@ -153,12 +151,11 @@ def test_random_shapes_property():
         load=st.sampled_from(["uniform", "zipf", "one"]),
         seed=st.integers(0, 2**31 - 1),
     )
-    def run(tokens, experts, top_k, k, n, align, activation, gather, fp8, load, seed):
-        n = 2 * n if activation else n
-        case = S(tokens, experts, min(top_k, experts), k, n, align, activation, gather, fp8, load=load)
-        check(case, seed)
-
-    run()
+)
+def test_random_shapes_property(tokens, experts, top_k, k, n, align, activation, gather, fp8, load, seed):
+    n = 2 * n if activation else n
+    case = S(tokens, experts, min(top_k, experts), k, n, align, activation, gather, fp8, load=load)
+    check(case, seed)
 
 
 def _loaded_per_expert(traffic, w: torch.Tensor) -> list[int]:

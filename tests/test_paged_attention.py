@@ -2,25 +2,24 @@
 sequences; fp8 caches; forced and derived splits; NaN past every length; bad input; the opt-in device checks;
 and on a GPU, no host sync and CUDA-graph replay with new lengths and block tables."""
 
+import functools
+
 import pytest
 import torch
 
-from bench.operators.paged_attention import PAGED_DECODE, PagedDecodeShape, build, compare
+from bench.operators.paged_attention import PAGED_DECODE, PagedDecodeShape, build
 from bench.testing import forbid_allocation, no_host_sync, replay_decode_graph, seed_of
 from kernels import paged_attention
 from kernels.paged_attention import check_paged_inputs, max_splits_for
 from reference import paged_attention as reference
+from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 
 
-def check_against_reference(shape: PagedDecodeShape, seed: int) -> None:
-    inputs = build(shape, DEVICE, seed, guarded=True)
-    expected = inputs.clone()
-    inputs.result = paged_attention.paged_decode(**inputs.args)
-    expected.result = reference.paged_decode(**{**expected.args, "out": None})
-    compare(inputs, expected, shape)
+# check_against_reference(shape, seed): this file's case, kernel against reference (tests/helpers.py)
+check_against_reference = functools.partial(helpers.check_against_reference, PAGED_DECODE, device=DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -48,15 +47,7 @@ def test_page_sizes_and_fp8(block_size, cache_dtype, request):
 def test_splits_and_q_dtypes(dtype, num_splits, request):
     """Forced splits (including more splits than some sequences have tiles) and derived ones agree."""
     shape = PagedDecodeShape(
-        "splits",
-        (700, 3, 0, 300),
-        8,
-        2,
-        64,
-        block_size=16,
-        dtype=dtype,
-        cache_dtype=dtype,
-        num_splits=num_splits,
+        num_q_heads=8, num_kv_heads=2, head_dim=64, **helpers.split_batch(dtype, num_splits)
     )
     check_against_reference(shape, seed_of(request.node.name))
 
@@ -122,15 +113,11 @@ def test_derived_splits_cover_a_long_sequence(request):
 
 
 def test_small_shapes_of_the_case(request):
-    for shape in PAGED_DECODE.small_shapes():
-        check_against_reference(shape, seed_of(request.node.name + shape.label))
+    helpers.check_small_shapes(PAGED_DECODE, request.node.name, DEVICE)
 
 
-def test_random_shapes_property():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.given(
+@helpers.property_test(
+    lambda st: dict(
         lengths=st.lists(st.integers(0, 300), min_size=1, max_size=4),
         num_kv_heads=st.sampled_from([1, 2]),
         group=st.sampled_from([1, 2, 3, 4, 8, 16]),
@@ -140,20 +127,21 @@ def test_random_shapes_property():
         num_splits=st.sampled_from([None, 1, 2, 3]),
         seed=st.integers(0, 2**31 - 1),
     )
-    def check(lengths, num_kv_heads, group, head_dim, block_size, cache_dtype, num_splits, seed):
-        shape = PagedDecodeShape(
-            "prop",
-            tuple(lengths),
-            num_kv_heads * group,
-            num_kv_heads,
-            head_dim,
-            block_size=block_size,
-            cache_dtype=cache_dtype,
-            num_splits=num_splits,
-        )
-        check_against_reference(shape, seed)
-
-    check()
+)
+def test_random_shapes_property(
+    lengths, num_kv_heads, group, head_dim, block_size, cache_dtype, num_splits, seed
+):
+    shape = PagedDecodeShape(
+        "prop",
+        tuple(lengths),
+        num_kv_heads * group,
+        num_kv_heads,
+        head_dim,
+        block_size=block_size,
+        cache_dtype=cache_dtype,
+        num_splits=num_splits,
+    )
+    check_against_reference(shape, seed)
 
 
 def test_returns_out_when_given_and_a_new_tensor_otherwise():
