@@ -30,13 +30,14 @@ import triton
 import triton.language as tl
 
 from kernels._checks import check_contiguous, check_tensor, runs_on
+from reference.block_pool import BlockPoolReads
 
 _MAX_TILE = 4096  # elements of one [sequences x pages-or-tokens] tile
 _NEVER: tl.constexpr = 2**31 - 1  # offsets marks below zero, so the smallest listing index wins
 
 
 @dataclass
-class KVBlockPool:
+class KVBlockPool(BlockPoolReads):
     """Blocks of ``block_size`` token slots for up to ``max_seqs`` sequences of ``max_blocks_per_seq`` pages.
 
     Invariants: each block is on the free stack (free_stack[:free_count]) with ref_count 0, or referenced by
@@ -56,8 +57,6 @@ class KVBlockPool:
     free_count: torch.Tensor
     seq_marks: torch.Tensor  # int32 [max_seqs] scratch: 0 between calls
     last_use: torch.Tensor  # int32 [num_blocks] scratch: -1 between calls
-
-    STATE = ("block_tables", "seq_lens", "ref_counts", "free_stack", "free_count")
 
     def __init__(self, num_blocks: int, block_size: int, max_seqs: int, max_blocks_per_seq: int, device=None):
         for name, value in (
@@ -112,36 +111,6 @@ class KVBlockPool:
         for name, value in vars(other).items():
             if isinstance(value, torch.Tensor):
                 getattr(self, name).copy_(value)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """The pool's tensors on the CPU (the free stack only up to its count: the rest is stale)."""
-        state = {name: getattr(self, name).cpu() for name in self.STATE}
-        state["free_stack"] = state["free_stack"][: int(state["free_count"][0])]
-        return state
-
-    def usage(self) -> dict[str, int]:
-        """Where the pool's token slots are (a host read: it syncs). ``tokens``: slots holding token states;
-        ``slack``: unused slots in sequences' last blocks; ``free``: slots in free blocks; ``shared``: token
-        states stored once for several sequences (forked prefixes), counted once in ``tokens``."""
-        lens = self.seq_lens.cpu().long()
-        refs = self.ref_counts.cpu().long()
-        allocated = int((refs > 0).sum()) * self.block_size
-        per_sequence = int(lens.sum())
-        pages = (lens + self.block_size - 1) // self.block_size
-        referenced = int(pages.sum()) * self.block_size  # slots the tables point at, shared ones once each
-        slack = int((pages * self.block_size - lens).sum())
-        shared = referenced - allocated  # slots seen by more than one sequence, beyond the first
-        return {
-            "tokens": per_sequence - shared,
-            "slack": slack,
-            "free": int(self.free_count[0]) * self.block_size,
-            "shared": shared,
-            "capacity": self.num_blocks * self.block_size,
-        }
-
-    def num_free(self) -> int:
-        """Free blocks: a host read (it syncs), for tests and reports."""
-        return int(self.free_count[0])
 
 
 # --- kernels ------------------------------------------------------------------------------------------------
