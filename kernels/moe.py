@@ -395,32 +395,15 @@ def _scan_chunks_kernel(
         inclusive = tl.cumsum(counts, axis=0) + running[None, :]
         tl.store(where, inclusive - counts, mask=(chunks < num_chunks)[:, None])
         running += tl.sum(counts, axis=0)
-    _write_layout(
-        running,
-        experts,
-        tokens_per_expert_ptr,
-        expert_offsets_ptr,
-        row_token_ptr,
-        num_experts,
-        max_rows,
-        align,
-        ALIGN_PAD,
-    )
+    layout = (tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align)
+    _write_layout(running, experts, layout, ALIGN_PAD)
 
 
 @triton.jit
-def _write_layout(
-    counts,
-    experts,
-    tokens_per_expert_ptr,
-    expert_offsets_ptr,
-    row_token_ptr,
-    num_experts,
-    max_rows,
-    align,
-    ALIGN_PAD: tl.constexpr,
-):
-    """Stores the per-expert counts and aligned offsets, and marks every padding row with -1."""
+def _write_layout(counts, experts, layout, ALIGN_PAD: tl.constexpr):
+    """Stores the per-expert counts and aligned offsets, and marks every padding row with -1. ``layout``:
+    (tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align)."""
+    tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align = layout
     real = experts < num_experts
     padded = tl.where(real, tl.cdiv(counts, align) * align, 0)
     ends = tl.cumsum(padded, axis=0)
@@ -480,17 +463,8 @@ def _dispatch_kernel(
         padded = tl.where(experts < num_experts, tl.cdiv(totals, align) * align, 0)
         base = tl.cumsum(padded, axis=0) - padded + before
         if chunk == 0:
-            _write_layout(
-                totals,
-                experts,
-                tokens_per_expert_ptr,
-                expert_offsets_ptr,
-                row_token_ptr,
-                num_experts,
-                max_rows,
-                align,
-                ALIGN_PAD,
-            )
+            layout = (tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align)
+            _write_layout(totals, experts, layout, ALIGN_PAD)
     else:
         base = tl.load(chunk_prefix_ptr + chunk * EXPERTS_PAD + experts)
         base += tl.load(expert_offsets_ptr + experts, mask=experts < num_experts, other=0)
