@@ -98,6 +98,10 @@ class KVBlockPool(BlockPoolReads):
     def device(self) -> torch.device:
         return self.seq_lens.device
 
+    def kernel_state(self) -> tuple[torch.Tensor, ...]:
+        """The tensors every pool kernel takes, in their order: STATE's, then the marks scratch."""
+        return (*(getattr(self, name) for name in self.STATE), self.seq_marks)
+
     def clone(self) -> "KVBlockPool":
         """An independent copy (tensors cloned on the same device)."""
         copy = object.__new__(KVBlockPool)
@@ -524,12 +528,7 @@ def allocate(pool: KVBlockPool, seq_ids, num_new_tokens, *, num_tokens: int | No
         uniform,
         num_seqs,
         num_tokens,
-        pool.block_tables,
-        pool.seq_lens,
-        pool.ref_counts,
-        pool.free_stack,
-        pool.free_count,
-        pool.seq_marks,
+        *pool.kernel_state(),
         slot_mapping,
         ok,
         pool.max_seqs,
@@ -561,12 +560,7 @@ def fork(pool: KVBlockPool, src, dst):
         src,
         dst,
         num_pairs,
-        pool.block_tables,
-        pool.seq_lens,
-        pool.ref_counts,
-        pool.free_stack,
-        pool.free_count,
-        pool.seq_marks,
+        *pool.kernel_state(),
         copies,
         ok,
         pool.max_seqs,
@@ -589,12 +583,7 @@ def free(pool: KVBlockPool, seq_ids) -> None:
     _free_kernel[(1,)](
         seq_ids,
         num_seqs,
-        pool.block_tables,
-        pool.seq_lens,
-        pool.ref_counts,
-        pool.free_stack,
-        pool.free_count,
-        pool.seq_marks,
+        *pool.kernel_state(),
         pool.last_use,
         pool.max_seqs,
         pool.max_blocks_per_seq,
