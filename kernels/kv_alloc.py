@@ -33,7 +33,7 @@ from kernels._checks import check_contiguous, check_tensor, runs_on
 from reference.block_pool import BlockPoolReads
 
 _MAX_TILE = 4096  # elements of one [sequences x pages-or-tokens] tile
-_NEVER: tl.constexpr = 2**31 - 1  # offsets marks below zero, so the smallest listing index wins
+_NEVER = tl.constexpr(2**31 - 1)  # offsets marks below zero, so the smallest listing index wins
 
 
 @dataclass
