@@ -2,15 +2,11 @@
 for state after every call, the pool's invariants, all-or-nothing failures, copy_blocks, bad input."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import kernels.kv_alloc as kv_alloc
-from bench.measure.static import missing_aot_api
 from bench.testing import no_host_sync
 from kernels import INTERPRETED
 from reference import kv_alloc as reference
@@ -327,24 +323,3 @@ def test_prefilled_pool_is_the_state_the_reference_lays_down(num_seqs, max_len, 
     again = prefilled_pool(shape, DEVICE, seed=11)  # from the cache: an independent copy
     again.seq_lens.zero_()
     assert torch.equal(prefilled_pool(shape, DEVICE, seed=11).seq_lens, pool.seq_lens)
-
-
-@pytest.mark.skipif(missing_aot_api() is not None, reason=missing_aot_api() or "")
-def test_fork_and_free_compile_for_sm90():
-    """The proxies' static cases compile allocate's kernel only; fork's and free's must compile for a GPU too
-    (the interpreter runs what the compiler refuses, such as a global a kernel reads that is no
-    tl.constexpr instance). Compiled in a child without the interpreter, as the static report does."""
-    script = (
-        "import torch; from kernels import kv_alloc; from bench.measure.device import kernel_device; "
-        "from bench.measure.static import capture_launches, compile_aot; "
-        "pool = kv_alloc.KVBlockPool(16, 4, 4, 4, device=kernel_device()); "
-        "ids = torch.arange(2, dtype=torch.int32, device=pool.device)\n"
-        "with capture_launches(kv_alloc) as launches:\n"
-        "    kv_alloc.fork(pool, ids[:1], ids[1:]); kv_alloc.free(pool, ids)\n"
-        "for launch in launches: compile_aot(launch, 90); print(launch.kernel)"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["_fork_kernel", "_free_kernel"]
