@@ -501,6 +501,16 @@ def _dispatch_kernel(
 
 
 @triton.jit
+def combine_tile(num_tokens, hidden, TOKENS: tl.constexpr, HIDDEN_TILE: tl.constexpr):
+    """This program's [TOKENS, HIDDEN_TILE] tile of a combine's [num_tokens, hidden] output (also ep's sum
+    of partials): its tokens (int64, for row addresses), columns, live tokens, and in-bounds mask."""
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
+    live = tokens < num_tokens
+    return tokens, cols, live, live[:, None] & (cols < hidden)[None, :]
+
+
+@triton.jit
 def _combine_kernel(
     y_sorted_ptr,  # [max_rows, hidden], contiguous
     weights_ptr,  # [num_tokens, TOP_K] fp32
@@ -512,10 +522,7 @@ def _combine_kernel(
     TOKENS: tl.constexpr,
     HIDDEN_TILE: tl.constexpr,
 ):
-    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
-    cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
-    live = tokens < num_tokens
-    mask = live[:, None] & (cols < hidden)[None, :]
+    tokens, cols, live, mask = combine_tile(num_tokens, hidden, TOKENS, HIDDEN_TILE)
     acc = tl.zeros([TOKENS, HIDDEN_TILE], dtype=tl.float32)
     for c in tl.static_range(TOP_K):  # a fixed order: bit-identical runs
         row = tl.load(slot_row_ptr + tokens * TOP_K + c, mask=live, other=-1).to(tl.int64)
