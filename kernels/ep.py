@@ -456,10 +456,7 @@ def _sum_partials_kernel(
     TOKENS: tl.constexpr,
     HIDDEN_TILE: tl.constexpr,
 ):
-    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
-    cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
-    live = tokens < num_tokens
-    mask = live[:, None] & (cols < hidden)[None, :]
+    tokens, cols, live, mask = moe.combine_tile(num_tokens, hidden, TOKENS, HIDDEN_TILE)
     acc = tl.zeros([TOKENS, HIDDEN_TILE], dtype=tl.float32)
     for rank in range(world):  # rank order: bit-identical runs
         row = tl.load(token_rows_ptr + tokens * world + rank, mask=live, other=-1).to(tl.int64)

@@ -30,13 +30,14 @@ import triton
 import triton.language as tl
 
 from kernels._checks import check_contiguous, check_tensor, runs_on
+from reference.block_pool import BlockPoolReads
 
 _MAX_TILE = 4096  # elements of one [sequences x pages-or-tokens] tile
-_NEVER: tl.constexpr = 2**31 - 1  # offsets marks below zero, so the smallest listing index wins
+_NEVER = tl.constexpr(2**31 - 1)  # offsets marks below zero, so the smallest listing index wins
 
 
 @dataclass
-class KVBlockPool:
+class KVBlockPool(BlockPoolReads):
     """Blocks of ``block_size`` token slots for up to ``max_seqs`` sequences of ``max_blocks_per_seq`` pages.
 
     Invariants: each block is on the free stack (free_stack[:free_count]) with ref_count 0, or referenced by
@@ -56,8 +57,6 @@ class KVBlockPool:
     free_count: torch.Tensor
     seq_marks: torch.Tensor  # int32 [max_seqs] scratch: 0 between calls
     last_use: torch.Tensor  # int32 [num_blocks] scratch: -1 between calls
-
-    STATE = ("block_tables", "seq_lens", "ref_counts", "free_stack", "free_count")
 
     def __init__(self, num_blocks: int, block_size: int, max_seqs: int, max_blocks_per_seq: int, device=None):
         for name, value in (
@@ -99,6 +98,10 @@ class KVBlockPool:
     def device(self) -> torch.device:
         return self.seq_lens.device
 
+    def kernel_state(self) -> tuple[torch.Tensor, ...]:
+        """The tensors every pool kernel takes, in their order: STATE's, then the marks scratch."""
+        return (*(getattr(self, name) for name in self.STATE), self.seq_marks)
+
     def clone(self) -> "KVBlockPool":
         """An independent copy (tensors cloned on the same device)."""
         copy = object.__new__(KVBlockPool)
@@ -113,42 +116,16 @@ class KVBlockPool:
             if isinstance(value, torch.Tensor):
                 getattr(self, name).copy_(value)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The pool's tensors on the CPU (the free stack only up to its count: the rest is stale)."""
-        state = {name: getattr(self, name).cpu() for name in self.STATE}
-        state["free_stack"] = state["free_stack"][: int(state["free_count"][0])]
-        return state
-
-    def usage(self) -> dict[str, int]:
-        """Where the pool's token slots are (a host read: it syncs). ``tokens``: slots holding token states;
-        ``slack``: unused slots in sequences' last blocks; ``free``: slots in free blocks; ``shared``: token
-        states stored once for several sequences (forked prefixes), counted once in ``tokens``."""
-        lens = self.seq_lens.cpu().long()
-        refs = self.ref_counts.cpu().long()
-        allocated = int((refs > 0).sum()) * self.block_size
-        per_sequence = int(lens.sum())
-        pages = (lens + self.block_size - 1) // self.block_size
-        referenced = int(pages.sum()) * self.block_size  # slots the tables point at, shared ones once each
-        slack = int((pages * self.block_size - lens).sum())
-        shared = referenced - allocated  # slots seen by more than one sequence, beyond the first
-        return {
-            "tokens": per_sequence - shared,
-            "slack": slack,
-            "free": int(self.free_count[0]) * self.block_size,
-            "shared": shared,
-            "capacity": self.num_blocks * self.block_size,
-        }
-
-    def num_free(self) -> int:
-        """Free blocks: a host read (it syncs), for tests and reports."""
-        return int(self.free_count[0])
-
 
 # --- kernels ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _load_requests(ids_ptr, counts_ptr, uniform_count, offs, n, max_seqs, UNIFORM: tl.constexpr):
+def _load_requests(requests, start, SEQ_BLOCK: tl.constexpr, UNIFORM: tl.constexpr):
+    """Requests start .. start + SEQ_BLOCK of an allocate (``requests``: ids_ptr, counts_ptr, uniform_count,
+    n, max_seqs): which are listed, their ids (0 where invalid), counts, and which are invalid."""
+    ids_ptr, counts_ptr, uniform_count, n, max_seqs = requests
+    offs = start + tl.arange(0, SEQ_BLOCK)
     live = offs < n
     ids = tl.load(ids_ptr + offs, mask=live, other=0)
     if UNIFORM:
@@ -182,15 +159,13 @@ def _allocate_kernel(
     TOKEN_BLOCK: tl.constexpr,  # new tokens per sequence per inner step
     UNIFORM: tl.constexpr,
 ):
+    requests = (seq_ids_ptr, counts_ptr, uniform_count, num_seqs, max_seqs)
     # Pass 1: validity, duplicates, and the totals the all-or-nothing check needs.
     bad = tl.zeros([SEQ_BLOCK], dtype=tl.int1)
     need_total = 0
     token_total = tl.full((), 0, tl.int64)
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs = start + tl.arange(0, SEQ_BLOCK)
-        live, ids, counts, invalid = _load_requests(
-            seq_ids_ptr, counts_ptr, uniform_count, offs, num_seqs, max_seqs, UNIFORM
-        )
+        live, ids, counts, invalid = _load_requests(requests, start, SEQ_BLOCK, UNIFORM)
         tl.atomic_add(marks_ptr + ids, 1, mask=live & ~invalid)  # counted twice: listed twice
         lens = tl.load(seq_lens_ptr + ids, mask=live & ~invalid, other=0)
         # Counts are device data: one past its row's room is refused before lens + counts can wrap int32
@@ -203,17 +178,11 @@ def _allocate_kernel(
         token_total += tl.sum(counts.to(tl.int64))
     tl.debug_barrier()
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs = start + tl.arange(0, SEQ_BLOCK)
-        live, ids, counts, invalid = _load_requests(
-            seq_ids_ptr, counts_ptr, uniform_count, offs, num_seqs, max_seqs, UNIFORM
-        )
+        live, ids, counts, invalid = _load_requests(requests, start, SEQ_BLOCK, UNIFORM)
         bad = bad | (live & ~invalid & (tl.load(marks_ptr + ids, mask=live & ~invalid, other=0) > 1))
     tl.debug_barrier()
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs = start + tl.arange(0, SEQ_BLOCK)
-        live, ids, counts, invalid = _load_requests(
-            seq_ids_ptr, counts_ptr, uniform_count, offs, num_seqs, max_seqs, UNIFORM
-        )
+        live, ids, counts, invalid = _load_requests(requests, start, SEQ_BLOCK, UNIFORM)
         tl.store(marks_ptr + ids, 0, mask=live & ~invalid)
 
     free = tl.load(free_count_ptr)
@@ -228,10 +197,7 @@ def _allocate_kernel(
         token_carry = 0
         top = free - 1
         for start in range(0, num_seqs, SEQ_BLOCK):
-            offs = start + tl.arange(0, SEQ_BLOCK)
-            live, ids, counts, invalid = _load_requests(
-                seq_ids_ptr, counts_ptr, uniform_count, offs, num_seqs, max_seqs, UNIFORM
-            )
+            live, ids, counts, invalid = _load_requests(requests, start, SEQ_BLOCK, UNIFORM)
             lens = tl.load(seq_lens_ptr + ids, mask=live, other=0)
             old_pages = tl.cdiv(lens, BLOCK_SIZE)
             need = tl.where(live, tl.cdiv(lens + counts, BLOCK_SIZE) - old_pages, 0)
@@ -272,6 +238,16 @@ def _allocate_kernel(
 
 
 @triton.jit
+def _load_pairs(src_ptr, dst_ptr, start, num_pairs, max_seqs, PAIR_BLOCK: tl.constexpr):
+    """Pairs start .. start + PAIR_BLOCK of a fork: which are listed, their ids, and which are in range."""
+    offs = start + tl.arange(0, PAIR_BLOCK)
+    live = offs < num_pairs
+    src = tl.load(src_ptr + offs, mask=live, other=0)
+    dst = tl.load(dst_ptr + offs, mask=live, other=0)
+    return live, src, dst, live & (src >= 0) & (src < max_seqs) & (dst >= 0) & (dst < max_seqs)
+
+
+@triton.jit
 def _fork_kernel(
     src_ptr,  # [num_pairs] int32
     dst_ptr,  # [num_pairs] int32
@@ -294,11 +270,7 @@ def _fork_kernel(
     bad = tl.zeros([PAIR_BLOCK], dtype=tl.int1)
     need_total = 0
     for start in range(0, num_pairs, PAIR_BLOCK):
-        offs = start + tl.arange(0, PAIR_BLOCK)
-        live = offs < num_pairs
-        src = tl.load(src_ptr + offs, mask=live, other=0)
-        dst = tl.load(dst_ptr + offs, mask=live, other=0)
-        valid = live & (src >= 0) & (src < max_seqs) & (dst >= 0) & (dst < max_seqs)
+        live, src, dst, valid = _load_pairs(src_ptr, dst_ptr, start, num_pairs, max_seqs, PAIR_BLOCK)
         bad = bad | (live & ~valid)
         tl.atomic_add(marks_ptr + dst, 1, mask=valid)
         src_len = tl.load(seq_lens_ptr + src, mask=valid, other=0)
@@ -307,11 +279,7 @@ def _fork_kernel(
         need_total += tl.sum(tl.where(valid & (src_len % BLOCK_SIZE != 0), 1, 0), axis=0)
     tl.debug_barrier()
     for start in range(0, num_pairs, PAIR_BLOCK):
-        offs = start + tl.arange(0, PAIR_BLOCK)
-        live = offs < num_pairs
-        src = tl.load(src_ptr + offs, mask=live, other=0)
-        dst = tl.load(dst_ptr + offs, mask=live, other=0)
-        valid = live & (src >= 0) & (src < max_seqs) & (dst >= 0) & (dst < max_seqs)
+        live, src, dst, valid = _load_pairs(src_ptr, dst_ptr, start, num_pairs, max_seqs, PAIR_BLOCK)
         # A destination listed twice, or a source that is also a destination: refused.
         bad = bad | (valid & (tl.load(marks_ptr + dst, mask=valid, other=0) > 1))
         bad = bad | (valid & (tl.load(marks_ptr + src, mask=valid, other=0) > 0))
@@ -361,25 +329,24 @@ def _fork_kernel(
 
 
 @triton.jit
-def _freed_rows(
-    seq_ids_ptr,
-    offs,
-    num_seqs,
-    marks_ptr,
-    seq_lens_ptr,
-    block_tables_ptr,
-    max_seqs,
-    max_blocks,
-    BLOCK_SIZE: tl.constexpr,
-):
-    """For the listings ``offs`` of a free: whether each frees its sequence (the first listing of a valid id),
-    the sequence's page count, and its block-table row."""
+def _listed(seq_ids_ptr, offs, num_seqs, max_seqs):
+    """The ids at listings ``offs`` of a free, and which are valid (listed and in range)."""
     ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
-    valid = (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
+    return ids, (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
+
+
+@triton.jit
+def _freed_rows(listing, start, BLOCK_SIZE: tl.constexpr, SEQ_BLOCK: tl.constexpr):
+    """For the listings start .. start + SEQ_BLOCK of a free (``listing``: seq_ids_ptr, num_seqs, max_seqs,
+    marks_ptr, seq_lens_ptr, block_tables_ptr, max_blocks): their offsets and ids, whether each frees its
+    sequence (the first listing of a valid id), the sequence's page count, and its block-table row."""
+    seq_ids_ptr, num_seqs, max_seqs, marks_ptr, seq_lens_ptr, block_tables_ptr, max_blocks = listing
+    offs = start + tl.arange(0, SEQ_BLOCK)
+    ids, valid = _listed(seq_ids_ptr, offs, num_seqs, max_seqs)
     first = valid & (tl.load(marks_ptr + ids, mask=valid, other=0) == offs - _NEVER)
     pages = tl.where(first, tl.cdiv(tl.load(seq_lens_ptr + ids, mask=first, other=0), BLOCK_SIZE), 0)
     rows = block_tables_ptr + tl.where(first, ids, 0).to(tl.int64) * max_blocks
-    return ids, valid, first, pages, rows
+    return offs, ids, first, pages, rows
 
 
 @triton.jit
@@ -388,6 +355,12 @@ def _page_tile(rows, first, pages, j, PAGE_BLOCK: tl.constexpr):
     page = j + tl.arange(0, PAGE_BLOCK)
     used = first[:, None] & (page[None, :] < pages[:, None])
     return page, used, tl.load(rows[:, None] + page[None, :], mask=used, other=0)
+
+
+@triton.jit
+def _use(offs, page, max_blocks):
+    """Each (listing, page)'s place in (listing, page) order: what last_use keeps the largest of."""
+    return offs[:, None] * max_blocks + page[None, :]
 
 
 @triton.jit
@@ -414,59 +387,37 @@ def _free_kernel(
     SEQ_BLOCK: tl.constexpr,
     PAGE_BLOCK: tl.constexpr,
 ):
+    listing = (seq_ids_ptr, num_seqs, max_seqs, marks_ptr, seq_lens_ptr, block_tables_ptr, max_blocks)
     # A sequence listed twice is freed by its first listing: its mark becomes that index - _NEVER (< 0).
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
-        ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
-        valid = (offs < num_seqs) & (ids >= 0) & (ids < max_seqs)
+        ids, valid = _listed(seq_ids_ptr, offs, num_seqs, max_seqs)
         tl.atomic_min(marks_ptr + ids, tl.where(valid, offs - _NEVER, 0), mask=valid)
     tl.debug_barrier()
     # Pass 1: drop references; each block remembers its last use in (listing, page) order.
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs = start + tl.arange(0, SEQ_BLOCK)
-        ids, valid, first, pages, rows = _freed_rows(
-            seq_ids_ptr,
-            offs,
-            num_seqs,
-            marks_ptr,
-            seq_lens_ptr,
-            block_tables_ptr,
-            max_seqs,
-            max_blocks,
-            BLOCK_SIZE,
-        )
+        offs, ids, first, pages, rows = _freed_rows(listing, start, BLOCK_SIZE, SEQ_BLOCK)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
             page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
             tl.atomic_add(ref_counts_ptr + block, -1, mask=used)
-            tl.atomic_max(last_use_ptr + block, offs[:, None] * max_blocks + page[None, :], mask=used)
+            tl.atomic_max(last_use_ptr + block, _use(offs, page, max_blocks), mask=used)
     tl.debug_barrier()
     # Pass 2: push each released block, at a position given by a prefix count in (listing, page) order:
     # first each listing's count of releases (for its offset), then the pushes.
     top = tl.load(free_count_ptr)
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs = start + tl.arange(0, SEQ_BLOCK)
-        ids, valid, first, pages, rows = _freed_rows(
-            seq_ids_ptr,
-            offs,
-            num_seqs,
-            marks_ptr,
-            seq_lens_ptr,
-            block_tables_ptr,
-            max_seqs,
-            max_blocks,
-            BLOCK_SIZE,
-        )
+        offs, ids, first, pages, rows = _freed_rows(listing, start, BLOCK_SIZE, SEQ_BLOCK)
         released_per_seq = tl.zeros([SEQ_BLOCK], dtype=tl.int32)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
             page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
-            use = offs[:, None] * max_blocks + page[None, :]
+            use = _use(offs, page, max_blocks)
             released = _released_here(ref_counts_ptr, last_use_ptr, block, used, use)
             released_per_seq += tl.sum(released.to(tl.int32), axis=1)
         seq_offset = tl.cumsum(released_per_seq, axis=0) - released_per_seq
         running = tl.zeros([SEQ_BLOCK], dtype=tl.int32)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
             page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
-            use = offs[:, None] * max_blocks + page[None, :]
+            use = _use(offs, page, max_blocks)
             flags = _released_here(ref_counts_ptr, last_use_ptr, block, used, use).to(tl.int32)
             position = top + seq_offset[:, None] + running[:, None] + tl.cumsum(flags, axis=1) - flags
             tl.store(free_stack_ptr + position, block, mask=flags != 0)
@@ -475,18 +426,7 @@ def _free_kernel(
     tl.debug_barrier()
     # Pass 3: clear the rows and the last uses; then the lengths and the marks.
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs = start + tl.arange(0, SEQ_BLOCK)
-        ids, valid, first, pages, rows = _freed_rows(
-            seq_ids_ptr,
-            offs,
-            num_seqs,
-            marks_ptr,
-            seq_lens_ptr,
-            block_tables_ptr,
-            max_seqs,
-            max_blocks,
-            BLOCK_SIZE,
-        )
+        offs, ids, first, pages, rows = _freed_rows(listing, start, BLOCK_SIZE, SEQ_BLOCK)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
             page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
             tl.store(last_use_ptr + block, -1, mask=used)
@@ -495,8 +435,8 @@ def _free_kernel(
     tl.debug_barrier()
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
-        ids = tl.load(seq_ids_ptr + offs, mask=offs < num_seqs, other=-1)
-        tl.store(marks_ptr + ids, 0, mask=(offs < num_seqs) & (ids >= 0) & (ids < max_seqs))
+        ids, valid = _listed(seq_ids_ptr, offs, num_seqs, max_seqs)
+        tl.store(marks_ptr + ids, 0, mask=valid)
     tl.store(free_count_ptr, top)
 
 
@@ -588,12 +528,7 @@ def allocate(pool: KVBlockPool, seq_ids, num_new_tokens, *, num_tokens: int | No
         uniform,
         num_seqs,
         num_tokens,
-        pool.block_tables,
-        pool.seq_lens,
-        pool.ref_counts,
-        pool.free_stack,
-        pool.free_count,
-        pool.seq_marks,
+        *pool.kernel_state(),
         slot_mapping,
         ok,
         pool.max_seqs,
@@ -625,12 +560,7 @@ def fork(pool: KVBlockPool, src, dst):
         src,
         dst,
         num_pairs,
-        pool.block_tables,
-        pool.seq_lens,
-        pool.ref_counts,
-        pool.free_stack,
-        pool.free_count,
-        pool.seq_marks,
+        *pool.kernel_state(),
         copies,
         ok,
         pool.max_seqs,
@@ -653,12 +583,7 @@ def free(pool: KVBlockPool, seq_ids) -> None:
     _free_kernel[(1,)](
         seq_ids,
         num_seqs,
-        pool.block_tables,
-        pool.seq_lens,
-        pool.ref_counts,
-        pool.free_stack,
-        pool.free_count,
-        pool.seq_marks,
+        *pool.kernel_state(),
         pool.last_use,
         pool.max_seqs,
         pool.max_blocks_per_seq,

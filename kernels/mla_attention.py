@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRETED, _configs
+from kernels import _configs
 from kernels._checks import (
     check_contiguous,
     check_fp8_scale,
@@ -60,7 +60,7 @@ from kernels.paged_attention import (
     check_tables,
     check_workspace_args,
     decode_buffers,
-    merge_splits,
+    launch_split_decode,
     paged_decode_workspace,
     plan_splits,
     scale_value,
@@ -307,27 +307,18 @@ def mla_decode(
     max_context = block_tables.shape[1] * block_size
     splits, forced = plan_splits(num_splits, batch, head_tiles, max_context, q.device, min_split_tokens)
     inputs = {"q": q, "kv_cache": kv_cache, "block_tables": block_tables, "seq_lens": seq_lens}
-    out, partial_out, partial_lse = decode_buffers(
+    buffers = decode_buffers(
         out, workspace, splits, (batch, num_heads, v_head_dim), "[batch, num_heads, v_head_dim]", inputs
     )
-    if batch == 0:
-        return out
-
     # Head tiles of one (sequence, split) are neighbours on axis 0: they share every row through L2.
-    _mla_decode_kernel[(head_tiles, splits, batch)](
-        q,
-        kv_cache,
-        block_tables,
-        seq_lens,
-        out,
-        partial_out,
-        partial_lse,
-        scale * LOG2_E,
-        kv_scale,
-        forced,
-        q.stride(0),
-        q.stride(1),
-        block_tables.stride(0),
+    return launch_split_decode(
+        _mla_decode_kernel,
+        (head_tiles, splits, batch),
+        inputs,
+        buffers,
+        (scale * LOG2_E, kv_scale),
+        (splits, forced, min_split_tokens),
+        config,
         NUM_HEADS=num_heads,
         HEAD_BLOCK=config["HEAD_BLOCK"],
         QK_DIM=qk_dim,
@@ -335,14 +326,5 @@ def mla_decode(
         V_PAD=config["V_PAD"],
         ROPE_PAD=config["ROPE_PAD"],
         BLOCK_SIZE=block_size,
-        BLOCK_N=config["BLOCK_N"],
-        MAX_SPLITS=splits,
-        MIN_SPLIT_TOKENS=min_split_tokens,
         SCALE_IN_MEMORY=scale_in_memory,
-        INTERPRETER_UPCAST=INTERPRETED,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
     )
-    if splits > 1:
-        merge_splits(seq_lens, partial_out, partial_lse, out, forced, splits, min_split_tokens)
-    return out

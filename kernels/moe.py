@@ -395,32 +395,15 @@ def _scan_chunks_kernel(
         inclusive = tl.cumsum(counts, axis=0) + running[None, :]
         tl.store(where, inclusive - counts, mask=(chunks < num_chunks)[:, None])
         running += tl.sum(counts, axis=0)
-    _write_layout(
-        running,
-        experts,
-        tokens_per_expert_ptr,
-        expert_offsets_ptr,
-        row_token_ptr,
-        num_experts,
-        max_rows,
-        align,
-        ALIGN_PAD,
-    )
+    layout = (tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align)
+    _write_layout(running, experts, layout, ALIGN_PAD)
 
 
 @triton.jit
-def _write_layout(
-    counts,
-    experts,
-    tokens_per_expert_ptr,
-    expert_offsets_ptr,
-    row_token_ptr,
-    num_experts,
-    max_rows,
-    align,
-    ALIGN_PAD: tl.constexpr,
-):
-    """Stores the per-expert counts and aligned offsets, and marks every padding row with -1."""
+def _write_layout(counts, experts, layout, ALIGN_PAD: tl.constexpr):
+    """Stores the per-expert counts and aligned offsets, and marks every padding row with -1. ``layout``:
+    (tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align)."""
+    tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align = layout
     real = experts < num_experts
     padded = tl.where(real, tl.cdiv(counts, align) * align, 0)
     ends = tl.cumsum(padded, axis=0)
@@ -480,17 +463,8 @@ def _dispatch_kernel(
         padded = tl.where(experts < num_experts, tl.cdiv(totals, align) * align, 0)
         base = tl.cumsum(padded, axis=0) - padded + before
         if chunk == 0:
-            _write_layout(
-                totals,
-                experts,
-                tokens_per_expert_ptr,
-                expert_offsets_ptr,
-                row_token_ptr,
-                num_experts,
-                max_rows,
-                align,
-                ALIGN_PAD,
-            )
+            layout = (tokens_per_expert_ptr, expert_offsets_ptr, row_token_ptr, num_experts, max_rows, align)
+            _write_layout(totals, experts, layout, ALIGN_PAD)
     else:
         base = tl.load(chunk_prefix_ptr + chunk * EXPERTS_PAD + experts)
         base += tl.load(expert_offsets_ptr + experts, mask=experts < num_experts, other=0)
@@ -527,6 +501,16 @@ def _dispatch_kernel(
 
 
 @triton.jit
+def combine_tile(num_tokens, hidden, TOKENS: tl.constexpr, HIDDEN_TILE: tl.constexpr):
+    """This program's [TOKENS, HIDDEN_TILE] tile of a combine's [num_tokens, hidden] output (also ep's sum
+    of partials): its tokens (int64, for row addresses), columns, live tokens, and in-bounds mask."""
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
+    live = tokens < num_tokens
+    return tokens, cols, live, live[:, None] & (cols < hidden)[None, :]
+
+
+@triton.jit
 def _combine_kernel(
     y_sorted_ptr,  # [max_rows, hidden], contiguous
     weights_ptr,  # [num_tokens, TOP_K] fp32
@@ -538,10 +522,7 @@ def _combine_kernel(
     TOKENS: tl.constexpr,
     HIDDEN_TILE: tl.constexpr,
 ):
-    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
-    cols = tl.program_id(1) * HIDDEN_TILE + tl.arange(0, HIDDEN_TILE)
-    live = tokens < num_tokens
-    mask = live[:, None] & (cols < hidden)[None, :]
+    tokens, cols, live, mask = combine_tile(num_tokens, hidden, TOKENS, HIDDEN_TILE)
     acc = tl.zeros([TOKENS, HIDDEN_TILE], dtype=tl.float32)
     for c in tl.static_range(TOP_K):  # a fixed order: bit-identical runs
         row = tl.load(slot_row_ptr + tokens * TOP_K + c, mask=live, other=-1).to(tl.int64)

@@ -556,6 +556,43 @@ def merge_splits(seq_lens, partial_out, partial_lse, out, forced: int, splits: i
     )
 
 
+def launch_split_decode(
+    kernel, grid, inputs: dict, buffers, scales: tuple, split_plan: tuple, config, **constants
+):
+    """Launches a split-KV decode kernel, paged_decode's or mla_decode's, and past one split the merge of its
+    partials; returns out. The two kernels share their leading arguments: ``inputs`` (q first, the caches,
+    block_tables, seq_lens, in the kernel's order), out and its partials (``buffers``, as decode_buffers
+    returns them), ``scales`` (the log2 softmax scale, then the cache scales), the forced split count, and
+    q's and the table's strides. split_plan: (splits, forced, min_split_tokens); ``constants``: the
+    kernel's own compile-time shape arguments. A batch of none launches nothing."""
+    q, block_tables, seq_lens = inputs["q"], inputs["block_tables"], inputs["seq_lens"]
+    out, partial_out, partial_lse = buffers
+    splits, forced, min_split_tokens = split_plan
+    if q.shape[0] == 0:
+        return out
+    kernel[grid](
+        *inputs.values(),
+        out,
+        partial_out,
+        partial_lse,
+        *scales,
+        forced,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        **constants,
+        BLOCK_N=config["BLOCK_N"],
+        MAX_SPLITS=splits,
+        MIN_SPLIT_TOKENS=min_split_tokens,
+        INTERPRETER_UPCAST=INTERPRETED,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    if splits > 1:
+        merge_splits(seq_lens, partial_out, partial_lse, out, forced, splits, min_split_tokens)
+    return out
+
+
 def check_paged_shapes(q, k_cache, v_cache) -> tuple[int, int, int, int, int]:
     """Metadata of q [batch, num_q_heads, head_dim] and the caches [num_blocks, block_size, num_kv_heads,
     head_dim] against each other; returns (batch, num_q_heads, head_dim, block_size, num_kv_heads)."""
@@ -624,27 +661,16 @@ def paged_decode(
         num_splits, batch, num_kv_heads * head_tiles, block_tables.shape[1] * block_size, q.device
     )
     inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
-    out, partial_out, partial_lse = decode_buffers(out, workspace, splits, tuple(q.shape), "like q", inputs)
-    if batch == 0:
-        return out
-
+    buffers = decode_buffers(out, workspace, splits, tuple(q.shape), "like q", inputs)
     # Head tiles of one (sequence, KV head, split) are neighbours on axis 0: they share its rows through L2.
-    _paged_decode_kernel[(batch * head_tiles, num_kv_heads, splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        partial_out,
-        partial_lse,
-        scale * LOG2_E,
-        k_scale,
-        v_scale,
-        forced,
-        q.stride(0),
-        q.stride(1),
-        block_tables.stride(0),
+    return launch_split_decode(
+        _paged_decode_kernel,
+        (batch * head_tiles, num_kv_heads, splits),
+        inputs,
+        buffers,
+        (scale * LOG2_E, k_scale, v_scale),
+        (splits, forced, MIN_SPLIT_TOKENS),
+        config,
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_TILE=config["HEAD_TILE"],
@@ -652,17 +678,8 @@ def paged_decode(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=config["HEAD_DIM_PAD"],
         BLOCK_SIZE=block_size,
-        BLOCK_N=config["BLOCK_N"],
-        MAX_SPLITS=splits,
-        MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
         SCALES_IN_MEMORY=scales_in_memory,
-        INTERPRETER_UPCAST=INTERPRETED,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
     )
-    if splits > 1:
-        merge_splits(seq_lens, partial_out, partial_lse, out, forced, splits, MIN_SPLIT_TOKENS)
-    return out
 
 
 def check_paged_inputs(k_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:

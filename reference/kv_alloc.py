@@ -15,8 +15,10 @@ The state lives in CPU tensors with the kernel pool's layout, so the two can be 
 
 import torch
 
+from reference.block_pool import BlockPoolReads
 
-class KVBlockPool:
+
+class KVBlockPool(BlockPoolReads):
     """Blocks of ``block_size`` token slots for up to ``max_seqs`` sequences of ``max_blocks_per_seq`` pages.
 
     Invariants: each block is on the free stack (free_stack[:free_count]) with ref_count 0, or referenced by
@@ -32,37 +34,6 @@ class KVBlockPool:
         self.ref_counts = torch.zeros(num_blocks, dtype=torch.int32)
         self.free_stack = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int32)  # block 0 on top
         self.free_count = torch.tensor([num_blocks], dtype=torch.int32)
-
-    STATE = ("block_tables", "seq_lens", "ref_counts", "free_stack", "free_count")
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """The pool's tensors on the CPU (the free stack only up to its count: the rest is stale)."""
-        state = {name: getattr(self, name).cpu() for name in self.STATE}
-        state["free_stack"] = state["free_stack"][: int(state["free_count"][0])]
-        return state
-
-    def usage(self) -> dict[str, int]:
-        """Where the pool's token slots are (a host read: it syncs). ``tokens``: slots holding token states;
-        ``slack``: unused slots in sequences' last blocks; ``free``: slots in free blocks; ``shared``: token
-        states stored once for several sequences (forked prefixes), counted once in ``tokens``."""
-        lens = self.seq_lens.cpu().long()
-        refs = self.ref_counts.cpu().long()
-        allocated = int((refs > 0).sum()) * self.block_size
-        per_sequence = int(lens.sum())
-        pages = (lens + self.block_size - 1) // self.block_size
-        referenced = int(pages.sum()) * self.block_size  # slots the tables point at, shared ones once each
-        slack = int((pages * self.block_size - lens).sum())
-        shared = referenced - allocated  # slots seen by more than one sequence, beyond the first
-        return {
-            "tokens": per_sequence - shared,
-            "slack": slack,
-            "free": int(self.free_count[0]) * self.block_size,
-            "shared": shared,
-            "capacity": self.num_blocks * self.block_size,
-        }
-
-    def num_free(self) -> int:
-        return int(self.free_count[0])
 
 
 def _pages(length: int, block_size: int) -> int:

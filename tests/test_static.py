@@ -51,6 +51,16 @@ def compiled_rows(name: str) -> list:
     pytest.fail(f"nothing can compile {name} here: {MISSING_API}, and no GPU to launch it")
 
 
+def uninterpreted(script: str) -> list[str]:
+    """The words ``script`` prints, run in a child with Triton's interpreter off (as the static report
+    compiles): in this process the kernels may be the interpreter's, which the AOT compile cannot take."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
 @functools.cache
 def write_kv_rows():
     return compiled_rows("write_kv")
@@ -164,11 +174,24 @@ def test_static_report_compiles_what_a_gpu_runs():
         "ptx = compile_aot(launch, 90).asm['ptx']; "
         "print('cvt.rn.satfinite.e4m3x2.f32' in ptx, '0f46800000' in ptx)"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "False"]
+    assert uninterpreted(script) == ["True", "False"]
+
+
+@needs_aot
+def test_fork_and_free_compile_for_sm90():
+    """The proxies' kv_alloc case compiles allocate's kernel only; fork's and free's must compile for a GPU
+    too (the interpreter runs what the compiler refuses, such as a global a kernel reads that is no
+    tl.constexpr instance)."""
+    script = (
+        "import torch; from kernels import kv_alloc; from bench.measure.device import kernel_device; "
+        "from bench.measure.static import capture_launches, compile_aot; "
+        "pool = kv_alloc.KVBlockPool(16, 4, 4, 4, device=kernel_device()); "
+        "ids = torch.arange(2, dtype=torch.int32, device=pool.device)\n"
+        "with capture_launches(kv_alloc) as launches:\n"
+        "    kv_alloc.fork(pool, ids[:1], ids[1:]); kv_alloc.free(pool, ids)\n"
+        "for launch in launches: compile_aot(launch, 90); print(launch.kernel)"
+    )
+    assert uninterpreted(script) == ["_fork_kernel", "_free_kernel"]
 
 
 @functools.cache
