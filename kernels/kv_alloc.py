@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import check_contiguous, check_tensor, runs_on
-from reference.block_pool import BlockPoolReads
+from kernels._pool_reads import BlockPoolReads
 
 _MAX_TILE = 4096  # elements of one [sequences x pages-or-tokens] tile
 _NEVER = tl.constexpr(2**31 - 1)  # offsets marks below zero, so the smallest listing index wins

@@ -15,7 +15,7 @@ The state lives in CPU tensors with the kernel pool's layout, so the two can be 
 
 import torch
 
-from reference.block_pool import BlockPoolReads
+from kernels._pool_reads import BlockPoolReads
 
 
 class KVBlockPool(BlockPoolReads):

@@ -1,6 +1,7 @@
-"""Host reads of a KV block pool's state, shared by the device pool (kernels/kv_alloc.py) and its host twin
-(reference/kv_alloc.py): both keep the same tensors under the same names, so one set of reads serves both.
-Torch only, so the reference stays free of Triton."""
+"""Host reads of a KV block pool's state: the pool's contract (its tensors, their names, how its token slots
+are counted), shared by the device pool (kernels/kv_alloc.py) and its plain-torch twin (reference/kv_alloc.py),
+which keep the same tensors under the same names. Torch only (no Triton), so the twin imports it freely; the
+allocator's logic, which the twin checks, stays apart in each."""
 
 import torch
 
