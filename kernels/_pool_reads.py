@@ -1,7 +1,7 @@
-"""Host reads of a KV block pool's state: the pool's contract (its tensors, their names, how its token slots
-are counted), shared by the device pool (kernels/kv_alloc.py) and its plain-torch twin (reference/kv_alloc.py),
-which keep the same tensors under the same names. Torch only (no Triton), so the twin imports it freely; the
-allocator's logic, which the twin checks, stays apart in each."""
+"""Host reads of a KV block pool's state: the pool's contract (its tensors, their names, how its token
+slots are counted), shared by the device pool (kernels/kv_alloc.py) and its plain-torch twin
+(reference/kv_alloc.py), which keep the same tensors under the same names. Torch only (no Triton), so the twin
+imports it freely; the allocator's logic, which the twin checks, stays apart in each."""
 
 import torch
 
