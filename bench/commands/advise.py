@@ -52,6 +52,16 @@ def workload_of(text: str):
     return WORKLOADS[name]
 
 
+def headline(run: dict) -> str:
+    """What was asked, from the run's description (the JSON document's header fields)."""
+    limit = f", time per output token at most {run['max_tpot_ms']:g} ms" if run["max_tpot_ms"] else ""
+    return (
+        f"{run['model']} ({run['weights']} weights, KV {run['kv']}) on {run['gpus']} x {run['gpu']} over "
+        f"{run['interconnect']}: {run['requests']} {run['workload']} requests, all arriving at once; each "
+        f"layout at its best max_num_seqs of {run['max_num_seqs']}{limit}\n"
+    )
+
+
 def cmd_advise(args) -> int:
     spec, hw, link = model_gpu_and_link(args)
     workload = workload_of(args.workload)
@@ -74,12 +84,19 @@ def cmd_advise(args) -> int:
     if not fitting:
         why = "; ".join(f"{o.layout.label}: {o.why}" for o in outcomes[:4])
         raise UsageError(f"{spec.name} fits no layout of {args.gpus} GPUs ({why})")
-    limit = f", time per output token at most {args.max_tpot:g} ms" if args.max_tpot else ""
-    print(
-        f"{spec.name} ({'fp8' if spec.weight_bytes == 1 else 'bf16'} weights, KV {args.kv}) on {args.gpus} x "
-        f"{hw.name} over {link.name}: {args.requests} {workload.name} requests, all arriving at once; each "
-        f"layout at its best max_num_seqs of {list(sweep)}{limit}\n"
-    )
+    run = {
+        "model": spec.name,
+        "gpus": args.gpus,
+        "gpu": hw.name,
+        "interconnect": link.name,
+        "workload": workload.name,
+        "requests": args.requests,
+        "weights": "fp8" if spec.weight_bytes == 1 else "bf16",
+        "kv": args.kv,
+        "max_num_seqs": list(sweep),
+        "max_tpot_ms": args.max_tpot,
+    }
+    print(headline(run))
     rows = []
     for o in outcomes:
         r = o.row()
@@ -121,21 +138,7 @@ def cmd_advise(args) -> int:
         )
     print(f"\nprojected, not measured; ceilings:\n{sources(hw, link)}\n({seconds:.1f} s)")
     if args.json:
-        document = advisor.as_json(
-            outcomes,
-            model=spec.name,
-            gpus=args.gpus,
-            gpu=hw.name,
-            interconnect=link.name,
-            workload=workload.name,
-            requests=args.requests,
-            weights="fp8" if spec.weight_bytes == 1 else "bf16",
-            kv=args.kv,
-            max_num_seqs=list(sweep),
-            max_tpot_ms=args.max_tpot,
-            sources=hw.sources,
-            projected=True,
-        )
+        document = advisor.as_json(outcomes, **run, sources=hw.sources, projected=True)
         ready_to_write(args.json).write_text(json.dumps(document, indent=1))
         print(f"written: {args.json}")
     if args.plot:

@@ -60,19 +60,12 @@ class MLADecodeShape(PagedBatch):
     ``float_scale``. ``scale`` None: the kernel's default, qk_dim ** -0.5.
     """
 
-    name: str
-    lengths: tuple[int, ...]
     num_heads: int
     qk_dim: int = DEEPSEEK.cached_width
     v_head_dim: int = DEEPSEEK.kv_lora_rank
     block_size: int = MLA_BLOCK_SIZE
-    dtype: torch.dtype = torch.bfloat16
-    cache_dtype: torch.dtype = torch.bfloat16
     scale: float | None = None
     float_scale: bool = False
-    shared_pages: int = 0
-    num_splits: int | None = None
-    spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
 
     def heads_label(self) -> str:
         return f"h={self.num_heads} {self.qk_dim}/{self.v_head_dim}"

@@ -16,7 +16,7 @@ q_heads, head_dim] and holds it to the case's own comparison (q's dtype toleranc
 sequences). mla_attention.py reuses the paged tables, the output check and the peers' helpers from here.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 
 import torch
 
@@ -29,10 +29,21 @@ _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "f
 FP8 = torch.float8_e4m3fn
 
 
+@dataclass(frozen=True)
 class PagedBatch:
-    """What the decode shapes over a paged cache share, from their fields ``name``, ``lengths`` (each
-    sequence's cached tokens), ``block_size``, ``cache_dtype``, ``num_splits`` and ``spare_pages``
-    (block-table columns past the longest sequence); each names its heads in ``heads_label()``."""
+    """What the decode shapes over a paged cache share: ``name``, ``lengths`` (each sequence's cached
+    tokens) and, keyword-only after a shape's own fields, the dtypes, ``shared_pages``, ``num_splits`` and
+    ``spare_pages``. Each shape declares its ``block_size`` (their defaults differ) and names its heads in
+    ``heads_label()``."""
+
+    name: str
+    lengths: tuple[int, ...]
+    _: KW_ONLY
+    dtype: torch.dtype = torch.bfloat16
+    cache_dtype: torch.dtype = torch.bfloat16
+    shared_pages: int = 0
+    num_splits: int | None = None
+    spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
 
     @property
     def batch(self) -> int:
@@ -68,17 +79,10 @@ class PagedDecodeShape(PagedBatch):
     samples of one question have). ``num_splits`` is passed through (None: the launcher chooses).
     """
 
-    name: str
-    lengths: tuple[int, ...]
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
     block_size: int = DEFAULT_BLOCK_SIZE
-    dtype: torch.dtype = torch.bfloat16
-    cache_dtype: torch.dtype = torch.bfloat16
-    shared_pages: int = 0
-    num_splits: int | None = None
-    spare_pages: int = 1  # block-table columns past the longest sequence (the table is as wide as capacity)
 
     def heads_label(self) -> str:
         return f"{self.num_q_heads}/{self.num_kv_heads}x{self.head_dim}"

@@ -59,6 +59,10 @@ class CapacityRow:
         return (self.slack + self.reserved_unused) / allocated if allocated else 0.0
 
 
+#: CapacityRow's fields that come from the simulation as they are (BatchingResult's names).
+_FROM_RESULT = ("held", "slack", "reserved_unused", "free", "sequences", "preemptions", "questions_done")
+
+
 def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: int = 2) -> int:
     """Token slots one rank's KV pool holds (0 when the weights do not fit); weights of ``weight_bytes`` a
     parameter (2: bf16; DeepSeek-R1 ships fp8, 1)."""
@@ -97,19 +101,9 @@ def simulate(
         seed=seed + 1,
     )
     result = batching.simulate(config, Requests.from_draw(prompts, outputs))
+    measured = {name: getattr(result, name) for name in _FROM_RESULT}
     return CapacityRow(
-        workload=workload.name,
-        model=model.name,
-        tp=tp,
-        policy=policy,
-        pool_tokens=pool,
-        held=result.held,
-        slack=result.slack,
-        reserved_unused=result.reserved_unused,
-        free=result.free,
-        sequences=result.sequences,
-        preemptions=result.preemptions,
-        questions_done=result.questions_done,
+        workload=workload.name, model=model.name, tp=tp, policy=policy, pool_tokens=pool, **measured
     )
 
 
