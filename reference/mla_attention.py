@@ -9,7 +9,7 @@ It reads lengths on the host (a loop over sequences): a reference, not a fast pa
 
 import torch
 
-from reference.paged_attention import per_tensor_scale
+from reference.paged_attention import sequence_rows, written
 
 
 def mla_decode(
@@ -26,18 +26,12 @@ def mla_decode(
     workspace=None,
 ) -> torch.Tensor:
     batch, num_heads, qk_dim = q.shape
-    block_size = kv_cache.shape[1]
     scale = qk_dim**-0.5 if scale is None else scale
     result = torch.zeros(batch, num_heads, v_head_dim, dtype=torch.float32, device=q.device)
     for b, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
-        pages = block_tables[b, : -(-length // block_size)].long()
-        rows = kv_cache[pages].flatten(0, 2)[:length].float() * per_tensor_scale(kv_scale)  # [length, qk_dim]
+        rows = sequence_rows(kv_cache, block_tables, b, length, kv_scale)[:, 0]  # [length, qk_dim]
         weights = torch.softmax(q[b].float() @ rows.T * scale, dim=-1)  # [num_heads, length]
         result[b] = weights @ rows[:, :v_head_dim]
-    result = result.to(q.dtype)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return written(result, q, out)
