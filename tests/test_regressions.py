@@ -109,3 +109,25 @@ def test_registers_compare_only_under_the_same_triton():
     assert not any("registers" in p for p in proxies.check(planted, current()))
     planted["static"][key]["spill_bytes"] += 8
     assert any("spills" in p for p in proxies.check(planted, current()))  # spills count under any compiler
+
+
+def test_every_kernel_is_in_the_static_baseline():
+    """Each @triton.jit kernel the kernels/ package launches (a ``_<name>_kernel``) is compiled for sm_90 by
+    some static shape, so the baseline holds its figures and the compile proves it builds for a GPU at all
+    (the interpreter runs what the compiler refuses: free once read a global that was no tl.constexpr)."""
+    import importlib
+    import pkgutil
+
+    import kernels
+    from bench.measure.static import _is_triton_kernel
+
+    launched = set()
+    for module in pkgutil.iter_modules(kernels.__path__):
+        found = vars(importlib.import_module(f"kernels.{module.name}"))
+        launched |= {
+            name for name, obj in found.items() if _is_triton_kernel(obj) and name.endswith("_kernel")
+        }
+    static = proxies.load()["static"].items()
+    compiled = {key.split(" | ")[1] for key, row in static if key.endswith("sm_90") and "error" not in row}
+    assert launched, "no kernels found"
+    assert launched <= compiled, f"kernels no static shape compiles: {sorted(launched - compiled)}"

@@ -4,7 +4,7 @@ tuning candidates."""
 
 from bench.operators.base import Case, Inputs, StaticOnly
 from bench.operators.ep import EP_STATIC
-from bench.operators.kv_alloc import ALLOCATE, COPY_BLOCKS
+from bench.operators.kv_alloc import ALLOCATE, COPY_BLOCKS, POOL_STATIC
 from bench.operators.kv_cache import WRITE_KV
 from bench.operators.mla_attention import MLA_DECODE
 from bench.operators.moe import COMBINE, DISPATCH, ROUTE
@@ -27,8 +27,9 @@ CASES: dict[str, Case] = {
     )
 }
 
-#: Kernels with a static report but no single-process case (their launchers need a process group).
-STATIC_ONLY: dict[str, StaticOnly] = {EP_STATIC.name: EP_STATIC}
+#: Kernels with a static report but no case of their own: EP's (their launchers need a process group), and
+#: the pool's fork and free (timed in bench_kv_alloc.py beside allocate).
+STATIC_ONLY: dict[str, StaticOnly] = {kernel.name: kernel for kernel in (EP_STATIC, POOL_STATIC)}
 
 
 def static_cases() -> list:

@@ -216,8 +216,9 @@ class Case:
 
 @dataclass(frozen=True)
 class StaticOnly:
-    """A kernel the single-process registry cannot drive (EP's regroup needs a process group around it):
-    only its static report, from the launches its launcher makes at each static shape."""
+    """A kernel with a static report but no case: EP's regroup (it needs a process group around it), the
+    pool's fork and free; only its static report, from the launches its launcher makes at each static
+    shape."""
 
     name: str
     module: str

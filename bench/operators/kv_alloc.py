@@ -14,7 +14,7 @@ import torch
 
 import kernels.kv_alloc
 import reference.kv_alloc
-from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared
+from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, StaticOnly
 from bench.serving.models import DEFAULT_BLOCK_SIZE
 from bench.testing import Guarded, assert_bitwise_equal, generator, randn
 
@@ -265,4 +265,44 @@ COPY_BLOCKS = Case.by_convention(
         CopyBlocksShape("small", 7, 2, 24, block_size=4),
         CopyBlocksShape("small", 9, 8, 128),
     ],
+)
+
+
+# --- static report: fork and free, the pool's kernels without a case of their own -------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolOpShape:
+    """One ``op`` ("fork": ``seqs`` parallel samples forked from as many sources; "free": ``seqs`` finished
+    sequences) on a pool sized as allocate's reasoning shapes (1024 sequences of up to 4K tokens)."""
+
+    op: str
+    seqs: int
+    max_seqs: int = 1024
+    max_len: int = 4096
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    @property
+    def label(self) -> str:
+        return f"reasoning {self.op} seqs={self.seqs} page={self.block_size}"
+
+
+def _pool_op_launch(shape: PoolOpShape, device="cpu") -> None:
+    """The launcher's call at this shape (the static report captures its launch; nothing runs)."""
+    pages = -(-shape.max_len // shape.block_size)
+    pool = kernels.kv_alloc.KVBlockPool(
+        2 * shape.max_seqs * pages, shape.block_size, shape.max_seqs, pages, device
+    )
+    ids = torch.arange(2 * shape.seqs, dtype=torch.int32, device=device)
+    if shape.op == "fork":
+        kernels.kv_alloc.fork(pool, ids[: shape.seqs], ids[shape.seqs :])
+    else:
+        kernels.kv_alloc.free(pool, ids[: shape.seqs])
+
+
+POOL_STATIC = StaticOnly(
+    name="kv_pool",
+    module="kv_alloc",
+    static_shapes=lambda: [PoolOpShape(op=op, seqs=n) for op in ("fork", "free") for n in (8, 512)],
+    launch=_pool_op_launch,
 )
