@@ -144,3 +144,22 @@ def test_validate_gpu_folder_says_when_nothing_was_timed(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["validate", "--extract", "--gpu", str(tmp_path)]) == 0
     assert "hold no timed stage (written without a GPU)" in capsys.readouterr().out
+
+
+def test_the_mla_module_is_projected_as_its_benchmark_ran_it():
+    """vLLM 0.24's MLA module rows ran RMSNorm and rope as native eager chains (29 kernels a layer more than
+    serving): validate adds them at the model's small-kernel cost to the module it compares; step does not."""
+    spec = MODEL_SPECS["DeepSeek-R1"]
+    hw, layout = GPUS["h200"], Layout(tp=8)
+    extra = validate.native_chains_ms(spec, layout, 1, hw)
+    kernels = 2 * (validate.NATIVE_NORM_KERNELS - 1) + validate.NATIVE_ROPE_KERNELS - 1
+    assert kernels == 29
+    per_layer_us = extra * 1e3 / spec.layers
+    assert kernels * hw.launch_us <= per_layer_us < kernels * hw.launch_us * 1.01  # batch 1: launches only
+    assert validate.native_chains_ms(spec, layout, 256, hw) > extra  # their fp32 tensors grow with the batch
+    point = validate.Point("DeepSeek-R1", layout, 1, 1024)
+    stages = validate.step_model.step_stages(spec, layout, 1, 1024, hw, INTERCONNECTS["nvlink"])
+    (row,) = validate.compare_kernels(
+        command.load_tables(use_package=False), [point], hw, INTERCONNECTS["nvlink"]
+    )
+    assert row["kinds"]["mla"]["ours_ms"] == pytest.approx(validate.ours_ms(stages)["mla"] + extra)

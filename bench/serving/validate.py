@@ -41,6 +41,12 @@ COMPARED = {
     "lm_head": ("lm_head",),
 }
 
+#: vLLM 0.24's native RMSNorm (to fp32, pow, mean, add, rsqrt, mul, to, mul by the weight) and DeepSeek's
+#: native rope (index, two repeat_interleaves, then for q and k: mul, neg, stack, mul, add, to; the write
+#: back into q): eager kernels each, as the MLA module table ran them (docs/facts.md).
+NATIVE_NORM_KERNELS = 8
+NATIVE_ROPE_KERNELS = 16
+
 #: Kinds that look inside another kind's measurement (left out of the step total).
 INSIDE = ("mla_attention",)
 
@@ -107,6 +113,22 @@ def ours_ms(stages) -> dict:
                 continue
             out[kind] = out.get(kind, 0.0) + stage.step_seconds * 1e3
     return out
+
+
+def native_chains_ms(spec: ModelSpec, layout: Layout, batch: float, hw: Hardware) -> float:
+    """Milliseconds a step's MLA layers spend in what vLLM 0.24's MLA module benchmark ran beyond serving's
+    kernels: its two RMS norms and its rope as PyTorch's native eager chains (NATIVE_NORM_KERNELS a norm,
+    NATIVE_ROPE_KERNELS for the rope, where serving runs one kernel each; docs/facts.md#measured-ground-
+    truth-for-the-decode-step-model), each extra kernel a small one (its launch, its fp32 tensor read and
+    written)."""
+    g = spec.mla
+    norm_elements = batch * ((spec.q_lora_rank or 0) + g.kv_lora_rank)  # both norms' rows
+    rope_elements = batch * (spec.num_q_heads / layout.tp + 1) * g.qk_rope_head_dim  # q_pe and k_pe
+    extra_norm, extra_rope = NATIVE_NORM_KERNELS - 1, NATIVE_ROPE_KERNELS - 1
+    nbytes = 8 * (extra_norm * norm_elements + extra_rope * rope_elements)
+    seconds = (2 * extra_norm + extra_rope) * hw.launch_us * 1e-6
+    seconds += nbytes / (hw.copy_gbps * 1e9 * hw.memory_efficiency)
+    return seconds * 1e3 * spec.layers / layout.pp
 
 
 # -- the measured side ---------------------------------------------------------------------------------------
@@ -214,6 +236,8 @@ def compare_kernels(tables: Tables, points, hw: Hardware, link: Interconnect) ->
         spec = MODEL_SPECS[point.model]
         stages = step_model.step_stages(spec, point.layout, point.batch, point.context, hw, link)
         ours, measured = ours_ms(stages), measured_ms(tables, spec, point)
+        if "mla" in ours:  # projected as the table's benchmark ran the module (its norms and rope native)
+            ours["mla"] += native_chains_ms(spec, point.layout, point.batch, hw)
         kinds = sorted(set(ours) & set(measured))
         whole = [k for k in kinds if k not in INSIDE]  # the step total counts each kernel once
         rows.append(
