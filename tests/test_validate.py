@@ -132,9 +132,10 @@ def test_validate_gpu_folder_compares_the_suites_own_stage_timings(tmp_path, cap
 
 def test_validate_gpu_folder_refuses_a_broken_step_document(tmp_path, capsys):
     (tmp_path / "machine.json").write_text('{"gpu": "NVIDIA H200"}')
-    (tmp_path / "decode-step-x.json").write_text('{"stages": []}')
-    assert cli.main(["validate", "--extract", "--gpu", str(tmp_path)]) == 2
-    assert "decode-step-x.json: expected a `step --json` document" in capsys.readouterr().err
+    for text in ('{"stages": []}', "[1, 2]"):
+        (tmp_path / "decode-step-x.json").write_text(text)
+        assert cli.main(["validate", "--extract", "--gpu", str(tmp_path)]) == 2
+        assert "decode-step-x.json: expected a `step --json` document" in capsys.readouterr().err
 
 
 def test_validate_gpu_folder_says_when_nothing_was_timed(tmp_path, capsys):

@@ -95,7 +95,8 @@ def load_step_documents(folder: Path) -> list:
     for path in sorted(folder.glob("decode-step*.json")):
         try:
             document = json.loads(path.read_text())
-            if not isinstance(document.get("point"), dict) or not isinstance(document.get("stages"), list):
+            parts = document if isinstance(document, dict) else {}
+            if not isinstance(parts.get("point"), dict) or not isinstance(parts.get("stages"), list):
                 raise ValueError("expected a `step --json` document with a point and stages")
         except ValueError as error:  # JSONDecodeError included
             raise UsageError(f"--gpu: {path}: {error}") from None
