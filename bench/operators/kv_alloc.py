@@ -1,5 +1,6 @@
 """The block pool's operators: ``allocate`` (a decode step or a prefill chunk over a pool already holding
-sequences of reasoning lengths) and ``copy_blocks`` (the copies a fork of parallel samples asks for).
+sequences of reasoning lengths) and ``copy_blocks`` (the copies a fork of parallel samples asks for); and
+``kv_pool``, fork's and free's launches for the static report only (bench_kv_alloc.py times them).
 
 ``allocate``'s peer is the host pool a serving scheduler keeps (reference/kv_alloc.py), stepping in Python.
 Its set-up (a host copy of the device pool's state, the sequence ids as a Python list) is done once in
