@@ -129,3 +129,49 @@ def test_a_dry_run_folder_steps_on_the_anchors(tmp_path, capsys):
     (tmp_path / "machine.json").write_text(json.dumps({"gpu": "cpu", "memory_gib": -1}))
     assert cli.main(["step", "Llama-3.1-8B", "--gpu", str(tmp_path)]) == 2
     assert "memory_gib" in capsys.readouterr().err
+
+
+def test_moe_stages_run_one_ranks_share_of_the_tokens(monkeypatch):
+    """Under EP a replica's tp ranks split its tokens: dispatch, the experts and combine run at batch / tp
+    tokens a rank (what the step model projects), not the replica's whole batch."""
+    from bench.measure import step_timing
+
+    shapes = {}
+
+    def record(name, shape, device, check):
+        shapes.setdefault(name, []).append(shape)
+        return (lambda: None), None
+
+    monkeypatch.setattr(step_timing, "_case_call", record)
+    spec = MODEL_SPECS["Qwen3-30B-A3B"]
+    for layout, per_rank in ((Layout(tp=2, ep=2), 8), (Layout(dp=2, ep=2), 16), (Layout(tp=2), 16)):
+        shapes.clear()
+        for stage in step_stages(spec, layout, 16, 1024, H200, NVLINK):
+            if stage.name.removeprefix("moe:") in ("dispatch", "experts", "combine"):
+                step_timing.stage_calls(spec, layout, 16, 1024, stage, "cpu", check=False)
+        assert {s.tokens for name in ("dispatch", "combine", "grouped_gemm") for s in shapes[name]} == {
+            per_rank
+        }, layout
+
+
+def test_a_stage_whose_timing_fails_keeps_its_projection_and_the_rest_go_on(monkeypatch):
+    """A failed capture or an out-of-memory in one stage's timing is that stage's note, not the end of the
+    step's timing."""
+    from bench.measure import step_timing
+
+    monkeypatch.setattr(step_timing, "_case_call", lambda name, shape, device, check: ((lambda: None), None))
+    spec = MODEL_SPECS["Llama-3.1-8B"]
+    stages = step_stages(spec, Layout(), 2, 64, H200, NVLINK)
+    timed_names = []
+
+    def timer(fn, label):
+        timed_names.append(label)
+        if label == "step.paged_decode":
+            raise RuntimeError("capture failed")
+        from bench.measure.timing import Timing
+
+        return Timing.from_samples([0.001])
+
+    timed = step_timing.time_stages(spec, Layout(), 2, 64, stages, device="cpu", timer=timer)
+    assert timed["paged_decode"].seconds is None and "capture failed" in timed["paged_decode"].note
+    assert timed["o_proj"].seconds is not None and "step.o_proj" in timed_names

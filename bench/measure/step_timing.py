@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.measure.runner import verify
+from bench.measure.timing import time_cuda
 from bench.operators import CASES
 from bench.operators.kv_cache import WriteKVShape
 from bench.operators.mla_attention import MLADecodeShape
@@ -50,6 +51,12 @@ def _batched_gemm(batches: int, rows: int, inner: int, outer: int, device, gen) 
     return lambda: torch.bmm(x, w)
 
 
+def tokens_per_rank(micro: int, layout: Layout) -> int:
+    """The tokens one rank routes: under EP a replica's tp ranks split its micro-batch (each dispatches its
+    share, as the step model's MoE stages count them); without EP every rank takes them all."""
+    return max(1, round(micro / layout.tp)) if layout.ep > 1 else micro
+
+
 def _experts_call(spec: ModelSpec, layout: Layout, micro: int, device, check: bool):
     """The experts as a serving engine's fused MoE runs them, on the suite's own kernel (grouped_gemm,
     bench/operators/moe_gemm.py): gate-up with silu_and_mul (the rows gathered from the tokens where no EP
@@ -63,7 +70,7 @@ def _experts_call(spec: ModelSpec, layout: Layout, micro: int, device, check: bo
         shape = GemmShape(
             name=f"{spec.name} {layout.label}",
             stage=stage,
-            tokens=micro,
+            tokens=tokens_per_rank(micro, layout),
             experts=m.num_experts // ep,
             top_k=m.top_k,
             hidden=spec.hidden,
@@ -203,8 +210,7 @@ def stage_calls(
         shape = RouteShape(name=spec.name, tokens=micro, model=moe_model)
         return (*_case_call("route", shape, device, check), "")
     if name in ("dispatch", "combine"):
-        tokens = max(1, round(micro / (tp if layout.ep > 1 else 1)))
-        shape = DispatchShape(name=spec.name, tokens=tokens, model=moe_model)
+        shape = DispatchShape(name=spec.name, tokens=tokens_per_rank(micro, layout), model=moe_model)
         return (*_case_call(name, shape, device, check), "")
     return None, None, "projected: a collective or the pipeline's, not run on one GPU"
 
@@ -222,19 +228,18 @@ def time_stages(
 ) -> dict[str, Timed]:
     """Every stage that one device can run, timed (``timer``: bench.measure.timing.time_cuda with a CUDA
     graph on a GPU; pass time_wall on a CPU); the others keep their projections."""
-    from bench.measure.timing import time_cuda
-
     timer = timer or (lambda fn, label: time_cuda(fn, label=label, cuda_graph=True))
     found = {}
     for stage in stages:
         try:
             call, verified, note = stage_calls(spec, layout, batch, context, stage, device, check=check)
-        except Exception as error:  # a shape a kernel refuses, out of memory: say so, keep the projection
+            if call is None:
+                found[stage.name] = Timed(None, None, note)
+                continue
+            timing = timer(call, f"step.{stage.name}")
+        except Exception as error:  # a shape a kernel refuses, out of memory, a failed capture: say so,
+            # keep the projection, go on to the next stage
             found[stage.name] = Timed(None, None, f"not run: {type(error).__name__}: {str(error)[:100]}")
             continue
-        if call is None:
-            found[stage.name] = Timed(None, None, note)
-            continue
-        timing = timer(call, f"step.{stage.name}")
         found[stage.name] = Timed(timing.median_ms * 1e-3, verified, note)
     return found
