@@ -4,6 +4,7 @@ torch reference. Run: ``pytest bench/benchmarks/bench_kv_cache.py --benchmark-js
 
 import pytest
 
+from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.timing import CUDA_CLOCK
 from bench.operators.kv_cache import WRITE_KV
 
@@ -12,6 +13,4 @@ pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
 CASE = WRITE_KV
 
 
-@pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_write_kv(gpu_benchmark, shape, impl):
-    gpu_benchmark(WRITE_KV, shape, impl)
+test_write_kv = benchmark_every_impl(CASE)

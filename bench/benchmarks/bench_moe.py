@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kernels.moe as moe
+from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, time_cuda
 from bench.operators.moe import COMBINE, DISPATCH, ROUTE, load_statistics
@@ -23,9 +24,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.benchmark(timer=CUDA_CLOCK)]
 CASE = ROUTE
 
 
-@pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_route(gpu_benchmark, shape, impl):
-    gpu_benchmark(ROUTE, shape, impl)
+test_route = benchmark_every_impl(CASE)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

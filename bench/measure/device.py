@@ -13,10 +13,6 @@ import triton
 
 from bench.measure.timing import time_cuda
 
-# The published anchors the projections use where no GPU is present, re-exported: defined with the machine
-# model (a floor below), imported from here by the measuring side.
-from bench.serving.hardware import ANCHOR_TFLOPS, PROJECTION_GBPS  # noqa: F401
-
 # A device-to-device copy of this many bytes (read + written counts twice) far exceeds any L2.
 _COPY_BYTES = 1 << 30
 

@@ -10,9 +10,11 @@ into a table that sets each kernel's measured time (and, with ncu, DRAM bytes) b
 
 The profiled process runs ``decodebench profile-target``: inputs built, one warm-up call, then ``calls``
 calls, each in an NVTX range PROFILE_RANGE, which ncu's --nvtx-include selects. A stateful case's reset
-(allocate's pool put back) runs before each call, outside the range, so its copies are not profiled as the
-kernel's. ncu reports every metric in its base unit (``--print-units base``); a unit the parser does not
-know is an error, never a silent factor of 1.
+(allocate's pool put back) runs before each call, outside the range, so ncu and torch.profiler do not count
+its copies as the kernel's; nsys's kernel summary covers the whole process (the warm-up call, the resets'
+copies and the inputs' build included), so its per-call figures read high by those. ncu reports every
+metric in its base unit (``--print-units base``); a unit the parser does not know is an error, never a silent
+factor of 1.
 """
 
 import csv
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench.measure.device import kernel_device
 from bench.measure.nvtx import nvtx_range
 from bench.testing import seed_of
 
@@ -53,7 +56,7 @@ class KernelProfile:
 
 def target(case, shape, calls: int) -> None:
     """What the profiled process runs: a warm-up call, then ``calls`` calls in the NVTX range."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = kernel_device()
     inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"))
     reset = inputs.reset or (lambda: None)
     reset()
@@ -71,8 +74,8 @@ def target(case, shape, calls: int) -> None:
 def profile_torch(case, shape, calls: int) -> tuple[list[KernelProfile], str]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    on_gpu = torch.cuda.is_available()
-    device = "cuda" if on_gpu else "cpu"
+    device = kernel_device()
+    on_gpu = device == "cuda"
     inputs = case.build(shape, device, seed_of(f"{case.name}/{shape.label}"))
     reset = inputs.reset or (lambda: None)
     reset()

@@ -84,7 +84,7 @@ def traffic_table(traffic_rows) -> tuple[str, bool]:
 
 
 def projection_table(projections) -> str:
-    """Rows of runner.projection: modelled bytes over each lent GPU's measured copy bandwidth."""
+    """Rows of runner.projection: modelled bytes over each GPU's published copy bandwidth (the anchors)."""
     rows = [
         [p["kernel"], p["shape"], byte_count(p["bytes"]), *(us(p[gpu]) for gpu in PROJECTION_GBPS)]
         for p in projections

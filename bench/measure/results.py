@@ -70,7 +70,7 @@ def entry(name: str, group: str, timing: Timing, extra_info: dict) -> dict:
         "params": None,
         "param": None,
         "extra_info": {**extra_info, "p20_s": timing.p20_ms * 1e-3, "p80_s": timing.p80_ms * 1e-3},
-        "options": {"timer": "cuda-events", "min_rounds": len(timing.samples_ms)},
+        "options": {"timer": extra_info.get("timer", "cuda-events"), "min_rounds": len(timing.samples_ms)},
         "stats": {**stats.as_dict(), "iterations": 1},
     }
 

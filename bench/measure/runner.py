@@ -99,7 +99,8 @@ def _count(case: Case, shape) -> TrafficRow:
 
 
 def projection(case: Case, shape) -> dict:
-    """The time a call would take moving its modelled bytes at each GPU's measured copy bandwidth."""
+    """The time a call would take moving its modelled bytes at each GPU's published copy bandwidth (the
+    anchors, bench/serving/hardware.py PROJECTION_GBPS)."""
     nbytes = case.byte_model(shape)
     return {
         "kernel": case.name,

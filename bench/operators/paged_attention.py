@@ -138,9 +138,9 @@ def build(shape: PagedDecodeShape, device, seed: int, guarded: bool = False) -> 
     table, num_blocks = fragmented_block_tables(shape, generator(seed))
     cache_shape = (num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
     caches = []
+    live = live_slots(table, shape.lengths, shape.block_size, num_blocks, device)  # k's and v's alike
     for _ in range(2):
         cache = randn(cache_shape, torch.float32, device, gen, scale=2.0 if shape.cache_dtype == FP8 else 1.0)
-        live = live_slots(table, shape.lengths, shape.block_size, num_blocks, device)
         cache.view(-1, shape.num_kv_heads, shape.head_dim)[~live] = float("nan")
         caches.append(cache.to(shape.cache_dtype))
     args = {
