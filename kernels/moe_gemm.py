@@ -26,8 +26,8 @@ fp8 weights (DeepSeek-V3, arXiv:2412.19437): a K step never crosses a 128-column
 divides 128), so the step's dot of a with the fp8 tile (widened to a's dtype, which holds every e4m3
 value) takes one scale per output row after it, in fp32.
 
-Byte and FLOP model (for the benchmark case to come), with R = the rows routed (real rows: tokens x top_k less
-dropped choices) and T = the experts touched:
+Byte and FLOP model (bench/operators/moe_gemm.py holds it: byte_model, flop_model), with R = the rows
+routed (real rows: tokens x top_k less dropped choices) and T = the experts touched:
     bytes = T x N x K x w_bytes (+ T x cdiv(N, 128) x cdiv(K, 128) x 4 for fp8 scales)
             + R x K x a_bytes (rows read; gather=True reads each token's row top_k times, from L2 after
               the first) + R x N_out x a_bytes (rows written)
@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels import INTERPRETED, _configs
-from kernels._checks import check_contiguous, check_tensor, dtype_name
+from kernels._checks import check_contiguous, check_disjoint, check_tensor, dtype_name
 from kernels.moe import DispatchPlan, max_rows
 
 A_DTYPES = (torch.float16, torch.bfloat16)
@@ -145,7 +145,7 @@ def _grouped_gemm_kernel(
 TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
-def grouped_gemm_launch_config(rows_per_expert: int, fp8: bool) -> dict:
+def grouped_gemm_launch_config(rows_per_expert: int) -> dict:
     """Tiles, warps and pipeline depth. BLOCK_M follows the rows an expert gets on average (shapes only:
     tokens x top_k / experts): 16, the dots' smallest M, at decode, up to 64 at prefill, so a decode step's
     tile wastes few rows. 64 x 64 weight tiles, three deep: 16-byte loads of contiguous K."""
@@ -157,7 +157,7 @@ def grouped_gemm_choice(a, w, plan: DispatchPlan, activation) -> _configs.Launch
     """The launch configuration for these inputs (metadata only) and where it came from."""
     experts, (tokens, top_k) = w.shape[0], plan.slot_row.shape
     rows_per_expert = triton.cdiv(tokens * top_k, experts)
-    heuristic = grouped_gemm_launch_config(rows_per_expert, w.dtype == FP8)
+    heuristic = grouped_gemm_launch_config(rows_per_expert)
     bucket = heuristic["BLOCK_M"]
     key = (
         f"a={dtype_name(a.dtype)} w={dtype_name(w.dtype)} experts={experts} n={w.shape[1]} k={w.shape[2]} "
@@ -236,14 +236,16 @@ def check_weights(
     return n // 2 if activation == "silu_and_mul" else n
 
 
-def check_out(out, rows: int, columns: int, a: torch.Tensor):
-    """The output: a caller's [rows, columns] tensor in a's dtype (checked), or a new one."""
+def check_out(out, rows: int, columns: int, a: torch.Tensor, reads: dict):
+    """The output: a caller's [rows, columns] tensor in a's dtype, sharing no memory with what the call
+    ``reads`` (checked from metadata), or a new one."""
     if out is None:
         return torch.empty(rows, columns, dtype=a.dtype, device=a.device)
     check_tensor("out", out, ndim=2, dtypes=(a.dtype,), device=a.device)
     check_contiguous("out", out)
     if tuple(out.shape) != (rows, columns):
         raise ValueError(f"out: expected {(rows, columns)} (max_rows x N_out), got {tuple(out.shape)}")
+    check_disjoint({"out": out}, reads)
     return out
 
 
@@ -261,7 +263,9 @@ def grouped_gemm(a, w, plan, *, gather=False, activation=None, w_scale=None, out
     planned, what = (tokens, "tokens (gather=True: a is x)") if gather else (rows, "max_rows (a is x_sorted)")
     if a.shape[0] != planned:
         raise ValueError(f"plan: made for {planned} {what}, but a has {a.shape[0]} rows (another shape)")
-    out = check_out(out, rows, columns, a)
+    reads = {"a": a, "w": w, "w_scale": w_scale, "plan.row_token": plan.row_token}
+    reads |= {"plan.expert_offsets": plan.expert_offsets, "plan.tokens_per_expert": plan.tokens_per_expert}
+    out = check_out(out, rows, columns, a, reads)
 
     config = grouped_gemm_choice(a, w, plan, activation).config
     block_m, block_k = config["BLOCK_M"], config["BLOCK_K"]

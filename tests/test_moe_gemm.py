@@ -285,6 +285,7 @@ BAD = {
     "out columns (silu_and_mul halves N)": ("out", lambda b: {"out": _nans(6, 32)}),
     "out dtype": ("out", lambda b: {"out": _nans(6, 16).half()}),
     "out strided": ("out", lambda b: {"out": _nans(16, 6).t()}),
+    "out over a": ("out", lambda b: dict.fromkeys(("a", "out"), _nans(*b.args["a"].shape))),
 }
 
 

@@ -364,7 +364,7 @@ def test_grouped_gemm_loads_weights_16_bytes_a_lane():
             continue
         shape = shapes[row.shape]
         rows_per_expert = -(-shape.plan_tokens * shape.plan_top_k // shape.experts)
-        config = grouped_gemm_launch_config(rows_per_expert, shape.weight_dtype == torch.float8_e4m3fn)
+        config = grouped_gemm_launch_config(rows_per_expert)
         weight_tiles = 2 if shape.activation else 1
         tile_bytes = weight_tiles * config["BLOCK_N"] * config["BLOCK_K"] * shape.weight_dtype.itemsize
         tile_bytes += config["BLOCK_M"] * config["BLOCK_K"] * shape.dtype.itemsize
