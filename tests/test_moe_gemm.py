@@ -1,15 +1,12 @@
 """grouped_gemm and moe_layer against their references: odd K and N, empty experts, one token, every token on
 one expert, alignments 1 to 128, gather and dispatch's rows, silu_and_mul, fp8 weights with odd block edges;
 padding rows never written, untouched experts' weights never read; bad input names the argument and writes
-nothing; the sm_90 compile holds no spills and loads weights 16 bytes a lane."""
+nothing. The sm_90 compile (no spills, 16-byte weight loads) is tests/test_static.py's, at the operator's
+static shapes."""
 
 import dataclasses
 import functools
 import inspect
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,9 +14,6 @@ import torch
 import triton
 
 import kernels.moe_gemm as moe_gemm
-from bench import child_env
-from bench.measure import proxies
-from bench.measure.static import missing_aot_api
 from bench.measure.traffic import measure
 from bench.operators.moe import routing_ids
 from bench.testing import Guarded, assert_close, forbid_allocation, generator, randn, seed_of
@@ -384,98 +378,3 @@ def test_moe_layer_refuses_an_unknown_routing_keyword():
     with pytest.raises(TypeError, match="grouping"):
         moe_layer(x, logits, w13, w2, top_k=2, out=out, grouping=4)
     assert out.isnan().all()
-
-
-# --- sm_90 compile ------------------------------------------------------------------------------------------
-
-# (name, experts, tokens, top_k, N, K, fp8, activation, gather): Qwen3-30B-A3B's experts in bf16 and
-# DeepSeek-R1's in fp8 (fewer experts: the capture allocates nothing, but the tensors are still made), each
-# at decode (16-row tiles) and prefill (64).
-STATIC_LAUNCHES = [
-    ("Qwen3-30B-A3B gate-up decode gather", 128, 4, 8, 1536, 2048, False, "silu_and_mul", True),
-    ("Qwen3-30B-A3B down prefill", 128, 1024, 8, 2048, 768, False, None, False),
-    ("DeepSeek-R1 gate-up decode gather fp8", 16, 1, 8, 4096, 7168, True, "silu_and_mul", True),
-    ("DeepSeek-R1 down prefill fp8", 16, 1024, 8, 7168, 2048, True, None, False),
-]
-
-
-def _static_rows() -> list[dict]:
-    """Each STATIC_LAUNCHES launch as grouped_gemm makes it (captured from the launcher with empty tensors,
-    on the CPU where no GPU is: metadata is all it reads) compiled for sm_90; registers, spills and access
-    widths by width."""
-    from bench.measure.static import capture_launches, compile_aot, describe
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the launcher takes tensors uncompiled
-    rows = []
-    for name, experts, tokens, top_k, n, k, fp8, activation, gather in STATIC_LAUNCHES:
-        align = 1
-        max_rows = moe.max_rows(tokens, top_k, experts, align)
-
-        def ints(*size):
-            return torch.empty(*size, dtype=torch.int32, device=device)
-
-        plan = moe.DispatchPlan(ints(experts), ints(experts + 1), ints(max_rows), ints(tokens, top_k), align)
-        a = torch.empty(tokens if gather else max_rows, k, dtype=torch.bfloat16, device=device)
-        w = torch.empty(experts, n, k, dtype=FP8 if fp8 else torch.bfloat16, device=device)
-        blocks = (experts, triton.cdiv(n, 128), triton.cdiv(k, 128))
-        scale = torch.empty(blocks, device=device) if fp8 else None
-        with capture_launches(moe_gemm) as launches:
-            moe_gemm.grouped_gemm(a, w, plan, gather=gather, activation=activation, w_scale=scale)
-        (launch,) = launches
-        row = describe(
-            compile_aot(launch, 90), launch.kernel, name, "sm_90", "aot", launch.kwargs["num_warps"]
-        )
-        config = {key: launch.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")}
-        rows.append({"name": name, "config": config, **row.as_dict()})
-    return rows
-
-
-MISSING_API = missing_aot_api()
-
-
-@pytest.fixture(scope="module")
-def static_rows():
-    """The compile runs in a child process with TRITON_INTERPRET=0 (here kernels are interpreted)."""
-    if MISSING_API:
-        pytest.skip(MISSING_API)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        capture_output=True,
-        text=True,
-        env=child_env(TRITON_INTERPRET="0"),
-        cwd=root,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
-
-
-def test_sm90_compile_has_no_spills(static_rows):
-    assert [r["name"] for r in static_rows] == [launch[0] for launch in STATIC_LAUNCHES]
-    for row in static_rows:
-        assert row["error"] is None and row["spill_bytes"] == 0 and row["stack_bytes"] == 0, row
-
-
-def test_sm90_compile_loads_weights_16_bytes_a_lane(static_rows):
-    """Per K step a thread loads its share of the weight tiles (gate and up for silu_and_mul) and of the
-    row tile; 16-byte loads (LDG.128 or cp.async .128) must cover all of it, and no load is narrower than
-    a 4-byte count, offset, token id or scale. Exact under the Triton that wrote the proxies baseline."""
-    by_name = {launch[0]: launch for launch in STATIC_LAUNCHES}
-    problems = []
-    for row in static_rows:
-        _, _, _, _, _, _, fp8, activation, _ = by_name[row["name"]]
-        config = row["config"]
-        weight_tiles = 2 if activation else 1
-        tile_bytes = weight_tiles * config["BLOCK_N"] * config["BLOCK_K"] * (1 if fp8 else 2)
-        tile_bytes += config["BLOCK_M"] * config["BLOCK_K"] * 2
-        per_lane = tile_bytes // (32 * config["num_warps"])
-        loads = {int(width): count for width, count in row["load_widths"].items()}
-        if loads.get(16, 0) * 16 < per_lane or min(loads) < 4:
-            problems.append(f"{row['name']}: loads {loads}, {per_lane} B a lane to cover")
-    if triton.__version__ != proxies.load()["triton"]:
-        pytest.skip(f"report only under Triton {triton.__version__}: {problems or 'as under the baseline'}")
-    assert not problems, problems
-
-
-if __name__ == "__main__":  # the static_rows fixture's child: TRITON_INTERPRET=0, nothing launched
-    print(json.dumps(_static_rows()))
