@@ -46,7 +46,8 @@ def check_small_shapes(case: Case, test_name: str, device: str) -> None:
 
 def property_test(strategies: Callable[[ModuleType], dict], **settings) -> Callable:
     """Makes ``check`` a test that hypothesis runs with the keyword arguments ``strategies(st)`` draws
-    (``st``: hypothesis.strategies), under ``settings`` where given (e.g. max_examples for this test alone).
+    (``st``: hypothesis.strategies), under ``settings`` where given (e.g. max_examples for this test alone);
+    under ``pytest --fuzz`` the fuzz profile's settings win (its long search is the point of the flag).
 
     hypothesis is imported when the test runs, not when its module is: without it the test skips and the
     module's other tests still run.
@@ -56,7 +57,7 @@ def property_test(strategies: Callable[[ModuleType], dict], **settings) -> Calla
         def test():
             hypothesis = pytest.importorskip("hypothesis")
             run = hypothesis.given(**strategies(hypothesis.strategies))(check)
-            if settings:
+            if settings and hypothesis.settings.get_current_profile_name() != "fuzz":
                 run = hypothesis.settings(**settings)(run)
             run()
 

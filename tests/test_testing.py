@@ -60,3 +60,30 @@ def test_seeded_inputs_are_reproducible_and_distinct():
     assert torch.equal(a, randn((3, 5), torch.bfloat16, "cpu", generator(seed_of("a"))))
     assert not torch.equal(a, randn((3, 5), torch.bfloat16, "cpu", generator(seed_of("b"))))
     assert seed_of("a") == seed_of("a") != seed_of("b")
+
+
+def test_property_tests_take_the_fuzz_profiles_budget_under_fuzz():
+    """A property test's own max_examples holds by default; `pytest --fuzz` (the "fuzz" profile) overrides
+    it with the long search."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from tests import helpers
+
+    settings = hypothesis.settings
+    calls = []
+
+    @helpers.property_test(lambda st: {"n": st.integers(0, 10**6)}, max_examples=3, database=None)
+    def check(n):
+        calls.append(n)
+
+    previous, fuzz = settings.get_current_profile_name(), settings.get_profile("fuzz")
+    try:
+        check()
+        assert len(calls) == 3
+        calls.clear()
+        settings.register_profile("fuzz", max_examples=7, database=None)
+        settings.load_profile("fuzz")
+        check()
+        assert len(calls) == 7
+    finally:
+        settings.register_profile("fuzz", fuzz)
+        settings.load_profile(previous)
