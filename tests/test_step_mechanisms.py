@@ -10,7 +10,15 @@ import pytest
 from bench.commands import cli
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
-from bench.serving.step import KINDS, Layout, busiest_rank, prefill_stages, step_seconds, step_stages
+from bench.serving.step import (
+    KINDS,
+    Layout,
+    busiest_rank,
+    prefill_stages,
+    seconds_by_bound,
+    step_seconds,
+    step_stages,
+)
 
 H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
 LLAMA_70B, LLAMA_405B = MODEL_SPECS["Llama-3.1-70B"], MODEL_SPECS["Llama-3.1-405B"]
@@ -191,3 +199,20 @@ def test_advise_ranks_each_ep_layout_with_and_without_dedup():
     ep = [layout for layout in found if layout.ep > 1]
     assert ep and {layout.dedup for layout in ep} == {False, True}
     assert all(not layout.dedup for layout in found if layout.ep == 1)
+
+
+def test_a_steps_time_by_bound_adds_up_to_the_step():
+    """seconds_by_bound splits each stage's time among its bounds (the advisor reports it): the parts sum to
+    the step, EP's routing wait included (it is a share of the busiest rank's experts time, not extra)."""
+    for name, layout in (
+        ("DeepSeek-R1", Layout(dp=8, ep=8)),
+        ("DeepSeek-R1", Layout(dp=4, tp=2, ep=8, dedup=True)),
+        ("Qwen3-30B-A3B", Layout(tp=2, pp=2)),
+        ("Llama-3.1-70B", Layout(tp=4, pp=2)),
+    ):
+        for batch in (1, 16, 256):
+            stages = step_stages(MODEL_SPECS[name], layout, batch, 4096, replace(H200, host_us=50.0), NVLINK)
+            assert sum(seconds_by_bound(stages).values()) == pytest.approx(step_seconds(stages)), (
+                layout,
+                batch,
+            )

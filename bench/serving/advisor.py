@@ -178,8 +178,7 @@ class _StepTimes:
             spec, layout, hw, link = self.args
             at = batch if batch <= 32 else 2 ** (batch_key / 24)
             stages = step_stages(spec, layout, at, 2 ** (key[1] / 16), hw, link, kv_bytes=self.kv_bytes)
-            by_bound = seconds_by_bound(stages)
-            self.cache[key] = (sum(by_bound.values()), by_bound)
+            self.cache[key] = (step_seconds(stages), seconds_by_bound(stages))
         return self.cache[key]
 
 

@@ -374,8 +374,11 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
     comp("experts", "moe_experts", nbytes, 2 * arriving * expert * chance, experts_floor, tflops=tflops)
     even = tokens * m.top_k / ranks
     stage = out[-1]
-    waiting = stage.seconds * (1 - even / max(arriving * chance, even))
-    out[-1] = replace(stage, split={**stage.split, SYNC: waiting})
+    # The share of the busiest rank's time the others wait for it: moved from its bounds to SYNC, so the
+    # split still sums to the stage's time.
+    share = 1 - even / max(arriving * chance, even)
+    split = {bound: seconds * (1 - share) for bound, seconds in stage.split.items()}
+    out[-1] = replace(stage, split={**split, SYNC: split.get(SYNC, 0.0) + stage.seconds * share})
     latency, transfer = link.all_to_all_s(returned, ranks)
     out.append(collective("ep_combine_a2a", "a2a", returned, latency, transfer, SYNC))
     comp(
