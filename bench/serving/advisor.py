@@ -76,15 +76,26 @@ class MemoryPlan:
     sequences: int = 0  # of the workload's mean length (prompt + output), the pool holds at once
 
 
-def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: ReasoningWorkload, kv_bytes=2):
+def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
+    """Weight bytes on one rank: experts spread over EP (or split TP ways), the rest split TP ways, each
+    pipeline stage its layers; the embedding and LM head stay bf16 in fp8 checkpoints."""
     m = spec.moe
     experts = 0 if m is None else spec.moe_layers * m.num_experts * spec.expert_params()
     rest = spec.params() - experts
     expert_split = layout.ep if layout.ep > 1 else layout.tp
     weights = (rest / layout.tp + experts / expert_split) / layout.pp * spec.weight_bytes
-    weights += spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp  # bf16 in fp8 checkpoints
+    return weights + spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp
+
+
+def kv_budget_bytes(hw: Hardware, weights: float) -> float:
+    """A rank's KV pool: the memory an engine may use, less its weights and the activations' reserve."""
+    return hw.memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_BYTES
+
+
+def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: ReasoningWorkload, kv_bytes=2):
+    weights = weights_per_rank(spec, layout)
     per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
-    budget = hw.memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_BYTES
+    budget = kv_budget_bytes(hw, weights)
     pool = max(0, int(budget // per_token))
     longest = workload.max_output + workload.max_prompt
     if budget <= 0:

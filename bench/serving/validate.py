@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass, replace
 
 from bench.serving import step as step_model
+from bench.serving.advisor import PREFILL_CHUNK, kv_budget_bytes, weights_per_rank
 from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
 from bench.serving.measured import MissingShape, Tables
 from bench.serving.models import MODEL_SPECS, ModelSpec
@@ -68,14 +69,6 @@ class Point:
     @property
     def label(self) -> str:
         return f"{self.model} {self.layout.label} B{self.batch} L{self.context}"
-
-
-def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
-    """Weight bytes on one rank; the embedding and LM head stay bf16 in fp8 checkpoints."""
-    experts = 0 if spec.moe is None else spec.moe_layers * spec.moe.num_experts * spec.expert_params()
-    spread = layout.ep if layout.ep > 1 else layout.tp
-    params = ((spec.params() - experts) / layout.tp + experts / spread) / layout.pp
-    return params * spec.weight_bytes + spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp
 
 
 def grid(models=MODELS, tps=TPS, batches=BATCHES, contexts=CONTEXTS, hw: Hardware | None = None) -> list:
@@ -361,9 +354,6 @@ def published_runs(rows) -> list:
     return runs
 
 
-#: Prompt tokens a prefill step takes (vLLM's max_num_batched_tokens for throughput runs, assumed).
-CHUNK = 8192
-
 #: KV slots a running sequence holds, by the engine's admission policy (a run's ``admission`` column):
 #: - "reserve": admitted only when its prompt and whole answer fit, so it holds isl + osl from the start
 #:   (TensorRT-LLM's default capacity scheduler, GUARANTEED_NO_EVICT;
@@ -381,17 +371,16 @@ def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes, a
     KV pool (or the engine's batch cap) allows, each holding the slots its engine's ``admission`` policy
     (``ADMISSION``) keeps for it. Each decodes at the step time at the mean context (its prompt and half its
     answer) and pays its prompt's prefill once."""
-    weights = weights_per_rank(spec, layout)
     per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
-    pool = 0.9 * hw.memory_bytes - weights - 4 * 2**30
+    pool = kv_budget_bytes(hw, weights_per_rank(spec, layout))  # the advisor's memory plan
     batch = int(min(max_batch, pool // (per_token * ADMISSION[admission](isl, osl))))
     if batch < 1:
         return 0.0, 0
     decode = step_model.step_stages(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
     decode_s = step_model.step_seconds(decode)
     prefill_s = 0.0
-    for start in range(0, isl, CHUNK):  # the prompt in chunks, each attending to what came before
-        tokens = min(CHUNK, isl - start)
+    for start in range(0, isl, PREFILL_CHUNK):  # the prompt in chunks, each attending to what came before
+        tokens = min(PREFILL_CHUNK, isl - start)
         context = start + tokens / 2
         chunk = step_model.prefill_stages(spec, layout, tokens, context, hw, link, kv_bytes=kv_bytes)
         prefill_s += step_model.step_seconds(chunk)
