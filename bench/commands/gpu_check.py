@@ -11,7 +11,8 @@ the others' results. The steps, in order:
    ``dist``: EP dispatch/combine stage by stage under torchrun on this machine's one GPU (world size 1:
    the GPU path and the CUDA graph measured, no wire; dist-ep.json).
    ``decode-step``: `decodebench step` for a dense and an MLA + MoE model: each stage one rank runs, timed
-   and verified at its shape beside its projection (decode-step.txt), the calibration the advisor reads.
+   and verified at its shape beside its projection (decode-step.txt; decode-step-<model>.json, which
+   `decodebench validate --gpu FOLDER` compares stage by stage).
 4. ``ncu``: Nsight Compute summaries (measured DRAM bytes beside each byte model), where ncu is on PATH.
 5. ``tune``: candidate launch configurations timed and verified at the default shapes (a per-GPU table).
 6. ``sanitizer``: compute-sanitizer memcheck over one small shape per kernel, racecheck where a kernel uses

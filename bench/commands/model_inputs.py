@@ -12,7 +12,6 @@ from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
 from bench.serving.models import MODEL_SPECS, ModelSpec, model_from_hf_config
 
 INTERCONNECT_HELP = "nvlink, pcie, ib, or a `decodebench dist allreduce --out` file measured on 2+ GPUs"
-#: The short names the command line takes for the workloads.
 
 
 def load_model_config(path, name: str | None = None) -> ModelSpec:

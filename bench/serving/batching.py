@@ -138,10 +138,6 @@ class BatchingResult:
     def tpot_s(self) -> float:
         return self.token_seconds / self.decoded_tokens if self.decoded_tokens else 0.0
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens_done / self.seconds if self.seconds else 0.0
-
 
 def _first_of_question(questions: np.ndarray) -> np.ndarray:
     """True where a sequence is its question's first in running order (the one a shared prompt is counted

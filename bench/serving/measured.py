@@ -6,8 +6,7 @@ AIConfigurator (github.com/ai-dynamo/aiconfigurator, Apache-2.0; docs/facts.md#m
 the-decode-step-model) ships parquet tables of kernel latencies measured on h200_sxm. Each table here is one
 of its files, reduced to a map from a key (the shape) to milliseconds; where several kernels were measured
 for one shape the fastest is kept (what an engine's kernel choice gets). vLLM's tables are used (the paper's
-engine); SGLang's for the MLA attention kernel alone (vLLM's measures the whole MLA module only); NCCL's own
-table for collectives vLLM's does not cover.
+engine); SGLang's for the MLA attention kernel alone (vLLM's measures the whole MLA module only).
 
 Lookups between measured shapes interpolate linearly along each numeric axis from the bracketing grid
 points (and extend the last segment past the grid's edge); every row a lookup reads is recorded, which is
@@ -161,7 +160,7 @@ class Tables:
         lines = [
             "{",
             f' "source": {json.dumps(document["source"])},',
-            f' "system": "{SYSTEM}",',
+            f' "system": {json.dumps(document["system"])},',
             ' "tables": {',
         ]
         for index, (name, table) in enumerate(document["tables"].items()):

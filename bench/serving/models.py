@@ -237,9 +237,6 @@ class ModelSpec(Decoder):
             total += self.moe_layers * per_layer
         return total + self.embedding_params()
 
-    def weight_total_bytes(self) -> int:
-        return self.params() * self.weight_bytes
-
     # -- the KV cache ----------------------------------------------------------------------------------------
 
     def tensor_parallel_problem(self, tp: int) -> str | None:
