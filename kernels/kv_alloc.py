@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_contiguous, check_tensor, runs_on
+from kernels._checks import check_contiguous, check_device, check_int, check_tensor
 from kernels._pool_reads import BlockPoolReads
 
 _MAX_TILE = 4096  # elements of one [sequences x pages-or-tokens] tile
@@ -65,8 +65,7 @@ class KVBlockPool(BlockPoolReads):
             ("max_seqs", max_seqs),
             ("max_blocks_per_seq", max_blocks_per_seq),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, value, 1)
         # Block ids, lengths and positions are int32 on the device.
         if num_blocks >= 2**31:
             raise ValueError(
@@ -79,11 +78,8 @@ class KVBlockPool(BlockPoolReads):
                 f"block_size: a sequence's length (max_blocks_per_seq x block_size) is int32, so their "
                 f"product must stay below 2^31, got {max_blocks_per_seq} x {block_size}"
             )
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if not runs_on(device):
-            raise ValueError(
-                f"device: expected one the kernels take tensors of (CUDA, or the CPU), got {device}"
-            )
+        # None: the GPU where there is one (not torch's default device, usually the CPU)
+        device = check_device("device", device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_seqs, self.max_blocks_per_seq = max_seqs, max_blocks_per_seq
         self.block_tables = torch.full((max_seqs, max_blocks_per_seq), -1, dtype=torch.int32, device=device)

@@ -464,6 +464,7 @@ BAD = _rows(
             ("block_size", "a float", _set(block_size=4.0)),
             ("max_seqs", "negative", _set(max_seqs=-1)),
             ("device", "meta", _set(device="meta")),
+            ("device", "not a device", _set(device="nope")),
         ],
         "allocate": [
             ("pool", "None", _set(pool=None)),
