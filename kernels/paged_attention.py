@@ -406,6 +406,7 @@ def paged_decode_workspace(
     device = check_workspace_args(
         batch, ("num_q_heads", num_q_heads), ("head_dim", head_dim), max_splits, device
     )
+    check_int("head_dim", head_dim, 1, _MAX_GROUP_X_HEAD_DIM // _MIN_HEAD_TILE)  # what paged_decode takes
     return PagedDecodeWorkspace(
         torch.empty(batch, num_q_heads, max_splits, head_dim, dtype=torch.float32, device=device),
         torch.empty(batch, num_q_heads, max_splits, dtype=torch.float32, device=device),

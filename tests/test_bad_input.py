@@ -336,6 +336,7 @@ BAD = _rows(
             ("num_q_heads", "zero", _set(num_q_heads=0)),
             ("head_dim", "zero", _set(head_dim=0)),
             ("head_dim", "a float", _set(head_dim=16.0)),
+            ("head_dim", "wider than paged_decode takes", _set(head_dim=1025)),
             ("max_splits", "a bool", _set(max_splits=True)),
             ("device", "unknown", _set(device="nope")),
             ("device", "meta", _set(device="meta")),
