@@ -11,6 +11,7 @@ from bench.commands.model_inputs import hardware_of, interconnect_of
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import Layout, step_seconds, step_stages
+from tests import helpers
 
 H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
 
@@ -101,12 +102,8 @@ def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there(kernel_
 
 
 def test_an_all_reduce_result_calibrates_the_interconnect(tmp_path, capsys):
-    def entry(size, seconds, impl="nccl"):
-        info = {"kernel": "all_reduce", "impl": impl, "bytes": size, "world_size": 8}
-        return {"name": f"all_reduce[{impl} {size} B]", "extra_info": info, "stats": {"median": seconds}}
-
     path = tmp_path / "ar.json"
-    benchmarks = [entry(8192, 21e-6), entry(64 * 2**20, 400e-6), entry(8192, 11e-6, "symm-mem one-shot")]
+    benchmarks = helpers.all_reduce_rows()
     path.write_text(json.dumps({"machine_info": {"gpu": "NVIDIA H200"}, "benchmarks": benchmarks}))
     link = interconnect_of(str(path))
     assert link.hop_us == pytest.approx(21 / 14)
@@ -114,7 +111,7 @@ def test_an_all_reduce_result_calibrates_the_interconnect(tmp_path, capsys):
     assert "measured" in link.source
     assert cli.main(["step", "Llama-3.1-70B", "--tp", "8", "--interconnect", str(path)]) == 0
     assert "measured: ar.json" in capsys.readouterr().out
-    path.write_text(json.dumps({"benchmarks": [entry(8192, 1e-5) | {"extra_info": {"kernel": "x"}}]}))
+    path.write_text(json.dumps({"benchmarks": [benchmarks[0] | {"extra_info": {"kernel": "x"}}]}))
     assert cli.main(["step", "Llama-3.1-70B", "--interconnect", str(path)]) == 2
     assert "--interconnect" in capsys.readouterr().err
 

@@ -19,6 +19,7 @@ from bench.serving.step import (
     step_seconds,
     step_stages,
 )
+from tests import helpers
 
 H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
 LLAMA_70B, LLAMA_405B = MODEL_SPECS["Llama-3.1-70B"], MODEL_SPECS["Llama-3.1-405B"]
@@ -151,16 +152,7 @@ def test_fewer_requests_than_replicas_leave_replicas_idle():
 def test_a_dist_result_with_one_shot_rows_calibrates_the_one_shot_all_reduce():
     from bench.serving.hardware import Interconnect
 
-    def entry(size, seconds, impl):
-        info = {"kernel": "all_reduce", "impl": impl, "bytes": size, "world_size": 8}
-        return {"name": f"all_reduce[{impl} {size} B]", "extra_info": info, "stats": {"median": seconds}}
-
-    rows = [
-        entry(8192, 21e-6, "nccl"),
-        entry(64 * 2**20, 400e-6, "nccl"),
-        entry(8192, 11e-6, "symm-mem one-shot"),
-    ]
-    link = Interconnect.from_all_reduce({"benchmarks": rows}, "ar.json")
+    link = Interconnect.from_all_reduce({"benchmarks": helpers.all_reduce_rows()}, "ar.json")
     assert link.oneshot_us == pytest.approx(11.0) and "one-shot 11.0 us" in link.source
     assert sum(link.all_reduce_s(8192, 8)) < 21e-6  # the one-shot form beats the measured ring
 
