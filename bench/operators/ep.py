@@ -13,7 +13,8 @@ import torch
 
 import kernels.ep
 from bench.operators.base import StaticOnly
-from bench.operators.moe import log_popularity, routing_ids
+from bench.operators.moe import RouteShape, log_popularity, routing_ids
+from bench.operators.moe import byte_model as route_byte_model
 from bench.serving.models import MOE_MODELS, MoEModel
 from bench.testing import generator, randn
 
@@ -163,7 +164,7 @@ def stage_bytes(
     padded = shape.kernel_mode == "capacity"
     local = shape.local_experts + shape.dedup  # dedup's counts carry the rows per rank too
     figures = {
-        "route": {"bytes": t * (m.num_experts * 2 + m.top_k * 8) + (m.num_experts * 4 if m.bias else 0)},
+        "route": {"bytes": route_byte_model(RouteShape(m.name, t, m))},  # bf16 logits (route_inputs)
         "counts": {"bytes": (world - 1) * local * 4, "wire": True},
         "sync": {"bytes": (world + world * local) * 4, "host": True},
     }
