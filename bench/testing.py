@@ -37,6 +37,12 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def device_generator(seed: int, device) -> torch.Generator:
+    """A generator on ``device`` where that is a GPU (inputs of gigabytes are drawn where they go), on the
+    CPU otherwise."""
+    return generator(seed, device if torch.device(device).type == "cuda" else "cpu")
+
+
 def randn(shape, dtype, device, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     """Normal values drawn in fp32 on ``gen``'s device, then cast: the same values on CPU and GPU."""
     x = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32) * scale

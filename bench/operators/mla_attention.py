@@ -43,7 +43,7 @@ from bench.operators.paged_attention import (
     live_slots,
 )
 from bench.serving.models import MLA_MODELS, MODELS
-from bench.testing import Guarded, generator, randn
+from bench.testing import Guarded, device_generator, generator, randn
 
 FP8 = torch.float8_e4m3fn
 DEEPSEEK = MLA_MODELS["DeepSeek-R1"]
@@ -89,7 +89,7 @@ def flop_model(shape: MLADecodeShape) -> int:
 def build(shape: MLADecodeShape, device, seed: int, guarded: bool = False) -> Inputs:
     """Random q and latent cache; every slot past a sequence's length (and every block nobody owns) holds
     NaN. With ``guarded``, out starts poisoned inside sentinel fences."""
-    gen = generator(seed, device if torch.device(device).type == "cuda" else "cpu")
+    gen = device_generator(seed, device)
     table, num_blocks = fragmented_block_tables(shape, generator(seed))
     cache_shape = (num_blocks, shape.block_size, 1, shape.qk_dim)
     cache = randn(cache_shape, torch.float32, device, gen, scale=2.0 if shape.cache_dtype == FP8 else 1.0)

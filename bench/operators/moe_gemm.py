@@ -48,7 +48,7 @@ from bench.operators import moe as moe_operator
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import MOE_MODELS, MoEModel
 from bench.serving.step import expected_experts_touched
-from bench.testing import Guarded, assert_close, generator, max_error, randn, seed_of
+from bench.testing import Guarded, assert_close, device_generator, generator, max_error, randn, seed_of
 
 FP8 = torch.float8_e4m3fn
 SCALE_BLOCK = kernels.moe_gemm.SCALE_BLOCK
@@ -183,17 +183,12 @@ def _weights(weight_dtype, experts: int, n: int, k: int, untouched, device, gen,
     return w.to(weight_dtype), w_scale
 
 
-def _device_generator(seed: int, device) -> torch.Generator:
-    """Drawn on the GPU where the inputs go there (gigabytes of weights), on the CPU otherwise."""
-    return generator(seed, device if torch.device(device).type == "cuda" else "cpu")
-
-
 def build(shape: GemmShape, device, seed: int, guarded: bool = False) -> Inputs:
     """The shape's routing and plan; random rows and weights; NaN in untouched experts' weights and in
     dispatch's padding rows (gather=False). With ``guarded``, out starts poisoned inside sentinel fences."""
     plan = make_plan(routing(shape).to(device), shape.experts, shape.align)
     untouched = plan.tokens_per_expert == 0
-    gen = _device_generator(seed, device)
+    gen = device_generator(seed, device)
     w, w_scale = _weights(
         shape.weight_dtype, shape.experts, shape.n, shape.k, untouched, device, gen, shape.launch_only
     )
@@ -644,7 +639,7 @@ def layer_build(shape: LayerShape, device, seed: int, guarded: bool = False) -> 
     m = shape.model
     logits, bias, ids = _layer_routing(shape.name, shape.tokens, m)
     untouched = torch.bincount(ids.reshape(-1).long(), minlength=m.num_experts).eq(0).to(device)
-    gen = _device_generator(seed, device)
+    gen = device_generator(seed, device)
     weights = {}
     for name, (n, k) in (("w13", (2 * shape.inner, m.hidden)), ("w2", (m.hidden, shape.inner))):
         w, scale = _weights(shape.weight_dtype, m.num_experts, n, k, untouched, device, gen)

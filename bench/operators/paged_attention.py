@@ -23,7 +23,7 @@ import torch
 import kernels.paged_attention
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
-from bench.testing import Guarded, assert_close, generator, max_error, randn
+from bench.testing import Guarded, assert_close, device_generator, generator, max_error, randn
 
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
 FP8 = torch.float8_e4m3fn
@@ -134,7 +134,7 @@ def live_slots(table: torch.Tensor, lengths, block_size: int, num_blocks: int, d
 def build(shape: PagedDecodeShape, device, seed: int, guarded: bool = False) -> Inputs:
     """Random q and caches; every cache slot past a sequence's length (and every block nobody owns) holds NaN,
     so a kernel that reads one shows it. With ``guarded``, out starts poisoned inside sentinel fences."""
-    gen = generator(seed, device if torch.device(device).type == "cuda" else "cpu")
+    gen = device_generator(seed, device)
     table, num_blocks = fragmented_block_tables(shape, generator(seed))
     cache_shape = (num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
     caches = []
