@@ -33,6 +33,11 @@ def seed_of(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+#: fp8 as the kernels take it (e4m3), and every dtype as shape labels write it.
+FP8 = torch.float8_e4m3fn
+DTYPE_LABELS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", FP8: "fp8"}
+
+
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 

@@ -9,6 +9,7 @@ import kernels.kv_cache
 from bench.operators.base import Case, Inputs, TuneSpec, pow2_between
 from bench.serving.models import DECODE_BATCHES, DEFAULT_BLOCK_SIZE, MODELS, PREFILL_CHUNKS
 from bench.testing import (
+    DTYPE_LABELS,
     Guarded,
     assert_bitwise_equal,
     assert_fp8_within_one_step,
@@ -16,8 +17,6 @@ from bench.testing import (
     max_error,
     randn,
 )
-
-_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class WriteKVShape:
     @property
     def label(self) -> str:
         size = f"b={self.num_tokens}" if self.pattern == "decode" else f"{self.num_tokens} tok"
-        cache = _SHORT[self.cache_dtype]
+        cache = DTYPE_LABELS[self.cache_dtype]
         return f"{self.name} {self.pattern} {size} {self.num_kv_heads}x{self.head_dim} {cache}"
 
     @property

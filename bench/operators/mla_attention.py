@@ -43,9 +43,8 @@ from bench.operators.paged_attention import (
     live_slots,
 )
 from bench.serving.models import MLA_MODELS, MODELS
-from bench.testing import Guarded, device_generator, generator, randn
+from bench.testing import FP8, Guarded, device_generator, generator, randn
 
-FP8 = torch.float8_e4m3fn
 DEEPSEEK = MLA_MODELS["DeepSeek-R1"]
 #: FlashMLA's page size, and DeepSeek's serving engines'.
 MLA_BLOCK_SIZE = 64

@@ -48,14 +48,22 @@ from bench.operators import moe as moe_operator
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import MOE_MODELS, MoEModel
 from bench.serving.step import expected_experts_touched
-from bench.testing import Guarded, assert_close, device_generator, generator, max_error, randn, seed_of
+from bench.testing import (
+    DTYPE_LABELS,
+    FP8,
+    Guarded,
+    assert_close,
+    device_generator,
+    generator,
+    max_error,
+    randn,
+    seed_of,
+)
 
-FP8 = torch.float8_e4m3fn
 SCALE_BLOCK = kernels.moe_gemm.SCALE_BLOCK
 STAGES = ("gate_up", "down")
 #: Tokens through one MoE layer (per rank under EP): decode batches and a prefill chunk.
 GEMM_TOKENS = (1, 8, 64, 512, 8192)
-_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", FP8: "fp8"}
 
 
 @dataclass(frozen=True)
@@ -124,12 +132,12 @@ class GemmShape:
                 " gather" if self.gather else "",
                 f" {self.load}" if self.load != "uniform" else "",
                 f" align={self.align}" if self.align > 1 else "",
-                f" a={_SHORT[self.dtype]}" if self.dtype != torch.bfloat16 else "",
+                f" a={DTYPE_LABELS[self.dtype]}" if self.dtype != torch.bfloat16 else "",
             ]
         )
         return (
             f"{self.name} {self.stage} {tokens} {self.experts}e top{self.top_k} N={self.n} K={self.k} "
-            f"{_SHORT[self.weight_dtype]}{extra}"
+            f"{DTYPE_LABELS[self.weight_dtype]}{extra}"
         )
 
 
@@ -414,7 +422,9 @@ def grouped_mm_refusal(dtype: torch.dtype, device: torch.device, n: int, k: int)
         torch._grouped_mm(a, b, offs=torch.tensor([16], dtype=torch.int32, device=device))
     except (RuntimeError, NotImplementedError) as error:
         why = str(error).strip().splitlines()[0][:200]
-        return f"torch._grouped_mm refuses {_SHORT[dtype]} [M, {k}] x [{k}, {n}] on {device.type}: {why}"
+        return (
+            f"torch._grouped_mm refuses {DTYPE_LABELS[dtype]} [M, {k}] x [{k}, {n}] on {device.type}: {why}"
+        )
     return None
 
 
@@ -587,7 +597,7 @@ class LayerShape:
         align = f" align={self.align}" if self.align > 1 else ""
         return (
             f"{self.name} tokens={self.tokens} {m.num_experts}e top{m.top_k} hidden={m.hidden} "
-            f"I={self.inner} {_SHORT[self.weight_dtype]} {path}{align}"
+            f"I={self.inner} {DTYPE_LABELS[self.weight_dtype]} {path}{align}"
         )
 
     def route_shape(self) -> moe_operator.RouteShape:

@@ -23,10 +23,16 @@ import torch
 import kernels.paged_attention
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MODELS
-from bench.testing import Guarded, assert_close, device_generator, generator, max_error, randn
-
-_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
-FP8 = torch.float8_e4m3fn
+from bench.testing import (
+    DTYPE_LABELS,
+    FP8,
+    Guarded,
+    assert_close,
+    device_generator,
+    generator,
+    max_error,
+    randn,
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class PagedBatch:
     def label(self) -> str:
         return (
             f"{self.name} b={self.batch} {self.context_label()} {self.heads_label()} page={self.block_size} "
-            f"{_SHORT[self.cache_dtype]}{self.launch_label()}"
+            f"{DTYPE_LABELS[self.cache_dtype]}{self.launch_label()}"
         )
 
     def launch_label(self) -> str:
