@@ -9,7 +9,7 @@ import torch
 import reference.kv_alloc
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, flush_l2
-from bench.operators.kv_alloc import ALLOCATE, AllocateShape, host_copy, prefilled_pool
+from bench.operators.kv_alloc import ALLOCATE, HOST_POOL_MAX_SEQS, AllocateShape, host_copy, prefilled_pool
 from bench.operators.kv_cache import WriteKVShape
 from bench.operators.kv_cache import build as write_kv_inputs
 from kernels import kv_alloc, kv_cache
@@ -95,8 +95,8 @@ def test_free(benchmark, num_seqs, impl):
     pool = prefilled_pool(AllocateShape("free", num_seqs, 1), "cuda", seed=1)
     seqs = torch.arange(num_seqs, dtype=torch.int32, device="cuda")
     if impl == "host-pool":
-        if num_seqs > 1024:
-            pytest.skip("host-pool: over a second a call past 1024 sequences")
+        if num_seqs > HOST_POOL_MAX_SEQS:
+            pytest.skip(f"host-pool: over a second a call past {HOST_POOL_MAX_SEQS} sequences")
         host, reset = host_copy(pool)
         ids = seqs.tolist()  # host list once: a scheduler holds its ids there
         call = lambda: reference.kv_alloc.free(host, ids)  # noqa: E731
