@@ -2,9 +2,10 @@
 TP all-reduce (``decodebench dist``, ``decodebench run`` on CPU, tests/test_ep.py). The shapes, scenarios
 and byte models they run are the operators' (bench/operators/ep.py, bench/operators/all_reduce.py).
 
-Timing follows the single-GPU harness: on a GPU, CUDA events on each rank around each stage, every call
+Timing follows the single-GPU harness: on a GPU, CUDA events on each rank around each stage, every EP call
 after a barrier and an L2 flush (by reading), and the CUDA-graph replay beside eager where the path can be
-captured; on a CPU, the host clock (gloo, interpreted kernels: the path, not a measurement).
+captured; the all-reduce calls after a barrier only, without a flush (small messages stay in L2, as they
+do in an engine's step); on a CPU, the host clock (gloo, interpreted kernels: the path, not a measurement).
 """
 
 import functools
@@ -32,6 +33,7 @@ from bench.operators.ep import (
     route_inputs,
     stage_bytes,
 )
+from bench.operators.moe import RouteShape
 from bench.testing import assert_bitwise_equal, assert_close
 
 # --- EP: correctness on every rank ------------------------------------------------------------------------
@@ -192,14 +194,7 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
     (identity experts: out = x times the sum of its weights). Returns this rank's samples and bytes."""
     m = shape.model
     logits, bias, x = route_inputs(shape, rank.rank, rank.device, seed)
-    route_kwargs = {
-        "scoring": m.scoring,
-        "num_groups": m.num_groups,
-        "topk_groups": m.topk_groups,
-        "scale": m.scale,
-        "softmax_after_topk": m.softmax_after_topk,
-        "bias": bias,
-    }
+    route_kwargs = RouteShape(m.name, shape.tokens, m).route_kwargs() | {"bias": bias}
     mode = {"mode": shape.kernel_mode, "dedup": shape.dedup}
     if shape.kernel_mode == "capacity":
         mode["max_tokens_per_rank"] = shape.tokens
