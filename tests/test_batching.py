@@ -127,3 +127,20 @@ def test_a_request_that_cannot_fit_an_empty_pool_ends_the_run():
 def test_an_impossible_configuration_names_its_field(fields, why):
     with pytest.raises(ValueError, match=f"^{why}:"):
         Batching(pool_tokens=100, **fields)
+
+
+def test_a_preempted_sequence_prefills_what_it_had_generated_and_decodes_on():
+    """vLLM's recompute: readmitted, a preempted sequence prefills its prompt and its tokens so far in one go
+    and decodes only what is left, so every output token is decoded once; the prefill clock pays for the
+    recomputed tokens."""
+    requests = _requests([16, 16], [64, 64])
+    config = dict(pool_tokens=96, stride=16, watermark=0.0, prefill_s_per_token=1e-3)
+    tight = simulate(Batching(step_time=lambda batch, context: (1.0, {}), **config), requests)
+    assert tight.preemptions >= 1 and tight.recomputed_tokens > 0
+    assert tight.decoded_tokens == requests.output.sum()
+    no_prefill = simulate(
+        Batching(step_time=lambda b, c: (1.0, {}), **{**config, "prefill_s_per_token": 0.0}), requests
+    )
+    # every prompt once, and each preemption's prompt (16) and generated tokens again
+    prefilled = requests.prompt.sum() + 16 * tight.preemptions + tight.recomputed_tokens
+    assert tight.seconds - no_prefill.seconds == pytest.approx(prefilled * 1e-3)

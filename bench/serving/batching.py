@@ -11,7 +11,9 @@ A replica's KV pool holds ``pool_tokens`` token slots. Each simulated step:
    sequence that does not fit stops admission: no later one jumps the queue;
 3. decode: every running sequence gains ``stride`` tokens (fewer where it finishes sooner);
 4. preemption: when the pool cannot hold what the running sequences now need, the newest are preempted
-   (their slots freed) and later recomputed from their prompts;
+   (their slots freed) and later recomputed: readmitted, a sequence prefills its prompt and the tokens it
+   had generated in one go (vLLM's recompute: the output so far is kept, its KV computed again), then
+   decodes on from there;
 5. finished sequences free their slots.
 
 What a sequence holds depends on the reservation policy: ``paged-B``, whole blocks of B slots as its tokens
@@ -124,7 +126,7 @@ class BatchingResult:
     peak_sequences: int
     peak_slots: int  # the most slots the running sequences held once a step's preemptions were done
     preemptions: int
-    recomputed_tokens: int  # decoded again after a preemption
+    recomputed_tokens: int  # generated tokens whose KV a preemption dropped (prefilled again on readmission)
     sequences_done: int
     questions_done: int  # every sample finished
     output_tokens_done: int  # of the finished sequences
@@ -165,6 +167,7 @@ class _Replica:
         self.held = np.zeros(0, dtype=np.int64)  # slots each running sequence holds
         self.used = 0  # and all of them
         self.requeued = np.zeros(0, dtype=np.int64)
+        self.generated = np.zeros(len(requests), dtype=np.int64)  # tokens a preempted sequence had made
         self.head = 0
         self.arrived = len(requests) if config.arrival_rate is None else 0
         self.arrived_questions = 0
@@ -221,8 +224,11 @@ class _Replica:
         candidates = np.concatenate([requeued, fresh])
         if not len(candidates):
             return
-        prompt = self.requests.prompt[candidates]
-        reserved = self.reservation(prompt)
+        # What each prefills: its prompt, and a preempted one's tokens so far with it. Contiguous reserves
+        # the prompt plus the cap, as at its first admission.
+        prompt, generated = self.requests.prompt[candidates], self.generated[candidates]
+        reserved = self.reservation(prompt if self.config.policy == "contiguous" else prompt + generated)
+        prompt = prompt + generated
         seq = np.concatenate([self.seq, candidates])
         first_token = np.concatenate([self.length, prompt + 1])  # room for the first token it decodes
         slots = self.slots(seq, first_token, np.concatenate([self.reserved, reserved]))[len(self.seq) :]
@@ -265,7 +271,8 @@ class _Replica:
         self.held = self.held[:keep]
         out = self.seq[keep:]
         self.tally["preemptions"] += len(out)
-        self.tally["recomputed"] += int((self.length[keep:] - self.requests.prompt[out]).sum())
+        self.generated[out] = self.length[keep:] - self.requests.prompt[out]
+        self.tally["recomputed"] += int(self.generated[out].sum())
         self.requeued = np.sort(np.concatenate([self.requeued, out]))
         self.seq, self.length, self.reserved = self.seq[:keep], self.length[:keep], self.reserved[:keep]
 
