@@ -53,6 +53,7 @@ from pathlib import Path
 
 from bench import child_env
 from bench.commands.arguments import add_budget, add_out_folder, names_from
+from bench.commands.model_inputs import preset_for
 from bench.commands.run import failures
 from bench.measure import reports, results, runner
 from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
@@ -339,7 +340,7 @@ def step_decode_step(run: CheckRun) -> StepResult:
     # The folder's measured ceilings where the machine step wrote them; with --only decode-step, the anchors
     # of the card this is (step refuses a folder without machine.json).
     measured = (run.folder / "machine.json").is_file()
-    gpu = str(run.folder) if measured else ("h100" if "h100" in machine_info().gpu.lower() else "h200")
+    gpu = str(run.folder) if measured else preset_for(machine_info().gpu)
     ended = []
     for index, args in enumerate(models):
         document = run.folder / f"decode-step-{args[0]}.json"  # what `validate --gpu FOLDER` compares

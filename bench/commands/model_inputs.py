@@ -42,8 +42,14 @@ def hardware_of(gpu: str) -> Hardware:
     machine = checked(results.read_machine_json, folder / "machine.json")
     run = folder / "run.json"
     benchmarks = checked(results.load, run)["benchmarks"] if run.exists() else []
-    base = GPUS["h200"] if "h200" in machine.get("gpu", "").lower() else GPUS["h100"]
+    base = GPUS[preset_for(machine.get("gpu", ""))]
     return Hardware.from_results(base, machine, benchmarks, origin=folder.name)
+
+
+def preset_for(gpu_name: str) -> str:
+    """The anchors' preset for a card by its name: the H100's for an H100, the H200's otherwise (the newer
+    card's ceilings for one the presets do not know)."""
+    return "h100" if "h100" in gpu_name.lower() else "h200"
 
 
 def interconnect_of(name: str) -> Interconnect:
