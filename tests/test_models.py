@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.commands.model_inputs import load_model_config
-from bench.serving.models import MODEL_SPECS, MODELS
+from bench.serving.models import MODEL_SPECS, MODELS, MOE_MODELS
 from bench.serving.workloads import WORKLOADS
 
 NATURAL = WORKLOADS["NaturalReasoning-like"]
@@ -74,6 +74,11 @@ def test_a_hugging_face_config_reads_into_the_preset(tmp_path):
         assert read.params() == want.params() and read.weight_bytes == want.weight_bytes
         assert read.kv_bytes_per_token_layer(8) == want.kv_bytes_per_token_layer(8)
         assert read.moe == want.moe and read.mla == want.mla
+    # The router's rule comes with it: what step's timing routes a config.json's model by.
+    read = load_model_config(DATA / "hf-config-DeepSeek-R1.json", name="DeepSeek-R1")
+    assert read.moe_model() == MOE_MODELS["DeepSeek-R1"]
+    with pytest.raises(ValueError, match="no MoE layers"):
+        MODEL_SPECS["Llama-3.1-8B"].moe_model()
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="^config:"):

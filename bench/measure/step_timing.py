@@ -23,7 +23,7 @@ from bench.operators.mla_attention import MLADecodeShape
 from bench.operators.moe import DispatchShape, RouteShape
 from bench.operators.moe_gemm import GemmShape
 from bench.operators.paged_attention import PagedDecodeShape
-from bench.serving.models import MOE_MODELS, ModelSpec, MoEModel
+from bench.serving.models import ModelSpec
 from bench.serving.step import Layout, Stage
 from bench.testing import generator, randn
 
@@ -141,16 +141,8 @@ def stage_calls(
     kind = "fp8 weights timed as bf16" if spec.weight_bytes == 1 else ""
     micro = max(1, round(batch / max(1, min(layout.pp, batch))))  # micro-batches in flight (step.py)
     m = spec.moe
-    # The preset's routing rule (DeepSeek's grouped sigmoid) where the suite has one; softmax top-k otherwise.
-    moe_model = None
-    if m is not None:
-        moe_model = MOE_MODELS.get(spec.name) or MoEModel(
-            name=spec.name,
-            hidden=h,
-            num_experts=m.num_experts,
-            top_k=m.top_k,
-            intermediate=m.expert_intermediate,
-        )
+    # The model's own routing rule (DeepSeek's grouped sigmoid; a config.json's scoring_func and groups).
+    moe_model = None if m is None else spec.moe_model()
     small = _small_kernel(spec, layout, micro, name, device, gen)
     if small is not None:
         return small, None, ""

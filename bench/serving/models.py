@@ -114,35 +114,6 @@ class MoEModel:
     bias: bool = False  # DeepSeek's e_score_correction_bias
 
 
-MOE_MODELS: dict[str, MoEModel] = {
-    m.name: m
-    for m in (
-        MoEModel(
-            name="DeepSeek-R1",
-            hidden=7168,
-            num_experts=256,
-            top_k=8,
-            intermediate=2048,
-            scoring="sigmoid",
-            num_groups=8,
-            topk_groups=4,
-            scale=2.5,
-            bias=True,
-        ),
-        MoEModel(name="Qwen3-30B-A3B", hidden=2048, num_experts=128, top_k=8, intermediate=768),
-        MoEModel(name="Qwen3-235B-A22B", hidden=4096, num_experts=128, top_k=8, intermediate=1536),
-        MoEModel(name="Mixtral-8x7B", hidden=4096, num_experts=8, top_k=2, intermediate=14336),
-        MoEModel(
-            name="gpt-oss-120b",
-            hidden=2880,
-            num_experts=128,
-            top_k=4,
-            intermediate=2880,
-            softmax_after_topk=True,
-        ),
-    )
-}
-
 #: Tokens through one MoE layer: decode batches and prefill chunks.
 MOE_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 8192, 16384)
 
@@ -164,6 +135,12 @@ class MoESpec:
     # num_groups groups, so an expert-parallel dispatch that sends a row once per rank reaches fewer ranks.
     num_groups: int = 1
     topk_groups: int = 1
+    # The router's rule, as kernels/moe.py's route takes it (config.json's scoring_func,
+    # routed_scaling_factor, topk_method "noaux_tc" for the score bias); docs/facts.md#moe-routing.
+    scoring: str = "softmax"
+    routed_scale: float = 1.0
+    softmax_after_topk: bool = False  # gpt-oss: top-k on the logits, softmax over the chosen
+    score_bias: bool = False
 
     def ranks_reached(self, ranks: int) -> float:
         """The ranks one token's top_k choices reach, on average, with the experts spread over ``ranks`` in
@@ -260,6 +237,27 @@ class ModelSpec(Decoder):
             return self.mla.cached_width * kv_bytes
         return 2 * self.kv_heads_per_rank(tp) * self.head_dim * kv_bytes
 
+    def moe_model(self, name: str | None = None) -> MoEModel:
+        """The MoE layer's routing view (MoEModel) the routing, dispatch and expert-GEMM cases and the step
+        timing use; ``name`` defaults to the model's."""
+        m = self.moe
+        if m is None:
+            raise ValueError(f"{self.name} has no MoE layers")
+        grouped = m.num_groups > 1
+        return MoEModel(
+            name=name or self.name,
+            hidden=self.hidden,
+            num_experts=m.num_experts,
+            top_k=m.top_k,
+            intermediate=m.expert_intermediate,
+            scoring=m.scoring,
+            num_groups=m.num_groups if grouped else None,
+            topk_groups=m.topk_groups if grouped else None,
+            scale=m.routed_scale,
+            softmax_after_topk=m.softmax_after_topk,
+            bias=m.score_bias,
+        )
+
     def attention_model(self) -> AttentionModel:
         """The attention geometry the capacity study and the decode cases use."""
         latent = self.mla.cached_width if self.mla is not None else None
@@ -290,9 +288,12 @@ def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256,
     )
 
 
-def _moe(name, *, head_dim, vocab, experts, top_k, width, **dense) -> ModelSpec:
-    """A GQA model whose every layer is MoE (Qwen3 MoE, Mixtral, gpt-oss); ``dense``: _llama's dimensions."""
-    moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate=width)
+def _moe(name, *, head_dim, vocab, experts, top_k, width, softmax_after_topk=False, **dense) -> ModelSpec:
+    """A GQA model whose every layer is MoE (Qwen3 MoE, Mixtral, gpt-oss), softmax-routed; ``dense``: _llama's
+    dimensions."""
+    moe = MoESpec(
+        num_experts=experts, top_k=top_k, expert_intermediate=width, softmax_after_topk=softmax_after_topk
+    )
     return replace(_llama(name, head_dim=head_dim, vocab=vocab, **dense), moe=moe)
 
 
@@ -380,6 +381,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             experts=128,
             top_k=4,
             width=2880,
+            softmax_after_topk=True,
         ),
         ModelSpec(
             name="DeepSeek-R1",
@@ -402,6 +404,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
                 first_dense_layers=3,
                 num_groups=8,
                 topk_groups=4,
+                scoring="sigmoid",
+                routed_scale=2.5,
+                score_bias=True,
             ),
         ),
     )
@@ -482,7 +487,18 @@ def _moe_of(config: _ConfigFields, layers: int) -> MoESpec | None:
         ),
         num_groups=groups,
         topk_groups=config.integer("topk_group", default=1, maximum=groups, of="n_group"),
+        scoring=_scoring_of(config),
+        routed_scale=config.number("routed_scaling_factor", 1.0, positive=True),
+        softmax_after_topk=config.choice("model_type", (str,), "") == "gpt_oss",  # its router: top-k, softmax
+        score_bias=config.choice("topk_method", (str,), "") == "noaux_tc",  # e_score_correction_bias
     )
+
+
+def _scoring_of(config: _ConfigFields) -> str:
+    scoring = config.choice("scoring_func", (str,), "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise config.problem("scoring_func", '"softmax" or "sigmoid"', scoring)
+    return scoring
 
 
 def _mla_of(config: _ConfigFields) -> MLAGeometry | None:
@@ -536,6 +552,12 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
         moe=_moe_of(config, layers),
     )
 
+
+#: The MoE layers the routing, dispatch and expert-GEMM cases sweep, derived from MODEL_SPECS like MODELS.
+MOE_MODELS: dict[str, MoEModel] = {
+    name: MODEL_SPECS[name].moe_model()
+    for name in ("DeepSeek-R1", "Qwen3-30B-A3B", "Qwen3-235B-A22B", "Mixtral-8x7B", "gpt-oss-120b")
+}
 
 #: The attention view of the models the cases and the capacity study sweep, derived from MODEL_SPECS so each
 #: number is written once.
