@@ -16,6 +16,12 @@ def test_pool_is_memory_less_weights_over_kv_bytes():
     # Under TP 8 each rank keeps one of the 8 KV heads and an eighth of the weights.
     assert kv_pool_tokens(llama8, 80, 8) > 8 * kv_pool_tokens(llama8, 80, 1)
     assert kv_pool_tokens(MODELS["Llama-3.1-405B"], 80, 1) == 0  # its weights alone do not fit
+    # Weights at the model's own bytes: DeepSeek-R1's fp8 671B leave an H200 at TP 8 about 40 GiB of KV (at
+    # 2 bytes a parameter they would not fit at all).
+    r1 = MODELS["DeepSeek-R1"]
+    budget = 141 * 2**30 * 0.9 - r1.params_b * 1e9 / 8 - 2 * 2**30
+    assert kv_pool_tokens(r1, 141, 8) == int(budget // 70272) > 0
+    assert kv_pool_tokens(r1, 141, 8, weight_bytes=2) == 0
 
 
 @functools.cache

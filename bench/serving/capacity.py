@@ -18,7 +18,8 @@ recomputed when the pool runs out), ``stride`` tokens a simulated step, for thre
 Measured over the steps after warm-up, as shares of the KV pool: slots holding token states, last-block
 slack (paged), reserved but not yet used (contiguous, pow2) and free; with the sequences held at once,
 preemptions and questions completed. The pool is what one GPU keeps for KV: memory x utilisation, less
-the model's weights (2 bytes a parameter) split over tensor-parallel ranks and an activation reserve.
+the model's weights (at its own bytes a parameter: fp8 for DeepSeek-R1) split over tensor-parallel ranks and
+an activation reserve.
 """
 
 from dataclasses import dataclass
@@ -63,10 +64,10 @@ class CapacityRow:
 _FROM_RESULT = ("held", "slack", "reserved_unused", "free", "sequences", "preemptions", "questions_done")
 
 
-def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: int = 2) -> int:
+def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: int | None = None) -> int:
     """Token slots one rank's KV pool holds (0 when the weights do not fit); weights of ``weight_bytes`` a
-    parameter (2: bf16; DeepSeek-R1 ships fp8, 1)."""
-    weights = model.params_b * 1e9 * weight_bytes / tp
+    parameter (default the model's own: 2 for bf16, 1 for DeepSeek-R1's fp8)."""
+    weights = model.params_b * 1e9 * (weight_bytes or model.weight_bytes) / tp
     budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
     return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
 
@@ -161,9 +162,11 @@ def report(rows: list[CapacityRow], gpu_gib: float) -> str:
         "questions done",
     ]
     text = [table(body, headers), ""]
+    weight_bytes = " or ".join(str(n) for n in sorted({MODELS[r.model].weight_bytes for r in rows}))
     text.append(
-        f"One rank's KV pool: {gpu_gib:g} GiB x {MEMORY_UTILISATION:g}, less weights (2 bytes a "
-        f"parameter, split over TP) and {ACTIVATION_RESERVE_GIB:g} GiB of activations."
+        f"One rank's KV pool: {gpu_gib:g} GiB x {MEMORY_UTILISATION:g}, less weights ({weight_bytes} "
+        f"bytes a parameter, as the model ships, split over TP) and {ACTIVATION_RESERVE_GIB:g} GiB of "
+        "activations."
     )
     for workload in dict.fromkeys(r.workload for r in rows):
         contiguous = [r.held for r in rows if r.workload == workload and r.policy == "contiguous"]
@@ -236,19 +239,19 @@ def latent_replication(
     model_name: str = "DeepSeek-R1",
     gpu_gib: float = ANCHOR_MEMORY_BYTES["H200"] / 2**30,
     gpus: int = 8,
-    weight_bytes: int = 1,
     mean_context: int = 16384,
     tps=(1, 2, 4, 8),
 ) -> list[ReplicationRow]:
     """What replicating an MLA latent across tensor-parallel ranks costs in sequences held, per TP degree
-    whose weights fit (DeepSeek-R1 on 8 x H200 in fp8 by default; 16K tokens of context a sequence, an
-    AIME-like mid-generation length). Each DP group of tp ranks holds one pool's worth of tokens."""
+    whose weights fit (DeepSeek-R1 on 8 x H200 in its released fp8 by default; 16K tokens of context a
+    sequence, an AIME-like mid-generation length). Each DP group of tp ranks holds one pool's worth of
+    tokens."""
     model = MODELS[model_name]
     if not model.is_mla:
         raise ValueError(f"model_name: {model_name} caches per-head K/V, not one latent (no replication)")
     rows = []
     for tp in tps:
-        pool = kv_pool_tokens(model, gpu_gib, tp, weight_bytes)
+        pool = kv_pool_tokens(model, gpu_gib, tp)
         if pool == 0 or gpus % tp:
             continue
         groups = gpus // tp
@@ -291,11 +294,11 @@ def replication_report(
         "if the latent were split",
         "KV memory spent on copies",
     ]
-    token_bytes = MODELS[model_name].kv_bytes_per_token(2)
+    model = MODELS[model_name]
     note = (
-        f"{model_name}: every TP rank holds every token's latent ({token_bytes} B "
+        f"{model_name}: every TP rank holds every token's latent ({model.kv_bytes_per_token(2)} B "
         "a token, all layers, bf16), so a TP group of t ranks holds one rank's pool, not t pools: (t-1)/t of "
-        "its KV memory holds copies. Weights counted at 1 byte a parameter (the released fp8); TP degrees "
-        "whose weights do not fit a rank are left out."
+        f"its KV memory holds copies. Weights counted at {model.weight_bytes} byte(s) a parameter, as the "
+        "model ships; TP degrees whose weights do not fit a rank are left out."
     )
     return "\n".join([table(body, headers), "", note]) if rows else note + "\n(no TP degree fits)"

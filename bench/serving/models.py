@@ -29,7 +29,8 @@ class AttentionModel(Decoder):
     (num_kv_heads is 1 and there is no separate V cache)."""
 
     latent_dim: int | None = None  # MLA: cached width (512 + 64 rope for DeepSeek)
-    params_b: float = 0.0  # parameters, billions (ModelSpec.params()); weights counted at 2 bytes each
+    params_b: float = 0.0  # parameters, billions (ModelSpec.params())
+    weight_bytes: int = 2  # bytes a parameter: 2 (bf16), 1 (fp8, DeepSeek-R1 as released)
 
     @property
     def is_mla(self) -> bool:
@@ -270,6 +271,7 @@ class ModelSpec(Decoder):
             head_dim=latent or self.head_dim,
             latent_dim=latent,
             params_b=self.params() / 1e9,
+            weight_bytes=self.weight_bytes,
         )
 
 
