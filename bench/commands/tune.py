@@ -8,13 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.commands.arguments import (
-    UsageError,
-    add_budget,
-    add_out_folder,
-    checked,
-    kernels_named,
-)
+from bench.commands.arguments import UsageError, add_budget, add_out_folder, checked, kernels_named
 from bench.measure import results, tuning
 from bench.measure.device import machine_info
 from bench.measure.results import read_json_object
