@@ -298,7 +298,8 @@ def replication_report(
     note = (
         f"{model_name}: every TP rank holds every token's latent ({model.kv_bytes_per_token(2)} B "
         "a token, all layers, bf16), so a TP group of t ranks holds one rank's pool, not t pools: (t-1)/t of "
-        f"its KV memory holds copies. Weights counted at {model.weight_bytes} byte(s) a parameter, as the "
-        "model ships; TP degrees whose weights do not fit a rank are left out."
+        f"its KV memory holds copies. Weights counted at {model.weight_bytes} "
+        f"byte{'s' if model.weight_bytes != 1 else ''} a parameter, as the model ships; TP degrees whose "
+        "weights do not fit a rank are left out."
     )
     return "\n".join([table(body, headers), "", note]) if rows else note + "\n(no TP degree fits)"
