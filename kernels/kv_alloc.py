@@ -571,10 +571,18 @@ def fork(pool: KVBlockPool, src, dst):
 
 def free(pool: KVBlockPool, seq_ids) -> None:
     """Drops the listed sequences' references; blocks reaching zero return to the free stack. Ids out of
-    range are skipped; a sequence listed twice is freed once."""
+    range are skipped; a sequence listed twice is freed once. A listing holds fewer than 2^31 /
+    max_blocks_per_seq entries (the kernel orders references by int32 (listing, page) positions; the pool's
+    own bound keeps any listing without repeats or stray ids inside it)."""
     _check_pool(pool)
     _check_ids("seq_ids", seq_ids, pool)
     num_seqs = seq_ids.shape[0]
+    most = (2**31 - 1) // pool.max_blocks_per_seq
+    if num_seqs > most:
+        raise ValueError(
+            f"seq_ids: expected at most {most} entries ((listing, page) positions are int32 at "
+            f"{pool.max_blocks_per_seq} pages a sequence), got {num_seqs}"
+        )
     seq_block, page_block = _tiles(num_seqs, pool.max_blocks_per_seq)
     _free_kernel[(1,)](
         seq_ids,

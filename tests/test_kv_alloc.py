@@ -105,6 +105,22 @@ def test_out_of_blocks_changes_nothing():
     assert not pools.fork([0, 0], [1, 1])  # a destination listed twice
 
 
+def test_a_listing_too_long_for_int32_positions_is_refused_before_anything_changes():
+    # Repeats and ids out of range are legal in a free, so a listing can outgrow max_seqs: its (listing, page)
+    # positions passed 2^31 here (2048 x 2^20), an int32 last_use wrapped, and two blocks were lost.
+    pool = kv_alloc.KVBlockPool(4, 1, 1, 2**20)
+    kv_alloc.allocate(
+        pool, torch.zeros(1, dtype=torch.int32), torch.tensor([2], dtype=torch.int32), num_tokens=2
+    )
+    before = pool.state()
+    with pytest.raises(ValueError, match="^seq_ids: expected at most 2047 entries"):
+        kv_alloc.free(pool, torch.tensor([-1] * 2048 + [0], dtype=torch.int32))
+    assert all(torch.equal(before[k], v) for k, v in pool.state().items())
+    kv_alloc.free(pool, torch.tensor([-1] * 2046 + [0], dtype=torch.int32))  # the longest it takes
+    assert pool.num_free() == 4
+    assert_invariants(pool)
+
+
 @pytest.mark.parametrize(
     "seqs, counts",
     [([0, 0], 1), ([8], 1), ([-1], 1), ([0], [30]), ([0, 1], [2, -1])],
