@@ -20,7 +20,7 @@ is read once per head tile, not once per head. Past 32 heads (DeepSeek-R1 at TP 
 several head tiles; they are neighbours in the grid (axis 0), so they run together and the later tiles
 find the rows in L2: DRAM sees each live byte about once. (A 64-head tile, which would halve those L2
 reads, spills at sm_90: its [64 x 512] fp32 accumulator took all 128 registers of a 16-warp program and
-ptxas spilled 244 to 276 bytes a thread through the stack; tune may still try it.) Slots past a
+ptxas spilled 244 to 276 bytes a thread through the stack; the launcher refuses it.) Slots past a
 sequence's length are masked at the load, never read (they may hold NaN).
 
 Where the time goes: per cached token, 2 x heads x (qk_dim + v_head_dim) FLOPs against qk_dim cache bytes,
@@ -197,9 +197,13 @@ def mla_decode_launch_config(num_heads: int, qk_dim: int, v_head_dim: int, cache
     }
 
 
-# A split reads at least this many times the bytes of its partials (its fp32 output rows written, then read
-# back by the merge), so split-KV adds at most 1/32 to the traffic. The price is parallelism for a lone long
-# sequence: at 16 heads a 64K-token sequence takes 36 splits, not 64.
+# A split reads at least this many times the bytes of its head tile's partials (its fp32 output rows written,
+# then read back by the merge): split-KV adds at most 1/32 to the traffic with one head tile a sequence.
+# Past 32 heads each head tile writes its own partials while the rows are read from DRAM once (the tiles
+# share them through L2), so the extra traffic is up to tiles/32: 1/16 at 64 heads, 1/8 at 128. Counting
+# every head instead would take those shapes (a batch of 32 at 8K) down to one split and leave a TP2 fp8
+# grid of 64 programs on 132 SMs: which is faster is for a GPU to measure. The price of the floor is
+# parallelism for a lone long sequence: at 16 heads a 64K-token sequence takes 36 splits, not 64.
 _SPLIT_READ_OVER_PARTIALS = 32
 
 
@@ -208,8 +212,8 @@ def mla_min_split_tokens(
 ) -> int:
     """Fewest tokens a split takes. paged_decode's 256 suits a few query heads per KV head; here a split
     writes a v_head_dim-wide fp32 row per head of its tile (32 KB for 16 of DeepSeek's heads) against
-    qk_dim cache bytes per token, so the floor grows with the heads and the value width: 1,824 tokens at
-    16 heads over a bf16 576-wide cache, 7,296 at 64."""
+    qk_dim cache bytes per token, so the floor grows with the tile's heads and the value width: 1,824 tokens
+    at 16 heads over a bf16 576-wide cache, 3,648 at 32 heads and more (tiles stop at 32 heads)."""
     heads = min(num_heads, head_block)
     partial_bytes = heads * (v_head_dim * 4 + 4) * 2  # out row and log-sum-exp, written and read back
     tokens = triton.cdiv(_SPLIT_READ_OVER_PARTIALS * partial_bytes, qk_dim * cache_bytes)

@@ -113,12 +113,15 @@ def test_float_and_tensor_fp8_scales_agree():
 
 
 def test_split_floor_bounds_the_partials_traffic():
-    """A split reads at least 32 times the bytes of its partials (written, then read by the merge)."""
-    for heads, qk, v, nbytes in ((16, 576, 512, 2), (16, 576, 512, 1), (128, 576, 512, 2), (4, 72, 64, 2)):
-        head_block = mla_decode_launch_config(heads, qk, v, nbytes)["HEAD_BLOCK"]
-        tokens = mla_min_split_tokens(heads, head_block, qk, v, nbytes)
-        partials = min(heads, head_block) * (v * 4 + 4) * 2
-        assert tokens * qk * nbytes >= 32 * partials and tokens >= 256 and tokens % 16 == 0
+    """A split reads at least 32 times the bytes of its head tile's partials. By hand, for DeepSeek's
+    576-wide bf16 latent: 16 heads write 16 x (512 x 4 + 4) x 2 = 65,664 B a split, 32 times that over
+    1,152 B a token is 1,824 tokens; tiles stop at 32 heads, so 64 and 128 heads take 32 heads' 3,648."""
+    for heads, want in ((16, 1824), (32, 3648), (64, 3648), (128, 3648)):
+        head_block = mla_decode_launch_config(heads, 576, 512, 2)["HEAD_BLOCK"]
+        assert mla_min_split_tokens(heads, head_block, 576, 512, 2) == want, heads
+    assert mla_min_split_tokens(16, 16, 576, 512, 1) == 3648  # fp8: half the bytes a token
+    assert mla_min_split_tokens(4, 16, 72, 64, 2) == 464  # 4 x 260 x 2 x 32 / 144 = 462.2, in 16s
+    assert mla_min_split_tokens(1, 16, 72, 64, 2) == 256  # paged_decode's floor
 
 
 def test_launch_config_keeps_the_accumulator_within_registers():

@@ -236,8 +236,14 @@ def test_dry_run_lists_candidates_and_drops_spills(monkeypatch, tmp_path):
 def test_dry_run_over_every_tunable_kernel(monkeypatch, tmp_path):
     """The dry run of every tunable kernel, all but the compiler: its candidates at one default shape per
     key are captured through the launcher as the compiling child does (_compile_job), and take made-up
-    figures. mla_decode's 64-head tile at 512 value columns, which its launcher refuses (the dry run died
-    there), is dropped with the launcher's reason and never goes to the child."""
+    figures. A candidate its launcher refuses (mla_decode's 64-head tile at 512 value columns, planted: the
+    dry run once died there) is dropped with the launcher's reason and never goes to the child."""
+    import dataclasses
+
+    mla = CASES["mla_decode"]
+    taller = (lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] * 2, "num_warps": 16},)
+    planted = dataclasses.replace(mla.tune, changes=mla.tune.changes + taller)
+    monkeypatch.setitem(CASES, "mla_decode", dataclasses.replace(mla, tune=planted))
     cases = [_one_shape_per_key(monkeypatch, CASES[name]) for name in TUNED]
     monkeypatch.setattr(tuning, "compile_aot", lambda launch, arch: None)
     monkeypatch.setattr(

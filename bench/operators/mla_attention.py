@@ -391,8 +391,10 @@ TUNE = TuneSpec(
     "_mla_decode_kernel",
     kernels.mla_attention.TUNABLE,
     (
-        # Bandwidth-bound (16 heads) wants more bytes in flight; compute-bound (64-head tiles) wants the tile
-        # shape that keeps the tensor cores fed.
+        # Bandwidth-bound (16 heads) wants more bytes in flight; compute-bound (64 heads and more, in
+        # 32-head tiles) wants the tile shape that keeps the tensor cores fed. No taller tile: the
+        # heuristic's 16 serves up to 16 heads in one tile already, and 64 x 512 value columns is past the
+        # launcher's accumulator bound (it refuses it).
         lambda h: {"num_stages": 3},
         lambda h: {"num_stages": 1},
         lambda h: {"BLOCK_N": 64},
@@ -400,9 +402,6 @@ TUNE = TuneSpec(
         lambda h: {"num_warps": 16},
         lambda h: {"num_warps": 8},
         lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] // 2},
-        # A tile twice as tall halves the L2 reads: 32 heads where the heuristic takes 16; a 64-head tile of
-        # 512 value columns is past the launcher's accumulator bound, and dropped as refused.
-        lambda h: {"HEAD_BLOCK": h["HEAD_BLOCK"] * 2, "num_warps": 16},
     ),
     {
         "HEAD_BLOCK": pow2_between(16, 64),
