@@ -213,8 +213,10 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scal
     check_contiguous("slot_mapping", slot_mapping)
 
     quantize = k_cache.dtype == torch.float8_e4m3fn
-    if not has_value and v_scale is None:
-        v_scale = k_scale  # a latent-only cache has one scale
+    if not has_value and v_scale is not None:
+        raise ValueError("v_scale: a latent-only cache (value and v_cache None) takes one scale, k_scale")
+    if not has_value:
+        v_scale = k_scale  # never read (HAS_VALUE is off); checked alike
     k_scale, v_scale, scales_in_memory = check_fp8_scales(k_scale, v_scale, k_cache.dtype, key.device)
 
     if num_tokens == 0:

@@ -290,6 +290,11 @@ BAD_INPUTS = {
     "scale fp16": ("k_scale", _fp8_args, _replace(k_scale=lambda a: torch.ones(1, device=DEVICE).half())),
     "scale a string": ("k_scale", _fp8_args, _replace(k_scale=lambda a: "1.0")),
     "scales of two kinds": ("v_scale", _fp8_args, _replace(v_scale=lambda a: 2.0)),
+    "v_scale on a latent-only cache": (
+        "v_scale",
+        _fp8_args,
+        _replace(value=lambda a: None, v_cache=lambda a: None),
+    ),
 }
 
 

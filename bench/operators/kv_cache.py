@@ -64,13 +64,14 @@ class WriteKVShape:
 
 def byte_model(shape: WriteKVShape) -> int:
     """Each live token reads its K and V rows once and writes them once; every token's slot is read once;
-    an fp8 cache adds its two 4-byte scales (``build`` passes them as device tensors)."""
+    an fp8 cache adds its 4-byte scales, one a side (``build`` passes them as device tensors)."""
     live = shape.num_tokens - shape.skipped
     input_bytes = shape.dtype.itemsize
     cache_bytes = shape.cache_dtype.itemsize
     rows = live * (shape.k_row + shape.v_row) * (input_bytes + cache_bytes)
     slots = shape.num_tokens * shape.slot_dtype.itemsize
-    scales = 8 if shape.cache_dtype == torch.float8_e4m3fn else 0
+    sides = 1 if shape.head_dim_v is None else 2
+    scales = 4 * sides if shape.cache_dtype == torch.float8_e4m3fn else 0
     return rows + slots + scales
 
 
@@ -132,7 +133,8 @@ def build(shape: WriteKVShape, device, seed: int, guarded: bool = False) -> Inpu
             args[cache_name] = torch.zeros((*cache_shape, head_dim), dtype=shape.cache_dtype, device=device)
     if shape.cache_dtype == torch.float8_e4m3fn:
         args["k_scale"] = torch.tensor([0.75], device=device)
-        args["v_scale"] = torch.tensor([1.25], device=device)
+        if shape.head_dim_v is not None:  # a latent-only cache takes one scale
+            args["v_scale"] = torch.tensor([1.25], device=device)
     outputs = tuple(name for _, name, _ in sides)
     return Inputs(args, outputs, guards)
 
