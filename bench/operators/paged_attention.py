@@ -351,7 +351,7 @@ def sdpa_prepare(inputs, shape) -> Prepared:
 
 
 # Devices where the SDPA peers must run on a fused backend. On a GPU torch's math fallback upcasts to fp32
-# and repeats K and V for every query head (MLA at batch 32, 8K context, 128 heads: about 220 GB); on the
+# and repeats K and V for every query head (MLA at batch 32, 8K context, 128 heads: 146 GB of them); on the
 # CPU it is the CPU's own path, at the small shapes the dry run and the tests take.
 FUSED_SDPA_ONLY_ON = ("cuda",)
 # The key length of the probe fused_sdpa_refusal runs: which backend takes a call depends on dtypes, head
