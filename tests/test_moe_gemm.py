@@ -123,6 +123,10 @@ FUZZ_GRID = {
     ),
     "fp8 odd block edges, align 4": S(3, 3, 2, k=130, n=131, align=4, fp8=True),
     "fp8 fp16, one expert": S(3, 2, 1, k=24, n=20, fp8=True, dtype=torch.float16, load="one"),
+    # The grid's launch groups of 8 M tiles, each over 3 N tiles: 28 tiles (two groups of real ones), and
+    # one expert's 3 real tiles in a short group.
+    "more M tiles than a launch group": S(200, 16, 4, k=20, n=150),
+    "one expert's M tiles in a short launch group": S(150, 1, 1, k=20, n=150),
 }
 
 
