@@ -21,7 +21,7 @@ past about a hundred rows an expert the GEMMs turn compute-bound (kernels/moe_ge
 import torch
 
 from kernels import moe
-from kernels._checks import check_contiguous, check_tensor
+from kernels._checks import check_contiguous, check_int, check_tensor
 from kernels.moe_gemm import A_DTYPES, check_weights, grouped_gemm
 
 
@@ -31,6 +31,8 @@ def check_layer(x, router_logits, w13, w2, w13_scale, w2_scale, out) -> None:
     check_tensor("x", x, ndim=2, dtypes=A_DTYPES)
     check_tensor("router_logits", router_logits, ndim=2, device=x.device)
     tokens, hidden = x.shape
+    if x.stride(1) != 1 and hidden > 1:  # grouped_gemm's rows (it would name them a)
+        raise ValueError(f"x: expected rows contiguous (stride 1), got strides {x.stride()}")
     if router_logits.shape[0] != tokens:
         raise ValueError(
             f"router_logits: expected {tokens} rows (x's tokens), got {tuple(router_logits.shape)}"
@@ -76,6 +78,7 @@ def moe_layer(
     caller-owned result. No host sync (the intermediate rows are allocated, max_rows of them: known from
     shapes)."""
     check_layer(x, router_logits, w13, w2, w13_scale, w2_scale, out)
+    check_int("align", align, 1, 1024)  # dispatch's bound, checked here before route launches
     if not isinstance(fused_gather, bool):
         raise ValueError(f"fused_gather: expected a bool, got {fused_gather!r}")
     weights, ids = moe.route(router_logits, top_k, **routing)

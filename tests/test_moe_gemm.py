@@ -207,12 +207,14 @@ def test_out_given_allocates_nothing(monkeypatch):
     assert got is out
 
 
-def test_an_empty_batch_launches_nothing_and_returns_out():
+def test_an_empty_batch_launches_nothing_and_returns_out(monkeypatch):
     x = torch.zeros(0, 16, dtype=torch.bfloat16, device=DEVICE)
     plan = moe.dispatch_plan(torch.zeros(0, 2, dtype=torch.int32, device=DEVICE), 4, align=4)
     w = torch.zeros(4, 8, 16, dtype=torch.bfloat16, device=DEVICE)
-    out = moe_gemm.grouped_gemm(x, w, plan, gather=True)
-    assert out.shape == (12, 8)  # max_rows: padding only
+    out = torch.full((12, 8), NAN, dtype=torch.bfloat16, device=DEVICE)  # max_rows: padding only
+    monkeypatch.setattr(moe_gemm, "_grouped_gemm_kernel", None)  # a launch would fail on None[grid]
+    assert moe_gemm.grouped_gemm(x, w, plan, gather=True, out=out) is out
+    assert out.isnan().all()
 
 
 def test_references_take_the_same_arguments():
@@ -348,6 +350,7 @@ def _layer_bad():
     w13, w2 = weights["w13"], weights["w2"]
     return (x, logits, w13, w2), {
         "x int": ("x", {"x": x.int()}),
+        "x strided": ("x", {"x": torch.zeros(3, 64, dtype=x.dtype, device=DEVICE)[:, ::2]}),
         "router_logits rows": ("router_logits", {"router_logits": logits[:2]}),
         "w13 K": ("w13", {"w13": torch.zeros(8, 32, 33, dtype=torch.bfloat16, device=DEVICE)}),
         "w13 odd N": ("w13", {"w13": torch.zeros(8, 31, 32, dtype=torch.bfloat16, device=DEVICE)}),

@@ -58,9 +58,10 @@ def byte_model(shape: RouteShape) -> int:
 
 
 def flop_model(shape: RouteShape) -> int:
-    """A score per logit (an exp and a divide, or a sigmoid) and k passes of max over the experts."""
+    """A score per logit (an exp and a divide, or a sigmoid). The top-k selection (one tl.topk a tile) is
+    comparisons, not counted."""
     m = shape.model
-    return shape.tokens * m.num_experts * (2 + m.top_k)
+    return shape.tokens * m.num_experts * 2
 
 
 def compare(actual: Inputs, expected: Inputs, shape: RouteShape) -> float:
