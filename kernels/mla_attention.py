@@ -24,7 +24,8 @@ ptxas spilled 244 to 276 bytes a thread through the stack; the launcher refuses 
 sequence's length are masked at the load, never read (they may hold NaN).
 
 Where the time goes: per cached token, 2 x heads x (qk_dim + v_head_dim) FLOPs against qk_dim cache bytes,
-about 240 FLOP/byte at 128 bf16 heads (compute-bound on an H100/H200), 30 at 16 heads (bandwidth-bound).
+about 240 FLOP/byte at 128 bf16 heads (compute-bound on an H200, near the knee on an H100), 30 at 16
+heads (bandwidth-bound).
 
 Long contexts and small batches split each sequence's tokens (split-KV) as paged_decode does: the launcher
 bounds the splits from shapes only, each program derives its sequence's split count from its length on the

@@ -4,8 +4,8 @@ peers timed beside it and its tuning candidates.
 
 MLA sits near the ridge point: per cached token, 2 x heads x (qk_dim + v_head_dim) FLOPs against qk_dim
 cache bytes. At TP 8 (16 heads a rank) that is 30 FLOP/byte in bf16, bandwidth-bound; at TP 1 (128 heads)
-about 240, compute-bound on an H100/H200. Reports put each shape's arithmetic intensity beside the measured
-ridge (matmul ceiling / copy bandwidth) and say which one binds.
+about 240, compute-bound on an H200 and near the knee on an H100. Reports put each shape's arithmetic
+intensity beside the measured ridge (matmul ceiling / copy bandwidth) and say which one binds.
 
 Peers: the same absorbed MLA decode step by other implementations.
 
