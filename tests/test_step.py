@@ -40,6 +40,20 @@ def test_the_step_adds_up_and_names_each_stage():
     assert "moe:attn_all_reduce" not in {s.name for s in ep}  # data-parallel attention: no TP all-reduce
 
 
+def test_sliding_window_layers_read_their_window_not_the_context():
+    """gpt-oss's 18 sliding-window layers (window 128) read at most 128 tokens of cache a sequence: at 32K
+    tokens a step's paged-decode bytes are about half of all 36 layers reading the whole context."""
+    from dataclasses import replace
+
+    spec = MODEL_SPECS["gpt-oss-120b"]
+
+    def decode_bytes(model):
+        stages = step_stages(model, Layout(tp=1), 64, 32768, H200, NVLINK)
+        return sum(s.bytes * s.per_step for s in stages if s.name.endswith("paged_decode"))
+
+    assert decode_bytes(spec) / decode_bytes(replace(spec, windowed=())) == pytest.approx(0.5, abs=0.01)
+
+
 def test_cli_step_prints_every_stage(capsys):
     assert cli.main(["step", "DeepSeek-R1", "--tp", "8", "--batch", "64", "--context", "8192"]) == 0
     assert "moe:experts" in capsys.readouterr().out

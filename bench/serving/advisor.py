@@ -5,7 +5,8 @@ requests through continuous batching.
 For each layout that fits (weights, an activation reserve and at least one longest sequence in memory):
 
 - memory plan per rank: weights (non-expert parameters split tp ways; experts tp ways, or whole experts
-  spread ep ways; everything split pp ways by layers), and the KV pool left;
+  spread ep ways; everything split pp ways by layers), and the KV pool left, in tokens of the layers that
+  keep the whole context (a sequence's sliding-window layers hold a fixed window beside them);
 - simulation of one replica's share of the R requests through continuous batching (bench/serving/
   batching.py; replicas are statistically alike; all requests arrive at once, an offline batch as the
   scaling study, arXiv 2605.19775, ran): first-come-first-served admission while the pool has room for the
@@ -69,7 +70,7 @@ def _divisors(n: int) -> list[int]:
 @dataclass(frozen=True)
 class MemoryPlan:
     weights_bytes: float  # per rank
-    kv_bytes_per_token: float  # per rank, all its layers
+    kv_bytes_per_token: float  # per rank, all its layers that keep the whole context
     pool_tokens: int  # tokens the replica's KV pool holds (each rank holds its share of each)
     fits: bool
     why: str = ""
@@ -94,10 +95,11 @@ def kv_budget_bytes(hw: Hardware, weights: float) -> float:
 
 def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: ReasoningWorkload, kv_bytes=2):
     weights = weights_per_rank(spec, layout)
-    per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
+    per_token = spec.kv_bytes_per_token(layout.tp, kv_bytes) / layout.pp
     budget = kv_budget_bytes(hw, weights)
     pool = max(0, int(budget // per_token))
-    longest = workload.max_output + workload.max_prompt
+    window = spec.window_slots(BLOCK)  # what a sequence's sliding-window layers hold beside its tokens
+    longest = workload.max_output + workload.max_prompt + window
     if budget <= 0:
         why = f"weights {weights / 1e9:.0f} GB a rank do not fit"
         return MemoryPlan(
@@ -108,7 +110,7 @@ def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: Reasoni
         return MemoryPlan(
             weights_bytes=weights, kv_bytes_per_token=per_token, pool_tokens=pool, fits=False, why=why
         )
-    mean = workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2)
+    mean = workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2) + window
     return MemoryPlan(
         weights_bytes=weights,
         kv_bytes_per_token=per_token,
@@ -222,6 +224,7 @@ def simulate(
         max_num_seqs=max_num_seqs,
         step_time=step_time,
         prefill_s_per_token=prefill_seconds_per_token(spec, layout, hw, link, workload, kv_bytes),
+        window_slots=spec.window_slots(BLOCK),
     )
     run = batching.simulate(config, mine)
     mean_context = (

@@ -22,7 +22,7 @@ the model's weights (at its own bytes a parameter: fp8 for DeepSeek-R1) split ov
 an activation reserve.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -101,6 +101,7 @@ def simulate(
         warmup_steps=steps // 3,
         seed=seed + 1,
     )
+    config = replace(config, window_slots=model.window_slots(config.block))  # sliding-window layers' pages
     result = batching.simulate(config, Requests.from_draw(prompts, outputs))
     measured = {name: getattr(result, name) for name in _FROM_RESULT}
     return CapacityRow(

@@ -218,7 +218,7 @@ def slowest_share(mean_rows: float, ranks: int) -> float:
 def _prefill_attention(spec, layout, tokens, context, hw, comp, kv_bytes):
     """Prefill's attention over a chunk of ``tokens`` new tokens whose queries see ``context`` tokens on
     average (causal): compute-bound, the cache read once per chunk (flash attention's tiling)."""
-    tp = layout.tp
+    tp, context = layout.tp, spec.attended_context(context)  # a sliding-window layer sees its window
     heads = spec.num_q_heads / tp
     kv_token = spec.kv_bytes_per_token_layer(tp, kv_bytes)
     if spec.mla is None:
@@ -238,6 +238,7 @@ def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
         _prefill_attention(spec, layout, batch, context, hw, comp, kv_bytes)
         return
     tp, h, wb = layout.tp, spec.hidden, spec.weight_bytes
+    context = spec.attended_context(context)  # a sliding-window layer reads its window
     act = batch * h * 2
     heads = spec.num_q_heads / tp
     gemm, tflops = hw.gemm_floor_us(wb), hw.tflops(wb)

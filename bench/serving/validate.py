@@ -371,9 +371,10 @@ def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes, a
     KV pool (or the engine's batch cap) allows, each holding the slots its engine's ``admission`` policy
     (``ADMISSION``) keeps for it. Each decodes at the step time at the mean context (its prompt and half its
     answer) and pays its prompt's prefill once."""
-    per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
+    per_token = spec.kv_bytes_per_token(layout.tp, kv_bytes) / layout.pp
     pool = kv_budget_bytes(hw, weights_per_rank(spec, layout))  # the advisor's memory plan
-    batch = int(min(max_batch, pool // (per_token * ADMISSION[admission](isl, osl))))
+    held = ADMISSION[admission](isl, osl) + spec.window_slots(16)  # and a sliding window's pages
+    batch = int(min(max_batch, pool // (per_token * held)))
     if batch < 1:
         return 0.0, 0
     decode = step_model.step_stages(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
