@@ -33,7 +33,7 @@ import numpy as np
 from bench.serving import batching
 from bench.serving.batching import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, Batching, Requests
 from bench.serving.hardware import Hardware, Interconnect
-from bench.serving.models import ModelSpec
+from bench.serving.models import ModelSpec, pipeline_stages
 from bench.serving.step import Layout, prefill_stages, seconds_by_bound, step_seconds, step_stages
 from bench.serving.workloads import ReasoningWorkload
 
@@ -77,17 +77,6 @@ class MemoryPlan:
     why: str = ""
     sequences: int = 0  # of the workload's mean length (prompt + output), the pool holds at once
     window_slots: int = 0  # a sequence's sliding-window pages on the binding stage (ModelSpec.window_slots)
-
-
-def pipeline_stages(layers: int, pp: int) -> list[range]:
-    """Each pipeline stage's layers as vLLM's get_pp_indices splits them (vllm/distributed/utils.py; no
-    VLLM_PP_LAYER_PARTITION): layers // pp a stage, the remainder one more each on the stages just before
-    the last (which holds the final norm and the LM head)."""
-    sizes = [layers // pp] * pp
-    for i in range(2, layers % pp + 2):
-        sizes[-i] += 1
-    starts = [sum(sizes[:i]) for i in range(pp)]
-    return [range(start, start + size) for start, size in zip(starts, sizes)]
 
 
 def stage_weights(spec: ModelSpec, layout: Layout, stage: range) -> float:

@@ -339,6 +339,17 @@ class ModelSpec(Decoder):
         )
 
 
+def pipeline_stages(layers: int, pp: int) -> list[range]:
+    """Each pipeline stage's layers as vLLM's get_pp_indices splits them (vllm/distributed/utils.py; no
+    VLLM_PP_LAYER_PARTITION): layers // pp a stage, the remainder one more each on the stages just before
+    the last (which holds the final norm and the LM head)."""
+    sizes = [layers // pp] * pp
+    for i in range(2, layers % pp + 2):
+        sizes[-i] += 1
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
 def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256, head_dim=128) -> ModelSpec:
     """A Llama-shaped dense model (head_dim 128 unless given): the Llama 3.1 family and the Llama and
     Qwen2.5 distills; the dense frame of _moe's models."""
