@@ -66,7 +66,8 @@ _FROM_RESULT = ("held", "slack", "reserved_unused", "free", "sequences", "preemp
 
 def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: int | None = None) -> int:
     """Token slots one rank's KV pool holds (0 when the weights do not fit); weights of ``weight_bytes`` a
-    parameter (default the model's own: 2 for bf16, 1 for DeepSeek-R1's fp8)."""
+    parameter (default the model's own: 2 for bf16, 1 for DeepSeek-R1's fp8). A slot is a token's KV in the
+    layers keeping the whole context; a sequence's sliding-window layers take AttentionModel.window_slots."""
     weights = model.params_b * 1e9 * (weight_bytes or model.weight_bytes) / tp
     budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
     return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
