@@ -13,7 +13,7 @@ import json
 import pytest
 
 from bench.commands import cli
-from bench.serving.advisor import advise, layouts, memory_plan
+from bench.serving.advisor import advise, layouts, memory_plan, pipeline_stages, stage_weights
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import Layout
@@ -40,6 +40,25 @@ def test_memory_plan_by_hand():
     assert plan.weights_bytes == pytest.approx(r1.params() - experts + experts / 8 + embedding_bf16)
     assert plan.pool_tokens == int((141e9 * 0.9 - plan.weights_bytes - 2 * 2**30) // 70272)
     assert not memory_plan(r1, Layout(dp=8), H200, NATURAL).fits  # 671 GB of weights on one GPU
+
+
+def test_pipeline_stages_split_as_vllm_and_the_heaviest_binds():
+    """vLLM's get_pp_indices gives DeepSeek-R1's 61 layers over 8 stages as 7, 7, 8 x 5, 7 (the remainder
+    on the stages before the last). A middle stage of 8 MoE layers holds 8 x (257 experts of 3 x 7168 x
+    2048 + attention + router) fp8 bytes, about 92.1 GB, not the 85.7 GB an eighth of the model (with the
+    embedding and head on every stage) came to; its pool, about 3.55M tokens, binds (not 4.44M)."""
+    r1, layout = MODEL_SPECS["DeepSeek-R1"], Layout(pp=8)
+    assert [len(s) for s in pipeline_stages(61, 8)] == [7, 7, 8, 8, 8, 8, 8, 7]
+    assert [len(s) for s in pipeline_stages(36, 8)] == [4, 4, 4, 5, 5, 5, 5, 4]
+    moe_layer = r1.attention_params() + 257 * r1.expert_params() + 7168 * 256
+    plan = memory_plan(r1, layout, H200, NATURAL)
+    assert plan.weights_bytes == pytest.approx(8 * moe_layer)
+    assert plan.pool_tokens == int((141e9 * 0.9 - 8 * moe_layer - 2 * 2**30) // (8 * 576 * 2))
+    assert plan.pool_tokens <= 3.6e6
+    # One stage: the whole model, as before.
+    assert stage_weights(r1, Layout(dp=8, ep=8), range(61)) == pytest.approx(
+        memory_plan(r1, Layout(dp=8, ep=8), H200, NATURAL).weights_bytes
+    )
 
 
 def test_more_gpus_never_hold_fewer_sequences():

@@ -66,6 +66,16 @@ def test_admission_keeps_the_watermark_free():
     assert simulate(Batching(pool_tokens=1600, stride=16, watermark=0.0), requests).peak_sequences == 2
 
 
+def test_every_running_sequence_holds_its_window_slots():
+    # Ten sequences of 5 blocks (prompt 64 + 16 answer) in a pool of 100 blocks all fit; with 9 blocks of
+    # sliding-window pages each (gpt-oss's 144 slots) only 7 do (14 blocks each).
+    requests = _requests([64] * 10, [16] * 10)
+    assert simulate(Batching(pool_tokens=1600, stride=16, watermark=0.0), requests).peak_sequences == 10
+    windowed = Batching(pool_tokens=1600, stride=16, watermark=0.0, window_slots=144)
+    result = simulate(windowed, requests)
+    assert result.peak_sequences == 7 and result.peak_slots <= 1600
+
+
 def test_max_num_seqs_caps_the_batch_and_the_clock_counts_each_step():
     requests = _requests([16] * 6, [64] * 6)
     one_second = Batching(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.commands.model_inputs import load_model_config
-from bench.serving.models import MODEL_SPECS, MODELS, MOE_MODELS
+from bench.serving.models import MODEL_SPECS, MODELS, MOE_MODELS, model_from_hf_config
 from bench.serving.workloads import WORKLOADS
 
 NATURAL = WORKLOADS["NaturalReasoning-like"]
@@ -27,7 +27,7 @@ DATA = Path(__file__).parent / "data"
         ("Qwen3-30B-A3B", 98304),
         ("Qwen3-235B-A22B", 192512),
         ("Mixtral-8x7B", 131072),
-        ("gpt-oss-120b", 73728),
+        ("gpt-oss-120b", 36864),  # its 18 full-attention layers; the 18 sliding-window ones hold a window
         ("DeepSeek-R1", 70272),
     ],
 )
@@ -83,6 +83,41 @@ def test_a_hugging_face_config_reads_into_the_preset(tmp_path):
     path.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="^config:"):
         load_model_config(path)
+
+
+def test_gpt_oss_sliding_window_layers_hold_a_window_not_the_context():
+    """gpt-oss alternates sliding_attention (window 128) and full_attention layers (config.json's
+    layer_types, sliding_window): at 32K tokens a sequence holds about 36,864 B a token (18 layers), plus a
+    window's pages in the other 18, not 73,728 (all 36 counted full)."""
+    spec = MODEL_SPECS["gpt-oss-120b"]
+    context, window = 32768, spec.window_slots(16)
+    per_token = spec.kv_bytes_per_token() * (context + window) / context
+    assert per_token == pytest.approx(36864, rel=0.01)
+    assert window == (128 // 16 + 1) * 16  # vLLM keeps cdiv(window, block) + 1 blocks a sequence
+    assert spec.attended_context(context) == pytest.approx((context + 128) / 2)
+    assert MODEL_SPECS["Llama-3.1-8B"].window_slots(16) == 0
+
+
+def test_layer_types_read_into_the_sliding_window_layers():
+    """A config.json's layer_types and sliding_window give the windowed layers (the preset's, for
+    gpt-oss's alternation); a layer_types that does not name every layer is a ValueError."""
+    preset = MODEL_SPECS["gpt-oss-120b"]
+    fields = {
+        "num_hidden_layers": 36,
+        "hidden_size": 2880,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 2880,
+        "vocab_size": 201088,
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 18,
+    }
+    read = model_from_hf_config(fields)
+    assert (read.windowed, read.sliding_window) == (preset.windowed, preset.sliding_window)
+    assert read.kv_bytes_per_token(8) == preset.kv_bytes_per_token(8)
+    with pytest.raises(ValueError, match="layer_types"):
+        model_from_hf_config({**fields, "layer_types": ["full_attention"] * 35})
 
 
 def test_natural_reasoning_matches_the_published_shape():

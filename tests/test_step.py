@@ -40,6 +40,33 @@ def test_the_step_adds_up_and_names_each_stage():
     assert "moe:attn_all_reduce" not in {s.name for s in ep}  # data-parallel attention: no TP all-reduce
 
 
+def test_sliding_window_layers_read_their_window_not_the_context():
+    """gpt-oss's 18 sliding-window layers (window 128) read at most 128 tokens of cache a sequence: at 32K
+    tokens a step's paged-decode bytes are about half of all 36 layers reading the whole context."""
+    from dataclasses import replace
+
+    spec = MODEL_SPECS["gpt-oss-120b"]
+
+    def decode_bytes(model):
+        stages = step_stages(model, Layout(tp=1), 64, 32768, H200, NVLINK)
+        return sum(s.bytes * s.per_step for s in stages if s.name.endswith("paged_decode"))
+
+    assert decode_bytes(spec) / decode_bytes(replace(spec, windowed=())) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_step_takes_the_slowest_pipeline_stage_each_micro_batch():
+    """DeepSeek-R1 over 8 stages as vLLM splits it (7, 7, 8 x 5, 7 layers): with 8 micro-batches in flight
+    each stage runs all 8 a step, so a step takes at least 8 x a stage of 8 MoE layers (64 MoE layers'
+    time), not the 61 layers once that even stages would come to."""
+    spec = MODEL_SPECS["DeepSeek-R1"]
+    stages = step_stages(spec, Layout(pp=8), 256, 4096, H200, NVLINK)
+    moe_layer = sum(s.seconds for s in stages if s.name.startswith("moe:"))
+    assert step_seconds(stages) >= 8 * 8 * moe_layer
+    assert "pp_imbalance" in {s.name for s in stages}
+    even = step_stages(MODEL_SPECS["Llama-3.1-70B"], Layout(pp=8), 256, 4096, H200, NVLINK)  # 10 a stage
+    assert "pp_imbalance" not in {s.name for s in even}
+
+
 def test_cli_step_prints_every_stage(capsys):
     assert cli.main(["step", "DeepSeek-R1", "--tp", "8", "--batch", "64", "--context", "8192"]) == 0
     assert "moe:experts" in capsys.readouterr().out

@@ -5,7 +5,9 @@ requests through continuous batching.
 For each layout that fits (weights, an activation reserve and at least one longest sequence in memory):
 
 - memory plan per rank: weights (non-expert parameters split tp ways; experts tp ways, or whole experts
-  spread ep ways; everything split pp ways by layers), and the KV pool left;
+  spread ep ways; layers split into pp stages as vLLM splits them, the embedding on the first and the LM
+  head on the last), and the KV pool left on the stage where it is smallest, in tokens of the layers that
+  keep the whole context (a sequence's sliding-window layers hold a fixed window beside them);
 - simulation of one replica's share of the R requests through continuous batching (bench/serving/
   batching.py; replicas are statistically alike; all requests arrive at once, an offline batch as the
   scaling study, arXiv 2605.19775, ran): first-come-first-served admission while the pool has room for the
@@ -31,7 +33,7 @@ import numpy as np
 from bench.serving import batching
 from bench.serving.batching import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, Batching, Requests
 from bench.serving.hardware import Hardware, Interconnect
-from bench.serving.models import ModelSpec
+from bench.serving.models import ModelSpec, pipeline_stages
 from bench.serving.step import Layout, prefill_stages, seconds_by_bound, step_seconds, step_stages
 from bench.serving.workloads import ReasoningWorkload
 
@@ -68,23 +70,34 @@ def _divisors(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    weights_bytes: float  # per rank
-    kv_bytes_per_token: float  # per rank, all its layers
+    weights_bytes: float  # per rank of the heaviest pipeline stage
+    kv_bytes_per_token: float  # per rank of the stage whose pool binds, its layers keeping the whole context
     pool_tokens: int  # tokens the replica's KV pool holds (each rank holds its share of each)
     fits: bool
     why: str = ""
     sequences: int = 0  # of the workload's mean length (prompt + output), the pool holds at once
+    window_slots: int = 0  # a sequence's sliding-window pages on the binding stage (ModelSpec.window_slots)
+
+
+def stage_weights(spec: ModelSpec, layout: Layout, stage: range) -> float:
+    """Weight bytes on one rank of the pipeline stage holding ``stage``'s layers: experts spread over EP
+    (or split TP ways), the rest split TP ways; the embedding on the first stage and the LM head on the
+    last (one matrix when tied and both are one stage), bf16 in fp8 checkpoints too."""
+    m, tp = spec.moe, layout.tp
+    moe = 0 if m is None else sum(i >= m.first_dense_layers for i in stage)
+    params = len(stage) * spec.attention_params() + (len(stage) - moe) * spec.mlp_params(spec.intermediate)
+    experts = 0.0
+    if m is not None:
+        params += moe * (m.shared_experts * spec.expert_params() + spec.hidden * m.num_experts)
+        experts = moe * m.num_experts * spec.expert_params() / (layout.ep if layout.ep > 1 else tp)
+    first, last = stage.start == 0, stage.stop == spec.layers
+    tables = first + last - (first and last and spec.tied_embeddings)  # embedding, LM head
+    return (params / tp + experts) * spec.weight_bytes + tables * spec.vocab * spec.hidden * 2 / tp
 
 
 def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
-    """Weight bytes on one rank: experts spread over EP (or split TP ways), the rest split TP ways, each
-    pipeline stage its layers; the embedding and LM head stay bf16 in fp8 checkpoints."""
-    m = spec.moe
-    experts = 0 if m is None else spec.moe_layers * m.num_experts * spec.expert_params()
-    rest = spec.params() - experts
-    expert_split = layout.ep if layout.ep > 1 else layout.tp
-    weights = (rest / layout.tp + experts / expert_split) / layout.pp * spec.weight_bytes
-    return weights + spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp
+    """Weight bytes on a rank of the heaviest pipeline stage (stage_weights)."""
+    return max(stage_weights(spec, layout, stage) for stage in pipeline_stages(spec.layers, layout.pp))
 
 
 def kv_budget_bytes(hw: Hardware, weights: float) -> float:
@@ -92,12 +105,25 @@ def kv_budget_bytes(hw: Hardware, weights: float) -> float:
     return hw.memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_BYTES
 
 
+def stage_pools(spec: ModelSpec, layout: Layout, hw: Hardware, kv_bytes=2) -> list[tuple[int, float, int]]:
+    """(token slots, KV bytes a token, window_slots) of each pipeline stage's pool: its budget over the
+    bytes a token holds in its layers. A replica's sequences hold the same tokens on every stage, so the
+    smallest pool binds (vLLM sizes every stage's blocks to the smallest)."""
+    out = []
+    for stage in pipeline_stages(spec.layers, layout.pp):
+        per_token = spec.kv_bytes_per_token(layout.tp, kv_bytes, stage.start, stage.stop)
+        budget = kv_budget_bytes(hw, stage_weights(spec, layout, stage))
+        window = spec.window_slots(BLOCK, stage.start, stage.stop)
+        out.append((max(0, int(budget // per_token)), per_token, window))
+    return out
+
+
 def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: ReasoningWorkload, kv_bytes=2):
     weights = weights_per_rank(spec, layout)
-    per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
+    pool, per_token, window = min(stage_pools(spec, layout, hw, kv_bytes))
     budget = kv_budget_bytes(hw, weights)
-    pool = max(0, int(budget // per_token))
-    longest = workload.max_output + workload.max_prompt
+    # ``window``: what a sequence's sliding-window layers hold beside its tokens (ModelSpec.window_slots)
+    longest = workload.max_output + workload.max_prompt + window
     if budget <= 0:
         why = f"weights {weights / 1e9:.0f} GB a rank do not fit"
         return MemoryPlan(
@@ -108,13 +134,14 @@ def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: Reasoni
         return MemoryPlan(
             weights_bytes=weights, kv_bytes_per_token=per_token, pool_tokens=pool, fits=False, why=why
         )
-    mean = workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2)
+    mean = workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2) + window
     return MemoryPlan(
         weights_bytes=weights,
         kv_bytes_per_token=per_token,
         pool_tokens=pool,
         fits=True,
         sequences=int(pool // mean),
+        window_slots=window,
     )
 
 
@@ -222,6 +249,7 @@ def simulate(
         max_num_seqs=max_num_seqs,
         step_time=step_time,
         prefill_s_per_token=prefill_seconds_per_token(spec, layout, hw, link, workload, kv_bytes),
+        window_slots=plan.window_slots,
     )
     run = batching.simulate(config, mine)
     mean_context = (

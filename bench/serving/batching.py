@@ -88,6 +88,9 @@ class Batching:
     prefill_s_per_token: float = 0.0
     watermark: float = WATERMARK
     seed: int = 0  # of the arrival draws
+    # Slots every running sequence holds beside its tokens': its sliding-window layers' pages
+    # (ModelSpec.window_slots), a fixed window however long the sequence.
+    window_slots: int = 0
 
     def __post_init__(self):
         kind, _, block = self.policy.partition("-")
@@ -102,6 +105,8 @@ class Batching:
             raise ValueError(f"pool_tokens: expected a non-negative integer, got {self.pool_tokens}")
         if self.arrival_rate is not None and not self.arrival_rate > 0:
             raise ValueError(f"arrival_rate: expected a positive number or None, got {self.arrival_rate}")
+        if self.window_slots < 0:
+            raise ValueError(f"window_slots: expected a non-negative integer, got {self.window_slots}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: expected a positive integer or None, got {self.max_num_seqs}")
 
@@ -197,10 +202,10 @@ class _Replica:
 
     def slots(self, seq: np.ndarray, length: np.ndarray, reserved: np.ndarray) -> np.ndarray:
         """Slots each sequence holds, in running order: whole blocks for its tokens (paged; a shared prompt's
-        full blocks on its question's first sequence only), or its reservation."""
+        full blocks on its question's first sequence only), or its reservation; and its window_slots."""
         if not self.paged:
-            return reserved
-        return -(-length // self.block) * self.block - self.shared_elsewhere(seq)
+            return reserved + self.config.window_slots
+        return -(-length // self.block) * self.block - self.shared_elsewhere(seq) + self.config.window_slots
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -299,7 +304,7 @@ class _Replica:
     def measure(self) -> None:
         """The pool's shares now: slots holding token states (a shared prompt counted once), last-block slack
         (paged), reserved but unused, free."""
-        tokens = int(self.length.sum())
+        tokens = int(self.length.sum()) + self.config.window_slots * len(self.seq)  # a window holds states
         if self.shared is not None:
             tokens -= int(self.shared_elsewhere(self.seq).sum())
         slack = self.used - tokens if self.paged else 0

@@ -22,7 +22,7 @@ the model's weights (at its own bytes a parameter: fp8 for DeepSeek-R1) split ov
 an activation reserve.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,7 +66,8 @@ _FROM_RESULT = ("held", "slack", "reserved_unused", "free", "sequences", "preemp
 
 def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: int | None = None) -> int:
     """Token slots one rank's KV pool holds (0 when the weights do not fit); weights of ``weight_bytes`` a
-    parameter (default the model's own: 2 for bf16, 1 for DeepSeek-R1's fp8)."""
+    parameter (default the model's own: 2 for bf16, 1 for DeepSeek-R1's fp8). A slot is a token's KV in the
+    layers keeping the whole context; a sequence's sliding-window layers take AttentionModel.window_slots."""
     weights = model.params_b * 1e9 * (weight_bytes or model.weight_bytes) / tp
     budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
     return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
@@ -101,6 +102,7 @@ def simulate(
         warmup_steps=steps // 3,
         seed=seed + 1,
     )
+    config = replace(config, window_slots=model.window_slots(config.block))  # sliding-window layers' pages
     result = batching.simulate(config, Requests.from_draw(prompts, outputs))
     measured = {name: getattr(result, name) for name in _FROM_RESULT}
     return CapacityRow(

@@ -31,10 +31,17 @@ class AttentionModel(Decoder):
     latent_dim: int | None = None  # MLA: cached width (512 + 64 rope for DeepSeek)
     params_b: float = 0.0  # parameters, billions (ModelSpec.params())
     weight_bytes: int = 2  # bytes a parameter: 2 (bf16), 1 (fp8, DeepSeek-R1 as released)
+    windowed_layers: int = 0  # of ``layers``, those attending to a sliding window (ModelSpec.windowed)
+    sliding_window: int | None = None
 
     @property
     def is_mla(self) -> bool:
         return self.latent_dim is not None
+
+    @property
+    def full_layers(self) -> int:
+        """Layers whose cache holds the whole context (every layer but the sliding-window ones)."""
+        return full_context_layers(self.layers, self.windowed_layers)
 
     def kv_heads_per_rank(self, tp: int = 1) -> int:
         """GQA KV heads split across ranks only up to their count; MLA's latent is on every rank."""
@@ -46,10 +53,33 @@ class AttentionModel(Decoder):
         return self.num_q_heads // tp
 
     def kv_bytes_per_token(self, bytes_per_element: int = 2, tp: int = 1) -> int:
-        """KV-cache bytes one token holds across all layers on one rank."""
+        """KV-cache bytes one token holds on one rank across the layers that keep the whole context; the
+        sliding-window layers' cache is a fixed window a sequence (window_slots)."""
         if self.is_mla:
-            return self.layers * self.latent_dim * bytes_per_element
-        return 2 * self.layers * self.kv_heads_per_rank(tp) * self.head_dim * bytes_per_element
+            return self.full_layers * self.latent_dim * bytes_per_element
+        return 2 * self.full_layers * self.kv_heads_per_rank(tp) * self.head_dim * bytes_per_element
+
+    def window_slots(self, block: int) -> int:
+        """Token slots of the pool one running sequence's sliding-window layers hold (window_slots)."""
+        return window_slots(self.layers, self.windowed_layers, self.sliding_window, block)
+
+
+def full_context_layers(layers: int, windowed: int) -> int:
+    """The layers a KV pool's token slot covers: those keeping the whole context, or, where every layer
+    attends to a window (no preset), all of them (the pool's unit is then over-counted, not undefined)."""
+    return layers - windowed if windowed < layers else layers
+
+
+def window_slots(layers: int, windowed: int, window: int | None, block: int) -> int:
+    """Token slots (each the KV of one token in the full_context_layers) that one running sequence's
+    ``windowed`` sliding-window layers of ``layers`` hold, as vLLM's hybrid KV cache manager keeps them
+    (docs/facts.md#model-shapes): sliding-window and full-attention layers in groups of equal size sharing
+    one block pool, a windowed group keeping a sequence's last window - 1 tokens, cdiv(window, block) + 1
+    blocks at most (the window need not start on a block)."""
+    if not windowed or window is None or windowed >= layers:
+        return 0
+    held = (-(-window // block) + 1) * block
+    return -(-windowed * held // (layers - windowed))
 
 
 @dataclass(frozen=True)
@@ -171,6 +201,11 @@ class ModelSpec(Decoder):
     q_lora_rank: int | None = None  # MLA: the query's low-rank width (None: a full projection)
     v_head_dim: int | None = None  # MLA: each head's value width after W_UV
     moe: MoESpec | None = None
+    # Sliding-window attention (config.json's sliding_window, and layer_types' "sliding_attention" layers,
+    # by index: gpt-oss alternates them with full attention): these layers attend to, and cache, only the
+    # last ``sliding_window`` tokens.
+    sliding_window: int | None = None
+    windowed: tuple[int, ...] = ()
 
     # -- shapes per layer ------------------------------------------------------------------------------------
 
@@ -238,6 +273,33 @@ class ModelSpec(Decoder):
             return self.mla.cached_width * kv_bytes
         return 2 * self.kv_heads_per_rank(tp) * self.head_dim * kv_bytes
 
+    def windowed_layers(self, start: int = 0, stop: int | None = None) -> int:
+        """Sliding-window layers among layers start to stop - 1 (all of them by default)."""
+        stop = self.layers if stop is None else stop
+        return sum(start <= i < stop for i in self.windowed)
+
+    def kv_bytes_per_token(self, tp: int = 1, kv_bytes: int = 2, start: int = 0, stop: int | None = None):
+        """Cache bytes one token of context holds on one rank over layers start to stop - 1: those keeping
+        the whole context (full_context_layers); the sliding-window ones hold window_slots a sequence."""
+        stop = self.layers if stop is None else stop
+        full = full_context_layers(stop - start, self.windowed_layers(start, stop))
+        return full * self.kv_bytes_per_token_layer(tp, kv_bytes)
+
+    def window_slots(self, block: int, start: int = 0, stop: int | None = None) -> int:
+        """Token slots (kv_bytes_per_token's) one running sequence's sliding-window layers among start to
+        stop - 1 hold in a pool of ``block``-token pages."""
+        stop = self.layers if stop is None else stop
+        return window_slots(stop - start, self.windowed_layers(start, stop), self.sliding_window, block)
+
+    def attended_context(self, context: float) -> float:
+        """The context a layer attends to (and reads from its cache), on average over the layers, when
+        sequences have ``context`` tokens: the sliding-window layers see at most their window."""
+        if not self.windowed or self.sliding_window is None:
+            return context
+        windowed = len(self.windowed)
+        seen = (self.layers - windowed) * context + windowed * min(context, self.sliding_window)
+        return seen / self.layers
+
     def moe_model(self, name: str | None = None) -> MoEModel:
         """The MoE layer's routing view (MoEModel) the routing, dispatch and expert-GEMM cases and the step
         timing use; ``name`` defaults to the model's."""
@@ -272,7 +334,20 @@ class ModelSpec(Decoder):
             latent_dim=latent,
             params_b=self.params() / 1e9,
             weight_bytes=self.weight_bytes,
+            windowed_layers=self.windowed_layers(),
+            sliding_window=self.sliding_window,
         )
+
+
+def pipeline_stages(layers: int, pp: int) -> list[range]:
+    """Each pipeline stage's layers as vLLM's get_pp_indices splits them (vllm/distributed/utils.py; no
+    VLLM_PP_LAYER_PARTITION): layers // pp a stage, the remainder one more each on the stages just before
+    the last (which holds the final norm and the LM head)."""
+    sizes = [layers // pp] * pp
+    for i in range(2, layers % pp + 2):
+        sizes[-i] += 1
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
 
 
 def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256, head_dim=128) -> ModelSpec:
@@ -371,19 +446,23 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             top_k=2,
             width=14336,
         ),
-        _moe(
-            "gpt-oss-120b",
-            layers=36,
-            hidden=2880,
-            heads=64,
-            kv_heads=8,
-            head_dim=64,
-            intermediate=2880,
-            vocab=201088,
-            experts=128,
-            top_k=4,
-            width=2880,
-            softmax_after_topk=True,
+        replace(  # layer_types: sliding_attention (window 128) on even layers, full_attention on odd
+            _moe(
+                "gpt-oss-120b",
+                layers=36,
+                hidden=2880,
+                heads=64,
+                kv_heads=8,
+                head_dim=64,
+                intermediate=2880,
+                vocab=201088,
+                experts=128,
+                top_k=4,
+                width=2880,
+                softmax_after_topk=True,
+            ),
+            sliding_window=128,
+            windowed=tuple(range(0, 36, 2)),
         ),
         ModelSpec(
             name="DeepSeek-R1",
@@ -503,6 +582,14 @@ def _scoring_of(config: _ConfigFields) -> str:
     return scoring
 
 
+def _windowed_of(config: _ConfigFields, layers: int) -> tuple[int, ...]:
+    """The layers layer_types names "sliding_attention" (none without layer_types)."""
+    types = config.choice("layer_types", (list,), [])
+    if types and (len(types) != layers or not all(isinstance(t, str) for t in types)):
+        raise config.problem("layer_types", f"a list of {layers} strings (num_hidden_layers)", types)
+    return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+
+
 def _mla_of(config: _ConfigFields) -> MLAGeometry | None:
     kv_lora_rank = config.integer("kv_lora_rank", default=None)
     if kv_lora_rank is None:
@@ -520,9 +607,10 @@ def _mla_of(config: _ConfigFields) -> MLAGeometry | None:
 def model_from_hf_config(fields: dict, source: str = "config.json", name: str | None = None) -> ModelSpec:
     """A ModelSpec from the fields of a Hugging Face config.json (what a model already ships with; the caller
     reads the file): Llama, Qwen, Mixtral, gpt-oss and DeepSeek-V3/R1 naming. fp8 weights when its
-    quantization_config says so. A config no model could have (a field of the wrong type, zero heads, KV
-    heads that do not divide the query heads, top-k above the experts, ...) is a ValueError naming
-    ``source`` (the file) and the field. The name: ``name``, else _name_or_path, else the file's folder."""
+    quantization_config says so; sliding-window layers from layer_types and sliding_window. A config no
+    model could have (a field of the wrong type, zero heads, KV heads that do not divide the query heads,
+    top-k above the experts, ...) is a ValueError naming ``source`` (the file) and the field. The name:
+    ``name``, else _name_or_path, else the file's folder."""
     config = _ConfigFields(source, fields)
     layers = config.integer("num_hidden_layers")
     hidden = config.integer("hidden_size")
@@ -537,6 +625,7 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
     mla = _mla_of(config)
     config.object("rope_scaling").number("factor", 1.0, positive=True)  # checked for every model
     quant = config.object("quantization_config").choice("quant_method", (str,), "")
+    windowed = _windowed_of(config, layers)
     return ModelSpec(
         name=name or str(fields.get("_name_or_path") or PurePath(source).parent.name),
         layers=layers,
@@ -552,6 +641,8 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
         q_lora_rank=config.integer("q_lora_rank", default=None) if mla else None,
         v_head_dim=config.integer("v_head_dim") if mla else None,
         moe=_moe_of(config, layers),
+        sliding_window=config.integer("sliding_window") if windowed else None,
+        windowed=windowed,
     )
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from bench.serving.hardware import Hardware, Interconnect
-from bench.serving.models import ModelSpec
+from bench.serving.models import ModelSpec, pipeline_stages
 
 # -- the layout ----------------------------------------------------------------------------------------------
 
@@ -218,7 +218,7 @@ def slowest_share(mean_rows: float, ranks: int) -> float:
 def _prefill_attention(spec, layout, tokens, context, hw, comp, kv_bytes):
     """Prefill's attention over a chunk of ``tokens`` new tokens whose queries see ``context`` tokens on
     average (causal): compute-bound, the cache read once per chunk (flash attention's tiling)."""
-    tp = layout.tp
+    tp, context = layout.tp, spec.attended_context(context)  # a sliding-window layer sees its window
     heads = spec.num_q_heads / tp
     kv_token = spec.kv_bytes_per_token_layer(tp, kv_bytes)
     if spec.mla is None:
@@ -238,6 +238,7 @@ def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
         _prefill_attention(spec, layout, batch, context, hw, comp, kv_bytes)
         return
     tp, h, wb = layout.tp, spec.hidden, spec.weight_bytes
+    context = spec.attended_context(context)  # a sliding-window layer reads its window
     act = batch * h * 2
     heads = spec.num_q_heads / tp
     gemm, tflops = hw.gemm_floor_us(wb), hw.tflops(wb)
@@ -470,6 +471,29 @@ def _every_layer(spec, layout, batch, context, hw, link, kv_bytes, prefill=False
     return stages
 
 
+def _pipeline_imbalance(spec, pp, flights, layers, head_s) -> Stage | None:
+    """A step's time beyond the layers once and the LM head once a micro-batch (what step_stages charges),
+    when ``flights`` micro-batches each cross the slowest of pp uneven stages (pipeline_stages): every stage
+    runs them all in a step, so the step takes at least flights x the slowest stage (its dense and MoE
+    layers at ``layers``' times a layer, the head on the last). None when nothing is left over."""
+    if pp <= 1:
+        return None
+    moe_s = sum(s.seconds for s in layers if s.name.startswith("moe:"))
+    dense_s = sum(s.seconds for s in layers if not s.name.startswith("moe:"))
+    first_moe = spec.layers if spec.moe is None else spec.moe.first_dense_layers
+
+    def stage_s(stage: range) -> float:
+        dense = sum(i < first_moe for i in stage)
+        return dense * dense_s + (len(stage) - dense) * moe_s + head_s * (stage.stop == spec.layers)
+
+    slowest = max(stage_s(stage) for stage in pipeline_stages(spec.layers, pp))
+    extra = flights * slowest - sum(s.step_seconds for s in layers) - flights * head_s
+    if extra <= 0:
+        return None
+    bound = "pipeline bubbles"
+    return Stage("pp_imbalance", 0.0, 0.0, extra, 1, bound, split={bound: extra}, kind="pp")
+
+
 def step_stages(
     spec: ModelSpec,
     layout: Layout,
@@ -488,17 +512,21 @@ def step_stages(
     In one step every micro-batch crosses all pp stages: the step takes the model's layers once at the
     micro-batch's size (each stage reads its own weights once a micro-batch), the last stage's head once a
     micro-batch, and the pp - 1 hand-offs. With one sequence (m = 1) that is the stages in sequence, each
-    weight read once."""
+    weight read once. Stages split as vLLM splits them are uneven, and every stage runs all m micro-batches
+    a step: the slowest stage's excess over that is pp_imbalance (_pipeline_imbalance)."""
     pp = layout.pp
     flights = max(1, min(pp, int(batch))) if pp > 1 else 1
     micro = batch / flights
     stages = _every_layer(spec, layout, micro, context, hw, link, kv_bytes)
     h, tp = spec.hidden, layout.tp
     head = spec.vocab * h / tp  # the LM head and the embedding stay bf16 in fp8 checkpoints
-    stages.append(
-        _compute("lm_head", "lm_head", head * 2 + micro * h * 2, 2 * micro * head, hw, flights, hw.gemm_us)
-    )
+    head_bytes, head_flops = head * 2 + micro * h * 2, 2 * micro * head
+    lm_head = _compute("lm_head", "lm_head", head_bytes, head_flops, hw, flights, hw.gemm_us)
+    imbalance = _pipeline_imbalance(spec, pp, flights, stages, lm_head.seconds)
+    stages.append(lm_head)
     stages.append(_compute("embedding", "norm", 2 * micro * h * 2, 0, hw, flights, hw.launch_us))
+    if imbalance is not None:
+        stages.append(imbalance)
     if pp > 1:
         latency, transfer = link.send_s(micro * h * 2)
         stages.append(

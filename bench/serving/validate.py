@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, replace
 
 from bench.serving import step as step_model
-from bench.serving.advisor import PREFILL_CHUNK, kv_budget_bytes, weights_per_rank
+from bench.serving.advisor import PREFILL_CHUNK, stage_pools, weights_per_rank
 from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
 from bench.serving.measured import MissingShape, Tables
 from bench.serving.models import MODEL_SPECS, ModelSpec
@@ -371,9 +371,8 @@ def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes, a
     KV pool (or the engine's batch cap) allows, each holding the slots its engine's ``admission`` policy
     (``ADMISSION``) keeps for it. Each decodes at the step time at the mean context (its prompt and half its
     answer) and pays its prompt's prefill once."""
-    per_token = spec.layers / layout.pp * spec.kv_bytes_per_token_layer(layout.tp, kv_bytes)
-    pool = kv_budget_bytes(hw, weights_per_rank(spec, layout))  # the advisor's memory plan
-    batch = int(min(max_batch, pool // (per_token * ADMISSION[admission](isl, osl))))
+    pool, _, window = min(stage_pools(spec, layout, hw, kv_bytes))  # the advisor's memory plan
+    batch = int(min(max_batch, pool // (ADMISSION[admission](isl, osl) + window)))
     if batch < 1:
         return 0.0, 0
     decode = step_model.step_stages(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
