@@ -139,8 +139,10 @@ class Stage:
 
 def _compute(name, kind, nbytes, flops, hw: Hardware, per_step, floor_us, *, kernel=None, tflops=None):
     """A kernel (or a few) bound by bandwidth or compute, plus its fixed cost: ``floor_us`` summed over its
-    kernels (their latency at zero bytes, from measurement where Hardware.sources says so)."""
-    efficiency, source = hw.efficiency_for(kernel, nbytes)
+    kernels (their latency at zero bytes, from measurement where Hardware.sources says so). Where a result
+    file timed ``kernel``, its efficiency and fixed cost together give back the measured time at the
+    measured shape (Hardware.efficiency_for)."""
+    efficiency, floor_us, source = hw.efficiency_for(kernel, nbytes, floor_us)
     memory_s = nbytes / (hw.copy_gbps * 1e9 * efficiency)
     compute_s = flops / ((tflops or hw.matmul_tflops) * 1e12 * hw.compute_efficiency)
     launch_s = floor_us * 1e-6
