@@ -192,14 +192,12 @@ def _capped(shares, top_k: int):
     at most once), the excess spread over the others in proportion: water-filling, a few rounds at most."""
     shares = np.asarray(shares, dtype=float)
     cap = 1.0 / top_k
-    for _ in range(shares.shape[-1]):
+    while (shares > cap * (1 + 1e-12)).any():
         over = shares >= cap
         free = shares * ~over
         room = 1.0 - over.sum(axis=-1, keepdims=True) * cap
         total = free.sum(axis=-1, keepdims=True)
         shares = np.where(over, cap, free * room / np.where(total > 0, total, 1.0))
-        if not (shares > cap * (1 + 1e-12)).any():
-            break
     return shares
 
 
@@ -221,7 +219,12 @@ def expected_experts_touched(experts: int, top_k: int, tokens: float, alpha: flo
     return sum(1.0 - max(0.0, 1.0 - p * top_k) ** tokens for p in popularity)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=8)
+def _uniform_draws(experts: int) -> np.ndarray:
+    return np.random.default_rng(SEED).random((DRAWS, experts))
+
+
+@lru_cache(maxsize=4096)
 def busiest_rank(
     experts: int, ranks: int, tokens: int = 256, top_k: int = 8, alpha: float = ALPHA
 ) -> tuple[float, tuple[float, ...]]:
@@ -232,7 +235,7 @@ def busiest_rank(
     blocks' busiest one (rank 0 in its measurement) timed; here the expectation over ``DRAWS`` draws, each
     expert's share capped at 1 / top_k."""
     low, high = (1.0, 0.8 * tokens) if tokens * top_k > experts else (0.01, 2.0)
-    uniform = np.random.default_rng(SEED).random((DRAWS, experts))
+    uniform = _uniform_draws(experts)
     power = 1.0 - alpha
     loads = ((high**power - low**power) * uniform + low**power) ** (1.0 / power)
     shares = _capped(loads / loads.sum(axis=1, keepdims=True), top_k)
