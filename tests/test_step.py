@@ -90,6 +90,25 @@ def test_results_folder_calibrates_and_says_what_was_measured(tmp_path, capsys):
     assert "measured" in out and "paged_decode" in out
 
 
+def test_a_measured_kernel_projects_back_to_its_measured_time(tmp_path):
+    """A measured time holds the kernel's launch and floor: its efficiency is the bytes' share of what is
+    left, so the projection at the measured shape gives the measured time back (the floor was counted twice:
+    paged_decode measured at 12 us projected to 21.4 us). A time under the floor keeps less of the floor."""
+    llama = MODEL_SPECS["Llama-3.1-8B"]
+    nbytes = next(
+        s for s in step_stages(llama, Layout(), 1, 1024, H200, NVLINK) if s.name == "paged_decode"
+    ).bytes
+    for seconds in (12e-6, 5e-6, 400e-6):
+        info = {"kernel": "paged_decode", "impl": "triton", "bytes": nbytes}
+        info["pct_of_peak"] = round(100 * nbytes / seconds / 4.3e12, 1)
+        entry = {"name": "paged_decode", "stats": {"median": seconds}, "extra_info": info}
+        (tmp_path / "run.json").write_text(json.dumps({"benchmarks": [entry]}))
+        (tmp_path / "machine.json").write_text(json.dumps({"gpu": "NVIDIA H200", "copy_gbps": 4300.0}))
+        hw = hardware_of(str(tmp_path))
+        stage = next(s for s in step_stages(llama, Layout(), 1, 1024, hw, NVLINK) if s.name == "paged_decode")
+        assert stage.source == "measured" and stage.seconds == pytest.approx(seconds, rel=0.02), seconds
+
+
 def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there(kernel_device):
     """The GPU timing path of `decodebench step`, on this machine: the host clock and the interpreter, at a
     tiny dense-then-MoE model with MLA and one with GQA (on a GPU the same calls run under CUDA graphs)."""

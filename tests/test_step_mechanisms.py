@@ -12,8 +12,10 @@ from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import (
     KINDS,
+    SYNC,
     Layout,
     busiest_rank,
+    expected_experts_touched,
     prefill_stages,
     seconds_by_bound,
     step_seconds,
@@ -92,6 +94,41 @@ def test_mla_decode_runs_on_fa3s_measured_floor_and_compute_ceiling():
 def test_routing_skew_is_a_power_law_that_grows_with_the_ranks():
     skews = [busiest_rank(256, ranks)[0] for ranks in (2, 8, 32)]
     assert 1.0 < skews[0] < skews[1] < skews[2]
+
+
+def test_routing_skew_is_the_measured_tables_random_placement_not_a_sorted_one():
+    """AIConfigurator's collector draws each expert's load from the power law in no order and times the
+    busiest of the ep contiguous blocks: about 1.3-1.5x the mean at EP8 (sorting the experts by popularity
+    onto rank 0 gave 5.4x). The busiest rank's experts' shares add up to its skew over the ranks."""
+    for tokens in (8, 64, 256, 2048):
+        skew, mine = busiest_rank(256, 8, tokens, 8)
+        assert 1.2 < skew < 1.6, (tokens, skew)
+        assert sum(mine) * 8 == pytest.approx(skew) and len(mine) == 32
+        assert max(mine) * 8 <= 1.0 + 1e-9
+
+
+def test_a_token_touches_exactly_top_k_experts():
+    """Each expert's share of the choices is at most 1 / top_k (a token picks an expert once): one token
+    touches top_k experts, however skewed the popularity."""
+    for experts, top_k in ((256, 8), (128, 8), (8, 2)):
+        assert expected_experts_touched(experts, top_k, 1) == pytest.approx(top_k)
+        assert expected_experts_touched(experts, top_k, 10_000) == pytest.approx(experts, rel=0.02)
+
+
+def test_only_the_busiest_ranks_extra_rows_wait_as_routing():
+    """The others wait for the busiest rank's rows over the mean, not for its weights or fixed cost: at one
+    token the experts stage's time is nearly all weight reads and fixed cost, so little of it is SYNC."""
+    r1 = MODEL_SPECS["DeepSeek-R1"]
+    for batch in (1, 256):
+        experts = next(
+            s
+            for s in step_stages(r1, Layout(dp=8, ep=8, dedup=True), batch, 1024, H200, NVLINK)
+            if s.name == "moe:experts"
+        )
+        if batch == 1:
+            assert experts.split[SYNC] < 0.05 * experts.seconds
+        skew = busiest_rank(256, 8, 8 * batch, 8)[0]
+        assert 0 < experts.split[SYNC] < (1 - 1 / skew) * experts.seconds
 
 
 def test_host_work_is_paid_once_a_step_by_each_engine_process():

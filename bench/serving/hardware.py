@@ -43,7 +43,7 @@ class Hardware:
     moe_us: float = 20.0  # a fused MoE's fixed cost: align/sort, two grouped GEMMs, activation, sum
     host_us: float = 0.0  # per step, per engine process: scheduling, input preparation and sampling
     fp8_tflops: float = 0.0  # the fp8 tensor-core ceiling; 0: twice the bf16 ceiling
-    kernel_efficiency: dict = field(default_factory=dict)  # stage -> measured share of copy bandwidth
+    kernel_efficiency: dict = field(default_factory=dict)  # kernel -> [(bytes, measured seconds)], by shape
     sources: dict = field(default_factory=dict)
 
     def tflops(self, weight_bytes: int) -> float:
@@ -58,9 +58,10 @@ class Hardware:
     @classmethod
     def from_results(cls, base: "Hardware", machine: dict, benchmarks=(), origin: str = "") -> "Hardware":
         """``base`` with what a gpu-check run measured: the ceilings of its machine.json (``machine``, as
-        bench.measure.results.read_machine_json checked it) and each suite kernel's measured share of copy
-        bandwidth from its run.json entries (``benchmarks``, kept per shape: ``efficiency_for`` picks the
-        nearest). ``origin``: the run's folder name, for the sources."""
+        bench.measure.results.read_machine_json checked it) and each suite kernel's measured time from its
+        run.json entries (``benchmarks``, kept per shape: ``efficiency_for`` picks the nearest): the entry's
+        median, or its bytes over pct_of_peak of the run's copy bandwidth. ``origin``: the run's folder
+        name, for the sources."""
         where = f"measured: {origin}/machine.json" if origin else "measured: machine.json"
         sources = dict(base.sources)
         hardware = base
@@ -77,19 +78,28 @@ class Hardware:
         for entry in benchmarks:
             info = entry.get("extra_info", {})
             if info.get("impl", "triton") == "triton" and info.get("pct_of_peak") and info.get("bytes"):
-                kernels.setdefault(info.get("kernel"), []).append((info["bytes"], info["pct_of_peak"] / 100))
+                peak = info.get("peak_gbps") or hardware.copy_gbps
+                seconds = entry.get("stats", {}).get("median") or info["bytes"] / (
+                    info["pct_of_peak"] / 100 * peak * 1e9
+                )
+                kernels.setdefault(info.get("kernel"), []).append((info["bytes"], seconds))
         return replace(
             hardware, name=machine.get("gpu", hardware.name), kernel_efficiency=kernels, sources=sources
         )
 
-    def efficiency_for(self, kernel: str | None, nbytes: float) -> tuple[float, str]:
-        """The share of copy bandwidth ``kernel`` reached at the measured shape nearest ``nbytes``, or the
-        anchor's."""
+    def efficiency_for(self, kernel: str | None, nbytes: float, floor_us: float = 0.0) -> tuple:
+        """(share of copy bandwidth, fixed cost in us, "anchor" or "measured") for ``kernel`` at ``nbytes``:
+        the anchor's efficiency and ``floor_us``, or, where a result file timed the kernel, its shape
+        nearest ``nbytes``: the measured time less the fixed cost is its bytes' (a measured time holds its
+        launch and floor too), so the projection at that shape gives the measured time back. The fixed
+        cost shrinks where the measured time leaves the bytes less than the copy bandwidth allows."""
         found = self.kernel_efficiency.get(kernel or "")
         if not found:
-            return self.memory_efficiency, "anchor"
-        near = min(found, key=lambda item: abs(math.log(max(item[0], 1) / max(nbytes, 1))))
-        return min(1.0, near[1]), "measured"
+            return self.memory_efficiency, floor_us, "anchor"
+        measured_bytes, seconds = min(found, key=lambda item: abs(math.log(max(item[0], 1) / max(nbytes, 1))))
+        at_peak = measured_bytes / (self.copy_gbps * 1e9)
+        busy = max(seconds - floor_us * 1e-6, at_peak)
+        return at_peak / busy, max(0.0, seconds - busy) * 1e6, "measured"
 
 
 #: NVIDIA's measured H200 kernel tables (AIConfigurator's vLLM 0.24 rows; bench/serving/measured.py reads

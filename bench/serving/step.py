@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+import numpy as np
+
 from bench.serving.hardware import Hardware, Interconnect
 from bench.serving.models import ModelSpec, pipeline_stages
 
@@ -137,8 +139,10 @@ class Stage:
 
 def _compute(name, kind, nbytes, flops, hw: Hardware, per_step, floor_us, *, kernel=None, tflops=None):
     """A kernel (or a few) bound by bandwidth or compute, plus its fixed cost: ``floor_us`` summed over its
-    kernels (their latency at zero bytes, from measurement where Hardware.sources says so)."""
-    efficiency, source = hw.efficiency_for(kernel, nbytes)
+    kernels (their latency at zero bytes, from measurement where Hardware.sources says so). Where a result
+    file timed ``kernel``, its efficiency and fixed cost together give back the measured time at the
+    measured shape (Hardware.efficiency_for)."""
+    efficiency, floor_us, source = hw.efficiency_for(kernel, nbytes, floor_us)
     memory_s = nbytes / (hw.copy_gbps * 1e9 * efficiency)
     compute_s = flops / ((tflops or hw.matmul_tflops) * 1e12 * hw.compute_efficiency)
     launch_s = floor_us * 1e-6
@@ -176,35 +180,69 @@ def _collective(name, kind, nbytes, latency_s, transfer_s, per_step, latency_bou
 
 
 #: Routing's skew: the share of (token, expert) choices the i-th most popular expert gets goes as
-#: (i + 1) ** -ALPHA (assumed: the power law AIConfigurator's measured MoE tables route with, power_law_1.01).
+#: (i + 1) ** -ALPHA (assumed: the exponent of the power law AIConfigurator's measured MoE tables route with,
+#: power_law_1.01).
 ALPHA = 1.01
+#: Random placements ``busiest_rank`` averages over (a fixed seed: the same figures every run).
+DRAWS, SEED = 1000, 0
+
+
+def _capped(shares, top_k: int):
+    """Shares of all choices (rows: one set each) with no expert above 1 / top_k (a token chooses an expert
+    at most once), the excess spread over the others in proportion: water-filling, a few rounds at most."""
+    shares = np.asarray(shares, dtype=float)
+    cap = 1.0 / top_k
+    while (shares > cap * (1 + 1e-12)).any():
+        over = shares >= cap
+        free = shares * ~over
+        room = 1.0 - over.sum(axis=-1, keepdims=True) * cap
+        total = free.sum(axis=-1, keepdims=True)
+        shares = np.where(over, cap, free * room / np.where(total > 0, total, 1.0))
+    return shares
 
 
 @lru_cache(maxsize=64)
-def expert_popularity(experts: int, alpha: float = ALPHA) -> tuple[float, ...]:
+def expert_popularity(experts: int, top_k: int = 1, alpha: float = ALPHA) -> tuple[float, ...]:
+    """Each expert's share of all choices, most popular first: (i + 1) ** -alpha, none above 1 / top_k."""
     weights = [(i + 1) ** -alpha for i in range(experts)]
     total = sum(weights)
-    return tuple(w / total for w in weights)
+    return tuple(float(p) for p in _capped([w / total for w in weights], top_k))
 
 
 @lru_cache(maxsize=4096)
 def expected_experts_touched(experts: int, top_k: int, tokens: float, alpha: float = ALPHA) -> float:
-    """Experts that at least one of ``tokens`` tokens chooses (top_k each, expert popularity a power law)."""
+    """Experts that at least one of ``tokens`` tokens chooses (top_k distinct experts each, expert popularity
+    a power law): a token touches exactly top_k."""
     if tokens <= 0:
         return 0.0
-    choices = tokens * top_k
-    return sum(
-        1.0 - (1.0 - min(p * top_k, 1.0)) ** (choices / top_k) for p in expert_popularity(experts, alpha)
-    )
+    popularity = expert_popularity(experts, top_k, alpha)
+    return sum(1.0 - max(0.0, 1.0 - p * top_k) ** tokens for p in popularity)
 
 
-@lru_cache(maxsize=64)
-def busiest_rank(experts: int, ranks: int, alpha: float = ALPHA) -> tuple[float, tuple[float, ...]]:
-    """(the busiest rank's share of all choices over the mean, its experts' popularities), experts placed
-    in contiguous blocks (expert i on rank i // (experts / ranks): vLLM's default, linear placement)."""
-    popularity = expert_popularity(experts, alpha)
-    mine = popularity[: experts // ranks]  # rank 0 holds the most popular
-    return sum(mine) * ranks, mine
+@lru_cache(maxsize=8)
+def _uniform_draws(experts: int) -> np.ndarray:
+    return np.random.default_rng(SEED).random((DRAWS, experts))
+
+
+@lru_cache(maxsize=4096)
+def busiest_rank(
+    experts: int, ranks: int, tokens: int = 256, top_k: int = 8, alpha: float = ALPHA
+) -> tuple[float, tuple[float, ...]]:
+    """(the busiest rank's share of all choices over the mean, its experts' shares of all choices, most
+    popular first), as AIConfigurator's MoE collector routes its measured tables (collect_moe.py,
+    power_law_logits_v3): each expert's load drawn from a power law on [1, 0.8 tokens] (on [0.01, 2] when
+    the tokens' choices are fewer than the experts), the experts in no order, and the ``ranks`` contiguous
+    blocks' busiest one (rank 0 in its measurement) timed; here the expectation over ``DRAWS`` draws, each
+    expert's share capped at 1 / top_k."""
+    low, high = (1.0, 0.8 * tokens) if tokens * top_k > experts else (0.01, 2.0)
+    uniform = _uniform_draws(experts)
+    power = 1.0 - alpha
+    loads = ((high**power - low**power) * uniform + low**power) ** (1.0 / power)
+    shares = _capped(loads / loads.sum(axis=1, keepdims=True), top_k)
+    blocks = shares.reshape(DRAWS, ranks, experts // ranks)
+    busiest = blocks[np.arange(DRAWS), blocks.sum(axis=2).argmax(axis=1)]
+    mine = np.sort(busiest, axis=1)[:, ::-1].mean(axis=0)
+    return float(busiest.sum(axis=1).mean() * ranks), tuple(float(p) for p in mine)
 
 
 def slowest_share(mean_rows: float, ranks: int) -> float:
@@ -366,20 +404,24 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
         sent = returned = mine * h * 2 * (ranks - 1) / ranks
     latency, transfer = link.all_to_all_s(sent, ranks)
     out.append(collective("ep_dispatch_a2a", "a2a", sent, latency, transfer, SYNC))
-    skew, popular = busiest_rank(m.num_experts, ranks)
     tokens = layout.dp * batch
-    arriving = tokens * m.top_k / ranks * skew
-    touched = sum(1.0 - (1.0 - min(p * m.top_k, 1.0)) ** tokens for p in popular)
-    chance = slowest_share(arriving, ranks)
-    nbytes = touched * expert * wb + 4 * arriving * h * 2
-    comp("experts", "moe_experts", nbytes, 2 * arriving * expert * chance, experts_floor, tflops=tflops)
+    skew, popular = busiest_rank(m.num_experts, ranks, max(1, round(tokens)), m.top_k)
     even = tokens * m.top_k / ranks
+    arriving = even * skew
+    weights = sum(1.0 - max(0.0, 1.0 - p * m.top_k) ** tokens for p in popular) * expert * wb
+
+    def experts_cost(rows, computed):  # the experts stage's bytes and FLOPs with ``rows`` rows arriving
+        return weights + 4 * rows * h * 2, 2 * computed * expert
+
+    chance = slowest_share(arriving, ranks)
+    comp("experts", "moe_experts", *experts_cost(arriving, arriving * chance), experts_floor, tflops=tflops)
+    # The others wait for the busiest rank: the time its rows over the mean take (its weights and fixed cost
+    # it pays either way) moves from its bound to SYNC, so the split still sums to the stage's time.
     stage = out[-1]
-    # The share of the busiest rank's time the others wait for it: moved from its bounds to SYNC, so the
-    # split still sums to the stage's time.
-    share = 1 - even / max(arriving * chance, even)
-    split = {bound: seconds * (1 - share) for bound, seconds in stage.split.items()}
-    out[-1] = replace(stage, split={**split, SYNC: split.get(SYNC, 0.0) + stage.seconds * share})
+    level = _compute("", "", *experts_cost(even, even), hw, 1, experts_floor, tflops=tflops)
+    wait = max(0.0, stage.seconds - level.seconds)
+    split = {**stage.split, stage.bound: stage.split[stage.bound] - wait}
+    out[-1] = replace(stage, split={**split, SYNC: split.get(SYNC, 0.0) + wait})
     latency, transfer = link.all_to_all_s(returned, ranks)
     out.append(collective("ep_combine_a2a", "a2a", returned, latency, transfer, SYNC))
     comp(
