@@ -313,16 +313,10 @@ def test_dedup_pack_sends_each_token_once_per_rank(monkeypatch, slab):
 
 def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
     from bench.commands import cli
-    from bench.commands import dist as dist_command
 
     monkeypatch.delenv("RANK", raising=False)  # not a torchrun rank
     assert cli.main(["dist", "ep"]) == 2
     assert "torchrun" in capsys.readouterr().err
-    assert dist_command._without_nproc(["ep", "--nproc", "2", "--reps", "2", "--nproc=4"]) == [
-        "ep",
-        "--reps",
-        "2",
-    ]
 
 
 @pytest.mark.cpu_kernels
@@ -370,18 +364,30 @@ def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
     assert not stages, stages
 
 
-def test_torchrun_is_started_with_its_stores_on_loopback(monkeypatch):
-    """Without --local-addr, torchrun's workers' store (its master address) listens on this host's FQDN."""
+def test_dist_starts_its_ranks_itself_with_either_backend(monkeypatch):
+    """`dist --nproc` on one host spawns its ranks (their store on a 127.0.0.1 listener: the loopback test
+    below) for NCCL too; torchrun's stores listen on every interface whatever address they are given."""
+    from bench.commands import cli
     from bench.commands import dist as dist_command
 
-    seen = {}
+    seen = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(dist_command, "_has_cuda", lambda: True)
     monkeypatch.setattr(
-        dist_command.subprocess, "call", lambda command, env: seen.update(command=command) or 0
+        dist_command.distributed, "spawn", lambda fn, world, **kw: seen.append((world, kw["backend"])) or []
     )
-    assert dist_command.launch(2, ["ep"]) == 0
-    command = seen["command"]
-    assert command[command.index("--local-addr") + 1] == "127.0.0.1"
-    assert command[command.index("--rdzv-endpoint") + 1].startswith("127.0.0.1:")
+    assert cli.main(["dist", "--nproc", "2", "allreduce"]) == 0
+    assert cli.main(["dist", "--nproc", "3", "allreduce", "--backend", "gloo"]) == 0
+    assert seen == [(2, "nccl"), (3, "gloo")]
+
+
+def test_spawned_ranks_name_loopback_whatever_the_environment_says(monkeypatch):
+    from bench.measure import distributed
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
+    distributed.loopback_only()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
 
 
 def test_nccl_ranks_bind_their_gpu_as_the_group_starts(monkeypatch):
