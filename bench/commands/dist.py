@@ -67,7 +67,9 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
     """A table row and a results entry per stage the shape ran: the slowest rank per call, the mean."""
     rows, entries = [], []
     stages = [s for s in ep.STAGES if any(r["samples"][0][ep.STAGES.index(s)] for r in everyone)]
-    totals = [[sum(sample) for sample in r["samples"]] for r in everyone]
+    # route, then the whole dispatch + combine call (the stages and the host work between them)
+    route = ep.STAGES.index("route")
+    totals = [[s[route] + call for s, call in zip(r["samples"], r["call_samples"])] for r in everyone]
     slowest_total = statistics.median(max(t[i] for t in totals) for i in range(reps))
     mean_total = statistics.median(statistics.fmean(t[i] for t in totals) for i in range(reps))
     skew = slowest_total / mean_total if mean_total else 1.0
@@ -123,7 +125,9 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         per_call = [max(g[i] for g in graphs) for i in range(min(map(len, graphs)))]
         graph_mean = statistics.median(statistics.fmean(g[i] for g in graphs) for i in range(len(per_call)))
         graph_slowest = statistics.median(per_call)
-        rows.append(["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""] + [""] * 5)
+        graph_check = "" if all(r["graph_verified"] for r in everyone) else "WRONG RESULT"
+        graph_row = ["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""]
+        rows.append(graph_row + [""] * 4 + [graph_check])
         info = {
             "kernel": "ep",
             "stage": "total (CUDA graph)",
@@ -132,14 +136,15 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
             "world_size": shape.world,
             "tokens_per_rank": shape.tokens,
             "load": shape.load,
-            "verified": verified,
+            "verified": all(r["graph_verified"] for r in everyone),
             "mean_rank_s": graph_mean * 1e-3,
         }
         entries.append(
             results.entry(f"ep[{shape.label}] total (CUDA graph)", "ep", Timing.from_samples(per_call), info)
         )
     else:
-        rows.append(["total, CUDA graph", "", "", ""] + [""] * 4 + [everyone[0]["graph_note"] or ""])
+        notes = dict.fromkeys(r["graph_note"] for r in everyone if r["graph_note"])  # each rank's, once
+        rows.append(["total, CUDA graph", "", "", ""] + [""] * 4 + ["; ".join(notes)])
     return rows, entries
 
 
