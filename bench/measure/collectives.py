@@ -212,8 +212,8 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
     """Times route + ep_dispatch + ep_combine (the experts: identity, left out of the time) on this rank,
     ``reps`` times after ``warmup`` calls, each call after a barrier and, on a GPU, an L2 flush: each
     stage, and the whole dispatch + combine call (stages plus the host work between them). Then one untimed
-    call with expert_outputs as the experts, checked against expected_out (a row laid out at the wrong
-    expert changes it; identity experts would hide it). Returns this rank's samples and bytes."""
+    call with expert_outputs_on_device as the experts, checked against expected_out (a row laid out at the
+    wrong expert changes it; identity experts would hide it). Returns this rank's samples and bytes."""
     m = shape.model
     logits, bias, x = route_inputs(shape, rank.rank, rank.device, seed)
     route_kwargs = RouteShape(m.name, shape.tokens, m).route_kwargs() | {"bias": bias}
