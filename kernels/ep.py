@@ -60,7 +60,8 @@ Checks are metadata only and run on every rank before the first collective: bad 
 every rank raises ValueError everywhere and leaves no rank waiting. Buffers sharing memory (a workspace's
 with each other or with x, weights and ids; y with a buffer ep_combine writes) are bad input too. A rank
 whose input differs from its peers' (or that dies) leaves them in a collective until the process group's
-timeout ends it.
+timeout ends it; so does capacity mode's bound, max_tokens_per_rank, exceeded on one rank only (the others'
+token counts are within it, so only that rank raises).
 """
 
 from collections.abc import Callable
@@ -1130,9 +1131,13 @@ def ep_dispatch(
 ) -> tuple[torch.Tensor, EPHandle]:
     """Sends each of this rank's rows to the ranks owning its chosen experts; returns (recv_x, handle) with
     recv_x laid out per local expert (the module docstring). Every rank of ``group`` must call it, with the
-    same num_experts, align, mode, max_tokens_per_rank and dedup. ``dedup``: one row per (token, destination
-    rank) on the wire, expanded there (the module docstring). ``stage_hook(name)``, if given, returns a
-    context manager entered around each stage (the benchmarks time them with it)."""
+    same num_experts, top_k, hidden, x's dtype, mode, max_tokens_per_rank and dedup (they size what crosses
+    the wire); ``align`` shapes only the receiver's own layout and may differ. In capacity mode a rank
+    with more than max_tokens_per_rank tokens raises ValueError on that rank alone (token counts differ
+    by design): its peers wait in the first collective until the process group's timeout. ``dedup``: one
+    row per (token, destination rank) on the wire, expanded there (the module docstring).
+    ``stage_hook(name)``, if given, returns a context manager entered around each stage (the benchmarks
+    time them with it)."""
     call = _checked_call(
         x,
         weights,

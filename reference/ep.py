@@ -4,7 +4,8 @@ rank), for tests. The twin of kernels/ep.py: the same layout and the same sums, 
 Rank r of W owns experts [r * L, (r + 1) * L), L = num_experts / W. Rank r's recv_x holds, for each local
 expert in order, the rows routed to it from source ranks 0..W-1 in turn, each source's rows in its (token,
 choice) order, every expert's segment starting on a multiple of ``align`` (padding rows zero here; undefined
-in the kernel). ep_combine weighs each token's choices in fp32 in choice order.
+in the kernel). ep_combine weighs each token's choices in fp32 in choice order. An id of -1 (padding) or out
+of [0, num_experts) is dropped, as the kernels drop it: no row is sent, and the choice adds nothing.
 
 With ``dedup`` the layout is the same (what moves on the wire is not modelled here, only what each rank
 sends: send_rows); ep_combine then sums, per (token, rank), that rank's choices of the token in fp32 in choice
@@ -97,16 +98,19 @@ def ep_combine(
         tokens, top_k = w.shape
         acc = torch.zeros(tokens, hidden, dtype=torch.float32)
         for token in range(tokens):
-            chosen = [choice_rows[(src, token, choice)] for choice in range(top_k)]
+            # A choice no rank received (an id of -1 or out of range, dropped as the kernels drop it) adds
+            # nothing.
+            kept = [c for c in range(top_k) if (src, token, c) in choice_rows]
+            chosen = [(c, *choice_rows[src, token, c]) for c in kept]
             if handles[0].dedup:
-                for rank in sorted({rank for rank, _ in chosen}):
+                for rank in sorted({rank for _, rank, _ in chosen}):
                     partial = torch.zeros(hidden, dtype=torch.float32)
-                    for choice, (owner, row) in enumerate(chosen):
+                    for choice, owner, row in chosen:
                         if owner == rank:
                             partial += w[token, choice] * row.float()
                     acc[token] += partial.to(dtype).float()
             else:
-                for choice, (_, row) in enumerate(chosen):
+                for choice, _, row in chosen:
                     acc[token] += w[token, choice] * row.float()
         outs.append(acc.to(dtype))
     return outs

@@ -45,7 +45,6 @@ WORK = [
     ("bench.commands.gpu_check", "run"),
     ("bench.measure.tuning", "run"),
     ("bench.measure.tuning", "install"),
-    ("bench.commands.dist", "launch"),
     ("bench.measure.distributed", "spawn"),
     ("bench.measure.distributed", "init_from_env"),
 ]

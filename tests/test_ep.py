@@ -12,14 +12,18 @@ import torch.distributed as dist
 
 import kernels.ep as ep
 import kernels.moe as moe
+from bench.format import us
 from bench.measure import collectives
 from bench.measure.distributed import spawn
 from bench.operators import ep as ep_case
+from bench.serving.models import MoEModel
 from bench.testing import assert_bitwise_equal, assert_close, forbid_allocation, generator, randn, seed_of
 from reference import ep as reference
 from tests import helpers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: A small MoE layer for time_ep's tests: 4 experts, top 2, rows of 16.
+_TINY = MoEModel(name="tiny", hidden=16, num_experts=4, top_k=2, intermediate=8)
 
 
 def _passed_results(outcomes, world):
@@ -68,6 +72,45 @@ def test_a_dead_rank_is_named_by_the_survivor_and_nothing_hangs():
     assert victim.exitcode not in (0, None) and victim.error  # killed, reported by the launcher
     assert survivor.exitcode == 1, survivor
     assert "PeerFailure" in survivor.error and "rank 1 stopped responding" in survivor.error, survivor.error
+
+
+def dispatch_over_the_bound(rank):
+    """Rank 1 holds more tokens than capacity mode's bound: only it raises; rank 0 is left in a collective."""
+    tokens = 3 if rank.rank == 1 else 2
+    x, weights = torch.randn(tokens, 8), torch.full((tokens, 2), 0.5)
+    ids = torch.tensor([[0, 3]] * tokens, dtype=torch.int32)
+    with collectives.guard(rank, "ep_dispatch"):
+        recv_x, handle = ep.ep_dispatch(x, weights, ids, 4, mode="capacity", max_tokens_per_rank=2)
+        ep.ep_combine(recv_x, handle)
+
+
+def test_a_rank_over_the_capacity_bound_alone_raises_and_its_peer_ends_with_a_peer_failure():
+    """Passes on the old code too: it pins what ep_dispatch's docstring now says."""
+    survivor, over = spawn(dispatch_over_the_bound, 2, timeout_s=5, deadline_s=60)
+    assert over.exitcode == 1 and over.error.startswith("ValueError: x: 3 tokens"), over
+    assert survivor.exitcode == 1, survivor
+    assert "PeerFailure" in survivor.error and "rank 1 stopped responding" in survivor.error, survivor.error
+
+
+def graph_capture_refused_on_rank_1(rank):
+    """_graph_replay_ms with capture refused on rank 1 only (a GPU-free stand-in for capture_graph)."""
+
+    def capture(fn):
+        if rank.rank == 1:
+            raise RuntimeError("capture refused")
+        return lambda: None
+
+    collectives.capture_graph = capture  # this rank's process only
+    shape = ep_case.EPShape(_TINY, world=2, tokens=2, mode="capacity")
+    return collectives._graph_replay_ms(rank, shape, None, None, {}, None, reps=1)[:2]
+
+
+def test_a_graph_refused_on_one_rank_is_timed_on_none():
+    """The ranks agree before replaying: rank 0 (captured) does not go on to replay and wait in collectives
+    its peer never joins; each rank says why."""
+    mine = _passed_results(spawn(graph_capture_refused_on_rank_1, 2, timeout_s=5, deadline_s=60), 2)
+    assert mine[0] == (None, "not captured: rank(s) 1 could not capture")
+    assert mine[1] == (None, "not captured on rank 1: RuntimeError: capture refused")
 
 
 # --- one rank, in this process ------------------------------------------------------------------------------
@@ -313,16 +356,10 @@ def test_dedup_pack_sends_each_token_once_per_rank(monkeypatch, slab):
 
 def test_dist_without_torchrun_says_how_to_run_it(monkeypatch, capsys):
     from bench.commands import cli
-    from bench.commands import dist as dist_command
 
     monkeypatch.delenv("RANK", raising=False)  # not a torchrun rank
     assert cli.main(["dist", "ep"]) == 2
     assert "torchrun" in capsys.readouterr().err
-    assert dist_command._without_nproc(["ep", "--nproc", "2", "--reps", "2", "--nproc=4"]) == [
-        "ep",
-        "--reps",
-        "2",
-    ]
 
 
 @pytest.mark.cpu_kernels
@@ -370,18 +407,30 @@ def test_buffers_sharing_memory_are_refused_before_anything_is_written(group):
     assert not stages, stages
 
 
-def test_torchrun_is_started_with_its_stores_on_loopback(monkeypatch):
-    """Without --local-addr, torchrun's workers' store (its master address) listens on this host's FQDN."""
+def test_dist_starts_its_ranks_itself_with_either_backend(monkeypatch):
+    """`dist --nproc` on one host spawns its ranks (their store on a 127.0.0.1 listener: the loopback test
+    below) for NCCL too; torchrun's stores listen on every interface whatever address they are given."""
+    from bench.commands import cli
     from bench.commands import dist as dist_command
 
-    seen = {}
+    seen = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(dist_command, "_has_cuda", lambda: True)
     monkeypatch.setattr(
-        dist_command.subprocess, "call", lambda command, env: seen.update(command=command) or 0
+        dist_command.distributed, "spawn", lambda fn, world, **kw: seen.append((world, kw["backend"])) or []
     )
-    assert dist_command.launch(2, ["ep"]) == 0
-    command = seen["command"]
-    assert command[command.index("--local-addr") + 1] == "127.0.0.1"
-    assert command[command.index("--rdzv-endpoint") + 1].startswith("127.0.0.1:")
+    assert cli.main(["dist", "--nproc", "2", "allreduce"]) == 0
+    assert cli.main(["dist", "--nproc", "3", "allreduce", "--backend", "gloo"]) == 0
+    assert seen == [(2, "nccl"), (3, "gloo")]
+
+
+def test_spawned_ranks_name_loopback_whatever_the_environment_says(monkeypatch):
+    from bench.measure import distributed
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
+    distributed.loopback_only()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
 
 
 def test_nccl_ranks_bind_their_gpu_as_the_group_starts(monkeypatch):
@@ -494,3 +543,89 @@ def test_spawned_ranks_listen_on_loopback_only():
     new = _passed_results(outcomes, 2)[0]
     assert new, "the store and gloo listen somewhere: the probe must see them"
     assert all(address == "127.0.0.1" for address, _ in new), new
+
+
+# --- the benchmark's own checks and clock -------------------------------------------------------------------
+
+
+def _swap_two_experts_rows(monkeypatch):
+    """ep_dispatch puts the first row of two experts' segments in each other's place (a layout bug), and
+    ep_combine puts them back before its way home: identity experts cannot tell."""
+    dispatch, combine = ep.ep_dispatch, ep.ep_combine
+    swapped = []
+
+    def bad_dispatch(*args, **kwargs):
+        recv_x, handle = dispatch(*args, **kwargs)
+        starts = handle.expert_offsets.tolist()
+        a, b = [starts[e] for e, n in enumerate(handle.tokens_per_expert.tolist()) if n][:2]
+        recv_x[[a, b]] = recv_x[[b, a]]
+        swapped.append((a, b))
+        return recv_x, handle
+
+    def bad_combine(y, handle):
+        a, b = swapped[-1]
+        y[[a, b]] = y[[b, a]]
+        return combine(y, handle)
+
+    monkeypatch.setattr(ep, "ep_dispatch", bad_dispatch)
+    monkeypatch.setattr(ep, "ep_combine", bad_combine)
+
+
+def _one_rank():
+    from bench.measure.distributed import Rank
+
+    return Rank(0, 1, "gloo", torch.device("cpu"), None)
+
+
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize("mode", ["exact", "capacity-dedup"])
+def test_time_ep_catches_a_row_laid_out_at_the_wrong_expert(group, monkeypatch, mode):
+    shape = ep_case.EPShape(_TINY, world=1, tokens=8, mode=mode)
+    assert collectives.time_ep(_one_rank(), shape, reps=1, warmup=0)["verified"]
+    _swap_two_experts_rows(monkeypatch)
+    assert not collectives.time_ep(_one_rank(), shape, reps=1, warmup=0)["verified"]
+
+
+@pytest.mark.cpu_kernels
+def test_dispatch_plus_combine_counts_the_host_work_between_stages(group, monkeypatch):
+    """ep_combine's checks run between dispatch's last stage and combine's first: in no stage's time."""
+    import time
+
+    check = ep._check_combine
+    monkeypatch.setattr(ep, "_check_combine", lambda y, handle: time.sleep(0.05) or check(y, handle))
+    shape = ep_case.EPShape(_TINY, world=1, tokens=3, mode="capacity")
+    mine = collectives.time_ep(_one_rank(), shape, reps=2, warmup=0)
+    route = ep_case.STAGES.index("route")
+    for stages, call in zip(mine["samples"], mine["call_samples"]):
+        assert call - (sum(stages) - stages[route]) >= 50.0
+    row = collectives.ep_mode_row(shape, [mine])
+    assert float(row[-1].replace(",", "")) >= 50_000
+
+
+def test_expert_outputs_on_device_matches_the_host_version():
+    x = randn((11, 5), torch.bfloat16, "cpu", generator(3))
+    offsets = [0, 3, 3, 8]  # an empty expert; rows 8..10 padding
+    on_device = ep_case.expert_outputs_on_device(x, torch.tensor(offsets, dtype=torch.int32), 4)
+    assert_bitwise_equal(on_device[:8], ep_case.expert_outputs(x, offsets, 4)[:8], "rows")
+
+
+def test_the_graph_total_reports_its_own_check():
+    """A graph whose out was wrong is WRONG RESULT, whatever the eager calls found."""
+    from bench.commands.dist import _ep_rows
+
+    shape = ep_case.EPShape(_TINY, world=1, tokens=2, mode="capacity")
+    samples = [[1.0] * len(ep_case.STAGES)]
+    byte = {"bytes": 1, "useful": 1}
+    mine = {
+        "samples": samples,
+        "call_samples": [9.5],
+        "bytes": {stage: byte for stage in ep_case.STAGES},
+        "verified": True,
+        "graph_samples": [2.0],
+        "graph_note": None,
+        "graph_verified": False,
+    }
+    rows, entries = _ep_rows(shape, [mine], 1)
+    assert entries[-1]["extra_info"]["stage"] == "total (CUDA graph)"
+    assert entries[-1]["extra_info"]["verified"] is False and rows[-1][-1] == "WRONG RESULT"
+    assert rows[-2][:2] == ["total", us(10.5e-3)]  # route + the whole call

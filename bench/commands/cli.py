@@ -47,11 +47,10 @@ COMMANDS = (
 )
 
 
-def build_parser(argv=None) -> Parser:
+def build_parser() -> Parser:
     """Every command's parser; each argument's type rejects nonsense while parsing (bench/commands/
-    arguments.py). ``argv`` is kept on the parsed arguments (``dist`` hands it on to the ranks it starts)."""
+    arguments.py)."""
     parser = Parser(prog="decodebench", description="Decode-side Triton kernels, measured and explained.")
-    parser.set_defaults(argv=list(sys.argv[1:] if argv is None else argv))
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -61,7 +60,7 @@ def build_parser(argv=None) -> Parser:
 def main(argv=None) -> int:
     """Runs one command. Bad input, whether argparse finds it or a command's own checks do (UsageError, an
     unreadable or malformed file), is one line on stderr and exit status 2, before any work starts."""
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, ResultFileError) as error:

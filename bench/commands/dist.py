@@ -1,12 +1,12 @@
-"""`decodebench dist`: the multi-rank benchmarks, run under torchrun.
+"""`decodebench dist`: the multi-rank benchmarks, on one host or under torchrun.
 
+    decodebench dist --nproc N ep|allreduce|check [--backend nccl|gloo] [options]   (starts the ranks on
+                                              this host: every socket, NCCL's and gloo's, on 127.0.0.1)
     torchrun --nproc-per-node N -m bench dist ep|allreduce|check [--backend nccl|gloo] [options]
-    decodebench dist --nproc N ep|allreduce|check [options]     (starts the ranks on this host for you:
-                                                                 torchrun for NCCL, for gloo its own ranks
-                                                                 with every socket on 127.0.0.1)
 
-Across nodes, torchrun's own rendezvous does it: the same command on every node with ``--nnodes M
---rdzv-backend c10d --rdzv-endpoint HOST:PORT``. Each rank times its own stages (CUDA events on a GPU, the
+torchrun is for several nodes, where its rendezvous does it: the same command on every node with ``--nnodes
+M --rdzv-backend c10d --rdzv-endpoint HOST:PORT`` (its stores listen on every interface: a network the nodes
+share). Each rank times its own stages (CUDA events on a GPU, the
 host clock on a CPU); rank 0 gathers them, reports the slowest rank per call (a collective ends when its
 last rank does) beside the ranks' mean, prints the tables and writes the JSON (the suite's schema, with world
 size, backend, NCCL version and the interconnect in machine_info).
@@ -15,7 +15,6 @@ size, backend, NCCL version and the interconnect in machine_info).
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,39 +35,6 @@ from bench.measure import collectives, distributed, results
 from bench.measure.timing import Timing
 from bench.operators import all_reduce, ep
 from bench.serving.models import MOE_MODELS
-
-_REPO = Path(__file__).resolve().parents[2]
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """Starts torchrun with ``nproc`` ranks on this host (rendezvous and the workers' store on 127.0.0.1),
-    running this command without --nproc in each."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(nproc),
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{distributed.free_port()}",
-        "--local-addr",  # the workers' store (its master address) on loopback too, not on this host's FQDN
-        "127.0.0.1",
-        "-m",
-        "bench",
-        "dist",
-        *argv,
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
-    # One host: NCCL's and gloo's bootstrap sockets on the loopback interface.
-    env.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    print("$ " + " ".join(command[1:]), flush=True)
-    return subprocess.call(command, env=env)
 
 
 def _has_cuda() -> bool:
@@ -101,7 +67,9 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
     """A table row and a results entry per stage the shape ran: the slowest rank per call, the mean."""
     rows, entries = [], []
     stages = [s for s in ep.STAGES if any(r["samples"][0][ep.STAGES.index(s)] for r in everyone)]
-    totals = [[sum(sample) for sample in r["samples"]] for r in everyone]
+    # route, then the whole dispatch + combine call (the stages and the host work between them)
+    route = ep.STAGES.index("route")
+    totals = [[s[route] + call for s, call in zip(r["samples"], r["call_samples"])] for r in everyone]
     slowest_total = statistics.median(max(t[i] for t in totals) for i in range(reps))
     mean_total = statistics.median(statistics.fmean(t[i] for t in totals) for i in range(reps))
     skew = slowest_total / mean_total if mean_total else 1.0
@@ -157,7 +125,9 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         per_call = [max(g[i] for g in graphs) for i in range(min(map(len, graphs)))]
         graph_mean = statistics.median(statistics.fmean(g[i] for g in graphs) for i in range(len(per_call)))
         graph_slowest = statistics.median(per_call)
-        rows.append(["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""] + [""] * 5)
+        graph_check = "" if all(r["graph_verified"] for r in everyone) else "WRONG RESULT"
+        graph_row = ["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""]
+        rows.append(graph_row + [""] * 4 + [graph_check])
         info = {
             "kernel": "ep",
             "stage": "total (CUDA graph)",
@@ -166,14 +136,15 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
             "world_size": shape.world,
             "tokens_per_rank": shape.tokens,
             "load": shape.load,
-            "verified": verified,
+            "verified": all(r["graph_verified"] for r in everyone),
             "mean_rank_s": graph_mean * 1e-3,
         }
         entries.append(
             results.entry(f"ep[{shape.label}] total (CUDA graph)", "ep", Timing.from_samples(per_call), info)
         )
     else:
-        rows.append(["total, CUDA graph", "", "", ""] + [""] * 4 + [everyone[0]["graph_note"] or ""])
+        notes = dict.fromkeys(r["graph_note"] for r in everyone if r["graph_note"])  # each rank's, once
+        rows.append(["total, CUDA graph", "", "", ""] + [""] * 4 + ["; ".join(notes)])
     return rows, entries
 
 
@@ -267,18 +238,6 @@ def run_check(rank: distributed.Rank, args) -> list[dict]:
 CASES = {"ep": run_ep, "allreduce": run_allreduce, "check": run_check}
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            kept.append(arg)
-    return kept
-
-
 def check_args(args, world: int) -> None:
     """What parsing could not judge alone, checked before any rank starts: the backend against this
     machine, and (ep) a model whose experts divide over ``world`` ranks."""
@@ -292,10 +251,10 @@ def check_args(args, world: int) -> None:
 
 def register(sub) -> None:
     parser = sub.add_parser(
-        "dist", help="multi-rank benchmarks under torchrun: EP dispatch/combine, all-reduce"
+        "dist", help="multi-rank benchmarks (--nproc, or under torchrun): EP dispatch/combine, all-reduce"
     )
     parser.add_argument("case", choices=("ep", "allreduce", "check"))
-    parser.add_argument("--nproc", type=positive_int, help="start torchrun with this many ranks on this host")
+    parser.add_argument("--nproc", type=positive_int, help="start this many ranks here, on loopback only")
     parser.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, else gloo")
     parser.add_argument(
         "--tokens",
@@ -332,11 +291,10 @@ def register(sub) -> None:
     parser.add_argument(
         "--out", type=output_file, help="rank 0 writes the results (the suite's JSON schema) here"
     )
-    # The ranks it starts run this same command line, less --nproc (cli.build_parser records it as argv).
-    parser.set_defaults(func=lambda args: main(args, args.argv[1:]))
+    parser.set_defaults(func=main)
 
 
-def main(args, argv: list[str]) -> int:
+def main(args) -> int:
     if distributed.under_torchrun():
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         rank = distributed.init_from_env(args.backend, timeout_s=args.timeout)
@@ -351,13 +309,17 @@ def main(args, argv: list[str]) -> int:
             "give --nproc N to have it started"
         )
     check_args(args, args.nproc)
-    if (args.backend or ("nccl" if _has_cuda() else "gloo")) == "nccl":
-        return launch(args.nproc, _without_nproc(argv))
-    # gloo ranks on this host: started here, every socket on 127.0.0.1 (torchrun's stores bind every
-    # interface); each rank runs what a torchrun rank would.
-    settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "argv")})
+    # The ranks on this host, started here with every socket on 127.0.0.1 (torchrun's stores listen on
+    # every interface, whatever address they are given); each rank runs what a torchrun rank would.
+    backend = args.backend or ("nccl" if _has_cuda() else "gloo")
+    settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
     outcomes = distributed.spawn(
-        run_rank, args.nproc, args=(settings,), timeout_s=args.timeout, deadline_s=24 * 3600.0
+        run_rank,
+        args.nproc,
+        args=(settings,),
+        backend=backend,
+        timeout_s=args.timeout,
+        deadline_s=24 * 3600.0,
     )
     failed = [o for o in outcomes if o.error or o.exitcode != 0]
     for outcome in failed:

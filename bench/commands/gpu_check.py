@@ -8,8 +8,8 @@ the others' results. The steps, in order:
 2. ``default-shapes``: every kernel at its default shapes, each verified once, then timed as a CUDA-graph
    replay and eagerly, beside its reference and its peers (run.json, written after every shape).
 3. ``static``: the static report of the real compile (registers, spills, shared memory, access widths).
-   ``dist``: EP dispatch/combine stage by stage under torchrun on this machine's one GPU (world size 1:
-   the GPU path and the CUDA graph measured, no wire; dist-ep.json).
+   ``dist``: EP dispatch/combine stage by stage (`dist --nproc`: NCCL ranks the suite spawns on loopback)
+   on this machine's one GPU (world size 1: the GPU path and the CUDA graph measured, no wire; dist-ep.json).
    ``decode-step``: `decodebench step` for a dense and an MLA + MoE model: each stage one rank runs, timed
    and verified at its shape beside its projection (decode-step.txt; decode-step-<model>.json, which
    `decodebench validate --gpu FOLDER` compares stage by stage).
@@ -22,8 +22,8 @@ the others' results. The steps, in order:
 9. ``benchmarks``: the pytest-benchmark files at the default shapes (their JSON, with the GPU clock).
 10. ``tests``: the rest of the suite, compiled, as far as the budget goes.
 
-Every step runs under one deadline: a subprocess is ended at it with every process it started (torchrun's
-workers, a profiler's or compute-sanitizer's target), an in-process step checks it between shapes and stops
+Every step runs under one deadline: a subprocess is ended at it with every process it started (dist's
+ranks, a profiler's or compute-sanitizer's target), an in-process step checks it between shapes and stops
 with what it has. A step still running HANG_GRACE_S past the deadline is taken for hung (a kernel that never
 returns): summary.md says so and the process ends, so nothing writes after it. What a step left in the
 caching allocator is given back to the GPU before the next. summary.md is rewritten after every step,
@@ -318,7 +318,8 @@ def step_static(run: CheckRun) -> StepResult:
 
 
 def step_dist(run: CheckRun) -> StepResult:
-    """torchrun with one rank per GPU here (the lent machines have one), or 2 gloo ranks in a dry run."""
+    """`dist --nproc` with one NCCL rank per GPU here (the lent machines have one), or 2 gloo ranks in a dry
+    run."""
     import torch
 
     out = str(run.folder / "dist-ep.json")

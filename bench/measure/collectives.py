@@ -23,13 +23,15 @@ import kernels.moe
 import reference.ep
 from bench.measure.distributed import Rank, gather_floats, guard
 from bench.measure.nvtx import nvtx_range
-from bench.measure.timing import flush_l2, time_cuda
+from bench.measure.timing import capture_graph, flush_l2, time_cuda
 from bench.operators.all_reduce import SIZES, AllReduceResult
 from bench.operators.ep import (
     SCENARIOS,
     STAGES,
     EPShape,
+    expected_out,
     expert_outputs,
+    expert_outputs_on_device,
     route_inputs,
     stage_bytes,
 )
@@ -41,8 +43,8 @@ from bench.testing import assert_bitwise_equal, assert_close
 
 def ep_check(rank: Rank, scenarios=SCENARIOS, seed: int = 7, rerun: bool = True) -> list[str]:
     """Every scenario in both modes, with and without dedup, against the reference, the first scenario's
-    reruns bit-identical (``rerun``), then bad input raising ValueError on every rank before any
-    collective. Returns a line per check; raises on a mismatch."""
+    reruns bit-identical (``rerun``; capacity mode's through an EPWorkspace), then bad input raising
+    ValueError on every rank before any collective. Returns a line per check; raises on a mismatch."""
     lines = []
     for number, scenario in enumerate(scenarios):
         inputs = scenario.inputs(rank.world, seed)
@@ -72,14 +74,26 @@ def _expected(rank: Rank, scenario, inputs, dedup: bool) -> tuple:
 
 def _check_against(rank: Rank, scenario, inputs, expected, *, mode: str, dedup: bool, runs: int) -> str:
     """One scenario in one mode, ``runs`` times: its layout, send_rows and out against the reference, and
-    every rerun's out bit-identical to the first."""
+    every rerun's out bit-identical to the first. Capacity mode's reruns go through an EPWorkspace (the
+    path a CUDA graph captures), so the last run's layout is the workspace's."""
     xs, weights, ids = inputs
     ref_x, ref_handle, want = expected
     me, experts = rank.rank, scenario.experts_per_rank * rank.world
     kwargs = {"max_tokens_per_rank": max(scenario.tokens)} if mode == "capacity" else {}
     label = f"{scenario.name} {mode}{' dedup' if dedup else ''}"
     done = []
-    for _ in range(runs):
+    for run in range(runs):
+        if mode == "capacity" and run:
+            kwargs["workspace"] = kernels.ep.EPWorkspace.for_shape(
+                *ids[me].shape,
+                experts,
+                scenario.hidden,
+                world_size=rank.world,
+                max_tokens_per_rank=max(scenario.tokens),
+                align=scenario.align,
+                dtype=scenario.dtype,
+                dedup=dedup,
+            )
         with guard(rank, label):
             recv_x, handle = kernels.ep.ep_dispatch(
                 xs[me], weights[me], ids[me], experts, align=scenario.align, mode=mode, dedup=dedup, **kwargs
@@ -178,27 +192,33 @@ class StageClock:
         return {name: (end - start) * 1e3 for name, start, end in self.marks}
 
 
-def _identity_experts_ok(out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> bool:
-    """With identity experts every token comes back as its row times the sum of its weights."""
-    want = (x.float() * weights.sum(1, keepdim=True)).to(out.dtype)
+def _matches(out: torch.Tensor, want: torch.Tensor) -> bool:
+    """out within its dtype's tolerance of want (expected_out's), compared on the host."""
     try:
-        assert_close(out.cpu(), want.cpu(), "ep out", dtype=x.dtype)
+        assert_close(out.cpu(), want.cpu(), "ep out", dtype=want.dtype)
     except AssertionError:
         return False
     return True
 
 
-def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 11) -> dict:
-    """Times every stage of route + ep_dispatch + ep_combine (the experts: identity) on this rank, ``reps``
-    times after ``warmup`` calls, each call after a barrier and, on a GPU, an L2 flush. Verifies the result
-    (identity experts: out = x times the sum of its weights). Returns this rank's samples and bytes."""
-    m = shape.model
-    logits, bias, x = route_inputs(shape, rank.rank, rank.device, seed)
-    route_kwargs = RouteShape(m.name, shape.tokens, m).route_kwargs() | {"bias": bias}
+def _mode_kwargs(shape: EPShape) -> dict:
     mode = {"mode": shape.kernel_mode, "dedup": shape.dedup}
     if shape.kernel_mode == "capacity":
         mode["max_tokens_per_rank"] = shape.tokens
-    samples = []
+    return mode
+
+
+def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 11) -> dict:
+    """Times route + ep_dispatch + ep_combine (the experts: identity, left out of the time) on this rank,
+    ``reps`` times after ``warmup`` calls, each call after a barrier and, on a GPU, an L2 flush: each
+    stage, and the whole dispatch + combine call (stages plus the host work between them). Then one untimed
+    call with expert_outputs_on_device as the experts, checked against expected_out (a row laid out at the
+    wrong expert changes it; identity experts would hide it). Returns this rank's samples and bytes."""
+    m = shape.model
+    logits, bias, x = route_inputs(shape, rank.rank, rank.device, seed)
+    route_kwargs = RouteShape(m.name, shape.tokens, m).route_kwargs() | {"bias": bias}
+    mode = _mode_kwargs(shape)
+    samples, calls = [], []
     for i in range(warmup + reps):
         torch.distributed.barrier()
         if rank.device.type == "cuda":
@@ -207,18 +227,26 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
         with guard(rank, shape.label), nvtx_range(f"ep[{shape.label}]", color="blue"):
             with clock("route"):
                 weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
-            recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, m.num_experts, stage_hook=clock, **mode)
-            out = kernels.ep.ep_combine(recv_x, handle)
+            with clock("call"):
+                recv_x, handle = kernels.ep.ep_dispatch(
+                    x, weights, ids, m.num_experts, stage_hook=clock, **mode
+                )
+                kernels.ep.ep_combine(recv_x, handle)
         if i >= warmup:
             times = clock.durations_ms()
             samples.append([times.get(stage, 0.0) for stage in STAGES])
-    verified = _identity_experts_ok(out, x, weights)
+            calls.append(times["call"])
+    want = expected_out(x, weights, ids)
+    with guard(rank, f"{shape.label} (checked)"):
+        recv_x, handle = kernels.ep.ep_dispatch(x, weights, ids, m.num_experts, **mode)
+        first = rank.rank * shape.local_experts
+        out = kernels.ep.ep_combine(expert_outputs_on_device(recv_x, handle.expert_offsets, first), handle)
     if shape.kernel_mode == "exact":
-        graph, graph_error = None, "none: exact mode reads the counts on the host"
+        graph, graph_note, graph_verified = None, "none: exact mode reads the counts on the host", False
     elif rank.device.type != "cuda":
-        graph, graph_error = None, "none: no CUDA device"
+        graph, graph_note, graph_verified = None, "none: no CUDA device", False
     else:
-        graph, graph_error = _graph_replay_ms(rank, shape, logits, x, route_kwargs, reps)
+        graph, graph_note, graph_verified = _graph_replay_ms(rank, shape, logits, x, route_kwargs, want, reps)
     # Rows as the call counted them (what dedup saves is measured), and what dedup would send (a model).
     sent = handle.send_rows.tolist()
     received = (handle.dedup_counts[:, -1] if handle.dedup else handle.recv_counts.sum(1)).tolist()
@@ -227,11 +255,13 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
     distinct = sum(len(set(row) - {rank.rank}) for row in owners.tolist())
     return {
         "samples": samples,
+        "call_samples": calls,
         "sent_rows": sent,
         "bytes": stage_bytes(shape, rank.rank, sent, received, distinct, received_pairs),
-        "verified": verified,
+        "verified": _matches(out, want),
         "graph_samples": graph,
-        "graph_note": graph_error,
+        "graph_note": graph_note,
+        "graph_verified": graph_verified,
     }
 
 
@@ -253,25 +283,29 @@ def ep_mode_row(shape: EPShape, everyone: list[dict]) -> list:
     """One shape's row beside the other modes' (time_ep's results from every rank), each figure the
     busiest rank's: the rows it sent other ranks (as ep_dispatch counted them), the bytes both exchanges put
     on the wire (dedup's meta rows included) and the slabs' padding among them, and the slowest rank's
-    dispatch + combine time per call (route, which every mode shares, left out), the median over calls."""
+    dispatch + combine time per call (the whole call, host work between stages included; route, which every
+    mode shares, left out), the median over calls."""
     remote = max(
         sum(n for r, n in enumerate(mine["sent_rows"]) if r != rank) for rank, mine in enumerate(everyone)
     )
     exchanges = [[mine["bytes"][stage] for stage in ("rows", "return")] for mine in everyone]
     wire = max(sum(f["bytes"] for f in figures) for figures in exchanges)
     padding = max(sum(f["bytes"] - f["useful"] for f in figures) for figures in exchanges)
-    route = STAGES.index("route")
-    calls = range(len(everyone[0]["samples"]))
-    per_call = [max(sum(mine["samples"][i]) - mine["samples"][i][route] for mine in everyone) for i in calls]
-    us = statistics.median(per_call) * 1e3
+    calls = range(len(everyone[0]["call_samples"]))
+    us = statistics.median(max(mine["call_samples"][i] for mine in everyone) for i in calls) * 1e3
     row = [shape.model.name, shape.world, shape.load, shape.tokens, shape.mode, remote]
     return row + [f"{wire:,}", f"{padding:,}", f"{us:,.1f}"]
 
 
-def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, reps: int):
-    """Capacity mode end to end (route, ep_dispatch, ep_combine into an EPWorkspace) captured in one CUDA
-    graph and replayed: (samples in ms, None), or (None, why it could not be captured). Every rank makes
-    the same number of calls (one warm-up, fixed reps): their collectives pair up."""
+def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, want, reps: int):
+    """Capacity mode end to end (route, ep_dispatch, ep_combine into an EPWorkspace) captured in CUDA graphs:
+    one with identity experts, replayed ``reps`` times and timed; one with expert_outputs_on_device as the
+    experts, replayed once, its workspace.out checked against ``want``. Returns (samples in ms, None,
+    verified), or (None, why it could not be captured, False). The ranks agree (an all-gather) on whether
+    every rank captured before any replays, so all time the graph or none does, and their collectives
+    pair up; a failed collective (a peer gone) raises PeerFailure. A capture refused on one rank during its
+    warm-up call, before that call's collectives, still leaves the peers in them until the group's
+    timeout."""
     m = shape.model
     workspace = kernels.ep.EPWorkspace.for_shape(
         shape.tokens,
@@ -284,34 +318,30 @@ def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, 
         device=rank.device,
         dedup=shape.dedup,
     )
+    first = rank.rank * shape.local_experts
 
-    def call():
+    def call(experts):
         weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
         recv_x, handle = kernels.ep.ep_dispatch(
-            x,
-            weights,
-            ids,
-            m.num_experts,
-            mode="capacity",
-            max_tokens_per_rank=shape.tokens,
-            workspace=workspace,
-            dedup=shape.dedup,
+            x, weights, ids, m.num_experts, workspace=workspace, **_mode_kwargs(shape)
         )
-        kernels.ep.ep_combine(recv_x, handle)
+        y = expert_outputs_on_device(recv_x, handle.expert_offsets, first) if experts else recv_x
+        kernels.ep.ep_combine(y, handle)
 
-    try:
-        with guard(rank, f"{shape.label} (CUDA graph)"):
-            timing = time_cuda(
-                call,
-                label=f"ep graph {shape.label}",
-                warmup_ms=0,
-                min_reps=reps,
-                max_reps=reps,
-                cuda_graph=True,
-            )
-    except Exception as error:  # capture refused (an NCCL or driver without graph support): say why
-        return None, f"not captured: {type(error).__name__}: {str(error)[:160]}"
-    return list(timing.samples_ms), None
+    note = None
+    with guard(rank, f"{shape.label} (CUDA graph)"):
+        try:
+            timed, checked = capture_graph(lambda: call(False)), capture_graph(lambda: call(True))
+        except Exception as error:  # capture refused (an NCCL or driver without graph support): say why
+            note = f"not captured on rank {rank.rank}: {type(error).__name__}: {str(error)[:160]}"
+        failed = [r for r, ok in enumerate(gather_floats(rank, [float(note is None)])) if ok[0] != 1.0]
+        if failed:
+            note = note or f"not captured: rank(s) {', '.join(map(str, failed))} could not capture"
+            return None, note, False
+        timing = time_cuda(timed, label=f"ep graph {shape.label}", warmup_ms=0, min_reps=reps, max_reps=reps)
+        checked()
+        torch.cuda.synchronize()
+    return list(timing.samples_ms), None, _matches(workspace.out, want)
 
 
 def dispatch_with_a_dead_rank(rank: Rank, victim: int = 1, dedup: bool = False) -> None:

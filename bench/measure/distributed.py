@@ -5,8 +5,8 @@
 - Liveness: each rank bumps a counter in the rendezvous store from a daemon thread. When a collective
   fails, ``guard`` waits a few beats and names the ranks whose counter stopped (dead, or hung with their
   interpreter), so the error says which rank to look at; gloo's own says only "connection reset by peer".
-- ``spawn(fn, world)``: the tests' and ``decodebench run``'s launcher on one machine (a fork server's
-  children). The parent holds the
+- ``spawn(fn, world)``: the tests', ``decodebench run``'s and ``decodebench dist --nproc``'s launcher on
+  one machine (a fork server's children; gloo or NCCL). The parent holds the
   store (so it outlives any rank), the ranks bind 127.0.0.1 only, and the parent collects each rank's
   result or error, killing whatever is left at its deadline.
 """
@@ -181,8 +181,14 @@ class RankOutcome:
     error: str | None = None
 
 
+def loopback_only() -> None:
+    """gloo's and NCCL's sockets on the loopback interface, whatever the environment named (a preset eth0
+    would otherwise win): nothing a rank on this machine opens leaves it."""
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+
+
 def _spawned(payload: bytes, rank, world, port, backend, timeout_s, results) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: nothing leaves this machine
+    loopback_only()
     if backend == "gloo":  # gloo moves CPU tensors: the kernels run where they are, in the interpreter
         os.environ["TRITON_INTERPRET"] = "1"
     from bench.interpreter import setup
@@ -226,8 +232,9 @@ def spawn(
     deadline_s: float = 120.0,
 ) -> list[RankOutcome]:
     """Runs ``fn(rank: Rank, *args)`` on ``world`` fresh processes (from a fork server: no CUDA, OpenMP or
-    thread state of this process is inherited) in a gloo group on 127.0.0.1, kernels interpreted; ``fn``
-    must be importable by name. Returns each rank's outcome; a rank still running at ``deadline_s`` is
+    thread state of this process is inherited) in a ``backend`` group on 127.0.0.1 (gloo: kernels
+    interpreted; nccl: rank r on GPU r, NCCL's sockets on the loopback interface); ``fn`` must be
+    importable by name. Returns each rank's outcome; a rank still running at ``deadline_s`` is
     killed and reported with exitcode None."""
     listener = _loopback_listener()
     store = dist.TCPStore(

@@ -76,7 +76,8 @@ def flush_l2() -> None:
     read_through(*_flush)
 
 
-def _capture(fn: Callable[[], object]) -> Callable[[], object]:
+def capture_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run once on a side stream (warm-up), then captured in a CUDA graph: returns its replay."""
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -104,7 +105,7 @@ def time_cuda(
     every call, outside the events (it puts stateful inputs back)."""
     prepare = setup or (lambda: None)
     prepare()
-    call = _capture(fn) if cuda_graph else fn
+    call = capture_graph(fn) if cuda_graph else fn
     prepare()
     call()  # compile and allocate before estimating
     torch.cuda.synchronize()

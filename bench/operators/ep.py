@@ -1,5 +1,6 @@
 """Expert parallelism's operator: the scenarios checked against reference/ep.py, the benchmark shapes
-(DeepSeek-R1 and Qwen3-235B-A22B routing, tokens per rank 1 to 4096, uniform and skewed loads, both modes),
+(DeepSeek-R1 and Qwen3-235B-A22B routing, tokens per rank 1 to 4096, uniform and skewed loads, exact and
+capacity modes each with and without dedup),
 each rank's inputs, a byte model per stage, and the regroup kernel's static shapes. What each rank runs with
 them is bench/measure/collectives.py.
 
@@ -25,7 +26,9 @@ from bench.testing import generator, randn
 class Scenario:
     """One check on W ranks: rank r holds tokens[r % len(tokens)] tokens. routing: "uniform"; "one-rank"
     (every choice among the last rank's experts, so the others' experts get no rows); "zipf" (skewed);
-    "repeated" (uniform with replacement: a token may choose an expert twice, as route never does)."""
+    "repeated" (uniform with replacement: a token may choose an expert twice, as route never does);
+    "padded" (uniform, then every third choice -1 and one choice E: ids the kernels drop, as moe.dispatch
+    does)."""
 
     name: str
     tokens: tuple[int, ...]
@@ -49,7 +52,11 @@ class Scenario:
                 chosen = routing_ids(tokens, self.experts_per_rank, self.top_k, "uniform", gen)
                 chosen += (world - 1) * self.experts_per_rank
             else:
-                chosen = routing_ids(tokens, experts, self.top_k, self.routing, gen)
+                load = "uniform" if self.routing == "padded" else self.routing
+                chosen = routing_ids(tokens, experts, self.top_k, load, gen)
+            if self.routing == "padded" and tokens:
+                chosen.view(-1)[::3] = -1
+                chosen[-1, -1] = experts
             ids.append(chosen)
             weights.append(torch.softmax(torch.randn(tokens, self.top_k, generator=gen), dim=1))
             xs.append(randn((tokens, self.hidden), self.dtype, "cpu", gen))
@@ -58,7 +65,8 @@ class Scenario:
 
 #: Checked by tests (2 and 4 ranks) and by ``decodebench run`` on CPU: different token counts per rank (one
 #: with none), odd widths, align 1 to 64, bf16 and fp32 rows, every choice on one rank, ids repeated within
-#: a token with fewer local experts than top_k (capacity mode's slabs must still hold every row).
+#: a token with fewer local experts than top_k (capacity mode's slabs must still hold every row), padding
+#: (-1) and out-of-range ids (dropped: no row sent, the choice adds nothing to out).
 SCENARIOS = (
     Scenario(name="uneven", tokens=(5, 17, 0, 9), experts_per_rank=3, top_k=2, hidden=40),
     Scenario(
@@ -75,16 +83,39 @@ SCENARIOS = (
         name="zipf-align8", tokens=(12, 4), experts_per_rank=2, top_k=2, hidden=33, align=8, routing="zipf"
     ),
     Scenario(name="repeated-ids", tokens=(6, 5), experts_per_rank=1, top_k=3, hidden=17, routing="repeated"),
+    Scenario(name="padded-ids", tokens=(4, 3), experts_per_rank=2, top_k=2, hidden=9, routing="padded"),
 )
 
 
 def expert_outputs(recv_x: torch.Tensor, offsets: list[int], first_expert: int) -> torch.Tensor:
-    """A stand-in for the experts: local expert e scales its rows by (its global id + 1) / 8 (exact in
-    every dtype), so a row that reached the wrong expert changes the result."""
+    """A stand-in for the experts: local expert e scales its rows by (its global id + 1) / 8 (the factor is
+    exact in every dtype; the product is rounded to recv_x's dtype), so a row that reached the wrong expert
+    changes the result."""
     y = recv_x.clone()
     for e in range(len(offsets) - 1):
         y[offsets[e] : offsets[e + 1]] *= (first_expert + e + 1) / 8
     return y
+
+
+def expert_outputs_on_device(recv_x: torch.Tensor, expert_offsets: torch.Tensor, first_expert: int):
+    """expert_outputs without reading the offsets on the host (so a CUDA graph can hold it): each row's
+    expert found by searching expert_offsets on the device. Rows past the last segment (padding, never
+    read back) get a factor too."""
+    rows = torch.arange(recv_x.shape[0], dtype=expert_offsets.dtype, device=recv_x.device)
+    local = torch.searchsorted(expert_offsets[1:].contiguous(), rows, right=True)
+    scale = (local + first_expert + 1).to(torch.float32) / 8
+    return (recv_x.float() * scale[:, None]).to(recv_x.dtype)
+
+
+def expected_out(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """This rank's out when the experts are expert_outputs: per token, sum over its choices c in order of
+    weights[t, c] x (x[t] x (ids[t, c] + 1) / 8, rounded to x's dtype), in fp32, rounded once. Needs only
+    this rank's inputs; ids out of range are not expected (route's never are)."""
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for c in range(ids.shape[1]):
+        scale = (ids[:, c].float() + 1) / 8
+        acc += weights[:, c, None] * (x.float() * scale[:, None]).to(x.dtype).float()
+    return acc.to(x.dtype)
 
 
 # --- benchmark: shapes, inputs, bytes per stage ----------------------------------------------------------
