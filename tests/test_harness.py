@@ -315,6 +315,7 @@ def test_fused_gather_figures_are_graph_replays(monkeypatch):
     build = MOE_LAYER.build
     on_the_cpu = dataclasses.replace(MOE_LAYER, build=lambda shape, device, seed: build(shape, "cpu", seed))
     monkeypatch.setattr(bench_moe_gemm, "MOE_LAYER", on_the_cpu)
+    monkeypatch.setattr(bench_moe_gemm, "grouped_gemm", lambda *a, **kw: torch.empty(0))  # timed, not run
     shape = LayerShape("tiny", 2, MoEModel("tiny", 32, 4, 2, 16))  # a few programs a GEMM
     bench_moe_gemm.test_fused_gather_saves_dispatchs_copy(bench, shape)
     graphed = [label for label, graph in bench.asked if graph]
@@ -328,6 +329,29 @@ def test_fused_gather_figures_are_graph_replays(monkeypatch):
     assert info["dispatch_copy_us"] == 4.0 and info["target_met"]
     assert info["routing_share"] == round(6 / 24, 3)
     assert info["eager_fused_us"] == info["eager_unfused_us"] == 300.0
+
+
+@pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
+def test_moe_layer_kernel_entry_is_a_graph_replay(monkeypatch):
+    """bench_moe_gemm's test_moe_layer: the kernel's entry is its graph's replays (L2 flushed before
+    each), cuda_graph true, its GB/s from them; the eager median beside it as eager_us."""
+    from bench.benchmarks import bench_moe_gemm
+    from bench.operators.moe_gemm import MOE_LAYER, LayerShape
+    from bench.serving.models import MoEModel
+
+    bench = _Recorder(monkeypatch, bench_moe_gemm, {})
+    monkeypatch.setattr(bench_moe_gemm, "_inputs", lambda case, shape: case.build(shape, "cpu", 1))
+    monkeypatch.setattr(bench_moe_gemm, "expected_of", lambda case, shape, inputs: None)
+    monkeypatch.setattr(bench_moe_gemm, "verify_kernel", lambda *a: {"verified": True})
+    monkeypatch.setattr(bench_moe_gemm, "copy_bandwidth_gbps", lambda: 3000.0)
+    monkeypatch.setattr(bench_moe_gemm, "matmul_tflops", lambda: 700.0)
+    shape = LayerShape("tiny", 2, MoEModel("tiny", 32, 4, 2, 16))
+    bench_moe_gemm.test_moe_layer(None, bench, shape, "triton")
+    info = bench.extra_info
+    assert info["cuda_graph"] and len(bench.captured) == 1 and bench.flushed
+    assert info["gbps"] == round(MOE_LAYER.byte_model(shape) / 20e-6 / 1e9, 2)
+    assert bench.asked == [(f"moe_layer[triton graph] {shape.label} eager", False)]
+    assert info["eager_us"] == 300.0 and info["verified"]
 
 
 @pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
