@@ -1,6 +1,7 @@
 """The measuring side: quantiles, the results schema, reports and the CLI on this machine."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -271,6 +272,112 @@ def test_moe_layer_names_its_expert_path_and_falls_back_only_when_refused(monkey
     monkeypatch.delattr(torch, "_grouped_mm")
     path, why = bench_moe.expert_path(*args)
     assert path == bench_moe.PER_EXPERT and "has no torch._grouped_mm" in why
+
+
+class _Recorder:
+    """The GPU timing of bench_moe and bench_moe_gemm simulated on the CPU: time_cuda answers from a table
+    by label (graph replays) or 300 us (eager calls) without running anything, and records how each was
+    asked; the capture and the benchmark's clock hand the call straight through; the benchmark's rounds
+    run the round's setup once and read 20 us."""
+
+    def __init__(self, monkeypatch, module, graph_us: dict):
+        self.asked, self.captured, self.flushed, self.extra_info = [], [], [], {}
+        self.graph_us = graph_us
+        self.stats = type("Stats", (), {"stats": type("Median", (), {"median": 20e-6})()})()
+        clock = type("Clock", (), {"timed": staticmethod(lambda fn, label="", host=False: fn)})()
+        monkeypatch.setattr(module, "time_cuda", self.time_cuda)
+        monkeypatch.setattr(module, "capture_graph", lambda fn: self.captured.append(fn) or fn)
+        monkeypatch.setattr(module, "flush_l2", lambda: self.flushed.append(True))
+        monkeypatch.setattr(module, "CUDA_CLOCK", clock)
+
+    def time_cuda(self, fn, label, cuda_graph=False, **kw):
+        self.asked.append((label, cuda_graph))
+        us = self.graph_us.get(label.rsplit(" ", 1)[-1], 30.0) if cuda_graph else 300.0
+        return Timing.from_samples([us / 1e3])
+
+    def pedantic(self, fn, setup=None, **kw):
+        setup()
+
+
+@pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
+def test_fused_gather_figures_are_graph_replays(monkeypatch):
+    """A decode layer's launches take longer to issue than to run: every figure of the fused-gather
+    comparison (the layers, each stage, the saving, the copy, routing's share) is a CUDA-graph replay with
+    L2 flushed; the eager medians are there too, named eager_*."""
+    import dataclasses
+
+    from bench.benchmarks import bench_moe_gemm
+    from bench.operators.moe_gemm import MOE_LAYER, LayerShape
+    from bench.serving.models import MoEModel
+
+    stages = {"route": 3.0, "plan": 2.0, "dispatch": 6.0, "gate_up": 10.0, "down": 8.0, "combine": 1.0}
+    bench = _Recorder(monkeypatch, bench_moe_gemm, stages)
+    build = MOE_LAYER.build
+    on_the_cpu = dataclasses.replace(MOE_LAYER, build=lambda shape, device, seed: build(shape, "cpu", seed))
+    monkeypatch.setattr(bench_moe_gemm, "MOE_LAYER", on_the_cpu)
+    monkeypatch.setattr(bench_moe_gemm, "grouped_gemm", lambda *a, **kw: torch.empty(0))  # timed, not run
+    shape = LayerShape("tiny", 2, MoEModel("tiny", 32, 4, 2, 16))  # a few programs a GEMM
+    bench_moe_gemm.test_fused_gather_saves_dispatchs_copy(bench, shape)
+    graphed = [label for label, graph in bench.asked if graph]
+    assert len(graphed) == 1 + len(stages) and all(
+        graph != label.endswith(" eager") for label, graph in bench.asked
+    )
+    assert len(bench.captured) == 1 and bench.flushed  # the benchmark's rounds: the fused layer's graph
+    info = bench.extra_info
+    assert info["cuda_graph"] and info["stage_median_us"] == stages
+    assert (info["fused_us"], info["unfused_us"], info["saved_us"]) == (20.0, 30.0, 10.0)
+    assert info["dispatch_copy_us"] == 4.0 and info["target_met"]
+    assert info["routing_share"] == round(6 / 24, 3)
+    assert info["eager_fused_us"] == info["eager_unfused_us"] == 300.0
+
+
+@pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
+def test_moe_layer_kernel_entry_is_a_graph_replay(monkeypatch):
+    """bench_moe_gemm's test_moe_layer: the kernel's entry is its graph's replays (L2 flushed before
+    each), cuda_graph true, its GB/s from them; the eager median beside it as eager_us."""
+    from bench.benchmarks import bench_moe_gemm
+    from bench.operators.moe_gemm import MOE_LAYER, LayerShape
+    from bench.serving.models import MoEModel
+
+    bench = _Recorder(monkeypatch, bench_moe_gemm, {})
+    monkeypatch.setattr(bench_moe_gemm, "_inputs", lambda case, shape: case.build(shape, "cpu", 1))
+    monkeypatch.setattr(bench_moe_gemm, "expected_of", lambda case, shape, inputs: None)
+    monkeypatch.setattr(bench_moe_gemm, "verify_kernel", lambda *a: {"verified": True})
+    monkeypatch.setattr(bench_moe_gemm, "copy_bandwidth_gbps", lambda: 3000.0)
+    monkeypatch.setattr(bench_moe_gemm, "matmul_tflops", lambda: 700.0)
+    shape = LayerShape("tiny", 2, MoEModel("tiny", 32, 4, 2, 16))
+    bench_moe_gemm.test_moe_layer(None, bench, shape, "triton")
+    info = bench.extra_info
+    assert info["cuda_graph"] and len(bench.captured) == 1 and bench.flushed
+    assert info["gbps"] == round(MOE_LAYER.byte_model(shape) / 20e-6 / 1e9, 2)
+    assert bench.asked == [(f"moe_layer[triton graph] {shape.label} eager", False)]
+    assert info["eager_us"] == 300.0 and info["verified"]
+
+
+@pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_moe_layer_share_is_timed_as_graphs_with_l2_flushed(monkeypatch, grouped_mm):
+    """bench_moe's layer: the layer and its stages as CUDA-graph replays, L2 flushed before the layer's
+    rounds as before every stage's; eager where the experts fall back to the per-expert loop (it syncs:
+    no graph). Its routing share is named for the bf16 torch experts it runs against."""
+    from bench.benchmarks import bench_moe
+    from bench.serving.models import MoEModel
+
+    monkeypatch.setitem(bench_moe.MOE_MODELS, "tiny", MoEModel("tiny", 64, 4, 2, 48))
+    if not grouped_mm:
+        monkeypatch.delattr(torch, "_grouped_mm")
+    bench = _Recorder(
+        monkeypatch, bench_moe, {"route": 2.0, "dispatch": 3.0, "experts": 14.0, "combine": 1.0}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        info = bench_moe.layer_share(bench, "tiny", 3, bench_moe.layer_inputs("tiny", 3, "cpu"))
+    assert bench.flushed, "the layer's rounds must start from a cold L2, as each stage's do"
+    assert info["cuda_graph"] is grouped_mm and len(bench.captured) == int(grouped_mm)
+    assert all(graph == (grouped_mm and not label.endswith(" eager")) for label, graph in bench.asked)
+    assert "routing_share" not in info and info["experts"].startswith("bf16, torch")
+    if grouped_mm:
+        assert info["routing_share_bf16_torch_experts"] == round(6 / 20, 3)
 
 
 @pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors

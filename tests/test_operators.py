@@ -287,7 +287,7 @@ def test_grouped_gemm_inputs_poison_what_no_kernel_reads_and_the_model_counts_th
     """Untouched experts' weights (and fp8 scales) are NaN, touched ones finite; dispatch's padding rows
     NaN; the byte model counts exactly the experts the built plan touches (the routing is the shape's),
     and at 8192 tokens every expert, as the expectation under uniform routing says."""
-    for name in ("ep hot", "fp8 odd blocks"):
+    for name in ("odd", "ep hot", "fp8 odd blocks"):
         shape = GEMM_SMALL[name]
         a = GROUPED_GEMM.build(shape, DEVICE, 5).args
         touched = a["plan"].tokens_per_expert > 0
@@ -295,22 +295,38 @@ def test_grouped_gemm_inputs_poison_what_no_kernel_reads_and_the_model_counts_th
         if a["w_scale"] is not None:
             assert a["w_scale"][~touched].isnan().all() and a["w_scale"][touched].isfinite().all()
         padding = a["plan"].row_token < 0
-        assert padding.any() == (shape.align > 1) and a["a"][padding].isnan().all()
+        if not a["gather"]:  # the gather reads x itself: no padding rows there
+            assert padding.any() == (shape.align > 1) and a["a"][padding].isnan().all()
         assert moe_gemm_operator.touched_experts(shape) == int(touched.sum())
         # By hand from the built tensors: each touched expert's weights (and fp8 block scales) once, every
-        # routed row (padding apart) read (K) and written (the output's columns), the plan's counts, offsets
-        # and each routed row's token id.
+        # routed row (padding apart) written (the output's columns) and read (K) from the dispatched rows,
+        # or with the gather each token's row of x once (its other choices' reads are L2's), the plan's
+        # counts, offsets and each routed row's token id.
         w, plan = a["w"], a["plan"]
         experts, n, k = w.shape
         rows = int((plan.row_token >= 0).sum())
+        read = a["a"].shape[0] if a["gather"] else rows
         scales = -(-n // 128) * -(-k // 128) * 4 if a["w_scale"] is not None else 0
         columns = n // 2 if a["activation"] == "silu_and_mul" else n
         by_hand = int(touched.sum()) * (n * k * w.element_size() + scales)
-        by_hand += rows * (k + columns) * a["a"].element_size() + (2 * experts + 1) * 4 + rows * 4
+        by_hand += (read * k + rows * columns) * a["a"].element_size() + (2 * experts + 1) * 4 + rows * 4
         assert GROUPED_GEMM.byte_model(shape) == by_hand, name
     prefill = moe_gemm_operator._preset("DeepSeek-R1 TP8", "down", 8192)
     assert moe_gemm_operator.touched_experts(prefill) == prefill.experts
     assert moe_gemm_operator.expected_byte_model(prefill) == pytest.approx(GROUPED_GEMM.byte_model(prefill))
+
+
+def test_grouped_gemm_expected_touched_is_uniform_routings():
+    """expected_touched is the expectation for what the presets' inputs draw (uniform routing): at DeepSeek-R1
+    TP8's 64 tokens, 256 x (1 - (1 - 8/256)^64) = 222 experts, and the drawn routing within 5% of it (the
+    built inputs touch 215)."""
+    shape = moe_gemm_operator._preset("DeepSeek-R1 TP8", "gate_up", 64)
+    assert shape.load == "uniform"
+    expected = moe_gemm_operator.expected_touched(shape)
+    assert expected == pytest.approx(222, rel=0.05)
+    assert moe_gemm_operator.touched_experts(shape) == pytest.approx(expected, rel=0.05)
+    ep = moe_gemm_operator._preset("DeepSeek-R1 EP8", "gate_up", 1)  # 8 rows, one choice each, of 32 experts
+    assert moe_gemm_operator.expected_touched(ep) == pytest.approx(32 * (1 - (31 / 32) ** 8))
 
 
 def test_grouped_gemm_compare_sees_a_written_padding_row_and_a_stray_read():

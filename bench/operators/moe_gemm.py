@@ -11,17 +11,23 @@ average, each one choice of one local expert (the plan's top_k is 1), already gr
 
 Routing is a function of the shape (seeded by the model, tokens, experts and load, not by the build seed),
 so the byte model counts exactly the experts the built inputs touch; ``expected_byte_model`` gives the
-expectation under uniform routing for a shape alone. Inputs put NaN where no correct kernel reads: in every
-untouched expert's weights (and scales), and in dispatch's padding rows.
+expectation under uniform routing for a shape alone (what the presets' inputs draw: their load is
+"uniform"). Inputs put NaN where no correct kernel reads: in every untouched expert's weights (and scales),
+and in dispatch's padding rows.
 
-Byte model (DRAM bytes that must move), with R the rows routed (tokens x top_k) and T the experts touched:
-    T x N x K x w_bytes (+ T x cdiv(N, 128) x cdiv(K, 128) x 4 fp8 scales), R x K x a_bytes read, R x N_out
-    x a_bytes written, and the plan's counts, offsets and the rows' token ids.
-The rows are read once per N tile (BLOCK_N output columns) by the programs of an expert's M tile, and every
-program reads all the experts' counts to find its expert; only the first reads are DRAM's (the rest hit L2:
-kilobytes at decode). The interpreter's counter sees every read, so the traffic shapes are decode steps of a
-few rows an expert, where those re-reads are within a few percent of the weights (rows: bf16 weights, rows
-an expert / 64 of them; fp8, / 32).
+Byte model: the bytes that must cross DRAM, each distinct byte read or written once. With R the rows routed
+(tokens x top_k) and T the experts touched:
+    T x N x K x w_bytes (+ T x cdiv(N, 128) x cdiv(K, 128) x 4 fp8 scales); the rows read, R x K x a_bytes,
+    or with the gather each token's row once (tokens x K x a_bytes); R x N_out x a_bytes written; and the
+    plan's counts, offsets and the rows' token ids.
+What the kernel reads beyond that is re-reads, the model's by design: the gather reads a token's row once
+for each of its top_k experts, the programs of an expert's M tile read its rows once per N tile (BLOCK_N
+output columns), and every program reads all the experts' counts to find its expert. At decode those are
+kilobytes, L2 hits after the first read; at prefill x outgrows L2 (8192 tokens of hidden 7168 are 117 MB)
+and some repeats may come from DRAM, so there the model is a floor. The interpreter's counter sees every
+read: ``bench traffic``'s ratio (counted / model) shows the re-reads, and unique/model (distinct addresses)
+the floor. The traffic shapes are decode steps of a few rows an expert, where the re-reads are within a
+few percent of the weights (rows: bf16 weights, rows an expert / 64 of them; fp8, / 32).
 FLOPs: 2 x R x N x K (N: w's rows, the gate and up halves both for silu_and_mul).
 
 Peers, each verified at the shape it is timed:
@@ -47,7 +53,6 @@ import reference.moe
 from bench.operators import moe as moe_operator
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import MOE_MODELS, MoEModel
-from bench.serving.step import expected_experts_touched
 from bench.testing import (
     DTYPE_LABELS,
     FP8,
@@ -169,8 +174,11 @@ def touched_experts(shape: GemmShape) -> int:
 
 
 def expected_touched(shape: GemmShape) -> float:
-    """The experts touched on average under uniform routing (a shape alone, before any routing)."""
-    return expected_experts_touched(shape.experts, shape.plan_top_k, shape.plan_tokens)
+    """The experts touched on average under uniform routing, what the presets' inputs draw (a shape alone,
+    before any routing; the shape's load is not looked at): each of the plan's tokens picks plan_top_k
+    distinct experts of E, so an expert is missed by all t of them with probability (1 - k / E)^t."""
+    experts, top_k = shape.experts, shape.plan_top_k
+    return experts * (1.0 - (1.0 - top_k / experts) ** shape.plan_tokens)
 
 
 def _weights(weight_dtype, experts: int, n: int, k: int, untouched, device, gen, launch_only=False) -> tuple:
@@ -239,13 +247,15 @@ def _gemm_bytes(shape: GemmShape, touched: float) -> float:
     w_bytes = shape.n * shape.k * shape.weight_dtype.itemsize
     if shape.weight_dtype == FP8:
         w_bytes += triton.cdiv(shape.n, SCALE_BLOCK) * triton.cdiv(shape.k, SCALE_BLOCK) * 4
-    rows = shape.rows * (shape.k + shape.columns) * shape.dtype.itemsize
+    read = shape.plan_tokens if shape.gather else shape.rows  # the gather's repeats of a token are L2's
+    rows = (read * shape.k + shape.rows * shape.columns) * shape.dtype.itemsize
     plan = (2 * shape.experts + 1) * 4 + shape.rows * 4  # counts, offsets, each row's token id
     return touched * w_bytes + rows + plan
 
 
 def byte_model(shape: GemmShape) -> int:
-    """Bytes that must cross DRAM: the touched experts' weights once each, the rows read and written."""
+    """Bytes that must cross DRAM: the touched experts' weights once each, the rows read (with the gather,
+    each token's once) and written, the plan."""
     return round(_gemm_bytes(shape, touched_experts(shape)))
 
 
