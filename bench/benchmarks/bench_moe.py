@@ -25,8 +25,7 @@ import torch
 import kernels.moe as moe
 from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.device import machine_info
-from bench.measure.timing import CUDA_CLOCK, flush_l2, time_cuda
-from bench.measure.timing import _capture as capture_graph  # time_cuda's own capture, for the rounds below
+from bench.measure.timing import CUDA_CLOCK, capture_graph, flush_l2, time_cuda
 from bench.operators.moe import COMBINE, DISPATCH, ROUTE, load_statistics
 from bench.serving.models import MOE_MODELS
 from bench.testing import generator

@@ -28,8 +28,7 @@ from bench.benchmarks.cases import benchmark_every_impl
 from bench.benchmarks.conftest import ROUNDS, WARMUP_ROUNDS, _inputs, expected_of, verify_kernel
 from bench.measure.device import copy_bandwidth_gbps, machine_info, matmul_tflops
 from bench.measure.results import cost_info
-from bench.measure.timing import CUDA_CLOCK, flush_l2, time_cuda
-from bench.measure.timing import _capture as capture_graph  # time_cuda's own capture, for the rounds below
+from bench.measure.timing import CUDA_CLOCK, capture_graph, flush_l2, time_cuda
 from bench.operators.moe_gemm import GROUPED_GEMM, MOE_LAYER, STAGES
 from bench.testing import seed_of
 from kernels.moe_gemm import grouped_gemm
