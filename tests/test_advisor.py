@@ -13,7 +13,7 @@ import json
 import pytest
 
 from bench.commands import cli
-from bench.serving.advisor import advise, layouts, memory_plan
+from bench.serving.advisor import advise, layouts, memory_plan, weights_per_rank
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import Layout
@@ -108,3 +108,13 @@ def test_deepseek_r1_picks_a_hybrid_over_tp8():
     best = fitting[0].layout
     assert best.dp > 1 and best.ep > 1, best  # data-parallel attention, experts spread
     assert seconds[best] < seconds[Layout(tp=8)]
+
+
+def test_gpt_oss_fits_one_gpu_as_released():
+    """gpt-oss-120b's MXFP4 experts make its weights about 65 GB (OpenAI's model card: it runs on one 80 GB
+    GPU), so one H100 and one H200 each hold it with room for KV."""
+    spec = MODEL_SPECS["gpt-oss-120b"]
+    assert 60e9 <= weights_per_rank(spec, Layout()) <= 70e9
+    for gpu in ("h100", "h200"):
+        assert memory_plan(spec, Layout(), GPUS[gpu], NATURAL).fits, gpu
+    assert cli.main(["advise", "gpt-oss-120b", "--gpus", "1", "--requests", "8", "--max-seqs", "64"]) == 0

@@ -16,10 +16,10 @@ def test_pool_is_memory_less_weights_over_kv_bytes():
     # Under TP 8 each rank keeps one of the 8 KV heads and an eighth of the weights.
     assert kv_pool_tokens(llama8, 80, 8) > 8 * kv_pool_tokens(llama8, 80, 1)
     assert kv_pool_tokens(MODELS["Llama-3.1-405B"], 80, 1) == 0  # its weights alone do not fit
-    # Weights at the model's own bytes: DeepSeek-R1's fp8 671B leave an H200 at TP 8 about 40 GiB of KV (at
-    # 2 bytes a parameter they would not fit at all).
+    # Weights at the model's own bytes: DeepSeek-R1's fp8 671B (its embedding and head, 2 x 129280 x 7168,
+    # bf16) leave an H200 at TP 8 about 40 GiB of KV (at 2 bytes a parameter they would not fit at all).
     r1 = MODELS["DeepSeek-R1"]
-    budget = 141 * 2**30 * 0.9 - r1.params_b * 1e9 / 8 - 2 * 2**30
+    budget = 141 * 2**30 * 0.9 - (r1.params_b * 1e9 + 2 * 129280 * 7168) / 8 - 2 * 2**30
     assert kv_pool_tokens(r1, 141, 8) == int(budget // 70272) > 0
     assert kv_pool_tokens(r1, 141, 8, weight_bytes=2) == 0
 
@@ -100,7 +100,8 @@ def test_mla_latent_replication_costs_all_but_one_pool_per_tp_group():
     assert [r.tp for r in rows] == [8]
     (row,) = rows
     assert row.tokens_held == row.pool_tokens and row.tokens_if_split == 8 * row.pool_tokens
-    budget = 141e9 * 0.9 - MODELS["DeepSeek-R1"].params_b * 1e9 / 8 - 2 * 2**30  # 671.0B at 1 byte
+    r1 = MODELS["DeepSeek-R1"]
+    budget = 141e9 * 0.9 - (r1.params_b * 1e9 + 2 * 129280 * 7168) / 8 - 2 * 2**30  # fp8, embeddings bf16
     assert row.pool_tokens == int(budget // (61 * 576 * 2))
     two_nodes = latent_replication(gpus=16, tps=(8,))
     assert two_nodes[0].tokens_held == 2 * row.tokens_held  # two DP groups hold two pools

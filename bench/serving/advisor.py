@@ -78,12 +78,14 @@ class MemoryPlan:
 
 def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
     """Weight bytes on one rank: experts spread over EP (or split TP ways), the rest split TP ways, each
-    pipeline stage its layers; the embedding and LM head stay bf16 in fp8 checkpoints."""
-    m = spec.moe
-    experts = 0 if m is None else spec.moe_layers * m.num_experts * spec.expert_params()
+    pipeline stage its layers; routed experts at their own width (MXFP4 in gpt-oss), the embedding and LM
+    head bf16 (as fp8 and MXFP4 checkpoints keep them)."""
+    experts = spec.routed_expert_params()
     rest = spec.params() - experts
     expert_split = layout.ep if layout.ep > 1 else layout.tp
-    weights = (rest / layout.tp + experts / expert_split) / layout.pp * spec.weight_bytes
+    weights = (
+        rest * spec.weight_bytes / layout.tp + experts * spec.routed_expert_bytes / expert_split
+    ) / layout.pp
     return weights + spec.embedding_params() * (2 - spec.weight_bytes) / layout.tp
 
 

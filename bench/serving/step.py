@@ -328,7 +328,7 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
             tflops=tflops,
         )
     pairs = batch * m.top_k
-    expert = spec.expert_params()
+    expert, ewb = spec.expert_params(), spec.routed_expert_bytes  # routed experts' own width (MXFP4)
     experts_floor = hw.moe_us - 2 * hw.launch_us  # the fused MoE's fixed cost, its dispatch and combine apart
     if layout.ep == 1:
         comp(
@@ -343,7 +343,7 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
         comp(
             "experts",
             "moe_experts",
-            params * wb + 4 * pairs * h * 2,
+            params * ewb + 4 * pairs * h * 2,
             2 * pairs * expert / tp,
             experts_floor,
             tflops=tflops,
@@ -370,7 +370,7 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
     arriving = tokens * m.top_k / ranks * skew
     touched = sum(1.0 - (1.0 - min(p * m.top_k, 1.0)) ** tokens for p in popular)
     chance = slowest_share(arriving, ranks)
-    nbytes = touched * expert * wb + 4 * arriving * h * 2
+    nbytes = touched * expert * ewb + 4 * arriving * h * 2
     comp("experts", "moe_experts", nbytes, 2 * arriving * expert * chance, experts_floor, tflops=tflops)
     even = tokens * m.top_k / ranks
     stage = out[-1]

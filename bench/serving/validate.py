@@ -286,7 +286,9 @@ def _projected_again(point: dict, hw: Hardware, link: Interconnect) -> dict | No
     model the presets do not hold (a --config step: its recorded projection stands)."""
     if not point.get("preset") or point["model"] not in MODEL_SPECS:
         return None
-    spec = replace(MODEL_SPECS[point["model"]], weight_bytes=1 if point["weights"] == "fp8" else 2)
+    spec = MODEL_SPECS[point["model"]]
+    if point["weights"] != spec.precision:  # step --weights: every weight at that precision
+        spec = replace(spec, weight_bytes=1 if point["weights"] == "fp8" else 2, expert_weight_bytes=None)
     layout = Layout(dp=point["dp"], tp=point["tp"], pp=point["pp"], ep=point["ep"], dedup=point["dedup"])
     hw = replace(hw, host_us=point.get("host_us", 0.0))
     kv = 1 if point["kv"] == "fp8" else 2
