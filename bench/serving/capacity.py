@@ -34,6 +34,8 @@ from bench.serving.models import MODELS, AttentionModel
 from bench.serving.workloads import WORKLOADS, ReasoningWorkload
 
 POLICIES = ("paged-1", "paged-16", "paged-64", "paged-256", "contiguous", "pow2")
+#: GPU memory the tables assume unless told: an H200's, as the driver reports it (the study's GPU).
+DEFAULT_GPU_GIB = ANCHOR_MEMORY_BYTES["H200"] / 2**30
 #: Questions drawn for a saturated run: more than any pool finishes in three generation caps.
 QUESTIONS = 65536
 
@@ -112,7 +114,7 @@ def simulate(
 def capacity_table(
     workload_name: str = "AIME-like",
     model_name: str = "Llama-3.1-8B",
-    gpu_gib: float = 80.0,
+    gpu_gib: float = DEFAULT_GPU_GIB,
     tps=(1, 2, 4, 8),
     policies=POLICIES,
     stride: int = 16,
@@ -238,7 +240,7 @@ class ReplicationRow:
 
 def latent_replication(
     model_name: str = "DeepSeek-R1",
-    gpu_gib: float = ANCHOR_MEMORY_BYTES["H200"] / 2**30,
+    gpu_gib: float = DEFAULT_GPU_GIB,
     gpus: int = 8,
     mean_context: int = 16384,
     tps=(1, 2, 4, 8),
