@@ -164,3 +164,13 @@ def test_the_mla_module_is_projected_as_its_benchmark_ran_it():
         command.load_tables(use_package=False), [point], hw, INTERCONNECTS["nvlink"]
     )
     assert row["kinds"]["mla"]["ours_ms"] == pytest.approx(validate.ours_ms(stages)["mla"] + extra)
+
+
+def test_an_expert_parallel_point_keeps_its_moe_figure_without_an_all_to_all_row(tables):
+    """The all-to-all table has DeepSeek's hidden 7168 only: Qwen3's miss there leaves the MoE table's figure
+    standing (it dropped both)."""
+    spec = MODEL_SPECS["Qwen3-30B-A3B"]
+    point = validate.Point("Qwen3-30B-A3B", Layout(dp=8, ep=8), 16, 1024)
+    found = validate.measured_ms(tables, spec, point)
+    assert "moe_experts" in found and found["moe_experts"] > 0
+    assert "a2a" not in found
