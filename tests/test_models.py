@@ -146,3 +146,27 @@ def test_gpt_oss_counts_its_experts_in_mxfp4():
     assert spec.routed_expert_params() > 0.9 * spec.params()
     assert 60e9 <= spec.shipped_weight_bytes() <= 70e9
     assert MODELS["gpt-oss-120b"].weight_bytes * spec.params() == pytest.approx(spec.shipped_weight_bytes())
+
+
+def test_norm_topk_prob_reaches_the_router():
+    """DeepSeek-V2's config.json sets norm_topk_prob false: its routed weights are the raw top-k scores (times
+    routed_scaling_factor). The flag travels from the config to the route case's keywords, which step's GPU
+    timing and the benchmarks route with."""
+    import torch
+
+    import reference.moe
+    from bench.operators.moe import RouteShape
+
+    fields = json.loads((DATA / "hf-config-DeepSeek-R1.json").read_text())
+    assert load_model_config(
+        DATA / "hf-config-DeepSeek-R1.json"
+    ).moe.renormalize  # unset or true: renormalised
+    spec = model_from_hf_config({**fields, "norm_topk_prob": False})
+    assert spec.moe.renormalize is False and spec.moe_model().renormalize is False
+    kwargs = RouteShape("v2", 3, spec.moe_model()).route_kwargs()
+    assert kwargs["renormalize"] is False
+    logits = torch.randn(3, spec.moe.num_experts)
+    weights, _ = reference.moe.route(logits, spec.moe.top_k, bias=torch.zeros(spec.moe.num_experts), **kwargs)
+    assert not torch.allclose(weights.sum(-1), torch.full((3,), spec.moe.routed_scale))
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        model_from_hf_config({**fields, "norm_topk_prob": "no"})

@@ -103,6 +103,7 @@ def test_moe_layer_share(benchmark, model_name, tokens):
         "bias": bias,
         "scale": m.scale,
         "softmax_after_topk": m.softmax_after_topk,
+        "renormalize": m.renormalize,
     }
     weights, ids = moe.route(logits, m.top_k, **kw)
     x_sorted, plan = moe.dispatch(x, ids, m.num_experts, align=16)

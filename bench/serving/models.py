@@ -115,6 +115,7 @@ class MoEModel:
     scale: float = 1.0
     softmax_after_topk: bool = False
     bias: bool = False  # DeepSeek's e_score_correction_bias
+    renormalize: bool = True  # the chosen weights rescaled to sum to 1 (config.json's norm_topk_prob)
 
 
 #: Tokens through one MoE layer: decode batches and prefill chunks.
@@ -144,6 +145,7 @@ class MoESpec:
     routed_scale: float = 1.0
     softmax_after_topk: bool = False  # gpt-oss: top-k on the logits, softmax over the chosen
     score_bias: bool = False
+    renormalize: bool = True  # norm_topk_prob: false in DeepSeek-V2, whose weights are the raw scores
 
     def ranks_reached(self, ranks: int) -> float:
         """The ranks one token's top_k choices reach, on average, with the experts spread over ``ranks`` in
@@ -289,6 +291,7 @@ class ModelSpec(Decoder):
             scale=m.routed_scale,
             softmax_after_topk=m.softmax_after_topk,
             bias=m.score_bias,
+            renormalize=m.renormalize,
         )
 
     def attention_model(self) -> AttentionModel:
@@ -541,6 +544,7 @@ def _moe_of(config: _ConfigFields, layers: int) -> MoESpec | None:
         routed_scale=config.number("routed_scaling_factor", 1.0, positive=True),
         softmax_after_topk=config.choice("model_type", (str,), "") == "gpt_oss",  # its router: top-k, softmax
         score_bias=config.choice("topk_method", (str,), "") == "noaux_tc",  # e_score_correction_bias
+        renormalize=config.choice("norm_topk_prob", (bool,), True),  # unset: Mixtral's, renormalised
     )
 
 
