@@ -13,7 +13,14 @@ import json
 import pytest
 
 from bench.commands import cli
-from bench.serving.advisor import advise, layouts, memory_plan, pipeline_stages, stage_weights
+from bench.serving.advisor import (
+    advise,
+    layouts,
+    memory_plan,
+    pipeline_stages,
+    stage_weights,
+    weights_per_rank,
+)
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import Layout
@@ -28,17 +35,19 @@ def test_memory_plan_by_hand():
     plan = memory_plan(llama, Layout(tp=2), H200, NATURAL)
     weights = llama.params() * 2 / 2
     assert plan.weights_bytes == pytest.approx(weights)
-    assert plan.pool_tokens == int((141e9 * 0.9 - weights - 2 * 2**30) // (32 * 2 * 4 * 128 * 2))
-    # DeepSeek-R1 at DP 8 x EP 8: every non-expert weight on each rank, an eighth of the routed experts.
+    h200 = 143771 * 2**20  # as nvidia-smi reports it (docs/facts.md#gpu-anchors-published-not-measured-here)
+    assert plan.pool_tokens == int((h200 * 0.9 - weights - 2 * 2**30) // (32 * 2 * 4 * 128 * 2))
+    # DeepSeek-R1 at DP 8 x EP 8, from its published counts alone (DeepSeek-V3 report, arXiv 2412.19437):
+    # 671B parameters, 37B active a token, 8 of 256 routed experts active, so the routed experts hold
+    # (671 - 37) / (1 - 8/256) = 654.5B and the rest 16.5B. A rank keeps the rest and an eighth of the
+    # experts, 98.3B at 1 byte (fp8), plus a second byte for the bf16 embedding and head (2 x 129280 x 7168,
+    # 1.9B): about 100 GB.
     r1 = MODEL_SPECS["DeepSeek-R1"]
-    experts = 58 * 256 * 3 * 7168 * 2048
     plan = memory_plan(r1, Layout(dp=8, ep=8), H200, NATURAL)
-    embedding_bf16 = (
-        r1.embedding_params()
-    )  # its second byte: fp8 checkpoints keep the embedding and head bf16
+    routed = (671e9 - 37e9) / (1 - 8 / 256)
     assert plan.fits
-    assert plan.weights_bytes == pytest.approx(r1.params() - experts + experts / 8 + embedding_bf16)
-    assert plan.pool_tokens == int((141e9 * 0.9 - plan.weights_bytes - 2 * 2**30) // 70272)
+    assert plan.weights_bytes == pytest.approx(671e9 - routed + routed / 8 + 2 * 129280 * 7168, rel=0.02)
+    assert plan.pool_tokens == int((h200 * 0.9 - plan.weights_bytes - 2 * 2**30) // 70272)
     assert not memory_plan(r1, Layout(dp=8), H200, NATURAL).fits  # 671 GB of weights on one GPU
 
 
@@ -46,15 +55,17 @@ def test_pipeline_stages_split_as_vllm_and_the_heaviest_binds():
     """vLLM's get_pp_indices gives DeepSeek-R1's 61 layers over 8 stages as 7, 7, 8 x 5, 7 (the remainder
     on the stages before the last). A middle stage of 8 MoE layers holds 8 x (257 experts of 3 x 7168 x
     2048 + attention + router) fp8 bytes, about 92.1 GB, not the 85.7 GB an eighth of the model (with the
-    embedding and head on every stage) came to; its pool, about 3.55M tokens, binds (not 4.44M)."""
+    embedding and head on every stage) came to; its pool binds (about 4.50M tokens on the H200's 143,771 MiB;
+    an even split of the weights would claim more)."""
     r1, layout = MODEL_SPECS["DeepSeek-R1"], Layout(pp=8)
     assert [len(s) for s in pipeline_stages(61, 8)] == [7, 7, 8, 8, 8, 8, 8, 7]
     assert [len(s) for s in pipeline_stages(36, 8)] == [4, 4, 4, 5, 5, 5, 5, 4]
     moe_layer = r1.attention_params() + 257 * r1.expert_params() + 7168 * 256
     plan = memory_plan(r1, layout, H200, NATURAL)
     assert plan.weights_bytes == pytest.approx(8 * moe_layer)
-    assert plan.pool_tokens == int((141e9 * 0.9 - 8 * moe_layer - 2 * 2**30) // (8 * 576 * 2))
-    assert plan.pool_tokens <= 3.6e6
+    memory = 143771 * 2**20  # the H200's total as its driver reports it
+    assert plan.pool_tokens == int((memory * 0.9 - 8 * moe_layer - 2 * 2**30) // (8 * 576 * 2))
+    assert plan.pool_tokens <= 4.6e6
     # One stage: the whole model, as before.
     assert stage_weights(r1, Layout(dp=8, ep=8), range(61)) == pytest.approx(
         memory_plan(r1, Layout(dp=8, ep=8), H200, NATURAL).weights_bytes
@@ -127,3 +138,13 @@ def test_deepseek_r1_picks_a_hybrid_over_tp8():
     best = fitting[0].layout
     assert best.dp > 1 and best.ep > 1, best  # data-parallel attention, experts spread
     assert seconds[best] < seconds[Layout(tp=8)]
+
+
+def test_gpt_oss_fits_one_gpu_as_released():
+    """gpt-oss-120b's MXFP4 experts make its weights about 65 GB (OpenAI's model card: it runs on one 80 GB
+    GPU), so one H100 and one H200 each hold it with room for KV."""
+    spec = MODEL_SPECS["gpt-oss-120b"]
+    assert 60e9 <= weights_per_rank(spec, Layout()) <= 70e9
+    for gpu in ("h100", "h200"):
+        assert memory_plan(spec, Layout(), GPUS[gpu], NATURAL).fits, gpu
+    assert cli.main(["advise", "gpt-oss-120b", "--gpus", "1", "--requests", "8", "--max-seqs", "64"]) == 0

@@ -5,7 +5,7 @@ import functools
 import pytest
 
 from bench.commands import cli
-from bench.serving.capacity import POLICIES, capacity_table, kv_pool_tokens, plot
+from bench.serving.capacity import DEFAULT_GPU_GIB, POLICIES, capacity_table, kv_pool_tokens, plot
 from bench.serving.models import MODELS
 
 
@@ -16,10 +16,10 @@ def test_pool_is_memory_less_weights_over_kv_bytes():
     # Under TP 8 each rank keeps one of the 8 KV heads and an eighth of the weights.
     assert kv_pool_tokens(llama8, 80, 8) > 8 * kv_pool_tokens(llama8, 80, 1)
     assert kv_pool_tokens(MODELS["Llama-3.1-405B"], 80, 1) == 0  # its weights alone do not fit
-    # Weights at the model's own bytes: DeepSeek-R1's fp8 671B leave an H200 at TP 8 about 40 GiB of KV (at
-    # 2 bytes a parameter they would not fit at all).
+    # Weights at the model's own bytes: DeepSeek-R1's fp8 671B (its embedding and head, 2 x 129280 x 7168,
+    # bf16) leave an H200 at TP 8 about 40 GiB of KV (at 2 bytes a parameter they would not fit at all).
     r1 = MODELS["DeepSeek-R1"]
-    budget = 141 * 2**30 * 0.9 - r1.params_b * 1e9 / 8 - 2 * 2**30
+    budget = 141 * 2**30 * 0.9 - (r1.params_b * 1e9 + 2 * 129280 * 7168) / 8 - 2 * 2**30
     assert kv_pool_tokens(r1, 141, 8) == int(budget // 70272) > 0
     assert kv_pool_tokens(r1, 141, 8, weight_bytes=2) == 0
 
@@ -66,7 +66,12 @@ def test_cli_prints_the_comparison(capsys, monkeypatch):
 
     def table(workload, model_name, gpu_gib, tps, arrival_rate=None):
         # The simulation is the tests' above (rows() holds it); what is new here is the CLI's printing.
-        if (model_name, gpu_gib, tps, arrival_rate) == ("Llama-3.1-8B", 80.0, (1,), None):  # rows()' table
+        if (model_name, gpu_gib, tps, arrival_rate) == (
+            "Llama-3.1-8B",
+            DEFAULT_GPU_GIB,
+            (1,),
+            None,
+        ):  # rows()'s
             return list(rows(workload).values())
         return real(workload, model_name, gpu_gib, tps, arrival_rate=arrival_rate)
 
@@ -74,6 +79,21 @@ def test_cli_prints_the_comparison(capsys, monkeypatch):
     assert cli.main(["capacity", "--workload", "AIME-like", "--tp", "1"]) == 0
     out = capsys.readouterr().out
     assert "contiguous" in out and "paged-16" in out and "PagedAttention published" in out
+
+
+def test_cli_holds_both_tables_to_one_gpu_memory(capsys, monkeypatch):
+    """--gpu-gib sizes the replication table too (it kept an H200's whatever the command was given), and the
+    default is an H200's total as its driver reports it: 143,771 MiB (docs/facts.md#gpu-anchors-published-not-
+    measured-here)."""
+    from bench.serving import capacity
+
+    asked = []
+    monkeypatch.setattr(capacity, "capacity_table", lambda *args, **kwargs: list(rows("AIME-like").values()))
+    monkeypatch.setattr(capacity, "latent_replication", lambda **kwargs: asked.append(kwargs) or [])
+    for argv, gib in (([], 143771 / 1024), (["--gpu-gib", "100"], 100.0)):
+        assert cli.main(["capacity", "--workload", "AIME-like", "--tp", "1", *argv]) == 0
+        assert asked.pop()["gpu_gib"] == pytest.approx(gib)
+    capsys.readouterr()
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -100,7 +120,10 @@ def test_mla_latent_replication_costs_all_but_one_pool_per_tp_group():
     assert [r.tp for r in rows] == [8]
     (row,) = rows
     assert row.tokens_held == row.pool_tokens and row.tokens_if_split == 8 * row.pool_tokens
-    budget = 141e9 * 0.9 - MODELS["DeepSeek-R1"].params_b * 1e9 / 8 - 2 * 2**30  # 671.0B at 1 byte
+    r1 = MODELS["DeepSeek-R1"]
+    budget = (
+        143771 * 2**20 * 0.9 - (r1.params_b * 1e9 + 2 * 129280 * 7168) / 8 - 2 * 2**30
+    )  # fp8, embeddings bf16
     assert row.pool_tokens == int(budget // (61 * 576 * 2))
     two_nodes = latent_replication(gpus=16, tps=(8,))
     assert two_nodes[0].tokens_held == 2 * row.tokens_held  # two DP groups hold two pools

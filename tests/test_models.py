@@ -124,3 +124,84 @@ def test_natural_reasoning_matches_the_published_shape():
     prompts, outputs = NATURAL.draw(50_000, np.random.default_rng(1))
     assert np.mean((prompts >= 50) & (prompts <= 150)) == pytest.approx(0.77, abs=0.02)
     assert np.mean(outputs > 5000) == pytest.approx(0.45, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "quantization, weight_bytes, expert_bytes",
+    [
+        (None, 2, 2),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, 1, 1),
+        # gpt-oss: MXFP4 experts (4.25 bits a parameter), attention, router, embedding and head bf16
+        ({"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}, 2, 4.25 / 8),
+        ({"quant_method": "modelopt", "quant_algo": "FP8"}, 1, 1),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "float-quantized",
+                "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}}},
+            },
+            1,
+            1,
+        ),
+    ],
+)
+def test_a_config_reads_its_weights_precision(quantization, weight_bytes, expert_bytes):
+    fields = json.loads((DATA / "hf-config-Llama-3.1-8B.json").read_text())
+    fields.pop("quantization_config", None)
+    if quantization is not None:
+        fields["quantization_config"] = quantization
+    spec = model_from_hf_config(fields)
+    assert spec.weight_bytes == weight_bytes and spec.routed_expert_bytes == expert_bytes
+
+
+@pytest.mark.parametrize(
+    "quantization",
+    [
+        {"quant_method": "gptq", "bits": 4},
+        {"quant_method": "modelopt", "quant_algo": "NVFP4"},
+        {
+            "quant_method": "compressed-tensors",
+            "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}},
+        },
+    ],
+)
+def test_a_config_with_an_unknown_quantization_is_refused(quantization):
+    """Counting an unrecognised method's weights as bf16 would misstate every memory plan built on it."""
+    fields = json.loads((DATA / "hf-config-Llama-3.1-8B.json").read_text())
+    fields["quantization_config"] = quantization
+    with pytest.raises(ValueError, match="quantization_config.quant_method"):
+        model_from_hf_config(fields)
+
+
+def test_gpt_oss_counts_its_experts_in_mxfp4():
+    """gpt-oss-120b's MoE weights ship in MXFP4, 4.25 bits a parameter, and are over 90% of its 116.8B
+    parameters (OpenAI's model card; docs/facts.md#model-shapes): about 65 GB in all, on one 80 GB GPU."""
+    spec = MODEL_SPECS["gpt-oss-120b"]
+    assert spec.params() / 1e9 == pytest.approx(116.8, rel=0.01)
+    assert spec.routed_expert_params() > 0.9 * spec.params()
+    assert 60e9 <= spec.shipped_weight_bytes() <= 70e9
+    assert MODELS["gpt-oss-120b"].weight_bytes * spec.params() == pytest.approx(spec.shipped_weight_bytes())
+
+
+def test_norm_topk_prob_reaches_the_router():
+    """DeepSeek-V2's config.json sets norm_topk_prob false: its routed weights are the raw top-k scores (times
+    routed_scaling_factor). The flag travels from the config to the route case's keywords, which step's GPU
+    timing and the benchmarks route with."""
+    import torch
+
+    import reference.moe
+    from bench.operators.moe import RouteShape
+
+    fields = json.loads((DATA / "hf-config-DeepSeek-R1.json").read_text())
+    assert load_model_config(
+        DATA / "hf-config-DeepSeek-R1.json"
+    ).moe.renormalize  # unset or true: renormalised
+    spec = model_from_hf_config({**fields, "norm_topk_prob": False})
+    assert spec.moe.renormalize is False and spec.moe_model().renormalize is False
+    kwargs = RouteShape("v2", 3, spec.moe_model()).route_kwargs()
+    assert kwargs["renormalize"] is False
+    logits = torch.randn(3, spec.moe.num_experts)
+    weights, _ = reference.moe.route(logits, spec.moe.top_k, bias=torch.zeros(spec.moe.num_experts), **kwargs)
+    assert not torch.allclose(weights.sum(-1), torch.full((3,), spec.moe.routed_scale))
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        model_from_hf_config({**fields, "norm_topk_prob": "no"})

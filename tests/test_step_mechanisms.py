@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from bench.commands import cli
+from bench.serving.advisor import memory_plan
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
 from bench.serving.step import (
@@ -21,6 +22,7 @@ from bench.serving.step import (
     step_seconds,
     step_stages,
 )
+from bench.serving.workloads import fixed_workload
 from tests import helpers
 
 H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
@@ -38,9 +40,16 @@ def test_pipeline_at_steady_state_has_no_bubble_and_batch_one_crosses_the_stages
     alone, piped = _seconds(LLAMA_70B, Layout(), 1), _seconds(LLAMA_70B, Layout(pp=4), 1)
     assert piped == pytest.approx(alone, rel=0.02)
     # At a compute-bound batch PP8 beats TP8 for 405B (no all-reduce of the whole batch's activations),
-    # as NVIDIA published for max-throughput serving; at batch 1 TP8 wins by far.
+    # as NVIDIA published for max-throughput serving; at batch 1 TP8 wins by far. The batch is one both
+    # layouts' ranks hold at 2,048 tokens a sequence (fp8 KV: 32,256 bytes a token a rank either way; about
+    # 2.4M tokens, 1,190 sequences, fit an H200 rank beside 55 GB of weights): 2,048 of them would not.
     fp8 = replace(LLAMA_405B, weight_bytes=1)
-    assert _seconds(fp8, Layout(pp=8), 2048, kv_bytes=1) < _seconds(fp8, Layout(tp=8), 2048, kv_bytes=1)
+    batch = 1024
+    for layout in (Layout(pp=8), Layout(tp=8)):
+        assert (
+            memory_plan(fp8, layout, H200, fixed_workload(128, 1920), kv_bytes=1).pool_tokens >= batch * 2048
+        )
+    assert _seconds(fp8, Layout(pp=8), batch, kv_bytes=1) < _seconds(fp8, Layout(tp=8), batch, kv_bytes=1)
     assert _seconds(fp8, Layout(tp=8), 1, kv_bytes=1) < _seconds(fp8, Layout(pp=8), 1, kv_bytes=1) / 3
 
 

@@ -164,3 +164,33 @@ def test_the_mla_module_is_projected_as_its_benchmark_ran_it():
         command.load_tables(use_package=False), [point], hw, INTERCONNECTS["nvlink"]
     )
     assert row["kinds"]["mla"]["ours_ms"] == pytest.approx(validate.ours_ms(stages)["mla"] + extra)
+
+
+def test_an_expert_parallel_point_keeps_its_moe_figure_without_an_all_to_all_row(tables):
+    """The all-to-all table has DeepSeek's hidden 7168 only: Qwen3's miss there leaves the MoE table's figure
+    standing (it dropped both)."""
+    spec = MODEL_SPECS["Qwen3-30B-A3B"]
+    point = validate.Point("Qwen3-30B-A3B", Layout(dp=8, ep=8), 16, 1024)
+    found = validate.measured_ms(tables, spec, point)
+    assert "moe_experts" in found and found["moe_experts"] > 0
+    assert "a2a" not in found
+
+
+def test_tensorrt_llm_runs_take_their_kv_from_the_memory_left_after_the_weights():
+    """vLLM's pool is 0.9 of the whole GPU less weights and activations; TensorRT-LLM's is 0.9 of what the
+    weights and activations leave free (free_gpu_memory_fraction): a published run says which in kv_memory."""
+    spec = replace(MODEL_SPECS["Llama-3.1-70B"], weight_bytes=1)
+    hw, link, layout = GPUS["h200"], INTERCONNECTS["nvlink"], Layout()
+    args = (spec, layout, hw, link, 128, 2048, 100_000, 1, "reserve")
+    _, of_total = validate.steady_tokens_per_s(*args, kv_memory="of_total")
+    _, of_free = validate.steady_tokens_per_s(*args, kv_memory="of_free")
+    weights, reserve = spec.params() * 1 + spec.embedding_params(), 2 * 2**30  # fp8, embeddings bf16
+    per_sequence = 80 * 8 * 128 * 2 * (128 + 2048)  # fp8 KV: layers x KV heads x head_dim x K and V
+    assert of_total == int((0.9 * hw.memory_bytes - weights - reserve) // per_sequence)
+    assert of_free == int(0.9 * (hw.memory_bytes - weights - reserve) // per_sequence) > of_total
+    assert {run["kv_memory"] for run in command.load_published() if run["engine"] == "TensorRT-LLM"} == {
+        "of_free"
+    }
+    first = next(csv.DictReader(command.PUBLISHED.read_text().splitlines()))
+    with pytest.raises(ValueError, match="kv_memory 'half'"):
+        validate.published_runs([dict(first, kv_memory="half")])

@@ -111,6 +111,7 @@ def layer_inputs(model_name: str, tokens: int, device="cuda") -> dict:
         "bias": bias,
         "scale": m.scale,
         "softmax_after_topk": m.softmax_after_topk,
+        "renormalize": m.renormalize,
     }
     return {"logits": logits, "route_kw": route_kw, "x": x, "w13": w13, "w2": w2}
 

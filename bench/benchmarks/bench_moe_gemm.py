@@ -88,7 +88,7 @@ def layer_stages(args: dict, fused: bool) -> dict:
     """The layer's calls one stage at a time on ``args`` (moe_layer's), each stage's inputs made once here
     by the stage before it, outside any timing."""
     route_kw = {k: args[k] for k in ("scoring", "num_groups", "topk_groups", "bias", "scale")}
-    route_kw["softmax_after_topk"] = args["softmax_after_topk"]
+    route_kw["softmax_after_topk"], route_kw["renormalize"] = args["softmax_after_topk"], args["renormalize"]
     x, logits, w13, w2, top_k, align = (
         args[k] for k in ("x", "router_logits", "w13", "w2", "top_k", "align")
     )

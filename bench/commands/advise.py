@@ -91,7 +91,7 @@ def cmd_advise(args) -> int:
         "interconnect": link.name,
         "workload": workload.name,
         "requests": args.requests,
-        "weights": "fp8" if spec.weight_bytes == 1 else "bf16",
+        "weights": spec.precision,
         "kv": args.kv,
         "max_num_seqs": list(sweep),
         "max_tpot_ms": args.max_tpot,

@@ -22,8 +22,9 @@ def register(sub) -> None:
     parser.add_argument(
         "--gpu-gib",
         type=positive_number(MAX_GPU_GIB),
-        default=80.0,
-        help="GPU memory (default: an H100's 80)",
+        default=capacity.DEFAULT_GPU_GIB,
+        help=f"GPU memory for both tables (default: an H200's {capacity.DEFAULT_GPU_GIB:.1f}, as its driver "
+        "reports it)",
     )
     parser.add_argument("--tp", type=positive_int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
@@ -52,7 +53,7 @@ def main(args) -> int:
         )
     print(capacity.report(rows, args.gpu_gib))
     print()
-    print(capacity.replication_report(capacity.latent_replication()))
+    print(capacity.replication_report(capacity.latent_replication(gpu_gib=args.gpu_gib)))
     if args.plot:
         print(capacity.plot(rows, ready_to_write(args.plot)))
     return 0

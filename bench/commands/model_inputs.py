@@ -73,10 +73,11 @@ def sources(hw: Hardware, link: Interconnect) -> str:
 
 
 def precision_of(spec: ModelSpec, args) -> tuple[ModelSpec, Hardware]:
-    """The model with --weights applied (its preset's precision otherwise), and the GPU with --host-us."""
+    """The model with --weights applied to every weight, its routed experts' too (its preset's precision
+    otherwise), and the GPU with --host-us."""
     hw = hardware_of(args.gpu)
     if args.weights:
-        spec = replace(spec, weight_bytes=1 if args.weights == "fp8" else 2)
+        spec = replace(spec, weight_bytes=1 if args.weights == "fp8" else 2, expert_weight_bytes=None)
     if args.host_us is not None:
         sources = {**hw.sources, "host": f"given: {args.host_us:g} us a step (--host-us)"}
         hw = replace(hw, host_us=args.host_us, sources=sources)

@@ -57,7 +57,7 @@ def step_point(spec, layout: Layout, args, hw) -> dict:
         "batch": args.batch,
         "context": args.context,
         "kv": args.kv,
-        "weights": "fp8" if spec.weight_bytes == 1 else "bf16",
+        "weights": spec.precision,
         "host_us": hw.host_us,
         "hardware": hw.name,
     }

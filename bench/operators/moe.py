@@ -33,6 +33,7 @@ class RouteShape:
             "topk_groups": m.topk_groups,
             "scale": m.scale,
             "softmax_after_topk": m.softmax_after_topk,
+            "renormalize": m.renormalize,
         }
 
 

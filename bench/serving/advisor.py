@@ -81,8 +81,9 @@ class MemoryPlan:
 
 def stage_weights(spec: ModelSpec, layout: Layout, stage: range) -> float:
     """Weight bytes on one rank of the pipeline stage holding ``stage``'s layers: experts spread over EP
-    (or split TP ways), the rest split TP ways; the embedding on the first stage and the LM head on the
-    last (one matrix when tied and both are one stage), bf16 in fp8 checkpoints too."""
+    (or split TP ways), the rest split TP ways; routed experts at their own width (MXFP4 in gpt-oss); the
+    embedding on the first stage and the LM head on the last (one matrix when tied and both are one stage),
+    bf16 in fp8 and MXFP4 checkpoints too."""
     m, tp = spec.moe, layout.tp
     moe = 0 if m is None else sum(i >= m.first_dense_layers for i in stage)
     params = len(stage) * spec.attention_params() + (len(stage) - moe) * spec.mlp_params(spec.intermediate)
@@ -92,7 +93,11 @@ def stage_weights(spec: ModelSpec, layout: Layout, stage: range) -> float:
         experts = moe * m.num_experts * spec.expert_params() / (layout.ep if layout.ep > 1 else tp)
     first, last = stage.start == 0, stage.stop == spec.layers
     tables = first + last - (first and last and spec.tied_embeddings)  # embedding, LM head
-    return (params / tp + experts) * spec.weight_bytes + tables * spec.vocab * spec.hidden * 2 / tp
+    return (
+        params / tp * spec.weight_bytes
+        + experts * spec.routed_expert_bytes
+        + tables * spec.vocab * spec.hidden * 2 / tp
+    )
 
 
 def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
@@ -105,14 +110,17 @@ def kv_budget_bytes(hw: Hardware, weights: float) -> float:
     return hw.memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_BYTES
 
 
-def stage_pools(spec: ModelSpec, layout: Layout, hw: Hardware, kv_bytes=2) -> list[tuple[int, float, int]]:
-    """(token slots, KV bytes a token, window_slots) of each pipeline stage's pool: its budget over the
-    bytes a token holds in its layers. A replica's sequences hold the same tokens on every stage, so the
-    smallest pool binds (vLLM sizes every stage's blocks to the smallest)."""
+def stage_pools(
+    spec: ModelSpec, layout: Layout, hw: Hardware, kv_bytes=2, budget_of=None
+) -> list[tuple[int, float, int]]:
+    """(token slots, KV bytes a token, window_slots) of each pipeline stage's pool: its budget (``budget_of``
+    (hw, weights), default kv_budget_bytes: vLLM's rule) over the bytes a token holds in its layers. A
+    replica's sequences hold the same tokens on every stage, so the smallest pool binds (vLLM sizes every
+    stage's blocks to the smallest)."""
     out = []
     for stage in pipeline_stages(spec.layers, layout.pp):
         per_token = spec.kv_bytes_per_token(layout.tp, kv_bytes, stage.start, stage.stop)
-        budget = kv_budget_bytes(hw, stage_weights(spec, layout, stage))
+        budget = (budget_of or kv_budget_bytes)(hw, stage_weights(spec, layout, stage))
         window = spec.window_slots(BLOCK, stage.start, stage.stop)
         out.append((max(0, int(budget // per_token)), per_token, window))
     return out

@@ -34,6 +34,8 @@ from bench.serving.models import MODELS, AttentionModel
 from bench.serving.workloads import WORKLOADS, ReasoningWorkload
 
 POLICIES = ("paged-1", "paged-16", "paged-64", "paged-256", "contiguous", "pow2")
+#: GPU memory the tables assume unless told: an H200's, as the driver reports it (the study's GPU).
+DEFAULT_GPU_GIB = ANCHOR_MEMORY_BYTES["H200"] / 2**30
 #: Questions drawn for a saturated run: more than any pool finishes in three generation caps.
 QUESTIONS = 65536
 
@@ -64,10 +66,11 @@ class CapacityRow:
 _FROM_RESULT = ("held", "slack", "reserved_unused", "free", "sequences", "preemptions", "questions_done")
 
 
-def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: int | None = None) -> int:
+def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes: float | None = None) -> int:
     """Token slots one rank's KV pool holds (0 when the weights do not fit); weights of ``weight_bytes`` a
-    parameter (default the model's own: 2 for bf16, 1 for DeepSeek-R1's fp8). A slot is a token's KV in the
-    layers keeping the whole context; a sequence's sliding-window layers take AttentionModel.window_slots."""
+    parameter (default the model's own as it ships: 2 for bf16, about 1 for DeepSeek-R1's fp8, about 0.56
+    for gpt-oss-120b's MXFP4 experts beside bf16 attention). A slot is a token's KV in the layers keeping
+    the whole context; a sequence's sliding-window layers take AttentionModel.window_slots."""
     weights = model.params_b * 1e9 * (weight_bytes or model.weight_bytes) / tp
     budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
     return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
@@ -113,7 +116,7 @@ def simulate(
 def capacity_table(
     workload_name: str = "AIME-like",
     model_name: str = "Llama-3.1-8B",
-    gpu_gib: float = 80.0,
+    gpu_gib: float = DEFAULT_GPU_GIB,
     tps=(1, 2, 4, 8),
     policies=POLICIES,
     stride: int = 16,
@@ -164,7 +167,7 @@ def report(rows: list[CapacityRow], gpu_gib: float) -> str:
         "questions done",
     ]
     text = [table(body, headers), ""]
-    weight_bytes = " or ".join(str(n) for n in sorted({MODELS[r.model].weight_bytes for r in rows}))
+    weight_bytes = " or ".join(sorted({f"{MODELS[r.model].weight_bytes:.3g}" for r in rows}))
     text.append(
         f"One rank's KV pool: {gpu_gib:g} GiB x {MEMORY_UTILISATION:g}, less weights ({weight_bytes} "
         f"bytes a parameter, as the model ships, split over TP) and {ACTIVATION_RESERVE_GIB:g} GiB of "
@@ -239,7 +242,7 @@ class ReplicationRow:
 
 def latent_replication(
     model_name: str = "DeepSeek-R1",
-    gpu_gib: float = ANCHOR_MEMORY_BYTES["H200"] / 2**30,
+    gpu_gib: float = DEFAULT_GPU_GIB,
     gpus: int = 8,
     mean_context: int = 16384,
     tps=(1, 2, 4, 8),
@@ -297,11 +300,12 @@ def replication_report(
         "KV memory spent on copies",
     ]
     model = MODELS[model_name]
+    weight_bytes = f"{model.weight_bytes:.3g}"
     note = (
         f"{model_name}: every TP rank holds every token's latent ({model.kv_bytes_per_token(2)} B "
         "a token, all layers, bf16), so a TP group of t ranks holds one rank's pool, not t pools: (t-1)/t of "
-        f"its KV memory holds copies. Weights counted at {model.weight_bytes} "
-        f"byte{'s' if model.weight_bytes != 1 else ''} a parameter, as the model ships; TP degrees whose "
+        f"its KV memory holds copies. Weights counted at {weight_bytes} "
+        f"byte{'s' if weight_bytes != '1' else ''} a parameter, as the model ships; TP degrees whose "
         "weights do not fit a rank are left out."
     )
     return "\n".join([table(body, headers), "", note]) if rows else note + "\n(no TP degree fits)"

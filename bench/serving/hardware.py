@@ -19,8 +19,9 @@ PROJECTION_GBPS = {"H100": 3000.0, "H200": 4300.0}
 #: bf16 8192^3 matrix-product throughput, TFLOP/s: a typical published H100 figure (the H200 has the same
 #: GH100 compute).
 ANCHOR_TFLOPS = {"H100": 790.0}
-#: HBM capacity, bytes, from NVIDIA's datasheets.
-ANCHOR_MEMORY_BYTES = {"H100": 80e9, "H200": 141e9}
+#: HBM capacity, bytes: the total the driver reports (nvidia-smi's MiB; what an engine's memory fraction is
+#: of), not the datasheets' rounded 80 and 141 GB (docs/facts.md#gpu-anchors-published-not-measured-here).
+ANCHOR_MEMORY_BYTES = {"H100": 81559 * 2**20, "H200": 143771 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,15 @@ def _anchored(gpu: str, memory: str, copy: str, matmul: str, matmul_of: str | No
 
 
 GPUS = {
-    "h100": _anchored("H100", "80 GB", "a device copy at about 3.0 TB/s", "bf16 8192^3 at about 790 TFLOP/s"),
+    "h100": _anchored(
+        "H100",
+        "81,559 MiB as the driver reports (80 GB spec)",
+        "a device copy at about 3.0 TB/s",
+        "bf16 8192^3 at about 790 TFLOP/s",
+    ),
     "h200": _anchored(
         "H200",
-        "141 GB",
+        "143,771 MiB as the driver reports (141 GB spec)",
         "a device copy at about 4.3 TB/s",
         "the H100's bf16 matmul, the same GH100 compute",
         matmul_of="H100",

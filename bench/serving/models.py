@@ -30,7 +30,9 @@ class AttentionModel(Decoder):
 
     latent_dim: int | None = None  # MLA: cached width (512 + 64 rope for DeepSeek)
     params_b: float = 0.0  # parameters, billions (ModelSpec.params())
-    weight_bytes: int = 2  # bytes a parameter: 2 (bf16), 1 (fp8, DeepSeek-R1 as released)
+    # bytes a parameter, on average, as the model ships (ModelSpec.shipped_weight_bytes): 2 (bf16), about 1
+    # (fp8, DeepSeek-R1 as released), about 0.56 (gpt-oss-120b's MXFP4 experts beside bf16 attention)
+    weight_bytes: float = 2
     windowed_layers: int = 0  # of ``layers``, those attending to a sliding window (ModelSpec.windowed)
     sliding_window: int | None = None
 
@@ -143,6 +145,7 @@ class MoEModel:
     scale: float = 1.0
     softmax_after_topk: bool = False
     bias: bool = False  # DeepSeek's e_score_correction_bias
+    renormalize: bool = True  # the chosen weights rescaled to sum to 1 (config.json's norm_topk_prob)
 
 
 #: Tokens through one MoE layer: decode batches and prefill chunks.
@@ -172,6 +175,7 @@ class MoESpec:
     routed_scale: float = 1.0
     softmax_after_topk: bool = False  # gpt-oss: top-k on the logits, softmax over the chosen
     score_bias: bool = False
+    renormalize: bool = True  # norm_topk_prob: false in DeepSeek-V2, whose weights are the raw scores
 
     def ranks_reached(self, ranks: int) -> float:
         """The ranks one token's top_k choices reach, on average, with the experts spread over ``ranks`` in
@@ -197,6 +201,9 @@ class ModelSpec(Decoder):
     vocab: int
     tied_embeddings: bool = False
     weight_bytes: int = 2  # 1: fp8 weights (DeepSeek-R1 as released)
+    # The routed experts' bytes a parameter where they ship narrower than the rest (None: weight_bytes):
+    # MXFP4_BYTES for gpt-oss, whose attention, router, embedding and head stay bf16.
+    expert_weight_bytes: float | None = None
     mla: MLAGeometry | None = None
     q_lora_rank: int | None = None  # MLA: the query's low-rank width (None: a full projection)
     v_head_dim: int | None = None  # MLA: each head's value width after W_UV
@@ -238,6 +245,33 @@ class ModelSpec(Decoder):
 
     def embedding_params(self) -> int:
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    def routed_expert_params(self) -> int:
+        return 0 if self.moe is None else self.moe_layers * self.moe.num_experts * self.expert_params()
+
+    @property
+    def routed_expert_bytes(self) -> float:
+        """Bytes a routed expert's parameter takes: expert_weight_bytes where given, else weight_bytes."""
+        return self.weight_bytes if self.expert_weight_bytes is None else self.expert_weight_bytes
+
+    @property
+    def precision(self) -> str:
+        """The weights' precision as step and advise report it: "bf16" or "fp8", and the routed experts'
+        where they ship apart ("bf16, experts mxfp4" for gpt-oss)."""
+        label = "fp8" if self.weight_bytes == 1 else "bf16"
+        if self.routed_expert_bytes == self.weight_bytes:
+            return label
+        experts = (
+            "mxfp4" if self.routed_expert_bytes == MXFP4_BYTES else f"{8 * self.routed_expert_bytes:g}-bit"
+        )
+        return f"{label}, experts {experts}"
+
+    def shipped_weight_bytes(self) -> float:
+        """Every weight's bytes as the checkpoint ships: routed experts at routed_expert_bytes, the embedding
+        and LM head in bf16 (fp8 and MXFP4 checkpoints keep them so), the rest at weight_bytes."""
+        experts = self.routed_expert_params()
+        rest = self.params() - experts - self.embedding_params()
+        return experts * self.routed_expert_bytes + rest * self.weight_bytes + self.embedding_params() * 2
 
     def params(self) -> int:
         """Every parameter: attention, dense MLPs, routed and shared experts, routers, embeddings."""
@@ -319,6 +353,7 @@ class ModelSpec(Decoder):
             scale=m.routed_scale,
             softmax_after_topk=m.softmax_after_topk,
             bias=m.score_bias,
+            renormalize=m.renormalize,
         )
 
     def attention_model(self) -> AttentionModel:
@@ -333,7 +368,7 @@ class ModelSpec(Decoder):
             head_dim=latent or self.head_dim,
             latent_dim=latent,
             params_b=self.params() / 1e9,
-            weight_bytes=self.weight_bytes,
+            weight_bytes=self.shipped_weight_bytes() / self.params(),
             windowed_layers=self.windowed_layers(),
             sliding_window=self.sliding_window,
         )
@@ -365,14 +400,29 @@ def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256,
     )
 
 
-def _moe(name, *, head_dim, vocab, experts, top_k, width, softmax_after_topk=False, **dense) -> ModelSpec:
+def _moe(
+    name,
+    *,
+    head_dim,
+    vocab,
+    experts,
+    top_k,
+    width,
+    softmax_after_topk=False,
+    expert_weight_bytes=None,
+    **dense,
+) -> ModelSpec:
     """A GQA model whose every layer is MoE (Qwen3 MoE, Mixtral, gpt-oss), softmax-routed; ``dense``: _llama's
     dimensions."""
     moe = MoESpec(
         num_experts=experts, top_k=top_k, expert_intermediate=width, softmax_after_topk=softmax_after_topk
     )
-    return replace(_llama(name, head_dim=head_dim, vocab=vocab, **dense), moe=moe)
+    dense_frame = _llama(name, head_dim=head_dim, vocab=vocab, **dense)
+    return replace(dense_frame, moe=moe, expert_weight_bytes=expert_weight_bytes)
 
+
+#: MXFP4 (OCP Microscaling, FP4 E2M1): a 4-bit value a parameter and one 8-bit scale per 32, 4.25 bits.
+MXFP4_BYTES = (4 + 8 / 32) / 8
 
 #: Every model of docs/facts.md#model-shapes, the distills the scaling study (arXiv 2605.19775) ran under
 #: their published names included.
@@ -460,6 +510,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
                 top_k=4,
                 width=2880,
                 softmax_after_topk=True,
+                expert_weight_bytes=MXFP4_BYTES,  # as released: MXFP4 experts, the rest bf16
             ),
             sliding_window=128,
             windowed=tuple(range(0, 36, 2)),
@@ -572,6 +623,7 @@ def _moe_of(config: _ConfigFields, layers: int) -> MoESpec | None:
         routed_scale=config.number("routed_scaling_factor", 1.0, positive=True),
         softmax_after_topk=config.choice("model_type", (str,), "") == "gpt_oss",  # its router: top-k, softmax
         score_bias=config.choice("topk_method", (str,), "") == "noaux_tc",  # e_score_correction_bias
+        renormalize=config.choice("norm_topk_prob", (bool,), True),  # unset: Mixtral's, renormalised
     )
 
 
@@ -590,6 +642,38 @@ def _windowed_of(config: _ConfigFields, layers: int) -> tuple[int, ...]:
     return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
 
 
+def _precision_of(quantization: _ConfigFields) -> tuple[int, float | None]:
+    """(weight_bytes, expert_weight_bytes) from a config.json's quantization_config: none is bf16; fp8
+    (DeepSeek's "fp8", "fbgemm_fp8", compressed-tensors with 8-bit float weights, modelopt's quant_algo
+    "FP8") is 1 byte a parameter; "mxfp4" (gpt-oss) is MXFP4 routed experts beside bf16 weights. Any other
+    method is refused rather than counted as bf16."""
+    method = quantization.choice("quant_method", (str,), "").lower()
+    if not method:
+        return 2, None
+    if "fp8" in method:
+        return 1, None
+    if method == "mxfp4":
+        return 2, MXFP4_BYTES
+    if method == "modelopt" and str(quantization.choice("quant_algo", (str,), "")).upper() == "FP8":
+        return 1, None
+    if method == "compressed-tensors" and _fp8_groups(quantization):
+        return 1, None
+    expected = (
+        'none, an fp8 method, "mxfp4", "modelopt" with quant_algo "FP8" or "compressed-tensors" with 8-bit '
+        "float weights"
+    )
+    raise quantization.problem("quant_method", expected, method)
+
+
+def _fp8_groups(quantization: _ConfigFields) -> bool:
+    """Whether every compressed-tensors config group quantises its weights to 8-bit floats."""
+    groups = quantization.object("config_groups").fields
+    weights = [g.get("weights") if isinstance(g, dict) else None for g in groups.values()]
+    return bool(weights) and all(
+        isinstance(w, dict) and w.get("num_bits") == 8 and w.get("type") == "float" for w in weights
+    )
+
+
 def _mla_of(config: _ConfigFields) -> MLAGeometry | None:
     kv_lora_rank = config.integer("kv_lora_rank", default=None)
     if kv_lora_rank is None:
@@ -606,9 +690,10 @@ def _mla_of(config: _ConfigFields) -> MLAGeometry | None:
 
 def model_from_hf_config(fields: dict, source: str = "config.json", name: str | None = None) -> ModelSpec:
     """A ModelSpec from the fields of a Hugging Face config.json (what a model already ships with; the caller
-    reads the file): Llama, Qwen, Mixtral, gpt-oss and DeepSeek-V3/R1 naming. fp8 weights when its
-    quantization_config says so; sliding-window layers from layer_types and sliding_window. A config no
-    model could have (a field of the wrong type, zero heads, KV heads that do not divide the query heads,
+    reads the file): Llama, Qwen, Mixtral, gpt-oss and DeepSeek-V3/R1 naming. The weights' precision from
+    its quantization_config (_precision_of: bf16, fp8, MXFP4 experts; any other method refused);
+    sliding-window layers from layer_types and sliding_window. A config no model could have (a field of the
+    wrong type, zero heads, KV heads that do not divide the query heads,
     top-k above the experts, ...) is a ValueError naming ``source`` (the file) and the field. The name:
     ``name``, else _name_or_path, else the file's folder."""
     config = _ConfigFields(source, fields)
@@ -624,7 +709,7 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
         )
     mla = _mla_of(config)
     config.object("rope_scaling").number("factor", 1.0, positive=True)  # checked for every model
-    quant = config.object("quantization_config").choice("quant_method", (str,), "")
+    weight_bytes, expert_weight_bytes = _precision_of(config.object("quantization_config"))
     windowed = _windowed_of(config, layers)
     return ModelSpec(
         name=name or str(fields.get("_name_or_path") or PurePath(source).parent.name),
@@ -636,7 +721,8 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
         intermediate=config.integer("intermediate_size"),
         vocab=config.integer("vocab_size"),
         tied_embeddings=config.choice("tie_word_embeddings", (bool,), False),
-        weight_bytes=1 if "fp8" in quant.lower() else 2,
+        weight_bytes=weight_bytes,
+        expert_weight_bytes=expert_weight_bytes,
         mla=mla,
         q_lora_rank=config.integer("q_lora_rank", default=None) if mla else None,
         v_head_dim=config.integer("v_head_dim") if mla else None,

@@ -367,7 +367,7 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
             tflops=tflops,
         )
     pairs = batch * m.top_k
-    expert = spec.expert_params()
+    expert, ewb = spec.expert_params(), spec.routed_expert_bytes  # routed experts' own width (MXFP4)
     experts_floor = hw.moe_us - 2 * hw.launch_us  # the fused MoE's fixed cost, its dispatch and combine apart
     if layout.ep == 1:
         comp(
@@ -382,7 +382,7 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
         comp(
             "experts",
             "moe_experts",
-            params * wb + 4 * pairs * h * 2,
+            params * ewb + 4 * pairs * h * 2,
             2 * pairs * expert / tp,
             experts_floor,
             tflops=tflops,
@@ -408,7 +408,7 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
     skew, popular = busiest_rank(m.num_experts, ranks, max(1, round(tokens)), m.top_k)
     even = tokens * m.top_k / ranks
     arriving = even * skew
-    weights = sum(1.0 - max(0.0, 1.0 - p * m.top_k) ** tokens for p in popular) * expert * wb
+    weights = sum(1.0 - max(0.0, 1.0 - p * m.top_k) ** tokens for p in popular) * expert * ewb
 
     def experts_cost(rows, computed):  # the experts stage's bytes and FLOPs with ``rows`` rows arriving
         return weights + 4 * rows * h * 2, 2 * computed * expert

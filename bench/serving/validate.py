@@ -9,7 +9,7 @@ Two sources no one here wrote (docs/facts.md#measured-ground-truth-for-the-decod
 - Published end-to-end runs (bench/serving/data/published_runs.csv, each row with its source; the command
   reads it): the model's
   steady-state output tokens/s for the run's model, layout, precision, fixed prompt/answer lengths and
-  engine admission policy, against the published figure.
+  engine admission policy and KV memory rule, against the published figure.
 
 A ratio above 1 means the model is slower (more time, fewer tokens/s ... the run ratio is ours / published
 tokens/s, so below 1 there means slower).
@@ -20,7 +20,14 @@ import statistics
 from dataclasses import dataclass, replace
 
 from bench.serving import step as step_model
-from bench.serving.advisor import PREFILL_CHUNK, stage_pools, weights_per_rank
+from bench.serving.advisor import (
+    ACTIVATION_RESERVE_BYTES,
+    PREFILL_CHUNK,
+    kv_budget_bytes,
+    stage_pools,
+    weights_per_rank,
+)
+from bench.serving.batching import MEMORY_UTILISATION
 from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
 from bench.serving.measured import MissingShape, Tables
 from bench.serving.models import MODEL_SPECS, ModelSpec
@@ -178,10 +185,13 @@ def _moe_layer(tables, spec, layout, batch) -> dict:
         dense = _gemm_dtype(spec)
         out["moe_shared"] = _gemm(tables, dense, batch, 2 * width, h) + _gemm(tables, dense, batch, h, width)
     if ep > 1:
-        out["a2a"] = sum(
-            tables["a2a"].ms(("deepep_ll", phase, ep, h, m.top_k, m.num_experts), (batch,))
-            for phase in ("dispatch", "combine")
-        )
+        try:  # apart: the all-to-all table has DeepSeek's hidden 7168 only, and its miss keeps the rest
+            out["a2a"] = sum(
+                tables["a2a"].ms(("deepep_ll", phase, ep, h, m.top_k, m.num_experts), (batch,))
+                for phase in ("dispatch", "combine")
+            )
+        except MissingShape:
+            pass
     return out
 
 
@@ -286,7 +296,9 @@ def _projected_again(point: dict, hw: Hardware, link: Interconnect) -> dict | No
     model the presets do not hold (a --config step: its recorded projection stands)."""
     if not point.get("preset") or point["model"] not in MODEL_SPECS:
         return None
-    spec = replace(MODEL_SPECS[point["model"]], weight_bytes=1 if point["weights"] == "fp8" else 2)
+    spec = MODEL_SPECS[point["model"]]
+    if point["weights"] != spec.precision:  # step --weights: every weight at that precision
+        spec = replace(spec, weight_bytes=1 if point["weights"] == "fp8" else 2, expert_weight_bytes=None)
     layout = Layout(dp=point["dp"], tp=point["tp"], pp=point["pp"], ep=point["ep"], dedup=point["dedup"])
     hw = replace(hw, host_us=point.get("host_us", 0.0))
     kv = 1 if point["kv"] == "fp8" else 2
@@ -344,11 +356,11 @@ def published_runs(rows) -> list:
         run = dict(row)
         for key in ("gpus", "tp", "pp", "ep", "isl", "osl", "max_batch"):
             run[key] = int(row[key])
-        if run["admission"] not in ADMISSION:
-            raise ValueError(
-                f"published run {row['model']}: admission {run['admission']!r} is not one of "
-                f"{sorted(ADMISSION)}"
-            )
+        for column, known in (("admission", ADMISSION), ("kv_memory", KV_MEMORY)):
+            if run[column] not in known:
+                raise ValueError(
+                    f"published run {row['model']}: {column} {run[column]!r} is not one of {sorted(known)}"
+                )
         run["output_tokens_per_s"] = float(row["output_tokens_per_s"])
         runs.append(run)
     return runs
@@ -366,12 +378,28 @@ ADMISSION = {
 }
 
 
-def steady_tokens_per_s(spec, layout, hw, link, isl, osl, max_batch, kv_bytes, admission="grow") -> tuple:
+#: A rank's KV pool, by the engine's memory rule (a run's ``kv_memory`` column):
+#: - "of_total": a share (0.9) of the GPU's whole memory, less weights and activations (vLLM's
+#:   gpu_memory_utilization; the advisor's memory plan, kv_budget_bytes);
+#: - "of_free": a share (0.9) of the memory left free once the weights and activations are in (TensorRT-LLM's
+#:   free_gpu_memory_fraction, default 0.9; TensorRT-LLM docs, How to Change KV Cache Behavior).
+KV_MEMORY = {
+    "of_total": kv_budget_bytes,
+    "of_free": lambda hw, weights: (
+        MEMORY_UTILISATION * (hw.memory_bytes - weights - ACTIVATION_RESERVE_BYTES)
+    ),
+}
+
+
+def steady_tokens_per_s(
+    spec, layout, hw, link, isl, osl, max_batch, kv_bytes, admission="grow", kv_memory="of_total"
+) -> tuple:
     """(output tokens/s of all GPUs, sequences per replica): every replica holds as many sequences as its
-    KV pool (or the engine's batch cap) allows, each holding the slots its engine's ``admission`` policy
-    (``ADMISSION``) keeps for it. Each decodes at the step time at the mean context (its prompt and half its
-    answer) and pays its prompt's prefill once."""
-    pool, _, window = min(stage_pools(spec, layout, hw, kv_bytes))  # the advisor's memory plan
+    KV pool (its engine's ``kv_memory`` rule, ``KV_MEMORY``; or the engine's batch cap) allows, each holding
+    the slots its engine's ``admission`` policy (``ADMISSION``) keeps for it. Each decodes at the step time at
+    the mean context (its prompt and half its answer) and pays its prompt's prefill once."""
+    # The advisor's memory plan, each pipeline stage's budget by the engine's rule.
+    pool, _, window = min(stage_pools(spec, layout, hw, kv_bytes, KV_MEMORY[kv_memory]))
     batch = int(min(max_batch, pool // (ADMISSION[admission](isl, osl) + window)))
     if batch < 1:
         return 0.0, 0
@@ -395,7 +423,16 @@ def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
         layout = Layout(dp=run["gpus"] // (run["tp"] * run["pp"]), tp=run["tp"], pp=run["pp"], ep=run["ep"])
         kv = 1 if run["kv"] == "fp8" else 2
         ours, batch = steady_tokens_per_s(
-            spec, layout, hw, link, run["isl"], run["osl"], run["max_batch"], kv, run["admission"]
+            spec,
+            layout,
+            hw,
+            link,
+            run["isl"],
+            run["osl"],
+            run["max_batch"],
+            kv,
+            run["admission"],
+            run["kv_memory"],
         )
         out.append(
             {
