@@ -29,7 +29,9 @@ returns): summary.md says so and the process ends, so nothing writes after it. W
 caching allocator is given back to the GPU before the next. summary.md is rewritten after every step,
 listing each step as ok, failed, partial (stopped by the deadline between shapes), timed out (a subprocess
 killed at the deadline, or a hung step), skipped (with the reason), not reached or not selected
-(``--only``). Only ``failed`` makes the exit non-zero.
+(``--only``). Only ``failed`` makes the exit non-zero. A profiler or compute-sanitizer the machine will
+not let run (no counters for ncu, a device compute-sanitizer does not support: both seen under gVisor) makes
+its step skipped, with the tool's own line as the reason: the machine, not the code, stopped it.
 
 ``--dry-run`` runs the same steps on a machine with no GPU (kernels in the interpreter, the smallest shapes,
 the host's wall clock in place of CUDA events, the ceilings measured on the CPU) and writes the same files,
@@ -91,6 +93,10 @@ TERM_GRACE_S = 5.0
 # partial: an in-process step the deadline stopped between shapes (what it measured is kept); timed out: a
 # subprocess killed at the deadline. Neither is a failure: the budget, not the code, ended them.
 ENDED = ("ok", "failed", "partial", "timed out", "skipped")
+# What ncu and compute-sanitizer print where the machine will not let them run at all, whatever the target:
+# no hardware counters (ncu under gVisor, and where counters are restricted to admins: ERR_NVGPUCTRPERM) and
+# a GPU compute-sanitizer refuses (under gVisor). A step that meets one is skipped, not failed.
+TOOL_CANNOT_RUN = ("Failed to initialize the profiler", "ERR_NVGPUCTRPERM", "Device not supported")
 
 
 @dataclass
@@ -373,7 +379,16 @@ def step_ncu(run: CheckRun) -> StepResult:
         "--calls",
         "3",
     ]
-    return run.subprocess("ncu", [*command, "--out", str(run.folder / "profiles")])
+    result = run.subprocess("ncu", [*command, "--out", str(run.folder / "profiles")])
+    refused = _tool_refused(run.folder / "ncu.txt") if result.state == "failed" else None
+    return StepResult("skipped", f"ncu cannot run here: {refused}") if refused else result
+
+
+def _tool_refused(log: Path) -> str | None:
+    """The line of a tool's log saying the machine will not let it run (TOOL_CANNOT_RUN), if there is one."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = (line.strip()[:200] for line in text.splitlines() if any(s in line for s in TOOL_CANNOT_RUN))
+    return next(lines, None)
 
 
 def step_tune(run: CheckRun) -> StepResult:
@@ -399,23 +414,29 @@ def step_sanitizer(run: CheckRun) -> StepResult:
     if (run.folder / "static.json").exists():
         for row in json.loads((run.folder / "static.json").read_text()):
             static.setdefault(row["kernel"], []).append(row)
-    lines, errors = [], 0
+    lines, errors, cut = [], 0, 0
     for case in CASES.values():
         checks = ["memcheck"] + (["racecheck"] if _shares_or_atomics(case, static, run.device) else [])
         for check in checks:
             if run.out_of_time(10.0):
                 lines.append(f"- {case.name} {check}: not reached")
+                cut += 1
                 continue
             name = f"sanitizer-{check}-{case.name}"
             target = [sys.executable, "-m", "bench", "sanitize-target", case.name]
             command = [tool, "--tool", check, "--error-exitcode", "9", *target]
             result = run.subprocess(name, command, env=SANITIZED_ENV)
+            refused = _tool_refused(run.folder / f"{name}.txt") if result.state == "failed" else None
+            if refused and not lines:  # the first run is the probe: the machine refuses the tool outright
+                return StepResult("skipped", f"compute-sanitizer cannot run here: {refused}; see {name}.txt")
             log = (run.folder / f"{name}.txt").read_text(errors="replace")
             summary = next((line for line in log.splitlines() if "ERROR SUMMARY" in line), result.detail)
-            errors += result.state != "ok"
+            errors += result.state == "failed"
+            cut += result.state == "timed out"  # the budget ended it: no verdict on the kernel
             lines.append(f"- {case.name} {check}: {result.state}, {summary.strip()}")
     run.sections["compute-sanitizer (sanitizer-*.txt)"] = "\n".join(lines)
-    return StepResult("failed" if errors else "ok", f"{errors} runs with errors")
+    state = "failed" if errors else ("partial" if cut else "ok")
+    return StepResult(state, f"{errors} runs with errors, {cut} cut off or not reached by the deadline")
 
 
 def _shares_or_atomics(case, static: dict, device: str) -> bool:

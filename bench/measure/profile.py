@@ -169,8 +169,8 @@ def profile_ncu(case_name, shape_index, calls, out: Path, timeout=600.0) -> list
         text=True,
         timeout=timeout,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"ncu failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    if done.returncode != 0:  # ncu prints its own errors (==ERROR==) on stdout: both are kept
+        raise RuntimeError(f"ncu failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     (out / f"{case_name}-{shape_index}-ncu.csv").write_text(done.stdout)
     return parse_ncu_metrics(done.stdout)
 
