@@ -327,3 +327,30 @@ def test_a_failed_peer_counts_once_per_shape():
         {"name": "paged_decode[triton] s", "extra_info": record},
     ]
     assert failures(entries) == ["flex (paged_decode s)"]
+
+
+def test_run_on_a_gpu_keeps_every_shape_measured_before_one_that_raises(tmp_path, monkeypatch, capsys):
+    """One shape raising lost every result (no per-shape try, --out written only at the end): now the file
+    holds what was measured, the traceback is logged beside it, and the run exits 1."""
+    from bench.commands import run
+    from bench.measure import runner
+
+    calls = []
+
+    def measure(case, shape, **kw):
+        calls.append(shape.label)
+        if len(calls) == 2:
+            raise RuntimeError("illegal memory access (pretend)")
+        info = {**results.cost_info(case, shape, 1e-3, None), "impl": "triton", "verified": True}
+        return [results.entry(f"{case.name} {shape.label}", case.name, Timing.from_samples([1.0]), info)]
+
+    monkeypatch.setattr(runner, "measure", measure)
+    monkeypatch.setattr(run, "copy_bandwidth_gbps", lambda: 3000.0)
+    out = tmp_path / "run.json"
+    case = CASES["write_kv"]
+    assert len(case.default_shapes()) >= 2
+    assert run.run_gpu([case], graph=False, out=str(out)) == 1
+    written = [e["extra_info"]["shape"] for e in results.load(out)["benchmarks"]]
+    assert written == [calls[0], *calls[2:]]
+    assert "illegal memory access" in (tmp_path / "run-errors.txt").read_text()
+    assert f"write_kv {calls[1]} (raised)" in capsys.readouterr().err

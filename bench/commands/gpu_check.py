@@ -56,7 +56,7 @@ from pathlib import Path
 from bench import child_env
 from bench.commands.arguments import add_budget, add_out_folder, names_from
 from bench.commands.model_inputs import preset_for
-from bench.commands.run import failures
+from bench.commands.run import failures, measure_or_log
 from bench.measure import reports, results, runner
 from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
 from bench.operators import CASES, static_cases
@@ -272,12 +272,12 @@ def _measure_into(run: CheckRun, name: str, file: str, shapes_of: Callable, **me
                 left += 1
                 continue
             begin = time.monotonic()
-            try:
-                entries += runner.measure(case, shape, device=run.device, **measure_kw)
-            except Exception:
+            errors = run.folder / f"{Path(file).stem}-errors.txt"
+            measured = measure_or_log(case, shape, errors, device=run.device, **measure_kw)
+            if measured is None:
                 crashed.append(f"{case.name} {shape.label}")
-                with open(run.folder / f"{Path(file).stem}-errors.txt", "a") as log:
-                    log.write(f"## {case.name} {shape.label}\n{traceback.format_exc()}\n")
+            else:
+                entries += measured
             longest = max(longest, time.monotonic() - begin)
             done += 1
             results.write(run.folder / file, entries, run.machine)
