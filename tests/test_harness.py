@@ -94,6 +94,7 @@ def test_run_without_gpu_verifies_and_reports(capsys, monkeypatch):
     for heading in ("Verified against the reference", "Static", "Traffic", "Projections, not measurements"):
         assert heading in out
     assert "_regroup_kernel" in out, "the static-only EP kernel is in the static table"
+    assert "published copy bandwidth" in out and "measured on the lent" not in out, "anchors, not readings"
     shapes = sum(len(case.small_shapes()) for case in CASES.values())
     assert "FAILED" not in out and out.count("verified") == shapes
 

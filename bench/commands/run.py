@@ -108,7 +108,10 @@ def run_cpu(cases, static_only=()) -> int:
     traffic, traffic_ok = reports.traffic_table(runner.traffic_rows(cases))
     print("\n## Traffic: bytes loaded + stored under the interpreter against the byte model\n")
     print(traffic)
-    print("\n## Projections, not measurements: modelled bytes / copy bandwidth measured on the lent GPUs\n")
+    print(
+        "\n## Projections, not measurements: modelled bytes / each GPU's published copy bandwidth "
+        "(anchors: docs/facts.md#gpu-anchors-published-not-measured-here)\n"
+    )
     print(reports.projection_table(runner.projections(cases)))
     print("\n(A launch costs a few microseconds more; small decode steps are bound by that, not by bytes.)")
     ranks_ok = _across_ranks()
