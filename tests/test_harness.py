@@ -1,6 +1,7 @@
 """The measuring side: quantiles, the results schema, reports and the CLI on this machine."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,3 +356,25 @@ def test_run_on_a_gpu_keeps_every_shape_measured_before_one_that_raises(tmp_path
     assert written == [calls[0], *calls[2:]]
     assert "illegal memory access" in (tmp_path / "run-errors.txt").read_text()
     assert f"write_kv {calls[1]} (raised)" in capsys.readouterr().err
+
+
+def test_results_are_replaced_whole_never_rewritten_in_place(tmp_path, monkeypatch):
+    """run.json is rewritten after every shape: written in place, a process ended mid-write (gpu-check's
+    watchdog) left half a file. Now the new document is written beside it and renamed over it."""
+    import os
+
+    path = results.write(tmp_path / "run.json", [])
+    seen = []
+
+    def replace(source, target):
+        seen.append((json.loads(Path(source).read_text()), json.loads(Path(target).read_text())))
+        real_replace(source, target)
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", replace)
+    entry = results.entry("k s", "k", Timing.from_samples([1.0]), {"kernel": "k", "shape": "s"})
+    results.write(path, [entry])
+    ((new, old),) = seen
+    assert old["benchmarks"] == [] and new["benchmarks"] == [entry], "the old file whole until the rename"
+    assert results.load(path)["benchmarks"] == [entry]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"], "no temporary file left"

@@ -160,7 +160,7 @@ class CheckRun:
             lines.append(f"- {name}: {step.state}{seconds}{': ' + step.detail if step.detail else ''}")
         for name, text in list(self.sections.items()):
             lines += ["", f"## {name}", "", text]
-        (self.folder / "summary.md").write_text("\n".join(lines) + "\n")
+        results.write_text_atomic(self.folder / "summary.md", "\n".join(lines) + "\n")
 
 
 def run_subprocess(
@@ -313,7 +313,9 @@ def step_static(run: CheckRun) -> StepResult:
         except subprocess.TimeoutExpired:  # the compiling child killed at the deadline
             left.append(case.name)
             continue
-        (run.folder / "static.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        results.write_text_atomic(
+            run.folder / "static.json", json.dumps([r.as_dict() for r in rows], indent=1)
+        )
     source = "AOT compile here for sm_90/sm_80" if run.dry_run else "the compile of a real launch"
     run.sections[f"Static, from {source} (static.json)"] = reports.static_table(rows)
     spills = sorted({f"{r.kernel} {r.shape}" for r in rows if r.spill_bytes})
