@@ -402,3 +402,22 @@ def test_ncu_error_lines_reach_the_log(monkeypatch, tmp_path):
     )
     with pytest.raises(RuntimeError, match="LibraryNotLoaded"):
         profile.profile_ncu("write_kv", 0, 1, tmp_path)
+
+
+def test_a_default_results_folder_is_never_shared(tmp_path, monkeypatch, capsys):
+    """The default folder was named to the minute and reused (exist_ok): two runs in one minute wrote into
+    one folder. It is named to the second, and one that exists already is refused."""
+    from bench.measure import device
+
+    calls = _fake_steps(monkeypatch, {})
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    gpu = device.MachineInfo(**{**device.machine_info().as_dict(), "gpu": "NVIDIA H200", "slug": "h200"})
+    monkeypatch.setattr(gpu_check, "machine_info", lambda: gpu)
+    monkeypatch.setattr(
+        gpu_check.time, "strftime", lambda fmt, t=None: "2026-12-01-195407" if "%S" in fmt else ""
+    )
+    assert gpu_check.run(None, budget_s=30, only="static") == 0
+    (folder,) = results.results_dir_for(gpu.slug).iterdir()
+    assert folder.name == "2026-12-01-195407" and (folder / "summary.md").exists()
+    assert gpu_check.run(None, budget_s=30, only="static") == 2
+    assert "exists" in capsys.readouterr().err and calls == ["static"]

@@ -523,7 +523,8 @@ def main(args) -> int:
 
 def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_run: bool = False) -> int:
     """Runs the selected steps within ``budget_s`` seconds of wall clock; returns 0 when no step failed, 1
-    otherwise, 2 when there is no GPU and this is not a dry run."""
+    otherwise, 2 when there is no GPU and this is not a dry run, or when the default folder (named to the
+    second) exists already."""
     started = time.monotonic()
     info = machine_info()
     if info.gpu == "cpu" and not dry_run:
@@ -533,14 +534,18 @@ def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_r
         )
         return 2
     selected = parse_only(only)
-    stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
+    stamp = time.strftime("%Y-%m-%d-%H%M%S", time.gmtime())
     if out:
         folder = Path(out)
     elif dry_run:  # not a GPU result: kept out of bench/results/
         folder = Path(tempfile.mkdtemp(prefix=f"gpu-check-dry-run-{stamp}-"))
     else:
         folder = results.results_dir_for(info.slug) / stamp
-    folder.mkdir(parents=True, exist_ok=True)
+    try:  # a default folder is this run's alone: another run's files must not mix with its own
+        folder.mkdir(parents=True, exist_ok=bool(out) or dry_run)
+    except FileExistsError:
+        print(f"gpu-check: {folder} exists (another run started this second); pass --out", file=sys.stderr)
+        return 2
     check = CheckRun(folder, started + budget_s, dry_run, selected)
     check.machine.update(info.as_dict(), started=stamp, budget_s=budget_s, dry_run=dry_run)
     for name in STEPS:
