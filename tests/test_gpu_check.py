@@ -421,3 +421,22 @@ def test_a_default_results_folder_is_never_shared(tmp_path, monkeypatch, capsys)
     assert folder.name == "2026-12-01-195407" and (folder / "summary.md").exists()
     assert gpu_check.run(None, budget_s=30, only="static") == 2
     assert "exists" in capsys.readouterr().err and calls == ["static"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds: Linux 5.3+")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_processes_below_a_killed_step_are_held_by_pidfd(tmp_path, monkeypatch):
+    """The processes below were SIGKILLed by number up to TERM_GRACE_S after they were listed: a number
+    freed meanwhile could name another process. They are signalled through pidfds taken at the listing."""
+    import signal
+
+    by_number, by_handle = [], []
+    kill, send = os.kill, signal.pidfd_send_signal
+    monkeypatch.setattr(os, "kill", lambda pid, sig: (by_number.append(pid), kill(pid, sig)))
+    monkeypatch.setattr(
+        signal, "pidfd_send_signal", lambda fd, sig, *a: (by_handle.append(fd), send(fd, sig, *a))
+    )
+    slow = run_subprocess("slow", tmp_path, [sys.executable, "-c", _PARENT, "wait"], timeout=1.5)
+    assert slow.state == "timed out"
+    pids = [int(pid) for pid in (tmp_path / "slow.txt").read_text().split()[:2]]
+    assert _all_gone(pids) and len(by_handle) >= 2 and not by_number, (by_handle, by_number)

@@ -201,20 +201,48 @@ def _read(file) -> str:
 def end_process_tree(child: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:
     """Ends ``child`` and every process below it, its process group and those that left it (torchrun starts
     each worker in a session of its own): SIGTERM first, so that torchrun stops its workers itself and a
-    profiler its target, then SIGKILL to whatever is left after ``grace_s``."""
-    below = descendants(child.pid)
-    _signal_group(child.pid, signal.SIGTERM)
+    profiler its target, then SIGKILL to whatever is left after ``grace_s``. The processes below are held
+    by pidfd from the moment they are listed: by the time of the SIGKILL, a number that had exited may name
+    another process, a pidfd never does."""
+    below = _hold(descendants(child.pid))
     try:
-        child.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    _signal_group(child.pid, signal.SIGKILL)
-    for pid in below:  # the ones found before the signals: once orphaned, they no longer name their parent
+        _signal_group(child.pid, signal.SIGTERM)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
             pass
+        _signal_group(child.pid, signal.SIGKILL)
+        for pid, handle in below:  # found before the signals: once orphaned, they no longer name their parent
+            _kill(pid, handle)
+    finally:
+        for _, handle in below:
+            if handle is not None:
+                os.close(handle)
     child.wait()
+
+
+def _hold(pids: list[int]) -> list[tuple[int, int | None]]:
+    """Each process with a pidfd on it, or None where pidfds are not to be had (not Linux 5.3+; a sandbox
+    without the call): such a one is signalled by number, as before. One already gone is left out."""
+    held = []
+    for pid in pids:
+        try:
+            held.append((pid, os.pidfd_open(pid)))
+        except ProcessLookupError:
+            continue
+        except (AttributeError, OSError):
+            held.append((pid, None))
+    return held
+
+
+def _kill(pid: int, handle: int | None) -> None:
+    try:
+        if handle is None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def descendants(pid: int) -> list[int]:
