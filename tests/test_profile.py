@@ -196,3 +196,13 @@ def test_ncu_reports_base_units_and_an_unknown_unit_is_an_error(monkeypatch, tmp
     text = (DATA / "ncu_metrics.csv").read_text().replace('"nsecond"', '"cycle"', 1)
     with pytest.raises(ValueError, match="cycle"):
         profile.parse_ncu_metrics(text)
+
+
+def test_the_profile_scripts_run_python3_or_PYTHON():
+    """They called `python`, which a machine with only python3 (the lent GPU machines' torch) lacks."""
+    import re
+
+    for script in (Path(__file__).parents[1] / "profiles").glob("*.sh"):
+        commands = [line for line in script.read_text().splitlines() if not line.startswith("#")]
+        assert not any(re.search(r"(^|[\s(])python\s", line) for line in commands), script.name
+        assert '"${PYTHON:-python3}" -m bench profile' in script.read_text(), script.name
