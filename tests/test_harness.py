@@ -378,3 +378,18 @@ def test_results_are_replaced_whole_never_rewritten_in_place(tmp_path, monkeypat
     assert old["benchmarks"] == [] and new["benchmarks"] == [entry], "the old file whole until the rename"
     assert results.load(path)["benchmarks"] == [entry]
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"], "no temporary file left"
+
+
+def test_a_peer_on_another_clock_has_its_ratio_labelled_with_both():
+    """The host pool (host clock) over the kernel's CUDA-event time read as a plain speedup: host time is
+    set beside device time, and the table says so; peers timed like the kernel are unlabelled."""
+    from bench.measure import reports
+
+    def entry(impl, timer, median_s):
+        info = {"kernel": "allocate", "shape": "s", "impl": impl, "timer": timer, "verified": True}
+        return results.entry(f"allocate[{impl}] s", "allocate", Timing.from_samples([median_s * 1e3]), info)
+
+    gpu = reports.results_table([entry("triton", "cuda-events", 1e-5), entry("host-pool", "host", 4e-5)])
+    assert "host-pool 4.00x (host clock vs device time)" in gpu
+    dry = reports.results_table([entry("triton", "host", 1e-5), entry("host-pool", "host", 4e-5)])
+    assert "host-pool 4.00x" in dry and "vs device time" not in dry
