@@ -335,3 +335,108 @@ def test_cpu_tensor_tests_skip_with_the_reason_where_kernels_are_compiled(monkey
     (skip,) = cpu.added
     assert skip.name == "skip" and "CUDA tensors only" in skip.kwargs["reason"]
     assert not plain.added and not gpu.added
+
+
+def _fake_tool_runs(monkeypatch, state: str, printed: str) -> list:
+    """run_subprocess faked: every command 'ends' in ``state`` having printed ``printed`` to its log."""
+    calls = []
+
+    def fake(name, folder, command, timeout, env=None, append=False):
+        calls.append(name)
+        (folder / f"{name}.txt").write_text(printed)
+        return StepResult(state, f"{state}: {printed.splitlines()[-1]}")
+
+    monkeypatch.setattr(gpu_check, "run_subprocess", fake)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda tool: f"/opt/nvidia/{tool}")
+    return calls
+
+
+def test_a_sanitizer_run_cut_by_the_deadline_is_no_failure(tmp_path, monkeypatch):
+    """The budget, not the kernel, ended it: the step is partial and gpu-check exits 0 (it was failed)."""
+    from bench.measure import static
+
+    monkeypatch.setattr(static, "capture", lambda case, shape, device=None: [])
+    calls = _fake_tool_runs(monkeypatch, "timed out", "killed at the deadline")
+    assert gpu_check.run(str(tmp_path), budget_s=60, only="sanitizer", dry_run=True) == 0
+    assert len(calls) == len(gpu_check.CASES)
+    assert _states((tmp_path / "summary.md").read_text())["sanitizer"] == "partial"
+
+
+# What the tools printed on this workplace's gVisor machines (KINDS.md, 2026-11-04).
+NCU_REFUSED = "==ERROR== Failed to initialize the profiler: LibraryNotLoaded"
+SANITIZER_REFUSED = "========= Error: Device not supported\n========= Target application returned an error"
+
+
+def test_tools_the_machine_will_not_run_are_skipped_with_their_line(tmp_path, monkeypatch):
+    """ncu without counters and compute-sanitizer on a device it refuses (gVisor) failed both steps and the
+    whole gpu-check over a machine limit; now each is skipped with the tool's line, after one probe run."""
+    from bench.measure import static
+
+    monkeypatch.setattr(static, "capture", lambda case, shape, device=None: [])
+    calls = _fake_tool_runs(
+        monkeypatch, "failed", f"Traceback ...\nRuntimeError: ncu failed (1):\n{NCU_REFUSED}"
+    )
+    assert gpu_check.run(str(tmp_path / "ncu"), budget_s=60, only="ncu", dry_run=True) == 0
+    line = _states_detail((tmp_path / "ncu" / "summary.md").read_text(), "ncu")
+    assert "skipped" in line and "LibraryNotLoaded" in line
+    calls = _fake_tool_runs(monkeypatch, "failed", SANITIZER_REFUSED)
+    assert gpu_check.run(str(tmp_path / "san"), budget_s=60, only="sanitizer", dry_run=True) == 0
+    line = _states_detail((tmp_path / "san" / "summary.md").read_text(), "sanitizer")
+    assert "skipped" in line and "Device not supported" in line and len(calls) == 1, calls
+    # an ordinary failure (errors found) still fails
+    _fake_tool_runs(monkeypatch, "failed", "========= ERROR SUMMARY: 1 error")
+    assert gpu_check.run(str(tmp_path / "bad"), budget_s=60, only="sanitizer", dry_run=True) == 1
+
+
+def test_ncu_error_lines_reach_the_log(monkeypatch, tmp_path):
+    """ncu prints ==ERROR== on stdout: the error raised carried stderr only, so the log lacked the line."""
+    import subprocess
+
+    from bench.measure import profile
+
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda tool: "/opt/nvidia/ncu")
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda command, **kw: subprocess.CompletedProcess(command, 1, NCU_REFUSED + "\n", ""),
+    )
+    with pytest.raises(RuntimeError, match="LibraryNotLoaded"):
+        profile.profile_ncu("write_kv", 0, 1, tmp_path)
+
+
+def test_a_default_results_folder_is_never_shared(tmp_path, monkeypatch, capsys):
+    """The default folder was named to the minute and reused (exist_ok): two runs in one minute wrote into
+    one folder. It is named to the second, and one that exists already is refused."""
+    from bench.measure import device
+
+    calls = _fake_steps(monkeypatch, {})
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    gpu = device.MachineInfo(**{**device.machine_info().as_dict(), "gpu": "NVIDIA H200", "slug": "h200"})
+    monkeypatch.setattr(gpu_check, "machine_info", lambda: gpu)
+    monkeypatch.setattr(
+        gpu_check.time, "strftime", lambda fmt, t=None: "2026-12-01-195407" if "%S" in fmt else ""
+    )
+    assert gpu_check.run(None, budget_s=30, only="static") == 0
+    (folder,) = results.results_dir_for(gpu.slug).iterdir()
+    assert folder.name == "2026-12-01-195407" and (folder / "summary.md").exists()
+    assert gpu_check.run(None, budget_s=30, only="static") == 2
+    assert "exists" in capsys.readouterr().err and calls == ["static"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds: Linux 5.3+")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_processes_below_a_killed_step_are_held_by_pidfd(tmp_path, monkeypatch):
+    """The processes below were SIGKILLed by number up to TERM_GRACE_S after they were listed: a number
+    freed meanwhile could name another process. They are signalled through pidfds taken at the listing."""
+    import signal
+
+    by_number, by_handle = [], []
+    kill, send = os.kill, signal.pidfd_send_signal
+    monkeypatch.setattr(os, "kill", lambda pid, sig: (by_number.append(pid), kill(pid, sig)))
+    monkeypatch.setattr(
+        signal, "pidfd_send_signal", lambda fd, sig, *a: (by_handle.append(fd), send(fd, sig, *a))
+    )
+    slow = run_subprocess("slow", tmp_path, [sys.executable, "-c", _PARENT, "wait"], timeout=1.5)
+    assert slow.state == "timed out"
+    pids = [int(pid) for pid in (tmp_path / "slow.txt").read_text().split()[:2]]
+    assert _all_gone(pids) and len(by_handle) >= 2 and not by_number, (by_handle, by_number)

@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,7 @@ def test_run_without_gpu_verifies_and_reports(capsys, monkeypatch):
     for heading in ("Verified against the reference", "Static", "Traffic", "Projections, not measurements"):
         assert heading in out
     assert "_regroup_kernel" in out, "the static-only EP kernel is in the static table"
+    assert "published copy bandwidth" in out and "measured on the lent" not in out, "anchors, not readings"
     shapes = sum(len(case.small_shapes()) for case in CASES.values())
     assert "FAILED" not in out and out.count("verified") == shapes
 
@@ -434,3 +436,67 @@ def test_a_failed_peer_counts_once_per_shape():
         {"name": "paged_decode[triton] s", "extra_info": record},
     ]
     assert failures(entries) == ["flex (paged_decode s)"]
+
+
+def test_run_on_a_gpu_keeps_every_shape_measured_before_one_that_raises(tmp_path, monkeypatch, capsys):
+    """One shape raising lost every result (no per-shape try, --out written only at the end): now the file
+    holds what was measured, the traceback is logged beside it, and the run exits 1."""
+    from bench.commands import run
+    from bench.measure import runner
+
+    calls = []
+
+    def measure(case, shape, **kw):
+        calls.append(shape.label)
+        if len(calls) == 2:
+            raise RuntimeError("illegal memory access (pretend)")
+        info = {**results.cost_info(case, shape, 1e-3, None), "impl": "triton", "verified": True}
+        return [results.entry(f"{case.name} {shape.label}", case.name, Timing.from_samples([1.0]), info)]
+
+    monkeypatch.setattr(runner, "measure", measure)
+    monkeypatch.setattr(run, "copy_bandwidth_gbps", lambda: 3000.0)
+    out = tmp_path / "run.json"
+    case = CASES["write_kv"]
+    assert len(case.default_shapes()) >= 2
+    assert run.run_gpu([case], graph=False, out=str(out)) == 1
+    written = [e["extra_info"]["shape"] for e in results.load(out)["benchmarks"]]
+    assert written == [calls[0], *calls[2:]]
+    assert "illegal memory access" in (tmp_path / "run-errors.txt").read_text()
+    assert f"write_kv {calls[1]} (raised)" in capsys.readouterr().err
+
+
+def test_results_are_replaced_whole_never_rewritten_in_place(tmp_path, monkeypatch):
+    """run.json is rewritten after every shape: written in place, a process ended mid-write (gpu-check's
+    watchdog) left half a file. Now the new document is written beside it and renamed over it."""
+    import os
+
+    path = results.write(tmp_path / "run.json", [])
+    seen = []
+
+    def replace(source, target):
+        seen.append((json.loads(Path(source).read_text()), json.loads(Path(target).read_text())))
+        real_replace(source, target)
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", replace)
+    entry = results.entry("k s", "k", Timing.from_samples([1.0]), {"kernel": "k", "shape": "s"})
+    results.write(path, [entry])
+    ((new, old),) = seen
+    assert old["benchmarks"] == [] and new["benchmarks"] == [entry], "the old file whole until the rename"
+    assert results.load(path)["benchmarks"] == [entry]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"], "no temporary file left"
+
+
+def test_a_peer_on_another_clock_has_its_ratio_labelled_with_both():
+    """The host pool (host clock) over the kernel's CUDA-event time read as a plain speedup: host time is
+    set beside device time, and the table says so; peers timed like the kernel are unlabelled."""
+    from bench.measure import reports
+
+    def entry(impl, timer, median_s):
+        info = {"kernel": "allocate", "shape": "s", "impl": impl, "timer": timer, "verified": True}
+        return results.entry(f"allocate[{impl}] s", "allocate", Timing.from_samples([median_s * 1e3]), info)
+
+    gpu = reports.results_table([entry("triton", "cuda-events", 1e-5), entry("host-pool", "host", 4e-5)])
+    assert "host-pool 4.00x (host clock vs device time)" in gpu
+    dry = reports.results_table([entry("triton", "host", 1e-5), entry("host-pool", "host", 4e-5)])
+    assert "host-pool 4.00x" in dry and "vs device time" not in dry

@@ -2,6 +2,7 @@
 tools' CSV formats (tests/data: written in those formats by hand, since no GPU here could record real
 ones; their numbers are illustrations, not measurements)."""
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -15,17 +16,36 @@ DATA = Path(__file__).parent / "data"
 
 
 def test_nsys_kernel_summary_parser():
-    rows = profile.parse_nsys_kernel_summary((DATA / "nsys_cuda_gpu_kern_sum.csv").read_text())
-    assert [r.name for r in rows] == ["_paged_decode_kernel", "_merge_splits_kernel"]
+    """nsys's header is unquoted (the parser looked for a quoted one and found no table, silently): the
+    example follows nsys, and an all-quoted copy of it reads the same."""
+    text = (DATA / "nsys_cuda_gpu_kern_sum.csv").read_text()
+    rows = profile.parse_nsys_kernel_summary(text)
+    assert [r.name for r in rows] == ["_paged_decode_kernel", "_merge_splits_kernel<int, 4>"]
     assert rows[0].launches == 10 and rows[0].seconds == pytest.approx(1.25184e-3)
     assert rows[0].dram_bytes is None
+    table = [line for line in text.splitlines() if line.startswith(("Time", "91", "8.8"))]
+    quoted = "\n".join(",".join(f'"{field}"' for field in next(csv.reader([line]))) for line in table)
+    assert profile.parse_nsys_kernel_summary(quoted) == rows
+
+
+@pytest.mark.parametrize(
+    "parse, printed, message",
+    [
+        (profile.parse_ncu_metrics, "==WARNING== No kernels were profiled.\n", "ncu profiled no kernel"),
+        (profile.parse_nsys_kernel_summary, "", "no kernel in its cuda_gpu_kern_sum"),
+        (profile.parse_nsys_kernel_summary, "Time (%),Total Time (ns),Instances,Name\n", "no kernel"),
+    ],
+)
+def test_a_report_without_kernels_is_an_error_not_an_empty_table(parse, printed, message):
+    with pytest.raises(ValueError, match=message):
+        parse(printed)
 
 
 def test_example_files_say_they_are_hand_written_and_the_parser_skips_that():
     for path in DATA.glob("*.csv"):
         assert path.read_text().startswith("# Hand-written example"), path.name
     text = (DATA / "nsys_cuda_gpu_kern_sum.csv").read_text()
-    header = next(line for line in text.splitlines() if line.startswith('"'))
+    header = next(line for line in text.splitlines() if line.startswith("Time (%),"))
     commented = text.replace(header, f"{header}\n# a comment between the header and the rows")
     assert profile.parse_nsys_kernel_summary(commented) == profile.parse_nsys_kernel_summary(text)
 
@@ -176,3 +196,13 @@ def test_ncu_reports_base_units_and_an_unknown_unit_is_an_error(monkeypatch, tmp
     text = (DATA / "ncu_metrics.csv").read_text().replace('"nsecond"', '"cycle"', 1)
     with pytest.raises(ValueError, match="cycle"):
         profile.parse_ncu_metrics(text)
+
+
+def test_the_profile_scripts_run_python3_or_PYTHON():
+    """They called `python`, which a machine with only python3 (the lent GPU machines' torch) lacks."""
+    import re
+
+    for script in (Path(__file__).parents[1] / "profiles").glob("*.sh"):
+        commands = [line for line in script.read_text().splitlines() if not line.startswith("#")]
+        assert not any(re.search(r"(^|[\s(])python\s", line) for line in commands), script.name
+        assert '"${PYTHON:-python3}" -m bench profile' in script.read_text(), script.name

@@ -39,6 +39,31 @@ def test_compare_prints_deltas_and_fails_past_the_threshold(tmp_path, capsys):
     assert cli.main(["compare", str(base), str(new), "--fail", "median:30%"]) == 0
 
 
+def test_compare_refuses_other_gpus_and_other_clocks(tmp_path, capsys):
+    """compare never read machine_info: an H100 file against an H200 one, or a dry run's wall clock
+    against CUDA events, came out as a regression or a win. Another GPU needs --allow-other-gpu; another
+    clock is refused outright."""
+    import json
+
+    def on(path, gpu, clock=None):
+        document = json.loads(path.read_text())
+        document["machine_info"]["gpu"] = gpu
+        for entry in document["benchmarks"]:
+            if clock:
+                entry["extra_info"].update(timer="host", clock=clock)
+        (tmp_path / f"{gpu}-{clock}.json").write_text(json.dumps(document))
+        return str(tmp_path / f"{gpu}-{clock}.json")
+
+    written = _results(tmp_path / "r.json", {("write_kv", "a"): 10.0})
+    h100, h200 = on(written, "NVIDIA H100 80GB HBM3"), on(written, "NVIDIA H200")
+    assert cli.main(["compare", h100, h200]) == 2
+    assert "measured on NVIDIA H100 80GB HBM3" in capsys.readouterr().err
+    assert cli.main(["compare", h100, h200, "--allow-other-gpu"]) == 0
+    dry = on(written, "NVIDIA H200", "wall-clock (dry run)")
+    assert cli.main(["compare", h200, dry, "--allow-other-gpu"]) == 2
+    assert "different clocks" in capsys.readouterr().err
+
+
 def test_thresholds_parse_percent_and_time():
     assert compare.Threshold.parse("median:10%").exceeded(1.0, 1.11)
     assert not compare.Threshold.parse("min:5us").exceeded(1e-3, 1e-3 + 4e-6)

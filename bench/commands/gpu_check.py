@@ -29,7 +29,9 @@ returns): summary.md says so and the process ends, so nothing writes after it. W
 caching allocator is given back to the GPU before the next. summary.md is rewritten after every step,
 listing each step as ok, failed, partial (stopped by the deadline between shapes), timed out (a subprocess
 killed at the deadline, or a hung step), skipped (with the reason), not reached or not selected
-(``--only``). Only ``failed`` makes the exit non-zero.
+(``--only``). Only ``failed`` makes the exit non-zero. A profiler or compute-sanitizer the machine will
+not let run (no counters for ncu, a device compute-sanitizer does not support: both seen under gVisor) makes
+its step skipped, with the tool's own line as the reason: the machine, not the code, stopped it.
 
 ``--dry-run`` runs the same steps on a machine with no GPU (kernels in the interpreter, the smallest shapes,
 the host's wall clock in place of CUDA events, the ceilings measured on the CPU) and writes the same files,
@@ -54,7 +56,7 @@ from pathlib import Path
 from bench import child_env
 from bench.commands.arguments import add_budget, add_out_folder, names_from
 from bench.commands.model_inputs import preset_for
-from bench.commands.run import failures
+from bench.commands.run import failures, measure_or_log
 from bench.measure import reports, results, runner
 from bench.measure.device import copy_bandwidth_gbps, host_ceilings, machine_info, matmul_tflops
 from bench.operators import CASES, static_cases
@@ -91,6 +93,10 @@ TERM_GRACE_S = 5.0
 # partial: an in-process step the deadline stopped between shapes (what it measured is kept); timed out: a
 # subprocess killed at the deadline. Neither is a failure: the budget, not the code, ended them.
 ENDED = ("ok", "failed", "partial", "timed out", "skipped")
+# What ncu and compute-sanitizer print where the machine will not let them run at all, whatever the target:
+# no hardware counters (ncu under gVisor, and where counters are restricted to admins: ERR_NVGPUCTRPERM) and
+# a GPU compute-sanitizer refuses (under gVisor). A step that meets one is skipped, not failed.
+TOOL_CANNOT_RUN = ("Failed to initialize the profiler", "ERR_NVGPUCTRPERM", "Device not supported")
 
 
 @dataclass
@@ -154,7 +160,7 @@ class CheckRun:
             lines.append(f"- {name}: {step.state}{seconds}{': ' + step.detail if step.detail else ''}")
         for name, text in list(self.sections.items()):
             lines += ["", f"## {name}", "", text]
-        (self.folder / "summary.md").write_text("\n".join(lines) + "\n")
+        results.write_text_atomic(self.folder / "summary.md", "\n".join(lines) + "\n")
 
 
 def run_subprocess(
@@ -195,20 +201,48 @@ def _read(file) -> str:
 def end_process_tree(child: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:
     """Ends ``child`` and every process below it, its process group and those that left it (torchrun starts
     each worker in a session of its own): SIGTERM first, so that torchrun stops its workers itself and a
-    profiler its target, then SIGKILL to whatever is left after ``grace_s``."""
-    below = descendants(child.pid)
-    _signal_group(child.pid, signal.SIGTERM)
+    profiler its target, then SIGKILL to whatever is left after ``grace_s``. The processes below are held
+    by pidfd from the moment they are listed: by the time of the SIGKILL, a number that had exited may name
+    another process, a pidfd never does."""
+    below = _hold(descendants(child.pid))
     try:
-        child.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    _signal_group(child.pid, signal.SIGKILL)
-    for pid in below:  # the ones found before the signals: once orphaned, they no longer name their parent
+        _signal_group(child.pid, signal.SIGTERM)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
             pass
+        _signal_group(child.pid, signal.SIGKILL)
+        for pid, handle in below:  # found before the signals: once orphaned, they no longer name their parent
+            _kill(pid, handle)
+    finally:
+        for _, handle in below:
+            if handle is not None:
+                os.close(handle)
     child.wait()
+
+
+def _hold(pids: list[int]) -> list[tuple[int, int | None]]:
+    """Each process with a pidfd on it, or None where pidfds are not to be had (not Linux 5.3+; a sandbox
+    without the call): such a one is signalled by number, as before. One already gone is left out."""
+    held = []
+    for pid in pids:
+        try:
+            held.append((pid, os.pidfd_open(pid)))
+        except ProcessLookupError:
+            continue
+        except (AttributeError, OSError):
+            held.append((pid, None))
+    return held
+
+
+def _kill(pid: int, handle: int | None) -> None:
+    try:
+        if handle is None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def descendants(pid: int) -> list[int]:
@@ -266,12 +300,12 @@ def _measure_into(run: CheckRun, name: str, file: str, shapes_of: Callable, **me
                 left += 1
                 continue
             begin = time.monotonic()
-            try:
-                entries += runner.measure(case, shape, device=run.device, **measure_kw)
-            except Exception:
+            errors = run.folder / f"{Path(file).stem}-errors.txt"
+            measured = measure_or_log(case, shape, errors, device=run.device, **measure_kw)
+            if measured is None:
                 crashed.append(f"{case.name} {shape.label}")
-                with open(run.folder / f"{Path(file).stem}-errors.txt", "a") as log:
-                    log.write(f"## {case.name} {shape.label}\n{traceback.format_exc()}\n")
+            else:
+                entries += measured
             longest = max(longest, time.monotonic() - begin)
             done += 1
             results.write(run.folder / file, entries, run.machine)
@@ -307,7 +341,9 @@ def step_static(run: CheckRun) -> StepResult:
         except subprocess.TimeoutExpired:  # the compiling child killed at the deadline
             left.append(case.name)
             continue
-        (run.folder / "static.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        results.write_text_atomic(
+            run.folder / "static.json", json.dumps([r.as_dict() for r in rows], indent=1)
+        )
     source = "AOT compile here for sm_90/sm_80" if run.dry_run else "the compile of a real launch"
     run.sections[f"Static, from {source} (static.json)"] = reports.static_table(rows)
     spills = sorted({f"{r.kernel} {r.shape}" for r in rows if r.spill_bytes})
@@ -374,7 +410,16 @@ def step_ncu(run: CheckRun) -> StepResult:
         "--calls",
         "3",
     ]
-    return run.subprocess("ncu", [*command, "--out", str(run.folder / "profiles")])
+    result = run.subprocess("ncu", [*command, "--out", str(run.folder / "profiles")])
+    refused = _tool_refused(run.folder / "ncu.txt") if result.state == "failed" else None
+    return StepResult("skipped", f"ncu cannot run here: {refused}") if refused else result
+
+
+def _tool_refused(log: Path) -> str | None:
+    """The line of a tool's log saying the machine will not let it run (TOOL_CANNOT_RUN), if there is one."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = (line.strip()[:200] for line in text.splitlines() if any(s in line for s in TOOL_CANNOT_RUN))
+    return next(lines, None)
 
 
 def step_tune(run: CheckRun) -> StepResult:
@@ -400,23 +445,29 @@ def step_sanitizer(run: CheckRun) -> StepResult:
     if (run.folder / "static.json").exists():
         for row in json.loads((run.folder / "static.json").read_text()):
             static.setdefault(row["kernel"], []).append(row)
-    lines, errors = [], 0
+    lines, errors, cut = [], 0, 0
     for case in CASES.values():
         checks = ["memcheck"] + (["racecheck"] if _shares_or_atomics(case, static, run.device) else [])
         for check in checks:
             if run.out_of_time(10.0):
                 lines.append(f"- {case.name} {check}: not reached")
+                cut += 1
                 continue
             name = f"sanitizer-{check}-{case.name}"
             target = [sys.executable, "-m", "bench", "sanitize-target", case.name]
             command = [tool, "--tool", check, "--error-exitcode", "9", *target]
             result = run.subprocess(name, command, env=SANITIZED_ENV)
+            refused = _tool_refused(run.folder / f"{name}.txt") if result.state == "failed" else None
+            if refused and not lines:  # the first run is the probe: the machine refuses the tool outright
+                return StepResult("skipped", f"compute-sanitizer cannot run here: {refused}; see {name}.txt")
             log = (run.folder / f"{name}.txt").read_text(errors="replace")
             summary = next((line for line in log.splitlines() if "ERROR SUMMARY" in line), result.detail)
-            errors += result.state != "ok"
+            errors += result.state == "failed"
+            cut += result.state == "timed out"  # the budget ended it: no verdict on the kernel
             lines.append(f"- {case.name} {check}: {result.state}, {summary.strip()}")
     run.sections["compute-sanitizer (sanitizer-*.txt)"] = "\n".join(lines)
-    return StepResult("failed" if errors else "ok", f"{errors} runs with errors")
+    state = "failed" if errors else ("partial" if cut else "ok")
+    return StepResult(state, f"{errors} runs with errors, {cut} cut off or not reached by the deadline")
 
 
 def _shares_or_atomics(case, static: dict, device: str) -> bool:
@@ -501,7 +552,8 @@ def main(args) -> int:
 
 def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_run: bool = False) -> int:
     """Runs the selected steps within ``budget_s`` seconds of wall clock; returns 0 when no step failed, 1
-    otherwise, 2 when there is no GPU and this is not a dry run."""
+    otherwise, 2 when there is no GPU and this is not a dry run, or when the default folder (named to the
+    second) exists already."""
     started = time.monotonic()
     info = machine_info()
     if info.gpu == "cpu" and not dry_run:
@@ -511,14 +563,18 @@ def run(out: str | None, budget_s: float = 420.0, only: str | None = None, dry_r
         )
         return 2
     selected = parse_only(only)
-    stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
+    stamp = time.strftime("%Y-%m-%d-%H%M%S", time.gmtime())
     if out:
         folder = Path(out)
     elif dry_run:  # not a GPU result: kept out of bench/results/
         folder = Path(tempfile.mkdtemp(prefix=f"gpu-check-dry-run-{stamp}-"))
     else:
         folder = results.results_dir_for(info.slug) / stamp
-    folder.mkdir(parents=True, exist_ok=True)
+    try:  # a default folder is this run's alone: another run's files must not mix with its own
+        folder.mkdir(parents=True, exist_ok=bool(out) or dry_run)
+    except FileExistsError:
+        print(f"gpu-check: {folder} exists (another run started this second); pass --out", file=sys.stderr)
+        return 2
     check = CheckRun(folder, started + budget_s, dry_run, selected)
     check.machine.update(info.as_dict(), started=stamp, budget_s=budget_s, dry_run=dry_run)
     for name in STEPS:

@@ -4,6 +4,7 @@ Two paths, one function each: nothing in the CPU path pretends to be a measureme
 
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from bench.commands.arguments import kernels_named, output_file
@@ -46,19 +47,44 @@ def failures(entries: list[dict]) -> list[str]:
     return list(dict.fromkeys(bad))
 
 
+def measure_or_log(case, shape, errors: Path | None, **measure_kw) -> list[dict] | None:
+    """runner.measure for one shape; where it raises, the traceback goes to ``errors`` (appended; stderr
+    without one) and None comes back, so that the shapes after it still run: one bad shape must not cost the
+    rest of a run, nor a lease."""
+    try:
+        return runner.measure(case, shape, **measure_kw)
+    except Exception:
+        report = f"## {case.name} {shape.label}\n{traceback.format_exc()}\n"
+        if errors is None:
+            print(report, file=sys.stderr)
+        else:
+            with open(errors, "a") as log:
+                log.write(report)
+        return None
+
+
 def run_gpu(cases, graph: bool = True, out: str | None = None) -> int:
+    """Every default shape, each in its own try (measure_or_log); with ``out`` the results are written
+    after every shape, what raised to <out stem>-errors.txt beside them."""
     info = machine_info()
     print(f"{info.gpu} ({info.capability}, {info.sm_count} SMs), torch {info.torch}, triton {info.triton}")
-    print(f"copy bandwidth measured now: {copy_bandwidth_gbps():.0f} GB/s (read + write)\n")
-    entries = []
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"copy bandwidth measured now: {copy_gbps:.0f} GB/s (read + write)\n")
+    errors = Path(out).with_name(f"{Path(out).stem}-errors.txt") if out else None
+    entries, crashed = [], []
     for case in cases:
         for shape in case.default_shapes():
-            entries += runner.measure(case, shape, graph=graph)
+            measured = measure_or_log(case, shape, errors, graph=graph)
+            if measured is None:
+                crashed.append(f"{case.name} {shape.label} (raised)")
+                continue
+            entries += measured
+            if out:
+                results.write(Path(out), entries, {"copy_gbps": copy_gbps})
     print(reports.results_table(entries))
     if out:
-        path = results.write(Path(out), entries, {"copy_gbps": copy_bandwidth_gbps()})
-        print(f"\nwritten: {path}")
-    failed = failures(entries)
+        print(f"\nwritten: {out}" + (f"; what raised: {errors}" if crashed else ""))
+    failed = crashed + failures(entries)
     if failed:
         print(f"\nFAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -82,7 +108,10 @@ def run_cpu(cases, static_only=()) -> int:
     traffic, traffic_ok = reports.traffic_table(runner.traffic_rows(cases))
     print("\n## Traffic: bytes loaded + stored under the interpreter against the byte model\n")
     print(traffic)
-    print("\n## Projections, not measurements: modelled bytes / copy bandwidth measured on the lent GPUs\n")
+    print(
+        "\n## Projections, not measurements: modelled bytes / each GPU's published copy bandwidth "
+        "(anchors: docs/facts.md#gpu-anchors-published-not-measured-here)\n"
+    )
     print(reports.projection_table(runner.projections(cases)))
     print("\n(A launch costs a few microseconds more; small decode steps are bound by that, not by bytes.)")
     ranks_ok = _across_ranks()

@@ -169,26 +169,33 @@ def profile_ncu(case_name, shape_index, calls, out: Path, timeout=600.0) -> list
         text=True,
         timeout=timeout,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"ncu failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    if done.returncode != 0:  # ncu prints its own errors (==ERROR==) on stdout: both are kept
+        raise RuntimeError(f"ncu failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     (out / f"{case_name}-{shape_index}-ncu.csv").write_text(done.stdout)
     return parse_ncu_metrics(done.stdout)
 
 
-def _csv_rows(text: str) -> list[dict]:
-    """The CSV part of a tool's output (tools print banner lines before the header). Lines starting with
-    '#' are comments wherever they stand (tests/data's hand-written examples say so in one)."""
+def _csv_rows(text: str, first_field: str, empty: str) -> list[dict]:
+    """The CSV table of a tool's output: its header is the line whose first field is ``first_field``
+    (tools print banner lines before it; nsys leaves the header unquoted and quotes only fields holding a
+    comma, ncu quotes every field: both read). Lines starting with '#' are comments wherever they stand
+    (tests/data's hand-written examples say so in one). No header, or no row under it: ValueError, with
+    ``empty`` and the tool's last lines, never an empty table."""
     lines = [line for line in text.splitlines() if not line.startswith("#")]
-    start = next((i for i, line in enumerate(lines) if line.startswith('"') and "," in line), None)
-    if start is None:
-        return []
-    return list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    start = next(
+        (i for i, line in enumerate(lines) if next(csv.reader([line]), [""])[:1] == [first_field]), None
+    )
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:])))) if start is not None else []
+    if not rows:
+        tail = "\n".join(line for line in lines[-5:] if line.strip())
+        raise ValueError(f"{empty}; the tool printed:\n{tail or '(nothing)'}")
+    return rows
 
 
 def parse_nsys_kernel_summary(text: str) -> list[KernelProfile]:
     """`nsys stats --report cuda_gpu_kern_sum --format csv`: one row per kernel name."""
     rows = []
-    for row in _csv_rows(text):
+    for row in _csv_rows(text, "Time (%)", "nsys stats: no kernel in its cuda_gpu_kern_sum table"):
         total = float(row["Total Time (ns)"].replace(",", "")) * 1e-9
         rows.append(KernelProfile(row["Name"], int(row["Instances"].replace(",", "")), total))
     return sorted(rows, key=lambda r: -r.seconds)
@@ -207,7 +214,7 @@ def _value(row: dict) -> float:
 def parse_ncu_metrics(text: str) -> list[KernelProfile]:
     """`ncu --csv --metrics ...`: one row per (launch, metric); folded to one profile per kernel name."""
     launches: dict[tuple, dict] = {}
-    for row in _csv_rows(text):
+    for row in _csv_rows(text, "ID", f"ncu profiled no kernel: check --nvtx-include {PROFILE_RANGE}/"):
         launch = launches.setdefault((row["ID"], row["Kernel Name"]), {})
         launch[row["Metric Name"]] = _value(row)
     kernels: dict[str, KernelProfile] = {}

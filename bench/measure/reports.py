@@ -98,13 +98,27 @@ def projection_table(projections) -> str:
     return table(rows, headers)
 
 
+_CLOCK_WORDS = {"host": "host clock", "cuda-events": "device time"}
+
+
+def _clocks(peer_timer: str, kernel_timer: str) -> str:
+    """'' where a peer and the kernel were timed alike; else both clocks: ' (host clock vs device time)'."""
+    if peer_timer == kernel_timer:
+        return ""
+    words = (_CLOCK_WORDS.get(timer, timer) for timer in (peer_timer, kernel_timer))
+    return " ({} vs {})".format(*words)
+
+
 def results_table(benchmarks: list[dict]) -> str:
     """One row per kernel and shape. The headline is the CUDA-graph replay where one was timed (what a
     serving engine running decode under graphs sees), the eager call beside it; then the speedup over the
     reference and the ratio to each peer at the same shape (a peer's time over the kernel's eager time:
-    above 1, the kernel is faster). Peers that did not run are listed under the table with their reasons,
-    peers that failed or disagreed with the reference as FAILED."""
+    above 1, the kernel is faster). A peer read on another clock than the kernel (the host pool, host-only
+    work on the host clock, against the kernel's CUDA events) has its ratio labelled with both clocks: it
+    sets host time beside device time, not one call's cost beside the other's. Peers that did not run are
+    listed under the table with their reasons, peers that failed or disagreed with the reference as FAILED."""
     times: dict[tuple, dict[str, float]] = {}
+    timers: dict[tuple, str] = {}  # (key, impl) -> the entry's timer, for the peers
     kernel_rows: dict[tuple, dict[bool, dict]] = {}
     for b in benchmarks:
         info = b.get("extra_info", {})
@@ -114,6 +128,7 @@ def results_table(benchmarks: list[dict]) -> str:
             kernel_rows.setdefault(key, {})[bool(info.get("cuda_graph"))] = b
         else:
             times.setdefault(key, {})[impl] = b["stats"]["median"]
+            timers[key, impl] = info.get("timer", "cuda-events")
     rows, skipped, failed = [], {}, {}
     for key, by_graph in kernel_rows.items():
         eager, graphed = by_graph.get(False), by_graph.get(True)
@@ -129,6 +144,7 @@ def results_table(benchmarks: list[dict]) -> str:
             for peer, error in ((source or {}).get("extra_info", {}).get("peers_failed") or {}).items():
                 failed.setdefault(f"{peer} at {key[1]}", error)
         base = eager_s or median
+        base_timer = (eager or head)["extra_info"].get("timer", "cuda-events")
         rows.append(
             [
                 key[0],
@@ -142,7 +158,12 @@ def results_table(benchmarks: list[dict]) -> str:
                 info.get("pct_of_matmul", "-"),
                 info.get("bound", "-"),
                 f"{reference / base:.2f}x" if reference and base else "-",  # a zero median has no ratio
-                ", ".join(f"{peer} {t / base:.2f}x" for peer, t in sorted(others.items()) if base) or "-",
+                ", ".join(
+                    f"{peer} {t / base:.2f}x{_clocks(timers[key, peer], base_timer)}"
+                    for peer, t in sorted(others.items())
+                    if base
+                )
+                or "-",
                 {True: "verified", False: "FAILED"}.get(info.get("verified"), "-"),
             ]
         )

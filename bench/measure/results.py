@@ -9,6 +9,8 @@ peak_gbps (copy bandwidth measured in the same run), pct_of_peak, p20_s, p80_s, 
 import datetime
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 from pytest_benchmark.stats import Stats
@@ -87,8 +89,23 @@ def write(path: Path, benchmarks: list[dict], extra_machine: dict | None = None)
         "version": "decodebench",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1))
+    write_text_atomic(path, json.dumps(document, indent=1))
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a file of its own beside ``path``, then renames it over ``path``: a file rewritten
+    after every shape or step (run.json, static.json, summary.md) is never seen half-written, neither by a
+    reader nor after a process ended mid-write (gpu-check's watchdog ends a hung GPU run)."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 class ResultFileError(ValueError):
