@@ -367,6 +367,45 @@ def _released_here(ref_counts_ptr, last_use_ptr, block, used, use):
 
 
 @triton.jit
+def _released_tile(
+    ref_counts_ptr, last_use_ptr, rows, first, pages, offs, j, max_blocks, PAGE_BLOCK: tl.constexpr
+):
+    """Pages j .. j + PAGE_BLOCK of each freed row: their blocks, and which go back on the stack here (int32
+    flags, pass 2)."""
+    page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
+    released = _released_here(ref_counts_ptr, last_use_ptr, block, used, _use(offs, page, max_blocks))
+    return block, released.to(tl.int32)
+
+
+@triton.jit
+def _sweep_freed(
+    listing,
+    start,
+    ref_counts_ptr,
+    last_use_ptr,
+    BLOCK_SIZE: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
+    PAGE_BLOCK: tl.constexpr,
+    CLEAR: tl.constexpr,
+):
+    """Every page of listings start .. start + SEQ_BLOCK that free. Pass 1 (CLEAR off): drop its reference;
+    each block keeps its last use in (listing, page) order. Pass 3 (CLEAR on): clear the row entries and the
+    last uses, then the lengths."""
+    seq_ids_ptr, num_seqs, max_seqs, marks_ptr, seq_lens_ptr, block_tables_ptr, max_blocks = listing
+    offs, ids, first, pages, rows = _freed_rows(listing, start, BLOCK_SIZE, SEQ_BLOCK)
+    for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
+        page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
+        if CLEAR:
+            tl.store(last_use_ptr + block, -1, mask=used)
+            tl.store(rows[:, None] + page[None, :], -1, mask=used)
+        else:
+            tl.atomic_add(ref_counts_ptr + block, -1, mask=used)
+            tl.atomic_max(last_use_ptr + block, _use(offs, page, max_blocks), mask=used)
+    if CLEAR:
+        tl.store(seq_lens_ptr + ids, 0, mask=first)
+
+
+@triton.jit
 def _free_kernel(
     seq_ids_ptr,  # [num_seqs] int32
     num_seqs,
@@ -392,42 +431,30 @@ def _free_kernel(
     tl.debug_barrier()
     # Pass 1: drop references; each block remembers its last use in (listing, page) order.
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs, ids, first, pages, rows = _freed_rows(listing, start, BLOCK_SIZE, SEQ_BLOCK)
-        for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
-            tl.atomic_add(ref_counts_ptr + block, -1, mask=used)
-            tl.atomic_max(last_use_ptr + block, _use(offs, page, max_blocks), mask=used)
+        _sweep_freed(listing, start, ref_counts_ptr, last_use_ptr, BLOCK_SIZE, SEQ_BLOCK, PAGE_BLOCK, False)
     tl.debug_barrier()
     # Pass 2: push each released block, at a position given by a prefix count in (listing, page) order:
     # first each listing's count of releases (for its offset), then the pushes.
     top = tl.load(free_count_ptr)
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs, ids, first, pages, rows = _freed_rows(listing, start, BLOCK_SIZE, SEQ_BLOCK)
+        tile = (ref_counts_ptr, last_use_ptr, rows, first, pages, offs)
         released_per_seq = tl.zeros([SEQ_BLOCK], dtype=tl.int32)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
-            use = _use(offs, page, max_blocks)
-            released = _released_here(ref_counts_ptr, last_use_ptr, block, used, use)
-            released_per_seq += tl.sum(released.to(tl.int32), axis=1)
+            _, flags = _released_tile(*tile, j, max_blocks, PAGE_BLOCK)
+            released_per_seq += tl.sum(flags, axis=1)
         seq_offset = tl.cumsum(released_per_seq, axis=0) - released_per_seq
         running = tl.zeros([SEQ_BLOCK], dtype=tl.int32)
         for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
-            use = _use(offs, page, max_blocks)
-            flags = _released_here(ref_counts_ptr, last_use_ptr, block, used, use).to(tl.int32)
+            block, flags = _released_tile(*tile, j, max_blocks, PAGE_BLOCK)
             position = top + seq_offset[:, None] + running[:, None] + tl.cumsum(flags, axis=1) - flags
             tl.store(free_stack_ptr + position, block, mask=flags != 0)
             running += tl.sum(flags, axis=1)
         top += tl.sum(released_per_seq, axis=0)
     tl.debug_barrier()
-    # Pass 3: clear the rows and the last uses; then the lengths and the marks.
+    # Pass 3: clear the rows and the last uses and the lengths; then the marks.
     for start in range(0, num_seqs, SEQ_BLOCK):
-        offs, ids, first, pages, rows = _freed_rows(listing, start, BLOCK_SIZE, SEQ_BLOCK)
-        for j in range(0, tl.max(pages, axis=0), PAGE_BLOCK):
-            page, used, block = _page_tile(rows, first, pages, j, PAGE_BLOCK)
-            tl.store(last_use_ptr + block, -1, mask=used)
-            tl.store(rows[:, None] + page[None, :], -1, mask=used)
-        tl.store(seq_lens_ptr + ids, 0, mask=first)
+        _sweep_freed(listing, start, ref_counts_ptr, last_use_ptr, BLOCK_SIZE, SEQ_BLOCK, PAGE_BLOCK, True)
     tl.debug_barrier()
     for start in range(0, num_seqs, SEQ_BLOCK):
         offs = start + tl.arange(0, SEQ_BLOCK)
