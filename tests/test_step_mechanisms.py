@@ -17,6 +17,7 @@ from bench.serving.step import (
     Layout,
     busiest_rank,
     expected_experts_touched,
+    experts_ceiling,
     prefill_stages,
     seconds_by_bound,
     step_seconds,
@@ -254,3 +255,42 @@ def test_a_steps_time_by_bound_adds_up_to_the_step():
                 layout,
                 batch,
             )
+
+
+def test_block_fp8_fused_moe_rate_follows_rows_an_expert():
+    """The fused MoE's compute rate for block-fp8 experts is the measured one at each anchor's rows (over the
+    efficiency every compute-bound stage reaches), below the first anchor one tile's time whatever the
+    rows, flat past the last; bf16 experts keep the bf16 ceiling."""
+    eff = H200.compute_efficiency
+    for rows, achieved in H200.moe_fp8_rate:
+        assert H200.moe_tflops(1, rows) * eff == pytest.approx(achieved)
+    assert H200.moe_tflops(1, 96) * eff == pytest.approx((371.3 + 526.2) / 2)
+    first_rows, first_rate = H200.moe_fp8_rate[0]
+    for rows in (1, 4, 8):  # a tile of first_rows rows costs the same however few fill it
+        assert rows / H200.moe_tflops(1, rows) == pytest.approx(first_rows / H200.moe_tflops(1, first_rows))
+    assert H200.moe_tflops(1, 4096) == H200.moe_tflops(1, 256)
+    assert H200.moe_tflops(2, 8) == H200.moe_tflops(2, 4096) == H200.matmul_tflops
+
+
+def test_fused_moe_ceiling_takes_each_experts_own_rows():
+    """Over experts of equal shares the ceiling is the rate at their rows; with the same rows spread
+    unevenly (a power law) the lightly loaded experts' part-filled tiles pull it below the mean's rate."""
+    even = experts_ceiling(H200, 1, [1 / 32] * 32, 2048, 8, 1 / 8)
+    assert even == pytest.approx(H200.moe_tflops(1, 64))
+    _, popular = busiest_rank(256, 8, 2048, 8)
+    mean_rows = 2048 * 8 * sum(popular) / len(popular)
+    uneven = experts_ceiling(H200, 1, popular, 2048, 8)
+    assert uneven < 0.95 * H200.moe_tflops(1, mean_rows)
+    assert experts_ceiling(H200, 2, popular, 2048, 8) == pytest.approx(H200.matmul_tflops)
+
+
+def test_deepseek_r1_ep8_experts_are_compute_bound_at_the_measured_rate():
+    """DeepSeek-R1 at EP8, 2,048 tokens: ~100 rows an expert on the busiest rank, its experts' stage bound by
+    the block-fp8 rate there (a few hundred TFLOP/s), not by reading its weights at the fp8 ceiling."""
+    stage = {
+        s.name: s
+        for s in step_stages(MODEL_SPECS["DeepSeek-R1"], Layout(dp=8, ep=8), 256, 1024, H200, NVLINK)
+    }["moe:experts"]
+    assert stage.bound == "compute"
+    achieved = stage.flops / (stage.seconds - (H200.moe_us - 2 * H200.launch_us) * 1e-6) / 1e12
+    assert 300 < achieved < 500

@@ -148,6 +148,12 @@ def print_result(result: dict) -> None:
     for row in result["kinds"]:
         if row["kind"] in KIND_NOTES:
             print(f"{row['kind']}: {KIND_NOTES[row['kind']]}")
+    if result.get("moe_rate"):
+        pairs = ", ".join(f"{r['rows']}: {r['anchor']:.0f} / {r['measured']:.0f}" for r in result["moe_rate"])
+        print(
+            "moe_experts: block-fp8 experts run at a rate by rows an expert taken from TensorRT-LLM's H200 "
+            f"MoE table (EP8, balanced; not compared), rows: TFLOP/s anchor / this system's rows: {pairs}"
+        )
     print(
         f"\ntargets: each kind median {KIND_TARGET[0]}-{KIND_TARGET[1]}, worst {KIND_TARGET[2]}-"
         f"{KIND_TARGET[3]}; step total (over the measured kinds) median {TOTAL_TARGET[0]}-{TOTAL_TARGET[1]}, "

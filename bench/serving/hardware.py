@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 
+import numpy as np
+
 FACTS = "docs/facts.md#gpu-anchors-published-not-measured-here"
 
 #: A device-to-device copy's bandwidth (bytes read + written per second, 1e9): typical published figures,
@@ -22,6 +24,21 @@ ANCHOR_TFLOPS = {"H100": 790.0}
 #: HBM capacity, bytes: the total the driver reports (nvidia-smi's MiB; what an engine's memory fraction is
 #: of), not the datasheets' rounded 80 and 141 GB (docs/facts.md#gpu-anchors-published-not-measured-here).
 ANCHOR_MEMORY_BYTES = {"H100": 81559 * 2**20, "H200": 143771 * 2**20}
+#: A block-fp8 fused MoE's achieved compute rate by rows an expert (M of each expert's GEMMs): (rows, TFLOP/s)
+#: at DeepSeek-R1's expert shape (hidden 7168, 2048), each its FLOPs over its latency less the one-token
+#: latency (40.1 us), from TensorRT-LLM 1.3.0rc20's measured H200 MoE table (AIConfigurator, CUTLASS fused
+#: MoE, balanced routing, EP8: 32 experts a rank, tokens = 32 x rows), a CUTLASS grouped GEMM as vLLM runs
+#: under EP (FlashInfer's CUTLASS fused MoE); vLLM's own table, which validate compares against, is not
+#: used. Few rows an expert leave its MMA tiles' rows mostly empty (each tile costs the same however many
+#: rows fill it), so the rate grows with the rows up to about 128 and flattens near 580, far under the fp8
+#: tensor cores' ceiling (block-fp8 scales the partial sums every 128 of K outside the tensor cores:
+#: DeepSeek-V3's report, arXiv 2412.19437, 3.3.2). Up to 32 rows the rows are near the weights' read time,
+#: so the compute term seldom binds there.
+MOE_FP8_RATE = ((16, 126.5), (32, 222.6), (64, 371.3), (128, 526.2), (256, 579.9))
+#: The table rows those anchors come from: TensorRT-LLM's file, its key (dtype, hidden, inter, top_k,
+#: experts, moe_tp, moe_ep, routing) and the tokens of each anchor after the one-token row.
+MOE_RATE_SOURCE = ("fp8_block", 7168, 2048, 8, 256, 1, 8, "balanced")
+MOE_RATE_TOKENS = (1, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class Hardware:
     moe_us: float = 20.0  # a fused MoE's fixed cost: align/sort, two grouped GEMMs, activation, sum
     host_us: float = 0.0  # per step, per engine process: scheduling, input preparation and sampling
     fp8_tflops: float = 0.0  # the fp8 tensor-core ceiling; 0: twice the bf16 ceiling
+    moe_fp8_rate: tuple = MOE_FP8_RATE  # a block-fp8 fused MoE's (rows an expert, TFLOP/s achieved)
     kernel_efficiency: dict = field(default_factory=dict)  # kernel -> [(bytes, measured seconds)], by shape
     sources: dict = field(default_factory=dict)
 
@@ -52,6 +70,19 @@ class Hardware:
         if weight_bytes == 1:
             return self.fp8_tflops or 2 * self.matmul_tflops
         return self.matmul_tflops
+
+    def moe_tflops(self, weight_bytes: int, rows_per_expert):
+        """The fused MoE's compute ceiling for an expert's GEMMs at ``rows_per_expert`` rows (their M): for
+        block-fp8 experts the measured rate at that many rows (``moe_fp8_rate``, interpolated; flat past its
+        last anchor; below its first in proportion to the rows, the first anchor's tile time however few rows
+        fill it) over ``compute_efficiency``, so that a stage reaches the measured rate; never above the fp8
+        ceiling; an array of rows gives an array. bf16 experts: the bf16 ceiling (no measured curve taken)."""
+        if weight_bytes != 1:
+            return self.tflops(weight_bytes)
+        rate = np.minimum(
+            _interpolated(self.moe_fp8_rate, rows_per_expert) / self.compute_efficiency, self.tflops(1)
+        )
+        return float(rate) if rate.ndim == 0 else rate
 
     def gemm_floor_us(self, weight_bytes: int) -> float:
         return self.fp8_gemm_us if weight_bytes == 1 else self.gemm_us
@@ -103,6 +134,14 @@ class Hardware:
         return at_peak / busy, max(0.0, seconds - busy) * 1e6, "measured"
 
 
+def _interpolated(anchors: tuple, x):
+    """y at ``x`` (a number or an array) on the (x, y) ``anchors`` (ascending x): linear between them, y / x
+    constant below the first, flat past the last."""
+    xs, ys = zip(*anchors)
+    x = np.maximum(np.asarray(x, dtype=float), 0.0)
+    return np.where(x <= xs[0], ys[0] * x / xs[0], np.interp(x, xs, ys))
+
+
 #: NVIDIA's measured H200 kernel tables (AIConfigurator's vLLM 0.24 rows; bench/serving/measured.py reads
 #: them and ``decodebench validate`` compares the model with them).
 TABLES = "AIConfigurator's vLLM tables, H200 (docs/facts.md#measured-ground-truth-for-the-decode-step-model)"
@@ -124,6 +163,12 @@ _ASSUMED = {
     "(docs/facts.md#measured-ground-truth-for-the-decode-step-model))",
     "moe": "anchor (published, measured by NVIDIA): the fused MoE at one token costs 20 us with its weights "
     f"negligible (Qwen3-30B-A3B's experts split 8 ways; {TABLES})",
+    "moe_rate": "anchor (published, measured by NVIDIA): a block-fp8 fused MoE's compute rate by rows an "
+    "expert, at DeepSeek-R1's expert shape (7168, 2048), net of its one-token latency: 127, 223, 371, 526 "
+    "and 580 TFLOP/s at 16, 32, 64, 128 and 256 rows (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE; vLLM "
+    "runs FlashInfer's CUTLASS fused MoE under EP; balanced routing, EP8, 512-8192 tokens; AIConfigurator's "
+    "TensorRT-LLM tables, H200 (docs/facts.md#measured-ground-truth-for-the-decode-step-model)); bf16 "
+    "experts at the bf16 ceiling",
     "launch": "anchor (assumed): 2 us a small kernel (norm, activation, rope, cache write) under CUDA "
     "graphs; the smallest kernels NVIDIA measured for vLLM (static fp8 quantization, up to 16 x 512) take "
     f"1.9 us (median; H100 2.0) ({TABLES})",

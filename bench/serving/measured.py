@@ -6,7 +6,8 @@ AIConfigurator (github.com/ai-dynamo/aiconfigurator, Apache-2.0; docs/facts.md#m
 the-decode-step-model) ships parquet tables of kernel latencies measured on h200_sxm. Each table here is one
 of its files, reduced to a map from a key (the shape) to milliseconds; where several kernels were measured
 for one shape the fastest is kept (what an engine's kernel choice gets). vLLM's tables are used (the paper's
-engine); SGLang's for the MLA attention kernel alone (vLLM's measures the whole MLA module only).
+engine); SGLang's for the MLA attention kernel alone (vLLM's measures the whole MLA module only);
+TensorRT-LLM's MoE table for the rows the step model's block-fp8 MoE rate is taken from (not compared).
 
 Lookups between measured shapes interpolate linearly along each numeric axis from the bracketing grid
 points (and extend the last segment past the grid's edge); every row a lookup reads is recorded, which is
@@ -63,6 +64,22 @@ TABLES = {
     ),
     "moe": TableSpec(
         "moe/vllm/0.24.0/moe_perf.parquet",
+        (
+            "moe_dtype",
+            "hidden_size",
+            "inter_size",
+            "topk",
+            "num_experts",
+            "moe_tp_size",
+            "moe_ep_size",
+            "distribution",
+        ),
+        ("num_tokens",),
+    ),
+    # TensorRT-LLM's fused MoE, the source of the step model's block-fp8 MoE rate by rows an expert
+    # (bench/serving/hardware.py MOE_FP8_RATE); validate compares nothing against it.
+    "moe_trtllm": TableSpec(
+        "moe/trtllm/1.3.0rc20/moe_perf.parquet",
         (
             "moe_dtype",
             "hidden_size",

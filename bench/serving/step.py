@@ -253,6 +253,23 @@ def slowest_share(mean_rows: float, ranks: int) -> float:
     return 1.0 + math.sqrt(2.0 * math.log(ranks) / mean_rows)
 
 
+def experts_ceiling(hw: Hardware, weight_bytes: int, shares, tokens: float, top_k: int, scale=1.0) -> float:
+    """The fused MoE's compute ceiling, TFLOP/s, over experts with these ``shares`` of ``tokens`` x ``top_k``
+    choices (rows scaled by ``scale``): each expert's GEMMs run at the rate its own rows reach
+    (Hardware.moe_tflops: a tile of M rows costs the same however few of them are filled), so the ceiling is
+    the FLOP-weighted harmonic mean over the experts. An expert a few tokens touch by chance counts with the
+    rows it gets when touched, weighted by that chance. bf16 experts: one rate whatever the rows."""
+    if weight_bytes != 1:
+        return hw.moe_tflops(weight_bytes, 0.0)
+    shares = np.asarray(shares, dtype=float)
+    touched = 1.0 - np.maximum(0.0, 1.0 - shares * top_k) ** tokens
+    rows = tokens * top_k * shares * scale
+    used = (touched > 0.0) & (rows > 0.0)
+    rows, touched = rows[used], touched[used]
+    time = float(np.sum(rows / hw.moe_tflops(weight_bytes, rows / touched)))
+    return float(rows.sum()) / time if time else hw.tflops(weight_bytes)
+
+
 def _prefill_attention(spec, layout, tokens, context, hw, comp, kv_bytes):
     """Prefill's attention over a chunk of ``tokens`` new tokens whose queries see ``context`` tokens on
     average (causal): compute-bound, the cache read once per chunk (flash attention's tiling)."""
@@ -379,13 +396,14 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
             kernel="dispatch",
         )
         params = expected_experts_touched(m.num_experts, m.top_k, batch) * expert / tp
+        popularity = expert_popularity(m.num_experts, m.top_k)
         comp(
             "experts",
             "moe_experts",
             params * ewb + 4 * pairs * h * 2,
             2 * pairs * expert / tp,
             experts_floor,
-            tflops=tflops,
+            tflops=experts_ceiling(hw, wb, popularity, batch, m.top_k),
         )
         comp("combine", "moe_dispatch", pairs * h * 2 + act, 2 * pairs * h, hw.launch_us, kernel="combine")
         return
@@ -414,11 +432,13 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
         return weights + 4 * rows * h * 2, 2 * computed * expert
 
     chance = slowest_share(arriving, ranks)
-    comp("experts", "moe_experts", *experts_cost(arriving, arriving * chance), experts_floor, tflops=tflops)
+    ceiling = experts_ceiling(hw, wb, popular, tokens, m.top_k, chance)
+    comp("experts", "moe_experts", *experts_cost(arriving, arriving * chance), experts_floor, tflops=ceiling)
     # The others wait for the busiest rank: the time its rows over the mean take (its weights and fixed cost
     # it pays either way) moves from its bound to SYNC, so the split still sums to the stage's time.
     stage = out[-1]
-    level = _compute("", "", *experts_cost(even, even), hw, 1, experts_floor, tflops=tflops)
+    level_ceiling = experts_ceiling(hw, wb, popular, tokens, m.top_k, 1.0 / skew)
+    level = _compute("", "", *experts_cost(even, even), hw, 1, experts_floor, tflops=level_ceiling)
     wait = max(0.0, stage.seconds - level.seconds)
     split = {**stage.split, stage.bound: stage.split[stage.bound] - wait}
     out[-1] = replace(stage, split={**split, SYNC: split.get(SYNC, 0.0) + wait})

@@ -28,7 +28,14 @@ from bench.serving.advisor import (
     weights_per_rank,
 )
 from bench.serving.batching import MEMORY_UTILISATION
-from bench.serving.hardware import GPUS, INTERCONNECTS, Hardware, Interconnect
+from bench.serving.hardware import (
+    GPUS,
+    INTERCONNECTS,
+    MOE_RATE_SOURCE,
+    MOE_RATE_TOKENS,
+    Hardware,
+    Interconnect,
+)
 from bench.serving.measured import MissingShape, Tables
 from bench.serving.models import MODEL_SPECS, ModelSpec
 from bench.serving.step import Layout
@@ -449,6 +456,25 @@ def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
     return out
 
 
+def moe_rate_anchors(tables: Tables, hw: Hardware) -> list:
+    """The block-fp8 fused MoE's rate anchors (Hardware.moe_fp8_rate) beside what their source rows give
+    (TensorRT-LLM's MoE table, hardware.MOE_RATE_SOURCE): each anchor's FLOPs over its latency less the
+    one-token latency. Reading them here records the rows in the extract."""
+    key = MOE_RATE_SOURCE
+    hidden, inter, top_k, ep = key[1], key[2], key[3], key[6]
+    one, *tokens = MOE_RATE_TOKENS
+    try:
+        floor = tables["moe_trtllm"].ms(key, (one,))
+    except MissingShape:  # a system whose TensorRT-LLM table lacks R1's shape
+        return []
+    out = []
+    for count, (rows, anchor) in zip(tokens, hw.moe_fp8_rate):
+        flops = 2 * 3 * hidden * inter * count * top_k / ep
+        measured = flops / ((tables["moe_trtllm"].ms(key, (count,)) - floor) * 1e-3) / 1e12
+        out.append({"rows": rows, "tokens": count, "anchor": anchor, "measured": measured})
+    return out
+
+
 def validate(tables: Tables, runs: list, points=None, hw: Hardware | None = None, link=None) -> dict:
     """Every comparison: per kind and step total over the grid (default: ``grid()``), and per published run
     (``published_runs``), on the H200 and NVLink presets unless told otherwise."""
@@ -461,4 +487,5 @@ def validate(tables: Tables, runs: list, points=None, hw: Hardware | None = None
         "kinds": summarise(rows),
         "points": rows,
         "published": compare_published(runs, hw, link),
+        "moe_rate": moe_rate_anchors(tables, hw),
     }
