@@ -5,6 +5,7 @@ from an all-reduce result file, and the stages timed at their shapes (bench/meas
 import json
 
 import pytest
+import torch
 
 from bench.commands import cli
 from bench.commands.model_inputs import hardware_of, interconnect_of
@@ -145,6 +146,26 @@ def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there(kernel_
             in ("write_kv", "paged_decode", "mla_decode", "route", "dispatch", "experts", "combine")
         ]
         assert kernels and all(timed[n].verified is True for n in kernels), {n: timed[n] for n in kernels}
+
+
+def test_mxfp4_experts_are_timed_as_bf16_and_say_so(monkeypatch):
+    """The suite has no fp4 kernel (and Hopper no fp4 MMA): gpt-oss's MXFP4 experts run through grouped_gemm
+    in bf16, and the timing's note says so, as it does for fp8 weights timed as bf16."""
+    from bench.measure import step_timing
+
+    shapes = []
+
+    def case_call(name, shape, device, check):
+        shapes.append(shape)
+        return (lambda: None), True
+
+    monkeypatch.setattr(step_timing, "_case_call", case_call)
+    spec = MODEL_SPECS["gpt-oss-120b"]
+    _, _, note = step_timing._experts_call(spec, Layout(tp=8), 4, "cpu", check=False)
+    assert note.endswith("mxfp4 experts timed as bf16")
+    assert {s.weight_dtype for s in shapes} == {torch.bfloat16}
+    _, _, note = step_timing._experts_call(MODEL_SPECS["DeepSeek-R1"], Layout(tp=8), 4, "cpu", check=False)
+    assert "timed as bf16" not in note  # fp8 experts run as fp8
 
 
 def test_an_all_reduce_result_calibrates_the_interconnect(tmp_path, capsys):

@@ -48,7 +48,7 @@ def run(cases, out: str | None, dry_run: bool, budget: float | None) -> int:
     elif dry_run:
         folder = Path(tempfile.mkdtemp(prefix="decodebench-tune-"))
     else:
-        stamp = time.strftime("tune-%Y-%m-%d-%H%M", time.gmtime())
+        stamp = time.strftime("tune-%Y-%m-%d-%H%M%S", time.gmtime())
         folder = results.results_dir_for(machine_info().slug) / stamp
     deadline = time.monotonic() + budget if budget else None
     start = time.perf_counter()
