@@ -31,6 +31,7 @@ from bench.operators.paged_attention import (
     flex_unsupported,
 )
 from bench.operators.paged_attention import build as paged_build
+from bench.serving.models import MOE_MODELS
 from bench.testing import Guarded
 from reference import moe as reference_moe
 
@@ -327,6 +328,16 @@ def test_grouped_gemm_expected_touched_is_uniform_routings():
     assert moe_gemm_operator.touched_experts(shape) == pytest.approx(expected, rel=0.05)
     ep = moe_gemm_operator._preset("DeepSeek-R1 EP8", "gate_up", 1)  # 8 rows, one choice each, of 32 experts
     assert moe_gemm_operator.expected_touched(ep) == pytest.approx(32 * (1 - (31 / 32) ** 8))
+
+
+def test_the_layer_routes_deepseek_near_uniformly_as_its_projection_assumes():
+    """The MoE layer's DeepSeek inputs (grouped sigmoid with the score bias) touch about as many experts as
+    uniform routing would (222 of 256 at 64 tokens): a bias as large as the saturated scores' spread sent
+    every row to 99 experts, far from the byte model's projection."""
+    model = MOE_MODELS["DeepSeek-R1"]
+    _, bias, ids = moe_gemm_operator._layer_routing("DeepSeek-R1 TP8", 64, model)
+    assert bias is not None
+    assert len(set(ids.flatten().tolist())) >= 0.9 * 256 * (1 - (1 - 8 / 256) ** 64)
 
 
 def test_grouped_gemm_compare_sees_a_written_padding_row_and_a_stray_read():
