@@ -27,18 +27,19 @@ ANCHOR_MEMORY_BYTES = {"H100": 81559 * 2**20, "H200": 143771 * 2**20}
 #: A fused MoE's achieved compute rate by rows an expert (M of each expert's GEMMs), one curve per expert
 #: dtype and measured shape: (bytes a weight, hidden, inter) -> ((rows, TFLOP/s), ...), each anchor its FLOPs
 #: over its latency less the one-token latency, from TensorRT-LLM 1.3.0rc20's measured H200 MoE table
-#: (AIConfigurator, CUTLASS fused MoE, balanced routing, EP8), a CUTLASS grouped GEMM as vLLM runs under EP
-#: (FlashInfer's CUTLASS fused MoE); vLLM's own table, which validate compares against, is not used. Few rows
-#: an expert leave its MMA tiles' rows mostly empty (each tile costs the same however many rows fill it), so
-#: the rate grows with the rows and flattens far under the tensor cores' ceiling. Up to about 32 rows the
-#: time is near the weights' read, so the compute term seldom binds there.
+#: (AIConfigurator, CUTLASS fused MoE, balanced routing, EP8); vLLM's own table, which validate compares
+#: against, is not used. Few rows an expert leave its MMA tiles' rows mostly empty (each tile costs the same
+#: however many rows fill it), so the rate grows with the rows and flattens far under the tensor cores'
+#: ceiling. Up to about 32 rows the time is near the weights' read, so the compute term seldom binds there.
 #: - block-fp8 at DeepSeek-R1's shape (7168, 2048; 32 experts a rank, tokens = 32 x rows): flat near 580
 #:   past 256 rows (block-fp8 scales the partial sums every 128 of K outside the tensor cores: DeepSeek-V3's
-#:   report, arXiv 2412.19437, 3.3.2).
+#:   report, arXiv 2412.19437, 3.3.2); a CUTLASS grouped GEMM as vLLM runs under EP (FlashInfer's).
 #: - bf16 at Qwen3-30B-A3B's (2048, 768) and Qwen3-235B-A22B's (4096, 1536) shapes (16 experts a rank,
 #:   tokens = 16 x rows): the same rows reach more on the larger expert (382 against 302 TFLOP/s at 128
 #:   rows, 575 against 361 at 256), so each shape keeps its own curve; both flatten past 512 rows (638-645,
-#:   444-461 up to 1,024). docs/facts.md#measured-ground-truth-for-the-decode-step-model.
+#:   444-461 up to 1,024). vLLM 0.24 runs bf16 experts on its Triton fused MoE instead, which its table
+#:   puts at 1.2-1.8x TensorRT-LLM's time (EP8, power-law routing, 512-4096 tokens): the step model's bf16
+#:   experts are as fast as TensorRT-LLM's. docs/facts.md#measured-ground-truth-for-the-decode-step-model.
 MOE_RATES = {
     (1, 7168, 2048): ((16, 126.5), (32, 222.6), (64, 371.3), (128, 526.2), (256, 579.9)),
     (2, 2048, 768): ((16, 66.8), (32, 100.1), (64, 175.3), (128, 301.9), (256, 361.4), (512, 452.6)),
@@ -190,8 +191,9 @@ _ASSUMED = {
     "moe": "anchor (published, measured by NVIDIA): the fused MoE at one token costs 20 us with its weights "
     f"negligible (Qwen3-30B-A3B's experts split 8 ways; {TABLES})",
     "moe_rate": "anchor (published, measured by NVIDIA): a fused MoE's compute rate by rows an expert, net "
-    "of its one-token latency (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE; vLLM runs FlashInfer's CUTLASS "
-    "fused MoE under EP; balanced routing, EP8; AIConfigurator's TensorRT-LLM tables, H200 (docs/facts.md#"
+    "of its one-token latency (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE, as vLLM runs block-fp8 under EP "
+    "(bf16: vLLM's Triton fused MoE, 1.2-1.8x slower); balanced routing, EP8; AIConfigurator's TensorRT-LLM "
+    "tables, H200 (docs/facts.md#"
     "measured-ground-truth-for-the-decode-step-model)): block-fp8 at DeepSeek-R1's expert shape (7168, 2048) "
     "127, 223, 371, 526 and 580 TFLOP/s at 16, 32, 64, 128 and 256 rows; bf16 at Qwen3-30B-A3B's (2048, 768) "
     "67, 100, 175, 302, 361 and 453 at 16-512 rows, at Qwen3-235B-A22B's (4096, 1536) 70, 131, 225, 382, 575 "
