@@ -257,31 +257,49 @@ def test_a_steps_time_by_bound_adds_up_to_the_step():
             )
 
 
+R1, QWEN3_30B, QWEN3_235B = (7168, 2048), (2048, 768), (4096, 1536)  # experts' (hidden, inter)
+
+
 def test_block_fp8_fused_moe_rate_follows_rows_an_expert():
     """The fused MoE's compute rate for block-fp8 experts is the measured one at each anchor's rows (over the
     efficiency every compute-bound stage reaches), below the first anchor one tile's time whatever the
-    rows, flat past the last; bf16 experts keep the bf16 ceiling."""
+    rows, flat past the last; experts of a dtype with no curve (MXFP4) keep the matmul ceiling."""
     eff = H200.compute_efficiency
-    for rows, achieved in H200.moe_fp8_rate:
-        assert H200.moe_tflops(1, rows) * eff == pytest.approx(achieved)
-    assert H200.moe_tflops(1, 96) * eff == pytest.approx((371.3 + 526.2) / 2)
-    first_rows, first_rate = H200.moe_fp8_rate[0]
+    for rows, achieved in H200.moe_rates[(1, *R1)]:
+        assert H200.moe_tflops(1, rows, R1) * eff == pytest.approx(achieved)
+    assert H200.moe_tflops(1, 96, R1) * eff == pytest.approx((371.3 + 526.2) / 2)
+    first_rows, first_rate = H200.moe_rates[(1, *R1)][0]
     for rows in (1, 4, 8):  # a tile of first_rows rows costs the same however few fill it
-        assert rows / H200.moe_tflops(1, rows) == pytest.approx(first_rows / H200.moe_tflops(1, first_rows))
-    assert H200.moe_tflops(1, 4096) == H200.moe_tflops(1, 256)
-    assert H200.moe_tflops(2, 8) == H200.moe_tflops(2, 4096) == H200.matmul_tflops
+        tile = first_rows / H200.moe_tflops(1, first_rows, R1)
+        assert rows / H200.moe_tflops(1, rows, R1) == pytest.approx(tile)
+    assert H200.moe_tflops(1, 4096, R1) == H200.moe_tflops(1, 256, R1)
+    assert H200.moe_tflops(0.5625, 8, R1) == H200.moe_tflops(0.5625, 4096, R1) == H200.matmul_tflops
+
+
+def test_bf16_fused_moe_rate_follows_rows_an_expert_on_its_own_shape():
+    """bf16 experts run at their shape's measured rate by rows an expert (Qwen3-30B-A3B's and
+    Qwen3-235B-A22B's experts, the larger reaching more at the same rows), flat past 512 rows; an expert of
+    another size takes the curve nearest its size."""
+    eff = H200.compute_efficiency
+    for shape in (QWEN3_30B, QWEN3_235B):
+        for rows, achieved in H200.moe_rates[(2, *shape)]:
+            assert H200.moe_tflops(2, rows, shape) * eff == pytest.approx(achieved)
+        assert H200.moe_tflops(2, 4096, shape) == H200.moe_tflops(2, 512, shape) < H200.matmul_tflops
+    assert H200.moe_tflops(2, 128, QWEN3_30B) < 0.85 * H200.moe_tflops(2, 128, QWEN3_235B)
+    assert H200.moe_tflops(2, 128, (2048, 1024)) == H200.moe_tflops(2, 128, QWEN3_30B)
+    assert H200.moe_tflops(2, 128, (5120, 1536)) == H200.moe_tflops(2, 128, QWEN3_235B)
 
 
 def test_fused_moe_ceiling_takes_each_experts_own_rows():
     """Over experts of equal shares the ceiling is the rate at their rows; with the same rows spread
     unevenly (a power law) the lightly loaded experts' part-filled tiles pull it below the mean's rate."""
-    even = experts_ceiling(H200, 1, [1 / 32] * 32, 2048, 8, 1 / 8)
-    assert even == pytest.approx(H200.moe_tflops(1, 64))
+    even = experts_ceiling(H200, 1, R1, [1 / 32] * 32, 2048, 8, 1 / 8)
+    assert even == pytest.approx(H200.moe_tflops(1, 64, R1))
     _, popular = busiest_rank(256, 8, 2048, 8)
     mean_rows = 2048 * 8 * sum(popular) / len(popular)
-    uneven = experts_ceiling(H200, 1, popular, 2048, 8)
-    assert uneven < 0.95 * H200.moe_tflops(1, mean_rows)
-    assert experts_ceiling(H200, 2, popular, 2048, 8) == pytest.approx(H200.matmul_tflops)
+    uneven = experts_ceiling(H200, 1, R1, popular, 2048, 8)
+    assert uneven < 0.95 * H200.moe_tflops(1, mean_rows, R1)
+    assert experts_ceiling(H200, 0.5625, R1, popular, 2048, 8) == pytest.approx(H200.matmul_tflops)
 
 
 def test_deepseek_r1_ep8_experts_are_compute_bound_at_the_measured_rate():
@@ -294,3 +312,16 @@ def test_deepseek_r1_ep8_experts_are_compute_bound_at_the_measured_rate():
     assert stage.bound == "compute"
     achieved = stage.flops / (stage.seconds - (H200.moe_us - 2 * H200.launch_us) * 1e-6) / 1e12
     assert 300 < achieved < 500
+
+
+def test_qwen3_ep8_bf16_experts_run_at_their_measured_rate():
+    """Qwen3-30B-A3B at EP8, 2,048 tokens: ~128 rows an expert on average over the busiest rank's 16, its
+    bf16 experts' stage bound by the bf16 fused MoE's rate there (a few hundred TFLOP/s over the power-law
+    shares, under the curve's 453 at 512 rows), not by reading its weights at the bf16 matmul ceiling."""
+    stage = {
+        s.name: s
+        for s in step_stages(MODEL_SPECS["Qwen3-30B-A3B"], Layout(dp=8, ep=8), 256, 1024, H200, NVLINK)
+    }["moe:experts"]
+    assert stage.bound == "compute"
+    achieved = stage.flops / (stage.seconds - (H200.moe_us - 2 * H200.launch_us) * 1e-6) / 1e12
+    assert 200 < achieved < 453

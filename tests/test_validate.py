@@ -196,13 +196,20 @@ def test_tensorrt_llm_runs_take_their_kv_from_the_memory_left_after_the_weights(
         validate.published_runs([dict(first, kv_memory="half")])
 
 
-def test_fp8_moe_rate_anchors_reproduce_their_tensorrt_llm_rows(tables):
-    """Each anchor of the block-fp8 fused MoE's rate by rows an expert is its source row's FLOPs over its
-    latency less the one-token row's (TensorRT-LLM's table, EP8, balanced: not the vLLM table compared)."""
+def test_moe_rate_anchors_reproduce_their_tensorrt_llm_rows(tables):
+    """Each anchor of a fused MoE's rate by rows an expert is its source row's FLOPs over its latency less the
+    one-token row's (TensorRT-LLM's table, EP8, balanced: not the vLLM table compared): block-fp8 at
+    DeepSeek-R1's shape, bf16 at each Qwen3 MoE's."""
     found = validate.moe_rate_anchors(tables, GPUS["h200"])
-    assert [row["rows"] for row in found] == [16, 32, 64, 128, 256]
+    experts = {("fp8_block", 7168, 2048): 256, ("bfloat16", 2048, 768): 128, ("bfloat16", 4096, 1536): 128}
+    rows = {curve: [row["rows"] for row in found if row["curve"] == curve] for curve in experts}
+    assert rows == {
+        ("fp8_block", 7168, 2048): [16, 32, 64, 128, 256],
+        ("bfloat16", 2048, 768): [16, 32, 64, 128, 256, 512],
+        ("bfloat16", 4096, 1536): [16, 32, 64, 128, 256, 512],
+    }
     for row in found:
-        assert row["tokens"] == row["rows"] * 32  # 256 experts, top 8: tokens x 8 / 256 rows an expert
+        assert row["tokens"] * 8 == row["rows"] * experts[row["curve"]]  # top 8: tokens x 8 / experts
         assert row["anchor"] == pytest.approx(row["measured"], rel=0.005), row
 
 
@@ -210,6 +217,17 @@ def test_deepseek_r1_ep8_batch_256_fused_moe_within_target(tables):
     """At EP8, 2,048 tokens the busiest rank's experts get about 50-200 rows each: block-fp8 grouped GEMMs
     there run at 370-580 TFLOP/s, not the fp8 ceiling x 0.9 (which read 0.40 of the measured time)."""
     point = validate.Point("DeepSeek-R1", Layout(dp=8, ep=8), 256, 1024)
+    [row] = validate.compare_kernels(tables, [point], GPUS["h200"], INTERCONNECTS["nvlink"])
+    kind = row["kinds"]["moe_experts"]
+    assert 0.55 <= kind["ours_ms"] / kind["measured_ms"] <= 1.40, kind
+
+
+@pytest.mark.parametrize("model", ["Qwen3-30B-A3B", "Qwen3-235B-A22B"])
+def test_qwen3_ep8_batch_256_fused_moe_within_target(tables, model):
+    """At EP8, 2,048 tokens the busiest rank's bf16 experts get ~128 rows each on average: the bf16 fused MoE
+    there runs at 100-450 TFLOP/s, not the bf16 ceiling x 0.9 (which read 0.39 and 0.44 of the measured
+    time)."""
+    point = validate.Point(model, Layout(dp=8, ep=8), 256, 1024)
     [row] = validate.compare_kernels(tables, [point], GPUS["h200"], INTERCONNECTS["nvlink"])
     kind = row["kinds"]["moe_experts"]
     assert 0.55 <= kind["ours_ms"] / kind["measured_ms"] <= 1.40, kind

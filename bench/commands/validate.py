@@ -148,11 +148,15 @@ def print_result(result: dict) -> None:
     for row in result["kinds"]:
         if row["kind"] in KIND_NOTES:
             print(f"{row['kind']}: {KIND_NOTES[row['kind']]}")
-    if result.get("moe_rate"):
-        pairs = ", ".join(f"{r['rows']}: {r['anchor']:.0f} / {r['measured']:.0f}" for r in result["moe_rate"])
+    curves: dict = {}
+    for r in result.get("moe_rate", []):
+        pair = f"{r['rows']}: {r['anchor']:.0f} / {r['measured']:.0f}"
+        curves.setdefault(tuple(r["curve"]), []).append(pair)
+    for (dtype, hidden, inter), pairs in curves.items():
         print(
-            "moe_experts: block-fp8 experts run at a rate by rows an expert taken from TensorRT-LLM's H200 "
-            f"MoE table (EP8, balanced; not compared), rows: TFLOP/s anchor / this system's rows: {pairs}"
+            f"moe_experts: {dtype} experts ({hidden}, {inter}) run at a rate by rows an expert taken from "
+            "TensorRT-LLM's H200 MoE table (EP8, balanced; not compared), rows: TFLOP/s anchor / this "
+            f"system's rows: {', '.join(pairs)}"
         )
     print(
         f"\ntargets: each kind median {KIND_TARGET[0]}-{KIND_TARGET[1]}, worst {KIND_TARGET[2]}-"

@@ -24,21 +24,35 @@ ANCHOR_TFLOPS = {"H100": 790.0}
 #: HBM capacity, bytes: the total the driver reports (nvidia-smi's MiB; what an engine's memory fraction is
 #: of), not the datasheets' rounded 80 and 141 GB (docs/facts.md#gpu-anchors-published-not-measured-here).
 ANCHOR_MEMORY_BYTES = {"H100": 81559 * 2**20, "H200": 143771 * 2**20}
-#: A block-fp8 fused MoE's achieved compute rate by rows an expert (M of each expert's GEMMs): (rows, TFLOP/s)
-#: at DeepSeek-R1's expert shape (hidden 7168, 2048), each its FLOPs over its latency less the one-token
-#: latency (40.1 us), from TensorRT-LLM 1.3.0rc20's measured H200 MoE table (AIConfigurator, CUTLASS fused
-#: MoE, balanced routing, EP8: 32 experts a rank, tokens = 32 x rows), a CUTLASS grouped GEMM as vLLM runs
-#: under EP (FlashInfer's CUTLASS fused MoE); vLLM's own table, which validate compares against, is not
-#: used. Few rows an expert leave its MMA tiles' rows mostly empty (each tile costs the same however many
-#: rows fill it), so the rate grows with the rows up to about 128 and flattens near 580, far under the fp8
-#: tensor cores' ceiling (block-fp8 scales the partial sums every 128 of K outside the tensor cores:
-#: DeepSeek-V3's report, arXiv 2412.19437, 3.3.2). Up to 32 rows the rows are near the weights' read time,
-#: so the compute term seldom binds there.
-MOE_FP8_RATE = ((16, 126.5), (32, 222.6), (64, 371.3), (128, 526.2), (256, 579.9))
-#: The table rows those anchors come from: TensorRT-LLM's file, its key (dtype, hidden, inter, top_k,
-#: experts, moe_tp, moe_ep, routing) and the tokens of each anchor after the one-token row.
-MOE_RATE_SOURCE = ("fp8_block", 7168, 2048, 8, 256, 1, 8, "balanced")
-MOE_RATE_TOKENS = (1, 512, 1024, 2048, 4096, 8192)
+#: A fused MoE's achieved compute rate by rows an expert (M of each expert's GEMMs), one curve per expert
+#: dtype and measured shape: (bytes a weight, hidden, inter) -> ((rows, TFLOP/s), ...), each anchor its FLOPs
+#: over its latency less the one-token latency, from TensorRT-LLM 1.3.0rc20's measured H200 MoE table
+#: (AIConfigurator, CUTLASS fused MoE, balanced routing, EP8); vLLM's own table, which validate compares
+#: against, is not used. Few rows an expert leave its MMA tiles' rows mostly empty (each tile costs the same
+#: however many rows fill it), so the rate grows with the rows and flattens far under the tensor cores'
+#: ceiling. Up to about 32 rows the time is near the weights' read, so the compute term seldom binds there.
+#: - block-fp8 at DeepSeek-R1's shape (7168, 2048; 32 experts a rank, tokens = 32 x rows): flat near 580
+#:   past 256 rows (block-fp8 scales the partial sums every 128 of K outside the tensor cores: DeepSeek-V3's
+#:   report, arXiv 2412.19437, 3.3.2); a CUTLASS grouped GEMM as vLLM runs under EP (FlashInfer's).
+#: - bf16 at Qwen3-30B-A3B's (2048, 768) and Qwen3-235B-A22B's (4096, 1536) shapes (16 experts a rank,
+#:   tokens = 16 x rows): the same rows reach more on the larger expert (382 against 302 TFLOP/s at 128
+#:   rows, 575 against 361 at 256), so each shape keeps its own curve; both flatten past 512 rows (638-645,
+#:   444-461 up to 1,024). vLLM 0.24 runs bf16 experts on its Triton fused MoE instead, which its table
+#:   puts at 1.2-1.8x TensorRT-LLM's time (EP8, power-law routing, 512-4096 tokens): the step model's bf16
+#:   experts are as fast as TensorRT-LLM's. docs/facts.md#measured-ground-truth-for-the-decode-step-model.
+MOE_RATES = {
+    (1, 7168, 2048): ((16, 126.5), (32, 222.6), (64, 371.3), (128, 526.2), (256, 579.9)),
+    (2, 2048, 768): ((16, 66.8), (32, 100.1), (64, 175.3), (128, 301.9), (256, 361.4), (512, 452.6)),
+    (2, 4096, 1536): ((16, 69.5), (32, 131.2), (64, 225.1), (128, 381.8), (256, 575.4), (512, 638.0)),
+}
+#: The table rows each curve comes from: TensorRT-LLM's key (dtype, hidden, inter, top_k, experts, moe_tp,
+#: moe_ep, routing) and the tokens of the one-token row and of each anchor after it.
+_BF16_TOKENS = (1, 256, 512, 1024, 2048, 4096, 8192)  # 16 experts a rank: 16 x rows
+MOE_RATE_SOURCES = {
+    (1, 7168, 2048): (("fp8_block", 7168, 2048, 8, 256, 1, 8, "balanced"), (1, 512, 1024, 2048, 4096, 8192)),
+    (2, 2048, 768): (("bfloat16", 2048, 768, 8, 128, 1, 8, "balanced"), _BF16_TOKENS),
+    (2, 4096, 1536): (("bfloat16", 4096, 1536, 8, 128, 1, 8, "balanced"), _BF16_TOKENS),
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,7 @@ class Hardware:
     moe_us: float = 20.0  # a fused MoE's fixed cost: align/sort, two grouped GEMMs, activation, sum
     host_us: float = 0.0  # per step, per engine process: scheduling, input preparation and sampling
     fp8_tflops: float = 0.0  # the fp8 tensor-core ceiling; 0: twice the bf16 ceiling
-    moe_fp8_rate: tuple = MOE_FP8_RATE  # a block-fp8 fused MoE's (rows an expert, TFLOP/s achieved)
+    moe_rates: dict = field(default_factory=lambda: dict(MOE_RATES))  # fused MoE's rate by rows an expert
     kernel_efficiency: dict = field(default_factory=dict)  # kernel -> [(bytes, measured seconds)], by shape
     sources: dict = field(default_factory=dict)
 
@@ -71,16 +85,29 @@ class Hardware:
             return self.fp8_tflops or 2 * self.matmul_tflops
         return self.matmul_tflops
 
-    def moe_tflops(self, weight_bytes: int, rows_per_expert):
-        """The fused MoE's compute ceiling for an expert's GEMMs at ``rows_per_expert`` rows (their M): for
-        block-fp8 experts the measured rate at that many rows (``moe_fp8_rate``, interpolated; flat past its
-        last anchor; below its first in proportion to the rows, the first anchor's tile time however few rows
-        fill it) over ``compute_efficiency``, so that a stage reaches the measured rate; never above the fp8
-        ceiling; an array of rows gives an array. bf16 experts: the bf16 ceiling (no measured curve taken)."""
-        if weight_bytes != 1:
+    def moe_rate_curve(self, weight_bytes: float, shape: tuple):
+        """The measured (rows, TFLOP/s) curve for experts of ``weight_bytes`` bytes a weight and ``shape``
+        (hidden, inter): of this dtype's curves (``moe_rates``), the one whose expert is nearest in size
+        (hidden x inter, by ratio); None where no curve of this dtype was taken."""
+        hidden, inter = shape
+        curves = [key for key in self.moe_rates if key[0] == weight_bytes]
+        if not curves:
+            return None
+        nearest = min(curves, key=lambda key: abs(math.log(key[1] * key[2] / (hidden * inter))))
+        return self.moe_rates[nearest]
+
+    def moe_tflops(self, weight_bytes: float, rows_per_expert, shape: tuple):
+        """The fused MoE's compute ceiling for an expert's GEMMs at ``rows_per_expert`` rows (their M), the
+        expert of ``shape`` (hidden, inter): the measured rate at that many rows (``moe_rate_curve``,
+        interpolated; flat past its last anchor; below its first in proportion to the rows, the first
+        anchor's tile time however few rows fill it) over ``compute_efficiency``, so that a stage reaches the
+        measured rate; never above the dtype's ceiling; an array of rows gives an array. A dtype with no
+        measured curve (MXFP4): its matmul ceiling."""
+        curve = self.moe_rate_curve(weight_bytes, shape)
+        if curve is None:
             return self.tflops(weight_bytes)
         rate = np.minimum(
-            _interpolated(self.moe_fp8_rate, rows_per_expert) / self.compute_efficiency, self.tflops(1)
+            _interpolated(curve, rows_per_expert) / self.compute_efficiency, self.tflops(weight_bytes)
         )
         return float(rate) if rate.ndim == 0 else rate
 
@@ -163,12 +190,14 @@ _ASSUMED = {
     "(docs/facts.md#measured-ground-truth-for-the-decode-step-model))",
     "moe": "anchor (published, measured by NVIDIA): the fused MoE at one token costs 20 us with its weights "
     f"negligible (Qwen3-30B-A3B's experts split 8 ways; {TABLES})",
-    "moe_rate": "anchor (published, measured by NVIDIA): a block-fp8 fused MoE's compute rate by rows an "
-    "expert, at DeepSeek-R1's expert shape (7168, 2048), net of its one-token latency: 127, 223, 371, 526 "
-    "and 580 TFLOP/s at 16, 32, 64, 128 and 256 rows (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE; vLLM "
-    "runs FlashInfer's CUTLASS fused MoE under EP; balanced routing, EP8, 512-8192 tokens; AIConfigurator's "
-    "TensorRT-LLM tables, H200 (docs/facts.md#measured-ground-truth-for-the-decode-step-model)); bf16 "
-    "experts at the bf16 ceiling",
+    "moe_rate": "anchor (published, measured by NVIDIA): a fused MoE's compute rate by rows an expert, net "
+    "of its one-token latency (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE, as vLLM runs block-fp8 under EP "
+    "(bf16: vLLM's Triton fused MoE, 1.2-1.8x slower); balanced routing, EP8; AIConfigurator's TensorRT-LLM "
+    "tables, H200 (docs/facts.md#"
+    "measured-ground-truth-for-the-decode-step-model)): block-fp8 at DeepSeek-R1's expert shape (7168, 2048) "
+    "127, 223, 371, 526 and 580 TFLOP/s at 16, 32, 64, 128 and 256 rows; bf16 at Qwen3-30B-A3B's (2048, 768) "
+    "67, 100, 175, 302, 361 and 453 at 16-512 rows, at Qwen3-235B-A22B's (4096, 1536) 70, 131, 225, 382, 575 "
+    "and 638; an expert takes the curve of its dtype nearest its size",
     "launch": "anchor (assumed): 2 us a small kernel (norm, activation, rope, cache write) under CUDA "
     "graphs; the smallest kernels NVIDIA measured for vLLM (static fp8 quantization, up to 16 x 512) take "
     f"1.9 us (median; H100 2.0) ({TABLES})",

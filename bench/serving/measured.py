@@ -7,7 +7,7 @@ the-decode-step-model) ships parquet tables of kernel latencies measured on h200
 of its files, reduced to a map from a key (the shape) to milliseconds; where several kernels were measured
 for one shape the fastest is kept (what an engine's kernel choice gets). vLLM's tables are used (the paper's
 engine); SGLang's for the MLA attention kernel alone (vLLM's measures the whole MLA module only);
-TensorRT-LLM's MoE table for the rows the step model's block-fp8 MoE rate is taken from (not compared).
+TensorRT-LLM's MoE table for the rows the step model's MoE rates are taken from (not compared).
 
 Lookups between measured shapes interpolate linearly along each numeric axis from the bracketing grid
 points (and extend the last segment past the grid's edge); every row a lookup reads is recorded, which is
@@ -76,8 +76,8 @@ TABLES = {
         ),
         ("num_tokens",),
     ),
-    # TensorRT-LLM's fused MoE, the source of the step model's block-fp8 MoE rate by rows an expert
-    # (bench/serving/hardware.py MOE_FP8_RATE); validate compares nothing against it.
+    # TensorRT-LLM's fused MoE, the source of the step model's MoE rates by rows an expert
+    # (bench/serving/hardware.py MOE_RATES); validate compares nothing against it.
     "moe_trtllm": TableSpec(
         "moe/trtllm/1.3.0rc20/moe_perf.parquet",
         (

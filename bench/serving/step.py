@@ -253,20 +253,21 @@ def slowest_share(mean_rows: float, ranks: int) -> float:
     return 1.0 + math.sqrt(2.0 * math.log(ranks) / mean_rows)
 
 
-def experts_ceiling(hw: Hardware, weight_bytes: int, shares, tokens: float, top_k: int, scale=1.0) -> float:
-    """The fused MoE's compute ceiling, TFLOP/s, over experts with these ``shares`` of ``tokens`` x ``top_k``
-    choices (rows scaled by ``scale``): each expert's GEMMs run at the rate its own rows reach
-    (Hardware.moe_tflops: a tile of M rows costs the same however few of them are filled), so the ceiling is
-    the FLOP-weighted harmonic mean over the experts. An expert a few tokens touch by chance counts with the
-    rows it gets when touched, weighted by that chance. bf16 experts: one rate whatever the rows."""
-    if weight_bytes != 1:
-        return hw.moe_tflops(weight_bytes, 0.0)
+def experts_ceiling(hw: Hardware, weight_bytes, shape, shares, tokens: float, top_k: int, scale=1.0) -> float:
+    """The fused MoE's compute ceiling, TFLOP/s, over experts of ``shape`` (hidden, inter) with these
+    ``shares`` of ``tokens`` x ``top_k`` choices (rows scaled by ``scale``): each expert's GEMMs run at the
+    rate its own rows reach (Hardware.moe_tflops: a tile of M rows costs the same however few of them are
+    filled), so the ceiling is the FLOP-weighted harmonic mean over the experts. An expert a few tokens touch
+    by chance counts with the rows it gets when touched, weighted by that chance. Experts of a dtype with no
+    measured curve: one rate whatever the rows."""
+    if hw.moe_rate_curve(weight_bytes, shape) is None:
+        return hw.moe_tflops(weight_bytes, 0.0, shape)
     shares = np.asarray(shares, dtype=float)
     touched = 1.0 - np.maximum(0.0, 1.0 - shares * top_k) ** tokens
     rows = tokens * top_k * shares * scale
     used = (touched > 0.0) & (rows > 0.0)
     rows, touched = rows[used], touched[used]
-    time = float(np.sum(rows / hw.moe_tflops(weight_bytes, rows / touched)))
+    time = float(np.sum(rows / hw.moe_tflops(weight_bytes, rows / touched, shape)))
     return float(rows.sum()) / time if time else hw.tflops(weight_bytes)
 
 
@@ -385,6 +386,9 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
         )
     pairs = batch * m.top_k
     expert, ewb = spec.expert_params(), spec.routed_expert_bytes  # routed experts' own width (MXFP4)
+    # The rate curves' shape: a whole expert's, under TP too (split experts run slower still at the same rows,
+    # docs/facts.md#measured-ground-truth-for-the-decode-step-model; not modelled).
+    shape = (h, m.expert_intermediate)
     experts_floor = hw.moe_us - 2 * hw.launch_us  # the fused MoE's fixed cost, its dispatch and combine apart
     if layout.ep == 1:
         comp(
@@ -403,7 +407,7 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
             params * ewb + 4 * pairs * h * 2,
             2 * pairs * expert / tp,
             experts_floor,
-            tflops=experts_ceiling(hw, wb, popularity, batch, m.top_k),
+            tflops=experts_ceiling(hw, ewb, shape, popularity, batch, m.top_k),
         )
         comp("combine", "moe_dispatch", pairs * h * 2 + act, 2 * pairs * h, hw.launch_us, kernel="combine")
         return
@@ -432,12 +436,12 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
         return weights + 4 * rows * h * 2, 2 * computed * expert
 
     chance = slowest_share(arriving, ranks)
-    ceiling = experts_ceiling(hw, wb, popular, tokens, m.top_k, chance)
+    ceiling = experts_ceiling(hw, ewb, shape, popular, tokens, m.top_k, chance)
     comp("experts", "moe_experts", *experts_cost(arriving, arriving * chance), experts_floor, tflops=ceiling)
     # The others wait for the busiest rank: the time its rows over the mean take (its weights and fixed cost
     # it pays either way) moves from its bound to SYNC, so the split still sums to the stage's time.
     stage = out[-1]
-    level_ceiling = experts_ceiling(hw, wb, popular, tokens, m.top_k, 1.0 / skew)
+    level_ceiling = experts_ceiling(hw, ewb, shape, popular, tokens, m.top_k, 1.0 / skew)
     level = _compute("", "", *experts_cost(even, even), hw, 1, experts_floor, tflops=level_ceiling)
     wait = max(0.0, stage.seconds - level.seconds)
     split = {**stage.split, stage.bound: stage.split[stage.bound] - wait}

@@ -31,8 +31,7 @@ from bench.serving.batching import MEMORY_UTILISATION
 from bench.serving.hardware import (
     GPUS,
     INTERCONNECTS,
-    MOE_RATE_SOURCE,
-    MOE_RATE_TOKENS,
+    MOE_RATE_SOURCES,
     Hardware,
     Interconnect,
 )
@@ -457,21 +456,22 @@ def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
 
 
 def moe_rate_anchors(tables: Tables, hw: Hardware) -> list:
-    """The block-fp8 fused MoE's rate anchors (Hardware.moe_fp8_rate) beside what their source rows give
-    (TensorRT-LLM's MoE table, hardware.MOE_RATE_SOURCE): each anchor's FLOPs over its latency less the
-    one-token latency. Reading them here records the rows in the extract."""
-    key = MOE_RATE_SOURCE
-    hidden, inter, top_k, ep = key[1], key[2], key[3], key[6]
-    one, *tokens = MOE_RATE_TOKENS
-    try:
-        floor = tables["moe_trtllm"].ms(key, (one,))
-    except MissingShape:  # a system whose TensorRT-LLM table lacks R1's shape
-        return []
+    """The fused MoE's rate anchors (Hardware.moe_rates, a curve per dtype and shape) beside what their
+    source rows give (TensorRT-LLM's MoE table, hardware.MOE_RATE_SOURCES): each anchor's FLOPs over its
+    latency less the one-token latency. Reading them here records the rows in the extract."""
     out = []
-    for count, (rows, anchor) in zip(tokens, hw.moe_fp8_rate):
-        flops = 2 * 3 * hidden * inter * count * top_k / ep
-        measured = flops / ((tables["moe_trtllm"].ms(key, (count,)) - floor) * 1e-3) / 1e12
-        out.append({"rows": rows, "tokens": count, "anchor": anchor, "measured": measured})
+    for curve, (key, (one, *tokens)) in MOE_RATE_SOURCES.items():
+        hidden, inter, top_k, ep = key[1], key[2], key[3], key[6]
+        try:
+            floor = tables["moe_trtllm"].ms(key, (one,))
+        except MissingShape:  # a system whose TensorRT-LLM table lacks this shape
+            continue
+        for count, (rows, anchor) in zip(tokens, hw.moe_rates.get(curve, ())):
+            flops = 2 * 3 * hidden * inter * count * top_k / ep
+            measured = flops / ((tables["moe_trtllm"].ms(key, (count,)) - floor) * 1e-3) / 1e12
+            out.append(
+                {"curve": key[:3], "rows": rows, "tokens": count, "anchor": anchor, "measured": measured}
+            )
     return out
 
 
