@@ -35,6 +35,18 @@ class TableSpec:
     to_ms: float = 1.0  # the file's latency unit in ms (its all-to-all table is in us)
 
 
+# A fused-MoE table's exact key (vLLM's and TensorRT-LLM's share it): the layer's shape and split, routing.
+_MOE_KEY = (
+    "moe_dtype",
+    "hidden_size",
+    "inter_size",
+    "topk",
+    "num_experts",
+    "moe_tp_size",
+    "moe_ep_size",
+    "distribution",
+)
+
 TABLES = {
     "gemm": TableSpec("gemm/vllm/0.24.0/gemm_perf.parquet", ("gemm_dtype",), ("m", "n", "k")),
     "attention": TableSpec(
@@ -62,36 +74,10 @@ TABLES = {
         ("message_size",),
         {"backend": "vllm_graph"},
     ),
-    "moe": TableSpec(
-        "moe/vllm/0.24.0/moe_perf.parquet",
-        (
-            "moe_dtype",
-            "hidden_size",
-            "inter_size",
-            "topk",
-            "num_experts",
-            "moe_tp_size",
-            "moe_ep_size",
-            "distribution",
-        ),
-        ("num_tokens",),
-    ),
+    "moe": TableSpec("moe/vllm/0.24.0/moe_perf.parquet", _MOE_KEY, ("num_tokens",)),
     # TensorRT-LLM's fused MoE, the source of the step model's MoE rates by rows an expert
     # (bench/serving/hardware.py MOE_RATES); validate compares nothing against it.
-    "moe_trtllm": TableSpec(
-        "moe/trtllm/1.3.0rc20/moe_perf.parquet",
-        (
-            "moe_dtype",
-            "hidden_size",
-            "inter_size",
-            "topk",
-            "num_experts",
-            "moe_tp_size",
-            "moe_ep_size",
-            "distribution",
-        ),
-        ("num_tokens",),
-    ),
+    "moe_trtllm": TableSpec("moe/trtllm/1.3.0rc20/moe_perf.parquet", _MOE_KEY, ("num_tokens",)),
     "a2a": TableSpec(
         "comm/vllm/0.24.0/moe_a2a_perf.parquet",
         ("comm_backend", "phase", "ep_size", "hidden_size", "topk", "num_experts"),
