@@ -115,7 +115,7 @@ def test_layer_types_read_into_the_sliding_window_layers():
     }
     read = model_from_hf_config(fields)
     assert (read.windowed, read.sliding_window) == (preset.windowed, preset.sliding_window)
-    assert read.kv_bytes_per_token(8) == preset.kv_bytes_per_token(8)
+    assert read.kv_bytes_per_token(tp=8) == preset.kv_bytes_per_token(tp=8)
     with pytest.raises(ValueError, match="layer_types"):
         model_from_hf_config({**fields, "layer_types": ["full_attention"] * 35})
 

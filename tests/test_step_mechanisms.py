@@ -43,7 +43,7 @@ def test_pipeline_at_steady_state_has_no_bubble_and_batch_one_crosses_the_stages
     # At a compute-bound batch PP8 beats TP8 for 405B (no all-reduce of the whole batch's activations),
     # as NVIDIA published for max-throughput serving; at batch 1 TP8 wins by far. The batch is one both
     # layouts' ranks hold at 2,048 tokens a sequence (fp8 KV: 32,256 bytes a token a rank either way; about
-    # 2.4M tokens, 1,190 sequences, fit an H200 rank beside 55 GB of weights): 2,048 of them would not.
+    # 2.5M tokens, 1,230 sequences, fit an H200 rank beside 52 GB of weights): 2,048 of them would not.
     fp8 = replace(LLAMA_405B, weight_bytes=1)
     batch = 1024
     for layout in (Layout(pp=8), Layout(tp=8)):
@@ -109,12 +109,11 @@ def test_routing_skew_is_a_power_law_that_grows_with_the_ranks():
 def test_routing_skew_is_the_measured_tables_random_placement_not_a_sorted_one():
     """AIConfigurator's collector draws each expert's load from the power law in no order and times the
     busiest of the ep contiguous blocks: about 1.3-1.5x the mean at EP8 (sorting the experts by popularity
-    onto rank 0 gave 5.4x). The busiest rank's experts' shares add up to its skew over the ranks."""
+    onto rank 0 gave 5.4x). The busiest rank holds its 32 experts, none chosen by more than every token."""
     for tokens in (8, 64, 256, 2048):
         skew, mine = busiest_rank(256, 8, tokens, 8)
         assert 1.2 < skew < 1.6, (tokens, skew)
-        assert sum(mine) * 8 == pytest.approx(skew) and len(mine) == 32
-        assert max(mine) * 8 <= 1.0 + 1e-9
+        assert len(mine) == 32 and max(mine) * 8 <= 1.0 + 1e-9
 
 
 def test_a_token_touches_exactly_top_k_experts():

@@ -119,7 +119,9 @@ def stage_pools(
     stage's blocks to the smallest)."""
     out = []
     for stage in pipeline_stages(spec.layers, layout.pp):
-        per_token = spec.kv_bytes_per_token(layout.tp, kv_bytes, stage.start, stage.stop)
+        per_token = spec.kv_bytes_per_token(
+            tp=layout.tp, kv_bytes=kv_bytes, start=stage.start, stop=stage.stop
+        )
         budget = (budget_of or kv_budget_bytes)(hw, stage_weights(spec, layout, stage))
         window = spec.window_slots(BLOCK, stage.start, stage.stop)
         out.append((max(0, int(budget // per_token)), per_token, window))

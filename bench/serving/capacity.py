@@ -73,7 +73,7 @@ def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes:
     the whole context; a sequence's sliding-window layers take AttentionModel.window_slots."""
     weights = model.params_b * 1e9 * (weight_bytes or model.weight_bytes) / tp
     budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
-    return max(0, int(budget // model.kv_bytes_per_token(2, tp)))
+    return max(0, int(budget // model.kv_bytes_per_token(bytes_per_element=2, tp=tp)))
 
 
 def simulate(
@@ -302,10 +302,10 @@ def replication_report(
     model = MODELS[model_name]
     weight_bytes = f"{model.weight_bytes:.3g}"
     note = (
-        f"{model_name}: every TP rank holds every token's latent ({model.kv_bytes_per_token(2)} B "
-        "a token, all layers, bf16), so a TP group of t ranks holds one rank's pool, not t pools: (t-1)/t of "
-        f"its KV memory holds copies. Weights counted at {weight_bytes} "
-        f"byte{'s' if weight_bytes != '1' else ''} a parameter, as the model ships; TP degrees whose "
-        "weights do not fit a rank are left out."
+        f"{model_name}: every TP rank holds every token's latent "
+        f"({model.kv_bytes_per_token(bytes_per_element=2)} B a token, all layers, bf16), so a TP group of t "
+        "ranks holds one rank's pool, not t pools: (t-1)/t of its KV memory holds copies. Weights counted at "
+        f"{weight_bytes} byte{'s' if weight_bytes != '1' else ''} a parameter, as the model ships; TP "
+        "degrees whose weights do not fit a rank are left out."
     )
     return "\n".join([table(body, headers), "", note]) if rows else note + "\n(no TP degree fits)"

@@ -194,10 +194,15 @@ _ASSUMED = {
     "of its one-token latency (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE, as vLLM runs block-fp8 under EP "
     "(bf16: vLLM's Triton fused MoE, 1.2-1.8x slower); balanced routing, EP8; AIConfigurator's TensorRT-LLM "
     "tables, H200 (docs/facts.md#"
-    "measured-ground-truth-for-the-decode-step-model)): block-fp8 at DeepSeek-R1's expert shape (7168, 2048) "
-    "127, 223, 371, 526 and 580 TFLOP/s at 16, 32, 64, 128 and 256 rows; bf16 at Qwen3-30B-A3B's (2048, 768) "
-    "67, 100, 175, 302, 361 and 453 at 16-512 rows, at Qwen3-235B-A22B's (4096, 1536) 70, 131, 225, 382, 575 "
-    "and 638; an expert takes the curve of its dtype nearest its size",
+    "measured-ground-truth-for-the-decode-step-model)): "
+    + "; ".join(
+        f"{'block-fp8' if nbytes == 1 else 'bf16'} at ({hidden}, {inter}) "
+        + ", ".join(f"{rows}: {rate:.0f}" for rows, rate in curve)
+        + " TFLOP/s by rows"
+        for (nbytes, hidden, inter), curve in MOE_RATES.items()
+    )
+    + " (DeepSeek-R1's, Qwen3-30B-A3B's and Qwen3-235B-A22B's expert shapes); an expert takes the curve of "
+    "its dtype nearest its size",
     "launch": "anchor (assumed): 2 us a small kernel (norm, activation, rope, cache write) under CUDA "
     "graphs; the smallest kernels NVIDIA measured for vLLM (static fp8 quantization, up to 16 x 512) take "
     f"1.9 us (median; H100 2.0) ({TABLES})",

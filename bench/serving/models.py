@@ -54,7 +54,7 @@ class AttentionModel(Decoder):
     def q_heads_per_rank(self, tp: int = 1) -> int:
         return self.num_q_heads // tp
 
-    def kv_bytes_per_token(self, bytes_per_element: int = 2, tp: int = 1) -> int:
+    def kv_bytes_per_token(self, *, bytes_per_element: int = 2, tp: int = 1) -> int:
         """KV-cache bytes one token holds on one rank across the layers that keep the whole context; the
         sliding-window layers' cache is a fixed window a sequence (window_slots)."""
         if self.is_mla:
@@ -312,7 +312,7 @@ class ModelSpec(Decoder):
         stop = self.layers if stop is None else stop
         return sum(start <= i < stop for i in self.windowed)
 
-    def kv_bytes_per_token(self, tp: int = 1, kv_bytes: int = 2, start: int = 0, stop: int | None = None):
+    def kv_bytes_per_token(self, *, tp: int = 1, kv_bytes: int = 2, start: int = 0, stop: int | None = None):
         """Cache bytes one token of context holds on one rank over layers start to stop - 1: those keeping
         the whole context (full_context_layers); the sliding-window ones hold window_slots a sequence."""
         stop = self.layers if stop is None else stop
