@@ -602,6 +602,24 @@ def test_dispatch_plus_combine_counts_the_host_work_between_stages(group, monkey
     assert float(row[-1].replace(",", "")) >= 50_000
 
 
+def test_a_wrong_result_fails_the_dist_run(monkeypatch, tmp_path):
+    """dist's rank 0 writes the results, then raises on any entry whose check failed, so the run exits
+    non-zero and gpu-check's dist step (which reads the exit code) fails: a WRONG RESULT row alone said ok."""
+    from types import SimpleNamespace
+
+    from bench.commands import dist
+
+    entry = {"name": "ep[x] total", "extra_info": {"verified": False}, "stats": {}}
+    monkeypatch.setitem(dist.CASES, "ep", lambda rank, args: [entry])
+    monkeypatch.setattr(dist.results, "write", lambda path, entries, machine: path)
+    monkeypatch.setattr(dist, "_machine", lambda rank: {})
+    args = SimpleNamespace(case="ep", reps=1, warmup=0, out=str(tmp_path / "ep.json"))
+    with pytest.raises(RuntimeError, match=r"wrong result at ep\[x\] total"):
+        dist.run_rank(_one_rank(), args)
+    entry["extra_info"]["verified"] = True
+    dist.run_rank(_one_rank(), args)
+
+
 def test_expert_outputs_on_device_matches_the_host_version():
     x = randn((11, 5), torch.bfloat16, "cpu", generator(3))
     offsets = [0, 3, 3, 8]  # an empty expert; rows 8..10 padding
@@ -627,5 +645,7 @@ def test_the_graph_total_reports_its_own_check():
     }
     rows, entries = _ep_rows(shape, [mine], 1)
     assert entries[-1]["extra_info"]["stage"] == "total (CUDA graph)"
+    total = entries[-2]  # the whole eager step is an entry too, not a table row only
+    assert total["extra_info"]["stage"] == "total" and total["stats"]["median"] == pytest.approx(10.5e-3)
     assert entries[-1]["extra_info"]["verified"] is False and rows[-1][-1] == "WRONG RESULT"
     assert rows[-2][:2] == ["total", us(10.5e-3)]  # route + the whole call

@@ -500,3 +500,23 @@ def test_a_peer_on_another_clock_has_its_ratio_labelled_with_both():
     assert "host-pool 4.00x (host clock vs device time)" in gpu
     dry = reports.results_table([entry("triton", "host", 1e-5), entry("host-pool", "host", 4e-5)])
     assert "host-pool 4.00x" in dry and "vs device time" not in dry
+
+
+def test_result_files_are_replaced_whole_and_readable_as_before(tmp_path, monkeypatch):
+    """write_text_atomic renames a finished file over the old one (no reader sees half of it), leaves no
+    temporary file behind, and keeps the mode a plain write gives (mkstemp's 0600 would survive the
+    rename and hide the results from other users)."""
+    path = tmp_path / "run.json"
+    path.write_text("old")
+    (tmp_path / "plain").write_text("")
+    results.write_text_atomic(path, "new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["plain", "run.json"]
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+    def broken_replace(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        results.write_text_atomic(path, "newer")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["plain", "run.json"]

@@ -3,8 +3,8 @@ Qwen3-30B-A3B and Qwen3-235B-A22B (128, top-8), Mixtral-8x7B (8, top-2) and gpt-
 softmax), 1 to 16384 tokens, uniform and Zipf loads, each against its torch reference; and a whole MoE
 layer (route, dispatch, the experts' matmuls on the dispatched rows, combine) to show routing's share
 against experts run in torch: its extra_info names the experts' path (torch's grouped matmul, or a
-per-expert loop that syncs, and why). Those experts are bf16 for every model (DeepSeek-R1 ships fp8, which
-the project's grouped_gemm runs at about half the bf16 time), so the figure is named
+per-expert loop that syncs, and why). Those experts are bf16 for every model (DeepSeek-R1 ships fp8, whose
+weights are half the bytes: byte model, not measured), so the figure is named
 ``routing_share_bf16_torch_experts``; a model's ``routing_share`` on the project's kernels (fp8 for
 DeepSeek-R1) is bench_moe_gemm.py's test_fused_gather_saves_dispatchs_copy.
 
@@ -26,7 +26,7 @@ import kernels.moe as moe
 from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, capture_graph, flush_l2, time_cuda
-from bench.operators.moe import COMBINE, DISPATCH, ROUTE, load_statistics
+from bench.operators.moe import COMBINE, DISPATCH, ROUTE, RouteShape, load_statistics
 from bench.serving.models import MOE_MODELS
 from bench.testing import generator
 
@@ -98,21 +98,15 @@ def layer_inputs(model_name: str, tokens: int, device="cuda") -> dict:
     m = MOE_MODELS[model_name]
     gen = generator(7)
     logits = torch.randn(tokens, m.num_experts, generator=gen).to(torch.bfloat16).to(device)
-    bias = (torch.randn(m.num_experts, generator=gen) * 0.1).to(device) if m.bias else None
+    # A load-balancing bias is small (as the MoE layer operator's inputs: moe_gemm._layer_routing); at 0.1 it
+    # outweighed the sigmoid scores and about half the experts took every row.
+    bias = (torch.randn(m.num_experts, generator=gen) * 0.01).to(device) if m.bias else None
     x = torch.randn(tokens, m.hidden, generator=gen).to(torch.bfloat16).to(device)
     w13 = torch.empty(m.num_experts, m.hidden, 2 * m.intermediate, dtype=torch.bfloat16, device=device)
     w2 = torch.empty(m.num_experts, m.intermediate, m.hidden, dtype=torch.bfloat16, device=device)
     w13.normal_(0, 0.02)
     w2.normal_(0, 0.02)
-    route_kw = {
-        "scoring": m.scoring,
-        "num_groups": m.num_groups,
-        "topk_groups": m.topk_groups,
-        "bias": bias,
-        "scale": m.scale,
-        "softmax_after_topk": m.softmax_after_topk,
-        "renormalize": m.renormalize,
-    }
+    route_kw = RouteShape(model_name, tokens, m).route_kwargs() | {"bias": bias}
     return {"logits": logits, "route_kw": route_kw, "x": x, "w13": w13, "w2": w2}
 
 

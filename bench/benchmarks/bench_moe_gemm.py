@@ -19,6 +19,7 @@ graphs pays). The torch reference reads the routing on the host (it cannot be ca
 eagerly and its entry says so (``cuda_graph`` false).
 Run: ``pytest bench/benchmarks/bench_moe_gemm.py --benchmark-json out.json`` on a GPU."""
 
+import inspect
 from dataclasses import replace
 
 import pytest
@@ -84,11 +85,14 @@ def test_moe_layer(gpu_benchmark, benchmark, layer_shape, impl):
     )
 
 
+# route's keywords (all after logits and top_k), as moe_layer passes them through.
+_ROUTE_KEYWORDS = tuple(inspect.signature(moe.route).parameters)[2:]
+
+
 def layer_stages(args: dict, fused: bool) -> dict:
     """The layer's calls one stage at a time on ``args`` (moe_layer's), each stage's inputs made once here
     by the stage before it, outside any timing."""
-    route_kw = {k: args[k] for k in ("scoring", "num_groups", "topk_groups", "bias", "scale")}
-    route_kw["softmax_after_topk"], route_kw["renormalize"] = args["softmax_after_topk"], args["renormalize"]
+    route_kw = {k: args[k] for k in _ROUTE_KEYWORDS if k in args}
     x, logits, w13, w2, top_k, align = (
         args[k] for k in ("x", "router_logits", "w13", "w2", "top_k", "align")
     )
@@ -156,7 +160,9 @@ def test_fused_gather_saves_dispatchs_copy(benchmark, layer_shape):
     }
     fused_us = benchmark_graph(benchmark, fused, fused_label)
     benchmark.extra_info.update(
-        kernel="moe_layer",
+        # Its own kernel name: test_moe_layer's graph entry is (moe_layer, triton, shape, graph), and two
+        # entries under one key overwrite each other in reports and compare.
+        kernel="moe_layer-saving",
         shape=layer_shape.label,
         gpu=machine_info().gpu,
         cuda_graph=True,

@@ -63,6 +63,25 @@ def _wire_note(rank: distributed.Rank) -> str:
 # --- ep -----------------------------------------------------------------------------------------------------
 
 
+def _total_entry(
+    shape: ep.EPShape, stage: str, per_call: list[float], mean_ms: float, verified: bool
+) -> dict:
+    """The results entry of a whole EP step (route and dispatch + combine as one call, eager or replayed from
+    a CUDA graph): the slowest rank per call, the ranks' mean beside it."""
+    info = {
+        "kernel": "ep",
+        "stage": stage,
+        "shape": f"{shape.label} [{stage.replace(' (CUDA graph)', ', CUDA graph')}]",
+        "mode": shape.mode,
+        "world_size": shape.world,
+        "tokens_per_rank": shape.tokens,
+        "load": shape.load,
+        "verified": verified,
+        "mean_rank_s": mean_ms * 1e-3,
+    }
+    return results.entry(f"ep[{shape.label}] {stage}", "ep", Timing.from_samples(per_call), info)
+
+
 def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[list], list[dict]]:
     """A table row and a results entry per stage the shape ran: the slowest rank per call, the mean."""
     rows, entries = [], []
@@ -120,6 +139,9 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         }
         entries.append(results.entry(f"ep[{shape.label}] {stage}", "ep", Timing.from_samples(per_call), info))
     rows.append(["total", us(slowest_total * 1e-3), us(mean_total * 1e-3), f"{skew:.2f}"] + [""] * 5)
+    entries.append(
+        _total_entry(shape, "total", [max(t[i] for t in totals) for i in range(reps)], mean_total, verified)
+    )
     graphs = [r["graph_samples"] for r in everyone]
     if all(graphs):
         per_call = [max(g[i] for g in graphs) for i in range(min(map(len, graphs)))]
@@ -128,20 +150,8 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
         graph_check = "" if all(r["graph_verified"] for r in everyone) else "WRONG RESULT"
         graph_row = ["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""]
         rows.append(graph_row + [""] * 4 + [graph_check])
-        info = {
-            "kernel": "ep",
-            "stage": "total (CUDA graph)",
-            "shape": f"{shape.label} [total, CUDA graph]",
-            "mode": shape.mode,
-            "world_size": shape.world,
-            "tokens_per_rank": shape.tokens,
-            "load": shape.load,
-            "verified": all(r["graph_verified"] for r in everyone),
-            "mean_rank_s": graph_mean * 1e-3,
-        }
-        entries.append(
-            results.entry(f"ep[{shape.label}] total (CUDA graph)", "ep", Timing.from_samples(per_call), info)
-        )
+        graph_verified = all(r["graph_verified"] for r in everyone)
+        entries.append(_total_entry(shape, "total (CUDA graph)", per_call, graph_mean, graph_verified))
     else:
         notes = dict.fromkeys(r["graph_note"] for r in everyone if r["graph_note"])  # each rank's, once
         rows.append(["total, CUDA graph", "", "", ""] + [""] * 4 + ["; ".join(notes)])
@@ -341,3 +351,7 @@ def run_rank(rank: distributed.Rank, args) -> None:
     if rank.rank == 0 and args.out and entries:
         path = results.write(Path(args.out), entries, _machine(rank))
         print(f"\nwritten: {path}", flush=True)
+    # A wrong result fails the run (gpu-check's dist step reads the exit code), after every collective.
+    wrong = [e["name"] for e in entries or () if e["extra_info"].get("verified") is False]
+    if wrong:
+        raise RuntimeError(f"{args.case}: wrong result at {', '.join(wrong)}")

@@ -86,7 +86,7 @@ SANITIZED_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
 SHAPE_RESERVE_S = 2.0
 # A step still running this long past the deadline is taken for hung (_run_step's watchdog).
 HANG_GRACE_S = 20.0
-# A subprocess step at the deadline gets SIGTERM (torchrun then stops its workers, ncu its target), and this
+# A subprocess step at the deadline gets SIGTERM (dist then stops its spawned ranks, ncu its target), and this
 # long to end before everything it started is killed.
 TERM_GRACE_S = 5.0
 
@@ -199,8 +199,8 @@ def _read(file) -> str:
 
 
 def end_process_tree(child: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:
-    """Ends ``child`` and every process below it, its process group and those that left it (torchrun starts
-    each worker in a session of its own): SIGTERM first, so that torchrun stops its workers itself and a
+    """Ends ``child`` and every process below it, its process group and those that left it (a tool may start
+    its workers in sessions of their own): SIGTERM first, so that dist stops its spawned ranks itself and a
     profiler its target, then SIGKILL to whatever is left after ``grace_s``. The processes below are held
     by pidfd from the moment they are listed: by the time of the SIGKILL, a number that had exited may name
     another process, a pidfd never does."""
@@ -633,7 +633,7 @@ def _hung(check: CheckRun, name: str) -> None:
 
 def release_memory() -> None:
     """Gives what this process's caching allocator holds back to the GPU: the next step may be another
-    process (torchrun's ranks, the sanitizer's target, pytest) that needs it. The collection first frees
+    process (dist's spawned ranks, the sanitizer's target, pytest) that needs it. The collection first frees
     tensors only cycles still hold. Nothing to do where CUDA was never initialized (a dry run)."""
     import torch
 

@@ -71,6 +71,8 @@ def run_gpu(cases, graph: bool = True, out: str | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps()
     print(f"copy bandwidth measured now: {copy_gbps:.0f} GB/s (read + write)\n")
     errors = Path(out).with_name(f"{Path(out).stem}-errors.txt") if out else None
+    if errors:
+        errors.unlink(missing_ok=True)  # this run's tracebacks only
     entries, crashed = [], []
     for case in cases:
         for shape in case.default_shapes():
@@ -82,8 +84,10 @@ def run_gpu(cases, graph: bool = True, out: str | None = None) -> int:
             if out:
                 results.write(Path(out), entries, {"copy_gbps": copy_gbps})
     print(reports.results_table(entries))
-    if out:
+    if out and entries:
         print(f"\nwritten: {out}" + (f"; what raised: {errors}" if crashed else ""))
+    elif out:
+        print(f"\nnothing written to {out}: every shape raised (see {errors})")
     failed = crashed + failures(entries)
     if failed:
         print(f"\nFAILED: {', '.join(failed)}", file=sys.stderr)

@@ -76,43 +76,47 @@ def _check_against(rank: Rank, scenario, inputs, expected, *, mode: str, dedup: 
     """One scenario in one mode, ``runs`` times: its layout, send_rows and out against the reference, and
     every rerun's out bit-identical to the first. Capacity mode's reruns go through an EPWorkspace (the
     path a CUDA graph captures), so the last run's layout is the workspace's."""
-    xs, weights, ids = inputs
-    ref_x, ref_handle, want = expected
     me, experts = rank.rank, scenario.experts_per_rank * rank.world
+    # The reference ran on the host; the kernels run on the rank's device (a GPU's under NCCL).
+    x, w, ids = (t[me].to(rank.device) for t in inputs)
+    ref_x, ref_handle, want = expected
     kwargs = {"max_tokens_per_rank": max(scenario.tokens)} if mode == "capacity" else {}
     label = f"{scenario.name} {mode}{' dedup' if dedup else ''}"
     done = []
     for run in range(runs):
         if mode == "capacity" and run:
             kwargs["workspace"] = kernels.ep.EPWorkspace.for_shape(
-                *ids[me].shape,
+                *ids.shape,
                 experts,
                 scenario.hidden,
                 world_size=rank.world,
                 max_tokens_per_rank=max(scenario.tokens),
                 align=scenario.align,
                 dtype=scenario.dtype,
+                device=rank.device,
                 dedup=dedup,
             )
         with guard(rank, label):
             recv_x, handle = kernels.ep.ep_dispatch(
-                xs[me], weights[me], ids[me], experts, align=scenario.align, mode=mode, dedup=dedup, **kwargs
+                x, w, ids, experts, align=scenario.align, mode=mode, dedup=dedup, **kwargs
             )
             offsets = handle.expert_offsets.tolist()
             out = kernels.ep.ep_combine(
                 expert_outputs(recv_x, offsets, me * scenario.experts_per_rank), handle
             )
         done.append(out)
-    where = f"rank {me} {label}"
-    assert_bitwise_equal(handle.tokens_per_expert, ref_handle.tokens_per_expert, f"{where} counts")
-    assert_bitwise_equal(handle.expert_offsets, ref_handle.expert_offsets, f"{where} offsets")
+    where, device = f"rank {me} {label}", rank.device
+    counts, offsets_ref = ref_handle.tokens_per_expert.to(device), ref_handle.expert_offsets.to(device)
+    assert_bitwise_equal(handle.tokens_per_expert, counts, f"{where} counts")
+    assert_bitwise_equal(handle.expert_offsets, offsets_ref, f"{where} offsets")
     for e, count in enumerate(ref_handle.tokens_per_expert.tolist()):
         start = offsets[e]
-        assert_bitwise_equal(recv_x[start : start + count], ref_x[start : start + count], f"{where} rows")
+        rows = ref_x[start : start + count].to(device)
+        assert_bitwise_equal(recv_x[start : start + count], rows, f"{where} rows")
     sent = handle.send_rows.tolist()
     if sent != ref_handle.send_rows:
         raise AssertionError(f"{where} send_rows: {sent}, expected {ref_handle.send_rows}")
-    assert_close(out, want, f"{where} out", dtype=scenario.dtype)
+    assert_close(out, want.to(device), f"{where} out", dtype=scenario.dtype)
     for again in done[1:]:
         assert_bitwise_equal(again, out, f"{where} rerun")
     return f"{where}: {sum(ref_handle.tokens_per_expert.tolist())} rows in, {sum(sent)} sent, out matches"
@@ -120,10 +124,11 @@ def _check_against(rank: Rank, scenario, inputs, expected, *, mode: str, dedup: 
 
 def ep_check_bad_input(rank: Rank) -> list[str]:
     """Each bad call raises ValueError naming the argument on every rank; a good exchange afterwards shows
-    that no rank was left inside a collective."""
-    x = torch.randn(3, 8)
-    weights = torch.full((3, 2), 0.5)
-    ids = torch.zeros(3, 2, dtype=torch.int32)
+    that no rank was left inside a collective. On the rank's device (a GPU's under NCCL)."""
+    device = rank.device
+    x = torch.randn(3, 8, device=device)
+    weights = torch.full((3, 2), 0.5, device=device)
+    ids = torch.zeros(3, 2, dtype=torch.int32, device=device)
     ids[:, 1] = 1
     experts = 2 * rank.world
     bad = {
@@ -143,7 +148,7 @@ def ep_check_bad_input(rank: Rank) -> list[str]:
             max_tokens_per_rank=4,
             dedup=True,
             workspace=kernels.ep.EPWorkspace.for_shape(
-                3, 2, experts, 8, world_size=rank.world, max_tokens_per_rank=4, dtype=x.dtype
+                3, 2, experts, 8, world_size=rank.world, max_tokens_per_rank=4, dtype=x.dtype, device=device
             ),
         ),
     }

@@ -296,12 +296,6 @@ def _loopback_listener() -> socket.socket:
     return listener
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((_LOCAL, 0))
-        return s.getsockname()[1]
-
-
 # --- reductions and facts -----------------------------------------------------------------------------------
 
 

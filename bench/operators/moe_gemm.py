@@ -53,6 +53,7 @@ import reference.moe
 from bench.operators import moe as moe_operator
 from bench.operators.base import Case, Inputs, Peer, PeerUnavailable, Prepared, TuneSpec, pow2_between
 from bench.serving.models import MOE_MODELS, MoEModel
+from bench.serving.step import expected_experts_touched
 from bench.testing import (
     DTYPE_LABELS,
     FP8,
@@ -175,10 +176,9 @@ def touched_experts(shape: GemmShape) -> int:
 
 def expected_touched(shape: GemmShape) -> float:
     """The experts touched on average under uniform routing, what the presets' inputs draw (a shape alone,
-    before any routing; the shape's load is not looked at): each of the plan's tokens picks plan_top_k
-    distinct experts of E, so an expert is missed by all t of them with probability (1 - k / E)^t."""
-    experts, top_k = shape.experts, shape.plan_top_k
-    return experts * (1.0 - (1.0 - top_k / experts) ** shape.plan_tokens)
+    before any routing; the shape's load is not looked at): the step model's count at a flat popularity
+    (alpha 0), each of the plan's tokens picking plan_top_k distinct experts."""
+    return expected_experts_touched(shape.experts, shape.plan_top_k, shape.plan_tokens, alpha=0.0)
 
 
 def _weights(weight_dtype, experts: int, n: int, k: int, untouched, device, gen, launch_only=False) -> tuple:
