@@ -84,18 +84,13 @@ def stage_weights(spec: ModelSpec, layout: Layout, stage: range) -> float:
     (or split TP ways), the rest split TP ways; routed experts at their own width (MXFP4 in gpt-oss); the
     embedding on the first stage and the LM head on the last (one matrix when tied and both are one stage),
     bf16 in fp8 and MXFP4 checkpoints too."""
-    m, tp = spec.moe, layout.tp
-    moe = 0 if m is None else sum(i >= m.first_dense_layers for i in stage)
-    params = len(stage) * spec.attention_params() + (len(stage) - moe) * spec.mlp_params(spec.intermediate)
-    experts = 0.0
-    if m is not None:
-        params += moe * (m.shared_experts * spec.expert_params() + spec.hidden * m.num_experts)
-        experts = moe * m.num_experts * spec.expert_params() / (layout.ep if layout.ep > 1 else tp)
+    tp = layout.tp
+    split, routed = (sum(parts) for parts in zip(*(spec.layer_params(i) for i in stage)))
     first, last = stage.start == 0, stage.stop == spec.layers
     tables = first + last - (first and last and spec.tied_embeddings)  # embedding, LM head
     return (
-        params / tp * spec.weight_bytes
-        + experts * spec.routed_expert_bytes
+        split / tp * spec.weight_bytes
+        + routed / (layout.ep if layout.ep > 1 else tp) * spec.routed_expert_bytes
         + tables * spec.vocab * spec.hidden * 2 / tp
     )
 

@@ -247,7 +247,7 @@ class ModelSpec(Decoder):
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
     def routed_expert_params(self) -> int:
-        return 0 if self.moe is None else self.moe_layers * self.moe.num_experts * self.expert_params()
+        return sum(self.layer_params(i)[1] for i in range(self.layers))
 
     @property
     def routed_expert_bytes(self) -> float:
@@ -273,16 +273,19 @@ class ModelSpec(Decoder):
         rest = self.params() - experts - self.embedding_params()
         return experts * self.routed_expert_bytes + rest * self.weight_bytes + self.embedding_params() * 2
 
+    def layer_params(self, layer: int) -> tuple[int, int]:
+        """(parameters split TP ways, routed experts' parameters) of decoder layer ``layer``: attention and
+        the dense MLP, or in an MoE layer (from first_dense_layers on) the shared experts and the router
+        beside the routed experts."""
+        m, split = self.moe, self.attention_params()
+        if m is None or layer < m.first_dense_layers:
+            return split + self.mlp_params(self.intermediate), 0
+        split += m.shared_experts * self.expert_params() + self.hidden * m.num_experts
+        return split, m.num_experts * self.expert_params()
+
     def params(self) -> int:
-        """Every parameter: attention, dense MLPs, routed and shared experts, routers, embeddings."""
-        total = self.layers * self.attention_params() + self.dense_layers * self.mlp_params(self.intermediate)
-        if self.moe is not None:
-            m = self.moe
-            per_layer = (
-                m.num_experts + m.shared_experts
-            ) * self.expert_params() + self.hidden * m.num_experts
-            total += self.moe_layers * per_layer
-        return total + self.embedding_params()
+        """Every parameter: each layer's (layer_params), embeddings."""
+        return sum(sum(self.layer_params(i)) for i in range(self.layers)) + self.embedding_params()
 
     # -- the KV cache ----------------------------------------------------------------------------------------
 
