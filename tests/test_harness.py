@@ -335,20 +335,24 @@ def test_fused_gather_figures_are_graph_replays(monkeypatch):
 
 @pytest.mark.cpu_kernels  # the GPU path simulated on CPU tensors
 def test_moe_layer_kernel_entry_is_a_graph_replay(monkeypatch):
-    """bench_moe_gemm's test_moe_layer: the kernel's entry is its graph's replays (L2 flushed before
-    each), cuda_graph true, its GB/s from them; the eager median beside it as eager_us."""
+    """bench_moe_gemm's test_moe_layer through gpu_benchmark's graph option (conftest.time_case): the
+    kernel's entry is its graph's replays (L2 flushed before each), cuda_graph true, its GB/s from them; the
+    eager median beside it as eager_us."""
+    import functools
+
     from bench.benchmarks import bench_moe_gemm
+    from bench.benchmarks import conftest as harness
     from bench.operators.moe_gemm import MOE_LAYER, LayerShape
     from bench.serving.models import MoEModel
 
-    bench = _Recorder(monkeypatch, bench_moe_gemm, {})
-    monkeypatch.setattr(bench_moe_gemm, "_inputs", lambda case, shape: case.build(shape, "cpu", 1))
-    monkeypatch.setattr(bench_moe_gemm, "expected_of", lambda case, shape, inputs: None)
-    monkeypatch.setattr(bench_moe_gemm, "verify_kernel", lambda *a: {"verified": True})
-    monkeypatch.setattr(bench_moe_gemm, "copy_bandwidth_gbps", lambda: 3000.0)
-    monkeypatch.setattr(bench_moe_gemm, "matmul_tflops", lambda: 700.0)
+    bench = _Recorder(monkeypatch, harness, {})
+    monkeypatch.setattr(harness, "_inputs", lambda case, shape: case.build(shape, "cpu", 1))
+    monkeypatch.setattr(harness, "expected_of", lambda case, shape, inputs: None)
+    monkeypatch.setattr(harness, "verify_kernel", lambda *a: {"verified": True})
+    monkeypatch.setattr(harness, "copy_bandwidth_gbps", lambda: 3000.0)
+    monkeypatch.setattr(harness, "matmul_tflops", lambda: 700.0)
     shape = LayerShape("tiny", 2, MoEModel("tiny", 32, 4, 2, 16))
-    bench_moe_gemm.test_moe_layer(None, bench, shape, "triton")
+    bench_moe_gemm.test_moe_layer(functools.partial(harness.time_case, bench), shape, "triton")
     info = bench.extra_info
     assert info["cuda_graph"] and len(bench.captured) == 1 and bench.flushed
     assert info["gbps"] == round(MOE_LAYER.byte_model(shape) / 20e-6 / 1e9, 2)

@@ -26,9 +26,8 @@ import pytest
 
 import kernels.moe as moe
 from bench.benchmarks.cases import benchmark_every_impl
-from bench.benchmarks.conftest import ROUNDS, WARMUP_ROUNDS, _inputs, expected_of, verify_kernel
-from bench.measure.device import copy_bandwidth_gbps, machine_info, matmul_tflops
-from bench.measure.results import cost_info
+from bench.benchmarks.conftest import ROUNDS, WARMUP_ROUNDS
+from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, capture_graph, flush_l2, time_cuda
 from bench.operators.moe_gemm import GROUPED_GEMM, MOE_LAYER, STAGES
 from bench.testing import seed_of
@@ -62,27 +61,10 @@ def benchmark_graph(benchmark, fn, label: str) -> float:
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("layer_shape", MOE_LAYER.default_shapes(), ids=lambda s: s.label)
-def test_moe_layer(gpu_benchmark, benchmark, layer_shape, impl):
+def test_moe_layer(gpu_benchmark, layer_shape, impl):
     """The kernel's layer as a CUDA-graph replay, its eager median beside it (eager_us); the torch
-    reference eagerly (it reads the routing on the host: no graph), its entry left as gpu_benchmark's."""
-    if impl == "reference":
-        gpu_benchmark(MOE_LAYER, layer_shape, impl)
-        return
-    inputs = _inputs(MOE_LAYER, layer_shape)
-    verified = verify_kernel(MOE_LAYER, layer_shape, inputs, expected_of(MOE_LAYER, layer_shape, inputs))
-    label = f"moe_layer[triton graph] {layer_shape.label}"
-    benchmark.group = f"moe_layer {layer_shape.label}"
-    median_us = benchmark_graph(benchmark, lambda: MOE_LAYER.kernel(**inputs.args), label)
-    peaks = copy_bandwidth_gbps(), matmul_tflops()
-    benchmark.extra_info.update(cost_info(MOE_LAYER, layer_shape, median_us / 1e6, *peaks))
-    benchmark.extra_info.update(
-        impl="triton",
-        gpu=machine_info().gpu,
-        timer="cuda-events",
-        cuda_graph=True,
-        eager_us=round(eager_us(lambda: MOE_LAYER.kernel(**inputs.args), label), 2),
-        **verified,
-    )
+    reference eagerly (it reads the routing on the host: no graph)."""
+    gpu_benchmark(MOE_LAYER, layer_shape, impl, graph=impl == "triton")
 
 
 # route's keywords (all after logits and top_k), as moe_layer passes them through.

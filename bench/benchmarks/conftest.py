@@ -1,6 +1,7 @@
 """pytest-benchmark plumbing for bench/bench_*.py (GPU only: on a machine without CUDA they skip).
 
-``gpu_benchmark(case, shape, impl)`` times one kernel (or its reference) at one shape with the CUDA-event
+``gpu_benchmark(case, shape, impl, graph=False)`` (time_case) times one kernel (or its reference) at one
+shape with the CUDA-event
 clock (a host-only peer on the host clock: ``"timer": "host"``), L2 flushed before every round (in
 pedantic's untimed setup), an NVTX range around every call, and
 writes bytes, FLOPs, GB/s, TFLOP/s, % of the copy bandwidth and of the bf16 matmul ceiling measured in this
@@ -11,11 +12,13 @@ test, one that cannot run here is skipped with the reason, and extra_info record
 ``checked_against`` and ``max_error``.
 """
 
+import functools
+
 import pytest
 
 from bench.measure.device import copy_bandwidth_gbps, machine_info, matmul_tflops
 from bench.measure.results import cost_info
-from bench.measure.timing import CUDA_CLOCK, flush_l2
+from bench.measure.timing import CUDA_CLOCK, capture_graph, flush_l2, time_cuda
 from bench.operators.base import PeerUnavailable, Prepared, verify_and_prepare
 from bench.testing import seed_of
 
@@ -93,38 +96,48 @@ def _timer(host: bool) -> str:
     return "host" if host else "cuda-events"
 
 
+def time_case(benchmark, case, shape, impl: str = "triton", *, graph: bool = False) -> None:
+    """What ``gpu_benchmark(case, shape, impl)`` does (the module docstring). ``graph``: the call is
+    captured once into a CUDA graph (outside the rounds) and its replays are the rounds, cuda_graph true,
+    the eager median beside them as eager_us: what a serving engine sees of a layer whose launches take
+    longer to issue than to run."""
+    if impl == "reference" and not case.reference_affordable(shape):
+        pytest.skip(f"reference: too slow above {case.reference_max_bytes / 1e9:.1f} GB of modelled traffic")
+    inputs = _inputs(case, shape)
+    info, host = {}, False
+    if impl in case.peers:
+        expected = expected_of(case, shape, inputs)
+        prepared, info = prepare_peer(case, shape, impl, inputs, expected)
+        host = case.peers[impl].host_only
+    else:
+        fn = {"triton": case.kernel, "reference": case.reference}[impl]
+        prepared = Prepared(lambda: fn(**inputs.args), inputs.reset)
+        if impl == "triton":  # the kernel too is checked at the shape it is timed, where affordable
+            info = verify_kernel(case, shape, inputs, expected_of(case, shape, inputs))
+    label = f"{case.name}[{impl}{' graph' if graph else ''}] {shape.label}"
+    reset = prepared.reset or (lambda: None)
+    if graph:
+        reset()
+    call = capture_graph(prepared.call) if graph else prepared.call
+    timed = CUDA_CLOCK.timed(call, label=label, host=host)
+    benchmark.group = f"{case.name} {shape.label}"
+
+    def setup():
+        reset()
+        if not host:  # host-only work reads no device memory
+            flush_l2()
+
+    benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    median_s = benchmark.stats.stats.median
+    benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps(), matmul_tflops()))
+    benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, timer=_timer(host), **info)
+    if graph:
+        eager = time_cuda(prepared.call, label=f"{label} eager", setup=prepared.reset)
+        benchmark.extra_info.update(cuda_graph=True, eager_us=round(eager.median_ms * 1e3, 2))
+    if impl == "triton":
+        benchmark.extra_info["launch_config"] = case.launch_config(inputs) if case.launch_config else None
+
+
 @pytest.fixture
 def gpu_benchmark(benchmark):
-    def run(case, shape, impl: str = "triton"):
-        if impl == "reference" and not case.reference_affordable(shape):
-            pytest.skip(
-                f"reference: too slow above {case.reference_max_bytes / 1e9:.1f} GB of modelled traffic"
-            )
-        inputs = _inputs(case, shape)
-        info, host = {}, False
-        if impl in case.peers:
-            expected = expected_of(case, shape, inputs)
-            prepared, info = prepare_peer(case, shape, impl, inputs, expected)
-            host = case.peers[impl].host_only
-        else:
-            fn = {"triton": case.kernel, "reference": case.reference}[impl]
-            prepared = Prepared(lambda: fn(**inputs.args), inputs.reset)
-            if impl == "triton":  # the kernel too is checked at the shape it is timed, where affordable
-                info = verify_kernel(case, shape, inputs, expected_of(case, shape, inputs))
-        timed = CUDA_CLOCK.timed(prepared.call, label=f"{case.name}[{impl}] {shape.label}", host=host)
-        benchmark.group = f"{case.name} {shape.label}"
-        reset = prepared.reset or (lambda: None)
-
-        def setup():
-            reset()
-            if not host:  # host-only work reads no device memory
-                flush_l2()
-
-        benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-        median_s = benchmark.stats.stats.median
-        benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps(), matmul_tflops()))
-        benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, timer=_timer(host), **info)
-        if impl == "triton":
-            benchmark.extra_info["launch_config"] = case.launch_config(inputs) if case.launch_config else None
-
-    return run
+    return functools.partial(time_case, benchmark)
