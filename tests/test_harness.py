@@ -506,7 +506,7 @@ def test_a_peer_on_another_clock_has_its_ratio_labelled_with_both():
     assert "host-pool 4.00x" in dry and "vs device time" not in dry
 
 
-def test_result_files_are_replaced_whole_and_readable_as_before(tmp_path, monkeypatch):
+def test_a_result_file_keeps_a_plain_writes_mode_and_a_failed_write_keeps_the_old_one(tmp_path, monkeypatch):
     """write_text_atomic renames a finished file over the old one (no reader sees half of it), leaves no
     temporary file behind, and keeps the mode a plain write gives (mkstemp's 0600 would survive the
     rename and hide the results from other users)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from bench.serving import batching
-from bench.serving.batching import ACTIVATION_RESERVE_GIB, MEMORY_UTILISATION, Batching, Requests
+from bench.serving.batching import ACTIVATION_RESERVE_GIB, Batching, Requests, kv_pool_bytes
 from bench.serving.hardware import Hardware, Interconnect
 from bench.serving.models import ModelSpec, pipeline_stages
 from bench.serving.step import Layout, prefill_stages, seconds_by_bound, step_seconds, step_stages
@@ -101,8 +101,8 @@ def weights_per_rank(spec: ModelSpec, layout: Layout) -> float:
 
 
 def kv_budget_bytes(hw: Hardware, weights: float) -> float:
-    """A rank's KV pool: the memory an engine may use, less its weights and the activations' reserve."""
-    return hw.memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_BYTES
+    """A rank's KV pool on ``hw`` (batching.kv_pool_bytes)."""
+    return kv_pool_bytes(hw.memory_bytes, weights)
 
 
 def stage_pools(

@@ -35,6 +35,14 @@ import numpy as np
 MEMORY_UTILISATION = 0.9
 #: Memory kept for activations beside the weights and the KV pool.
 ACTIVATION_RESERVE_GIB = 2.0
+
+
+def kv_pool_bytes(memory_bytes: float, weights: float) -> float:
+    """A rank's KV pool, vLLM's rule: the memory an engine may use (MEMORY_UTILISATION of the GPU's), less
+    its weights and the activations' reserve. The capacity study and the advisor's memory plan both."""
+    return memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
+
+
 #: The share of the pool kept free at admission, as vLLM's block manager does.
 WATERMARK = 0.01
 #: New sequences considered for admission in one step (a bound that keeps the vectors short; a step of a

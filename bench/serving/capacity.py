@@ -72,7 +72,7 @@ def kv_pool_tokens(model: AttentionModel, gpu_gib: float, tp: int, weight_bytes:
     for gpt-oss-120b's MXFP4 experts beside bf16 attention). A slot is a token's KV in the layers keeping
     the whole context; a sequence's sliding-window layers take AttentionModel.window_slots."""
     weights = model.params_b * 1e9 * (model.weight_bytes if weight_bytes is None else weight_bytes) / tp
-    budget = gpu_gib * 2**30 * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
+    budget = batching.kv_pool_bytes(gpu_gib * 2**30, weights)
     return max(0, int(budget // model.kv_bytes_per_token(bytes_per_element=2, tp=tp)))
 
 

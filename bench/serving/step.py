@@ -259,9 +259,7 @@ def experts_ceiling(hw: Hardware, weight_bytes, shape, shares, tokens: float, to
     rate its own rows reach (Hardware.moe_tflops: a tile of M rows costs the same however few of them are
     filled), so the ceiling is the FLOP-weighted harmonic mean over the experts. An expert a few tokens touch
     by chance counts with the rows it gets when touched, weighted by that chance. Experts of a dtype with no
-    measured curve: one rate whatever the rows."""
-    if hw.moe_rate_curve(weight_bytes, shape) is None:
-        return hw.moe_tflops(weight_bytes, 0.0, shape)
+    measured curve: one rate whatever the rows (moe_tflops gives its ceiling)."""
     shares = np.asarray(shares, dtype=float)
     touched = 1.0 - np.maximum(0.0, 1.0 - shares * top_k) ** tokens
     rows = tokens * top_k * shares * scale
