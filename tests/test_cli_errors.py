@@ -20,14 +20,14 @@ from bench.commands.model_inputs import load_model_config
 from bench.measure import results
 from bench.measure.timing import Timing
 from bench.serving import advisor
-from bench.serving.models import MODEL_SPECS
+from bench.serving.models import CONFIGS, MODEL_SPECS
 from bench.serving.step import Layout, check_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Hugging Face config.json files of two presets, trimmed to the fields the reader uses (tests/data).
-LLAMA_CONFIG = json.loads((ROOT / "tests" / "data" / "hf-config-Llama-3.1-8B.json").read_text())
-DEEPSEEK_CONFIG = json.loads((ROOT / "tests" / "data" / "hf-config-DeepSeek-R1.json").read_text())
+# Two presets' Hugging Face config.json files, as the presets are read from them.
+LLAMA_CONFIG = json.loads((CONFIGS / "Llama-3.1-8B.json").read_text())
+DEEPSEEK_CONFIG = json.loads((CONFIGS / "DeepSeek-R1.json").read_text())
 
 #: Functions that start work: none may run before a bad argument is reported.
 WORK = [

@@ -1,20 +1,18 @@
 """Model presets and workloads (bench/serving/models.py, workloads.py): sizes and KV bytes against the
-published figures, tensor-parallel splits, a Hugging Face config read into the preset it describes, and the
+published figures, tensor-parallel splits, the presets' config files read as a user's are, and the
 NaturalReasoning-like workload's published shape. The checks on impossible configs are
 tests/test_cli_errors.py's."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.commands.model_inputs import load_model_config
-from bench.serving.models import MODEL_SPECS, MODELS, MOE_MODELS, model_from_hf_config
+from bench.serving.models import CONFIGS, MODEL_SPECS, MODELS, MOE_MODELS, model_from_hf_config
 from bench.serving.workloads import WORKLOADS
 
 NATURAL = WORKLOADS["NaturalReasoning-like"]
-DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize(
@@ -67,22 +65,59 @@ def test_kv_bytes_per_token_match_the_table():
     assert r1.kv_bytes_per_token_layer(tp=8) == r1.kv_bytes_per_token_layer(tp=1)  # the latent is replicated
 
 
-def test_a_hugging_face_config_reads_into_the_preset(tmp_path):
-    for preset in ("DeepSeek-R1", "Llama-3.1-8B"):
-        read = load_model_config(DATA / f"hf-config-{preset}.json", name=preset)
-        want = MODEL_SPECS[preset]
-        assert read.params() == want.params() and read.weight_bytes == want.weight_bytes
-        assert read.kv_bytes_per_token_layer(8) == want.kv_bytes_per_token_layer(8)
-        assert read.moe == want.moe and read.mla == want.mla
-    # The router's rule comes with it: what step's timing routes a config.json's model by.
-    read = load_model_config(DATA / "hf-config-DeepSeek-R1.json", name="DeepSeek-R1")
-    assert read.moe_model() == MOE_MODELS["DeepSeek-R1"]
-    with pytest.raises(ValueError, match="no MoE layers"):
-        MODEL_SPECS["Llama-3.1-8B"].moe_model()
+def test_every_preset_is_its_config_read_as_a_users_would_be(tmp_path):
+    """A preset is its config.json through the reader `--config PATH` uses (the file path and the preset
+    table cannot disagree); a file that describes no model is a ValueError naming it."""
+    for name, preset in MODEL_SPECS.items():
+        assert load_model_config(CONFIGS / f"{name}.json", name=name) == preset, name
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="^config:"):
         load_model_config(path)
+
+
+@pytest.mark.parametrize(
+    "name, experts, top_k, width, scoring",
+    [
+        ("DeepSeek-R1", 256, 8, 2048, "sigmoid"),
+        ("Qwen3-30B-A3B", 128, 8, 768, "softmax"),
+        ("Qwen3-235B-A22B", 128, 8, 1536, "softmax"),
+        ("Mixtral-8x7B", 8, 2, 14336, "softmax"),
+        ("gpt-oss-120b", 128, 4, 2880, "softmax"),
+    ],
+)
+def test_moe_presets_match_the_published_routing(name, experts, top_k, width, scoring):
+    """docs/facts.md#moe-routing's table, against what the config files read into."""
+    moe = MODEL_SPECS[name].moe
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate, moe.scoring) == (
+        experts,
+        top_k,
+        width,
+        scoring,
+    )
+    assert moe.softmax_after_topk == (name == "gpt-oss-120b")  # top-4 on logits, softmax over the 4 chosen
+    assert MOE_MODELS[name] == MODEL_SPECS[name].moe_model()  # the router's rule comes with it
+
+
+def test_deepseek_r1_reads_into_its_published_shape():
+    """docs/facts.md#model-shapes (DeepSeek-R1 in full): first 3 layers dense, 1 shared expert, 8 groups
+    keeping 4, scores scaled by 2.5 with a correction bias; MLA q_lora 1536, kv_lora 512, qk 128 + 64 (a
+    head's query and key 192 wide: config.json has no head_dim for MLA), v_head 128, YaRN factor 40; fp8
+    weights."""
+    r1 = MODEL_SPECS["DeepSeek-R1"]
+    moe, mla = r1.moe, r1.mla
+    assert (moe.first_dense_layers, moe.shared_experts, moe.num_groups, moe.topk_groups) == (3, 1, 8, 4)
+    assert (moe.routed_scale, moe.score_bias, moe.renormalize) == (2.5, True, True)
+    assert (r1.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim) == (
+        1536,
+        512,
+        128,
+        64,
+    )
+    assert (r1.head_dim, r1.v_head_dim, mla.rope_factor, mla.mscale_all_dim) == (192, 128, 40.0, 1.0)
+    assert (r1.weight_bytes, r1.intermediate, r1.vocab) == (1, 18432, 129280)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        MODEL_SPECS["Llama-3.1-8B"].moe_model()
 
 
 def test_gpt_oss_sliding_window_layers_hold_a_window_not_the_context():
@@ -146,7 +181,7 @@ def test_natural_reasoning_matches_the_published_shape():
     ],
 )
 def test_a_config_reads_its_weights_precision(quantization, weight_bytes, expert_bytes):
-    fields = json.loads((DATA / "hf-config-Llama-3.1-8B.json").read_text())
+    fields = json.loads((CONFIGS / "Llama-3.1-8B.json").read_text())
     fields.pop("quantization_config", None)
     if quantization is not None:
         fields["quantization_config"] = quantization
@@ -167,7 +202,7 @@ def test_a_config_reads_its_weights_precision(quantization, weight_bytes, expert
 )
 def test_a_config_with_an_unknown_quantization_is_refused(quantization):
     """Counting an unrecognised method's weights as bf16 would misstate every memory plan built on it."""
-    fields = json.loads((DATA / "hf-config-Llama-3.1-8B.json").read_text())
+    fields = json.loads((CONFIGS / "Llama-3.1-8B.json").read_text())
     fields["quantization_config"] = quantization
     with pytest.raises(ValueError, match="quantization_config.quant_method"):
         model_from_hf_config(fields)
@@ -192,10 +227,8 @@ def test_norm_topk_prob_reaches_the_router():
     import reference.moe
     from bench.operators.moe import RouteShape
 
-    fields = json.loads((DATA / "hf-config-DeepSeek-R1.json").read_text())
-    assert load_model_config(
-        DATA / "hf-config-DeepSeek-R1.json"
-    ).moe.renormalize  # unset or true: renormalised
+    fields = json.loads((CONFIGS / "DeepSeek-R1.json").read_text())
+    assert load_model_config(CONFIGS / "DeepSeek-R1.json").moe.renormalize  # true: renormalised
     spec = model_from_hf_config({**fields, "norm_topk_prob": False})
     assert spec.moe.renormalize is False and spec.moe_model().renormalize is False
     kwargs = RouteShape("v2", 3, spec.moe_model()).route_kwargs()

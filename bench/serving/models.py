@@ -1,13 +1,15 @@
 """Model presets and shape sweeps, from the models' published configs (docs/facts.md#model-shapes).
 
 One place for the numbers: benchmark cases, the decode-step model, the capacity study and the advisor build
-their shapes from here, so a head count or a sweep is written once. A model's config.json is read by the
-caller (bench/commands) and passed in as its fields: nothing here opens a file.
+their shapes from here, so a head count or a sweep is written once. The presets are the models' own
+config.json files (data/configs/), read by the same reader as a user's config.json; a user's file is read by
+the caller (bench/commands) and passed in as its fields.
 """
 
+import json
 import math
-from dataclasses import dataclass, replace
-from pathlib import PurePath
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,20 @@ class MLAGeometry:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
+    def qk_width(self) -> int:
+        """Each head's query and key width before absorption (config.json has no head_dim for MLA)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
     def softmax_scale(self) -> float:
         """1/sqrt(qk_nope + qk_rope) times YaRN's attention factor squared, as DeepSeek's modelling code
         computes it (0.1 x mscale_all_dim x ln(factor) + 1, when the factor is above 1)."""
-        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        scale = self.qk_width**-0.5
         if self.rope_factor > 1 and self.mscale_all_dim:
             mscale = 0.1 * self.mscale_all_dim * math.log(self.rope_factor) + 1.0
             scale *= mscale * mscale
         return scale
 
-
-#: DeepSeek-R1 (= V3's attention): kv_lora_rank 512, rope 64, nope 128, YaRN factor 40, mscale_all_dim 1.
-MLA_MODELS: dict[str, MLAGeometry] = {
-    "DeepSeek-R1": MLAGeometry(
-        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, rope_factor=40.0, mscale_all_dim=1.0
-    )
-}
 
 #: Decode: one new token per sequence, batch 1 to 256.
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -232,7 +232,7 @@ class ModelSpec(Decoder):
             kv = self.num_kv_heads * self.head_dim
             return h * q + 2 * h * kv + q * h
         g, heads = self.mla, self.num_q_heads
-        qk = g.qk_nope_head_dim + g.qk_rope_head_dim
+        qk = g.qk_width
         q = (h * self.q_lora_rank + self.q_lora_rank * heads * qk) if self.q_lora_rank else h * heads * qk
         kv = h * g.cached_width + g.kv_lora_rank * heads * (g.qk_nope_head_dim + self.v_head_dim)
         return q + kv + heads * self.v_head_dim * h
@@ -388,165 +388,8 @@ def pipeline_stages(layers: int, pp: int) -> list[range]:
     return [range(start, start + size) for start, size in zip(starts, sizes)]
 
 
-def _llama(name, *, layers, hidden, heads, kv_heads, intermediate, vocab=128256, head_dim=128) -> ModelSpec:
-    """A Llama-shaped dense model (head_dim 128 unless given): the Llama 3.1 family and the Llama and
-    Qwen2.5 distills; the dense frame of _moe's models."""
-    return ModelSpec(
-        name=name,
-        layers=layers,
-        hidden=hidden,
-        num_q_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate=intermediate,
-        vocab=vocab,
-    )
-
-
-def _moe(
-    name,
-    *,
-    head_dim,
-    vocab,
-    experts,
-    top_k,
-    width,
-    softmax_after_topk=False,
-    expert_weight_bytes=None,
-    **dense,
-) -> ModelSpec:
-    """A GQA model whose every layer is MoE (Qwen3 MoE, Mixtral, gpt-oss), softmax-routed; ``dense``: _llama's
-    dimensions."""
-    moe = MoESpec(
-        num_experts=experts, top_k=top_k, expert_intermediate=width, softmax_after_topk=softmax_after_topk
-    )
-    dense_frame = _llama(name, head_dim=head_dim, vocab=vocab, **dense)
-    return replace(dense_frame, moe=moe, expert_weight_bytes=expert_weight_bytes)
-
-
 #: MXFP4 (OCP Microscaling, FP4 E2M1): a 4-bit value a parameter and one 8-bit scale per 32, 4.25 bits.
 MXFP4_BYTES = (4 + 8 / 32) / 8
-
-#: Every model of docs/facts.md#model-shapes, the distills the scaling study (arXiv 2605.19775) ran under
-#: their published names included.
-MODEL_SPECS: dict[str, ModelSpec] = {
-    m.name: m
-    for m in (
-        _llama("Llama-3.1-8B", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336),
-        _llama("Llama-3.1-70B", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672),
-        _llama("Llama-3.1-405B", layers=126, hidden=16384, heads=128, kv_heads=8, intermediate=53248),
-        _llama(
-            "DeepSeek-R1-Distill-Llama-8B", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336
-        ),
-        _llama(
-            "DeepSeek-R1-Distill-Llama-70B", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672
-        ),
-        _llama(
-            "DeepSeek-R1-Distill-Qwen-14B",
-            layers=48,
-            hidden=5120,
-            heads=40,
-            kv_heads=8,
-            intermediate=13824,
-            vocab=152064,
-        ),
-        _llama(
-            "DeepSeek-R1-Distill-Qwen-32B",
-            layers=64,
-            hidden=5120,
-            heads=40,
-            kv_heads=8,
-            intermediate=27648,
-            vocab=152064,
-        ),
-        _llama("Qwen3-32B", layers=64, hidden=5120, heads=64, kv_heads=8, intermediate=25600, vocab=151936),
-        _moe(
-            "Qwen3-30B-A3B",
-            layers=48,
-            hidden=2048,
-            heads=32,
-            kv_heads=4,
-            head_dim=128,
-            intermediate=6144,
-            vocab=151936,
-            experts=128,
-            top_k=8,
-            width=768,
-        ),
-        _moe(
-            "Qwen3-235B-A22B",
-            layers=94,
-            hidden=4096,
-            heads=64,
-            kv_heads=4,
-            head_dim=128,
-            intermediate=12288,
-            vocab=151936,
-            experts=128,
-            top_k=8,
-            width=1536,
-        ),
-        _moe(
-            "Mixtral-8x7B",
-            layers=32,
-            hidden=4096,
-            heads=32,
-            kv_heads=8,
-            head_dim=128,
-            intermediate=14336,
-            vocab=32000,
-            experts=8,
-            top_k=2,
-            width=14336,
-        ),
-        replace(  # layer_types: sliding_attention (window 128) on even layers, full_attention on odd
-            _moe(
-                "gpt-oss-120b",
-                layers=36,
-                hidden=2880,
-                heads=64,
-                kv_heads=8,
-                head_dim=64,
-                intermediate=2880,
-                vocab=201088,
-                experts=128,
-                top_k=4,
-                width=2880,
-                softmax_after_topk=True,
-                expert_weight_bytes=MXFP4_BYTES,  # as released: MXFP4 experts, the rest bf16
-            ),
-            sliding_window=128,
-            windowed=tuple(range(0, 36, 2)),
-        ),
-        ModelSpec(
-            name="DeepSeek-R1",
-            layers=61,
-            hidden=7168,
-            num_q_heads=128,
-            num_kv_heads=128,
-            head_dim=192,
-            intermediate=18432,
-            vocab=129280,
-            weight_bytes=1,
-            mla=MLA_MODELS["DeepSeek-R1"],
-            q_lora_rank=1536,
-            v_head_dim=128,
-            moe=MoESpec(
-                num_experts=256,
-                top_k=8,
-                expert_intermediate=2048,
-                shared_experts=1,
-                first_dense_layers=3,
-                num_groups=8,
-                topk_groups=4,
-                scoring="sigmoid",
-                routed_scale=2.5,
-                score_bias=True,
-            ),
-        ),
-    )
-}
-
 
 _REQUIRED = object()
 
@@ -720,7 +563,7 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
         hidden=hidden,
         num_q_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=config.integer("head_dim", default=hidden // heads),
+        head_dim=config.integer("head_dim", default=mla.qk_width if mla else hidden // heads),
         intermediate=config.integer("intermediate_size"),
         vocab=config.integer("vocab_size"),
         tied_embeddings=config.choice("tie_word_embeddings", (bool,), False),
@@ -735,20 +578,27 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
     )
 
 
-#: The MoE layers the routing, dispatch and expert-GEMM cases sweep, derived from MODEL_SPECS like MODELS.
-MOE_MODELS: dict[str, MoEModel] = {
-    name: MODEL_SPECS[name].moe_model()
-    for name in ("DeepSeek-R1", "Qwen3-30B-A3B", "Qwen3-235B-A22B", "Mixtral-8x7B", "gpt-oss-120b")
-}
+#: The presets' config.json files (data/configs/SOURCES.md: where each came from).
+CONFIGS = Path(__file__).parent / "data" / "configs"
 
-#: The attention view of the models the cases and the capacity study sweep, derived from MODEL_SPECS so each
-#: number is written once.
-MODELS: dict[str, AttentionModel] = {
-    name: MODEL_SPECS[name].attention_model()
+#: The distills the scaling study (arXiv 2605.19775) ran, under their published names: presets for the
+#: advisor and the capacity study, not swept by the kernel cases (each shares a base model's shape).
+DISTILLS = (
+    "DeepSeek-R1-Distill-Llama-8B",
+    "DeepSeek-R1-Distill-Llama-70B",
+    "DeepSeek-R1-Distill-Qwen-14B",
+    "DeepSeek-R1-Distill-Qwen-32B",
+)
+
+#: Every model of docs/facts.md#model-shapes, each read from its own config.json by the reader a user's
+#: --config goes through, so a preset and the checkpoint it names cannot drift apart.
+MODEL_SPECS: dict[str, ModelSpec] = {
+    name: model_from_hf_config(json.loads((CONFIGS / f"{name}.json").read_text()), f"{name}.json", name)
     for name in (
         "Llama-3.1-8B",
         "Llama-3.1-70B",
         "Llama-3.1-405B",
+        *DISTILLS,
         "Qwen3-32B",
         "Qwen3-30B-A3B",
         "Qwen3-235B-A22B",
@@ -756,4 +606,20 @@ MODELS: dict[str, AttentionModel] = {
         "gpt-oss-120b",
         "DeepSeek-R1",
     )
+}
+
+#: The MLA geometry the attention cases sweep: DeepSeek-R1's (= V3's attention: kv_lora_rank 512, rope 64,
+#: nope 128, YaRN factor 40, mscale_all_dim 1).
+MLA_MODELS: dict[str, MLAGeometry] = {"DeepSeek-R1": MODEL_SPECS["DeepSeek-R1"].mla}
+
+#: The MoE layers the routing, dispatch and expert-GEMM cases sweep, derived from MODEL_SPECS like MODELS.
+MOE_MODELS: dict[str, MoEModel] = {
+    name: MODEL_SPECS[name].moe_model()
+    for name in ("DeepSeek-R1", "Qwen3-30B-A3B", "Qwen3-235B-A22B", "Mixtral-8x7B", "gpt-oss-120b")
+}
+
+#: The attention view of the models the cases and the capacity study sweep (every preset but the distills),
+#: derived from MODEL_SPECS so each number is written once.
+MODELS: dict[str, AttentionModel] = {
+    name: spec.attention_model() for name, spec in MODEL_SPECS.items() if name not in DISTILLS
 }

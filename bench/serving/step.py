@@ -278,7 +278,7 @@ def _prefill_attention(spec, layout, tokens, context, hw, comp, kv_bytes):
     if spec.mla is None:
         width = 2 * spec.head_dim  # q.k and p.v
     else:  # prefill runs MLA un-absorbed: per-head keys of qk_nope + rope, values of v_head_dim
-        width = spec.mla.qk_nope_head_dim + spec.mla.qk_rope_head_dim + spec.v_head_dim
+        width = spec.mla.qk_width + spec.v_head_dim
     nbytes = (context + tokens) * kv_token + 2 * tokens * spec.hidden * 2
     comp("write_kv", "attention", 2 * tokens * kv_token, 0, hw.launch_us, kernel="write_kv")
     comp("prefill_attention", "attention", nbytes, 2 * tokens * context * heads * width, hw.attention_us)
@@ -311,7 +311,7 @@ def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
         comp("o_proj", "gemm", o_params * wb + 2 * act, 2 * batch * o_params, gemm, tflops=tflops)
         return
     g, v = spec.mla, spec.v_head_dim
-    qk = g.qk_nope_head_dim + g.qk_rope_head_dim
+    qk = g.qk_width
     # Down projections (q_a with kv_a, fused) are whole on every rank; q_b is split by heads.
     down = h * (spec.q_lora_rank or 0) + h * g.cached_width
     up = (spec.q_lora_rank or h) * heads * qk
