@@ -23,7 +23,7 @@ from bench.serving.advisor import (
 )
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
-from bench.serving.step import Layout
+from bench.serving.step import Deployment, Layout
 from bench.serving.workloads import WORKLOADS
 
 H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
@@ -32,7 +32,7 @@ NATURAL = WORKLOADS["NaturalReasoning-like"]
 
 def test_memory_plan_by_hand():
     llama = MODEL_SPECS["Llama-3.1-8B"]
-    plan = memory_plan(llama, Layout(tp=2), H200, NATURAL)
+    plan = memory_plan(Deployment(llama, Layout(tp=2), H200, NVLINK), NATURAL)
     weights = llama.params() * 2 / 2
     assert plan.weights_bytes == pytest.approx(weights)
     h200 = 143771 * 2**20  # as nvidia-smi reports it (docs/facts.md#gpu-anchors-published-not-measured-here)
@@ -43,12 +43,14 @@ def test_memory_plan_by_hand():
     # experts, 98.3B at 1 byte (fp8), plus a second byte for the bf16 embedding and head (2 x 129280 x 7168,
     # 1.9B): about 100 GB.
     r1 = MODEL_SPECS["DeepSeek-R1"]
-    plan = memory_plan(r1, Layout(dp=8, ep=8), H200, NATURAL)
+    plan = memory_plan(Deployment(r1, Layout(dp=8, ep=8), H200, NVLINK), NATURAL)
     routed = (671e9 - 37e9) / (1 - 8 / 256)
     assert plan.fits
     assert plan.weights_bytes == pytest.approx(671e9 - routed + routed / 8 + 2 * 129280 * 7168, rel=0.02)
     assert plan.pool_tokens == int((h200 * 0.9 - plan.weights_bytes - 2 * 2**30) // 70272)
-    assert not memory_plan(r1, Layout(dp=8), H200, NATURAL).fits  # 671 GB of weights on one GPU
+    assert not memory_plan(
+        Deployment(r1, Layout(dp=8), H200, NVLINK), NATURAL
+    ).fits  # 671 GB of weights on one GPU
 
 
 def test_pipeline_stages_split_as_vllm_and_the_heaviest_binds():
@@ -61,7 +63,7 @@ def test_pipeline_stages_split_as_vllm_and_the_heaviest_binds():
     assert [len(s) for s in pipeline_stages(61, 8)] == [7, 7, 8, 8, 8, 8, 8, 7]
     assert [len(s) for s in pipeline_stages(36, 8)] == [4, 4, 4, 5, 5, 5, 5, 4]
     moe_layer = r1.attention_params() + 257 * r1.expert_params() + 7168 * 256
-    plan = memory_plan(r1, layout, H200, NATURAL)
+    plan = memory_plan(Deployment(r1, layout, H200, NVLINK), NATURAL)
     assert plan.weights_bytes == pytest.approx(8 * moe_layer)
     memory = 143771 * 2**20  # the H200's total as its driver reports it
     assert plan.pool_tokens == int((memory * 0.9 - 8 * moe_layer - 2 * 2**30) // (8 * 576 * 2))
@@ -78,7 +80,10 @@ def test_more_gpus_never_hold_fewer_sequences():
     for name in ("DeepSeek-R1-Distill-Qwen-32B", "DeepSeek-R1"):
         spec, held = MODEL_SPECS[name], []
         for gpus in (1, 2, 4, 8):
-            plans = [(memory_plan(spec, layout, H200, NATURAL), layout) for layout in layouts(spec, gpus)]
+            plans = [
+                (memory_plan(Deployment(spec, layout, H200, NVLINK), NATURAL), layout)
+                for layout in layouts(spec, gpus)
+            ]
             held.append(max([p.pool_tokens * layout.dp for p, layout in plans if p.fits], default=0))
         assert held == sorted(held), (name, held)
 
@@ -148,5 +153,5 @@ def test_gpt_oss_fits_one_gpu_as_released():
     spec = MODEL_SPECS["gpt-oss-120b"]
     assert 60e9 <= weights_per_rank(spec, Layout()) <= 70e9
     for gpu in ("h100", "h200"):
-        assert memory_plan(spec, Layout(), GPUS[gpu], NATURAL).fits, gpu
+        assert memory_plan(Deployment(spec, Layout(), GPUS[gpu], NVLINK), NATURAL).fits, gpu
     assert cli.main(["advise", "gpt-oss-120b", "--gpus", "1", "--requests", "8", "--max-seqs", "64"]) == 0

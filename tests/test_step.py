@@ -11,7 +11,7 @@ from bench.commands import cli
 from bench.commands.model_inputs import hardware_of, interconnect_of
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.models import MODEL_SPECS
-from bench.serving.step import Layout, step_seconds, step_stages
+from bench.serving.step import Deployment, Layout, step_seconds, step_stages
 from tests import helpers
 
 H200, NVLINK = GPUS["h200"], INTERCONNECTS["nvlink"]
@@ -23,7 +23,7 @@ def test_more_bandwidth_never_slows_a_step():
     for name, layout in (("Llama-3.1-70B", Layout(tp=8)), ("DeepSeek-R1", Layout(dp=8, ep=8))):
         spec = MODEL_SPECS[name]
         times = [
-            step_seconds(step_stages(spec, layout, 64, 8192, replace(H200, copy_gbps=gbps), link))
+            step_seconds(step_stages(Deployment(spec, layout, replace(H200, copy_gbps=gbps), link), 64, 8192))
             for gbps in (2000, 3000, 4300)
             for link in (INTERCONNECTS["pcie"], NVLINK)
         ]
@@ -32,11 +32,11 @@ def test_more_bandwidth_never_slows_a_step():
 
 
 def test_the_step_adds_up_and_names_each_stage():
-    stages = step_stages(MODEL_SPECS["DeepSeek-R1"], Layout(tp=8), 64, 8192, H200, NVLINK)
+    stages = step_stages(Deployment(MODEL_SPECS["DeepSeek-R1"], Layout(tp=8), H200, NVLINK), 64, 8192)
     names = {s.name for s in stages}
     assert {"mla_decode", "moe:experts", "moe:attn_all_reduce", "moe:route", "lm_head"} <= names
     assert sum(s.per_step for s in stages if s.name.endswith("mla_decode")) == 61
-    ep = step_stages(MODEL_SPECS["DeepSeek-R1"], Layout(dp=8, ep=8), 64, 8192, H200, NVLINK)
+    ep = step_stages(Deployment(MODEL_SPECS["DeepSeek-R1"], Layout(dp=8, ep=8), H200, NVLINK), 64, 8192)
     assert {"moe:ep_dispatch_a2a", "moe:ep_combine_a2a"} <= {s.name for s in ep}
     assert "moe:attn_all_reduce" not in {s.name for s in ep}  # data-parallel attention: no TP all-reduce
 
@@ -49,7 +49,7 @@ def test_sliding_window_layers_read_their_window_not_the_context():
     spec = MODEL_SPECS["gpt-oss-120b"]
 
     def decode_bytes(model):
-        stages = step_stages(model, Layout(tp=1), 64, 32768, H200, NVLINK)
+        stages = step_stages(Deployment(model, Layout(tp=1), H200, NVLINK), 64, 32768)
         return sum(s.bytes * s.per_step for s in stages if s.name.endswith("paged_decode"))
 
     assert decode_bytes(spec) / decode_bytes(replace(spec, windowed=())) == pytest.approx(0.5, abs=0.01)
@@ -60,11 +60,13 @@ def test_a_step_takes_the_slowest_pipeline_stage_each_micro_batch():
     each stage runs all 8 a step, so a step takes at least 8 x a stage of 8 MoE layers (64 MoE layers'
     time), not the 61 layers once that even stages would come to."""
     spec = MODEL_SPECS["DeepSeek-R1"]
-    stages = step_stages(spec, Layout(pp=8), 256, 4096, H200, NVLINK)
+    stages = step_stages(Deployment(spec, Layout(pp=8), H200, NVLINK), 256, 4096)
     moe_layer = sum(s.seconds for s in stages if s.name.startswith("moe:"))
     assert step_seconds(stages) >= 8 * 8 * moe_layer
     assert "pp_imbalance" in {s.name for s in stages}
-    even = step_stages(MODEL_SPECS["Llama-3.1-70B"], Layout(pp=8), 256, 4096, H200, NVLINK)  # 10 a stage
+    even = step_stages(
+        Deployment(MODEL_SPECS["Llama-3.1-70B"], Layout(pp=8), H200, NVLINK), 256, 4096
+    )  # 10 a stage
     assert "pp_imbalance" not in {s.name for s in even}
 
 
@@ -82,8 +84,8 @@ def test_results_folder_calibrates_and_says_what_was_measured(tmp_path, capsys):
     assert hw.copy_gbps == 4000.0 and "measured" in hw.sources["copy_gbps"]
     assert "anchor" in hw.sources["matmul_tflops"]
     llama = MODEL_SPECS["Llama-3.1-70B"]
-    measured = {s.name: s for s in step_stages(llama, Layout(tp=8), 64, 8192, hw, NVLINK)}
-    anchored = {s.name: s for s in step_stages(llama, Layout(tp=8), 64, 8192, H200, NVLINK)}
+    measured = {s.name: s for s in step_stages(Deployment(llama, Layout(tp=8), hw, NVLINK), 64, 8192)}
+    anchored = {s.name: s for s in step_stages(Deployment(llama, Layout(tp=8), H200, NVLINK), 64, 8192)}
     assert measured["paged_decode"].source == "measured" and anchored["paged_decode"].source == "anchor"
     assert measured["paged_decode"].seconds > anchored["paged_decode"].seconds  # 50% of 4.0 TB/s is slower
     assert cli.main(["step", "Llama-3.1-70B", "--tp", "8", "--gpu", str(tmp_path)]) == 0
@@ -97,7 +99,7 @@ def test_a_measured_kernel_projects_back_to_its_measured_time(tmp_path):
     paged_decode measured at 12 us projected to 21.4 us). A time under the floor keeps less of the floor."""
     llama = MODEL_SPECS["Llama-3.1-8B"]
     nbytes = next(
-        s for s in step_stages(llama, Layout(), 1, 1024, H200, NVLINK) if s.name == "paged_decode"
+        s for s in step_stages(Deployment(llama, Layout(), H200, NVLINK), 1, 1024) if s.name == "paged_decode"
     ).bytes
     for seconds in (12e-6, 5e-6, 400e-6):
         info = {"kernel": "paged_decode", "impl": "triton", "bytes": nbytes}
@@ -106,7 +108,11 @@ def test_a_measured_kernel_projects_back_to_its_measured_time(tmp_path):
         (tmp_path / "run.json").write_text(json.dumps({"benchmarks": [entry]}))
         (tmp_path / "machine.json").write_text(json.dumps({"gpu": "NVIDIA H200", "copy_gbps": 4300.0}))
         hw = hardware_of(str(tmp_path))
-        stage = next(s for s in step_stages(llama, Layout(), 1, 1024, hw, NVLINK) if s.name == "paged_decode")
+        stage = next(
+            s
+            for s in step_stages(Deployment(llama, Layout(), hw, NVLINK), 1, 1024)
+            if s.name == "paged_decode"
+        )
         assert stage.source == "measured" and stage.seconds == pytest.approx(seconds, rel=0.02), seconds
 
 
@@ -133,7 +139,7 @@ def test_each_stage_runs_at_its_shape_and_the_kernels_are_verified_there(kernel_
         return time_wall(fn, label=label, rep_ms=1, min_reps=1, max_reps=1)
 
     for spec, layout in ((gqa, Layout(tp=2)), (mla, Layout(dp=2, ep=2))):
-        stages = step_stages(spec, layout, 3, 40, H200, NVLINK)
+        stages = step_stages(Deployment(spec, layout, H200, NVLINK), 3, 40)
         timed = time_stages(spec, layout, 3, 40, stages, device=kernel_device, timer=timer)
         assert set(timed) == {s.name for s in stages}
         for name, t in timed.items():
@@ -210,7 +216,7 @@ def test_moe_stages_run_one_ranks_share_of_the_tokens(monkeypatch):
     spec = MODEL_SPECS["Qwen3-30B-A3B"]
     for layout, per_rank in ((Layout(tp=2, ep=2), 8), (Layout(dp=2, ep=2), 16), (Layout(tp=2), 16)):
         shapes.clear()
-        for stage in step_stages(spec, layout, 16, 1024, H200, NVLINK):
+        for stage in step_stages(Deployment(spec, layout, H200, NVLINK), 16, 1024):
             if stage.name.removeprefix("moe:") in ("dispatch", "experts", "combine"):
                 step_timing.stage_calls(spec, layout, 16, 1024, stage, "cpu", check=False)
         assert {s.tokens for name in ("dispatch", "combine", "grouped_gemm") for s in shapes[name]} == {
@@ -225,7 +231,7 @@ def test_a_stage_whose_timing_fails_keeps_its_projection_and_the_rest_go_on(monk
 
     monkeypatch.setattr(step_timing, "_case_call", lambda name, shape, device, check: ((lambda: None), None))
     spec = MODEL_SPECS["Llama-3.1-8B"]
-    stages = step_stages(spec, Layout(), 2, 64, H200, NVLINK)
+    stages = step_stages(Deployment(spec, Layout(), H200, NVLINK), 2, 64)
     timed_names = []
 
     def timer(fn, label):

@@ -14,6 +14,7 @@ from bench.serving.models import MODEL_SPECS
 from bench.serving.step import (
     KINDS,
     SYNC,
+    Deployment,
     Layout,
     busiest_rank,
     expected_experts_touched,
@@ -31,11 +32,11 @@ LLAMA_70B, LLAMA_405B = MODEL_SPECS["Llama-3.1-70B"], MODEL_SPECS["Llama-3.1-405
 
 
 def _seconds(spec, layout, batch, context=2048, hw=H200, link=NVLINK, **kw):
-    return step_seconds(step_stages(spec, layout, batch, context, hw, link, **kw))
+    return step_seconds(step_stages(Deployment(spec, layout, hw, link, **kw), batch, context))
 
 
 def test_pipeline_at_steady_state_has_no_bubble_and_batch_one_crosses_the_stages_once():
-    stages = step_stages(LLAMA_70B, Layout(pp=4), 64, 2048, H200, NVLINK)
+    stages = step_stages(Deployment(LLAMA_70B, Layout(pp=4), H200, NVLINK), 64, 2048)
     assert not [s for s in stages if "bubble" in s.name]
     # One sequence: the stages run in sequence, each weight read once: PP adds only the hand-offs.
     alone, piped = _seconds(LLAMA_70B, Layout(), 1), _seconds(LLAMA_70B, Layout(pp=4), 1)
@@ -48,7 +49,8 @@ def test_pipeline_at_steady_state_has_no_bubble_and_batch_one_crosses_the_stages
     batch = 1024
     for layout in (Layout(pp=8), Layout(tp=8)):
         assert (
-            memory_plan(fp8, layout, H200, fixed_workload(128, 1920), kv_bytes=1).pool_tokens >= batch * 2048
+            memory_plan(Deployment(fp8, layout, H200, NVLINK, 1), fixed_workload(128, 1920)).pool_tokens
+            >= batch * 2048
         )
     assert _seconds(fp8, Layout(pp=8), batch, kv_bytes=1) < _seconds(fp8, Layout(tp=8), batch, kv_bytes=1)
     assert _seconds(fp8, Layout(tp=8), 1, kv_bytes=1) < _seconds(fp8, Layout(pp=8), 1, kv_bytes=1) / 3
@@ -66,8 +68,8 @@ def test_all_reduce_is_one_shot_and_flat_at_decode_sizes_then_bandwidth_bound():
 
 def test_fp8_weights_run_on_the_fp8_ceiling_and_keep_a_bf16_lm_head():
     fp8 = replace(LLAMA_70B, weight_bytes=1)
-    bf16_stages = {s.name: s for s in step_stages(LLAMA_70B, Layout(), 4096, 1024, H200, NVLINK)}
-    fp8_stages = {s.name: s for s in step_stages(fp8, Layout(), 4096, 1024, H200, NVLINK)}
+    bf16_stages = {s.name: s for s in step_stages(Deployment(LLAMA_70B, Layout(), H200, NVLINK), 4096, 1024)}
+    fp8_stages = {s.name: s for s in step_stages(Deployment(fp8, Layout(), H200, NVLINK), 4096, 1024)}
     assert fp8_stages["mlp"].bound == "compute"
     ratio = bf16_stages["mlp"].seconds / fp8_stages["mlp"].seconds
     assert ratio == pytest.approx(2.0, rel=0.1)
@@ -77,10 +79,14 @@ def test_fp8_weights_run_on_the_fp8_ceiling_and_keep_a_bf16_lm_head():
 
 def test_every_stage_has_a_kind_and_each_kernel_its_fixed_cost():
     for name, layout in (("Llama-3.1-8B", Layout(tp=2, pp=2)), ("DeepSeek-R1", Layout(dp=8, ep=8))):
-        stages = step_stages(MODEL_SPECS[name], layout, 8, 1024, replace(H200, host_us=300.0), NVLINK)
+        stages = step_stages(
+            Deployment(MODEL_SPECS[name], layout, replace(H200, host_us=300.0), NVLINK), 8, 1024
+        )
         assert {s.kind for s in stages} <= set(KINDS)
         assert "host" in {s.kind for s in stages}
-    stages = {s.name: s for s in step_stages(MODEL_SPECS["Llama-3.1-8B"], Layout(), 1, 16, H200, NVLINK)}
+    stages = {
+        s.name: s for s in step_stages(Deployment(MODEL_SPECS["Llama-3.1-8B"], Layout(), H200, NVLINK), 1, 16)
+    }
     assert stages["paged_decode"].seconds * 1e6 >= H200.attention_us  # the decode-attention floor
     assert stages["qkv_proj"].seconds * 1e6 >= H200.gemm_us
 
@@ -89,10 +95,10 @@ def test_mla_decode_runs_on_fa3s_measured_floor_and_compute_ceiling():
     """MLA decode attention: FA3's MLA floor at a short context; at 128 heads, batch 256, 8K context it is
     compute-bound at the kernel's own ceiling (587 TFLOP/s measured), not the GEMMs' (0.9 x 790)."""
     spec = MODEL_SPECS["DeepSeek-R1"]
-    short = {s.name: s for s in step_stages(spec, Layout(tp=8), 1, 16, H200, NVLINK)}
+    short = {s.name: s for s in step_stages(Deployment(spec, Layout(tp=8), H200, NVLINK), 1, 16)}
     assert short["moe:mla_decode"].seconds * 1e6 == pytest.approx(H200.mla_attention_us, rel=0.02)
     assert "moe:mla_copies" not in short  # vLLM 0.24 launches none (strided products, FA3 takes q in parts)
-    heavy = {s.name: s for s in step_stages(spec, Layout(dp=8, ep=8), 256, 8192, H200, NVLINK)}[
+    heavy = {s.name: s for s in step_stages(Deployment(spec, Layout(dp=8, ep=8), H200, NVLINK), 256, 8192)}[
         "moe:mla_decode"
     ]
     assert heavy.bound == "compute"
@@ -131,7 +137,7 @@ def test_only_the_busiest_ranks_extra_rows_wait_as_routing():
     for batch in (1, 256):
         experts = next(
             s
-            for s in step_stages(r1, Layout(dp=8, ep=8, dedup=True), batch, 1024, H200, NVLINK)
+            for s in step_stages(Deployment(r1, Layout(dp=8, ep=8, dedup=True), H200, NVLINK), batch, 1024)
             if s.name == "moe:experts"
         )
         if batch == 1:
@@ -149,8 +155,8 @@ def test_host_work_is_paid_once_a_step_by_each_engine_process():
 
 def test_prefill_chunks_are_compute_bound_and_grow_with_what_they_attend_to():
     spec = MODEL_SPECS["Llama-3.1-8B"]
-    short = step_seconds(prefill_stages(spec, Layout(), 8192, 4096, H200, NVLINK))
-    long = step_seconds(prefill_stages(spec, Layout(), 8192, 32768, H200, NVLINK))
+    short = step_seconds(prefill_stages(Deployment(spec, Layout(), H200, NVLINK), 8192, 4096))
+    long = step_seconds(prefill_stages(Deployment(spec, Layout(), H200, NVLINK), 8192, 32768))
     flops = 2 * spec.params() * 8192
     assert short >= flops / (H200.matmul_tflops * 1e12)  # at least the GEMMs' FLOPs at the ceiling
     assert long > 1.2 * short
@@ -190,7 +196,7 @@ def test_fewer_requests_than_replicas_leave_replicas_idle():
     from bench.serving.workloads import fixed_workload
 
     outcome = simulate(
-        MODEL_SPECS["Llama-3.1-8B"], Layout(dp=8), H200, NVLINK, fixed_workload(128, 64), 3, 64
+        Deployment(MODEL_SPECS["Llama-3.1-8B"], Layout(dp=8), H200, NVLINK), fixed_workload(128, 64), 3, 64
     )
     assert outcome.fits and outcome.peak_sequences == 3
 
@@ -218,7 +224,7 @@ def test_a_deduplicated_ep_dispatch_sends_one_row_per_rank_a_token_reaches():
     assert uniform.ranks_reached(1) == 1.0
 
     def a2a_bytes(dedup):
-        stages = step_stages(r1, Layout(dp=8, ep=8, dedup=dedup), 64, 8192, H200, NVLINK)
+        stages = step_stages(Deployment(r1, Layout(dp=8, ep=8, dedup=dedup), H200, NVLINK), 64, 8192)
         return {s.name: s.bytes for s in stages if s.kind == "a2a"}
 
     plain, dedup = a2a_bytes(False), a2a_bytes(True)
@@ -249,7 +255,9 @@ def test_a_steps_time_by_bound_adds_up_to_the_step():
         ("Llama-3.1-70B", Layout(tp=4, pp=2)),
     ):
         for batch in (1, 16, 256):
-            stages = step_stages(MODEL_SPECS[name], layout, batch, 4096, replace(H200, host_us=50.0), NVLINK)
+            stages = step_stages(
+                Deployment(MODEL_SPECS[name], layout, replace(H200, host_us=50.0), NVLINK), batch, 4096
+            )
             assert sum(seconds_by_bound(stages).values()) == pytest.approx(step_seconds(stages)), (
                 layout,
                 batch,
@@ -318,7 +326,7 @@ def _ep8_experts_tflops(model: str) -> float:
     """The experts stage's achieved TFLOP/s past its fixed cost at DP8 x EP8, batch 256 a replica (it must
     be compute-bound there)."""
     layout = Layout(dp=8, ep=8)
-    stages = step_stages(MODEL_SPECS[model], layout, 256, 1024, H200, NVLINK)
+    stages = step_stages(Deployment(MODEL_SPECS[model], layout, H200, NVLINK), 256, 1024)
     stage = next(s for s in stages if s.name == "moe:experts")
     assert stage.bound == "compute"
     return stage.flops / (stage.seconds - (H200.moe_us - 2 * H200.launch_us) * 1e-6) / 1e12

@@ -14,7 +14,7 @@ from bench.serving import measured, validate
 from bench.serving.hardware import GPUS, INTERCONNECTS
 from bench.serving.measured import Table, TableSpec
 from bench.serving.models import MODEL_SPECS
-from bench.serving.step import Layout
+from bench.serving.step import Deployment, Layout
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,15 @@ def test_admission_policy_sets_the_sequences_a_replica_holds():
     keep on average half of it: the same pool holds (isl + osl) / (isl + osl / 2) times fewer sequences."""
     spec = replace(MODEL_SPECS["Llama-3.1-70B"], weight_bytes=1)
     hw, link, layout = GPUS["h200"], INTERCONNECTS["nvlink"], Layout()
-    args = (spec, layout, hw, link, 128, 2048, 100_000, 1)
+    args = (Deployment(spec, layout, hw, link, 1), 128, 2048, 100_000)
     _, grow = validate.steady_tokens_per_s(*args, admission="grow")
     _, reserve = validate.steady_tokens_per_s(*args, admission="reserve")
     assert reserve < grow
     assert grow / reserve == pytest.approx((128 + 2048) / (128 + 1024), rel=0.01)
     # the engine's batch cap binds before the pool does
-    _, capped = validate.steady_tokens_per_s(spec, layout, hw, link, 128, 2048, 32, 1, admission="reserve")
+    _, capped = validate.steady_tokens_per_s(
+        Deployment(spec, layout, hw, link, 1), 128, 2048, 32, admission="reserve"
+    )
     assert capped == 32
 
 
@@ -159,7 +161,7 @@ def test_the_mla_module_is_projected_as_its_benchmark_ran_it():
     assert kernels * hw.launch_us <= per_layer_us < kernels * hw.launch_us * 1.01  # batch 1: launches only
     assert validate.native_chains_ms(spec, layout, 256, hw) > extra  # their fp32 tensors grow with the batch
     point = validate.Point("DeepSeek-R1", layout, 1, 1024)
-    stages = validate.step_model.step_stages(spec, layout, 1, 1024, hw, INTERCONNECTS["nvlink"])
+    stages = validate.step_model.step_stages(Deployment(spec, layout, hw, INTERCONNECTS["nvlink"]), 1, 1024)
     (row,) = validate.compare_kernels(
         command.load_tables(use_package=False), [point], hw, INTERCONNECTS["nvlink"]
     )
@@ -181,7 +183,7 @@ def test_tensorrt_llm_runs_take_their_kv_from_the_memory_left_after_the_weights(
     weights and activations leave free (free_gpu_memory_fraction): a published run says which in kv_memory."""
     spec = replace(MODEL_SPECS["Llama-3.1-70B"], weight_bytes=1)
     hw, link, layout = GPUS["h200"], INTERCONNECTS["nvlink"], Layout()
-    args = (spec, layout, hw, link, 128, 2048, 100_000, 1, "reserve")
+    args = (Deployment(spec, layout, hw, link, 1), 128, 2048, 100_000, "reserve")
     _, of_total = validate.steady_tokens_per_s(*args, kv_memory="of_total")
     _, of_free = validate.steady_tokens_per_s(*args, kv_memory="of_free")
     weights, reserve = spec.params() * 1 + spec.embedding_params(), 2 * 2**30  # fp8, embeddings bf16

@@ -15,7 +15,7 @@ from bench.commands.arguments import checked, json_file, output_file, positive_i
 from bench.commands.model_inputs import INTERCONNECT_HELP, model_gpu_and_link, precision_arguments, sources
 from bench.format import table
 from bench.measure import plots
-from bench.serving.step import Layout, check_layout, seconds_by_bound, step_stages
+from bench.serving.step import Deployment, Layout, seconds_by_bound, step_stages
 
 
 def register(sub) -> None:
@@ -89,9 +89,8 @@ def step_document(stages, total: float, point: dict, timed: dict | None = None) 
 def main(args) -> int:
     spec, hw, link = model_gpu_and_link(args)
     layout = Layout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, dedup=args.dedup)
-    checked(check_layout, spec, layout)
-    kv_bytes = 1 if args.kv == "fp8" else 2
-    stages = step_stages(spec, layout, args.batch, args.context, hw, link, kv_bytes=kv_bytes)
+    dep = checked(Deployment, spec, layout, hw, link, 1 if args.kv == "fp8" else 2)  # checks the layout
+    stages = step_stages(dep, args.batch, args.context)
     total = sum(s.step_seconds for s in stages)
     timed = {}
     if torch.cuda.is_available() and not args.project:

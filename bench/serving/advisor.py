@@ -34,7 +34,14 @@ from bench.serving import batching
 from bench.serving.batching import ACTIVATION_RESERVE_GIB, Batching, Requests, kv_pool_bytes
 from bench.serving.hardware import Hardware, Interconnect
 from bench.serving.models import ModelSpec, pipeline_stages
-from bench.serving.step import Layout, prefill_stages, seconds_by_bound, step_seconds, step_stages
+from bench.serving.step import (
+    Deployment,
+    Layout,
+    prefill_stages,
+    seconds_by_bound,
+    step_seconds,
+    step_stages,
+)
 from bench.serving.workloads import ReasoningWorkload
 
 ACTIVATION_RESERVE_BYTES = ACTIVATION_RESERVE_GIB * 2**30
@@ -105,13 +112,12 @@ def kv_budget_bytes(hw: Hardware, weights: float) -> float:
     return kv_pool_bytes(hw.memory_bytes, weights)
 
 
-def stage_pools(
-    spec: ModelSpec, layout: Layout, hw: Hardware, kv_bytes=2, budget_of=None
-) -> list[tuple[int, float, int]]:
+def stage_pools(dep: Deployment, budget_of=None) -> list[tuple[int, float, int]]:
     """(token slots, KV bytes a token, window_slots) of each pipeline stage's pool: its budget (``budget_of``
     (hw, weights), default kv_budget_bytes: vLLM's rule) over the bytes a token holds in its layers. A
     replica's sequences hold the same tokens on every stage, so the smallest pool binds (vLLM sizes every
     stage's blocks to the smallest)."""
+    spec, layout, hw, kv_bytes = dep.spec, dep.layout, dep.hw, dep.kv_bytes
     out = []
     for stage in pipeline_stages(spec.layers, layout.pp):
         per_token = spec.kv_bytes_per_token(
@@ -123,10 +129,10 @@ def stage_pools(
     return out
 
 
-def memory_plan(spec: ModelSpec, layout: Layout, hw: Hardware, workload: ReasoningWorkload, kv_bytes=2):
-    weights = weights_per_rank(spec, layout)
-    pool, per_token, window = min(stage_pools(spec, layout, hw, kv_bytes))
-    budget = kv_budget_bytes(hw, weights)
+def memory_plan(dep: Deployment, workload: ReasoningWorkload) -> MemoryPlan:
+    weights = weights_per_rank(dep.spec, dep.layout)
+    pool, per_token, window = min(stage_pools(dep))
+    budget = kv_budget_bytes(dep.hw, weights)
     # ``window``: what a sequence's sliding-window layers hold beside its tokens (ModelSpec.window_slots)
     longest = workload.max_output + workload.max_prompt + window
     if budget <= 0:
@@ -209,51 +215,40 @@ class _StepTimes:
     batches and contexts that change slowly. Batches past 32 and contexts round to 1/24 and 1/16 of an
     octave (under 1.5% and 2.2%: the step's terms are near linear in both)."""
 
-    def __init__(self, spec, layout, hw, link, kv_bytes):
-        self.args = (spec, layout, hw, link)
-        self.kv_bytes = kv_bytes
+    def __init__(self, dep: Deployment):
+        self.dep = dep
         self.cache: dict = {}
 
     def __call__(self, batch: int, context: float) -> tuple[float, dict]:
         batch_key = batch if batch <= 32 else round(math.log2(batch) * 24)
         key = (batch_key, round(math.log2(max(context, 1)) * 16))
         if key not in self.cache:
-            spec, layout, hw, link = self.args
             at = batch if batch <= 32 else 2 ** (batch_key / 24)
-            stages = step_stages(spec, layout, at, 2 ** (key[1] / 16), hw, link, kv_bytes=self.kv_bytes)
+            stages = step_stages(self.dep, at, 2 ** (key[1] / 16))
             self.cache[key] = (step_seconds(stages), seconds_by_bound(stages))
         return self.cache[key]
 
 
 def simulate(
-    spec: ModelSpec,
-    layout: Layout,
-    hw: Hardware,
-    link: Interconnect,
-    workload: ReasoningWorkload,
-    requests: int,
-    max_num_seqs: int,
-    *,
-    stride: int = 32,
-    seed: int = 0,
-    kv_bytes: int = 2,
+    dep: Deployment, workload: ReasoningWorkload, requests: int, max_num_seqs: int, *, stride=32, seed=0
 ) -> Outcome:
-    """One replica of ``layout`` serving its share of ``requests`` through continuous batching
+    """One replica of the deployment's layout serving its share of ``requests`` through continuous batching
     (bench/serving/batching.py) at the step model's times; the outcome scaled to the dp replicas."""
-    plan = memory_plan(spec, layout, hw, workload, kv_bytes)
+    layout = dep.layout
+    plan = memory_plan(dep, workload)
     if not plan.fits:
         return Outcome(layout=layout, fits=False, why=plan.why, plan=plan)
     # The same R requests for every layout; this replica serves every dp-th of them (one answer each).
     all_prompts, all_outputs = workload.draw(requests, np.random.default_rng(seed))
     mine = Requests.from_draw(all_prompts[:: layout.dp], all_outputs[:: layout.dp, :1])
-    step_time = _StepTimes(spec, layout, hw, link, kv_bytes)
+    step_time = _StepTimes(dep)
     config = Batching(
         pool_tokens=plan.pool_tokens,
         policy=f"paged-{BLOCK}",
         stride=stride,
         max_num_seqs=max_num_seqs,
         step_time=step_time,
-        prefill_s_per_token=prefill_seconds_per_token(spec, layout, hw, link, workload, kv_bytes),
+        prefill_s_per_token=prefill_seconds_per_token(dep, workload),
         window_slots=plan.window_slots,
     )
     run = batching.simulate(config, mine)
@@ -287,12 +282,10 @@ def simulate(
 PREFILL_CHUNK = 8192
 
 
-def prefill_seconds_per_token(spec, layout, hw, link, workload, kv_bytes) -> float:
+def prefill_seconds_per_token(dep: Deployment, workload: ReasoningWorkload) -> float:
     """A prompt token's prefill seconds on one replica: a full chunk of packed prompts through the step
     model's prefill (every layer's GEMMs at the chunk's size, attention over half the mean prompt)."""
-    chunk = prefill_stages(
-        spec, layout, PREFILL_CHUNK, workload.prompt_median / 2, hw, link, kv_bytes=kv_bytes
-    )
+    chunk = prefill_stages(dep, PREFILL_CHUNK, workload.prompt_median / 2)
     return step_seconds(chunk) / PREFILL_CHUNK
 
 
@@ -315,12 +308,8 @@ def advise(
     token is at most that (as deployments are sized), a layout none of whose runs meets it not fitting."""
     best = []
     for layout in layouts(spec, gpus):
-        tried = [
-            simulate(
-                spec, layout, hw, link, workload, requests, s, stride=stride, seed=seed, kv_bytes=kv_bytes
-            )
-            for s in sweep
-        ]
+        dep = Deployment(spec, layout, hw, link, kv_bytes)
+        tried = [simulate(dep, workload, requests, s, stride=stride, seed=seed) for s in sweep]
         if max_tpot_ms is not None:
             meeting = [o for o in tried if o.fits and o.tpot_ms <= max_tpot_ms]
             if not meeting and tried[0].fits:

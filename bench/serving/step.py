@@ -88,6 +88,23 @@ def check_layout(spec: ModelSpec, layout: Layout) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """What one decode step costs depends on: a model on a layout of GPUs (checked against each other,
+    check_layout), the GPU's anchors or measurements, the interconnect between the GPUs, and the bytes a KV
+    cache element takes (2 for bf16, 1 for fp8). The step model, the advisor and validate pass this one value
+    where they passed its five parts."""
+
+    spec: ModelSpec
+    layout: Layout
+    hw: Hardware
+    link: Interconnect
+    kv_bytes: int = 2
+
+    def __post_init__(self):
+        check_layout(self.spec, self.layout)
+
+
 # -- stages --------------------------------------------------------------------------------------------------
 
 #: What binds a stage, and so what the advisor calls the constraint when its time dominates.
@@ -269,9 +286,10 @@ def experts_ceiling(hw: Hardware, weight_bytes, shape, shares, tokens: float, to
     return float(rows.sum()) / time if time else hw.tflops(weight_bytes)
 
 
-def _prefill_attention(spec, layout, tokens, context, hw, comp, kv_bytes):
+def _prefill_attention(dep: Deployment, tokens, context, comp):
     """Prefill's attention over a chunk of ``tokens`` new tokens whose queries see ``context`` tokens on
     average (causal): compute-bound, the cache read once per chunk (flash attention's tiling)."""
+    spec, layout, hw, kv_bytes = dep.spec, dep.layout, dep.hw, dep.kv_bytes
     tp, context = layout.tp, spec.attended_context(context)  # a sliding-window layer sees its window
     heads = spec.num_q_heads / tp
     kv_token = spec.kv_bytes_per_token_layer(tp, kv_bytes)
@@ -284,13 +302,14 @@ def _prefill_attention(spec, layout, tokens, context, hw, comp, kv_bytes):
     comp("prefill_attention", "attention", nbytes, 2 * tokens * context * heads * width, hw.attention_us)
 
 
-def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
+def _attention(dep: Deployment, batch, context, comp, prefill=False):
     """The attention block's kernels as vLLM runs them in decode (its MLA path: the absorbed form); with
     ``prefill``, ``batch`` is a chunk of one prompt's tokens and attention is prefill's."""
     if prefill:
-        _prefill_projections(spec, layout, batch, hw, comp)
-        _prefill_attention(spec, layout, batch, context, hw, comp, kv_bytes)
+        _prefill_projections(dep, batch, comp)
+        _prefill_attention(dep, batch, context, comp)
         return
+    spec, layout, hw, kv_bytes = dep.spec, dep.layout, dep.hw, dep.kv_bytes
     tp, h, wb = layout.tp, spec.hidden, spec.weight_bytes
     context = spec.attended_context(context)  # a sliding-window layer reads its window
     act = batch * h * 2
@@ -344,10 +363,11 @@ def _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill=False):
     comp("o_proj", "gemm", o_params * wb + 2 * act, 2 * batch * o_params, gemm, tflops=tflops)
 
 
-def _prefill_projections(spec, layout, tokens, hw, comp):
+def _prefill_projections(dep: Deployment, tokens, comp):
     """A prompt chunk's attention projections: every projection's parameters, split tp ways."""
+    spec, hw = dep.spec, dep.hw
     wb, h = spec.weight_bytes, spec.hidden
-    params = spec.attention_params() / layout.tp
+    params = spec.attention_params() / dep.layout.tp
     flops = 2 * tokens * params
     comp(
         "qkv_proj",
@@ -359,9 +379,10 @@ def _prefill_projections(spec, layout, tokens, hw, comp):
     )
 
 
-def _moe(spec, layout, batch, hw, link, comp, out, collective):
+def _moe(dep: Deployment, batch, comp, out, collective):
     """An MoE layer's MLP: router, shared experts, and the routed experts split tp ways (ep 1) or spread
     whole over ep ranks with the all-to-alls around them."""
+    spec, layout, hw, link = dep.spec, dep.layout, dep.hw, dep.link
     m, tp, h, wb = spec.moe, layout.tp, spec.hidden, spec.weight_bytes
     act = batch * h * 2
     gemm, tflops = hw.gemm_floor_us(wb), hw.tflops(wb)
@@ -457,14 +478,10 @@ def _moe(spec, layout, batch, hw, link, comp, out, collective):
 
 
 def layer_stages(
-    spec: ModelSpec,
-    layout: Layout,
+    dep: Deployment,
     batch: float,
     context: float,
-    hw: Hardware,
-    link: Interconnect,
     *,
-    kv_bytes: int = 2,
     moe: bool = False,
     per_step: int = 1,
     prefill: bool = False,
@@ -473,7 +490,8 @@ def layer_stages(
     sequences of this replica at mean ``context`` tokens; ``moe``: the layer's MLP is the MoE path (its
     stages named moe:<stage>); ``prefill``: ``batch`` new tokens of a prompt chunk instead."""
     prefix = "moe:" if moe else ""
-    tp, h, wb = layout.tp, spec.hidden, spec.weight_bytes
+    spec, hw, link = dep.spec, dep.hw, dep.link
+    tp, h, wb = dep.layout.tp, spec.hidden, spec.weight_bytes
     act = batch * h * 2  # one bf16 activation row per sequence
     out: list[Stage] = []
 
@@ -492,11 +510,11 @@ def layer_stages(
             out.append(collective(name, "allreduce", act, latency, transfer))
 
     comp("attn_norm", "norm", 3 * act, 4 * batch * h, hw.launch_us)  # fused with the residual add
-    _attention(spec, layout, batch, context, hw, comp, kv_bytes, prefill)
+    _attention(dep, batch, context, comp, prefill)
     all_reduce("attn_all_reduce")
     comp("mlp_norm", "norm", 3 * act, 4 * batch * h, hw.launch_us)
     if moe:
-        _moe(spec, layout, batch, hw, link, comp, out, collective)
+        _moe(dep, batch, comp, out, collective)
         all_reduce("moe_all_reduce")
         return out
     params = spec.mlp_params(spec.intermediate) / tp
@@ -514,24 +532,13 @@ def layer_stages(
     return out
 
 
-def _every_layer(spec, layout, batch, context, hw, link, kv_bytes, prefill=False) -> list[Stage]:
+def _every_layer(dep: Deployment, batch, context, prefill=False) -> list[Stage]:
     """The stages of every decoder layer: a dense layer's counted once per dense layer, then an MoE
     layer's once per MoE layer."""
     stages = []
-    for moe, count in ((False, spec.dense_layers), (True, spec.moe_layers)):
+    for moe, count in ((False, dep.spec.dense_layers), (True, dep.spec.moe_layers)):
         if count:
-            stages += layer_stages(
-                spec,
-                layout,
-                batch,
-                context,
-                hw,
-                link,
-                kv_bytes=kv_bytes,
-                moe=moe,
-                per_step=count,
-                prefill=prefill,
-            )
+            stages += layer_stages(dep, batch, context, moe=moe, per_step=count, prefill=prefill)
     return stages
 
 
@@ -558,16 +565,7 @@ def _pipeline_imbalance(spec, pp, flights, layers, head_s) -> Stage | None:
     return Stage("pp_imbalance", 0.0, 0.0, extra, 1, bound, split={bound: extra}, kind="pp")
 
 
-def step_stages(
-    spec: ModelSpec,
-    layout: Layout,
-    batch: float,
-    context: float,
-    hw: Hardware,
-    link: Interconnect,
-    *,
-    kv_bytes: int = 2,
-) -> list[Stage]:
+def step_stages(dep: Deployment, batch: float, context: float) -> list[Stage]:
     """Every stage of one decode step of a replica (every sequence one token further), on its slowest
     pipeline rank.
 
@@ -578,11 +576,11 @@ def step_stages(
     micro-batch, and the pp - 1 hand-offs. With one sequence (m = 1) that is the stages in sequence, each
     weight read once. Stages split as vLLM splits them are uneven, and every stage runs all m micro-batches
     a step: the slowest stage's excess over that is pp_imbalance (_pipeline_imbalance)."""
-    pp = layout.pp
+    spec, hw, pp = dep.spec, dep.hw, dep.layout.pp
     flights = max(1, min(pp, int(batch))) if pp > 1 else 1
     micro = batch / flights
-    stages = _every_layer(spec, layout, micro, context, hw, link, kv_bytes)
-    h, tp = spec.hidden, layout.tp
+    stages = _every_layer(dep, micro, context)
+    h, tp = spec.hidden, dep.layout.tp
     head = spec.vocab * h / tp  # the LM head and the embedding stay bf16 in fp8 checkpoints
     head_bytes, head_flops = head * 2 + micro * h * 2, 2 * micro * head
     lm_head = _compute("lm_head", "lm_head", head_bytes, head_flops, hw, flights, hw.gemm_us)
@@ -592,7 +590,7 @@ def step_stages(
     if imbalance is not None:
         stages.append(imbalance)
     if pp > 1:
-        latency, transfer = link.send_s(micro * h * 2)
+        latency, transfer = dep.link.send_s(micro * h * 2)
         stages.append(
             _collective("pp_send", "pp", micro * h * 2, latency, transfer, pp - 1, "pipeline bubbles")
         )
@@ -613,22 +611,13 @@ def step_stages(
     return stages
 
 
-def prefill_stages(
-    spec: ModelSpec,
-    layout: Layout,
-    tokens: float,
-    context: float,
-    hw: Hardware,
-    link: Interconnect,
-    *,
-    kv_bytes: int = 2,
-) -> list[Stage]:
+def prefill_stages(dep: Deployment, tokens: float, context: float) -> list[Stage]:
     """One prefill step of a replica: a chunk of ``tokens`` prompt tokens (engines chunk prompts, vLLM at
     max_num_batched_tokens), its queries seeing ``context`` tokens on average, through every layer; the
     LM head for the chunk's last token only. Pipeline stages each take the chunk in turn."""
-    stages = _every_layer(spec, layout, tokens, context, hw, link, kv_bytes, prefill=True)
-    head = spec.vocab * spec.hidden / layout.tp
-    stages.append(_compute("lm_head", "lm_head", head * 2, 2 * head, hw, 1, hw.gemm_us))
+    stages = _every_layer(dep, tokens, context, prefill=True)
+    head = dep.spec.vocab * dep.spec.hidden / dep.layout.tp
+    stages.append(_compute("lm_head", "lm_head", head * 2, 2 * head, dep.hw, 1, dep.hw.gemm_us))
     return stages
 
 

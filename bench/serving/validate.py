@@ -37,7 +37,7 @@ from bench.serving.hardware import (
 )
 from bench.serving.measured import MissingShape, Tables
 from bench.serving.models import MODEL_SPECS, ModelSpec
-from bench.serving.step import Layout
+from bench.serving.step import Deployment, Layout
 
 #: The stage kinds the measured tables cover, each with the step model's stage names it sums.
 COMPARED = {
@@ -243,7 +243,7 @@ def compare_kernels(tables: Tables, points, hw: Hardware, link: Interconnect) ->
     rows = []
     for point in points:
         spec = MODEL_SPECS[point.model]
-        stages = step_model.step_stages(spec, point.layout, point.batch, point.context, hw, link)
+        stages = step_model.step_stages(Deployment(spec, point.layout, hw, link), point.batch, point.context)
         ours, measured = ours_ms(stages), measured_ms(tables, spec, point)
         if "mla" in ours:  # projected as the table's benchmark ran the module (its norms and rope native)
             ours["mla"] += native_chains_ms(spec, point.layout, point.batch, hw)
@@ -308,7 +308,7 @@ def _projected_again(point: dict, hw: Hardware, link: Interconnect) -> dict | No
     layout = Layout(dp=point["dp"], tp=point["tp"], pp=point["pp"], ep=point["ep"], dedup=point["dedup"])
     hw = replace(hw, host_us=point.get("host_us", 0.0))
     kv = 1 if point["kv"] == "fp8" else 2
-    stages = step_model.step_stages(spec, layout, point["batch"], point["context"], hw, link, kv_bytes=kv)
+    stages = step_model.step_stages(Deployment(spec, layout, hw, link, kv), point["batch"], point["context"])
     return {s.name: s.step_seconds * 1e3 for s in stages}
 
 
@@ -398,27 +398,27 @@ KV_MEMORY = {
 
 
 def steady_tokens_per_s(
-    spec, layout, hw, link, isl, osl, max_batch, kv_bytes, admission="grow", kv_memory="of_total"
+    dep: Deployment, isl: int, osl: int, max_batch: int, admission="grow", kv_memory="of_total"
 ) -> tuple:
     """(output tokens/s of all GPUs, sequences per replica): every replica holds as many sequences as its
     KV pool (its engine's ``kv_memory`` rule, ``KV_MEMORY``; or the engine's batch cap) allows, each holding
     the slots its engine's ``admission`` policy (``ADMISSION``) keeps for it. Each decodes at the step time at
     the mean context (its prompt and half its answer) and pays its prompt's prefill once."""
     # The advisor's memory plan, each pipeline stage's budget by the engine's rule.
-    pool, _, window = min(stage_pools(spec, layout, hw, kv_bytes, KV_MEMORY[kv_memory]))
+    pool, _, window = min(stage_pools(dep, KV_MEMORY[kv_memory]))
     batch = int(min(max_batch, pool // (ADMISSION[admission](isl, osl) + window)))
     if batch < 1:
         return 0.0, 0
-    decode = step_model.step_stages(spec, layout, batch, isl + osl / 2, hw, link, kv_bytes=kv_bytes)
+    decode = step_model.step_stages(dep, batch, isl + osl / 2)
     decode_s = step_model.step_seconds(decode)
     prefill_s = 0.0
     for start in range(0, isl, PREFILL_CHUNK):  # the prompt in chunks, each attending to what came before
         tokens = min(PREFILL_CHUNK, isl - start)
         context = start + tokens / 2
-        chunk = step_model.prefill_stages(spec, layout, tokens, context, hw, link, kv_bytes=kv_bytes)
+        chunk = step_model.prefill_stages(dep, tokens, context)
         prefill_s += step_model.step_seconds(chunk)
     per_sequence_s = osl * decode_s + batch * prefill_s  # every sequence's prefill stalls the batch once
-    return layout.dp * batch * osl / per_sequence_s, batch
+    return dep.layout.dp * batch * osl / per_sequence_s, batch
 
 
 def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
@@ -428,17 +428,9 @@ def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
         spec = replace(MODEL_SPECS[run["model"]], weight_bytes=1 if run["weights"] == "fp8" else 2)
         layout = Layout(dp=run["gpus"] // (run["tp"] * run["pp"]), tp=run["tp"], pp=run["pp"], ep=run["ep"])
         kv = 1 if run["kv"] == "fp8" else 2
+        dep = Deployment(spec, layout, hw, link, kv)
         ours, batch = steady_tokens_per_s(
-            spec,
-            layout,
-            hw,
-            link,
-            run["isl"],
-            run["osl"],
-            run["max_batch"],
-            kv,
-            run["admission"],
-            run["kv_memory"],
+            dep, run["isl"], run["osl"], run["max_batch"], run["admission"], run["kv_memory"]
         )
         out.append(
             {
