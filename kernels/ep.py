@@ -543,6 +543,77 @@ def recv_x_rows(received: int, local_experts: int, align: int) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EPSizes:
+    """What capacity mode's buffers are sized by: calls of ``num_tokens`` tokens, ``top_k`` choices each, rows
+    ``hidden`` wide in ``dtype``, over ``num_experts`` experts spread on ``world_size`` ranks, no rank sending
+    more than ``max_tokens_per_rank`` tokens; each local expert's segment starts at a multiple of ``align``;
+    ``dedup`` sends a token's row once per rank it reaches. Construction refuses (ValueError naming the
+    field) sizes no call takes: experts that do not divide over the ranks, num_tokens > max_tokens_per_rank,
+    and what moe.DispatchWorkspace.for_shape refuses."""
+
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    hidden: int
+    world_size: int
+    max_tokens_per_rank: int
+    align: int = 1
+    dtype: torch.dtype = torch.bfloat16
+    dedup: bool = False
+
+    def __post_init__(self):
+        moe.check_dispatch_sizes(
+            self.num_tokens, self.top_k, self.num_experts, self.hidden, self.align, self.dtype
+        )
+        check_int("world_size", self.world_size, 1)
+        if self.num_experts % self.world_size:
+            raise ValueError(
+                f"num_experts: expected a multiple of world_size {self.world_size} (each rank owns as many "
+                f"experts), got {self.num_experts}"
+            )
+        check_int("max_tokens_per_rank", self.max_tokens_per_rank, 1)
+        if self.num_tokens > self.max_tokens_per_rank:
+            raise ValueError(
+                f"max_tokens_per_rank: expected at least num_tokens ({self.num_tokens}; a call's tokens must "
+                f"fit the slabs), got {self.max_tokens_per_rank}"
+            )
+        _check_dedup(self.dedup)
+
+    @property
+    def local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def slab_rows(self) -> int:
+        """C, the rows of each (source, destination) slab (slab_rows)."""
+        return slab_rows(self.max_tokens_per_rank, self.top_k, self.dedup)
+
+    def buffers(self) -> dict:
+        """{field: (shape, dtype)} of every EPWorkspace buffer but dispatch's: what for_sizes allocates, and
+        what a given workspace is checked against without allocating."""
+        world, local, hidden, dtype = self.world_size, self.local_experts, self.hidden, self.dtype
+        slabs = world * self.slab_rows
+        pairs = world * slab_rows(self.max_tokens_per_rank, self.top_k)
+        buffers = {
+            "send": ((slabs, hidden), dtype),
+            "recv": ((slabs, hidden), dtype),
+            "recv_x": ((recv_x_rows(pairs, local, self.align), hidden), dtype),
+            "recv_counts": ((world, local + self.dedup), torch.int32),
+            "tokens_per_expert": ((local,), torch.int32),
+            "expert_offsets": ((local + 1,), torch.int32),
+            "out": ((self.num_tokens, hidden), dtype),
+        }
+        if self.dedup:
+            buffers |= {
+                "send_meta": ((slabs, 2 * self.top_k), torch.int32),
+                "recv_meta": ((slabs, 2 * self.top_k), torch.int32),
+                "send_counts": ((world, local + 1), torch.int32),
+                "token_rows": ((self.num_tokens, world), torch.int32),
+            }
+        return buffers
+
+
+@dataclass(frozen=True, kw_only=True)
 class EPWorkspace:
     """Capacity mode's buffers, owned by the caller (one per captured batch size, as for moe.dispatch): with
     it, ep_dispatch and ep_combine allocate nothing, so the pair can sit in a CUDA graph.
@@ -554,8 +625,8 @@ class EPWorkspace:
     recv_counts int32 [W, L] ([W, L + 1] with dedup); tokens_per_expert int32 [L]; expert_offsets int32
     [L + 1]; out [num_tokens, hidden]; with dedup only (else None): send_meta and recv_meta int32
     [W * C, 2 * top_k], send_counts int32 [W, L + 1], token_rows int32 [num_tokens, W]; no two buffers
-    (dispatch's included) share memory. Each call overwrites the last one's contents. for_shape refuses
-    (ValueError naming the argument) sizes no call takes, num_tokens > max_tokens_per_rank among them.
+    (dispatch's included) share memory. Each call overwrites the last one's contents. for_sizes allocates
+    them for an EPSizes (for_shape for its fields), which refuses sizes no call takes.
     """
 
     dispatch: moe.DispatchWorkspace | None  # pack's rows; unpack writes the returned outputs back over them
@@ -573,42 +644,6 @@ class EPWorkspace:
     )
     token_rows: torch.Tensor | None = None  # dedup: int32 [num_tokens, W], each (token, rank)'s slab row
 
-    @staticmethod
-    def layout(
-        num_tokens: int,
-        top_k: int,
-        num_experts: int,
-        hidden: int,
-        *,
-        world_size: int,
-        max_tokens_per_rank: int,
-        align: int = 1,
-        dtype: torch.dtype = torch.bfloat16,
-        dedup: bool = False,
-    ) -> dict:
-        """{field: (shape, dtype)} of every buffer but dispatch's (what for_shape allocates, what a given
-        workspace is checked against without allocating)."""
-        local = num_experts // world_size
-        slabs = world_size * slab_rows(max_tokens_per_rank, top_k, dedup)
-        pairs = world_size * slab_rows(max_tokens_per_rank, top_k)
-        layout = {
-            "send": ((slabs, hidden), dtype),
-            "recv": ((slabs, hidden), dtype),
-            "recv_x": ((recv_x_rows(pairs, local, align), hidden), dtype),
-            "recv_counts": ((world_size, local + dedup), torch.int32),
-            "tokens_per_expert": ((local,), torch.int32),
-            "expert_offsets": ((local + 1,), torch.int32),
-            "out": ((num_tokens, hidden), dtype),
-        }
-        if dedup:
-            layout |= {
-                "send_meta": ((slabs, 2 * top_k), torch.int32),
-                "recv_meta": ((slabs, 2 * top_k), torch.int32),
-                "send_counts": ((world_size, local + 1), torch.int32),
-                "token_rows": ((num_tokens, world_size), torch.int32),
-            }
-        return layout
-
     @classmethod
     def for_shape(
         cls,
@@ -624,39 +659,37 @@ class EPWorkspace:
         device=None,
         dedup: bool = False,
     ) -> "EPWorkspace":
-        moe.check_dispatch_sizes(num_tokens, top_k, num_experts, hidden, align, dtype)
-        check_int("world_size", world_size, 1)
-        if num_experts % world_size:
-            raise ValueError(
-                f"num_experts: expected a multiple of world_size {world_size} (each rank owns as many "
-                f"experts), got {num_experts}"
-            )
-        check_int("max_tokens_per_rank", max_tokens_per_rank, 1)
-        if num_tokens > max_tokens_per_rank:
-            raise ValueError(
-                f"max_tokens_per_rank: expected at least num_tokens ({num_tokens}; a call's tokens must fit "
-                f"the slabs), got {max_tokens_per_rank}"
-            )
-        _check_dedup(dedup)
-        device = check_device("device", device)
-        layout = cls.layout(
-            num_tokens,
-            top_k,
-            num_experts,
-            hidden,
+        """for_sizes of these sizes (EPSizes, which checks them)."""
+        sizes = EPSizes(
+            num_tokens=num_tokens,
+            top_k=top_k,
+            num_experts=num_experts,
+            hidden=hidden,
             world_size=world_size,
             max_tokens_per_rank=max_tokens_per_rank,
             align=align,
             dtype=dtype,
             dedup=dedup,
         )
+        return cls.for_sizes(sizes, device)
+
+    @classmethod
+    def for_sizes(cls, sizes: EPSizes, device=None) -> "EPWorkspace":
+        """Every buffer calls of ``sizes`` need, on ``device`` (the current CUDA device, else the CPU)."""
+        device = check_device("device", device)
         buffers = {
-            name: torch.empty(shape, dtype=kind, device=device) for name, (shape, kind) in layout.items()
+            name: torch.empty(shape, dtype=kind, device=device)
+            for name, (shape, kind) in sizes.buffers().items()
         }
         dispatch = None
-        if not dedup:
+        if not sizes.dedup:
             dispatch = moe.DispatchWorkspace.for_shape(
-                num_tokens, top_k, num_experts, hidden, dtype=dtype, device=device
+                sizes.num_tokens,
+                sizes.top_k,
+                sizes.num_experts,
+                sizes.hidden,
+                dtype=sizes.dtype,
+                device=device,
             )
         return cls(dispatch=dispatch, **buffers)
 
@@ -739,7 +772,7 @@ def _check_dedup(dedup) -> None:
         raise ValueError(f"dedup: expected a bool, got {dedup!r}")
 
 
-def _check_workspace(workspace, layout: dict, device, inputs: dict, dedup: bool) -> None:
+def _check_workspace(workspace, buffers: dict, device, inputs: dict, dedup: bool) -> None:
     """Every buffer of the caller's workspace has the shape, dtype and device this call needs, and shares no
     memory with another (its dispatch part's included) or with the ``inputs`` (metadata only); moe.dispatch
     checks the dispatch part's shapes itself (a dedup call has no dispatch part)."""
@@ -753,7 +786,7 @@ def _check_workspace(workspace, layout: dict, device, inputs: dict, dedup: bool)
             "workspace.dispatch: expected a moe.DispatchWorkspace (EPWorkspace.for_shape sizes it), got "
             f"{type(workspace.dispatch).__name__}"
         )
-    for field, (shape, dtype) in layout.items():
+    for field, (shape, dtype) in buffers.items():
         check_buffer(f"workspace.{field}", getattr(workspace, field), shape, dtype, device)
     check_disjoint(_workspace_buffers(workspace, dedup), inputs)
 
@@ -823,11 +856,11 @@ def _check_mode(
             "(the bound every rank sizes its slabs with)"
         )
     if workspace is not None:
-        layout = EPWorkspace.layout(
-            num_tokens,
-            top_k,
-            num_experts,
-            x.shape[1],
+        sizes = EPSizes(
+            num_tokens=num_tokens,
+            top_k=top_k,
+            num_experts=num_experts,
+            hidden=x.shape[1],
             world_size=world,
             max_tokens_per_rank=max_tokens_per_rank,
             align=align,
@@ -835,7 +868,7 @@ def _check_mode(
             dedup=dedup,
         )
         inputs = {"x": x, "weights": weights, "ids": ids}
-        _check_workspace(workspace, layout, x.device, inputs, dedup)
+        _check_workspace(workspace, sizes.buffers(), x.device, inputs, dedup)
     return slab_rows(max_tokens_per_rank, top_k, dedup)
 
 

@@ -312,17 +312,7 @@ def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, 
     warm-up call, before that call's collectives, still leaves the peers in them until the group's
     timeout."""
     m = shape.model
-    workspace = kernels.ep.EPWorkspace.for_shape(
-        shape.tokens,
-        m.top_k,
-        m.num_experts,
-        m.hidden,
-        world_size=shape.world,
-        max_tokens_per_rank=shape.tokens,
-        dtype=shape.dtype,
-        device=rank.device,
-        dedup=shape.dedup,
-    )
+    workspace = kernels.ep.EPWorkspace.for_sizes(shape.sizes, rank.device)
     first = rank.rank * shape.local_experts
 
     def call(experts):

@@ -146,8 +146,23 @@ class EPShape:
         return f"{self.model.name} EP{self.world} tokens/rank={self.tokens} {self.load} {self.mode}"
 
     @property
+    def sizes(self) -> kernels.ep.EPSizes:
+        """What this point's capacity-mode buffers are sized by: every rank at most ``tokens`` tokens."""
+        m = self.model
+        return kernels.ep.EPSizes(
+            num_tokens=self.tokens,
+            top_k=m.top_k,
+            num_experts=m.num_experts,
+            hidden=m.hidden,
+            world_size=self.world,
+            max_tokens_per_rank=self.tokens,
+            dtype=self.dtype,
+            dedup=self.dedup,
+        )
+
+    @property
     def local_experts(self) -> int:
-        return self.model.num_experts // self.world
+        return self.sizes.local_experts
 
     @property
     def kernel_mode(self) -> str:
@@ -160,7 +175,7 @@ class EPShape:
 
     @property
     def slab_rows(self) -> int:
-        return kernels.ep.slab_rows(self.tokens, self.model.top_k, self.dedup)
+        return self.sizes.slab_rows
 
 
 def shapes(world: int, tokens=TOKENS_PER_RANK, models=MODELS, loads=LOADS, modes=MODES):
