@@ -225,13 +225,13 @@ def test_norm_topk_prob_reaches_the_router():
     import torch
 
     import reference.moe
-    from bench.operators.moe import RouteShape
+    from bench.operators.moe import route_kwargs
 
     fields = json.loads((CONFIGS / "DeepSeek-R1.json").read_text())
     assert load_model_config(CONFIGS / "DeepSeek-R1.json").moe.renormalize  # true: renormalised
     spec = model_from_hf_config({**fields, "norm_topk_prob": False})
     assert spec.moe.renormalize is False and spec.moe_model().renormalize is False
-    kwargs = RouteShape("v2", 3, spec.moe_model()).route_kwargs()
+    kwargs = route_kwargs(spec.moe_model())
     assert kwargs["renormalize"] is False
     logits = torch.randn(3, spec.moe.num_experts)
     weights, _ = reference.moe.route(logits, spec.moe.top_k, bias=torch.zeros(spec.moe.num_experts), **kwargs)

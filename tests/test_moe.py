@@ -262,7 +262,7 @@ def test_bad_input_names_the_argument(case):
 
 def test_presets_route():
     for name, model in MOE_MODELS.items():
-        outcome = verify(ROUTE, RouteShape(name, 9, model), DEVICE)
+        outcome = verify(ROUTE, RouteShape(9, model), DEVICE)
         assert outcome.ok, (name, outcome.message)
 
 

@@ -26,7 +26,7 @@ import kernels.moe as moe
 from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, capture_graph, flush_l2, time_cuda
-from bench.operators.moe import COMBINE, DISPATCH, ROUTE, RouteShape, load_statistics
+from bench.operators.moe import COMBINE, DISPATCH, ROUTE, load_statistics, route_kwargs
 from bench.serving.models import MOE_MODELS
 from bench.testing import generator
 
@@ -106,7 +106,7 @@ def layer_inputs(model_name: str, tokens: int, device="cuda") -> dict:
     w2 = torch.empty(m.num_experts, m.intermediate, m.hidden, dtype=torch.bfloat16, device=device)
     w13.normal_(0, 0.02)
     w2.normal_(0, 0.02)
-    route_kw = RouteShape(model_name, tokens, m).route_kwargs() | {"bias": bias}
+    route_kw = route_kwargs(m) | {"bias": bias}
     return {"logits": logits, "route_kw": route_kw, "x": x, "w13": w13, "w2": w2}
 
 

@@ -35,7 +35,7 @@ from bench.operators.ep import (
     route_inputs,
     stage_bytes,
 )
-from bench.operators.moe import RouteShape
+from bench.operators.moe import route_kwargs
 from bench.testing import assert_bitwise_equal, assert_close
 
 # --- EP: correctness on every rank ------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
     wrong expert changes it; identity experts would hide it). Returns this rank's samples and bytes."""
     m = shape.model
     logits, bias, x = route_inputs(shape, rank.rank, rank.device, seed)
-    route_kwargs = RouteShape(m.name, shape.tokens, m).route_kwargs() | {"bias": bias}
+    routing = route_kwargs(m) | {"bias": bias}
     mode = _mode_kwargs(shape)
     samples, calls = [], []
     for i in range(warmup + reps):
@@ -231,7 +231,7 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
         clock = StageClock(rank.device)
         with guard(rank, shape.label), nvtx_range(f"ep[{shape.label}]", color="blue"):
             with clock("route"):
-                weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
+                weights, ids = kernels.moe.route(logits, m.top_k, **routing)
             with clock("call"):
                 recv_x, handle = kernels.ep.ep_dispatch(
                     x, weights, ids, m.num_experts, stage_hook=clock, **mode
@@ -251,7 +251,7 @@ def time_ep(rank: Rank, shape: EPShape, *, reps: int, warmup: int, seed: int = 1
     elif rank.device.type != "cuda":
         graph, graph_note, graph_verified = None, "none: no CUDA device", False
     else:
-        graph, graph_note, graph_verified = _graph_replay_ms(rank, shape, logits, x, route_kwargs, want, reps)
+        graph, graph_note, graph_verified = _graph_replay_ms(rank, shape, logits, x, routing, want, reps)
     # Rows as the call counted them (what dedup saves is measured), and what dedup would send (a model).
     sent = handle.send_rows.tolist()
     received = (handle.dedup_counts[:, -1] if handle.dedup else handle.recv_counts.sum(1)).tolist()
@@ -302,7 +302,7 @@ def ep_mode_row(shape: EPShape, everyone: list[dict]) -> list:
     return row + [f"{wire:,}", f"{padding:,}", f"{us:,.1f}"]
 
 
-def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, want, reps: int):
+def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, routing: dict, want, reps: int):
     """Capacity mode end to end (route, ep_dispatch, ep_combine into an EPWorkspace) captured in CUDA graphs:
     one with identity experts, replayed ``reps`` times and timed; one with expert_outputs_on_device as the
     experts, replayed once, its workspace.out checked against ``want``. Returns (samples in ms, None,
@@ -316,7 +316,7 @@ def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, route_kwargs: dict, 
     first = rank.rank * shape.local_experts
 
     def call(experts):
-        weights, ids = kernels.moe.route(logits, m.top_k, **route_kwargs)
+        weights, ids = kernels.moe.route(logits, m.top_k, **routing)
         recv_x, handle = kernels.ep.ep_dispatch(
             x, weights, ids, m.num_experts, workspace=workspace, **_mode_kwargs(shape)
         )

@@ -202,10 +202,10 @@ def stage_calls(
         )
         return (*_case_call("mla_decode", shape, device, check), "")
     if name == "route":
-        shape = RouteShape(name=spec.name, tokens=micro, model=moe_model)
+        shape = RouteShape(tokens=micro, model=moe_model)
         return (*_case_call("route", shape, device, check), "")
     if name in ("dispatch", "combine"):
-        shape = DispatchShape(name=spec.name, tokens=tokens_per_rank(micro, layout), model=moe_model)
+        shape = DispatchShape(tokens=tokens_per_rank(micro, layout), model=moe_model)
         return (*_case_call(name, shape, device, check), "")
     return None, None, "projected: a collective or the pipeline's, not run on one GPU"
 

@@ -210,7 +210,7 @@ def stage_bytes(
     padded = shape.kernel_mode == "capacity"
     local = shape.local_experts + shape.dedup  # dedup's counts carry the rows per rank too
     figures = {
-        "route": {"bytes": route_byte_model(RouteShape(m.name, t, m))},  # bf16 logits (route_inputs)
+        "route": {"bytes": route_byte_model(RouteShape(t, m))},  # bf16 logits (route_inputs)
         "counts": {"bytes": (world - 1) * local * 4, "wire": True},
         "sync": {"bytes": (world + world * local) * 4, "host": True},
     }

@@ -13,9 +13,21 @@ from bench.serving.models import MOE_MODELS, MOE_TOKENS, MoEModel
 from bench.testing import assert_bitwise_equal, assert_close, generator, max_error, randn
 
 
+def route_kwargs(model: MoEModel) -> dict:
+    """The model's routing rule as route's keywords (the case, the step timing and the benchmarks route with
+    them; the reference takes the same)."""
+    return {
+        "scoring": model.scoring,
+        "num_groups": model.num_groups,
+        "topk_groups": model.topk_groups,
+        "scale": model.scale,
+        "softmax_after_topk": model.softmax_after_topk,
+        "renormalize": model.renormalize,
+    }
+
+
 @dataclass(frozen=True)
 class RouteShape:
-    name: str
     tokens: int
     model: MoEModel
     dtype: torch.dtype = torch.bfloat16  # the router's output
@@ -23,18 +35,7 @@ class RouteShape:
     @property
     def label(self) -> str:
         m = self.model
-        return f"{self.name} tokens={self.tokens} {m.num_experts}e top{m.top_k}"
-
-    def route_kwargs(self) -> dict:
-        m = self.model
-        return {
-            "scoring": m.scoring,
-            "num_groups": m.num_groups,
-            "topk_groups": m.topk_groups,
-            "scale": m.scale,
-            "softmax_after_topk": m.softmax_after_topk,
-            "renormalize": m.renormalize,
-        }
+        return f"{m.name} tokens={self.tokens} {m.num_experts}e top{m.top_k}"
 
 
 def build(shape: RouteShape, device, seed: int, guarded: bool = False) -> Inputs:
@@ -43,7 +44,7 @@ def build(shape: RouteShape, device, seed: int, guarded: bool = False) -> Inputs
     args = {
         "logits": randn((shape.tokens, m.num_experts), shape.dtype, device, gen, scale=2.0),
         "top_k": m.top_k,
-        **shape.route_kwargs(),
+        **route_kwargs(shape.model),
     }
     if m.bias:
         args["bias"] = randn((m.num_experts,), torch.float32, device, gen, scale=0.1)
@@ -73,7 +74,7 @@ def compare(actual: Inputs, expected: Inputs, shape: RouteShape) -> float:
 
 
 def _shape(model_name: str, tokens: int) -> RouteShape:
-    return RouteShape(model_name, tokens, MOE_MODELS[model_name])
+    return RouteShape(tokens, MOE_MODELS[model_name])
 
 
 def small_shapes() -> list[RouteShape]:
@@ -86,8 +87,8 @@ def small_shapes() -> list[RouteShape]:
         _shape("Mixtral-8x7B", 257),
         _shape("gpt-oss-120b", 17),
         _shape("Qwen3-30B-A3B", 5),
-        RouteShape("odd", 19, odd, torch.float32),
-        RouteShape("top1", 7, one, torch.float16),
+        RouteShape(19, odd, torch.float32),
+        RouteShape(7, one, torch.float16),
     ]
 
 
@@ -162,7 +163,6 @@ def load_statistics(ids: torch.Tensor, num_experts: int, align: int) -> dict:
 
 @dataclass(frozen=True)
 class DispatchShape:
-    name: str
     tokens: int
     model: MoEModel
     load: str = "uniform"
@@ -172,9 +172,7 @@ class DispatchShape:
     @property
     def label(self) -> str:
         m = self.model
-        return (
-            f"{self.name} tokens={self.tokens} {m.num_experts}e top{m.top_k} {self.load} align={self.align}"
-        )
+        return f"{m.name} tokens={self.tokens} {m.num_experts}e top{m.top_k} {self.load} align={self.align}"
 
 
 def _routing(shape: DispatchShape, device, seed: int):
@@ -235,7 +233,7 @@ def combine_compare(actual: Inputs, expected: Inputs, shape: DispatchShape) -> f
 
 
 def _dispatch_shape(model_name: str, tokens: int, load: str = "uniform", align: int = 1) -> DispatchShape:
-    return DispatchShape(model_name, tokens, MOE_MODELS[model_name], load, align)
+    return DispatchShape(tokens, MOE_MODELS[model_name], load, align)
 
 
 def dispatch_sweep() -> list[DispatchShape]:
@@ -250,11 +248,11 @@ def dispatch_sweep() -> list[DispatchShape]:
 def dispatch_small_shapes() -> list[DispatchShape]:
     odd = MoEModel("odd", 72, 60, 4, 64)
     return [
-        DispatchShape("odd", 3, odd, "uniform", 16),
-        DispatchShape("odd", 257, odd, "zipf", 64),
-        DispatchShape("hot", 40, MoEModel("hot", 40, 256, 8, 64), "hot", 128),
-        DispatchShape("mixtral", 33, MoEModel("mixtral", 24, 8, 2, 64), "uniform", 1, torch.float32),
-        DispatchShape("chunked", 300, MoEModel("chunked", 16, 128, 8, 64), "zipf", 16),  # past one launch
+        DispatchShape(3, odd, "uniform", 16),
+        DispatchShape(257, odd, "zipf", 64),
+        DispatchShape(40, MoEModel("hot", 40, 256, 8, 64), "hot", 128),
+        DispatchShape(33, MoEModel("mixtral", 24, 8, 2, 64), "uniform", 1, torch.float32),
+        DispatchShape(300, MoEModel("chunked", 16, 128, 8, 64), "zipf", 16),  # past one launch
     ]
 
 

@@ -611,12 +611,10 @@ class LayerShape:
         )
 
     def route_shape(self) -> moe_operator.RouteShape:
-        return moe_operator.RouteShape(self.name, self.tokens, self.model, torch.float32)
+        return moe_operator.RouteShape(self.tokens, self.model, torch.float32)
 
     def dispatch_shape(self) -> moe_operator.DispatchShape:
-        return moe_operator.DispatchShape(
-            self.name, self.tokens, self.model, align=self.align, dtype=self.dtype
-        )
+        return moe_operator.DispatchShape(self.tokens, self.model, align=self.align, dtype=self.dtype)
 
     def gemm(self, stage: str) -> GemmShape:
         m = self.model
@@ -646,8 +644,7 @@ def _layer_routing(name: str, tokens: int, model: MoEModel):
     gen = generator(seed_of(f"layer routing/{name}/{tokens}/{model}"))
     logits = randn((tokens, model.num_experts), torch.float32, "cpu", gen, scale=2.0)
     bias = randn((model.num_experts,), torch.float32, "cpu", gen, scale=0.01) if model.bias else None
-    route_kwargs = moe_operator.RouteShape(name, tokens, model).route_kwargs()
-    _, ids = reference.moe.route(logits, model.top_k, bias=bias, **route_kwargs)
+    _, ids = reference.moe.route(logits, model.top_k, bias=bias, **moe_operator.route_kwargs(model))
     return logits, bias, ids
 
 
@@ -673,7 +670,7 @@ def layer_build(shape: LayerShape, device, seed: int, guarded: bool = False) -> 
         "router_logits": logits.to(device),
         **weights,
         "top_k": m.top_k,
-        **shape.route_shape().route_kwargs(),
+        **moe_operator.route_kwargs(shape.model),
         "bias": None if bias is None else bias.to(device),
         "align": shape.align,
         "fused_gather": shape.fused_gather,

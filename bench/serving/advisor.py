@@ -230,7 +230,13 @@ class _StepTimes:
 
 
 def simulate(
-    dep: Deployment, workload: ReasoningWorkload, requests: int, max_num_seqs: int, *, stride=32, seed=0
+    dep: Deployment,
+    workload: ReasoningWorkload,
+    requests: int,
+    max_num_seqs: int,
+    *,
+    stride: int = 32,
+    seed: int = 0,
 ) -> Outcome:
     """One replica of the deployment's layout serving its share of ``requests`` through continuous batching
     (bench/serving/batching.py) at the step model's times; the outcome scaled to the dp replicas."""

@@ -90,10 +90,10 @@ def check_layout(spec: ModelSpec, layout: Layout) -> None:
 
 @dataclass(frozen=True)
 class Deployment:
-    """What one decode step costs depends on: a model on a layout of GPUs (checked against each other,
-    check_layout), the GPU's anchors or measurements, the interconnect between the GPUs, and the bytes a KV
-    cache element takes (2 for bf16, 1 for fp8). The step model, the advisor and validate pass this one value
-    where they passed its five parts."""
+    """A model served on a layout of GPUs, as the step model costs it: the model and its layout (checked
+    against each other on construction, check_layout), the GPU (published anchors or a gpu-check's
+    measurements), the interconnect between the GPUs, and the bytes a KV-cache element takes (2 bf16, 1
+    fp8). The advisor and validate compare deployments."""
 
     spec: ModelSpec
     layout: Layout
