@@ -183,7 +183,6 @@ BAD = [
     ("step Llama-3.1-70B --weights int4", "--weights"),
     ("step Llama-3.1-70B --json {folder}", "--json: {folder} is a folder"),
     ("validate --json {folder}", "--json: {folder} is a folder"),
-    ("validate --extract --system h100_sxm", "needs AIConfigurator installed"),
     ("validate --system a100", "--system"),
     # capacity
     ("capacity --tp 0", "--tp"),

@@ -22,6 +22,11 @@ def tables():
     return command.load_tables(use_package=False)
 
 
+@pytest.fixture(scope="module")
+def h100_tables():
+    return command.load_tables(use_package=False, system="h100_sxm")
+
+
 def test_extract_names_its_source_and_every_table(tables):
     assert tables.source.startswith("aiconfigurator-core ")
     for name in measured.TABLES:
@@ -198,11 +203,12 @@ def test_tensorrt_llm_runs_take_their_kv_from_the_memory_left_after_the_weights(
         validate.published_runs([dict(first, kv_memory="half")])
 
 
-def test_moe_rate_anchors_reproduce_their_tensorrt_llm_rows(tables):
+@pytest.mark.parametrize("gpu", ["h200", "h100"])
+def test_moe_rate_anchors_reproduce_their_tensorrt_llm_rows(tables, h100_tables, gpu):
     """Each anchor of a fused MoE's rate by rows an expert is its source row's FLOPs over its latency less the
-    one-token row's (TensorRT-LLM's table, EP8, balanced: not the vLLM table compared): block-fp8 at
-    DeepSeek-R1's shape, bf16 at each Qwen3 MoE's."""
-    found = validate.moe_rate_anchors(tables, GPUS["h200"])
+    one-token row's, in its own GPU's table (TensorRT-LLM's, EP8, balanced: not the vLLM table compared):
+    block-fp8 at DeepSeek-R1's shape, bf16 at each Qwen3 MoE's."""
+    found = validate.moe_rate_anchors(tables if gpu == "h200" else h100_tables, GPUS[gpu])
     experts = {("fp8_block", 7168, 2048): 256, ("bfloat16", 2048, 768): 128, ("bfloat16", 4096, 1536): 128}
     rows = {curve: [row["rows"] for row in found if row["curve"] == curve] for curve in experts}
     assert rows == {
@@ -213,6 +219,15 @@ def test_moe_rate_anchors_reproduce_their_tensorrt_llm_rows(tables):
     for row in found:
         assert row["tokens"] * 8 == row["rows"] * experts[row["curve"]]  # top 8: tokens x 8 / experts
         assert row["anchor"] == pytest.approx(row["measured"], rel=0.005), row
+
+
+def test_the_h100_preset_holds_every_target_against_the_h100_tables(h100_tables):
+    """The step model on the H100's anchors against NVIDIA's H100 tables (the committed H100 extract): every
+    kind's median and worst ratio and the step total within their targets, as README publishes them."""
+    result = validate.validate(h100_tables, [], hw=GPUS["h100"])
+    assert result["kinds"], result
+    for row in result["kinds"]:
+        assert command._verdict(row) == "yes", row
 
 
 def test_deepseek_r1_ep8_batch_256_fused_moe_within_target(tables):

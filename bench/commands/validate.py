@@ -1,12 +1,12 @@
-"""`decodebench validate`: the decode-step model against NVIDIA's measured H200 kernel tables and published
-end-to-end runs (bench/serving/validate.py), its error per stage kind, per step and per run.
+"""`decodebench validate`: the decode-step model against NVIDIA's measured H200 (or H100) kernel tables and
+published end-to-end runs (bench/serving/validate.py), its error per stage kind, per step and per run.
 
     decodebench validate [--extract] [--system h200_sxm|h100_sxm] [--json FILE] [--plot PNG]
                          [--gpu h100|h200|RESULTS] [--interconnect ...] [--write-extract FILE]
 
 The tables are read here: through AIConfigurator's package when it is installed (pip install
-'decodebench[validate]'; pandas reads its parquet files), from the committed extract of the same rows
-otherwise (--extract forces it). The published runs are bench/serving/data/published_runs.csv.
+'decodebench[validate]'; pandas reads its parquet files), from the committed extract of the same rows for
+each system otherwise (--extract forces it). The published runs are bench/serving/data/published_runs.csv.
 """
 
 import csv
@@ -20,7 +20,8 @@ from bench.serving import measured
 from bench.serving import validate as validation
 
 DATA = Path(validation.__file__).parent / "data"
-EXTRACT = DATA / "aiconfigurator_h200.json"
+#: The committed extracts (`--write-extract`): the rows the default grid reads, one file a system.
+EXTRACTS = {system: DATA / f"aiconfigurator_{system.split('_')[0]}.json" for system in measured.SYSTEMS}
 PUBLISHED = DATA / "published_runs.csv"
 
 #: The targets issue 18 set: (median low, median high, worst low, worst high).
@@ -69,14 +70,11 @@ def _plain(value):
 
 
 def load_tables(use_package: bool = True, system: str = measured.SYSTEM) -> measured.Tables:
-    """The installed package's tables for ``system``, or the committed extract's (H200 only)."""
+    """The installed package's tables for ``system``, or its committed extract's."""
     folder = _package_folder(system) if use_package else None
     if folder is None:
-        if system != measured.SYSTEM:
-            raise UsageError(
-                f"--system {system}: needs AIConfigurator installed (the extract holds H200 rows)"
-            )
-        return measured.tables_from_extract(json.loads(EXTRACT.read_text()), EXTRACT.name)
+        extract = EXTRACTS[system]
+        return measured.tables_from_extract(json.loads(extract.read_text()), extract.name)
     from importlib.metadata import version
 
     rows = {name: _read_parquet(folder / spec.path, spec) for name, spec in measured.TABLES.items()}
@@ -155,8 +153,8 @@ def print_result(result: dict) -> None:
     for (dtype, hidden, inter), pairs in curves.items():
         print(
             f"moe_experts: {dtype} experts ({hidden}, {inter}) run at a rate by rows an expert taken from "
-            "TensorRT-LLM's H200 MoE table (EP8, balanced; not compared), rows: TFLOP/s anchor / this "
-            f"system's rows: {', '.join(pairs)}"
+            "the GPU preset's TensorRT-LLM MoE table (EP8, balanced; not compared), rows: TFLOP/s anchor / "
+            f"this system's rows: {', '.join(pairs)}"
         )
     print(
         f"\ntargets: each kind median {KIND_TARGET[0]}-{KIND_TARGET[1]}, worst {KIND_TARGET[2]}-"
@@ -228,7 +226,7 @@ def cmd_validate(args) -> int:
 
 def register(sub) -> None:
     parser = sub.add_parser(
-        "validate", help="the step model against NVIDIA's measured H200 kernel tables and published runs"
+        "validate", help="the step model against NVIDIA's measured H200/H100 kernel tables and published runs"
     )
     parser.add_argument(
         "--extract", action="store_true", help="the committed extract even when AIConfigurator is installed"

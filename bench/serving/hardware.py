@@ -24,10 +24,10 @@ ANCHOR_TFLOPS = {"H100": 790.0}
 #: HBM capacity, bytes: the total the driver reports (nvidia-smi's MiB; what an engine's memory fraction is
 #: of), not the datasheets' rounded 80 and 141 GB (docs/facts.md#gpu-anchors-published-not-measured-here).
 ANCHOR_MEMORY_BYTES = {"H100": 81559 * 2**20, "H200": 143771 * 2**20}
-#: A fused MoE's achieved compute rate by rows an expert (M of each expert's GEMMs), one curve per expert
-#: dtype and measured shape: (bytes a weight, hidden, inter) -> ((rows, TFLOP/s), ...), each anchor its FLOPs
-#: over its latency less the one-token latency, from TensorRT-LLM 1.3.0rc20's measured H200 MoE table
-#: (AIConfigurator, CUTLASS fused MoE, balanced routing, EP8); vLLM's own table, which validate compares
+#: A fused MoE's achieved compute rate by rows an expert (M of each expert's GEMMs), per GPU one curve per
+#: expert dtype and measured shape: (bytes a weight, hidden, inter) -> ((rows, TFLOP/s), ...), each anchor its
+#: FLOPs over its latency less the one-token latency, from TensorRT-LLM 1.3.0rc20's measured MoE table of that
+#: GPU (AIConfigurator, CUTLASS fused MoE, balanced routing, EP8); vLLM's own table, which validate compares
 #: against, is not used. Few rows an expert leave its MMA tiles' rows mostly empty (each tile costs the same
 #: however many rows fill it), so the rate grows with the rows and flattens far under the tensor cores'
 #: ceiling. Up to about 32 rows the time is near the weights' read, so the compute term seldom binds there.
@@ -40,10 +40,19 @@ ANCHOR_MEMORY_BYTES = {"H100": 81559 * 2**20, "H200": 143771 * 2**20}
 #:   444-461 up to 1,024). vLLM 0.24 runs bf16 experts on its Triton fused MoE instead, which its table
 #:   puts at 1.2-1.8x TensorRT-LLM's time (EP8, power-law routing, 512-4096 tokens): the step model's bf16
 #:   experts are as fast as TensorRT-LLM's. docs/facts.md#measured-ground-truth-for-the-decode-step-model.
+#: The H100's curves sit 10-31% under the H200's at the same rows (the same GH100 tensor cores; the
+#: H100's table measures them slower, most at few rows).
 MOE_RATES = {
-    (1, 7168, 2048): ((16, 126.5), (32, 222.6), (64, 371.3), (128, 526.2), (256, 579.9)),
-    (2, 2048, 768): ((16, 66.8), (32, 100.1), (64, 175.3), (128, 301.9), (256, 361.4), (512, 452.6)),
-    (2, 4096, 1536): ((16, 69.5), (32, 131.2), (64, 225.1), (128, 381.8), (256, 575.4), (512, 638.0)),
+    "H200": {
+        (1, 7168, 2048): ((16, 126.5), (32, 222.6), (64, 371.3), (128, 526.2), (256, 579.9)),
+        (2, 2048, 768): ((16, 66.8), (32, 100.1), (64, 175.3), (128, 301.9), (256, 361.4), (512, 452.6)),
+        (2, 4096, 1536): ((16, 69.5), (32, 131.2), (64, 225.1), (128, 381.8), (256, 575.4), (512, 638.0)),
+    },
+    "H100": {
+        (1, 7168, 2048): ((16, 92.2), (32, 166.0), (64, 282.6), (128, 435.3), (256, 519.1)),
+        (2, 2048, 768): ((16, 46.4), (32, 80.2), (64, 137.8), (128, 223.3), (256, 307.8), (512, 386.7)),
+        (2, 4096, 1536): ((16, 48.7), (32, 91.4), (64, 165.8), (128, 278.9), (256, 467.4), (512, 556.2)),
+    },
 }
 #: The table rows each curve comes from: TensorRT-LLM's key (dtype, hidden, inter, top_k, experts, moe_tp,
 #: moe_ep, routing) and the tokens of the one-token row and of each anchor after it.
@@ -75,7 +84,7 @@ class Hardware:
     moe_us: float = 20.0  # a fused MoE's fixed cost: align/sort, two grouped GEMMs, activation, sum
     host_us: float = 0.0  # per step, per engine process: scheduling, input preparation and sampling
     fp8_tflops: float = 0.0  # the fp8 tensor-core ceiling; 0: twice the bf16 ceiling
-    moe_rates: dict = field(default_factory=lambda: dict(MOE_RATES))  # fused MoE's rate by rows an expert
+    moe_rates: dict = field(default_factory=lambda: dict(MOE_RATES["H200"]))  # fused MoE's rate by rows
     kernel_efficiency: dict = field(default_factory=dict)  # kernel -> [(bytes, measured seconds)], by shape
     sources: dict = field(default_factory=dict)
 
@@ -190,24 +199,29 @@ _ASSUMED = {
     "(docs/facts.md#measured-ground-truth-for-the-decode-step-model))",
     "moe": "anchor (published, measured by NVIDIA): the fused MoE at one token costs 20 us with its weights "
     f"negligible (Qwen3-30B-A3B's experts split 8 ways; {TABLES})",
-    "moe_rate": "anchor (published, measured by NVIDIA): a fused MoE's compute rate by rows an expert, net "
-    "of its one-token latency (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE, as vLLM runs block-fp8 under EP "
-    "(bf16: vLLM's Triton fused MoE, 1.2-1.8x slower); balanced routing, EP8; AIConfigurator's TensorRT-LLM "
-    "tables, H200 (docs/facts.md#"
-    "measured-ground-truth-for-the-decode-step-model)): "
-    + "; ".join(
-        f"{'block-fp8' if nbytes == 1 else 'bf16'} at ({hidden}, {inter}) "
-        + ", ".join(f"{rows}: {rate:.0f}" for rows, rate in curve)
-        + " TFLOP/s by rows"
-        for (nbytes, hidden, inter), curve in MOE_RATES.items()
-    )
-    + " (DeepSeek-R1's, Qwen3-30B-A3B's and Qwen3-235B-A22B's expert shapes); an expert takes the curve of "
-    "its dtype nearest its size",
     "launch": "anchor (assumed): 2 us a small kernel (norm, activation, rope, cache write) under CUDA "
     "graphs; the smallest kernels NVIDIA measured for vLLM (static fp8 quantization, up to 16 x 512) take "
     f"1.9 us (median; H100 2.0) ({TABLES})",
     "host": "anchor (assumed): no host time a step unless --host-us gives it (engines overlap scheduling)",
 }
+
+
+def _moe_rate_source(gpu: str) -> str:
+    """Where ``gpu``'s fused-MoE rate curves (MOE_RATES) come from, with their anchors."""
+    curves = "; ".join(
+        f"{'block-fp8' if nbytes == 1 else 'bf16'} at ({hidden}, {inter}) "
+        + ", ".join(f"{rows}: {rate:.0f}" for rows, rate in curve)
+        + " TFLOP/s by rows"
+        for (nbytes, hidden, inter), curve in MOE_RATES[gpu].items()
+    )
+    return (
+        "anchor (published, measured by NVIDIA): a fused MoE's compute rate by rows an expert, net of its "
+        "one-token latency (TensorRT-LLM 1.3.0rc20's CUTLASS fused MoE, as vLLM runs block-fp8 under EP "
+        "(bf16: vLLM's Triton fused MoE, 1.2-1.8x slower); balanced routing, EP8; AIConfigurator's "
+        f"TensorRT-LLM tables, {gpu} (docs/facts.md#measured-ground-truth-for-the-decode-step-model)): "
+        f"{curves} (DeepSeek-R1's, Qwen3-30B-A3B's and Qwen3-235B-A22B's expert shapes); an expert takes "
+        "the curve of its dtype nearest its size"
+    )
 
 
 def _anchored(gpu: str, memory: str, copy: str, matmul: str, matmul_of: str | None = None) -> Hardware:
@@ -219,9 +233,11 @@ def _anchored(gpu: str, memory: str, copy: str, matmul: str, matmul_of: str | No
         memory_bytes=ANCHOR_MEMORY_BYTES[gpu],
         copy_gbps=PROJECTION_GBPS[gpu],
         matmul_tflops=ANCHOR_TFLOPS[matmul_of or gpu],
+        moe_rates=dict(MOE_RATES[gpu]),
         sources={
             **{key: f"anchor (published): {what} ({FACTS})" for key, what in published.items()},
             **_ASSUMED,
+            "moe_rate": _moe_rate_source(gpu),
         },
     )
 

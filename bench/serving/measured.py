@@ -1,24 +1,25 @@
-"""NVIDIA's measured H200 kernel times (AIConfigurator's tables), as the command read them: through its
-package when it is installed, from the committed extract (bench/serving/data/aiconfigurator_h200.json)
-otherwise (bench/commands/validate.py).
+"""NVIDIA's measured H200 and H100 kernel times (AIConfigurator's tables), as the command read them: through
+its package when it is installed, from the committed extracts (bench/serving/data/aiconfigurator_h200.json,
+aiconfigurator_h100.json) otherwise (bench/commands/validate.py).
 
 AIConfigurator (github.com/ai-dynamo/aiconfigurator, Apache-2.0; docs/facts.md#measured-ground-truth-for-
-the-decode-step-model) ships parquet tables of kernel latencies measured on h200_sxm. Each table here is one
-of its files, reduced to a map from a key (the shape) to milliseconds; where several kernels were measured
-for one shape the fastest is kept (what an engine's kernel choice gets). vLLM's tables are used (the paper's
+the-decode-step-model) ships parquet tables of kernel latencies measured on each system (h200_sxm,
+h100_sxm, ...). Each table here is one of its files, reduced to a map from a key (the shape) to
+milliseconds; where several kernels were measured for one shape the fastest is kept (what an engine's
+kernel choice gets). vLLM's tables are used (the paper's
 engine); SGLang's for the MLA attention kernel alone (vLLM's measures the whole MLA module only);
 TensorRT-LLM's MoE table for the rows the step model's MoE rates are taken from (not compared).
 
 Lookups between measured shapes interpolate linearly along each numeric axis from the bracketing grid
 points (and extend the last segment past the grid's edge); every row a lookup reads is recorded, which is
-how the committed extract is made (``decodebench validate --write-extract``). Only the command's reader of
+how the committed extracts are made (``decodebench validate --write-extract``). Only the command's reader of
 the package needs pandas; lookups are plain Python.
 """
 
 import json
 from dataclasses import dataclass, field
 
-SYSTEM = "h200_sxm"  # the committed extract's
+SYSTEM = "h200_sxm"  # the default: the published runs are H200's
 SYSTEMS = ("h200_sxm", "h100_sxm")  # what the package's tables hold and validate reads
 
 

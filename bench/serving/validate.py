@@ -2,10 +2,11 @@
 
 Two sources no one here wrote (docs/facts.md#measured-ground-truth-for-the-decode-step-model):
 
-- NVIDIA's measured H200 kernel tables (AIConfigurator, bench/serving/measured.py): for every point of a grid
-  of models, layouts (TP 1-8, experts split or spread), batches (1-256) and contexts (1K-8K), each stage kind
-  the tables measure is projected by the step model and looked up in the tables at the same shapes; the
-  ratio ours / measured is kept per kind and for the step total over the measured kinds.
+- NVIDIA's measured H200 (or H100) kernel tables (AIConfigurator, bench/serving/measured.py): for every
+  point of a grid of models, layouts (TP 1-8, experts split or spread), batches (1-256) and contexts
+  (1K-8K), each stage kind the tables measure is projected by the step model and looked up in the tables at
+  the same shapes; the ratio ours / measured is kept per kind and for the step total over the measured
+  kinds.
 - Published end-to-end runs (bench/serving/data/published_runs.csv, each row with its source; the command
   reads it): the model's
   steady-state output tokens/s for the run's model, layout, precision, fixed prompt/answer lengths and
