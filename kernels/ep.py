@@ -547,9 +547,10 @@ class EPSizes:
     """What capacity mode's buffers are sized by: calls of ``num_tokens`` tokens, ``top_k`` choices each, rows
     ``hidden`` wide in ``dtype``, over ``num_experts`` experts spread on ``world_size`` ranks, no rank sending
     more than ``max_tokens_per_rank`` tokens; each local expert's segment starts at a multiple of ``align``;
-    ``dedup`` sends a token's row once per rank it reaches. Construction refuses (ValueError naming the
-    field) sizes no call takes: experts that do not divide over the ranks, num_tokens > max_tokens_per_rank,
-    and what moe.DispatchWorkspace.for_shape refuses."""
+    ``dedup`` sends a token's row once per rank it reaches. ``check`` refuses (ValueError naming the field)
+    sizes no call takes: experts that do not divide over the ranks, num_tokens > max_tokens_per_rank, and
+    what moe.DispatchWorkspace.for_shape refuses; EPWorkspace.for_sizes checks the sizes it is given
+    (ep_dispatch builds its call's from inputs it has checked already)."""
 
     num_tokens: int
     top_k: int
@@ -561,7 +562,7 @@ class EPSizes:
     dtype: torch.dtype = torch.bfloat16
     dedup: bool = False
 
-    def __post_init__(self):
+    def check(self) -> None:
         moe.check_dispatch_sizes(
             self.num_tokens, self.top_k, self.num_experts, self.hidden, self.align, self.dtype
         )
@@ -676,6 +677,7 @@ class EPWorkspace:
     @classmethod
     def for_sizes(cls, sizes: EPSizes, device=None) -> "EPWorkspace":
         """Every buffer calls of ``sizes`` need, on ``device`` (the current CUDA device, else the CPU)."""
+        sizes.check()
         device = check_device("device", device)
         buffers = {
             name: torch.empty(shape, dtype=kind, device=device)

@@ -65,11 +65,42 @@ def test_kv_bytes_per_token_match_the_table():
     assert r1.kv_bytes_per_token_layer(tp=8) == r1.kv_bytes_per_token_layer(tp=1)  # the latent is replicated
 
 
-def test_every_preset_is_its_config_read_as_a_users_would_be(tmp_path):
-    """A preset is its config.json through the reader `--config PATH` uses (the file path and the preset
-    table cannot disagree); a file that describes no model is a ValueError naming it."""
-    for name, preset in MODEL_SPECS.items():
-        assert load_model_config(CONFIGS / f"{name}.json", name=name) == preset, name
+#: docs/facts.md#model-shapes (and its MLP widths): layers, hidden, Q heads, KV heads, head_dim, and the MLP
+#: width where facts.md gives one. Every preset is here: a new one must say what it should read into.
+PUBLISHED_SHAPES = {
+    "Llama-3.1-8B": (32, 4096, 32, 8, 128, 14336),
+    "Llama-3.1-70B": (80, 8192, 64, 8, 128, 28672),
+    "Llama-3.1-405B": (126, 16384, 128, 8, 128, 53248),
+    "DeepSeek-R1-Distill-Llama-8B": (32, 4096, 32, 8, 128, 14336),
+    "DeepSeek-R1-Distill-Llama-70B": (80, 8192, 64, 8, 128, 28672),
+    "DeepSeek-R1-Distill-Qwen-14B": (48, 5120, 40, 8, 128, 13824),
+    "DeepSeek-R1-Distill-Qwen-32B": (64, 5120, 40, 8, 128, 27648),
+    "Qwen3-32B": (64, 5120, 64, 8, 128, None),
+    "Qwen3-30B-A3B": (48, 2048, 32, 4, 128, None),
+    "Qwen3-235B-A22B": (94, 4096, 64, 4, 128, None),
+    "Mixtral-8x7B": (32, 4096, 32, 8, 128, None),
+    "gpt-oss-120b": (36, 2880, 64, 8, 64, None),
+    "DeepSeek-R1": (61, 7168, 128, 128, 192, 18432),
+}
+
+
+def test_every_preset_reads_into_its_published_shape():
+    """Each preset's config.json, through the reader a user's --config goes through, against the shapes
+    docs/facts.md publishes (the Python table the presets were before held the same figures)."""
+    assert list(PUBLISHED_SHAPES) == list(MODEL_SPECS)
+    for name, (layers, hidden, heads, kv_heads, head_dim, mlp) in PUBLISHED_SHAPES.items():
+        spec = MODEL_SPECS[name]
+        assert (spec.layers, spec.hidden, spec.num_q_heads, spec.num_kv_heads, spec.head_dim) == (
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+        ), name
+        assert mlp is None or spec.intermediate == mlp, name
+
+
+def test_a_config_file_that_describes_no_model_is_refused_naming_it(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="^config:"):
@@ -87,7 +118,9 @@ def test_every_preset_is_its_config_read_as_a_users_would_be(tmp_path):
     ],
 )
 def test_moe_presets_match_the_published_routing(name, experts, top_k, width, scoring):
-    """docs/facts.md#moe-routing's table, against what the config files read into."""
+    """docs/facts.md#moe-routing's table, against what the config files read into: every one renormalises
+    its top-k weights (gpt-oss by its softmax over the chosen logits); only DeepSeek-R1 routes by groups, with
+    a score bias."""
     moe = MODEL_SPECS[name].moe
     assert (moe.num_experts, moe.top_k, moe.expert_intermediate, moe.scoring) == (
         experts,
@@ -96,14 +129,16 @@ def test_moe_presets_match_the_published_routing(name, experts, top_k, width, sc
         scoring,
     )
     assert moe.softmax_after_topk == (name == "gpt-oss-120b")  # top-4 on logits, softmax over the 4 chosen
-    assert MOE_MODELS[name] == MODEL_SPECS[name].moe_model()  # the router's rule comes with it
+    assert moe.renormalize, name
+    router = MOE_MODELS[name]
+    grouped = name == "DeepSeek-R1"
+    assert (router.num_groups is not None, router.bias, router.renormalize) == (grouped, grouped, True), name
 
 
 def test_deepseek_r1_reads_into_its_published_shape():
     """docs/facts.md#model-shapes (DeepSeek-R1 in full): first 3 layers dense, 1 shared expert, 8 groups
     keeping 4, scores scaled by 2.5 with a correction bias; MLA q_lora 1536, kv_lora 512, qk 128 + 64 (a
-    head's query and key 192 wide: config.json has no head_dim for MLA), v_head 128, YaRN factor 40; fp8
-    weights."""
+    head's query and key 192 wide, its head_dim), v_head 128, YaRN factor 40; fp8 weights."""
     r1 = MODEL_SPECS["DeepSeek-R1"]
     moe, mla = r1.moe, r1.mla
     assert (moe.first_dense_layers, moe.shared_experts, moe.num_groups, moe.topk_groups) == (3, 1, 8, 4)

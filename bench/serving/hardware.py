@@ -199,6 +199,7 @@ _ASSUMED = {
     "(docs/facts.md#measured-ground-truth-for-the-decode-step-model))",
     "moe": "anchor (published, measured by NVIDIA): the fused MoE at one token costs 20 us with its weights "
     f"negligible (Qwen3-30B-A3B's experts split 8 ways; {TABLES})",
+    "moe_rate": None,  # each GPU's own curves: _moe_rate_source
     "launch": "anchor (assumed): 2 us a small kernel (norm, activation, rope, cache write) under CUDA "
     "graphs; the smallest kernels NVIDIA measured for vLLM (static fp8 quantization, up to 16 x 512) take "
     f"1.9 us (median; H100 2.0) ({TABLES})",
@@ -236,8 +237,7 @@ def _anchored(gpu: str, memory: str, copy: str, matmul: str, matmul_of: str | No
         moe_rates=dict(MOE_RATES[gpu]),
         sources={
             **{key: f"anchor (published): {what} ({FACTS})" for key, what in published.items()},
-            **_ASSUMED,
-            "moe_rate": _moe_rate_source(gpu),
+            **{key: text or _moe_rate_source(gpu) for key, text in _ASSUMED.items()},
         },
     )
 

@@ -105,7 +105,7 @@ class MLAGeometry:
 
     @property
     def qk_width(self) -> int:
-        """Each head's query and key width before absorption (config.json has no head_dim for MLA)."""
+        """Each head's query and key width before absorption, qk_nope + qk_rope: an MLA model's head_dim."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
@@ -549,11 +549,11 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
     kv_heads = config.integer("num_key_value_heads", default=heads, maximum=heads, of="num_attention_heads")
     if heads % kv_heads:
         raise config.problem("num_key_value_heads", f"a divisor of num_attention_heads ({heads})", kv_heads)
-    if config.fields.get("head_dim") is None and hidden < heads:
+    mla = _mla_of(config)
+    if mla is None and config.fields.get("head_dim") is None and hidden < heads:
         raise config.problem(
             "hidden_size", f"at least num_attention_heads ({heads}) without head_dim", hidden
         )
-    mla = _mla_of(config)
     config.object("rope_scaling").number("factor", 1.0, positive=True)  # checked for every model
     weight_bytes, expert_weight_bytes = _precision_of(config.object("quantization_config"))
     windowed = _windowed_of(config, layers)
@@ -563,7 +563,7 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
         hidden=hidden,
         num_q_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=config.integer("head_dim", default=mla.qk_width if mla else hidden // heads),
+        head_dim=mla.qk_width if mla else config.integer("head_dim", default=hidden // heads),
         intermediate=config.integer("intermediate_size"),
         vocab=config.integer("vocab_size"),
         tied_embeddings=config.choice("tie_word_embeddings", (bool,), False),
@@ -581,8 +581,8 @@ def model_from_hf_config(fields: dict, source: str = "config.json", name: str | 
 #: The presets' config.json files (data/configs/SOURCES.md: where each came from).
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
-#: The distills the scaling study (arXiv 2605.19775) ran, under their published names: presets for the
-#: advisor and the capacity study, not swept by the kernel cases (each shares a base model's shape).
+#: The distills the scaling study (arXiv 2605.19775) ran, under their published names: presets for step and
+#: the advisor; neither the kernel cases nor the capacity study (MODELS) sweep them.
 DISTILLS = (
     "DeepSeek-R1-Distill-Llama-8B",
     "DeepSeek-R1-Distill-Llama-70B",
