@@ -26,7 +26,7 @@ import kernels.moe as moe
 from bench.benchmarks.cases import benchmark_every_impl
 from bench.measure.device import machine_info
 from bench.measure.timing import CUDA_CLOCK, capture_graph, flush_l2, time_cuda
-from bench.operators.moe import COMBINE, DISPATCH, ROUTE, load_statistics, route_kwargs
+from bench.operators.moe import COMBINE, DISPATCH, ROUTE, load_balancing_bias, load_statistics, route_kwargs
 from bench.serving.models import MOE_MODELS
 from bench.testing import generator
 
@@ -98,9 +98,7 @@ def layer_inputs(model_name: str, tokens: int, device="cuda") -> dict:
     m = MOE_MODELS[model_name]
     gen = generator(7)
     logits = torch.randn(tokens, m.num_experts, generator=gen).to(torch.bfloat16).to(device)
-    # A load-balancing bias is small (as the MoE layer operator's inputs: moe_gemm._layer_routing); at 0.1 it
-    # outweighed the sigmoid scores and about half the experts took every row.
-    bias = (torch.randn(m.num_experts, generator=gen) * 0.01).to(device) if m.bias else None
+    bias = load_balancing_bias(m, gen, device)
     x = torch.randn(tokens, m.hidden, generator=gen).to(torch.bfloat16).to(device)
     w13 = torch.empty(m.num_experts, m.hidden, 2 * m.intermediate, dtype=torch.bfloat16, device=device)
     w2 = torch.empty(m.num_experts, m.intermediate, m.hidden, dtype=torch.bfloat16, device=device)

@@ -14,7 +14,7 @@ import torch
 
 import kernels.ep
 from bench.operators.base import StaticOnly
-from bench.operators.moe import RouteShape, log_popularity, routing_ids
+from bench.operators.moe import RouteShape, load_balancing_bias, log_popularity, routing_ids
 from bench.operators.moe import byte_model as route_byte_model
 from bench.serving.models import MOE_MODELS, MoEModel
 from bench.testing import generator, randn
@@ -266,7 +266,7 @@ def route_inputs(shape: EPShape, rank: int, device, seed: int):
     skew = log_popularity(m.num_experts, shape.load, shared)
     gen = generator(seed + 1 + rank)
     logits = (torch.randn(shape.tokens, m.num_experts, generator=gen) * 2.0 + skew).to(device, torch.bfloat16)
-    bias = (torch.randn(m.num_experts, generator=shared) * 0.1).to(device) if m.bias else None
+    bias = load_balancing_bias(m, shared, device)
     x = randn((shape.tokens, m.hidden), shape.dtype, device, gen)
     return logits, bias, x
 

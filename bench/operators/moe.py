@@ -38,6 +38,17 @@ class RouteShape:
         return f"{m.name} tokens={self.tokens} {m.num_experts}e top{m.top_k}"
 
 
+#: A trained score-correction bias (DeepSeek-V3's e_score_correction_bias) balances the experts' load, so it
+#: is small beside the router's scores: a random one at 0.1 outweighed the saturated sigmoid scores and about
+#: half the experts took every row; at 0.01 the routing stays near the uniform one the byte models assume.
+BIAS_SCALE = 0.01
+
+
+def load_balancing_bias(model: MoEModel, gen, device) -> torch.Tensor | None:
+    """A random score-correction bias, fp32 [experts], for a model that routes with one; else None."""
+    return randn((model.num_experts,), torch.float32, device, gen, scale=BIAS_SCALE) if model.bias else None
+
+
 def build(shape: RouteShape, device, seed: int, guarded: bool = False) -> Inputs:
     gen = generator(seed)
     m = shape.model
@@ -47,7 +58,7 @@ def build(shape: RouteShape, device, seed: int, guarded: bool = False) -> Inputs
         **route_kwargs(shape.model),
     }
     if m.bias:
-        args["bias"] = randn((m.num_experts,), torch.float32, device, gen, scale=0.1)
+        args["bias"] = load_balancing_bias(m, gen, device)
     return Inputs(args, ())
 
 

@@ -639,11 +639,11 @@ def _layer_routing(name: str, tokens: int, model: MoEModel):
     """(router logits fp32, bias or None, ids) on the CPU, seeded by the shape's routing alone; ids by the
     reference route (the kernel's are equal: the route case checks them bitwise). DeepSeek's score bias is
     trained to balance the experts' load, so a small one keeps the routing near the uniform routing the byte
-    model's projections assume (about 215 of 256 experts touched at 64 tokens, 222 expected): at a scale of
-    0.1 it outweighed the saturated sigmoid scores and 99 experts took every row."""
+    model's projections assume (about 215 of 256 experts touched at 64 tokens, 222 expected;
+    moe_operator.BIAS_SCALE)."""
     gen = generator(seed_of(f"layer routing/{name}/{tokens}/{model}"))
     logits = randn((tokens, model.num_experts), torch.float32, "cpu", gen, scale=2.0)
-    bias = randn((model.num_experts,), torch.float32, "cpu", gen, scale=0.01) if model.bias else None
+    bias = moe_operator.load_balancing_bias(model, gen, "cpu")
     _, ids = reference.moe.route(logits, model.top_k, bias=bias, **moe_operator.route_kwargs(model))
     return logits, bias, ids
 
