@@ -251,6 +251,7 @@ def test_gpt_oss_counts_its_experts_in_mxfp4():
     assert spec.routed_expert_params() > 0.9 * spec.params()
     assert 60e9 <= spec.shipped_weight_bytes() <= 70e9
     assert MODELS["gpt-oss-120b"].weight_bytes * spec.params() == pytest.approx(spec.shipped_weight_bytes())
+    assert MODELS["gpt-oss-120b"].weight_bytes == pytest.approx(65 / 116.8, abs=0.02)  # the card's GB a param
 
 
 def test_norm_topk_prob_reaches_the_router():

@@ -67,8 +67,8 @@ def interconnect_of(name: str) -> Interconnect:
 def sources(hw: Hardware, link: Interconnect) -> str:
     lines = [f"- {key}: {value}" for key, value in hw.sources.items()]
     lines.append(f"- interconnect: {link.source}")
-    if hw.kernel_efficiency:
-        lines.append(f"- kernel efficiencies measured: {', '.join(sorted(hw.kernel_efficiency))}")
+    if hw.kernel_times:
+        lines.append(f"- kernel times measured: {', '.join(sorted(hw.kernel_times))}")
     return "\n".join(lines)
 
 
@@ -77,7 +77,7 @@ def precision_of(spec: ModelSpec, args) -> tuple[ModelSpec, Hardware]:
     otherwise), and the GPU with --host-us."""
     hw = hardware_of(args.gpu)
     if args.weights:
-        spec = replace(spec, weight_bytes=1 if args.weights == "fp8" else 2, expert_weight_bytes=None)
+        spec = spec.with_weights(args.weights)
     if args.host_us is not None:
         sources = {**hw.sources, "host": f"given: {args.host_us:g} us a step (--host-us)"}
         hw = replace(hw, host_us=args.host_us, sources=sources)

@@ -31,7 +31,8 @@ RUN_TARGET = (0.8, 1.25)
 #: How a kind is projected where its measured rows timed more than serving runs (README, "Validation").
 KIND_NOTES = {
     "mla": "projected as the table's benchmark ran vLLM 0.24's module: its RMS norms and rope as PyTorch's "
-    "native eager chains (29 kernels more a layer than serving; collected before AIConfigurator's c56db49f), "
+    f"native eager chains ({validation.NATIVE_EXTRA_KERNELS} kernels more a layer than serving; collected "
+    "before AIConfigurator's c56db49f), "
     "no cache write; step and advise project serving's kernels",
 }
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from bench.serving import batching
-from bench.serving.batching import ACTIVATION_RESERVE_GIB, Batching, Requests, kv_pool_bytes
+from bench.serving.batching import Batching, Requests, kv_pool_bytes
 from bench.serving.hardware import Hardware, Interconnect
-from bench.serving.models import ModelSpec, pipeline_stages
+from bench.serving.models import DEFAULT_BLOCK_SIZE, ModelSpec, pipeline_stages
 from bench.serving.step import (
     Deployment,
     Layout,
@@ -44,8 +44,7 @@ from bench.serving.step import (
 )
 from bench.serving.workloads import ReasoningWorkload
 
-ACTIVATION_RESERVE_BYTES = ACTIVATION_RESERVE_GIB * 2**30
-BLOCK = 16
+BLOCK = DEFAULT_BLOCK_SIZE
 MAX_NUM_SEQS = (64, 128, 256, 512, 1024)
 
 
@@ -145,7 +144,7 @@ def memory_plan(dep: Deployment, workload: ReasoningWorkload) -> MemoryPlan:
         return MemoryPlan(
             weights_bytes=weights, kv_bytes_per_token=per_token, pool_tokens=pool, fits=False, why=why
         )
-    mean = workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2) + window
+    mean = workload.prompt_median + workload.mean_output + window
     return MemoryPlan(
         weights_bytes=weights,
         kv_bytes_per_token=per_token,
@@ -258,9 +257,7 @@ def simulate(
         window_slots=plan.window_slots,
     )
     run = batching.simulate(config, mine)
-    mean_context = (
-        workload.prompt_median + workload.output_median * math.exp(workload.output_sigma**2 / 2) / 2
-    )
+    mean_context = workload.prompt_median + workload.mean_output / 2
     peak = max(1, run.peak_sequences)
     busy = min(layout.dp, requests)  # with fewer requests than replicas, the rest stand idle
     steady = busy * peak / step_time(peak, mean_context)[0]

@@ -35,12 +35,20 @@ import numpy as np
 MEMORY_UTILISATION = 0.9
 #: Memory kept for activations beside the weights and the KV pool.
 ACTIVATION_RESERVE_GIB = 2.0
+ACTIVATION_RESERVE_BYTES = ACTIVATION_RESERVE_GIB * 2**30
 
 
 def kv_pool_bytes(memory_bytes: float, weights: float) -> float:
     """A rank's KV pool, vLLM's rule: the memory an engine may use (MEMORY_UTILISATION of the GPU's), less
     its weights and the activations' reserve. The capacity study and the advisor's memory plan both."""
-    return memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_GIB * 2**30
+    return memory_bytes * MEMORY_UTILISATION - weights - ACTIVATION_RESERVE_BYTES
+
+
+def kv_pool_bytes_of_free(memory_bytes: float, weights: float) -> float:
+    """A rank's KV pool, TensorRT-LLM's rule: MEMORY_UTILISATION of what the weights and the activations'
+    reserve leave free (free_gpu_memory_fraction, default 0.9; TensorRT-LLM docs, How to Change KV Cache
+    Behavior)."""
+    return MEMORY_UTILISATION * (memory_bytes - weights - ACTIVATION_RESERVE_BYTES)
 
 
 #: The share of the pool kept free at admission, as vLLM's block manager does.

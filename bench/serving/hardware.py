@@ -54,13 +54,12 @@ MOE_RATES = {
         (2, 4096, 1536): ((16, 48.7), (32, 91.4), (64, 165.8), (128, 278.9), (256, 467.4), (512, 556.2)),
     },
 }
-#: The table rows each curve comes from: TensorRT-LLM's key (dtype, hidden, inter, top_k, experts, moe_tp,
-#: moe_ep, routing) and the tokens of the one-token row and of each anchor after it.
-_BF16_TOKENS = (1, 256, 512, 1024, 2048, 4096, 8192)  # 16 experts a rank: 16 x rows
+#: The table key each curve comes from: TensorRT-LLM's (dtype, hidden, inter, top_k, experts, moe_tp, moe_ep,
+#: routing); an anchor at R rows an expert is the row of R x experts / top_k tokens, net of the one-token row.
 MOE_RATE_SOURCES = {
-    (1, 7168, 2048): (("fp8_block", 7168, 2048, 8, 256, 1, 8, "balanced"), (1, 512, 1024, 2048, 4096, 8192)),
-    (2, 2048, 768): (("bfloat16", 2048, 768, 8, 128, 1, 8, "balanced"), _BF16_TOKENS),
-    (2, 4096, 1536): (("bfloat16", 4096, 1536, 8, 128, 1, 8, "balanced"), _BF16_TOKENS),
+    (1, 7168, 2048): ("fp8_block", 7168, 2048, 8, 256, 1, 8, "balanced"),
+    (2, 2048, 768): ("bfloat16", 2048, 768, 8, 128, 1, 8, "balanced"),
+    (2, 4096, 1536): ("bfloat16", 4096, 1536, 8, 128, 1, 8, "balanced"),
 }
 
 
@@ -85,7 +84,7 @@ class Hardware:
     host_us: float = 0.0  # per step, per engine process: scheduling, input preparation and sampling
     fp8_tflops: float = 0.0  # the fp8 tensor-core ceiling; 0: twice the bf16 ceiling
     moe_rates: dict = field(default_factory=lambda: dict(MOE_RATES["H200"]))  # fused MoE's rate by rows
-    kernel_efficiency: dict = field(default_factory=dict)  # kernel -> [(bytes, measured seconds)], by shape
+    kernel_times: dict = field(default_factory=dict)  # kernel -> [(bytes, measured seconds)], by shape
     sources: dict = field(default_factory=dict)
 
     def tflops(self, weight_bytes: int) -> float:
@@ -152,7 +151,7 @@ class Hardware:
                 )
                 kernels.setdefault(info.get("kernel"), []).append((info["bytes"], seconds))
         return replace(
-            hardware, name=machine.get("gpu", hardware.name), kernel_efficiency=kernels, sources=sources
+            hardware, name=machine.get("gpu", hardware.name), kernel_times=kernels, sources=sources
         )
 
     def efficiency_for(self, kernel: str | None, nbytes: float, floor_us: float = 0.0) -> tuple:
@@ -161,7 +160,7 @@ class Hardware:
         nearest ``nbytes``: the measured time less the fixed cost is its bytes' (a measured time holds its
         launch and floor too), so the projection at that shape gives the measured time back. The fixed
         cost shrinks where the measured time leaves the bytes less than the copy bandwidth allows."""
-        found = self.kernel_efficiency.get(kernel or "")
+        found = self.kernel_times.get(kernel or "")
         if not found:
             return self.memory_efficiency, floor_us, "anchor"
         measured_bytes, seconds = min(found, key=lambda item: abs(math.log(max(item[0], 1) / max(nbytes, 1))))

@@ -8,7 +8,7 @@ the caller (bench/commands) and passed in as its fields.
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
 
@@ -272,6 +272,11 @@ class ModelSpec(Decoder):
         experts = self.routed_expert_params()
         rest = self.params() - experts - self.embedding_params()
         return experts * self.routed_expert_bytes + rest * self.weight_bytes + self.embedding_params() * 2
+
+    def with_weights(self, precision: str) -> "ModelSpec":
+        """This model with every weight, its routed experts' too, at ``precision`` ("fp8": 1 byte a
+        parameter, "bf16": 2), as `--weights` and a published run's weights column give it."""
+        return replace(self, weight_bytes=1 if precision == "fp8" else 2, expert_weight_bytes=None)
 
     def layer_params(self, layer: int) -> tuple[int, int]:
         """(parameters split TP ways, routed experts' parameters) of decoder layer ``layer``: attention and

@@ -7,11 +7,13 @@ expert-parallel all-to-alls) gets its bytes and FLOPs on one rank from the model
 
     kernel:       its fixed cost (a GEMM's, decode attention's, a small kernel's, the fused MoE's)
                   + max(bytes / (copy bandwidth x eff.), FLOPs / (matmul ceiling x eff.)),
-                  the matmul ceiling fp8's for fp8 weights (the LM head and embedding stay bf16)
+                  the matmul ceiling fp8's for fp8 weights (the LM head and embedding stay bf16); the
+                  fused MoE's experts at the measured rate their rows an expert reach (Hardware.moe_tflops)
     all-reduce:   the fastest of a one-shot custom all-reduce (flat, then each peer's buffer read), a
                   two-shot one and NCCL's ring, at the bus bandwidth measured for the rank count
     all-to-all:   DeepEP's fixed cost + bytes sent to other ranks / its measured bandwidth
-    pipeline:     steady state, micro-batches in flight (no fill-and-drain bubble a step)
+    pipeline:     steady state, micro-batches in flight (no fill-and-drain bubble a step), plus
+                  pp_imbalance: what the slowest of vLLM's uneven stages adds
     host:         scheduling and sampling, once a step per engine process (Hardware.host_us)
 
 The ceilings and fixed costs (bench/serving/hardware.py) are measured where a gpu-check result folder gives
@@ -226,14 +228,19 @@ def expert_popularity(experts: int, top_k: int = 1, alpha: float = ALPHA) -> tup
     return tuple(float(p) for p in _capped([w / total for w in weights], top_k))
 
 
+def touched_chance(shares, top_k: int, tokens: float) -> np.ndarray:
+    """Each expert's chance that at least one of ``tokens`` tokens chooses it, with ``shares`` of all
+    choices (a token's top_k choices distinct: an expert's chance a token is p x top_k)."""
+    return 1.0 - np.maximum(0.0, 1.0 - np.asarray(shares, dtype=float) * top_k) ** tokens
+
+
 @lru_cache(maxsize=4096)
 def expected_experts_touched(experts: int, top_k: int, tokens: float, alpha: float = ALPHA) -> float:
     """Experts that at least one of ``tokens`` tokens chooses (top_k distinct experts each, expert popularity
     a power law): a token touches exactly top_k."""
     if tokens <= 0:
         return 0.0
-    popularity = expert_popularity(experts, top_k, alpha)
-    return sum(1.0 - max(0.0, 1.0 - p * top_k) ** tokens for p in popularity)
+    return float(touched_chance(expert_popularity(experts, top_k, alpha), top_k, tokens).sum())
 
 
 @lru_cache(maxsize=8)
@@ -278,7 +285,7 @@ def experts_ceiling(hw: Hardware, weight_bytes, shape, shares, tokens: float, to
     by chance counts with the rows it gets when touched, weighted by that chance. Experts of a dtype with no
     measured curve: one rate whatever the rows (moe_tflops gives its ceiling)."""
     shares = np.asarray(shares, dtype=float)
-    touched = 1.0 - np.maximum(0.0, 1.0 - shares * top_k) ** tokens
+    touched = touched_chance(shares, top_k, tokens)
     rows = tokens * top_k * shares * scale
     used = (touched > 0.0) & (rows > 0.0)
     rows, touched = rows[used], touched[used]
@@ -449,7 +456,7 @@ def _moe(dep: Deployment, batch, comp, out, collective):
     skew, popular = busiest_rank(m.num_experts, ranks, max(1, round(tokens)), m.top_k)
     even = tokens * m.top_k / ranks
     arriving = even * skew
-    weights = sum(1.0 - max(0.0, 1.0 - p * m.top_k) ** tokens for p in popular) * expert * ewb
+    weights = float(touched_chance(popular, m.top_k, tokens).sum()) * expert * ewb
 
     def experts_cost(rows, computed):  # the experts stage's bytes and FLOPs with ``rows`` rows arriving
         return weights + 4 * rows * h * 2, 2 * computed * expert

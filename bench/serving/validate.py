@@ -22,13 +22,12 @@ from dataclasses import dataclass, replace
 
 from bench.serving import step as step_model
 from bench.serving.advisor import (
-    ACTIVATION_RESERVE_BYTES,
     PREFILL_CHUNK,
     kv_budget_bytes,
     stage_pools,
     weights_per_rank,
 )
-from bench.serving.batching import MEMORY_UTILISATION
+from bench.serving.batching import kv_pool_bytes_of_free
 from bench.serving.hardware import (
     GPUS,
     INTERCONNECTS,
@@ -61,6 +60,8 @@ COMPARED = {
 #: back into q): eager kernels each, as the MLA module table ran them (docs/facts.md).
 NATIVE_NORM_KERNELS = 8
 NATIVE_ROPE_KERNELS = 16
+#: What those chains add to a layer beyond serving's one kernel each: two norms and the rope.
+NATIVE_EXTRA_KERNELS = 2 * (NATIVE_NORM_KERNELS - 1) + NATIVE_ROPE_KERNELS - 1
 
 #: Kinds that look inside another kind's measurement (left out of the step total).
 INSIDE = ("mla_attention",)
@@ -133,7 +134,7 @@ def native_chains_ms(spec: ModelSpec, layout: Layout, batch: float, hw: Hardware
     rope_elements = batch * (spec.num_q_heads / layout.tp + 1) * g.qk_rope_head_dim  # q_pe and k_pe
     extra_norm, extra_rope = NATIVE_NORM_KERNELS - 1, NATIVE_ROPE_KERNELS - 1
     nbytes = 8 * (extra_norm * norm_elements + extra_rope * rope_elements)
-    seconds = (2 * extra_norm + extra_rope) * hw.launch_us * 1e-6
+    seconds = NATIVE_EXTRA_KERNELS * hw.launch_us * 1e-6
     seconds += nbytes / (hw.copy_gbps * 1e9 * hw.memory_efficiency)
     return seconds * 1e3 * spec.layers / layout.pp
 
@@ -305,7 +306,7 @@ def _projected_again(point: dict, hw: Hardware, link: Interconnect) -> dict | No
         return None
     spec = MODEL_SPECS[point["model"]]
     if point["weights"] != spec.precision:  # step --weights: every weight at that precision
-        spec = replace(spec, weight_bytes=1 if point["weights"] == "fp8" else 2, expert_weight_bytes=None)
+        spec = spec.with_weights(point["weights"])
     layout = Layout(dp=point["dp"], tp=point["tp"], pp=point["pp"], ep=point["ep"], dedup=point["dedup"])
     hw = replace(hw, host_us=point.get("host_us", 0.0))
     kv = 1 if point["kv"] == "fp8" else 2
@@ -392,9 +393,7 @@ ADMISSION = {
 #:   free_gpu_memory_fraction, default 0.9; TensorRT-LLM docs, How to Change KV Cache Behavior).
 KV_MEMORY = {
     "of_total": kv_budget_bytes,
-    "of_free": lambda hw, weights: (
-        MEMORY_UTILISATION * (hw.memory_bytes - weights - ACTIVATION_RESERVE_BYTES)
-    ),
+    "of_free": lambda hw, weights: kv_pool_bytes_of_free(hw.memory_bytes, weights),
 }
 
 
@@ -426,7 +425,7 @@ def compare_published(runs: list, hw: Hardware, link: Interconnect) -> list:
     """Each published run (``published_runs``) against the model's steady-state tokens/s for it."""
     out = []
     for run in runs:
-        spec = replace(MODEL_SPECS[run["model"]], weight_bytes=1 if run["weights"] == "fp8" else 2)
+        spec = MODEL_SPECS[run["model"]].with_weights(run["weights"])
         layout = Layout(dp=run["gpus"] // (run["tp"] * run["pp"]), tp=run["tp"], pp=run["pp"], ep=run["ep"])
         kv = 1 if run["kv"] == "fp8" else 2
         dep = Deployment(spec, layout, hw, link, kv)
@@ -453,13 +452,14 @@ def moe_rate_anchors(tables: Tables, hw: Hardware) -> list:
     source rows give (TensorRT-LLM's MoE table, hardware.MOE_RATE_SOURCES): each anchor's FLOPs over its
     latency less the one-token latency. Reading them here records the rows in the extract."""
     out = []
-    for curve, (key, (one, *tokens)) in MOE_RATE_SOURCES.items():
-        hidden, inter, top_k, ep = key[1], key[2], key[3], key[6]
+    for curve, key in MOE_RATE_SOURCES.items():
+        hidden, inter, top_k, experts, ep = key[1], key[2], key[3], key[4], key[6]
         try:
-            floor = tables["moe_trtllm"].ms(key, (one,))
+            floor = tables["moe_trtllm"].ms(key, (1,))
         except MissingShape:  # a system whose TensorRT-LLM table lacks this shape
             continue
-        for count, (rows, anchor) in zip(tokens, hw.moe_rates.get(curve, ())):
+        for rows, anchor in hw.moe_rates.get(curve, ()):
+            count = rows * experts // top_k
             flops = 2 * 3 * hidden * inter * count * top_k / ep
             measured = flops / ((tables["moe_trtllm"].ms(key, (count,)) - floor) * 1e-3) / 1e12
             out.append(

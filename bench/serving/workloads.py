@@ -20,6 +20,11 @@ class ReasoningWorkload:
     prompt_sigma: float = 0.4
     max_prompt: int = 2048  # prompts are clipped to this
 
+    @property
+    def mean_output(self) -> float:
+        """The mean output length before the cap: a log-normal's median x exp(sigma^2 / 2)."""
+        return self.output_median * math.exp(self.output_sigma**2 / 2)
+
     def draw(self, questions: int, rng) -> tuple:
         """(prompt lengths [questions], output lengths [questions, samples]) as numpy int arrays."""
         prompts = rng.lognormal(math.log(self.prompt_median), self.prompt_sigma, questions)
