@@ -20,9 +20,10 @@ An untouched expert has no tile: no program reads its weights. At decode each to
 its [N, K] weights are read once (each N tile's rows by one program). At prefill the grid runs in groups of
 GROUP_M M tiles that sweep every N tile together (the grouped order of Triton's matmul tutorial): a group's
 rows stay in L2 while its N tiles read them, and each weight tile serves the group's M tiles from L2, so DRAM
-sees the rows about once and the weights about once a group. (M tiles first for each N tile, the old order,
-read the rows again for every N tile: 32 times at DeepSeek-R1's gate-up, 30 GB for a rank's 8K-token EP8
-prefill where the byte model has 2.) Each output
+should see the rows about once and the weights about once a group (arithmetic, not measured: no GPU has run
+it). M tiles first for each N tile, the old order, read the rows again for every N tile: by the same
+arithmetic 32 times at DeepSeek-R1's gate-up, 30 GB for a rank's 8K-token EP8 prefill where the byte model
+has 2. Each output
 element is one program's fp32 dot over K in a fixed order: no atomics, bit-identical runs. gather=True reads
 each token's row straight from x (dispatch's copy is skipped: kernels.moe.dispatch_plan gives the plan alone).
 

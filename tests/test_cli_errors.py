@@ -301,6 +301,16 @@ def test_backend_nccl_without_cuda_is_refused_before_spawning(no_work, capsys):
     assert code == 2 and "--backend nccl" in err and len(err.splitlines()) == 1 and no_work == []
 
 
+def test_more_nccl_ranks_than_gpus_are_refused_before_spawning(no_work, monkeypatch, capsys):
+    """A second NCCL rank on a one-GPU box would fail to set its device and leave rank 0 in NCCL's set-up."""
+    from bench.commands import dist
+
+    monkeypatch.setattr(dist, "_has_cuda", lambda: True)
+    monkeypatch.setattr(dist, "_cuda_devices", lambda: 1)
+    code, out, err = _main(["dist", "ep", "--nproc", "2", "--backend", "nccl"], capsys)
+    assert code == 2 and "--nproc 2: NCCL puts a rank on each GPU" in err and no_work == [], err
+
+
 def test_good_arguments_reach_the_work(files, no_work, monkeypatch, capsys):
     """The checks refuse nothing a command should take: defaults, lists, presets, files."""
     from bench.measure import distributed, tuning

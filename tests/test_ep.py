@@ -5,6 +5,7 @@ input are cheap to check. Spawned runs are few (each costs seconds of imports on
 import dataclasses
 import datetime
 import os
+import time
 
 import pytest
 import torch
@@ -90,6 +91,23 @@ def test_a_rank_over_the_capacity_bound_alone_raises_and_its_peer_ends_with_a_pe
     assert over.exitcode == 1 and over.error.startswith("ValueError: x: 3 tokens"), over
     assert survivor.exitcode == 1, survivor
     assert "PeerFailure" in survivor.error and "rank 1 stopped responding" in survivor.error, survivor.error
+
+
+def one_rank_fails_while_its_peer_waits_unwatched(rank):
+    """Rank 1 fails; rank 0 stands for a peer no process-group timeout watches (left in NCCL's set-up, or in
+    a graph-replayed collective): it sleeps far past any timeout."""
+    if rank.rank == 1:
+        raise RuntimeError("rank 1 failed")
+    time.sleep(600)
+
+
+def test_a_failed_rank_ends_the_run_for_a_peer_no_timeout_watches():
+    """The launcher stops the ranks left a timeout (and 10 s) after one fails, not at the deadline."""
+    start = time.monotonic()
+    waiting, failed = spawn(one_rank_fails_while_its_peer_waits_unwatched, 2, timeout_s=1, deadline_s=600)
+    assert time.monotonic() - start < 60
+    assert failed.exitcode == 1 and "rank 1 failed" in failed.error, failed
+    assert waiting.exitcode is None, waiting  # killed by the launcher
 
 
 def graph_capture_refused_on_rank_1(rank):
@@ -416,6 +434,7 @@ def test_dist_starts_its_ranks_itself_with_either_backend(monkeypatch):
     seen = []
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(dist_command, "_has_cuda", lambda: True)
+    monkeypatch.setattr(dist_command, "_cuda_devices", lambda: 8)
     monkeypatch.setattr(
         dist_command.distributed, "spawn", lambda fn, world, **kw: seen.append((world, kw["backend"])) or []
     )
@@ -643,9 +662,13 @@ def test_the_graph_total_reports_its_own_check():
         "graph_note": None,
         "graph_verified": False,
     }
-    rows, entries = _ep_rows(shape, [mine], 1)
+    rows, entries = _ep_rows(shape, [mine], 1, torch.device("cuda"))
     assert entries[-1]["extra_info"]["stage"] == "total (CUDA graph)"
     total = entries[-2]  # the whole eager step is an entry too, not a table row only
     assert total["extra_info"]["stage"] == "total" and total["stats"]["median"] == pytest.approx(10.5e-3)
     assert entries[-1]["extra_info"]["verified"] is False and rows[-1][-1] == "WRONG RESULT"
     assert rows[-2][:2] == ["total", us(10.5e-3)]  # route + the whole call
+    assert {e["extra_info"]["clock"] for e in entries} == {"cuda-events"}
+    # gloo on CPUs reads the host clock, and says so: compare refuses it against a GPU's events
+    _, on_cpu = _ep_rows(shape, [mine], 1, torch.device("cpu"))
+    assert {(e["extra_info"]["timer"], e["options"]["timer"]) for e in on_cpu} == {("host", "host")}

@@ -130,10 +130,11 @@ def time_case(benchmark, case, shape, impl: str = "triton", *, graph: bool = Fal
     benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
     median_s = benchmark.stats.stats.median
     benchmark.extra_info.update(cost_info(case, shape, median_s, copy_bandwidth_gbps(), matmul_tflops()))
-    benchmark.extra_info.update(impl=impl, gpu=machine_info().gpu, timer=_timer(host), **info)
+    timed_as = {"impl": impl, "gpu": machine_info().gpu, "timer": _timer(host), "cuda_graph": graph}
+    benchmark.extra_info.update(timed_as | info)
     if graph:
         eager = time_cuda(prepared.call, label=f"{label} eager", setup=prepared.reset)
-        benchmark.extra_info.update(cuda_graph=True, eager_us=round(eager.median_ms * 1e3, 2))
+        benchmark.extra_info["eager_us"] = round(eager.median_ms * 1e3, 2)
     if impl == "triton":
         benchmark.extra_info["launch_config"] = case.launch_config(inputs) if case.launch_config else None
 

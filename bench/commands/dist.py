@@ -43,6 +43,12 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _machine(rank: distributed.Rank) -> dict:
     return {
         "world_size": rank.world,
@@ -63,12 +69,17 @@ def _wire_note(rank: distributed.Rank) -> str:
 # --- ep -----------------------------------------------------------------------------------------------------
 
 
-def _total_entry(
-    shape: ep.EPShape, stage: str, per_call: list[float], mean_ms: float, verified: bool
-) -> dict:
-    """The results entry of a whole EP step (route and dispatch + combine as one call, eager or replayed from
-    a CUDA graph): the slowest rank per call, the ranks' mean beside it."""
-    info = {
+def _clock(device) -> dict:
+    """What the ranks' times were read on: CUDA events on GPUs, the host clock under gloo on CPUs (compare
+    refuses to set one against the other)."""
+    if device.type == "cuda":
+        return {"timer": "cuda-events", "clock": "cuda-events"}
+    return {"timer": "host", "clock": "wall-clock (gloo, interpreted kernels)"}
+
+
+def _ep_info(shape: ep.EPShape, stage: str, mean_ms: float, verified: bool, device) -> dict:
+    """What every EP results entry of a stage says: the point, the ranks' mean, the check and the clock."""
+    return {
         "kernel": "ep",
         "stage": stage,
         "shape": f"{shape.label} [{stage.replace(' (CUDA graph)', ', CUDA graph')}]",
@@ -78,12 +89,22 @@ def _total_entry(
         "load": shape.load,
         "verified": verified,
         "mean_rank_s": mean_ms * 1e-3,
+        **_clock(device),
     }
+
+
+def _total_entry(
+    shape: ep.EPShape, stage: str, per_call: list[float], mean_ms: float, verified: bool, device
+) -> dict:
+    """The results entry of a whole EP step (route and dispatch + combine as one call, eager or replayed from
+    a CUDA graph): the slowest rank per call, the ranks' mean beside it."""
+    info = _ep_info(shape, stage, mean_ms, verified, device)
     return results.entry(f"ep[{shape.label}] {stage}", "ep", Timing.from_samples(per_call), info)
 
 
-def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[list], list[dict]]:
-    """A table row and a results entry per stage the shape ran: the slowest rank per call, the mean."""
+def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int, device) -> tuple[list[list], list[dict]]:
+    """A table row and a results entry per stage the shape ran (on ``device``'s clock): the slowest rank per
+    call, the mean."""
     rows, entries = [], []
     stages = [s for s in ep.STAGES if any(r["samples"][0][ep.STAGES.index(s)] for r in everyone)]
     # route, then the whole dispatch + combine call (the stages and the host work between them)
@@ -120,38 +141,32 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
             ]
         )
         info = {
-            "kernel": "ep",
-            "stage": stage,
-            "shape": f"{shape.label} [{stage}]",
-            "mode": shape.mode,
-            "world_size": shape.world,
-            "tokens_per_rank": shape.tokens,
-            "load": shape.load,
+            **_ep_info(shape, stage, mean, verified, device),
             "bytes": nbytes,
             "bytes_kind": kind,
             "useful_bytes": useful,
             "dedup_wire_bytes": dedup or None,
             "gbps": round(gbps, 3),
-            "mean_rank_s": mean * 1e-3,
             "stage_skew": round(slowest / mean, 3) if mean else None,
             "call_skew": round(skew, 3),
-            "verified": verified,
         }
         entries.append(results.entry(f"ep[{shape.label}] {stage}", "ep", Timing.from_samples(per_call), info))
     rows.append(["total", us(slowest_total * 1e-3), us(mean_total * 1e-3), f"{skew:.2f}"] + [""] * 5)
     entries.append(
-        _total_entry(shape, "total", [max(t[i] for t in totals) for i in range(reps)], mean_total, verified)
+        _total_entry(
+            shape, "total", [max(t[i] for t in totals) for i in range(reps)], mean_total, verified, device
+        )
     )
     graphs = [r["graph_samples"] for r in everyone]
     if all(graphs):
         per_call = [max(g[i] for g in graphs) for i in range(min(map(len, graphs)))]
         graph_mean = statistics.median(statistics.fmean(g[i] for g in graphs) for i in range(len(per_call)))
         graph_slowest = statistics.median(per_call)
-        graph_check = "" if all(r["graph_verified"] for r in everyone) else "WRONG RESULT"
-        graph_row = ["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""]
-        rows.append(graph_row + [""] * 4 + [graph_check])
         graph_verified = all(r["graph_verified"] for r in everyone)
-        entries.append(_total_entry(shape, "total (CUDA graph)", per_call, graph_mean, graph_verified))
+        graph_row = ["total, CUDA graph", us(graph_slowest * 1e-3), us(graph_mean * 1e-3), ""]
+        rows.append(graph_row + [""] * 4 + ["" if graph_verified else "WRONG RESULT"])
+        graph = _total_entry(shape, "total (CUDA graph)", per_call, graph_mean, graph_verified, device)
+        entries.append(graph)
     else:
         notes = dict.fromkeys(r["graph_note"] for r in everyone if r["graph_note"])  # each rank's, once
         rows.append(["total, CUDA graph", "", "", ""] + [""] * 4 + ["; ".join(notes)])
@@ -161,15 +176,18 @@ def _ep_rows(shape: ep.EPShape, everyone: list[dict], reps: int) -> tuple[list[l
 def run_ep(rank: distributed.Rank, args) -> list[dict]:
     tokens = args.tokens or (ep.CPU_TOKENS_PER_RANK if rank.device.type == "cpu" else ep.TOKENS_PER_RANK)
     shapes = ep.shapes(rank.world, tokens, args.models, args.loads, args.modes)  # not empty: check_args
-    entries, modes = [], []
+    entries, modes, machine = [], [], None
     for shape in shapes:
         mine = collectives.time_ep(rank, shape, reps=args.reps, warmup=args.warmup)
         everyone = _gather(rank, mine)
         if rank.rank != 0:
             continue
         modes.append(collectives.ep_mode_row(shape, everyone))
-        rows, shape_entries = _ep_rows(shape, everyone, args.reps)
+        rows, shape_entries = _ep_rows(shape, everyone, args.reps, rank.device)
         entries += shape_entries
+        if args.out:  # after every shape: a run its deadline ends keeps what it measured
+            machine = machine or _machine(rank)
+            results.write(Path(args.out), entries, machine)
         check = "verified" if shape_entries[0]["extra_info"]["verified"] else "WRONG RESULT"
         print(f"\n### {shape.label} ({check})\n")
         headers = ["stage", "slowest us", "mean us", "skew", "bytes", "useful", "dedup", "kind", "GB/s"]
@@ -218,6 +236,7 @@ def run_allreduce(rank: distributed.Rank, args) -> list[dict]:
             "mean_rank_s": result.mean_rank_ms * 1e-3,
             "verified": result.verified,
             **figures,
+            **_clock(rank.device),
         }
         timing = Timing.from_samples(result.samples_ms)
         entries.append(
@@ -319,9 +338,13 @@ def main(args) -> int:
             "give --nproc N to have it started"
         )
     check_args(args, args.nproc)
+    backend = args.backend or ("nccl" if _has_cuda() else "gloo")
+    if backend == "nccl" and args.nproc > _cuda_devices():
+        raise UsageError(
+            f"--nproc {args.nproc}: NCCL puts a rank on each GPU, and this host has {_cuda_devices()}"
+        )
     # The ranks on this host, started here with every socket on 127.0.0.1 (torchrun's stores listen on
     # every interface, whatever address they are given); each rank runs what a torchrun rank would.
-    backend = args.backend or ("nccl" if _has_cuda() else "gloo")
     settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
     outcomes = distributed.spawn(
         run_rank,

@@ -86,8 +86,8 @@ SANITIZED_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
 SHAPE_RESERVE_S = 2.0
 # A step still running this long past the deadline is taken for hung (_run_step's watchdog).
 HANG_GRACE_S = 20.0
-# A subprocess step at the deadline gets SIGTERM (dist then stops its spawned ranks, ncu its target), and this
-# long to end before everything it started is killed.
+# A subprocess step at the deadline gets SIGTERM (dist's spawned ranks, in its process group, get it too; ncu
+# stops its target), and this long to end before everything it started is killed.
 TERM_GRACE_S = 5.0
 
 # partial: an in-process step the deadline stopped between shapes (what it measured is kept); timed out: a
@@ -200,10 +200,10 @@ def _read(file) -> str:
 
 def end_process_tree(child: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:
     """Ends ``child`` and every process below it, its process group and those that left it (a tool may start
-    its workers in sessions of their own): SIGTERM first, so that dist stops its spawned ranks itself and a
-    profiler its target, then SIGKILL to whatever is left after ``grace_s``. The processes below are held
-    by pidfd from the moment they are listed: by the time of the SIGKILL, a number that had exited may name
-    another process, a pidfd never does."""
+    its workers in sessions of their own): SIGTERM first (dist's spawned ranks share its process group and
+    get it too; a profiler stops its target), then SIGKILL to whatever is left after ``grace_s``. The
+    processes below are held by pidfd from the moment they are listed: by the time of the SIGKILL, a number
+    that had exited may name another process, a pidfd never does."""
     below = _hold(descendants(child.pid))
     try:
         _signal_group(child.pid, signal.SIGTERM)

@@ -71,8 +71,9 @@ def run_gpu(cases, graph: bool = True, out: str | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps()
     print(f"copy bandwidth measured now: {copy_gbps:.0f} GB/s (read + write)\n")
     errors = Path(out).with_name(f"{Path(out).stem}-errors.txt") if out else None
-    if errors:
-        errors.unlink(missing_ok=True)  # this run's tracebacks only
+    if out:  # this run's results and tracebacks only: an old file must not pass for this run's
+        Path(out).unlink(missing_ok=True)
+        errors.unlink(missing_ok=True)
     entries, crashed = [], []
     for case in cases:
         for shape in case.default_shapes():

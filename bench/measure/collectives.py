@@ -308,7 +308,9 @@ def _graph_replay_ms(rank: Rank, shape: EPShape, logits, x, routing: dict, want,
     experts, replayed once, its workspace.out checked against ``want``. Returns (samples in ms, None,
     verified), or (None, why it could not be captured, False). The ranks agree (an all-gather) on whether
     every rank captured before any replays, so all time the graph or none does, and their collectives
-    pair up; a failed collective (a peer gone) raises PeerFailure. A capture refused on one rank during its
+    pair up; an eager collective that fails (a peer gone) raises PeerFailure. A replayed collective is
+    watched by no process-group timeout: a peer gone during a replay leaves the others to the launcher
+    (distributed.spawn stops them a timeout after a rank fails). A capture refused on one rank during its
     warm-up call, before that call's collectives, still leaves the peers in them until the group's
     timeout."""
     m = shape.model

@@ -196,6 +196,7 @@ def _spawned(payload: bytes, rank, world, port, backend, timeout_s, results) -> 
     setup()  # before any kernel module is imported, as in the parent
 
     fn, args = pickle.loads(payload)  # only now: unpickling imports the kernel modules
+    os.environ["LOCAL_RANK"] = str(rank)  # rank r on GPU r, whatever the launching shell had set
 
     store = dist.TCPStore(
         _LOCAL, port, world_size=world, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
@@ -235,7 +236,9 @@ def spawn(
     thread state of this process is inherited) in a ``backend`` group on 127.0.0.1 (gloo: kernels
     interpreted; nccl: rank r on GPU r, NCCL's sockets on the loopback interface); ``fn`` must be
     importable by name. Returns each rank's outcome; a rank still running at ``deadline_s`` is
-    killed and reported with exitcode None."""
+    killed and reported with exitcode None, and so is one still running ``timeout_s`` (and a grace of
+    10 s) after another failed: a peer left in NCCL's communicator set-up, or in a graph-replayed
+    collective (which no process-group timeout watches), would otherwise wait out the deadline."""
     listener = _loopback_listener()
     store = dist.TCPStore(
         _LOCAL,
@@ -269,6 +272,9 @@ def spawn(
         except queue.Empty:
             if all(not p.is_alive() for p in processes):
                 break
+        failed = any(error for _, error in reported.values())
+        if failed or any(p.exitcode not in (None, 0) for p in processes):
+            end = min(end, time.monotonic() + timeout_s + 10.0)
     outcomes = []
     for rank, process in enumerate(processes):
         process.join(max(0.0, min(5.0, end - time.monotonic())))

@@ -11,8 +11,9 @@ into a table that sets each kernel's measured time (and, with ncu, DRAM bytes) b
 The profiled process runs ``decodebench profile-target``: inputs built, one warm-up call, then ``calls``
 calls, each in an NVTX range PROFILE_RANGE, which ncu's --nvtx-include selects. A stateful case's reset
 (allocate's pool put back) runs before each call, outside the range, so ncu and torch.profiler do not count
-its copies as the kernel's; nsys's kernel summary covers the whole process (the warm-up call, the resets'
-copies and the inputs' build included), so its per-call figures read high by those. ncu reports every
+its copies as the kernel's; nsys captures from the first timed call to the last (cudaProfilerStart and
+Stop around them), so its per-call figures leave out the inputs' build and the warm-up call but keep a
+stateful case's resets. ncu reports every
 metric in its base unit (``--print-units base``); a unit the parser does not know is an error, never a silent
 factor of 1.
 """
@@ -63,12 +64,14 @@ def target(case, shape, calls: int) -> None:
     case.run_kernel(inputs)
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.profiler.start()  # nsys's capture range: the timed calls only
     for _ in range(calls):
         reset()  # outside the range: its copies are not the kernel's work
         with nvtx_range(PROFILE_RANGE):
             case.run_kernel(inputs)
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
 
 
 def profile_torch(case, shape, calls: int) -> tuple[list[KernelProfile], str]:
@@ -132,7 +135,18 @@ def profile_nsys(case_name, shape_index, calls, out: Path, timeout=600.0) -> lis
     report = out / f"{case_name}-{shape_index}"
     _run_profiled(
         _target_command(case_name, shape_index, calls),
-        [nsys, "profile", "-t", "cuda,nvtx", "-f", "true", "-o", str(report)],
+        [
+            nsys,
+            "profile",
+            "-t",
+            "cuda,nvtx",
+            "--capture-range=cudaProfilerApi",
+            "--capture-range-end=stop",
+            "-f",
+            "true",
+            "-o",
+            str(report),
+        ],
         timeout,
     )
     stats = subprocess.run(

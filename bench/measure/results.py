@@ -100,7 +100,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
+        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp's 0600 would survive the rename
         with os.fdopen(handle, "w") as file:
             file.write(text)
         os.replace(temporary, path)
@@ -109,10 +109,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: The process's umask, read once at import: reading it means setting it, and a thread writing a file in
+#: between (gpu-check's watchdog writes summary.md) would create it with none.
+_UMASK = _read_umask()
 
 
 class ResultFileError(ValueError):
